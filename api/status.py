@@ -1,0 +1,57 @@
+"""The `DistillationJob` status: progress fields written by trainer rank 0, the rest by the operator."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel
+
+Phase = Literal["Pending", "Running", "Restarting", "Deploying", "Succeeded", "Failed", "Suspended"]
+PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+
+# Fields rank 0 patches through the status subresource; the operator owns every other field.
+TRAINER_STATUS_FIELDS: tuple[str, ...] = (
+    "stage", "step", "totalSteps", "progress", "loss", "tokensPerSecond", "lastCheckpoint",
+)
+
+
+class CheckpointRef(ApiModel):
+    step: int = Field(ge=0, description="Step of the newest complete checkpoint.")
+    time: str = Field(description="When it was written (RFC 3339).")
+
+
+class Metrics(ApiModel):
+    teacher: float | None = Field(None, description="Teacher's eval metric.")
+    student: float | None = Field(None, description="Served student's eval metric.")
+    retention: float | None = Field(None, description="student / teacher (teacher/student for perplexity).")
+    metric: str | None = Field(None, description="accuracy or perplexity.")
+
+
+class Condition(ApiModel):
+    type: str = Field(description="Condition type, e.g. Ready, Training, Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str | None = Field(None, description="When status last changed.")
+    observed_generation: int | None = Field(None, description="Generation the condition is about.")
+
+
+class DistillationJobStatus(ApiModel):
+    phase: Phase | None = Field(None, description="Where the job is in its life.")
+    stage: str | None = Field(None, description="Current stage (trainer).")
+    step: int | None = Field(None, ge=0, description="Optimizer steps done (trainer).")
+    total_steps: int | None = Field(None, ge=0, description="Stage steps plus qatSteps.")
+    progress: str | None = Field(None, description='step / totalSteps as a percentage, e.g. "34%".')
+    loss: float | None = Field(None, description="Latest training loss.")
+    tokens_per_second: float | None = Field(None, description="Training throughput.")
+    restarts: int | None = Field(None, ge=0, description="Gang restarts counted against maxRestarts.")
+    evictions: int | None = Field(None, ge=0, description="Restarts caused by evictions/preemptions.")
+    last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
+    metrics: Metrics | None = Field(None, description="Eval metrics of teacher and served student.")
+    endpoint: str | None = Field(None, description="URL of the serving Service.")
+    conditions: list[Condition] = Field(default_factory=list, description="metav1.Condition style.")
+    observed_generation: int | None = Field(None, description="Spec generation last acted on.")
+    start_time: str | None = Field(None, description="When training first started.")
+    completion_time: str | None = Field(None, description="When the job finished.")

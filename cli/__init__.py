@@ -1,0 +1,1 @@
+"""The kdistill command line."""

@@ -1,0 +1,57 @@
+"""The `kdistill` command. Each subcommand imports its part lazily, so that `validate` and
+`crds` run without torch or the Kubernetes client installed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from .validate import register as register_validate
+
+app = typer.Typer(
+    name="kdistill",
+    help="Knowledge distillation as a Kubernetes resource.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+register_validate(app)
+
+
+@app.command()
+def crds(
+    out: Path = typer.Option(REPO_ROOT / "crds", help="Folder to write the CRD into."),
+    check: bool = typer.Option(False, help="Exit 1 if the file on disk differs instead of writing."),
+) -> None:
+    """Generate crds/kdistill.io_distillationjobs.yaml from the API models."""
+    from kdistill.api.crd import build_crd
+
+    from .generated import write_or_check
+
+    write_or_check(out / "kdistill.io_distillationjobs.yaml", build_crd(), check)
+
+
+@app.command("api-docs")
+def api_docs(
+    out: Path = typer.Option(REPO_ROOT / "docs" / "api.md", help="Markdown file to write."),
+    check: bool = typer.Option(False, help="Exit 1 if the file on disk differs instead of writing."),
+) -> None:
+    """Generate docs/api.md, the field reference, from the API models."""
+    from kdistill.api.reference import render_reference
+
+    from .generated import write_or_check
+
+    write_or_check(out, render_reference(), check)
+
+
+def main() -> None:
+    app(prog_name="kdistill")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

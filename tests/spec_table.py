@@ -1,0 +1,157 @@
+"""One table of good and bad jobs, checked by pydantic (tests/unit) and by the API server's
+schema and CEL rules (tests/integration), so that the two stay in agreement.
+
+Each bad row names the field path the error must point at.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+def base_job(name: str = "table-job") -> dict[str, Any]:
+    return {
+        "apiVersion": "kdistill.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": name},
+        "spec": {
+            "task": "causal-lm",
+            "teacher": {"model": "pvc://models/teacher"},
+            "student": {"fromTeacher": {"numLayers": 2}},
+            "data": {"train": "pvc://data/train.jsonl", "eval": "pvc://data/eval.jsonl"},
+        },
+    }
+
+
+def with_spec(**changes: Any) -> dict[str, Any]:
+    """base_job() with dotted spec paths set, e.g. with_spec(**{"parallelism.nodes": 2})."""
+    job = base_job()
+    for dotted, value in changes.items():
+        node = job["spec"]
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is _DELETE:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return job
+
+
+_DELETE = object()
+
+GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
+    ("minimal", base_job()),
+    ("explicit-student", with_spec(student={"model": "hf://org/student@main"})),
+    ("no-serving-no-eval", with_spec(**{"serving.enabled": False, "data.eval": _DELETE})),
+    (
+        "classification-stratified",
+        with_spec(
+            task="sequence-classification",
+            **{"data.sampling": {"strategy": "stratified", "head": 0.5, "torso": 0.3, "tail": 0.2}},
+        ),
+    ),
+    (
+        "mesh-2x2-on-2-nodes",
+        with_spec(
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 2,
+                "teacherPipelineStages": 2,
+                "student": {"data": 2, "tensor": 2, "pipeline": 1},
+                "gradientCompression": {"topK": 0.01},
+            }
+        ),
+    ),
+    ("cpu-two-pods", with_spec(parallelism={"nodes": 2, "gpusPerNode": 0, "student": {"data": 2}})),
+    (
+        "three-stages",
+        with_spec(
+            **{
+                "distillation.stages": [
+                    {"name": "features", "steps": 5, "objectives": ["hidden"]},
+                    {"name": "intermediate", "steps": 5, "objectives": ["hidden", "attention"]},
+                    {"name": "output", "steps": 5, "objectives": ["logits"]},
+                ]
+            }
+        ),
+    ),
+    ("created-volume", with_spec(**{"checkpoint.volume": {"storageClassName": "nfs", "size": "10Gi"}})),
+    ("ptq", with_spec(quantization={"mode": "ptq-int8", "qatSteps": 0})),
+    ("strata-within-tolerance", with_spec(**{"data.sampling": {
+        "strategy": "stratified", "head": 0.7, "torso": 0.2, "tail": 0.1000004}})),
+]
+
+BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
+    ("missing-task", with_spec(task=_DELETE), "spec.task"),
+    ("unknown-task", with_spec(task="translation"), "spec.task"),
+    ("missing-teacher-model", with_spec(teacher={"dtype": "float32"}), "spec.teacher.model"),
+    ("bad-dtype", with_spec(**{"teacher.dtype": "int4"}), "spec.teacher.dtype"),
+    ("student-both", with_spec(student={"model": "/m", "fromTeacher": {"numLayers": 2}}), "spec.student"),
+    ("student-neither", with_spec(student={}), "spec.student"),
+    ("zero-layers", with_spec(**{"student.fromTeacher.numLayers": 0}), "spec.student.fromTeacher.numLayers"),
+    (
+        "heads-not-dividing",
+        with_spec(**{"student.fromTeacher": {"numLayers": 2, "hiddenSize": 100, "numAttentionHeads": 3}}),
+        "spec.student.fromTeacher",
+    ),
+    ("missing-train", with_spec(**{"data.train": _DELETE}), "spec.data.train"),
+    ("serving-needs-eval", with_spec(**{"data.eval": _DELETE}), "spec"),
+    ("pvc-without-path", with_spec(**{"teacher.model": "pvc://models"}), "spec.teacher.model"),
+    ("pvc-bad-claim", with_spec(**{"data.train": "pvc://Bad_Claim/x.jsonl"}), "spec.data.train"),
+    ("hf-empty-repo", with_spec(**{"student": {"model": "hf://"}}), "spec.student.model"),
+    ("alpha-above-1", with_spec(**{"distillation.alpha": 1.5}), "spec.distillation.alpha"),
+    ("alpha-negative", with_spec(**{"distillation.alpha": -0.1}), "spec.distillation.alpha"),
+    ("temperature-zero", with_spec(**{"distillation.temperature": {"start": 0}}),
+     "spec.distillation.temperature.start"),
+    ("temperature-end-negative", with_spec(**{"distillation.temperature": {"end": -1}}),
+     "spec.distillation.temperature.end"),
+    ("unknown-schedule", with_spec(**{"distillation.temperature": {"schedule": "step"}}),
+     "spec.distillation.temperature.schedule"),
+    ("unknown-loss", with_spec(**{"distillation.loss": "mse"}), "spec.distillation.loss"),
+    (
+        "duplicate-stage",
+        with_spec(**{"distillation.stages": [
+            {"name": "a", "steps": 1, "objectives": ["logits"]},
+            {"name": "a", "steps": 1, "objectives": ["hidden"]},
+        ]}),
+        "spec.distillation",
+    ),
+    ("stage-zero-steps", with_spec(**{"distillation.stages": [{"name": "a", "steps": 0, "objectives": ["logits"]}]}),
+     "spec.distillation.stages[0].steps"),
+    ("stage-no-objectives", with_spec(**{"distillation.stages": [{"name": "a", "steps": 1, "objectives": []}]}),
+     "spec.distillation.stages[0].objectives"),
+    ("stage-unknown-objective",
+     with_spec(**{"distillation.stages": [{"name": "a", "steps": 1, "objectives": ["logit"]}]}),
+     "spec.distillation.stages[0].objectives[0]"),
+    ("no-stages", with_spec(**{"distillation.stages": []}), "spec.distillation.stages"),
+    ("topk-one", with_spec(**{"parallelism.gradientCompression": {"topK": 1.0}}),
+     "spec.parallelism.gradientCompression.topK"),
+    ("topk-negative", with_spec(**{"parallelism.gradientCompression": {"topK": -0.01}}),
+     "spec.parallelism.gradientCompression.topK"),
+    ("mesh-mismatch", with_spec(parallelism={"nodes": 2, "gpusPerNode": 1, "student": {"data": 4}}),
+     "spec.parallelism"),
+    ("teacher-stages-not-dividing", with_spec(parallelism={"nodes": 1, "gpusPerNode": 4,
+     "teacherPipelineStages": 3, "student": {"data": 4}}), "spec.parallelism"),
+    ("strata-not-summing", with_spec(**{"data.sampling": {"strategy": "stratified", "head": 0.7,
+     "torso": 0.2, "tail": 0.2}}), "spec.data.sampling"),
+    ("classification-no-label", with_spec(task="sequence-classification", **{"data.labelField": ""}), "spec"),
+    ("min-retention-zero", with_spec(**{"serving.qualityGate": {"minRetention": 0}}),
+     "spec.serving.qualityGate.minRetention"),
+    ("min-retention-above-1", with_spec(**{"serving.qualityGate": {"minRetention": 1.01}}),
+     "spec.serving.qualityGate.minRetention"),
+    ("qat-zero-steps", with_spec(quantization={"mode": "qat-int8", "qatSteps": 0}), "spec.quantization"),
+    ("volume-both", with_spec(**{"checkpoint.volume": {"claimName": "a", "size": "1Gi"}}),
+     "spec.checkpoint.volume"),
+    ("volume-neither", with_spec(**{"checkpoint.volume": {"storageClassName": "nfs"}}),
+     "spec.checkpoint.volume"),
+    ("batch-not-divisible", with_spec(parallelism={"nodes": 3, "gpusPerNode": 0, "student": {"data": 3}},
+     **{"distillation.batchSize": 32}), "spec"),
+    ("negative-gpus", with_spec(**{"parallelism.gpusPerNode": -1}), "spec.parallelism.gpusPerNode"),
+    ("unknown-field", with_spec(**{"distillation.temprature": {"start": 2}}), "spec.distillation.temprature"),
+    ("bad-stage-name", with_spec(**{"distillation.stages": [{"name": "Stage One", "steps": 1,
+     "objectives": ["logits"]}]}), "spec.distillation.stages[0].name"),
+    ("autoscaling-inverted", with_spec(**{"serving.autoscaling": {"minReplicas": 3, "maxReplicas": 2}}),
+     "spec.serving.autoscaling"),
+]

@@ -1,0 +1,81 @@
+"""Generated artefacts are current, and the CRD has what kubectl and the API server need."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from kdistill.api.crd import build_crd
+from kdistill.api.reference import render_reference
+from kdistill.cli.generated import render
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "kdistill.io_distillationjobs.yaml"
+
+
+def test_committed_crd_is_current() -> None:
+    assert CRD_FILE.read_text() == render(build_crd()), "crds/ is stale: run `make crds`"
+
+
+def test_api_reference_is_current() -> None:
+    assert (ROOT / "docs" / "api.md").read_text() == render_reference(), "docs/api.md is stale: run `make crds`"
+
+
+def _walk(schema: dict, path: str = "") -> list[tuple[str, dict]]:
+    out = [(path, schema)]
+    for key, prop in schema.get("properties", {}).items():
+        out += _walk(prop, f"{path}.{key}")
+    if "items" in schema:
+        out += _walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        out += _walk(schema["additionalProperties"], f"{path}{{}}")
+    return out
+
+
+def test_crd_is_structural_and_complete() -> None:
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    version = crd["spec"]["versions"][0]
+    assert crd["spec"]["names"]["shortNames"] == ["dj"]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase", "Stage", "Progress", "Restarts", "Retention", "Endpoint", "Age"]
+    schema = version["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"untyped node {path}"
+        for forbidden in ("$ref", "anyOf", "oneOf", "allOf"):
+            assert forbidden not in node, f"{path} uses {forbidden}: not structural"
+    spec = schema["properties"]["spec"]
+    assert spec["required"] == ["task", "teacher", "student", "data"]
+    assert spec["properties"]["task"]["enum"] == ["causal-lm", "sequence-classification"]
+    alpha = spec["properties"]["distillation"]["properties"]["alpha"]
+    assert (alpha["minimum"], alpha["maximum"], alpha["default"]) == (0.0, 1.0, 0.7)
+    topk = spec["properties"]["parallelism"]["properties"]["gradientCompression"]["properties"]["topK"]
+    assert topk["exclusiveMaximum"] is True and topk["maximum"] == 1.0
+
+
+def test_training_fields_immutable_and_lifecycle_fields_mutable() -> None:
+    spec = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    props = spec["properties"]["spec"]["properties"]
+
+    def immutable(key: str) -> bool:
+        return any(r["rule"] == "self == oldSelf" for r in props[key].get("x-kubernetes-validations", []))
+
+    for key in ("task", "teacher", "student", "data", "distillation", "quantization", "parallelism", "checkpoint"):
+        assert immutable(key), key
+    for key in ("serving", "suspend", "failurePolicy", "ttlSecondsAfterFinished", "template"):
+        assert not immutable(key), key
+
+
+def test_every_model_rule_is_in_the_crd() -> None:
+    from kdistill.api import spec as spec_module
+    from kdistill.api.base import ApiModel
+
+    crd_text = CRD_FILE.read_text()
+    crd_rules = {r["rule"] for _, n in _walk(
+        yaml.safe_load(crd_text)["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+        for r in n.get("x-kubernetes-validations", [])}
+    models = [v for v in vars(spec_module).values() if isinstance(v, type) and issubclass(v, ApiModel)]
+    for model in models:
+        for rule in model.cel_rules:
+            assert rule.rule in crd_rules, f"{model.__name__}: {rule.rule}"

@@ -1,0 +1,1 @@
+"""The distillation trainer: models, losses, data, parallelism, checkpoints, quantization."""
