@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Builds the control-plane binaries for the integration tests from their Go
+# modules (no image or envtest registry is reachable): kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubelet, kubectl, etcd, kwok, helm.
+#
+# Each tool is pinned by its own module under hack/ (their dependency versions
+# clash) and cached by version under ${KDISTILL_CACHE:-~/.cache/kdistill}.
+# Only missing binaries are built. Usage:
+#
+#   scripts/cluster-bins.sh            # build what is missing
+#   scripts/cluster-bins.sh --print    # print the binary folders and exit
+#
+# Timings of the last run are written to ${KDISTILL_CACHE}/cluster-bins-times.json.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=cluster-env.sh
+source "${root}/scripts/cluster-env.sh"
+
+if [[ "${1:-}" == "--print" ]]; then
+  printf '%s\n' "${K8S_BIN_DIR}" "${ETCD_BIN_DIR}" "${KWOK_BIN_DIR}" "${HELM_BIN_DIR}"
+  exit 0
+fi
+
+command -v go >/dev/null || { echo "cluster-bins: go is not installed (need Go >= 1.24)" >&2; exit 1; }
+
+export CGO_ENABLED="${CGO_ENABLED:-0}"
+export GOFLAGS="-trimpath -buildvcs=false ${GOFLAGS:-}"
+# GOTOOLCHAIN=auto lets an older local Go fetch the toolchain a module asks for.
+export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
+
+start_all=$(date +%s)
+built=()
+declare -A seconds=()
+
+log() { printf '[cluster-bins %(%H:%M:%S)T] %s\n' -1 "$*"; }
+
+# build <module dir> <package> <output> <extra ldflags>
+build() {
+  local dir="$1" pkg="$2" out="$3" ldflags="$4" name t0 tmp
+  name="$(basename "${out}")"
+  if [[ -x "${out}" ]]; then
+    log "${name}: cached (${out})"
+    return
+  fi
+  mkdir -p "$(dirname "${out}")"
+  log "${name}: building ${pkg} (the first build of a Kubernetes binary takes several minutes)"
+  t0=$(date +%s)
+  tmp="${out}.tmp.$$"
+  (cd "${root}/hack/${dir}" && go build -o "${tmp}" -ldflags "-s -w ${ldflags}" "${pkg}")
+  mv -f "${tmp}" "${out}"
+  seconds[${name}]=$(( $(date +%s) - t0 ))
+  built+=("${name}")
+  log "${name}: done in ${seconds[${name}]}s ($(du -h "${out}" | cut -f1))"
+}
+
+# Without these, `version` reports v0.0.0 and kubectl/helm version checks misbehave.
+k8s_minor="${K8S_VERSION#v1.}"; k8s_minor="${k8s_minor%%.*}"
+k8s_ldflags=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  k8s_ldflags+=" -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${k8s_minor}"
+  k8s_ldflags+=" -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
+done
+
+log "versions: kubernetes ${K8S_VERSION}, etcd ${ETCD_VERSION}, kwok ${KWOK_VERSION}, helm ${HELM_VERSION}"
+log "cache: ${KDISTILL_CACHE}"
+
+# The API server and etcd first: integration tests need them before anything else.
+for cmd in kube-apiserver; do
+  build k8s-bins "k8s.io/kubernetes/cmd/${cmd}" "${K8S_BIN_DIR}/${cmd}" "${k8s_ldflags}"
+done
+build etcd go.etcd.io/etcd/server/v3 "${ETCD_BIN_DIR}/etcd" ""
+for cmd in kube-controller-manager kube-scheduler kubectl; do
+  build k8s-bins "k8s.io/kubernetes/cmd/${cmd}" "${K8S_BIN_DIR}/${cmd}" "${k8s_ldflags}"
+done
+build kwok sigs.k8s.io/kwok/cmd/kwok "${KWOK_BIN_DIR}/kwok" \
+  "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION#v}"
+build helm helm.sh/helm/v3/cmd/helm "${HELM_BIN_DIR}/helm" \
+  "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+# The kubelet is only for the real-pods rung; build it last.
+build k8s-bins k8s.io/kubernetes/cmd/kubelet "${K8S_BIN_DIR}/kubelet" "${k8s_ldflags}"
+
+total=$(( $(date +%s) - start_all ))
+log "all binaries ready in ${total}s (built: ${built[*]:-none})"
+"${K8S_BIN_DIR}/kube-apiserver" --version
+"${ETCD_BIN_DIR}/etcd" --version | head -1
+"${KWOK_BIN_DIR}/kwok" --version 2>/dev/null | head -1 || true
+"${HELM_BIN_DIR}/helm" version --short
+
+{
+  printf '{"total_seconds": %d, "built": [' "${total}"
+  sep=""
+  for n in "${built[@]}"; do printf '%s{"name": "%s", "seconds": %d}' "${sep}" "${n}" "${seconds[${n}]}"; sep=", "; done
+  printf '], "k8s": "%s", "etcd": "%s", "kwok": "%s", "helm": "%s"}\n' \
+    "${K8S_VERSION}" "${ETCD_VERSION}" "${KWOK_VERSION}" "${HELM_VERSION}"
+} > "${KDISTILL_CACHE}/cluster-bins-times.json"
