@@ -31,3 +31,11 @@ crds: setup
 
 quickstart: setup
 	bash scripts/quickstart.sh
+
+# Kubernetes binaries built from Go modules, cached under ~/.cache/kdistill.
+cluster-bins:
+	bash scripts/cluster-bins.sh
+
+# A real control plane with kwok GPU nodes, for a person to poke at.
+cluster: setup cluster-bins
+	$(PY) -m tests.cluster
