@@ -18,14 +18,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 register_validate(app)
 
 
 @app.command()
 def crds(
-    out: Path = typer.Option(REPO_ROOT / "crds", help="Folder to write the CRD into."),
+    out: Path = typer.Option(Path("crds"), help="Folder to write the CRD into."),
     check: bool = typer.Option(False, help="Exit 1 if the file on disk differs instead of writing."),
 ) -> None:
     """Generate crds/kdistill.io_distillationjobs.yaml from the API models."""
@@ -38,7 +36,7 @@ def crds(
 
 @app.command("api-docs")
 def api_docs(
-    out: Path = typer.Option(REPO_ROOT / "docs" / "api.md", help="Markdown file to write."),
+    out: Path = typer.Option(Path("docs/api.md"), help="Markdown file to write."),
     check: bool = typer.Option(False, help="Exit 1 if the file on disk differs instead of writing."),
 ) -> None:
     """Generate docs/api.md, the field reference, from the API models."""
