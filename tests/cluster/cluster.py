@@ -22,7 +22,7 @@ from typing import Any
 from kubernetes import client, config
 
 from . import kwok
-from .binaries import Binaries, locate
+from .binaries import REPO, Binaries, locate
 from .controlplane import ControlPlane, Timings
 from .kubeconfig import write_token_kubeconfig
 from .procs import Process, wait_for
@@ -78,6 +78,12 @@ class Cluster:
         path = self.workdir / "kubeconfigs" / f"sa-{namespace}-{name}-{uuid.uuid4().hex[:6]}.yaml"
         return write_token_kubeconfig(path, self.kubeconfig, f"system:serviceaccount:{namespace}:{name}",
                                       resp.status.token)  # fmt: skip
+
+    def install_crd(self, path: Path | None = None) -> None:
+        """Applies a CRD (by default the project's generated one) and waits until it is served."""
+        crd = path or REPO / "crds" / "kdistill.io_distillationjobs.yaml"
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+        self.kubectl("wait", "--for=condition=Established", "-f", str(crd), "--timeout=60s")
 
     def create_namespace(self, prefix: str = "test") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -107,7 +107,7 @@ class ControlPlane:
             f"--client-ca-file={pki.ca_cert}", f"--token-auth-file={pki.token_file}",
             "--authorization-mode=Node,RBAC",
             f"--service-account-issuer={SA_ISSUER}",
-            f"--service-account-key-file={pki.sa_key}", f"--service-account-signing-key-file={pki.sa_key}",
+            f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--cert-dir={w / 'apiserver'}",
             "--allow-privileged=true",

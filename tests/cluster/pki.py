@@ -30,7 +30,8 @@ class Pki:
     ca_key: Path
     server_cert: Path
     server_key: Path
-    sa_key: Path  # private key: signs tokens; its public half verifies them
+    sa_key: Path  # private key: signs ServiceAccount tokens
+    sa_pub: Path  # its public half: verifies them
     tokens: dict[str, str]  # user name -> static bearer token
     token_file: Path
 
@@ -60,9 +61,11 @@ def make_pki(folder: Path) -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = folder / "ca.key", folder / "ca.crt"
     server_key, server_cert = folder / "apiserver.key", folder / "apiserver.crt"
-    sa_key = folder / "sa.key"
+    sa_key, sa_pub = folder / "sa.key", folder / "sa.pub"
     for key in (ca_key, server_key, sa_key):
         _ec_key(key)
+    # kube-apiserver reads public keys only from PUBLIC KEY / SEC1 PEM, not from PKCS#8.
+    _openssl("pkey", "-in", str(sa_key), "-pubout", "-out", str(sa_pub))
     _openssl(
         "req", "-x509", "-new", "-key", str(ca_key), "-out", str(ca_cert), "-days", "7",
         "-subj", "/CN=kdistill-test-ca", "-addext", "basicConstraints=critical,CA:TRUE",
@@ -84,4 +87,4 @@ def make_pki(folder: Path) -> Pki:
         lines.append(f"{tokens[role]},{user},{user}" + (f',"{groups}"' if groups else ""))
     token_file.write_text("\n".join(lines) + "\n")
     token_file.chmod(0o600)
-    return Pki(ca_cert, ca_key, server_cert, server_key, sa_key, tokens, token_file)
+    return Pki(ca_cert, ca_key, server_cert, server_key, sa_key, sa_pub, tokens, token_file)
