@@ -1,0 +1,204 @@
+"""Atomic, verified training checkpoints.
+
+A checkpoint is a directory ``step-000000123`` holding the student and aux modules (projections)
+as safetensors, the optimizer and LR-scheduler states and every RNG state as ``torch.save``
+files that load with ``weights_only=True``, and ``trainer.json`` (step, stage, temperature,
+sampler position). It is written into a temporary directory, every file fsync'ed, a manifest of
+sha256 checksums written last, then renamed into place: a reader never sees a partial one.
+On start, the newest checkpoint whose manifest verifies wins; a corrupt one is skipped with a
+warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    stage: str
+    temperature: float
+    sampler: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state as tensors and plain values, so that ``weights_only`` loading accepts it."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root = root
+        self.keep = keep
+
+    def _final_path(self, step: int) -> Path:
+        return self.root / f"{PREFIX}{step:09d}"
+
+    def save(
+        self,
+        *,
+        step: int,
+        stage: str,
+        temperature: float,
+        model: nn.Module,
+        aux: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        sampler: dict[str, Any],
+        meta: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write a checkpoint atomically, prune old ones, and return its path."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self._final_path(step)
+        tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        save_model(aux, str(tmp / "aux.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(capture_rng(), tmp / "rng.pt")
+        torch.save(sampler, tmp / "sampler.pt")
+        info = {"step": step, "stage": stage, "temperature": temperature, "time": time.time(), "meta": meta or {}}
+        (tmp / "trainer.json").write_text(json.dumps(info, indent=1))
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            _fsync_file(tmp / name)
+        manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_file(tmp / MANIFEST)
+        _fsync_dir(tmp)
+        if final.exists():
+            # Re-saving a step (e.g. SIGTERM right after a periodic save): replace the old one.
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        for path in self.candidates()[self.keep :]:
+            shutil.rmtree(path, ignore_errors=True)
+        for stale in self.root.glob(f"{TMP_PREFIX}*"):
+            # Left by a writer that died mid-save; never a complete checkpoint.
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint directories, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit():
+                found.append((int(p.name[len(PREFIX) :]), p))
+        return [p for _, p in sorted(found, reverse=True)]
+
+    @staticmethod
+    def verify(path: Path) -> str | None:
+        """None when every file matches the manifest, else why not."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            files: dict[str, str] = manifest["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"unreadable manifest ({exc})"
+        for name, digest in files.items():
+            target = path / name
+            if not target.is_file():
+                return f"{name} is missing"
+            if _sha256(target) != digest:
+                return f"{name} does not match its checksum"
+        return None
+
+    def latest(self) -> CheckpointInfo | None:
+        for path in self.candidates():
+            problem = self.verify(path)
+            if problem:
+                log.warning("skipping corrupt checkpoint %s: %s", path, problem)
+                continue
+            info = json.loads((path / "trainer.json").read_text())
+            sampler = torch.load(path / "sampler.pt", weights_only=True)
+            return CheckpointInfo(path=path, step=int(info["step"]), stage=str(info["stage"]),
+                                  temperature=float(info["temperature"]), sampler=sampler,
+                                  meta=dict(info.get("meta", {})))
+        return None
+
+    @staticmethod
+    def restore(
+        info: CheckpointInfo,
+        *,
+        model: nn.Module,
+        aux: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+    ) -> None:
+        """Load states into live objects; the caller already verified ``info`` through ``latest``."""
+        path = info.path
+        load_model(model, str(path / "model.safetensors"))
+        load_model(aux, str(path / "aux.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        restore_rng(torch.load(path / "rng.pt", weights_only=True))

@@ -1,0 +1,104 @@
+"""What a run leaves behind: the local output layout, the student, result.json and the
+termination message."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdistill.api.failures import TERMINATION_LOG, Termination
+
+log = logging.getLogger(__name__)
+
+TERMINATION_LOG_ENV = "KDISTILL_TERMINATION_LOG"
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """DESIGN.md's local output layout; in the cluster the same tree lives on the checkpoint volume."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def teacher_cache(self) -> Path:
+        return self.root / "teacher-cache"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def student_int8(self) -> Path:
+        return self.root / "student-int8"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def save_student(model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
+    """The full-precision student as safetensors, with its config and the teacher's tokenizer."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if not (tmp / "model.safetensors").is_file() and not list(tmp.glob("model-*.safetensors")):
+        raise RuntimeError(f"save_pretrained wrote no safetensors weights into {tmp}")
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def write_json_atomic(path: Path, body: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def termination_log_path() -> tuple[Path, bool]:
+    """The path, and whether it may be created (only when overridden; /dev/termination-log is
+    written only where the kubelet provides it)."""
+    override = os.environ.get(TERMINATION_LOG_ENV)
+    if override:
+        return Path(override), True
+    return Path(TERMINATION_LOG), False
+
+
+def write_termination(termination: Termination) -> bool:
+    """Write the short JSON summary; True if written. Never raises: the run's outcome stands."""
+    path, may_create = termination_log_path()
+    if not path.exists() and not may_create:
+        return False
+    if path.exists() and not os.access(path, os.W_OK):
+        return False
+    try:
+        path.write_text(termination.to_json())
+    except OSError as exc:
+        log.warning("cannot write the termination message to %s: %s", path, exc)
+        return False
+    return True
