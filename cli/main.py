@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from .run import register as register_run
+from .train import register as register_train
 from .validate import register as register_validate
 
 app = typer.Typer(
@@ -19,6 +21,8 @@ app = typer.Typer(
 )
 
 register_validate(app)
+register_train(app)
+register_run(app)
 
 
 @app.command()

@@ -1,0 +1,623 @@
+"""The training loop: stages in order, each with its objectives, then the QAT phase.
+
+One ``Trainer`` owns a run: it loads the models and data, builds the aux modules (hidden-state
+projections, attention-transfer factors) for every stage up front so the optimizer's parameter
+set never changes between stages, resumes from the newest verified checkpoint, and runs optimizer
+steps with gradient accumulation. The math lives in losses/weighting/hidden_transfer/
+attention_transfer, the data in data/sampling/batching/teacher_cache, quantization in
+quantization/artifact; this module only wires them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdistill.api import DistillationJob
+from kdistill.api.failures import ExitCode
+
+from .checkpoint import CheckpointInfo, CheckpointManager
+from .errors import TrainerError
+from .evaluate import EvalResult, evaluate, retention
+from .metrics import TrainerMetrics
+from .models import Models, load_models
+from .outputs import OutputLayout
+from .stages import Phase, build_plan, phase_at, total_steps
+from .stages import temperature as plan_temperature
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 32
+
+
+@dataclass
+class StepReport:
+    step: int  # optimizer steps done
+    total_steps: int
+    stage: str
+    loss: float
+    parts: dict[str, float]
+    temperature: float
+    learning_rate: float
+    tokens_per_second: float
+    step_seconds: float
+    checkpoint: str | None = None
+
+
+@dataclass
+class RunOptions:
+    output: OutputLayout
+    base_dir: Path
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    on_step: Callable[[StepReport], None] | None = None
+    on_event: Callable[[str, dict[str, Any]], None] | None = None
+    # Stop (as if preempted) after this many steps; used by tests that interrupt a run.
+    stop_after: int | None = None
+    evaluate: bool = True
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _SigtermFlag:
+    """SIGTERM sets a flag the loop checks between steps: the step finishes, a checkpoint is
+    written, and the run exits with ExitCode.PREEMPTED."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigtermFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: the caller handles signals
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def bucket_logits(values: torch.Tensor, logsumexp: torch.Tensor | None) -> torch.Tensor:
+    """Top-k logits plus one tail bucket holding the rest of the teacher's mass, as logits.
+
+    Used for entropy weighting from cached teacher outputs: the entropy is then over k+1 buckets.
+    """
+    if logsumexp is None:
+        return values
+    top = torch.logsumexp(values, dim=-1)
+    # log(exp(lse) - exp(top)) = lse + log1p(-exp(top - lse)), clamped where rounding left no tail.
+    gap = (top - logsumexp).clamp(max=-1e-6)
+    tail = logsumexp + torch.log1p(-torch.exp(gap))
+    return torch.cat([values, tail.unsqueeze(-1)], dim=-1)
+
+
+@dataclass
+class _Targets:
+    """Teacher outputs for one micro-batch, reduced to what the phase's objectives need."""
+
+    logits: torch.Tensor | None = None  # [B,L,V] or [B,C]
+    top_values: torch.Tensor | None = None  # cache: [B,L,k] or [B,1,k]
+    top_indices: torch.Tensor | None = None
+    logsumexp: torch.Tensor | None = None
+    hidden: tuple[torch.Tensor, ...] | None = None
+    qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+class Trainer:
+    def __init__(self, job: DistillationJob, opts: RunOptions) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.opts = opts
+        self.device = opts.device
+        self.task = self.spec.task
+        self.metrics = TrainerMetrics()
+        self.ckpt = CheckpointManager(opts.output.checkpoints, self.spec.checkpoint.keep)
+        self.qat_prepared = False
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.resumed_from: int | None = None
+        self.last_checkpoint: tuple[int, float] | None = None
+        self._setup()
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _event(self, name: str, **fields: Any) -> None:
+        log.info("%s %s", name, fields)
+        if self.opts.on_event is not None:
+            self.opts.on_event(name, fields)
+
+    def _setup(self) -> None:
+        spec = self.spec
+        seed_everything(spec.distillation.seed)
+        models: Models = load_models(spec, self.opts.base_dir)
+        self.models = models
+        self.teacher = models.teacher.to(self.device)
+        self.student = models.student.to(self.device)
+        self.tokenizer = models.tokenizer
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self._load_data()
+        self.plan = build_plan(spec, self._qat_split() if spec.quantization.mode == "qat-int8" else None)
+        self.total = total_steps(self.plan)
+        self.aux = self._build_aux()
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.cache = self._build_cache()
+
+    def _qat_split(self) -> Callable[[int, float], tuple[int, int]]:
+        from .quantization import qat_phase_split
+
+        return qat_phase_split
+
+    def _load_data(self) -> None:
+        from .batching import collate
+        from .data import DataError, build_label_map, read_jsonl, tokenize_examples
+        from .sampling import BatchSampler, assign_tiers
+        from .sources import resolve_source
+
+        spec, d = self.spec, self.spec.data
+        base = self.opts.base_dir
+        train_path = resolve_source(d.train, base)
+        eval_path = resolve_source(d.eval, base) if d.eval else None
+        label_field = d.label_field if self.task == "sequence-classification" else None
+        label_map: dict[str, int] | None = None
+        if label_field:
+            label_map = self._teacher_label_map()
+            if label_map is None:
+                try:
+                    label_map = build_label_map(*(p for p in (train_path, eval_path) if p), label_field=label_field)
+                except DataError as exc:
+                    raise TrainerError(ExitCode.BAD_DATA, str(exc)) from None
+            n_labels = int(self.teacher.config.num_labels)
+            if len(label_map) != n_labels:
+                raise TrainerError(
+                    ExitCode.BAD_SPEC,
+                    f"the data has {len(label_map)} labels but the teacher classifies into {n_labels}",
+                )
+        self.label_map = label_map
+
+        def read(path: Path) -> list[Any]:
+            try:
+                rows = read_jsonl(path, text_field=d.text_field, label_field=label_field, label_to_id=label_map,
+                                  max_bad_fraction=d.max_bad_fraction)
+            except DataError as exc:
+                raise TrainerError(ExitCode.BAD_DATA, str(exc)) from None
+            if not rows:
+                raise TrainerError(ExitCode.BAD_DATA, f"{path}: no usable examples")
+            return tokenize_examples(rows, self.tokenizer, d.max_seq_length)
+
+        self.train_examples = read(train_path)
+        self.eval_examples = read(eval_path) if eval_path else []
+        s = d.sampling
+        shares = (s.head, s.torso, s.tail)
+        tiers = assign_tiers(self.train_examples, self.task, shares=(s.head, s.torso)) \
+            if s.strategy == "stratified" else None
+        dist = spec.distillation
+        data_ranks = spec.parallelism.student.data
+        self.micro_batch = dist.batch_size // (data_ranks * dist.gradient_accumulation_steps)
+        self.sampler = BatchSampler(
+            self.train_examples, dist.batch_size // dist.gradient_accumulation_steps, strategy=s.strategy,
+            tiers=tiers, shares=shares, seed=dist.seed, bucket_by_length=True,
+            rank=self.opts.rank % data_ranks, world=data_ranks,
+        )
+        self._sampler_iter: Iterator[list[int]] = iter(self.sampler)
+        self._collate = collate
+
+    def _teacher_label_map(self) -> dict[str, int] | None:
+        """The teacher's own label names, unless they are transformers' placeholders (LABEL_0...)."""
+        id2label = getattr(self.teacher.config, "id2label", None) or {}
+        names = {int(i): str(n) for i, n in id2label.items()}
+        if not names or all(n == f"LABEL_{i}" for i, n in names.items()):
+            return None
+        return {n: i for i, n in names.items()}
+
+    def _objectives(self) -> set[str]:
+        return {o for p in self.plan for o in p.objectives}
+
+    def _layer_pairs(self) -> list[tuple[int, int]]:
+        from .hidden_transfer import resolve_layer_map
+
+        explicit = [(p.student, p.teacher) for p in self.spec.distillation.layer_map] or None
+        try:
+            return resolve_layer_map(int(self.student.config.num_hidden_layers),
+                                     int(self.teacher.config.num_hidden_layers), explicit)
+        except ValueError as exc:
+            raise TrainerError(ExitCode.BAD_SPEC, f"distillation.layerMap: {exc}") from None
+
+    @torch.no_grad()
+    def _probe_qkv_dims(self, model: nn.Module, layers: list[int]) -> tuple[int, int, int]:
+        from .qkv_capture import QKVCapture
+
+        was = model.training
+        model.eval()
+        ids = torch.full((1, 4), self.pad_id, dtype=torch.long, device=self.device)
+        try:
+            with QKVCapture(model, layers) as cap:
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            q, k, v = cap.qkv[layers[0]]
+        except ValueError as exc:
+            raise TrainerError(ExitCode.BAD_SPEC, f"attention transfer: {exc}") from None
+        finally:
+            model.train(was)
+        return int(q.shape[-1]), int(k.shape[-1]), int(v.shape[-1])
+
+    def _build_aux(self) -> nn.ModuleDict:
+        aux = nn.ModuleDict()
+        objectives = self._objectives()
+        if not objectives & {"hidden", "attention"}:
+            self.pairs: list[tuple[int, int]] = []
+            return aux
+        self.pairs = self._layer_pairs()
+        # Aux modules are initialised from their own seed so that adding one does not shift the
+        # student's or the data's random streams.
+        torch.manual_seed(self.spec.distillation.seed + 1)
+        if "hidden" in objectives:
+            from .hidden_transfer import HiddenStateTransfer
+
+            aux["hidden"] = HiddenStateTransfer(int(self.student.config.hidden_size),
+                                                int(self.teacher.config.hidden_size), self.pairs)
+        if "attention" in objectives:
+            from .attention_transfer import LowRankAttentionTransfer
+
+            s_dims = self._probe_qkv_dims(self.student, [s for s, _ in self.pairs])
+            t_dims = self._probe_qkv_dims(self.teacher, [t for _, t in self.pairs])
+            for rank in sorted({p.attention_rank for p in self.plan if "attention" in p.objectives}):
+                aux[f"attention_r{rank}"] = LowRankAttentionTransfer(
+                    s_dims, t_dims, rank, self.pairs, seed=self.spec.distillation.seed)
+        torch.manual_seed(self.spec.distillation.seed)
+        return aux.to(self.device)
+
+    def _named_trainables(self) -> list[tuple[str, nn.Parameter]]:
+        named = [(f"student.{n}", p) for n, p in self.student.named_parameters() if p.requires_grad]
+        named += [(f"aux.{n}", p) for n, p in self.aux.named_parameters() if p.requires_grad]
+        return named
+
+    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        from .schedules import lr_multiplier
+
+        d = self.spec.distillation
+        named = self._named_trainables()
+        # No weight decay on biases and norms (1-D parameters), as usual for transformers.
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": d.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=d.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+        )
+        total, warmup = self.total, d.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, warmup, total))
+        return opt, sched
+
+    def _build_cache(self) -> Any:
+        tc = self.spec.distillation.teacher_cache
+        if not tc.enabled:
+            return None
+        from .teacher_cache import TeacherCache
+
+        vocab = int(self.teacher.config.vocab_size) if self.task == "causal-lm" \
+            else int(self.teacher.config.num_labels)
+        self.cache_k = min(tc.top_k, vocab)
+        return TeacherCache(self.opts.output.teacher_cache, self.cache_k, vocab)
+
+    # ---- QAT hooks -----------------------------------------------------------------------------
+    def _enter_fake_quant(self) -> None:
+        """Swap the student's Linear layers for fake-quantized ones, keeping optimizer state."""
+        from .quantization import prepare_qat
+
+        before = dict(self._named_trainables())
+        prepare_qat(self.student)
+        after = dict(self._named_trainables())
+        self.qat_prepared = True
+        if set(before) == set(after) and all(before[n] is after[n] for n in before):
+            return
+        # The wrappers hold new Parameter objects: rebuild the optimizer and move the state by name.
+        old_state = self.optimizer.state_dict()
+        old_sched = self.scheduler.state_dict()
+        old_names = [n for n, _ in self._split_by_decay(before)]
+        self.optimizer, self.scheduler = self._build_optimizer()
+        new_names = [n for n, _ in self._split_by_decay(after)]
+        index_of = {n: i for i, n in enumerate(old_names)}
+        remapped = {"param_groups": self.optimizer.state_dict()["param_groups"], "state": {}}
+        for new_i, name in enumerate(new_names):
+            old_i = index_of.get(name)
+            if old_i is not None and old_i in old_state["state"]:
+                remapped["state"][new_i] = old_state["state"][old_i]
+        for group, old_group in zip(remapped["param_groups"], old_state["param_groups"], strict=True):
+            group["lr"] = old_group["lr"]
+            group["initial_lr"] = old_group.get("initial_lr", group.get("initial_lr"))
+        self.optimizer.load_state_dict(remapped)
+        self.scheduler.load_state_dict(old_sched)
+
+    @staticmethod
+    def _split_by_decay(named: dict[str, nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
+        items = list(named.items())
+        return [(n, p) for n, p in items if p.ndim >= 2] + [(n, p) for n, p in items if p.ndim < 2]
+
+    def _autocast(self, phase: Phase) -> contextlib.AbstractContextManager[Any]:
+        if phase.kind != "qat-reduced":
+            return contextlib.nullcontext()
+        from .quantization import reduced_precision_autocast
+
+        return reduced_precision_autocast(self.device)
+
+    # ---- one micro-batch -----------------------------------------------------------------------
+    def _teacher_targets(self, batch: dict[str, torch.Tensor], phase: Phase, autocast: Any) -> _Targets:
+        objs = set(phase.objectives)
+        need_hidden = "hidden" in objs
+        need_attn = "attention" in objs
+        need_logits = "logits" in objs
+        out = _Targets()
+        ids = batch["example_ids"].tolist()
+        cached = None
+        if need_logits and self.cache is not None:
+            cached = self.cache.lookup(ids)
+        need_forward = need_hidden or need_attn or (need_logits and cached is None)
+        if need_forward:
+            from .qkv_capture import QKVCapture
+
+            t_layers = [t for _, t in self.pairs] if need_attn else []
+            cap_ctx = QKVCapture(self.teacher, t_layers) if need_attn else contextlib.nullcontext()
+            with torch.inference_mode(), autocast, cap_ctx as cap:
+                t_out = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     output_hidden_states=need_hidden)
+            # Inference tensors cannot enter autograd graphs; clone the ones the losses keep.
+            if need_hidden:
+                out.hidden = tuple(h.float().clone() for h in t_out.hidden_states)
+            if need_attn:
+                out.qkv = {layer: tuple(x.float().clone() for x in qkv) for layer, qkv in cap.qkv.items()}
+            if need_logits:
+                logits = t_out.logits.float().clone()
+                if self.cache is None:
+                    out.logits = logits
+                else:
+                    cached = self._store_in_cache(ids, logits, batch["attention_mask"])
+        if cached is not None:
+            out.top_values, out.top_indices, out.logsumexp = cached.values, cached.indices, cached.logsumexp
+        return out
+
+    def _store_in_cache(self, ids: list[int], logits: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        if logits.dim() == 2:  # classification: one "token" per sample
+            logits = logits.unsqueeze(1)
+            lengths = [1] * logits.shape[0]
+        else:
+            lengths = attention_mask.sum(dim=1).tolist()
+        lse = torch.logsumexp(logits, dim=-1)
+        values, indices = logits.topk(self.cache_k, dim=-1)
+        self.cache.store(ids, values.half().cpu(), indices.cpu(), [int(n) for n in lengths], lse.cpu())
+        # Train on exactly what a later epoch (or a resumed run) will read back.
+        again = self.cache.lookup(ids)
+        if again is None:
+            raise TrainerError(ExitCode.INTERNAL, "the teacher cache lost an entry it just stored")
+        return again
+
+    def _micro_loss(self, batch: dict[str, torch.Tensor], phase: Phase, temperature: float
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+        from .losses import hard_label_ce, kd_divergence, kd_objective, topk_kd_divergence
+        from .qkv_capture import QKVCapture
+        from .weighting import sample_entropy_weights
+
+        objs = set(phase.objectives)
+        autocast = self._autocast(phase)
+        targets = self._teacher_targets(batch, phase, self._autocast(phase))
+        need_attn = "attention" in objs
+        s_layers = [s for s, _ in self.pairs] if need_attn else []
+        cap_ctx = QKVCapture(self.student, s_layers) if need_attn else contextlib.nullcontext()
+        with autocast, cap_ctx as cap:
+            s_out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 output_hidden_states="hidden" in objs)
+        mask = batch["attention_mask"]
+        losses: dict[str, torch.Tensor] = {}
+        parts: dict[str, float] = {}
+        if "logits" in objs:
+            d = self.spec.distillation
+            s_logits = s_out.logits.float()
+            labels = batch["labels"]
+            if self.task == "causal-lm":
+                valid = labels[:, 1:] != -100  # row i predicts token i+1; padding predicts nothing
+                s_rows = s_logits[:, :-1][valid]
+                label_rows = labels[:, 1:][valid]
+
+                def rows(t: torch.Tensor) -> torch.Tensor:
+                    return t[:, :-1][valid]
+            else:
+                valid = None
+                s_rows, label_rows = s_logits, labels
+
+                def rows(t: torch.Tensor) -> torch.Tensor:
+                    return t[:, 0] if t.dim() == 3 else t
+            weights = None
+            if targets.logits is not None:
+                t_full = targets.logits
+                kd = kd_divergence(s_rows, rows(t_full), d.loss, temperature)
+                entropy_src = t_full[:, :-1] if self.task == "causal-lm" else t_full
+            else:
+                assert targets.top_values is not None and targets.top_indices is not None
+                lse = targets.logsumexp
+                kd = topk_kd_divergence(s_rows, rows(targets.top_values), rows(targets.top_indices), d.loss,
+                                        temperature, teacher_logsumexp=rows(lse) if lse is not None else None)
+                buckets = bucket_logits(targets.top_values, lse)
+                entropy_src = buckets[:, :-1] if self.task == "causal-lm" else buckets[:, 0]
+            uw = self.spec.data.uncertainty_weighting
+            if uw.enabled:
+                w_sample = sample_entropy_weights(entropy_src, uw.beta, valid.float() if valid is not None else None)
+                weights = w_sample[:, None].expand_as(valid)[valid] if valid is not None else w_sample
+            ce = hard_label_ce(s_rows, label_rows)
+            losses["logits"] = kd_objective(kd, ce, d.alpha, weights=weights)
+            parts["kd"] = float(kd.detach().mean())
+            parts["ce"] = float(ce.detach().mean())
+        if "hidden" in objs:
+            assert targets.hidden is not None
+            losses["hidden"] = self.aux["hidden"](s_out.hidden_states, targets.hidden, mask)
+        if "attention" in objs:
+            assert targets.qkv is not None
+            s_qkv = [cap.qkv[s] for s, _ in self.pairs]
+            t_qkv = [targets.qkv[t] for _, t in self.pairs]
+            losses["attention"] = self.aux[f"attention_r{phase.attention_rank}"](s_qkv, t_qkv, mask)
+        for name, value in losses.items():
+            parts[name] = float(value.detach())
+        # Objectives of a stage weigh equally.
+        loss = torch.stack(list(losses.values())).mean()
+        return loss, parts
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        positions = next(self._sampler_iter)
+        batch = self._collate([self.train_examples[p] for p in positions], self.pad_id, self.task)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _resume(self) -> int:
+        info: CheckpointInfo | None = self.ckpt.latest()
+        if info is None:
+            return 0
+        if info.step > self.total:
+            raise TrainerError(ExitCode.CHECKPOINT_INCOMPATIBLE,
+                               f"checkpoint {info.path} is at step {info.step} but the plan has {self.total}")
+        # A checkpoint taken after the fake-quant phase began holds the wrapped model's state.
+        if any(p.kind == "qat-fake-quant" and p.start < info.step for p in self.plan):
+            self._enter_fake_quant()
+        self.ckpt.restore(info, model=self.student, aux=self.aux, optimizer=self.optimizer,
+                          scheduler=self.scheduler)
+        self.sampler.load_state_dict(info.sampler)
+        self._sampler_iter = iter(self.sampler)
+        self.tokens_seen = int(info.meta.get("tokens_seen", 0))
+        self.train_seconds = float(info.meta.get("train_seconds", 0.0))
+        self.resumed_from = info.step
+        self.last_checkpoint = (info.step, info.path.stat().st_mtime)
+        self._event("resumed", step=info.step, checkpoint=str(info.path))
+        return info.step
+
+    def _save_checkpoint(self, step: int, phase: Phase, temperature: float) -> str | None:
+        if not self.opts.is_writer:
+            return None
+        started = time.perf_counter()
+        path = self.ckpt.save(step=step, stage=phase.name, temperature=temperature, model=self.student,
+                              aux=self.aux, optimizer=self.optimizer, scheduler=self.scheduler,
+                              sampler=self.sampler.state_dict(),
+                              meta={"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds})
+        seconds = time.perf_counter() - started
+        self.metrics.checkpoint_seconds.observe(seconds)
+        self.last_checkpoint = (step, time.time())
+        self._event("checkpoint", step=step, path=str(path), seconds=round(seconds, 3))
+        return str(path)
+
+    def train(self) -> None:
+        start = self._resume()
+        self.student.train()
+        accum = self.spec.distillation.gradient_accumulation_steps
+        every = self.spec.checkpoint.every_steps
+        max_norm = self.spec.distillation.max_grad_norm
+        params = [p for _, p in self._named_trainables()]
+        with _SigtermFlag() as sigterm:
+            for step in range(start, self.total):
+                phase = phase_at(self.plan, step)
+                if phase.kind == "qat-fake-quant" and not self.qat_prepared:
+                    self._enter_fake_quant()
+                    params = [p for _, p in self._named_trainables()]
+                    self._event("qat-fake-quant", step=step)
+                temperature = plan_temperature(self.spec, self.plan, step, self._temperature_fn())
+                started = time.perf_counter()
+                tokens = 0
+                parts_sum: dict[str, float] = {}
+                loss_sum = 0.0
+                for _ in range(accum):
+                    batch = self._next_batch()
+                    loss, parts = self._micro_loss(batch, phase, temperature)
+                    (loss / accum).backward()
+                    tokens += int(batch["attention_mask"].sum())
+                    loss_sum += float(loss.detach()) / accum
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
+                if not math.isfinite(loss_sum):
+                    raise TrainerError(ExitCode.INTERNAL, f"loss is {loss_sum} at step {step + 1} ({phase.name})")
+                if max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, max_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                seconds = time.perf_counter() - started
+                self.train_seconds += seconds
+                self.tokens_seen += tokens
+                done = step + 1
+                lr = float(self.optimizer.param_groups[0]["lr"])
+                tps = tokens / seconds if seconds > 0 else 0.0
+                parts_sum["total"] = loss_sum
+                self.metrics.record_step(step=done, parts=parts_sum, temperature=temperature,
+                                         tokens_per_second=tps, step_seconds=seconds, learning_rate=lr)
+                stopping = sigterm.raised or (self.opts.stop_after is not None and done >= self.opts.stop_after)
+                ckpt_path = None
+                if done % every == 0 or stopping:
+                    ckpt_path = self._save_checkpoint(done, phase, temperature)
+                if self.opts.on_step is not None:
+                    self.opts.on_step(StepReport(done, self.total, phase.name, loss_sum, parts_sum, temperature,
+                                                 lr, tps, seconds, ckpt_path))
+                if stopping and done < self.total:
+                    raise TrainerError(ExitCode.PREEMPTED, f"stopped at step {done} of {self.total} after "
+                                       f"{'SIGTERM' if sigterm.raised else 'stop_after'}; checkpoint written")
+
+    @staticmethod
+    def _temperature_fn() -> Callable[..., float]:
+        from .schedules import temperature_at
+
+        return temperature_at
+
+    # ---- after training ------------------------------------------------------------------------
+    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        examples = sorted(self.eval_examples, key=lambda e: len(e.input_ids))
+        out = []
+        for i in range(0, len(examples), EVAL_BATCH_SIZE):
+            batch = self._collate(examples[i : i + EVAL_BATCH_SIZE], self.pad_id, self.task)
+            out.append(batch)
+        return out
+
+    def evaluate_model(self, model: nn.Module, device: torch.device | None = None) -> EvalResult | None:
+        if not self.eval_examples:
+            return None
+        return evaluate(model, self.eval_batches(), self.task, device or self.device)
+
+    def full_precision_student(self) -> nn.Module:
+        """The trained student with any fake-quant wrappers removed (float weights)."""
+        if not self.qat_prepared:
+            return self.student
+        from .quantization import strip_fake_quant
+
+        return strip_fake_quant(copy.deepcopy(self.student))
+
+    def quantized_student(self) -> nn.Module | None:
+        mode = self.spec.quantization.mode
+        if mode == "none":
+            return None
+        from . import quantization
+
+        cpu_copy = copy.deepcopy(self.student).cpu().eval()
+        if mode == "qat-int8":
+            return quantization.convert_qat_to_int8(cpu_copy)
+        return quantization.quantize_ptq_int8(cpu_copy)
+
+
+def score(teacher: EvalResult | None, student: EvalResult | None) -> dict[str, Any]:
+    if teacher is None or student is None:
+        return {}
+    return {"metric": teacher.metric, "teacher": teacher.value, "student": student.value,
+            "retention": retention(teacher.metric, teacher.value, student.value)}

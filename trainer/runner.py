@@ -1,0 +1,170 @@
+"""One job from spec to outputs: train, save the student, quantize, evaluate, report.
+
+``run_job`` is shared by ``kdistill train`` (the pods' entry point), ``python -m kdistill.trainer``
+and ``kdistill run``; ``main_entry`` turns any failure into the termination message and the
+exit code the operator classifies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdistill.api import DistillationJob, JobValidationError, load_job
+from kdistill.api.failures import ExitCode, Termination, termination_for
+
+from .errors import TrainerError
+from .loop import RunOptions, StepReport, Trainer, score
+from .outputs import OutputLayout, save_student, write_json_atomic, write_termination
+from .progress import ProgressReporter, status_body
+
+log = logging.getLogger(__name__)
+
+
+def default_output(job: DistillationJob) -> Path:
+    return Path("kdistill-out") / job.metadata.name
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when run alone."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(job: DistillationJob, local_rank: int) -> torch.device:
+    if job.spec.parallelism.gpus_per_node > 0 and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _with_status(opts: RunOptions, reporter: ProgressReporter | None, trainer_ref: list[Trainer]
+                 ) -> Callable[[StepReport], None] | None:
+    user = opts.on_step
+    if reporter is None:
+        return user
+
+    def on_step(r: StepReport) -> None:
+        last = trainer_ref[0].last_checkpoint if trainer_ref else None
+        reporter.update(status_body(stage=r.stage, step=r.step, total_steps=r.total_steps, loss=r.loss,
+                                    tokens_per_second=r.tokens_per_second, last_checkpoint=last),
+                        force=r.checkpoint is not None or r.step == r.total_steps)
+        if user is not None:
+            user(r)
+
+    return on_step
+
+
+def run_job(job: DistillationJob, opts: RunOptions) -> dict[str, Any]:
+    """Train and write every output; returns the result (what result.json holds)."""
+    wall_start = time.time()
+    out = opts.output
+    if opts.is_writer:
+        out.root.mkdir(parents=True, exist_ok=True)
+    reporter = ProgressReporter.from_env() if opts.is_writer else None
+    trainer_ref: list[Trainer] = []
+    opts.on_step = _with_status(opts, reporter, trainer_ref)
+    try:
+        trainer = Trainer(job, opts)
+        trainer_ref.append(trainer)
+        if opts.is_writer and trainer.metrics.serve_from_env():
+            log.info("metrics served on port %s", os.environ.get("KDISTILL_METRICS_PORT"))
+        trainer.train()
+        result = finish(job, trainer, opts, wall_start)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    return result
+
+
+def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start: float) -> dict[str, Any]:
+    spec = job.spec
+    out = opts.output
+    result: dict[str, Any] = {
+        "job": job.metadata.name,
+        "task": spec.task,
+        "steps": trainer.total,
+        "stages": [{"name": p.name, "kind": p.kind, "steps": p.steps, "objectives": list(p.objectives)}
+                   for p in trainer.plan],
+        "resumedFrom": trainer.resumed_from,
+        "tokensSeen": trainer.tokens_seen,
+        "trainSeconds": round(trainer.train_seconds, 3),
+        "tokensPerSecond": round(trainer.tokens_seen / trainer.train_seconds, 1) if trainer.train_seconds else 0.0,
+        "quantization": spec.quantization.mode,
+    }
+    if not opts.is_writer:
+        return result
+    student_fp = trainer.full_precision_student()
+    save_student(student_fp, trainer.tokenizer, out.student)
+    result["student"] = str(out.student)
+    metrics: dict[str, Any] = {}
+    if opts.evaluate and trainer.eval_examples:
+        teacher_eval = trainer.evaluate_model(trainer.teacher)
+        student_eval = trainer.evaluate_model(student_fp)
+        metrics = score(teacher_eval, student_eval)
+        result["fullPrecision"] = dict(metrics)
+        trainer._event("evaluated", **metrics)
+    int8 = trainer.quantized_student()
+    if int8 is not None:
+        from .artifact import save_artifact
+
+        if opts.evaluate and trainer.eval_examples:
+            int8_eval = trainer.evaluate_model(int8, torch.device("cpu"))
+            int8_metrics = score(trainer.evaluate_model(trainer.teacher), int8_eval) if int8_eval else {}
+            result["int8"] = dict(int8_metrics)
+            metrics = int8_metrics  # the quality gate judges the artifact that will be served
+        save_artifact(int8, trainer.tokenizer, out.student_int8, task=spec.task,
+                      quantization=spec.quantization.mode, metrics=metrics)
+        result["artifact"] = str(out.student_int8)
+    else:
+        result["artifact"] = str(out.student)
+    result["metrics"] = metrics
+    result["wallSeconds"] = round(time.time() - wall_start, 3)
+    write_json_atomic(out.result, result)
+    return result
+
+
+def classify(exc: BaseException) -> tuple[ExitCode, str]:
+    if isinstance(exc, TrainerError):
+        return exc.code, exc.message
+    if isinstance(exc, JobValidationError):
+        return ExitCode.BAD_SPEC, str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        return ExitCode.RETRYABLE, f"out of memory: {exc}"
+    dist_error = getattr(torch.distributed, "DistBackendError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return ExitCode.PEER_LOST, f"collective failed: {exc}"
+    return ExitCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def main_entry(config: Path, output: Path | None, *, on_step: Callable[[StepReport], None] | None = None,
+               on_event: Callable[[str, dict[str, Any]], None] | None = None) -> int:
+    """Run one job file and return the exit code; writes the termination message either way."""
+    rank, world, local_rank = dist_env()
+    try:
+        job = load_job(config)
+        layout = OutputLayout(output or default_output(job))
+        opts = RunOptions(output=layout, base_dir=config.resolve().parent, rank=rank, world=world,
+                          device=pick_device(job, local_rank), on_step=on_step, on_event=on_event)
+        result = run_job(job, opts)
+    except BaseException as exc:  # every failure must become an exit code and a message
+        if isinstance(exc, KeyboardInterrupt):
+            code, message = ExitCode.PREEMPTED, "interrupted"
+        else:
+            code, message = classify(exc)
+        if code == ExitCode.INTERNAL:
+            traceback.print_exc()
+        print(f"kdistill: {code.name}: {message}", file=sys.stderr, flush=True)
+        write_termination(termination_for(code, message))
+        return int(code)
+    if rank == 0:
+        summary = {k: result[k] for k in ("metrics", "steps", "tokensPerSecond", "wallSeconds") if k in result}
+        write_termination(Termination(reason="Succeeded", retryable=False, result=summary))
+    return 0
