@@ -1,0 +1,128 @@
+"""Real corpora that ship with CPython: the text of Python's own documentation (``pydoc_data``).
+
+Nothing is downloaded: ``pydoc_data.topics.topics`` maps ~80 help topics ("compound",
+"specialnames", "if", ...) to their full reference text (~460 kB).
+
+- ``build_pydoc_corpus``: causal-lm JSON lines ``{"text": ...}``; each line is a run of
+  consecutive paragraphs of one topic, up to ``max_chars`` characters.
+- ``build_pydoc_topic_classification``: sequence-classification JSON lines
+  ``{"text": paragraph, "label": topic}``. Label frequencies are the topics' real paragraph
+  counts, naturally long-tailed: a few topics ("compound", "specialnames") hold hundreds of
+  paragraphs, most hold a handful. The eval split is stratified by label so every kept label
+  appears in both files.
+
+Both are deterministic for a given ``seed`` and Python version.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def pydoc_topics() -> dict[str, str]:
+    from pydoc_data.topics import topics
+
+    return dict(sorted(topics.items()))
+
+
+def topic_paragraphs(text: str, min_chars: int) -> list[str]:
+    """Paragraphs of one topic, stripped; shorter than ``min_chars`` (headings, rules) dropped."""
+    paras = (p.strip() for p in _PARAGRAPH_BREAK.split(text))
+    return [p for p in paras if len(p) >= min_chars]
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def _check_fraction(eval_fraction: float) -> None:
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+
+
+def build_pydoc_corpus(
+    out_dir: Path, eval_fraction: float = 0.1, seed: int = 0, *, max_chars: int = 600, min_chars: int = 20
+) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` and ``eval.jsonl`` (causal-lm) under ``out_dir``; return their paths."""
+    _check_fraction(eval_fraction)
+    if max_chars < min_chars:
+        raise ValueError(f"max_chars ({max_chars}) must be >= min_chars ({min_chars})")
+    chunks: list[str] = []
+    for text in pydoc_topics().values():
+        current = ""
+        for para in topic_paragraphs(text, min_chars):
+            if current and len(current) + 2 + len(para) > max_chars:
+                chunks.append(current)
+                current = ""
+            # A single paragraph longer than max_chars stays whole: the tokenizer truncates it.
+            current = f"{current}\n\n{para}" if current else para
+        if current:
+            chunks.append(current)
+    random.Random(seed).shuffle(chunks)
+    n_eval = max(1, round(eval_fraction * len(chunks)))
+    out_dir = Path(out_dir)
+    train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    _write_jsonl(eval_path, ({"text": c} for c in chunks[:n_eval]))
+    _write_jsonl(train_path, ({"text": c} for c in chunks[n_eval:]))
+    return train_path, eval_path
+
+
+def build_pydoc_topic_classification(
+    out_dir: Path,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    *,
+    min_examples: int = 4,
+    max_labels: int | None = None,
+    min_chars: int = 40,
+    max_chars: int = 1000,
+) -> tuple[Path, Path]:
+    """Write ``train.jsonl``/``eval.jsonl`` of paragraphs labelled by their pydoc topic.
+
+    Topics with fewer than ``min_examples`` paragraphs are dropped (they could not appear in both
+    splits); ``max_labels`` keeps only the most frequent topics, for small models. Paragraphs are
+    cut to ``max_chars``. Per label, ``max(1, round(eval_fraction * n))`` paragraphs go to eval.
+    """
+    _check_fraction(eval_fraction)
+    if min_examples < 2:
+        raise ValueError(f"min_examples must be >= 2 so each label is in both splits, got {min_examples}")
+    by_topic = {
+        name: [p[:max_chars] for p in topic_paragraphs(text, min_chars)] for name, text in pydoc_topics().items()
+    }
+    kept = sorted(
+        ((name, paras) for name, paras in by_topic.items() if len(paras) >= min_examples),
+        key=lambda item: (-len(item[1]), item[0]),
+    )
+    if max_labels is not None:
+        if max_labels < 2:
+            raise ValueError(f"max_labels must be >= 2, got {max_labels}")
+        kept = kept[:max_labels]
+    if len(kept) < 2:
+        raise ValueError(f"only {len(kept)} topics have >= {min_examples} paragraphs")
+    rng = random.Random(seed)
+    train: list[dict[str, str]] = []
+    evals: list[dict[str, str]] = []
+    for name, paras in kept:
+        paras = list(paras)
+        rng.shuffle(paras)
+        n_eval = max(1, round(eval_fraction * len(paras)))
+        evals += [{"text": p, "label": name} for p in paras[:n_eval]]
+        train += [{"text": p, "label": name} for p in paras[n_eval:]]
+    rng.shuffle(train)
+    rng.shuffle(evals)
+    out_dir = Path(out_dir)
+    train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    _write_jsonl(train_path, train)
+    _write_jsonl(eval_path, evals)
+    return train_path, eval_path
