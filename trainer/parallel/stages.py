@@ -1,0 +1,177 @@
+"""Cutting a Hugging Face decoder into contiguous layer stages.
+
+A stage is the original model with everything it does not own removed *in place*: blocks of
+other stages become parameter-free pass-throughs, the embeddings leave every stage but the
+first, and the final norm and LM head leave every stage but the last. Two things follow:
+- the model's own ``forward`` still runs each stage (the first with ``input_ids``, later ones
+  with ``inputs_embeds`` = the incoming activation), so masks and rotary embeddings are built
+  by the library, not re-implemented here;
+- parameter names keep their original fully-qualified names (``transformer.h.5.attn...``), so
+  checkpoints written by any pipeline degree line up key for key.
+
+Supported: GPT2 (``transformer.h``) and the Llama family (``model.layers``: Llama, Qwen2,
+Mistral), causal LM heads. Anything else is a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class PassThrough(nn.Module):
+    """Stands in for a block owned by another stage: returns its input activation unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+
+class ZeroPositions(nn.Module):
+    """GPT2 adds learned position embeddings to the input; later stages must add nothing."""
+
+    def __init__(self, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dim = dim
+        self.dtype = dtype
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*position_ids.shape, self.dim, dtype=self.dtype, device=position_ids.device)
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    family: str  # "gpt2" | "llama"
+    base: nn.Module  # the module holding embeddings, blocks and final norm
+    layers: nn.ModuleList
+    embedding_names: tuple[str, ...]  # attributes of base used only by the first stage
+    norm_name: str  # attribute of base: the final norm
+    head: nn.Module  # the LM head (attribute lm_head of the top model)
+    tied: bool  # head weight is the input embedding weight
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts:
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__}: only causal-LM decoders (GPT2, Llama, Qwen2, Mistral) can be split "
+            "into pipeline stages"
+        )
+    if hasattr(model, "transformer") and hasattr(model.transformer, "h"):
+        base = model.transformer
+        emb_w = base.wte.weight if base.wte is not None else None
+        return DecoderParts("gpt2", base, base.h, ("wte", "wpe"), "ln_f", head, head.weight is emb_w)
+    if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model, "norm"):
+        base = model.model
+        emb_w = base.embed_tokens.weight if base.embed_tokens is not None else None
+        return DecoderParts("llama", base, base.layers, ("embed_tokens",), "norm", head, head.weight is emb_w)
+    raise ValueError(
+        f"{type(model).__name__}: unsupported architecture for pipeline splitting; supported are GPT2 and "
+        "the Llama family (Llama, Qwen2, Mistral)"
+    )
+
+
+def _numel(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Parameter counts: what only the first stage holds, each block, what only the last holds."""
+
+    first: int
+    layers: tuple[int, ...]
+    last: int
+
+
+def stage_costs(model: nn.Module) -> StageCosts:
+    parts = decoder_parts(model)
+    first = sum(_numel(getattr(parts.base, n)) for n in parts.embedding_names)
+    # A tied head still has to live on the last stage: it is a second copy there.
+    last = _numel(getattr(parts.base, parts.norm_name)) + parts.head.weight.numel()
+    if parts.head.bias is not None:
+        last += parts.head.bias.numel()
+    return StageCosts(first, tuple(_numel(layer) for layer in parts.layers), last)
+
+
+def balance_layers(costs: StageCosts, stages: int) -> list[range]:
+    """Split the blocks into ``stages`` contiguous non-empty groups minimising the largest
+    stage's parameter count (first stage carries the embeddings, the last the head)."""
+    n = len(costs.layers)
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    if stages > n:
+        raise ValueError(f"cannot split {n} layers into {stages} non-empty pipeline stages")
+    prefix = [0]
+    for c in costs.layers:
+        prefix.append(prefix[-1] + c)
+
+    def cost(stage: int, lo: int, hi: int) -> int:
+        extra = (costs.first if stage == 0 else 0) + (costs.last if stage == stages - 1 else 0)
+        return prefix[hi] - prefix[lo] + extra
+
+    inf = float("inf")
+    # best[j][i]: the smallest possible max cost when stages 0..j hold blocks [0, i).
+    best = [[inf] * (n + 1) for _ in range(stages)]
+    cut = [[0] * (n + 1) for _ in range(stages)]
+    for i in range(1, n + 1):
+        best[0][i] = cost(0, 0, i)
+    for j in range(1, stages):
+        for i in range(j + 1, n + 1):
+            for k in range(j, i):
+                value = max(best[j - 1][k], cost(j, k, i))
+                if value < best[j][i]:
+                    best[j][i], cut[j][i] = value, k
+    bounds = [n]
+    for j in range(stages - 1, 0, -1):
+        bounds.append(cut[j][bounds[-1]])
+    bounds.append(0)
+    bounds.reverse()
+    return [range(bounds[j], bounds[j + 1]) for j in range(stages)]
+
+
+def hollow_to_stage(model: nn.Module, layers: range, *, first: bool, last: bool) -> nn.Module:
+    """Remove in place everything stage ``layers`` does not own; returns the same model."""
+    parts = decoder_parts(model)
+    for i in range(len(parts.layers)):
+        if i not in layers:
+            parts.layers[i] = PassThrough()
+    if not first:
+        cfg = model.config
+        for name in parts.embedding_names:
+            if parts.family == "gpt2" and name == "wpe":
+                setattr(parts.base, name, ZeroPositions(int(cfg.hidden_size), next(model.parameters()).dtype))
+            else:
+                setattr(parts.base, name, None)
+        if parts.family == "gpt2":
+            # Embedding dropout belongs to the first stage only.
+            parts.base.drop = nn.Identity()
+    if not last:
+        setattr(parts.base, parts.norm_name, nn.Identity())
+        model.lm_head = nn.Identity()
+    model.kdistill_stage = (layers, first, last)  # type: ignore[assignment]
+    return model
+
+
+def stage_forward(
+    model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run a hollowed stage: token ids into the first stage, activations into later ones.
+    Returns the outgoing activation, or the logits on the last stage."""
+    _, first, _ = model.kdistill_stage
+    kwargs: dict[str, object] = {"attention_mask": attention_mask, "use_cache": False}
+    if first:
+        return model(input_ids=x, **kwargs).logits
+    return model(inputs_embeds=x, **kwargs).logits
+
+
+def unique_param_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct parameter tensors a module holds (a tied weight counts once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
