@@ -144,10 +144,18 @@ def classify(exc: BaseException) -> tuple[ExitCode, str]:
     return ExitCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
+def _quiet_transformers() -> None:
+    """transformers' own progress bars (loading/writing shards) would interleave with ours."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main_entry(config: Path, output: Path | None, *, on_step: Callable[[StepReport], None] | None = None,
                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> int:
     """Run one job file and return the exit code; writes the termination message either way."""
     rank, world, local_rank = dist_env()
+    _quiet_transformers()
     try:
         job = load_job(config)
         layout = OutputLayout(output or default_output(job))
