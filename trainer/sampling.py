@@ -30,7 +30,11 @@ never on the world size.
 - **length bucketing**: batches are built ``window_batches`` at a time. In a window, each tier's
   drawn examples are sorted by length and dealt out in consecutive chunks, so batch j holds the
   j-th length quantile of every tier (tier counts unchanged), then the window's batch order is
-  shuffled. Padding shrinks; which examples are drawn does not change.
+  shuffled. Padding shrinks; which examples are drawn does not change. Side effects: copies of
+  one example have one length, so a tier too small for the window's demand has its repeats
+  grouped (a batch may hold several copies of one tail example; over the window each member
+  still appears equally often), and at a pass boundary an example may meet its own next-pass
+  copy in one batch.
 
 Exact resume: batch k is a pure function of (seed, data, k). ``state_dict()`` holds k (the
 number of batches already handed out) plus a fingerprint of the data and settings;
