@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from .run import register as register_run
+from .serve import register as register_serve
 from .train import register as register_train
 from .validate import register as register_validate
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 register_validate(app)
 register_train(app)
 register_run(app)
+register_serve(app)
 
 
 @app.command()

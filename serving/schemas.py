@@ -1,0 +1,74 @@
+"""Request bodies. Strict types: ``"max_tokens": "5"`` is an error naming the field, not a coercion.
+
+Limits that depend on the server's flags (max_tokens, batch sizes, context) are checked in the
+handlers, so the error can name the field and the configured limit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP = 4
+MAX_TEXT_CHARS = 100_000
+
+
+class _Body(BaseModel):
+    # OpenAI clients send fields we do not use (user, logprobs, ...): ignore them, check the rest strictly.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class CompletionRequest(_Body):
+    model: str | None = None
+    prompt: str | list[str] = Field(max_length=256)
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream: bool = False
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class ChatRequest(_Body):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream: bool = False
+
+
+class ClassifyRequest(_Body):
+    model: str | None = None
+    texts: list[str] = Field(min_length=1)
+
+
+class InferTensor(_Body):
+    """One KServe v2 input tensor: texts as ``datatype: BYTES``, shape [N] (or [N, 1])."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(_Body):
+    id: str | None = None
+    inputs: list[InferTensor] = Field(min_length=1, max_length=1)
+    outputs: list[dict[str, Any]] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
