@@ -2,7 +2,8 @@
 
 With ``KDISTILL_TEST_KUBECONFIG`` set, the tests use that cluster (kind, for
 example) instead: only kwok is started against it, to add the same fake GPU nodes,
-which are deleted again at the end.
+which are deleted again at the end. There the GPU nodes are not tainted, because
+kind does not enable the ExtendedResourceToleration admission plugin.
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ def start_cluster(
     try:
         cluster._kwok = kwok.start_kwok(bins["kwok"], kwok_kubeconfig, workdir)
         core = cluster.core()
-        specs = [kwok.NodeSpec(n, gpus=gpus_per_node) for n in gpu_names] + [kwok.NodeSpec(n) for n in cpu_names]
+        specs = [kwok.NodeSpec(n, gpus=gpus_per_node, gpu_taint=not external) for n in gpu_names]
+        specs += [kwok.NodeSpec(n) for n in cpu_names]
         kwok.create_nodes(core, specs)
         if external:
             cluster._cleanups.append(lambda: _delete_nodes(core, [s.name for s in specs]))

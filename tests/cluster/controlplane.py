@@ -105,10 +105,16 @@ class ControlPlane:
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
             f"--tls-cert-file={pki.server_cert}", f"--tls-private-key-file={pki.server_key}",
             f"--client-ca-file={pki.ca_cert}", f"--token-auth-file={pki.token_file}",
+            f"--requestheader-client-ca-file={pki.ca_cert}", "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki.proxy_cert}", f"--proxy-client-key-file={pki.proxy_key}",
             "--authorization-mode=Node,RBAC",
             f"--service-account-issuer={SA_ISSUER}",
             f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # Endpoints may not hold loopback addresses, so the `kubernetes` Service gets none.
+            "--endpoint-reconciler-type=none",
             f"--cert-dir={w / 'apiserver'}",
             "--allow-privileged=true",
             # As on managed GPU clusters: pods that request nvidia.com/gpu tolerate the GPU taint.

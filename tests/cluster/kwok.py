@@ -232,6 +232,9 @@ class NodeSpec:
     memory: str = "256Gi"
     gpu_product: str = "NVIDIA-H100-80GB-HBM3"
     zone: str = "zone-a"
+    # The GPU taint relies on the ExtendedResourceToleration admission plugin (on in the local
+    # control plane, as on GKE); clusters without it would leave GPU pods Pending.
+    gpu_taint: bool = True
 
 
 def node_body(spec: NodeSpec) -> dict[str, Any]:
@@ -254,7 +257,8 @@ def node_body(spec: NodeSpec) -> dict[str, Any]:
             "node.kubernetes.io/instance-type": f"fake-gpu-{spec.gpus}x",
         }
         capacity[GPU_RESOURCE] = str(spec.gpus)
-        taints.append(dict(GPU_TAINT))
+        if spec.gpu_taint:
+            taints.append(dict(GPU_TAINT))
     return {
         "apiVersion": "v1",
         "kind": "Node",

@@ -32,6 +32,8 @@ class Pki:
     server_key: Path
     sa_key: Path  # private key: signs ServiceAccount tokens
     sa_pub: Path  # its public half: verifies them
+    proxy_cert: Path  # the API server's client cert towards aggregated APIs (front proxy)
+    proxy_key: Path
     tokens: dict[str, str]  # user name -> static bearer token
     token_file: Path
 
@@ -79,6 +81,17 @@ def make_pki(folder: Path) -> Pki:
         "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
         "-addext", "extendedKeyUsage=serverAuth",
     )  # fmt: skip
+    # With a request-header CA in place, the controller-manager and scheduler can
+    # delegate authentication without logging a missing-CA error every few seconds.
+    proxy_key, proxy_cert = folder / "front-proxy-client.key", folder / "front-proxy-client.crt"
+    _ec_key(proxy_key)
+    _openssl(
+        "req", "-x509", "-new", "-key", str(proxy_key), "-out", str(proxy_cert), "-days", "7",
+        "-CA", str(ca_cert), "-CAkey", str(ca_key), "-subj", "/CN=front-proxy-client",
+        "-addext", "basicConstraints=critical,CA:FALSE",
+        "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
+        "-addext", "extendedKeyUsage=clientAuth",
+    )  # fmt: skip
     tokens = {role: secrets.token_hex(24) for role in _USERS}
     token_file = folder / "tokens.csv"
     lines = []
@@ -87,4 +100,4 @@ def make_pki(folder: Path) -> Pki:
         lines.append(f"{tokens[role]},{user},{user}" + (f',"{groups}"' if groups else ""))
     token_file.write_text("\n".join(lines) + "\n")
     token_file.chmod(0o600)
-    return Pki(ca_cert, ca_key, server_cert, server_key, sa_key, sa_pub, tokens, token_file)
+    return Pki(ca_cert, ca_key, server_cert, server_key, sa_key, sa_pub, proxy_cert, proxy_key, tokens, token_file)

@@ -87,7 +87,8 @@ def test_fake_gpu_nodes_are_ready_with_gpu_capacity_and_taint(cluster: Cluster) 
         node = core.read_node(name)
         assert node.status.allocatable[GPU_RESOURCE] == str(cluster.gpus_per_node)
         assert node.metadata.labels["nvidia.com/gpu.present"] == "true"
-        assert any(t.key == GPU_RESOURCE and t.effect == "NoSchedule" for t in node.spec.taints or [])
+        tainted = any(t.key == GPU_RESOURCE and t.effect == "NoSchedule" for t in node.spec.taints or [])
+        assert tainted == (not cluster.external)
         assert {c.type: c.status for c in node.status.conditions}["Ready"] == "True"
     for name in cluster.cpu_nodes:
         assert GPU_RESOURCE not in core.read_node(name).status.allocatable
@@ -253,9 +254,11 @@ def test_deployment_pods_are_scheduled_on_gpu_nodes_and_run(cluster: Cluster, na
     apps.create_namespaced_deployment(namespace, gpu_deployment("gpu-app", replicas=3))
     ready = eventually(lambda: running(core, namespace, "gpu-app", 3), "3 Running gpu-app pods")
     for pod in ready:
-        assert pod.spec.node_name in cluster.gpu_nodes
-        # The ExtendedResourceToleration admission plugin lets GPU pods onto tainted GPU nodes.
-        assert any(t.key == GPU_RESOURCE for t in pod.spec.tolerations)
+        node = core.read_node(pod.spec.node_name)
+        assert GPU_RESOURCE in node.status.allocatable, f"{pod.metadata.name} landed on a node without GPUs"
+        if not cluster.external:
+            # The ExtendedResourceToleration admission plugin lets GPU pods onto tainted GPU nodes.
+            assert any(t.key == GPU_RESOURCE for t in pod.spec.tolerations)
         assert pod.status.container_statuses[0].state.running is not None
     eventually(
         lambda: apps.read_namespaced_deployment("gpu-app", namespace).status.available_replicas == 3,
@@ -313,7 +316,7 @@ def test_bare_pods_follow_the_outcome_annotations(cluster: Cluster, namespace: s
 
     # With no outcome a pod keeps running until the test decides, as a trainer would.
     waits = eventually(lambda: running_pod(core, namespace, "waits"), "pod waits runs")
-    assert waits.spec.node_name in cluster.gpu_nodes
+    assert GPU_RESOURCE in core.read_node(waits.spec.node_name).status.allocatable
     time.sleep(2)
     assert core.read_namespaced_pod("waits", namespace).status.phase == "Running"
     cluster.fail_pod(namespace, "waits", exit_code=137, message={"reason": "OOMKilled", "retryable": True},
