@@ -10,7 +10,8 @@
 #   scripts/cluster-bins.sh            # build what is missing
 #   scripts/cluster-bins.sh --print    # print the binary folders and exit
 #
-# Timings of the last run are written to ${KDISTILL_CACHE}/cluster-bins-times.json.
+# Timings go to ${KDISTILL_CACHE}/cluster-bins-last-run.json, and to cluster-bins-last-build.json
+# when the run built anything.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -87,10 +88,18 @@ log "all binaries ready in ${total}s (built: ${built[*]:-none})"
 "${KWOK_BIN_DIR}/kwok" --version 2>/dev/null | head -1 || true
 "${HELM_BIN_DIR}/helm" version --short
 
-{
+times_json() {
   printf '{"total_seconds": %d, "built": [' "${total}"
-  sep=""
+  local sep="" n
   for n in "${built[@]}"; do printf '%s{"name": "%s", "seconds": %d}' "${sep}" "${n}" "${seconds[${n}]}"; sep=", "; done
-  printf '], "k8s": "%s", "etcd": "%s", "kwok": "%s", "helm": "%s"}\n' \
-    "${K8S_VERSION}" "${ETCD_VERSION}" "${KWOK_VERSION}" "${HELM_VERSION}"
-} > "${KDISTILL_CACHE}/cluster-bins-times.json"
+  printf '], "k8s": "%s", "etcd": "%s", "kwok": "%s", "helm": "%s", "cpus": %d, "go": "%s", "date": "%s"}\n' \
+    "${K8S_VERSION}" "${ETCD_VERSION}" "${KWOK_VERSION}" "${HELM_VERSION}" "$(nproc)" "$(go env GOVERSION)" \
+    "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+}
+mkdir -p "${KDISTILL_CACHE}"
+times_json > "${KDISTILL_CACHE}/cluster-bins-last-run.json"
+# A run that built something keeps its timings apart, so that a later no-op run
+# does not overwrite the cold figures (scripts/cluster-bench.py reads them).
+if (( ${#built[@]} > 0 )); then
+  cp "${KDISTILL_CACHE}/cluster-bins-last-run.json" "${KDISTILL_CACHE}/cluster-bins-last-build.json"
+fi
