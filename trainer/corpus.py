@@ -4,12 +4,14 @@ Nothing is downloaded: ``pydoc_data.topics.topics`` maps ~80 help topics ("compo
 "specialnames", "if", ...) to their full reference text (~460 kB).
 
 - ``build_pydoc_corpus``: causal-lm JSON lines ``{"text": ...}``; each line is a run of
-  consecutive paragraphs of one topic, up to ``max_chars`` characters.
+  consecutive paragraphs of one topic, up to ``max_chars`` characters; a paragraph repeated by
+  a nesting topic is used once, so train and eval never share text.
 - ``build_pydoc_topic_classification``: sequence-classification JSON lines
   ``{"text": paragraph, "label": topic}``. Label frequencies are the topics' real paragraph
-  counts, naturally long-tailed: a few topics ("compound", "specialnames") hold hundreds of
-  paragraphs, most hold a handful. The eval split is stratified by label so every kept label
-  appears in both files.
+  counts, naturally long-tailed: a few topics ("specialnames", "compound") hold hundreds of
+  paragraphs, most hold a handful. Topics nest, so a paragraph that several topics share is
+  labelled with the most specific (smallest) one and appears once. The eval split is stratified
+  by label so every kept label appears in both files.
 
 Both are deterministic for a given ``seed`` and Python version.
 """
@@ -59,9 +61,15 @@ def build_pydoc_corpus(
     if max_chars < min_chars:
         raise ValueError(f"max_chars ({max_chars}) must be >= min_chars ({min_chars})")
     chunks: list[str] = []
+    seen: set[str] = set()
     for text in pydoc_topics().values():
         current = ""
         for para in topic_paragraphs(text, min_chars):
+            # Topics nest ("compound" repeats "if", "while", ...): each paragraph is used once, or
+            # eval text would leak into train.
+            if para in seen:
+                continue
+            seen.add(para)
             if current and len(current) + 2 + len(para) > max_chars:
                 chunks.append(current)
                 current = ""
@@ -76,6 +84,26 @@ def build_pydoc_corpus(
     _write_jsonl(eval_path, ({"text": c} for c in chunks[:n_eval]))
     _write_jsonl(train_path, ({"text": c} for c in chunks[n_eval:]))
     return train_path, eval_path
+
+
+def _specific_paragraphs(min_chars: int, max_chars: int) -> dict[str, list[str]]:
+    """Topic → its paragraphs, each distinct paragraph under one topic only.
+
+    Topics nest: "compound" repeats the text of "if", "while", "async", ...; "assignment" that of
+    "augassign". A paragraph found under several topics goes to the smallest of them (the most
+    specific; ties by name), so no text carries two labels and no eval paragraph is in train.
+    """
+    topics = {name: topic_paragraphs(text, min_chars) for name, text in pydoc_topics().items()}
+    owner: dict[str, str] = {}
+    for name in sorted(topics, key=lambda n: (len(topics[n]), n)):
+        for para in topics[name]:
+            owner.setdefault(para, name)
+    out: dict[str, list[str]] = {name: [] for name in topics}
+    for name, paras in topics.items():
+        for para in dict.fromkeys(paras):  # a topic repeating itself counts once
+            if owner[para] == name:
+                out[name].append(para[:max_chars])
+    return out
 
 
 def build_pydoc_topic_classification(
@@ -97,9 +125,7 @@ def build_pydoc_topic_classification(
     _check_fraction(eval_fraction)
     if min_examples < 2:
         raise ValueError(f"min_examples must be >= 2 so each label is in both splits, got {min_examples}")
-    by_topic = {
-        name: [p[:max_chars] for p in topic_paragraphs(text, min_chars)] for name, text in pydoc_topics().items()
-    }
+    by_topic = _specific_paragraphs(min_chars, max_chars)
     kept = sorted(
         ((name, paras) for name, paras in by_topic.items() if len(paras) >= min_examples),
         key=lambda item: (-len(item[1]), item[0]),
