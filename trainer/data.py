@@ -39,6 +39,10 @@ class DataError(TrainerError):
     def __init__(self, message: str) -> None:
         super().__init__(ExitCode.BAD_DATA, message)
 
+    def __str__(self) -> str:
+        # Callers re-wrap str(exc) into their own TrainerError: no code prefix here.
+        return self.message
+
 
 @dataclass(frozen=True)
 class Example:
