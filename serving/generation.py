@@ -7,6 +7,7 @@ Each request samples with its own ``torch.Generator``, so a seeded request is re
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -111,6 +112,19 @@ class _Row:
             self.req.on_text("", self.finish)
 
 
+def _forward_kwargs(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """transformers 5 renamed ``past_key_values`` to ``cache``; ``logits_to_keep=1`` spares the
+    full-vocabulary projection of every prompt position."""
+    params = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    return ("cache" if "cache" in params else "past_key_values"), extra
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.inference_mode()
 def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest]) -> list[GenResult]:
     """Generate for all ``requests`` together (prefill once, then decode with a shared KV cache)."""
@@ -124,8 +138,9 @@ def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest])
         ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
         mask[i, width - len(r.prompt_ids):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    cache_arg, extra = _forward_kwargs(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    cache, logits = _cache_of(out), out.logits[:, -1, :]
     active = list(range(len(rows)))
     last_pos = positions[:, -1]
     while True:
@@ -147,8 +162,8 @@ def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest])
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
         last_pos = last_pos + 1
         out = model(input_ids=torch.tensor(next_tokens, dtype=torch.long)[:, None], attention_mask=mask,
-                    position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+                    position_ids=last_pos[:, None], use_cache=True, **{cache_arg: cache}, **extra)
+        cache, logits = _cache_of(out), out.logits[:, -1, :]
     return [GenResult(r.text, r.ids, r.finish or "length", len(r.req.prompt_ids)) for r in rows]
 
 
