@@ -6,12 +6,17 @@ real controller-manager evicting pods from a lost node (rung 3 of the testing la
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import pytest
 from kubernetes import client
 
@@ -395,3 +400,50 @@ def test_deleted_node_loses_its_pods(cluster: Cluster, namespace: str) -> None:
 
     # The pod garbage collector removes pods bound to a node that no longer exists.
     eventually(pod_gone, "PodGC deletes the orphaned pod", 120, interval=1.0)
+
+
+# -- teardown -----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start_harness_process() -> tuple[subprocess.Popen[str], list[psutil.Process], Path]:
+    """`python -m tests.cluster` in a child process, once it reports the cluster is up."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.cluster", "--gpu-nodes=1", "--cpu-nodes=0"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    workdir = Path("/nonexistent")
+    for line in proc.stdout:
+        lines.append(line)
+        if "; logs in " in line:
+            workdir = Path(line.rsplit("; logs in ", 1)[1].strip()).parent
+        if "Ctrl-C stops it" in line:
+            break
+    else:
+        raise AssertionError("the harness exited before the cluster came up:\n" + "".join(lines))
+    children = psutil.Process(proc.pid).children()
+    names = sorted(Path(c.exe()).name for c in children)
+    assert names == ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"], names
+    return proc, children, workdir
+
+
+def test_ctrl_c_stops_every_component() -> None:
+    proc, children, workdir = start_harness_process()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"still running after Ctrl-C: {alive}"
+    assert not workdir.exists(), "the cluster's data folder was left behind"
+
+
+def test_no_component_outlives_a_killed_harness() -> None:
+    # SIGKILL leaves no chance for atexit or finally: the kernel (PR_SET_PDEATHSIG) must act.
+    proc, children, workdir = start_harness_process()
+    proc.kill()
+    proc.wait(10)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+    assert not alive, f"orphaned components: {alive}"
