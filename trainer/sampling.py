@@ -59,6 +59,7 @@ HEAD, TORSO, TAIL = 0, 1, 2
 FLOAT_TOLERANCE = 1e-6
 STATE_VERSION = 1
 _STREAM_TAG, _ORDER_TAG = 0, 1
+_PERM_CACHE = 6
 
 
 def _check_shares(head: float, torso: float) -> None:
@@ -199,6 +200,7 @@ class BatchSampler:
         self._fingerprint = zlib.crc32(self.lengths.tobytes() + tier_arr.tobytes())
         self._next = 0
         self._window: tuple[int, list[np.ndarray]] | None = None
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     # -- the deterministic global stream -------------------------------------------------------
     def _draw(self, group: int, start: int, stop: int) -> np.ndarray:
@@ -207,10 +209,22 @@ class BatchSampler:
         size = members.size
         parts = []
         for p in range(start // size, (stop - 1) // size + 1):
-            perm = members[_rng(self.seed, _STREAM_TAG, group, p).permutation(size)]
+            perm = self._pass_order(group, p)
             lo, hi = max(start - p * size, 0), min(stop - p * size, size)
             parts.append(perm[lo:hi])
         return np.concatenate(parts)
+
+    def _pass_order(self, group: int, p: int) -> np.ndarray:
+        # Consecutive windows mostly read the same pass: keep the last few shuffles.
+        key = (group, p)
+        perm = self._perms.get(key)
+        if perm is None:
+            members = self.groups[group]
+            perm = members[_rng(self.seed, _STREAM_TAG, group, p).permutation(members.size)]
+            if len(self._perms) >= _PERM_CACHE:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[key] = perm
+        return perm
 
     def _build_window(self, w: int) -> list[np.ndarray]:
         nb = self.window_batches

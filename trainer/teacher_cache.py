@@ -30,7 +30,8 @@ under 1 byte a token for typical lengths; only where the payload alone spends ex
 
 Shards are written to a temporary file, fsync'ed, renamed into place and the directory
 fsync'ed: readers see whole shards or none. Several data-parallel ranks may
-write into one root (unique names); each rescans the directory on a miss.
+write into one root (unique names); each rescans the directory on a miss (at most every
+``rescan_seconds``).
 
 Integrity: a shard whose header fails its checksum, or that is shorter than its header says
 (truncated), is skipped with a warning when scanned; a record whose checksum fails when read
@@ -115,7 +116,9 @@ class _Entry:
 
 
 class TeacherCache:
-    def __init__(self, root: Path, top_k: int, vocab_size: int, *, namespace: str = "") -> None:
+    def __init__(
+        self, root: Path, top_k: int, vocab_size: int, *, namespace: str = "", rescan_seconds: float = 5.0
+    ) -> None:
         if top_k < 1 or vocab_size < 1 or top_k > vocab_size:
             raise ValueError(f"need 1 <= top_k <= vocab_size, got top_k={top_k} vocab_size={vocab_size}")
         self.root = Path(root)
@@ -128,6 +131,10 @@ class TeacherCache:
         self.misses = 0
         self._entries: dict[int, _Entry] = {}
         self._known: set[str] = set()  # shard names scanned (good or bad)
+        # Every lookup misses in the first epoch: rescanning the directory for other ranks'
+        # shards at most this often keeps that cheap.
+        self.rescan_seconds = rescan_seconds
+        self._last_scan = float("-inf")
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_tmp()
         self.refresh()
@@ -147,6 +154,7 @@ class TeacherCache:
     def refresh(self) -> int:
         """Index shards that appeared since the last scan; returns how many were added."""
         added = 0
+        self._last_scan = time.monotonic()
         try:
             names = sorted(p.name for p in self.root.glob("shard-*" + SUFFIX))
         except OSError as exc:
@@ -214,7 +222,8 @@ class TeacherCache:
         if not ids:
             raise ValueError("lookup: no example ids")
         if any(i not in self._entries for i in ids):
-            self.refresh()  # another rank may have written them
+            if time.monotonic() - self._last_scan >= self.rescan_seconds:
+                self.refresh()  # another rank may have written them
             if any(i not in self._entries for i in ids):
                 self.misses += 1
                 return None

@@ -128,9 +128,13 @@ def test_survives_a_restart_and_misses_unknown_ids(tmp_path: Path) -> None:
 
 def test_a_second_writer_is_seen_on_the_next_miss(tmp_path: Path) -> None:
     _, values, indices, lse = teacher_batch(1, 3, 50, 4)
-    reader, writer = TeacherCache(tmp_path, 4, 50), TeacherCache(tmp_path, 4, 50)
+    reader, writer = TeacherCache(tmp_path, 4, 50, rescan_seconds=0), TeacherCache(tmp_path, 4, 50)
+    throttled = TeacherCache(tmp_path, 4, 50, rescan_seconds=3600)
     writer.store([9], values, indices, [3], lse)
     assert reader.lookup([9]) is not None
+    assert throttled.lookup([9]) is None  # scanned at start, not again within the hour
+    throttled.refresh()
+    assert throttled.lookup([9]) is not None
 
 
 def test_writes_are_atomic_and_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
