@@ -43,6 +43,7 @@ class Cluster:
     gpus_per_node: int
     external: bool
     startup_seconds: float = 0.0
+    helm_binary: str | None = None
     _control_plane: ControlPlane | None = None
     _kwok: Process | None = None
     _stopped: bool = False
@@ -67,6 +68,18 @@ class Cluster:
         argv = [self.kubectl_binary, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
+        return proc
+
+    def helm(
+        self, *args: str, kubeconfig: Path | None = None, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Runs the pinned helm against the cluster; raises CalledProcessError on failure."""
+        if self.helm_binary is None:
+            raise RuntimeError("helm is not built: run `make cluster-bins`")
+        argv = [self.helm_binary, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
         return proc
 
@@ -185,8 +198,10 @@ def start_cluster(
         assert control_plane.admin_kubeconfig is not None and control_plane.kwok_kubeconfig is not None
         kubeconfig = control_plane.admin_kubeconfig
         kwok_kubeconfig = control_plane.kwok_kubeconfig
+    helm = str(bins["helm"]) if os.access(bins["helm"], os.X_OK) else shutil.which("helm")
     cluster = Cluster(
-        kubeconfig=kubeconfig, workdir=workdir, kubectl_binary=_kubectl_binary(bins), gpu_nodes=gpu_names,
+        kubeconfig=kubeconfig, workdir=workdir, kubectl_binary=_kubectl_binary(bins), helm_binary=helm,
+        gpu_nodes=gpu_names,
         cpu_nodes=cpu_names, gpus_per_node=gpus_per_node, external=bool(external), _control_plane=control_plane,
     )  # fmt: skip
     try:

@@ -447,3 +447,16 @@ def test_no_component_outlives_a_killed_harness() -> None:
     _, alive = psutil.wait_procs(children, timeout=10)
     shutil.rmtree(workdir, ignore_errors=True)
     assert not alive, f"orphaned components: {alive}"
+
+
+def test_helm_installs_a_chart_whose_pods_run(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    assert versions()["helm"] in cluster.helm("version", "--short").stdout
+    cluster.helm("create", str(tmp_path / "demo"))
+    cluster.helm("install", "demo", str(tmp_path / "demo"), "-n", namespace, "--wait", "--timeout=90s")
+    releases = json.loads(cluster.helm("list", "-n", namespace, "-o", "json").stdout)
+    assert [(r["name"], r["status"]) for r in releases] == [("demo", "deployed")]
+    pod = cluster.core().list_namespaced_pod(namespace, label_selector="app.kubernetes.io/instance=demo").items[0]
+    assert pod.status.phase == "Running"
+    if not cluster.external:
+        # Untolerated, the GPU taint keeps a plain pod on the CPU node.
+        assert pod.spec.node_name in cluster.cpu_nodes
