@@ -210,3 +210,14 @@ def test_pad_to_and_bad_inputs(tmp_path: Path) -> None:
         cache.store([1, 2], values.float() * 1e6, indices, [4, 4], lse)
     with pytest.raises(ValueError, match="top_k"):
         TeacherCache(tmp_path / "x", 0, 100)
+
+
+def test_repeated_ids_in_one_batch(tmp_path: Path) -> None:
+    # Stratified sampling repeats small-tier examples inside a batch: store and lookup must cope.
+    _, values, indices, lse = teacher_batch(3, 4, 100, 5)
+    values[2], indices[2], lse[2] = values[0], indices[0], lse[0]
+    cache = TeacherCache(tmp_path, 5, 100)
+    cache.store([7, 8, 7], values, indices, [4, 3, 4], lse)
+    got = cache.lookup([7, 8, 7])
+    assert got is not None and len(cache) == 2
+    assert torch.equal(got.values[0], got.values[2]) and torch.equal(got.indices[2], indices[0])
