@@ -60,16 +60,19 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
         )
     if hasattr(model, "transformer") and hasattr(model.transformer, "h"):
         base = model.transformer
-        emb_w = base.wte.weight if base.wte is not None else None
-        return DecoderParts("gpt2", base, base.h, ("wte", "wpe"), "ln_f", head, head.weight is emb_w)
+        return DecoderParts("gpt2", base, base.h, ("wte", "wpe"), "ln_f", head, _tied(head, base.wte))
     if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model, "norm"):
         base = model.model
-        emb_w = base.embed_tokens.weight if base.embed_tokens is not None else None
-        return DecoderParts("llama", base, base.layers, ("embed_tokens",), "norm", head, head.weight is emb_w)
+        return DecoderParts("llama", base, base.layers, ("embed_tokens",), "norm", head, _tied(head, base.embed_tokens))
     raise ValueError(
         f"{type(model).__name__}: unsupported architecture for pipeline splitting; supported are GPT2 and "
         "the Llama family (Llama, Qwen2, Mistral)"
     )
+
+
+def _tied(head: nn.Module, embedding: nn.Module | None) -> bool:
+    weight = getattr(head, "weight", None)
+    return weight is not None and embedding is not None and weight is getattr(embedding, "weight", None)
 
 
 def _numel(module: nn.Module | None) -> int:
