@@ -8,7 +8,7 @@ that lets tests play the trainer is documented in ``tests.cluster.kwok``.
 """
 
 from .binaries import MissingBinariesError
-from .cluster import Cluster, start_cluster
+from .cluster import Cluster, CommandError, start_cluster
 from .kwok import DELAY, EXIT_CODE, MESSAGE, OUTCOME, REASON, outcome_annotations
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "OUTCOME",
     "REASON",
     "Cluster",
+    "CommandError",
     "MissingBinariesError",
     "outcome_annotations",
     "start_cluster",

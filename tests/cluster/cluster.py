@@ -31,6 +31,13 @@ from .procs import Process, wait_for
 EXTERNAL_ENV = "KDISTILL_TEST_KUBECONFIG"
 
 
+class CommandError(subprocess.CalledProcessError):
+    """A failed kubectl/helm call whose message carries the tool's own error output."""
+
+    def __str__(self) -> str:
+        return f"{' '.join(map(str, self.cmd))} exited {self.returncode}: {(self.stderr or self.stdout or '').strip()}"
+
+
 @dataclass
 class Cluster:
     """A running cluster and the helpers tests use on it."""
@@ -64,23 +71,23 @@ class Cluster:
         self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None,
         timeout: float = 60.0,
     ) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        """Runs kubectl against the cluster (as admin unless `kubeconfig` is given)."""
+        """Runs kubectl against the cluster (as admin unless `kubeconfig` is given); CommandError if it fails."""
         argv = [self.kubectl_binary, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
+            raise CommandError(proc.returncode, argv, proc.stdout, proc.stderr)
         return proc
 
     def helm(
         self, *args: str, kubeconfig: Path | None = None, timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
-        """Runs the pinned helm against the cluster; raises CalledProcessError on failure."""
+        """Runs the pinned helm against the cluster; CommandError if it fails."""
         if self.helm_binary is None:
             raise RuntimeError("helm is not built: run `make cluster-bins`")
         argv = [self.helm_binary, f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, argv, proc.stdout, proc.stderr)
+            raise CommandError(proc.returncode, argv, proc.stdout, proc.stderr)
         return proc
 
     def serviceaccount_kubeconfig(self, namespace: str, name: str, expiration_seconds: int = 3600) -> Path:
