@@ -1,0 +1,143 @@
+"""Top-k gradient compression as a DDP communication hook, with error feedback.
+
+Per DDP bucket and step, each rank adds its residual (what it did not send before) to its
+gradient, keeps the ``fraction`` largest entries by magnitude and sends only those: values and
+indices are all-gathered (one int32 message: the float32 values' bits followed by the indices),
+every rank scatters all contributions into a zero tensor and divides by the world size. What a
+rank did not send stays in its residual for the next step, so over many steps every gradient
+entry is eventually applied: the sum of applied updates plus the mean residual equals the sum of
+the true mean gradients exactly (the test checks this identity).
+
+The first ``warmup_steps`` steps run plain all-reduce: early gradients are large and dense, and
+a model that starts from sparse updates converges worse.
+
+Bytes: the hook counts its own payload per rank (k values + k indices = 8k bytes against n
+gradient entries of an all-reduce); ``wire_bytes`` also estimates ring traffic, where an
+all-gather sends (W-1) payloads but a ring all-reduce only 2(W-1)/W of the buffer: top-k loses
+its edge as the data-parallel degree grows past ~1/(4p).
+"""
+
+# No `from __future__ import annotations`: DDP checks the hook's annotations at runtime.
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TopKState:
+    fraction: float
+    warmup_steps: int = 0
+    process_group: Any = None
+    error_feedback: bool = True
+    step: int = 0
+    # Residuals per parameter (by identity): DDP rebuilds its buckets after the first step, so a
+    # per-bucket residual would not line up with the new buckets.
+    residuals: dict[int, torch.Tensor] = field(default_factory=dict)
+    bytes_sent: int = 0  # this rank's payload through the hook
+    bytes_dense: int = 0  # what plain all-reduce of the same buckets carries
+    wire_sent: float = 0.0  # ring estimate for the hook's collectives
+    wire_dense: float = 0.0  # ring estimate for plain all-reduce
+    # Test and benchmark instrumentation: the running sum of this rank's raw gradients.
+    track_totals: bool = False
+    grad_totals: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"top-k fraction must be in (0, 1), got {self.fraction}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    @property
+    def ratio(self) -> float:
+        """How many times fewer bytes the hook sent than plain all-reduce would have."""
+        return self.bytes_dense / self.bytes_sent if self.bytes_sent else 1.0
+
+    def residual_for(self, param: torch.Tensor) -> torch.Tensor:
+        r = self.residuals.get(id(param))
+        if r is None:
+            r = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+            self.residuals[id(param)] = r
+        return r
+
+
+def _world(group: Any) -> int:
+    return dist.get_world_size(group)
+
+
+def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    buffer = bucket.buffer()
+    params = bucket.parameters()
+    n = buffer.numel()
+    world = _world(state.process_group)
+    dense_bytes = n * buffer.element_size()
+    state.bytes_dense += dense_bytes
+    state.wire_dense += 2 * (world - 1) / world * dense_bytes
+    if state.track_totals:
+        _add_totals(state, params, buffer)
+    if bucket.is_last():
+        step, state.step = state.step, state.step + 1
+    else:
+        step = state.step
+    if step < state.warmup_steps:
+        state.bytes_sent += dense_bytes
+        state.wire_sent += 2 * (world - 1) / world * dense_bytes
+        buffer.div_(world)
+        fut = dist.all_reduce(buffer, group=state.process_group, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    acc = buffer.to(torch.float32)
+    if state.error_feedback:
+        acc = acc + _flat_residual(state, params, n)
+    k = max(1, math.ceil(state.fraction * n))
+    idx = acc.abs().topk(k, sorted=False).indices
+    values = acc[idx]
+    if state.error_feedback:
+        acc[idx] = 0.0
+        _store_residual(state, params, acc)
+    # One message: value bits, then indices (int32 covers buckets below 2**31 entries).
+    payload = torch.cat([values.view(torch.int32), idx.to(torch.int32)])
+    state.bytes_sent += payload.numel() * payload.element_size()
+    state.wire_sent += (world - 1) * payload.numel() * payload.element_size()
+    gathered = [torch.empty_like(payload) for _ in range(world)]
+    work = dist.all_gather(gathered, payload, group=state.process_group, async_op=True)
+
+    def combine(_: torch.futures.Future[Any]) -> torch.Tensor:
+        out = torch.zeros(n, dtype=torch.float32, device=buffer.device)
+        for part in gathered:
+            out.index_add_(0, part[k:].long(), part[:k].view(torch.float32))
+        return out.div_(world).to(buffer.dtype)
+
+    return work.get_future().then(combine)
+
+
+def _flat_residual(state: TopKState, params: list[torch.Tensor], n: int) -> torch.Tensor:
+    flat = torch.cat([state.residual_for(p) for p in params])
+    if flat.numel() != n:
+        raise RuntimeError(f"DDP bucket of {n} entries does not match its parameters ({flat.numel()})")
+    return flat
+
+
+def _store_residual(state: TopKState, params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        state.residuals[id(p)] = flat[offset : offset + p.numel()].clone()
+        offset += p.numel()
+
+
+def _add_totals(state: TopKState, params: list[torch.Tensor], buffer: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        piece = buffer[offset : offset + p.numel()].detach().to(torch.float32)
+        total = state.grad_totals.get(id(p))
+        state.grad_totals[id(p)] = piece.clone() if total is None else total + piece
+        offset += p.numel()
+
+
+def register_topk(ddp_module: Any, fraction: float, warmup_steps: int = 0, process_group: Any = None) -> TopKState:
+    """Install the hook on a DDP module and return its state (byte counters, residuals)."""
+    state = TopKState(fraction=fraction, warmup_steps=warmup_steps, process_group=process_group)
+    ddp_module.register_comm_hook(state, topk_hook)
+    return state
