@@ -65,6 +65,8 @@ def main() -> int:
 
     print(f"{'measure':<40}{'seconds':>12}")
     if cold:
+        if "module_download_seconds" in cold:
+            print(f"{'cold module download (empty GOMODCACHE)':<40}{cold['module_download_seconds']:>12}")
         print(f"{'cold build, all binaries':<40}{cold['total_seconds']:>12}")
         for item in cold["built"]:
             print(f"{'  ' + item['name']:<40}{item['seconds']:>12}")

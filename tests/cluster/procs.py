@@ -3,6 +3,9 @@
 Every process gets its own session (so killpg reaches anything it forks) and
 PR_SET_PDEATHSIG, so that even if the Python process is SIGKILLed the kernel
 stops the children. Normal teardown is SIGTERM to the group, then SIGKILL.
+
+The kernel sends the death signal when the *thread* that started a child exits, so
+start processes from a thread that lives as long as they should (the main thread).
 """
 
 from __future__ import annotations
