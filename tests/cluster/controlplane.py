@@ -28,7 +28,8 @@ class Timings:
     """Node-failure timings. Real clusters use 5s / 40s / 300s; tests want seconds."""
 
     node_monitor_period: str = "1s"
-    node_monitor_grace_period: str = "8s"
+    # Well above kwok's 1 s lease renewals, so a loaded CI machine does not flap nodes.
+    node_monitor_grace_period: str = "15s"
     node_startup_grace_period: str = "20s"
     # Default tolerations of not-ready/unreachable taints that the DefaultTolerationSeconds
     # admission plugin adds to every pod: how long a pod stays on a lost node.
