@@ -67,6 +67,12 @@ class Cluster:
     def core(self) -> client.CoreV1Api:
         return client.CoreV1Api(self.api_client())
 
+    def env(self) -> dict[str, str]:
+        """os.environ plus KUBECONFIG and kubectl on PATH, for subprocesses such as the operator."""
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
+        env["PATH"] = f"{Path(self.kubectl_binary).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None,
         timeout: float = 60.0,

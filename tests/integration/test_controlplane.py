@@ -80,7 +80,10 @@ def api_error(exc: client.ApiException) -> tuple[str, list[str]]:
 
 
 def test_components_report_the_pinned_version(cluster: Cluster) -> None:
-    info = json.loads(cluster.kubectl("version", "-o", "json").stdout)
+    # Through env(), as a subprocess such as the operator would reach the cluster.
+    out = subprocess.run(["kubectl", "version", "-o", "json"], env=cluster.env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
     if not cluster.external:
         assert info["serverVersion"]["gitVersion"] == versions()["k8s"]
         assert info["clientVersion"]["gitVersion"] == versions()["k8s"]
