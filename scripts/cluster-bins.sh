@@ -84,8 +84,8 @@ build k8s-bins k8s.io/kubernetes/cmd/kubelet "${K8S_BIN_DIR}/kubelet" "${k8s_ldf
 total=$(( $(date +%s) - start_all ))
 log "all binaries ready in ${total}s (built: ${built[*]:-none})"
 "${K8S_BIN_DIR}/kube-apiserver" --version
-"${ETCD_BIN_DIR}/etcd" --version | head -1
-"${KWOK_BIN_DIR}/kwok" --version 2>/dev/null | head -1 || true
+"${ETCD_BIN_DIR}/etcd" --version | sed -n 1p
+"${KWOK_BIN_DIR}/kwok" --version | sed -n 1p
 "${HELM_BIN_DIR}/helm" version --short
 
 times_json() {
