@@ -48,8 +48,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a DistillationJob locally: train, quantize, evaluate, write the outputs."""
         import logging
-        import os
-        import subprocess
 
         from kdistill.api import JobValidationError, load_job
 
@@ -61,9 +59,10 @@ def register(app: typer.Typer) -> None:
         world = job.spec.parallelism.world_size
         out = output or Path("kdistill-out") / job.metadata.name
         if world > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-                   "-m", "kdistill.trainer", "--config", str(job_file), "--output", str(out)]
-            raise typer.Exit(subprocess.call(cmd, env=os.environ.copy()))
+            # One process per rank under torchrun, restarted up to failurePolicy.maxRestarts times.
+            from kdistill.trainer.parallel.launch import run_local
+
+            raise typer.Exit(run_local(job, job_file, out))
         from kdistill.trainer.jsonlog import json_event_printer, json_step_printer
         from kdistill.trainer.runner import main_entry
 

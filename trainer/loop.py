@@ -153,9 +153,14 @@ class Trainer:
     def _setup(self) -> None:
         spec = self.spec
         seed_everything(spec.distillation.seed)
+        # Joins the process group first (a rank that cannot reach its peers fails fast), and
+        # checks the spec's parallelism before any model is loaded.
+        from .parallel.runtime import ParallelRuntime
+
+        self.parallel = ParallelRuntime.create(spec, self.device)
         models: Models = load_models(spec, self.opts.base_dir)
         self.models = models
-        self.teacher = models.teacher.to(self.device)
+        self.teacher = self.parallel.prepare_teacher(models.teacher).to(self.device)
         self.student = models.student.to(self.device)
         self.tokenizer = models.tokenizer
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -165,6 +170,8 @@ class Trainer:
         self.aux = self._build_aux()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.cache = self._build_cache()
+        # What runs the student forward: DDP over the data ranks (same parameter objects).
+        self.student_forward = self.parallel.wrap_student(self.student)
 
     def _qat_split(self) -> Callable[[int, float], tuple[int, int]]:
         from .quantization import qat_phase_split
@@ -330,6 +337,8 @@ class Trainer:
         prepare_qat(self.student)
         after = dict(self._named_trainables())
         self.qat_prepared = True
+        # DDP holds the old Linear parameters: wrap the fake-quant student again.
+        self.student_forward = self.parallel.wrap_student(self.student)
         if set(before) == set(after) and all(before[n] is after[n] for n in before):
             return
         # The wrappers hold new Parameter objects: rebuild the optimizer and move the state by name.
@@ -374,7 +383,15 @@ class Trainer:
         if need_logits and self.cache is not None:
             cached = self.cache.lookup(ids)
         need_forward = need_hidden or need_attn or (need_logits and cached is None)
-        if need_forward:
+        # A split teacher's forward is collective: its group runs it if any member needs it.
+        need_forward = self.parallel.any_needs_teacher(need_forward)
+        if need_forward and self.parallel.split_teacher:
+            logits = self.parallel.teacher_logits(batch["input_ids"], batch["attention_mask"])
+            if self.cache is None:
+                out.logits = logits
+            else:
+                cached = self._store_in_cache(ids, logits, batch["attention_mask"])
+        elif need_forward:
             from .qkv_capture import QKVCapture
 
             t_layers = [t for _, t in self.pairs] if need_attn else []
@@ -425,7 +442,7 @@ class Trainer:
         s_layers = [s for s, _ in self.pairs] if need_attn else []
         cap_ctx = QKVCapture(self.student, s_layers) if need_attn else contextlib.nullcontext()
         with autocast, cap_ctx as cap:
-            s_out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            s_out = self.student_forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  output_hidden_states="hidden" in objs)
         mask = batch["attention_mask"]
         losses: dict[str, torch.Tensor] = {}
@@ -590,6 +607,14 @@ class Trainer:
             batch = self._collate(examples[i : i + EVAL_BATCH_SIZE], self.pad_id, self.task)
             out.append(batch)
         return out
+
+    def teacher_for_eval(self) -> nn.Module:
+        """The whole teacher: a split teacher holds one stage here, so rank 0 reloads it."""
+        if not self.parallel.split_teacher:
+            return self.teacher
+        if getattr(self, "_full_teacher", None) is None:
+            self._full_teacher = load_models(self.spec, self.opts.base_dir).teacher.to(self.device)
+        return self._full_teacher
 
     def evaluate_model(self, model: nn.Module, device: torch.device | None = None) -> EvalResult | None:
         if not self.eval_examples:

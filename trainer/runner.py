@@ -106,7 +106,7 @@ def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start:
     result["student"] = str(out.student)
     metrics: dict[str, Any] = {}
     if opts.evaluate and trainer.eval_examples:
-        teacher_eval = trainer.evaluate_model(trainer.teacher)
+        teacher_eval = trainer.evaluate_model(trainer.teacher_for_eval())
         student_eval = trainer.evaluate_model(student_fp)
         metrics = score(teacher_eval, student_eval)
         result["fullPrecision"] = dict(metrics)
@@ -117,7 +117,7 @@ def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start:
 
         if opts.evaluate and trainer.eval_examples:
             int8_eval = trainer.evaluate_model(int8, torch.device("cpu"))
-            int8_metrics = score(trainer.evaluate_model(trainer.teacher), int8_eval) if int8_eval else {}
+            int8_metrics = score(trainer.evaluate_model(trainer.teacher_for_eval()), int8_eval) if int8_eval else {}
             result["int8"] = dict(int8_metrics)
             metrics = int8_metrics  # the quality gate judges the artifact that will be served
         save_artifact(int8, trainer.tokenizer, out.student_int8, task=spec.task,
@@ -141,6 +141,11 @@ def classify(exc: BaseException) -> tuple[ExitCode, str]:
     dist_error = getattr(torch.distributed, "DistBackendError", None)
     if dist_error is not None and isinstance(exc, dist_error):
         return ExitCode.PEER_LOST, f"collective failed: {exc}"
+    from .parallel.distributed import is_peer_failure
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and is_peer_failure(exc):
+        # gloo reports a vanished peer as a plain RuntimeError ("Connection closed by peer").
+        return ExitCode.PEER_LOST, f"collective failed: {str(exc).strip().splitlines()[0][:500]}"
     return ExitCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 

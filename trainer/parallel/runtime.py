@@ -1,0 +1,153 @@
+"""What the training loop needs from parallelism, behind one object.
+
+``ParallelRuntime.create`` joins the process group (torchrun's environment), checks that the
+spec's parallelism is something the loop can run, and then offers:
+- ``prepare_teacher``: the teacher split by layers over ``teacherPipelineStages`` ranks
+  (``SplitTeacher``), or the plain teacher;
+- ``teacher_logits``: the (collective) teacher forward for this rank's batch;
+- ``wrap_student``: DDP over the data ranks, with the top-k compression hook when asked;
+- ``any_needs_teacher``: a teacher group agrees whether to run the teacher at all (with a
+  teacher cache one member may hit while another misses, and the split forward is collective).
+
+A world of one makes every method a pass-through, so the single-process loop is unchanged.
+
+The loop drives data parallelism; tensor and pipeline parallelism of the student are library
+components (``student.py``, tested step-for-step against a single process) that the loop does
+not drive yet: its hidden-state, attention-transfer, QAT and teacher-cache paths all assume the
+whole student on every rank. Such a spec fails at start with a BAD_SPEC message that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kdistill.api import DistillationJobSpec
+from kdistill.api.failures import ExitCode
+
+from ..errors import TrainerError
+from .distributed import DistEnv, env_from, init_distributed, peer_guard
+from .mesh import MeshLayout, layout_from_spec
+
+log = logging.getLogger(__name__)
+
+
+def check_supported(spec: DistillationJobSpec, layout: MeshLayout) -> None:
+    """Reject, before any model is loaded, what the loop cannot run in parallel."""
+    if layout.tensor > 1 or layout.pipeline > 1:
+        raise TrainerError(
+            ExitCode.BAD_SPEC,
+            f"parallelism.student tensor={layout.tensor} pipeline={layout.pipeline}: the training loop runs "
+            "data parallelism only (tensor and pipeline parallelism exist as library components, see "
+            "docs/parallel.md); set student.data to the world size",
+        )
+    if layout.teacher_stages > 1:
+        if spec.task != "causal-lm":
+            raise TrainerError(ExitCode.BAD_SPEC,
+                               "teacherPipelineStages > 1 splits causal-LM decoders (GPT2, Llama family) only")
+        objectives = {o for s in spec.distillation.stages for o in s.objectives}
+        extra = sorted(objectives - {"logits"})
+        if extra:
+            raise TrainerError(
+                ExitCode.BAD_SPEC,
+                f"teacherPipelineStages > 1 provides the teacher's logits only; stages use {extra} "
+                "(hidden/attention objectives need the whole teacher on each rank)",
+            )
+
+
+@dataclass
+class ParallelRuntime:
+    env: DistEnv
+    layout: MeshLayout
+    device: torch.device
+    top_k: float = 0.0
+    compression_warmup: int = 0
+    teacher: Any = None  # SplitTeacher when the teacher is split
+    teacher_group: Any = None  # process group of this rank's teacher stages
+    compression: Any = None  # TopKState once the hook is installed
+
+    @classmethod
+    def create(cls, spec: DistillationJobSpec, device: torch.device, env: DistEnv | None = None) -> ParallelRuntime:
+        env = env or env_from()
+        layout = layout_from_spec(spec.parallelism)
+        if env.world_size != layout.world_size:
+            raise TrainerError(
+                ExitCode.BAD_SPEC,
+                f"the job asks for a world of {layout.world_size} processes (nodes * max(gpusPerNode, 1)) "
+                f"but this process was started in a world of {env.world_size}",
+            )
+        check_supported(spec, layout)
+        if env.distributed:
+            init_distributed(env, prefer_gpu=device.type == "cuda")
+        gc = spec.parallelism.gradient_compression
+        rt = cls(env=env, layout=layout, device=device, top_k=gc.top_k, compression_warmup=gc.warmup_steps)
+        if env.distributed and layout.teacher_stages > 1:
+            # new_group is collective: every rank creates every teacher group in the same order.
+            for first in range(0, layout.world_size, layout.teacher_stages):
+                group = dist.new_group(list(range(first, first + layout.teacher_stages)))
+                if env.rank in range(first, first + layout.teacher_stages):
+                    rt.teacher_group = group
+        return rt
+
+    @property
+    def distributed(self) -> bool:
+        return self.env.distributed
+
+    @property
+    def split_teacher(self) -> bool:
+        return self.teacher is not None
+
+    def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """Keep only this rank's teacher stage when the teacher is split; returns the module."""
+        if self.layout.teacher_stages == 1:
+            return teacher
+        from .teacher_pipeline import SplitTeacher
+
+        try:
+            self.teacher = SplitTeacher(teacher, self.layout.teacher_group(self.env.rank), self.env.rank,
+                                        device=self.device)
+        except ValueError as exc:
+            raise TrainerError(ExitCode.BAD_SPEC, f"teacherPipelineStages: {exc}") from None
+        log.info("teacher stage %d/%d: layers %s, %.1f MiB of parameters", self.teacher.split.stage + 1,
+                 self.layout.teacher_stages, self.teacher.split.layers, self.teacher.param_bytes / 2**20)
+        return self.teacher.model
+
+    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None
+        return self.teacher.logits(input_ids, attention_mask)
+
+    def any_needs_teacher(self, needs: bool) -> bool:
+        """True on every member of a teacher group when any member needs the teacher forward."""
+        if self.teacher_group is None:
+            return needs
+        flag = torch.tensor([1 if needs else 0], dtype=torch.int32)
+        with peer_guard("the teacher-cache agreement"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.teacher_group)
+        return bool(flag.item())
+
+    def wrap_student(self, student: nn.Module) -> nn.Module:
+        """DDP over the data ranks (parameters stay the student's own objects)."""
+        if not self.distributed:
+            return student
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp = DDP(student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.top_k > 0:
+            from .compression import register_topk
+
+            self.compression = register_topk(ddp, self.top_k, warmup_steps=self.compression_warmup)
+        return ddp
+
+    def guard(self, what: str) -> Any:
+        return peer_guard(what)
+
+    def shutdown(self) -> None:
+        from .distributed import shutdown
+
+        if self.distributed:
+            shutdown()
