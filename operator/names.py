@@ -1,0 +1,69 @@
+"""Names, labels and paths of the objects a job owns: one place, so builders, the state machine
+and handlers agree on them."""
+
+from __future__ import annotations
+
+GROUP = "kdistill.io"
+LABEL_JOB = "kdistill.io/job"
+LABEL_ROLE = "kdistill.io/role"
+LABEL_INDEX = "kdistill.io/replica-index"
+LABEL_GENERATION = "kdistill.io/restart-generation"
+LABEL_SERVING = "kdistill.io/serving"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "kdistill-operator"
+
+ANNOTATION_MODEL_PATH = "kdistill.io/model-path"
+ANNOTATION_PREVIOUS_MODEL_PATH = "kdistill.io/previous-model-path"
+ANNOTATION_SOURCE_JOB = "kdistill.io/source-job"
+
+ROLE_WORKER = "worker"
+ROLE_SERVER = "server"
+
+CONFIG_DIR = "/etc/kdistill"
+CONFIG_FILE = "job.yaml"
+CHECKPOINT_MOUNT = "/mnt/checkpoints"
+PVC_ROOT = "/mnt/pvc"
+RDZV_PORT = 29500
+TRAINER_CONTAINER = "trainer"
+SERVER_CONTAINER = "server"
+
+
+def config_map(job: str) -> str:
+    return f"{job}-config"
+
+
+def workers_service(job: str) -> str:
+    return f"{job}-workers"
+
+
+def worker_pod(job: str, index: int) -> str:
+    return f"{job}-worker-{index}"
+
+
+def trainer_account(job: str) -> str:
+    return f"{job}-trainer"
+
+
+def checkpoint_claim(job: str) -> str:
+    return f"{job}-checkpoints"
+
+
+def serving(job: str, configured: str = "") -> str:
+    return configured or f"{job}-serving"
+
+
+def master_address(job: str, namespace: str) -> str:
+    """worker-0's stable DNS name: its hostname under the headless Service's subdomain."""
+    return f"{worker_pod(job, 0)}.{workers_service(job)}.{namespace}.svc"
+
+
+def output_dir(namespace: str, job: str) -> str:
+    return f"{CHECKPOINT_MOUNT}/{namespace}/{job}"
+
+
+def model_path(namespace: str, job: str) -> str:
+    return f"{output_dir(namespace, job)}/student-int8"
+
+
+def worker_selector(job: str) -> str:
+    return f"{LABEL_JOB}={job},{LABEL_ROLE}={ROLE_WORKER}"

@@ -1,0 +1,34 @@
+"""Operator settings, read from flags with KDISTILL_* environment fallbacks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kdistill/trainer:latest"
+DEFAULT_SERVER_IMAGE = "ghcr.io/kdistill/server:latest"
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespaces: tuple[str, ...] = ()  # empty: cluster-wide
+    trainer_image: str = DEFAULT_TRAINER_IMAGE
+    server_image: str = DEFAULT_SERVER_IMAGE
+    # A node NotReady/Unknown this long counts as lost (its pods are force-deleted, the gang restarts).
+    notready_seconds: float = 30.0
+    resync_seconds: float = 30.0
+    workers: int = 8
+    # Watch timeouts: the server ends each watch after `watch_server_timeout`, and the client gives
+    # up on a connection silent for `watch_client_timeout`, so a stuck watch cannot freeze us.
+    watch_server_timeout: int = 120
+    watch_client_timeout: int = 150
+    request_timeout: float = 30.0
+    max_backoff_seconds: int = 3600
+    metrics_port: int = 8080
+    health_port: int = 8081
+    leader_election: bool = True
+    lease_name: str = "kdistill-operator"
+    lease_namespace: str = "kdistill-system"
+    lease_duration_seconds: float = 15.0
+    lease_renew_seconds: float = 5.0
+    identity: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")

@@ -1,0 +1,447 @@
+"""The job state machine: what is observed in, what to do out. Pure: no I/O, no clock.
+
+Phases: Pending → Running → (Restarting → Pending → Running)* → Deploying → Succeeded, or
+Failed; Suspended while `spec.suspend`. Everything the machine needs survives an operator
+restart because it lives in the API: the phase and counters in status, the restart
+generation (restarts + evictions) on the pods' labels, the backoff start in the
+`Restarting` condition's lastTransitionTime, and pod creation times for the pending deadline.
+
+The handlers apply a Decision in this order: status patch (with resourceVersion, so a stale
+view cannot count a restart twice), then deletions, then creations, then events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kdistill.api import DistillationJob
+from kdistill.api.base import FLOAT_TOLERANCE
+from kdistill.api.failures import Termination, parse_termination
+
+from . import names
+from .observe import STUCK_WAITING, DeploymentView, NodeView, PodView, parse_time
+
+TERMINAL = ("Succeeded", "Failed")
+# While pods are going away, look again this soon.
+POLL_SECONDS = 1.0
+
+COND_TRAINING = "Training"
+COND_RESTARTING = "Restarting"
+COND_SUSPENDED = "Suspended"
+COND_COMPLETE = "Complete"
+COND_FAILED = "Failed"
+COND_READY = "Ready"
+COND_CLEANED = "TrainingObjectsDeleted"
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    job: DistillationJob
+    generation: int
+    status: dict[str, Any]  # the job's status on the wire (camelCase)
+    pods: list[PodView]
+    nodes: dict[str, NodeView | None]  # None: the node no longer exists
+    deployment: DeploymentView | None
+    now: datetime
+    notready_seconds: float = 30.0
+    max_backoff_seconds: int = 3600
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any] = field(default_factory=dict)  # merge patch of operator-owned fields
+    create_generation: int | None = None  # ensure training objects and missing pods of this generation
+    delete_pods: list[str] = field(default_factory=list)
+    force_delete_pods: list[str] = field(default_factory=list)  # on lost nodes: grace period 0
+    deploy: bool = False
+    delete_training_objects: bool = False
+    delete_job: bool = False
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+    phase: str | None = None  # the phase after this decision
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 0.1)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+def fmt_time(t: datetime) -> str:
+    """RFC 3339 in UTC, to the second, as metav1.Time is."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def backoff_seconds(base: int, count: int, cap: int) -> float:
+    """base, 2*base, 4*base, ... for the 1st, 2nd, 3rd restart; capped."""
+    return float(min(base * (2 ** max(count - 1, 0)), cap))
+
+
+class _Status:
+    """The operator-owned status being built, diffed against what was observed."""
+
+    def __init__(self, observed: dict[str, Any], now: datetime, generation: int) -> None:
+        self.old = observed
+        self.now = now
+        self.generation = generation
+        self.values: dict[str, Any] = {}
+        self.conditions: list[dict[str, Any]] = [dict(c) for c in observed.get("conditions") or []]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, self.old.get(key, default))
+
+    def set(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+    def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        value = "True" if status else "False"
+        for cond in self.conditions:
+            if cond.get("type") == type_:
+                if cond.get("status") != value:
+                    cond["lastTransitionTime"] = fmt_time(self.now)
+                cond.update(status=value, reason=reason, message=message, observedGeneration=self.generation)
+                return
+        self.conditions.append({
+            "type": type_, "status": value, "reason": reason, "message": message,
+            "lastTransitionTime": fmt_time(self.now), "observedGeneration": self.generation,
+        })
+
+    def condition_since(self, type_: str) -> datetime | None:
+        for cond in self.conditions:
+            if cond.get("type") == type_ and cond.get("status") == "True":
+                return parse_time(cond.get("lastTransitionTime"))
+        return None
+
+    def has_condition(self, type_: str) -> bool:
+        return any(c.get("type") == type_ and c.get("status") == "True" for c in self.conditions)
+
+    def patch(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.values.items() if self.old.get(k) != v}
+        if self.conditions != (self.old.get("conditions") or []):
+            out["conditions"] = self.conditions
+        return out
+
+
+def decide(obs: Observed) -> Decision:
+    st = _Status(obs.status, obs.now, obs.generation)
+    d = Decision()
+    old_phase = obs.status.get("phase")
+    st.set("observedGeneration", obs.generation)
+    if st.get("restarts") is None:
+        st.set("restarts", 0)
+    if st.get("evictions") is None:
+        st.set("evictions", 0)
+
+    phase = _step(obs, st, d, old_phase)
+    d.phase = phase
+    st.set("phase", phase)
+    if phase != old_phase:
+        warn = phase in ("Failed", "Restarting")
+        d.events.insert(0, Event("Warning" if warn else "Normal", phase,
+                                 f"phase {old_phase or '(new)'} -> {phase}"))
+    if phase in TERMINAL and not st.get("completionTime"):
+        st.set("completionTime", fmt_time(obs.now))
+    d.status = st.patch()
+    return d
+
+
+def _step(obs: Observed, st: _Status, d: Decision, phase: str | None) -> str:
+    spec = obs.job.spec
+    if phase in TERMINAL:
+        return _finished(obs, st, d, phase)
+    if phase == "Deploying":
+        _cleanup_workers(obs, d)
+        return _deploying(obs, st, d)
+    if spec.suspend:
+        _delete_all(obs, d)
+        if phase != "Suspended":
+            st.condition(COND_SUSPENDED, True, "SuspendRequested", "worker pods deleted; checkpoints kept")
+            st.condition(COND_TRAINING, False, "Suspended")
+        if any(not p.finished for p in obs.pods):
+            d.requeue(POLL_SECONDS)
+        return "Suspended"
+    if phase == "Suspended":
+        st.condition(COND_SUSPENDED, False, "Resumed", "resuming from the newest checkpoint")
+        phase = "Pending"
+    if phase is None:
+        st.condition(COND_TRAINING, False, "Created", "creating the worker gang")
+        phase = "Pending"
+    if phase == "Restarting":
+        return _restarting(obs, st, d)
+    return _training(obs, st, d, phase)
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+def _generation(st: _Status) -> int:
+    return int(st.get("restarts") or 0) + int(st.get("evictions") or 0)
+
+
+def _node_lost(obs: Observed, pod: PodView) -> tuple[bool, float | None]:
+    """(lost now, seconds until it would count as lost)."""
+    if pod.node is None:
+        return False, None
+    if pod.node not in obs.nodes:
+        return False, None
+    node = obs.nodes[pod.node]
+    if node is None:
+        return True, None
+    if node.ready == "True":
+        return False, None
+    if node.since is None:
+        return True, None
+    waited = (obs.now - node.since).total_seconds()
+    if waited >= obs.notready_seconds:
+        return True, None
+    return False, obs.notready_seconds - waited
+
+
+def _delete(obs: Observed, d: Decision, pods: list[PodView]) -> None:
+    for pod in pods:
+        lost, _ = _node_lost(obs, pod)
+        if lost:
+            # A lost node's kubelet never confirms a graceful delete: the pod would stay Terminating.
+            if pod.name not in d.force_delete_pods:
+                d.force_delete_pods.append(pod.name)
+        elif not pod.deleting and pod.name not in d.delete_pods:
+            d.delete_pods.append(pod.name)
+
+
+def _delete_all(obs: Observed, d: Decision) -> None:
+    _delete(obs, d, obs.pods)
+
+
+def _restarting(obs: Observed, st: _Status, d: Decision) -> str:
+    if obs.pods:
+        _delete_all(obs, d)
+        d.requeue(POLL_SECONDS)
+        return "Restarting"
+    since = st.condition_since(COND_RESTARTING) or obs.now
+    count = _generation(st)
+    wait = backoff_seconds(obs.job.spec.failure_policy.backoff_seconds, count, obs.max_backoff_seconds)
+    left = wait - (obs.now - since).total_seconds()
+    if left > 0:
+        d.requeue(left)
+        return "Restarting"
+    st.condition(COND_RESTARTING, False, "BackoffElapsed", f"recreating the gang after {wait:g}s")
+    return _training(obs, st, d, "Pending")
+
+
+@dataclass
+class _Problem:
+    kind: str  # permanent | failure | eviction | pending
+    reason: str
+    message: str
+
+
+def _pod_problem(obs: Observed, pod: PodView) -> _Problem | None:
+    """What, if anything, is wrong with one pod of the current gang."""
+    if pod.phase == "Failed":
+        if pod.evicted:
+            return _Problem("eviction", "Evicted", f"{pod.name}: {pod.disruption}")
+        end = pod.terminated
+        term = parse_termination(end.message if end else None, end.exit_code if end else None)
+        if not term.retryable:
+            return _Problem("permanent", term.reason, f"{pod.name}: {term.message}".rstrip(": "))
+        return _Problem("failure", term.reason, f"{pod.name}: {term.message}".rstrip(": "))
+    lost, _ = _node_lost(obs, pod)
+    if lost and not pod.finished:
+        return _Problem("failure", "NodeLost", f"{pod.name}: node {pod.node} is NotReady or gone")
+    if pod.deleting and not pod.finished:
+        if pod.evicted:
+            return _Problem("eviction", "Evicted", f"{pod.name}: {pod.disruption}")
+        if pod.disruption == "DeletionByTaintManager":
+            return _Problem("failure", "NodeLost", f"{pod.name}: evicted from a NotReady node")
+        return _Problem("failure", "PodDeleted", f"{pod.name} was deleted")
+    if pod.phase == "Pending" and pod.created is not None:
+        timeout = obs.job.spec.failure_policy.pending_timeout_seconds
+        if (obs.now - pod.created).total_seconds() >= timeout:
+            if pod.waiting_reason in STUCK_WAITING:
+                reason = "ImagePullBackOff" if "Image" in pod.waiting_reason else pod.waiting_reason
+                return _Problem("pending", reason, f"{pod.name}: {pod.waiting_reason}: {pod.waiting_message}"
+                                f" (Pending > {timeout}s)")
+            if pod.unschedulable is not None:
+                return _Problem("pending", "Unschedulable", f"{pod.name}: {pod.unschedulable} (Pending > {timeout}s)")
+            return _Problem("pending", "PendingTimeout", f"{pod.name} still Pending after {timeout}s")
+    return None
+
+
+def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
+    gen = _generation(st)
+    stale = [p for p in obs.pods if p.generation != gen]
+    if stale:
+        # The previous gang must be gone before its names are reused.
+        _delete(obs, d, stale)
+        d.requeue(POLL_SECONDS)
+        return phase
+    nodes = obs.job.spec.parallelism.nodes
+    gang = {p.index: p for p in obs.pods if p.index is not None and 0 <= p.index < nodes}
+    problems = [pr for p in gang.values() if (pr := _pod_problem(obs, p))]
+    for pr in problems:
+        if pr.kind == "permanent":
+            return _fail(obs, st, d, pr.reason, pr.message)
+    rank0 = gang.get(0)
+    if rank0 is not None and rank0.phase == "Succeeded":
+        return _succeeded_training(obs, st, d, rank0)
+    missing = [i for i in range(nodes) if i not in gang]
+    if missing and phase == "Running":
+        problems.append(_Problem("failure", "PodDeleted", f"worker(s) {missing} disappeared"))
+    for kind in ("failure", "eviction"):
+        for pr in problems:
+            if pr.kind == kind:
+                return _restart(obs, st, d, pr)
+    for pr in problems:
+        if pr.kind == "pending":
+            return _fail(obs, st, d, pr.reason, pr.message)
+    if missing:
+        d.create_generation = gen
+        d.requeue(POLL_SECONDS * 2)
+    _requeue_deadlines(obs, d, list(gang.values()))
+    if not missing and all(p.phase == "Running" for p in gang.values()):
+        if not st.get("startTime"):
+            st.set("startTime", fmt_time(obs.now))
+        st.condition(COND_TRAINING, True, "AllWorkersRunning", f"{nodes} worker pod(s) running")
+        st.condition(COND_RESTARTING, False, "GangRunning")
+        return "Running"
+    if phase != "Running":
+        st.condition(COND_TRAINING, False, "WaitingForPods", "worker pods are being created or scheduled")
+    return "Pending" if phase != "Running" else "Running"
+
+
+def _requeue_deadlines(obs: Observed, d: Decision, gang: list[PodView]) -> None:
+    """Wake up when a pending deadline or a NotReady delay runs out, even if nothing else changes."""
+    timeout = obs.job.spec.failure_policy.pending_timeout_seconds
+    for pod in gang:
+        if pod.phase == "Pending" and pod.created is not None:
+            d.requeue(timeout - (obs.now - pod.created).total_seconds() + 0.5)
+        _, left = _node_lost(obs, pod)
+        if left is not None:
+            d.requeue(left + 0.1)
+
+
+def _restart(obs: Observed, st: _Status, d: Decision, pr: _Problem) -> str:
+    policy = obs.job.spec.failure_policy
+    restarts = int(st.get("restarts") or 0)
+    if pr.kind == "eviction":
+        st.set("evictions", int(st.get("evictions") or 0) + 1)
+    else:
+        if restarts >= policy.max_restarts:
+            return _fail(obs, st, d, "MaxRestartsExceeded",
+                         f"{pr.reason}: {pr.message} (maxRestarts {policy.max_restarts} used up)")
+        st.set("restarts", restarts + 1)
+    count = _generation(st)
+    wait = backoff_seconds(policy.backoff_seconds, count, obs.max_backoff_seconds)
+    st.condition(COND_RESTARTING, True, pr.reason, f"{pr.message}; restart {count}, backoff {wait:g}s")
+    st.condition(COND_TRAINING, False, "GangRestart", pr.message)
+    d.events.append(Event("Warning", "GangRestart",
+                          f"{pr.reason}: {pr.message}; restarts={st.get('restarts')} "
+                          f"evictions={st.get('evictions')}, backoff {wait:g}s"))
+    _delete_all(obs, d)
+    d.requeue(POLL_SECONDS)
+    return "Restarting"
+
+
+def _fail(obs: Observed, st: _Status, d: Decision, reason: str, message: str) -> str:
+    st.condition(COND_FAILED, True, reason, message)
+    st.condition(COND_TRAINING, False, reason, message)
+    st.condition(COND_RESTARTING, False, reason)
+    d.events.append(Event("Warning", reason, message))
+    _cleanup_workers(obs, d)
+    return "Failed"
+
+
+def _cleanup_workers(obs: Observed, d: Decision) -> None:
+    """Stop whatever still runs; finished pods stay for `kubectl logs` until the job goes."""
+    _delete(obs, d, [p for p in obs.pods if not p.finished])
+
+
+def result_of(pod: PodView) -> Termination:
+    end = pod.terminated
+    return parse_termination(end.message if end else None, end.exit_code if end else 0)
+
+
+def _succeeded_training(obs: Observed, st: _Status, d: Decision, rank0: PodView) -> str:
+    term = result_of(rank0)
+    result = term.result or {}
+    metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
+    clean = {k: metrics[k] for k in ("teacher", "student", "retention", "metric") if metrics.get(k) is not None}
+    if clean:
+        st.set("metrics", clean)
+    st.condition(COND_TRAINING, False, "TrainingComplete", f"rank 0 finished: {term.reason}")
+    st.condition(COND_RESTARTING, False, "TrainingComplete")
+    _cleanup_workers(obs, d)
+    serving = obs.job.spec.serving
+    if not serving.enabled:
+        st.condition(COND_COMPLETE, True, "TrainingComplete", "serving disabled")
+        return "Succeeded"
+    retention = clean.get("retention")
+    gate = serving.quality_gate.min_retention
+    if not isinstance(retention, int | float):
+        return _fail(obs, st, d, "QualityGateFailed", "the result has no retention to compare with the gate")
+    if retention < gate - FLOAT_TOLERANCE:
+        return _fail(obs, st, d, "QualityGateFailed",
+                     f"retention {retention:.4f} < minRetention {gate:.4f}; serving left untouched")
+    d.events.append(Event("Normal", "QualityGatePassed", f"retention {retention:.4f} >= {gate:.4f}"))
+    return _deploying(obs, st, d)
+
+
+# -- rollout and afterwards -----------------------------------------------------------------
+
+
+def _ours(obs: Observed) -> bool:
+    dep = obs.deployment
+    return dep is not None and dep.model_path == names.model_path(_ns(obs), obs.job.metadata.name)
+
+
+def _ns(obs: Observed) -> str:
+    return obs.job.metadata.namespace or "default"
+
+
+def _deploying(obs: Observed, st: _Status, d: Decision) -> str:
+    d.deploy = True
+    srv = obs.job.spec.serving
+    if _ours(obs) and obs.deployment is not None and obs.deployment.available:
+        url = f"http://{names.serving(obs.job.metadata.name, srv.name)}.{_ns(obs)}.svc:{srv.port}"
+        st.set("endpoint", url)
+        st.condition(COND_READY, True, "DeploymentAvailable", f"serving at {url}")
+        st.condition(COND_COMPLETE, True, "Deployed", "student rolled out")
+        return "Succeeded"
+    st.condition(COND_READY, False, "RollingOut", "waiting for the serving Deployment to be available")
+    d.requeue(2.0)
+    return "Deploying"
+
+
+def _finished(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
+    _cleanup_workers(obs, d)
+    if any(not p.finished for p in obs.pods):
+        d.requeue(POLL_SECONDS)
+    serving_live = phase == "Succeeded" and obs.job.spec.serving.enabled
+    # Later serving changes (replicas, batching, resources) roll out without retraining, but
+    # only while the Deployment still serves this job's model (a later job may have taken it).
+    if serving_live and (obs.deployment is None or obs.deployment.source_job == obs.job.metadata.name):
+        d.deploy = True
+    ttl = obs.job.spec.ttl_seconds_after_finished
+    done = parse_time(st.get("completionTime")) or obs.now
+    if ttl is None:
+        return phase
+    left = ttl - (obs.now - done).total_seconds()
+    if left > 0:
+        d.requeue(left)
+        return phase
+    if serving_live:
+        if not st.has_condition(COND_CLEANED):
+            d.delete_training_objects = True
+            d.delete_pods = sorted({*d.delete_pods, *(p.name for p in obs.pods if not p.deleting)})
+            st.condition(COND_CLEANED, True, "TTLExpired", "worker pods, Service and ConfigMap deleted")
+    else:
+        d.delete_job = True
+        d.events.append(Event("Normal", "TTLExpired", f"deleting the job {ttl}s after it finished"))
+    return phase
