@@ -77,7 +77,7 @@ def locate(required: tuple[str, ...] = tuple(_BINARIES)) -> Binaries:
     if missing:
         raise MissingBinariesError(
             "control-plane binaries are missing; build them with `make cluster-bins` "
-            "(bash scripts/cluster-bins.sh, ~30-60 min the first time, cached afterwards). Missing: "
+            "(bash scripts/cluster-bins.sh, about 17 min on 2 cores the first time, cached afterwards). Missing: "
             + ", ".join(missing)
         )
     return Binaries(paths=paths, versions=vers)

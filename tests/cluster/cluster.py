@@ -169,14 +169,19 @@ class Cluster:
             self._kwok.stop()
         if self._control_plane is not None:
             self._control_plane.stop()
-        if not os.environ.get("KDISTILL_KEEP_CLUSTER_DIR"):
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        _remove_workdir(self.workdir)
 
     def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _remove_workdir(workdir: Path) -> None:
+    # KDISTILL_KEEP_CLUSTER_DIR=1 keeps the logs and etcd data for a post-mortem.
+    if not os.environ.get("KDISTILL_KEEP_CLUSTER_DIR"):
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _kubectl_binary(bins: Binaries | None) -> str:
@@ -193,21 +198,24 @@ def start_cluster(
 ) -> Cluster:  # fmt: skip
     """Starts (or, with KDISTILL_TEST_KUBECONFIG, attaches to) a cluster with kwok GPU nodes."""
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="kdistill-cluster-"))
     external = os.environ.get(EXTERNAL_ENV)
     suffix = uuid.uuid4().hex[:4] if external else ""
     gpu_names = [f"kwok-gpu-{suffix}{i}" for i in range(gpu_nodes)]
     cpu_names = [f"kwok-cpu-{suffix}{i}" for i in range(cpu_nodes)]
     control_plane: ControlPlane | None = None
+    components = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "kubectl")
+    bins = locate(required=("kwok",) if external else components)
+    workdir = Path(tempfile.mkdtemp(prefix="kdistill-cluster-"))
     if external:
-        bins = locate(required=("kwok",))
         kubeconfig = Path(external).resolve()
         kwok_kubeconfig = kubeconfig
     else:
-        bins = locate(required=("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
-                                "kubectl"))  # fmt: skip
         control_plane = ControlPlane(bins, workdir, timings or Timings())
-        control_plane.start()
+        try:
+            control_plane.start()  # stops whatever it started if it fails
+        except BaseException:
+            _remove_workdir(workdir)
+            raise
         assert control_plane.admin_kubeconfig is not None and control_plane.kwok_kubeconfig is not None
         kubeconfig = control_plane.admin_kubeconfig
         kwok_kubeconfig = control_plane.kwok_kubeconfig
