@@ -108,10 +108,16 @@ def create_app(state: ServerState) -> FastAPI:
             response: Response = error_response(413, f"request body over {state.limits.max_body_bytes} bytes",
                                                 "body", "invalid_request_error")
         else:
+            model_call = request.method == "POST"
+            if model_call:
+                metrics.in_flight.inc()
             try:
                 response = await call_next(request)
             except Exception as exc:  # errors raised past the exception handlers
                 response = error_response(500, f"internal error: {type(exc).__name__}", None, "server_error")
+            finally:
+                if model_call:
+                    metrics.in_flight.dec()
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "other")
         metrics.latency.labels(endpoint).observe(time.perf_counter() - start)

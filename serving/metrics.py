@@ -29,6 +29,8 @@ class ServerMetrics:
                                        registry=r)
         self.errors = Counter("kdistill_errors", "Requests answered with an error, by status.", ["endpoint", "status"],
                               registry=r)
+        self.in_flight = Gauge("kdistill_requests_in_flight", "Model requests accepted and not yet answered.",
+                               registry=r)
         self.rejected = Counter("kdistill_rejected", "Requests refused because the queue was full.", registry=r)
         self._real = 0
         self._padded = 0

@@ -104,6 +104,13 @@ def test_overload_answers_429_with_retry_after(lm_artifact: Path) -> None:
         assert "kdistill_rejected_total" in httpx.get(f"{server.url}/metrics").text
 
 
+def metric(server: ServerProcess, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_sigterm_finishes_requests_in_flight(lm_artifact: Path) -> None:
     server = ServerProcess(lm_artifact, "--max-batch-size", "1", "--max-wait-ms", "0")
     try:
@@ -115,7 +122,15 @@ def test_sigterm_finishes_requests_in_flight(lm_artifact: Path) -> None:
 
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(timed, i) for i in range(6)]
-            time.sleep(0.5)  # all six accepted; with batches of one they run one after another
+            # Wait until the server holds all six (running or answered): batches of one run one after another.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                held = metric(server, "kdistill_requests_in_flight") + metric(
+                    server, 'kdistill_request_latency_seconds_count{endpoint="/v1/completions"}')
+                if held >= 6:
+                    break
+                time.sleep(0.01)
+            assert metric(server, "kdistill_requests_in_flight") >= 1, "requests finished before the signal"
             signalled = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)
