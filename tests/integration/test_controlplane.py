@@ -335,6 +335,32 @@ def test_bare_pods_follow_the_outcome_annotations(cluster: Cluster, namespace: s
     assert json.loads(state.message)["reason"] == "OOMKilled"
 
 
+def test_job_pods_complete_and_the_job_controller_sees_it(cluster: Cluster, namespace: str) -> None:
+    batch = client.BatchV1Api(cluster.api_client())
+    template = bare_pod("unused")
+    batch.create_namespaced_job(namespace, {
+        "metadata": {"name": "one-shot"},
+        "spec": {"backoffLimit": 0, "template": {"spec": template["spec"]}},
+    })  # fmt: skip
+
+    def complete() -> bool:
+        conds = batch.read_namespaced_job_status("one-shot", namespace).status.conditions or []
+        return any(c.type == "Complete" and c.status == "True" for c in conds)
+
+    eventually(complete, "the Job completes")
+    assert batch.read_namespaced_job_status("one-shot", namespace).status.succeeded == 1
+
+
+def test_outcome_annotations_refuse_inconsistent_requests() -> None:
+    assert outcome_annotations(succeed=False, exit_code=3, message={"a": 1}) == {
+        OUTCOME: "fail", EXIT_CODE: "3", MESSAGE: '{"a": 1}'
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=r"0\.\.255"):
+        outcome_annotations(succeed=False, exit_code=256)
+    with pytest.raises(ValueError, match="exits 0"):
+        outcome_annotations(succeed=True, exit_code=1)
+
+
 def running_pod(core: client.CoreV1Api, namespace: str, name: str) -> client.V1Pod | None:
     pod = core.read_namespaced_pod(name, namespace)
     return pod if pod.status.phase == "Running" else None
