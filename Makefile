@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[operator,trainer,serving,dev]'
 	@rm -f $(VENV)/.stamp-* && touch $@
 
-test: setup
+test: setup cluster-bins
 	$(PY) -m pytest
 
 unit: setup

@@ -122,8 +122,8 @@ def _default(field: FieldInfo) -> Any:
     else:
         value = field.default
     if isinstance(value, ApiModel):
-        # An empty default lets the API server fill the nested defaults in on its own.
-        return {}
+        # The whole defaulted object: the API server checks CEL rules against defaults too.
+        return value.to_wire()
     if isinstance(value, list):
         return [v.to_wire() if isinstance(v, ApiModel) else v for v in value]
     return value

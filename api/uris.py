@@ -9,18 +9,19 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+# CEL rules embed these as raw strings (r'...'): CEL rejects escapes such as \s otherwise.
 # DNS-1123 label, as Kubernetes requires for a PersistentVolumeClaim name.
 CLAIM_PATTERN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 PVC_PATTERN = rf"^pvc://{CLAIM_PATTERN}/.+$"
 HF_PATTERN = r"^hf://[^@\s]+(@[^@\s]+)?$"
 
 PVC_CEL = (
-    f"!self.startsWith('pvc://') || self.matches('{PVC_PATTERN}')",
+    f"!self.startsWith('pvc://') || self.matches(r'{PVC_PATTERN}')",
     "a pvc:// URI must be pvc://CLAIM/PATH, with CLAIM a DNS-1123 name "
     "(lowercase letters, digits, '-') and a non-empty PATH",
 )
 HF_CEL = (
-    f"!self.startsWith('hf://') || self.matches('{HF_PATTERN}')",
+    f"!self.startsWith('hf://') || self.matches(r'{HF_PATTERN}')",
     "an hf:// URI must be hf://REPO or hf://REPO@REVISION",
 )
 
