@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Builds kdistill's container images with docker (`make images`), starting a private
+# dockerd if none answers (scripts/dockerd.sh) and building the local Python base image
+# when BASE_IMAGE is not given (scripts/build-base-image.sh).
+#
+#   scripts/images.sh                    # both images
+#   scripts/images.sh operator           # only one
+#   BASE_IMAGE=python:3.11-slim-bookworm scripts/images.sh   # where a registry is reachable
+#   TORCH_SPEC='torch==2.15.*+cpu' PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu \
+#     scripts/images.sh trainer       # a CPU-only trainer, where that index is reachable
+#
+# Tags: kdistill/operator:VERSION and kdistill/trainer:VERSION (VERSION from pyproject.toml,
+# or IMAGE_TAG). Sizes and build times go to ${KDISTILL_CACHE}/images-last-build.json.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${KDISTILL_CACHE:-${HOME}/.cache/kdistill}"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' "${root}/pyproject.toml" | head -n1)"
+tag="${IMAGE_TAG:-${version}}"
+registry="${IMAGE_REPOSITORY_PREFIX:-kdistill}"
+targets=("$@")
+(( ${#targets[@]} )) || targets=(operator trainer)
+
+log() { printf '[images %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+if [[ -z "${DOCKER_HOST:-}" ]] || ! docker version >/dev/null 2>&1; then
+  DOCKER_HOST="$("${root}/scripts/dockerd.sh" start)"
+  export DOCKER_HOST
+fi
+# The classic builder: it needs no buildx plugin and no registry for its frontend.
+export DOCKER_BUILDKIT=0
+
+base="${BASE_IMAGE:-}"
+if [[ -z "${base}" ]]; then
+  base="$("${root}/scripts/build-base-image.sh")"
+fi
+
+# A small build context: only what the images install (the repo holds venvs and outputs).
+ctx="$(mktemp -d "${TMPDIR:-/tmp}/kdistill-image-context.XXXXXX")"
+trap 'rm -rf "${ctx}"' EXIT
+(cd "${root}" && tar --exclude='__pycache__' --exclude='*.pyc' -cf - \
+  pyproject.toml README.md kdistill api operator trainer serving cli docker) | tar -C "${ctx}" -xf -
+# Behind a TLS-inspecting proxy pip needs the host's CA bundle; it stays in the build stage.
+ca="${PIP_CERT:-${REQUESTS_CA_BUNDLE:-}}"
+if [[ -n "${ca}" && -f "${ca}" ]]; then
+  cp "${ca}" "${ctx}/pip-ca.crt"
+fi
+
+results=()
+for target in "${targets[@]}"; do
+  case "${target}" in
+    operator|trainer) ;;
+    *) echo "images.sh: unknown image '${target}' (operator | trainer)" >&2; exit 2 ;;
+  esac
+  image="${registry}/${target}:${tag}"
+  log "building ${image} from ${base}"
+  t0=$(date +%s)
+  docker build --network host -f "${ctx}/docker/${target}.Dockerfile" -t "${image}" \
+    --build-arg "BASE_IMAGE=${base}" --build-arg "TORCH_SPEC=${TORCH_SPEC:-}" \
+    --build-arg "PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL:-}" "${ctx}" >&2
+  seconds=$(( $(date +%s) - t0 ))
+  bytes=$(docker image inspect -f '{{.Size}}' "${image}")
+  log "${image}: $(awk -v b="${bytes}" 'BEGIN {printf "%.0f MB", b/1e6}') in ${seconds}s"
+  results+=("{\"image\": \"${image}\", \"bytes\": ${bytes}, \"build_seconds\": ${seconds}, \"base\": \"${base}\", \"torch_spec\": \"${TORCH_SPEC:-}\"}")
+done
+
+mkdir -p "${cache}"
+(IFS=,; printf '[%s]\n' "${results[*]}") > "${cache}/images-last-build.json"
+python3 - "${cache}/images-last-build.json" <<'PY'
+import json
+import sys
+
+print(f"{'IMAGE':<34} {'SIZE_MB':>10} {'BUILD_S':>8}")
+for r in json.load(open(sys.argv[1])):
+    print(f"{r['image']:<34} {r['bytes'] / 1e6:>10.0f} {r['build_seconds']:>8}")
+PY
