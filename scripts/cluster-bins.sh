@@ -80,6 +80,8 @@ build helm helm.sh/helm/v3/cmd/helm "${HELM_BIN_DIR}/helm" \
   "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 # The kubelet is only for the real-pods rung; build it last.
 build k8s-bins k8s.io/kubernetes/cmd/kubelet "${K8S_BIN_DIR}/kubelet" "${k8s_ldflags}"
+# kube-proxy serves ClusterIP Services on the real-pods rung (e2e/); built after the kubelet.
+build k8s-bins k8s.io/kubernetes/cmd/kube-proxy "${K8S_BIN_DIR}/kube-proxy" "${k8s_ldflags}"
 
 total=$(( $(date +%s) - start_all ))
 log "all binaries ready in ${total}s (built: ${built[*]:-none})"

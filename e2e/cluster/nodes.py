@@ -1,0 +1,183 @@
+"""Node containers: create, configure, kill, restart, and load images into them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .layout import CLUSTER_CIDR, DNS_DOMAIN, GATEWAY, LABEL, NETWORK, SUBNET, NodeAddr
+
+DOCKER_HOST = "unix:///run/kdistill-docker/docker.sock"  # scripts/dockerd.sh's daemon
+
+
+def docker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DOCKER_HOST", DOCKER_HOST)
+    return env
+
+
+def docker(*args: str, check: bool = True, input_bytes: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["docker", *args], capture_output=True, env=docker_env(), input=input_bytes)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+                                      proc.stderr.decode(errors="replace"))  # fmt: skip
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"docker {' '.join(args[:3])} ... failed ({proc.returncode}): {out.stderr.strip()}")
+    return out
+
+
+def ensure_network() -> None:
+    found = docker("network", "inspect", NETWORK, "--format", "{{(index .IPAM.Config 0).Subnet}}", check=False)
+    if found.returncode == 0:
+        if found.stdout.strip() != SUBNET:
+            raise RuntimeError(f"docker network {NETWORK} exists with subnet {found.stdout.strip()}, want {SUBNET}")
+        return
+    docker("network", "create", "--driver=bridge", f"--subnet={SUBNET}", f"--gateway={GATEWAY}",
+           "--label", LABEL, NETWORK)  # fmt: skip
+
+
+def remove_leftovers() -> None:
+    """Node containers of an earlier run that was killed before it could clean up."""
+    ids = docker("ps", "-aq", "--filter", f"label={LABEL}").stdout.split()
+    if ids:
+        docker("rm", "-f", "-v", *ids)
+
+
+def kubelet_config(node: NodeAddr) -> dict[str, object]:
+    return {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        # The API server cannot verify the kubelets' self-signed serving certificates
+        # or present a client certificate to them; logs/exec then need these.
+        "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
+        "authorization": {"mode": "AlwaysAllow"},
+        "cgroupDriver": "cgroupfs",
+        "failCgroupV1": False,  # this VM has cgroup v1
+        "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
+        "clusterDNS": [GATEWAY],
+        "clusterDomain": DNS_DOMAIN,
+        "resolvConf": "/etc/kdistill-node/resolv.conf",
+        "podCIDR": node.pod_cidr,
+        "failSwapOn": False,
+        # Fast, for tests: a lease renewed every 3 s; the controller-manager's 20 s grace
+        # then notices a dead node within seconds, like a tuned production cluster.
+        "nodeStatusUpdateFrequency": "4s",
+        "nodeLeaseDurationSeconds": 12,
+        # The disk is shared with other work; never evict pods for it.
+        "evictionHard": {
+            "memory.available": "100Mi", "nodefs.available": "0%", "nodefs.inodesFree": "0%", "imagefs.available": "0%",
+        },
+        "imageGCHighThresholdPercent": 100,
+        "serializeImagePulls": False,
+        "kubeAPIQPS": 50,
+        "kubeAPIBurst": 100,
+    }
+
+
+def kube_proxy_config() -> dict[str, object]:
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": "/etc/kdistill-node/kube-proxy.kubeconfig"},
+        "mode": "iptables",
+        "clusterCIDR": CLUSTER_CIDR,
+        # conntrack limits are host-wide sysctls: leave the shared VM's alone.
+        "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+        "iptables": {"localhostNodePorts": False},
+    }
+
+
+@dataclass
+class Node:
+    addr: NodeAddr
+    image: str
+    config_dir: Path
+    log_dir: Path
+    shared_dirs: tuple[Path, ...]  # mounted at the same path in every node (hostPath volumes)
+
+    @property
+    def name(self) -> str:
+        return self.addr.name
+
+    def write_config(self, all_nodes: list[NodeAddr], kubelet_kc: Path, proxy_kc: Path) -> None:
+        d = self.config_dir
+        d.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        routes = " ".join(f"{n.pod_cidr}={n.ip}" for n in all_nodes if n != self.addr)
+        (d / "node.env").write_text(
+            f"NODE_NAME={self.name}\nNODE_IP={self.addr.ip}\nPOD_CIDR={self.addr.pod_cidr}\n"
+            f"CLUSTER_CIDR={CLUSTER_CIDR}\nROUTES='{routes}'\n"
+        )
+        (d / "resolv.conf").write_text(f"nameserver {GATEWAY}\n")
+        (d / "kubelet.yaml").write_text(yaml.safe_dump(kubelet_config(self.addr)))
+        (d / "kube-proxy.yaml").write_text(yaml.safe_dump(kube_proxy_config()))
+        (d / "kubelet.kubeconfig").write_bytes(kubelet_kc.read_bytes())
+        (d / "kube-proxy.kubeconfig").write_bytes(proxy_kc.read_bytes())
+
+    def create(self) -> None:
+        mounts: list[str] = [
+            "-v", f"{self.config_dir}:/etc/kdistill-node:ro",
+            "-v", f"{self.log_dir}:/var/log/kdistill",
+            "-v", "/lib/modules:/lib/modules:ro",
+        ]  # fmt: skip
+        for shared in self.shared_dirs:
+            mounts += ["-v", f"{shared}:{shared}"]
+        docker(
+            "run", "-d", "--name", self.name, "--hostname", self.name, "--label", LABEL,
+            # --privileged works through scripts/dockerd.sh's runtime shim, which drops the
+            # one capability (CAP_SYS_RESOURCE) this VM cannot grant.
+            "--privileged", "--cgroupns=private",
+            "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+            "--tmpfs", "/run", "--tmpfs", "/tmp",
+            "--network", NETWORK, "--ip", self.addr.ip,
+            *mounts, self.image,
+        )  # fmt: skip
+
+    def kill(self) -> None:
+        """A power cut: SIGKILL to everything in the node, pods included."""
+        docker("kill", self.name)
+
+    def start(self) -> None:
+        """Boots a stopped node again; containerd's images survive on its volume."""
+        docker("start", self.name)
+
+    def running(self) -> bool:
+        out = docker("inspect", "-f", "{{.State.Running}}", self.name, check=False)
+        return out.stdout.strip() == "true"
+
+    def remove(self) -> None:
+        docker("rm", "-f", "-v", self.name, check=False)
+
+    def exec(self, *argv: str, input_bytes: bytes | None = None) -> str:
+        return docker("exec", "-i", self.name, *argv, input_bytes=input_bytes).stdout
+
+    def wait_containerd(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise RuntimeError(f"node {self.name} exited; see {self.log_dir}")
+            if docker("exec", self.name, "ctr", "version", check=False).returncode == 0:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"containerd did not answer on {self.name} within {timeout:.0f}s")
+
+
+def load_image(nodes: list[Node], image: str) -> float:
+    """`docker save` once, `ctr import` into every node's containerd. Returns seconds taken."""
+    t0 = time.monotonic()
+    env = docker_env()
+    for node in nodes:
+        save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE, env=env)
+        imp = subprocess.run(
+            ["docker", "exec", "-i", node.name, "ctr", "-n", "k8s.io", "images", "import", "--all-platforms", "-"],
+            stdin=save.stdout, capture_output=True, env=env,
+        )  # fmt: skip
+        assert save.stdout is not None
+        save.stdout.close()
+        if save.wait() != 0 or imp.returncode != 0:
+            raise RuntimeError(f"loading {image} into {node.name} failed: {imp.stderr.decode(errors='replace')}")
+    return time.monotonic() - t0
