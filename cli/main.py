@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from .operator import register as register_operator
 from .run import register as register_run
 from .serve import register as register_serve
 from .train import register as register_train
@@ -25,6 +26,7 @@ register_validate(app)
 register_train(app)
 register_run(app)
 register_serve(app)
+register_operator(app)
 
 
 @app.command()

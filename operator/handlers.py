@@ -1,0 +1,195 @@
+"""Thin kopf handlers: kopf watches (with server and client timeouts) and probes; every
+event only puts a job key on the work queue. All logic lives in reconciler.py / state.py.
+
+No change-detection handlers (on.create/update/delete) and no daemons or timers are used:
+those make kopf add finalizers and annotations to every job. Here ownerReferences remove
+the children, so a job needs no finalizer at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from . import metrics, names
+from .observe import NodeView
+from .reconciler import Key, Reconciler
+from .settings import Settings
+from .workqueue import WorkQueue
+
+log = logging.getLogger("kdistill.operator")
+
+
+@dataclass
+class Runtime:
+    """What the handlers share; passed to kopf.run as its memo."""
+
+    settings: Settings
+    reconciler: Reconciler
+    leader: Any = None  # LeaseElector or None
+    queue: WorkQueue | None = None
+    pool: concurrent.futures.ThreadPoolExecutor | None = None
+    jobs: set[Key] = field(default_factory=set)
+    node_jobs: dict[str, set[Key]] = field(default_factory=dict)
+    pod_nodes: dict[Key, tuple[str, Key]] = field(default_factory=dict)
+    node_ready: dict[str, str] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    failures: dict[Key, int] = field(default_factory=dict)
+    last_pass: float = field(default_factory=time.monotonic)
+
+
+def _runtime(memo: Any) -> Runtime:
+    return memo.runtime  # type: ignore[no-any-return]
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    rt = _runtime(memo)
+    s = rt.settings
+    settings.watching.server_timeout = s.watch_server_timeout
+    settings.watching.client_timeout = s.watch_client_timeout
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = s.request_timeout
+    settings.posting.enabled = False  # our Events are written by the reconciler, one per fact
+    settings.peering.standalone = True  # the Lease (leader.py) decides who acts
+    rt.queue = WorkQueue()
+    rt.pool = concurrent.futures.ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="reconcile")
+    for i in range(s.workers):
+        rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-worker-{i}"))
+    rt.tasks.append(asyncio.create_task(_resync(rt), name="resync"))
+    log.info("operator started: %s", "cluster-wide" if not s.namespaces else ",".join(s.namespaces))
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    rt = _runtime(memo)
+    for task in rt.tasks:
+        task.cancel()
+    await asyncio.gather(*rt.tasks, return_exceptions=True)
+    if rt.pool is not None:
+        rt.pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def _worker(rt: Runtime) -> None:
+    assert rt.queue is not None
+    loop = asyncio.get_running_loop()
+    while True:
+        key = await rt.queue.get()
+        metrics.QUEUE_DEPTH.set(len(rt.queue))
+        try:
+            if key not in rt.jobs:
+                rt.reconciler.forget(key)  # type: ignore[arg-type]
+                continue
+            requeue = await loop.run_in_executor(rt.pool, rt.reconciler.reconcile, key)
+            rt.failures.pop(key, None)  # type: ignore[arg-type]
+            if requeue is not None:
+                rt.queue.add_after(key, requeue)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            n = rt.failures[key] = rt.failures.get(key, 0) + 1  # type: ignore[index]
+            delay = min(0.5 * 2 ** (n - 1), 60.0)
+            log.exception("reconcile failed (attempt %d); retrying in %.1fs", n,
+                          delay, extra={"job": f"{key[0]}/{key[1]}"})  # type: ignore[index]
+            rt.queue.add_after(key, delay)
+        finally:
+            rt.last_pass = time.monotonic()
+            rt.queue.done(key)
+
+
+async def _resync(rt: Runtime) -> None:
+    """A periodic look at every job, so a missed event delays a reaction but never loses it."""
+    assert rt.queue is not None
+    while True:
+        await asyncio.sleep(rt.settings.resync_seconds)
+        for key in list(rt.jobs):
+            rt.queue.add(key)
+
+
+def _enqueue(rt: Runtime, key: Key) -> None:
+    if rt.queue is not None:
+        rt.queue.add(key)
+        metrics.QUEUE_DEPTH.set(len(rt.queue))
+
+
+@kopf.on.event(names.GROUP, "v1alpha1", "distillationjobs")
+def job_event(type: str | None, name: str, namespace: str, memo: Any, **_: Any) -> None:
+    rt = _runtime(memo)
+    key = (namespace, name)
+    if type == "DELETED":
+        rt.jobs.discard(key)
+        if rt.queue is not None:
+            rt.queue.forget(key)
+        rt.reconciler.forget(key)
+        return
+    rt.jobs.add(key)
+    _enqueue(rt, key)
+
+
+@kopf.on.event("", "v1", "pods", labels={names.LABEL_MANAGED_BY: names.MANAGER, names.LABEL_ROLE: names.ROLE_WORKER})
+def pod_event(type: str | None, body: Any, name: str, namespace: str, labels: Any, memo: Any, **_: Any) -> None:
+    rt = _runtime(memo)
+    job = labels.get(names.LABEL_JOB)
+    if not job:
+        return
+    key = (namespace, job)
+    pod_key = (namespace, name)
+    old = rt.pod_nodes.pop(pod_key, None)
+    if old is not None:
+        rt.node_jobs.get(old[0], set()).discard(key)
+    node = (body.get("spec") or {}).get("nodeName")
+    if type != "DELETED" and node:
+        rt.pod_nodes[pod_key] = (node, key)
+        rt.node_jobs.setdefault(node, set()).add(key)
+    _enqueue(rt, key)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: names.MANAGER})
+def deployment_event(namespace: str, annotations: Any, memo: Any, **_: Any) -> None:
+    job = annotations.get(names.ANNOTATION_SOURCE_JOB)
+    if job:
+        _enqueue(_runtime(memo), (namespace, job))
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(type: str | None, name: str, body: Any, memo: Any, **_: Any) -> None:
+    """A node's Ready flipped, or it is gone: look at the jobs with pods there."""
+    rt = _runtime(memo)
+    ready = "Gone" if type == "DELETED" else NodeView.from_dict(dict(body)).ready
+    if rt.node_ready.get(name) == ready:
+        return  # heartbeats: nothing a job cares about changed
+    rt.node_ready[name] = ready
+    if type == "DELETED":
+        rt.node_ready.pop(name, None)
+    for key in list(rt.node_jobs.get(name, ())):
+        _enqueue(rt, key)
+        if rt.queue is not None:
+            # NotReady counts as lost only after the detection delay: look again then.
+            rt.queue.add_after(key, rt.settings.notready_seconds + 0.2)
+
+
+@kopf.on.probe(id="queue")
+def probe_queue(memo: Any, **_: Any) -> int:
+    rt = _runtime(memo)
+    return len(rt.queue) if rt.queue is not None else 0
+
+
+@kopf.on.probe(id="jobs")
+def probe_jobs(memo: Any, **_: Any) -> int:
+    return len(_runtime(memo).jobs)
+
+
+@kopf.on.probe(id="leader")
+def probe_leader(memo: Any, **_: Any) -> bool:
+    rt = _runtime(memo)
+    return rt.leader is None or bool(rt.leader.leading)
+
+
+@kopf.on.probe(id="seconds_since_last_pass")
+def probe_last_pass(memo: Any, **_: Any) -> float:
+    return round(time.monotonic() - _runtime(memo).last_pass, 1)

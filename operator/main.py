@@ -1,0 +1,80 @@
+"""Running the operator: logging, metrics, leader election, then kopf with our handlers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import concurrent.futures
+import threading
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from . import logs, metrics
+from .kube import Kube
+from .leader import LeaseElector
+from .reconciler import Reconciler
+from .settings import Settings
+
+log = logging.getLogger("kdistill.operator")
+
+
+def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INFO") -> int:
+    """Blocks until stopped; returns the exit code (1 if the leader lease was lost)."""
+    logs.configure(log_level)
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig  # kopf's own login reads it too
+    from kubernetes import client, config
+
+    if kubeconfig:
+        api = config.new_client_from_config(config_file=kubeconfig)
+    else:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        api = client.ApiClient()
+    # One pooled connection per reconcile worker, plus watches.
+    api.rest_client.pool_manager.connection_pool_kw["maxsize"] = settings.workers + 4
+    kube = Kube(api, settings.request_timeout)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=metrics.REGISTRY)
+
+    from . import handlers  # registers the kopf handlers
+
+    # A concurrent Future, not a threading.Event: kopf waits on an Event in an executor thread,
+    # which would keep the process alive after a SIGTERM had stopped kopf.
+    stop: concurrent.futures.Future[None] = concurrent.futures.Future()
+    waiting = threading.Event()
+    lost = threading.Event()
+    elector = None
+    if settings.leader_election:
+        elector = LeaseElector(kube, settings.lease_namespace, settings.lease_name, settings.identity,
+                               settings.lease_duration_seconds, settings.lease_renew_seconds)
+        log.info("waiting for lease %s/%s", settings.lease_namespace, settings.lease_name)
+        if not elector.acquire(waiting):
+            return 0
+
+        def on_lost() -> None:
+            lost.set()
+            if not stop.done():
+                stop.set_result(None)
+
+        elector.keep_renewing(on_lost)
+    runtime = handlers.Runtime(settings=settings, reconciler=Reconciler(kube, settings), leader=elector)
+    memo: Any = kopf.Memo(runtime=runtime)
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+    try:
+        kopf.run(
+            clusterwide=not settings.namespaces,
+            namespaces=list(settings.namespaces),
+            standalone=True,
+            liveness_endpoint=liveness,
+            stop_flag=stop,
+            memo=memo,
+        )
+    finally:
+        if elector is not None and not lost.is_set():
+            elector.release()
+    return 1 if lost.is_set() else 0

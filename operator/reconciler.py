@@ -1,0 +1,225 @@
+"""One reconcile pass of one job: observe through the API, decide (state.py), act.
+
+Synchronous and self-contained, so the work queue can run passes in a bounded thread pool
+and a test can call it directly. Every fact comes fresh from the API server (GET the job,
+LIST its pods), never from a watch cache, so a restarted operator acts on the same truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from kdistill.api import JobValidationError, parse_job
+
+from . import builders, metrics, names
+from .kube import JOB, ApiError, Kube
+from .observe import DeploymentView, NodeView, PodView
+from .settings import Settings
+from .state import Decision, Event, Observed, decide, fmt_time
+
+log = logging.getLogger("kdistill.operator")
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Every line names its job (namespace/name) as a structured field."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs.setdefault("extra", {}).update(self.extra or {})
+        return msg, kwargs
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, settings: Settings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.phases: dict[Key, str] = {}
+
+    def forget(self, key: Key) -> None:
+        self.phases.pop(key, None)
+        metrics.set_phases(self.phase_counts())
+
+    def phase_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for phase in self.phases.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        return counts
+
+    def reconcile(self, key: Key, now: datetime | None = None) -> float | None:
+        """One pass; returns seconds until the job wants another look (None: only on events)."""
+        started = time.monotonic()
+        try:
+            return self._reconcile(key, now or datetime.now(UTC))
+        finally:
+            metrics.RECONCILE.observe(time.monotonic() - started)
+
+    def _reconcile(self, key: Key, now: datetime) -> float | None:
+        namespace, name = key
+        jlog = JobLog(log, {"job": f"{namespace}/{name}"})
+        body = self.kube.get(*JOB, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.forget(key)
+            return None  # ownerReferences let the garbage collector remove the children
+        status = dict(body.get("status") or {})
+        try:
+            # Status is not validated here: a trainer writing an odd field must not fail the job.
+            job = parse_job({k: v for k, v in body.items() if k != "status"}, f"{namespace}/{name}")
+            builders.check_buildable(job)
+        except (JobValidationError, builders.BuildError) as exc:
+            if status.get("phase") != "Failed":
+                jlog.error("job cannot run: %s", exc)
+                self._fail_invalid(body, str(exc))
+            return None
+        job.metadata.namespace = namespace
+        pods = [PodView.from_dict(p) for p in self.kube.list("v1", "Pod", namespace, names.worker_selector(name))]
+        nodes: dict[str, NodeView | None] = {}
+        for node in {p.node for p in pods if p.node}:
+            got = self.kube.get("v1", "Node", None, node)
+            nodes[node] = NodeView.from_dict(got) if got is not None else None
+        deployment = None
+        if job.spec.serving.enabled and status.get("phase") in ("Running", "Deploying", "Succeeded"):
+            dep = self.kube.get("apps/v1", "Deployment", namespace, names.serving(name, job.spec.serving.name))
+            deployment = DeploymentView.from_dict(dep) if dep is not None else None
+        obs = Observed(job=job, generation=int(body["metadata"].get("generation") or 0), status=status,
+                       pods=pods, nodes=nodes, deployment=deployment, now=now,
+                       notready_seconds=self.settings.notready_seconds,
+                       max_backoff_seconds=self.settings.max_backoff_seconds)
+        decision = decide(obs)
+        try:
+            self._act(body, job, status, decision, jlog)
+        except ApiError as exc:
+            if exc.status == 409 and decision.status:
+                jlog.info("status moved under us; looking again")
+                return 0.2
+            raise
+        self.phases[key] = decision.phase or status.get("phase") or "Pending"
+        metrics.set_phases(self.phase_counts())
+        return decision.requeue_after
+
+    # -- acting ----------------------------------------------------------------------------
+
+    def _act(self, body: dict[str, Any], job: Any, old: dict[str, Any], d: Decision, jlog: JobLog) -> None:
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if d.status:
+            # Counting a restart or changing phase must be based on what we saw: a stale view
+            # (another pass, a restarted operator) gets 409 instead of counting twice.
+            guarded = {"phase", "restarts", "evictions"} & d.status.keys()
+            rv = body["metadata"].get("resourceVersion") if guarded else None
+            self.kube.patch_status(namespace, name, d.status, rv)
+            self._count(old, d, jlog)
+        for pod in d.force_delete_pods:
+            jlog.warning("force-deleting pod %s on a lost node", pod)
+            self.kube.delete("v1", "Pod", namespace, pod, grace_seconds=0)
+        for pod in d.delete_pods:
+            self.kube.delete("v1", "Pod", namespace, pod)
+        if d.create_generation is not None:
+            self._create_gang(body, job, d.create_generation, jlog)
+        if d.deploy:
+            self._deploy(body, job, jlog)
+        if d.delete_training_objects:
+            self.kube.delete("v1", "ConfigMap", namespace, names.config_map(name))
+            self.kube.delete("v1", "Service", namespace, names.workers_service(name))
+        if d.delete_job:
+            jlog.info("ttlSecondsAfterFinished expired: deleting the job")
+            self.kube.delete(*JOB, namespace, name)
+        for event in d.events:
+            self._event(body, event, jlog)
+
+    def _count(self, old: dict[str, Any], d: Decision, jlog: JobLog) -> None:
+        for field, kind in (("restarts", "failure"), ("evictions", "eviction")):
+            if field in d.status and int(d.status[field]) > int(old.get(field) or 0):
+                metrics.RESTARTS.labels(kind=kind).inc()
+        if d.phase == "Failed" and old.get("phase") != "Failed":
+            reason = next((c.get("reason", "") for c in d.status.get("conditions", [])
+                           if c.get("type") == "Failed"), "")
+            metrics.FAILURES.labels(reason=reason or "Unknown").inc()
+        if "phase" in d.status:
+            jlog.info("phase %s -> %s", old.get("phase"), d.status["phase"])
+
+    def _create_gang(self, body: dict[str, Any], job: Any, generation: int, jlog: JobLog) -> None:
+        for obj in builders.adopt(builders.training_objects(job), body):
+            if obj["kind"] == "PersistentVolumeClaim":
+                self.kube.create(obj)  # a PVC's spec is mostly immutable: create once, never re-apply
+            else:
+                self.kube.apply(obj)
+        existing = {p["metadata"]["name"] for p in self.kube.list(
+            "v1", "Pod", body["metadata"]["namespace"], names.worker_selector(body["metadata"]["name"]))}
+        created = 0
+        for pod in builders.adopt(builders.worker_pods(job, generation, self.settings), body):
+            if pod["metadata"]["name"] not in existing and self.kube.create(pod):
+                created += 1
+        if created:
+            jlog.info("created %d worker pod(s) of restart generation %d", created, generation)
+
+    def _deploy(self, body: dict[str, Any], job: Any, jlog: JobLog) -> None:
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        serving = names.serving(name, job.spec.serving.name)
+        current = self.kube.get("apps/v1", "Deployment", namespace, serving)
+        previous = None
+        if current is not None:
+            ann = current["metadata"].get("annotations") or {}
+            previous = ann.get(names.ANNOTATION_MODEL_PATH)
+            if previous == names.model_path(namespace, name):
+                previous = ann.get(names.ANNOTATION_PREVIOUS_MODEL_PATH)
+        manager = f"{names.MANAGER}/{name}"
+        objs = [builders.serving_deployment(job, self.settings, previous), builders.serving_service(job)]
+        for obj in builders.co_own(objs, body):
+            self.kube.apply(obj, manager)
+        for kind, api_version, obj in (
+            ("PodDisruptionBudget", "policy/v1", builders.serving_pdb(job)),
+            ("HorizontalPodAutoscaler", "autoscaling/v2", builders.serving_hpa(job)),
+        ):
+            if obj is not None:
+                self.kube.apply(builders.co_own([obj], body)[0], manager)
+            elif self._owned_by(api_version, kind, namespace, serving, body):
+                self.kube.delete(api_version, kind, namespace, serving)
+        if current is None or previous != (current["metadata"].get("annotations") or {}).get(
+                names.ANNOTATION_PREVIOUS_MODEL_PATH):
+            jlog.info("serving %s now runs %s", serving, names.model_path(namespace, name))
+
+    def _owned_by(self, api_version: str, kind: str, namespace: str, name: str, owner: dict[str, Any]) -> bool:
+        obj = self.kube.get(api_version, kind, namespace, name)
+        if obj is None:
+            return False
+        uid = owner["metadata"]["uid"]
+        return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+    def _fail_invalid(self, body: dict[str, Any], message: str) -> None:
+        meta = body["metadata"]
+        now = fmt_time(datetime.now(UTC))
+        cond = {"type": "Failed", "status": "True", "reason": "InvalidSpec", "message": message[:1000],
+                "lastTransitionTime": now, "observedGeneration": meta.get("generation")}
+        self.kube.patch_status(meta["namespace"], meta["name"], {
+            "phase": "Failed", "conditions": [cond], "completionTime": now,
+            "observedGeneration": meta.get("generation"),
+        })
+        self._event(body, Event("Warning", "InvalidSpec", message[:1000]), None)
+
+    def _event(self, body: dict[str, Any], event: Event, jlog: JobLog | None) -> None:
+        meta = body["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        obj = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta["uid"]},
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "type": event.type,
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "count": 1,
+            "source": {"component": names.MANAGER},
+            "reportingComponent": names.MANAGER,
+            "reportingInstance": self.settings.identity,
+        }
+        try:
+            self.kube.create(obj)
+        except ApiError as exc:  # an Event is best effort: never fail a reconcile for one
+            (jlog or log).warning("could not post event %s: %s", event.reason, exc)
