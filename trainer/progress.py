@@ -58,7 +58,8 @@ def _load_kube_config() -> bool:
             config.load_incluster_config()
             return True
         if os.environ.get("KUBECONFIG"):
-            config.load_kube_config()
+            # Explicit path: the client reads KUBECONFIG only once, when it is imported.
+            config.load_kube_config(config_file=os.environ["KUBECONFIG"])
             return True
     except Exception as exc:  # the client raises its own ConfigException and file errors
         log.warning("progress reports off: cannot load Kubernetes credentials: %s", exc)
