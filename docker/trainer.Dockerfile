@@ -23,7 +23,15 @@ WORKDIR /build
 # (a TLS-inspecting proxy). It stays in this stage and never reaches the final image.
 # (pyproject.toml rides along only so that the pattern never matches nothing.)
 COPY pyproject.toml pip-ca.cr[t] ./
-COPY pyproject.toml README.md src/
+COPY docker/requirements-from-pyproject.py ./
+COPY pyproject.toml src/
+# Dependencies first, from pyproject.toml alone: a source change does not reinstall them.
+RUN if [ -f pip-ca.crt ]; then export PIP_CERT=/build/pip-ca.crt; fi \
+ && if [ -n "${PIP_EXTRA_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL; fi \
+ && python3 -m venv /opt/kdistill \
+ && python3 requirements-from-pyproject.py src/pyproject.toml trainer,serving > requirements.txt \
+ && /opt/kdistill/bin/pip install --no-cache-dir --disable-pip-version-check --no-compile ${TORCH_SPEC:+"${TORCH_SPEC}"} -r requirements.txt
+COPY README.md src/
 COPY kdistill/ src/kdistill/
 COPY api/ src/api/
 COPY operator/ src/operator/
@@ -31,10 +39,8 @@ COPY trainer/ src/trainer/
 COPY serving/ src/serving/
 COPY cli/ src/cli/
 RUN if [ -f pip-ca.crt ]; then export PIP_CERT=/build/pip-ca.crt; fi \
- && python3 -m venv /opt/kdistill \
- && if [ -n "${PIP_EXTRA_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL; fi \
- && /opt/kdistill/bin/pip install --no-cache-dir --disable-pip-version-check --no-compile \
-      ${TORCH_SPEC:+"${TORCH_SPEC}"} "./src[trainer,serving]" \
+ && /opt/kdistill/bin/pip install --no-cache-dir --disable-pip-version-check --no-compile --no-deps ./src \
+ && /opt/kdistill/bin/pip check \
  && /opt/kdistill/bin/pip uninstall -y pip \
  && find /opt/kdistill -name '__pycache__' -prune -exec rm -rf {} +
 

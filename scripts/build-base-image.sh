@@ -37,7 +37,8 @@ if (( rebuild == 1 )) || [[ ! -s "${tarball}" ]]; then
   command -v debootstrap >/dev/null || { log "debootstrap missing: apt-get install -y debootstrap"; exit 1; }
   t0=$(date +%s)
   work="$(mktemp -d "${cache%/base}/rootfs.XXXXXX")"
-  trap 'rm -rf "${work}"' EXIT
+  # debootstrap mounts /proc and /sys inside while it runs; never delete through a mount.
+  trap 'umount -R "${work}"/proc "${work}"/sys 2>/dev/null; rm -rf --one-file-system "${work}"' EXIT
   mkdir -p "${cache}"
   log "debootstrap ${suite} minbase + python3.11 into ${work}"
   debootstrap --variant=minbase --include="${packages}" "${suite}" "${work}" "${mirror}" >"${cache}/debootstrap.log" 2>&1 \
@@ -55,7 +56,7 @@ if (( rebuild == 1 )) || [[ ! -s "${tarball}" ]]; then
   chroot "${work}" dpkg-query -W -f '${Package} ${Version}\n' > "${cache}/${suite}-python3.11.packages"
   # /usr/bin/python like the official images, so `python` works in both.
   ln -sf python3.11 "${work}/usr/bin/python"
-  tar --numeric-owner -C "${work}" -cf "${tarball}.tmp" .
+  tar --numeric-owner --one-file-system -C "${work}" -cf "${tarball}.tmp" .
   mv -f "${tarball}.tmp" "${tarball}"
   log "rootfs: $(du -h "${tarball}" | cut -f1) in $(( $(date +%s) - t0 ))s"
 fi

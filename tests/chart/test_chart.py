@@ -141,7 +141,7 @@ def test_namespaced_mode_has_a_role_per_watched_namespace_and_only_cluster_scope
     bindings = [b for b in find(objs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     cluster_role = one(objs, "ClusterRole")
-    assert _resources(rules_of(cluster_role)) == {"nodes"}
+    assert _resources(rules_of(cluster_role)) == {"nodes", "customresourcedefinitions"}
     assert "distillationjobs" in _resources(rules_of(roles[0]))
     (container,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]
