@@ -48,6 +48,12 @@ def _runtime(memo: Any) -> Runtime:
     return memo.runtime  # type: ignore[no-any-return]
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> Any:
+    """In-cluster first, else $KUBECONFIG read now (the kubernetes package reads it at import)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     rt = _runtime(memo)

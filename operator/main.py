@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import concurrent.futures
 import threading
-from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
@@ -43,9 +42,6 @@ def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INF
 
     from . import handlers  # registers the kopf handlers
 
-    # A concurrent Future, not a threading.Event: kopf waits on an Event in an executor thread,
-    # which would keep the process alive after a SIGTERM had stopped kopf.
-    stop: concurrent.futures.Future[None] = concurrent.futures.Future()
     waiting = threading.Event()
     lost = threading.Event()
     elector = None
@@ -55,25 +51,31 @@ def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INF
         log.info("waiting for lease %s/%s", settings.lease_namespace, settings.lease_name)
         if not elector.acquire(waiting):
             return 0
-
-        def on_lost() -> None:
-            lost.set()
-            if not stop.done():
-                stop.set_result(None)
-
-        elector.keep_renewing(on_lost)
     runtime = handlers.Runtime(settings=settings, reconciler=Reconciler(kube, settings), leader=elector)
-    memo: Any = kopf.Memo(runtime=runtime)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
-    try:
-        kopf.run(
+
+    async def operate() -> None:
+        # An asyncio.Event in kopf's own loop: kopf would wait on a threading.Event or a
+        # concurrent Future in an executor thread that outlives a SIGTERM-initiated stop.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if elector is not None:
+            def on_lost() -> None:
+                lost.set()
+                loop.call_soon_threadsafe(stop.set)
+
+            elector.keep_renewing(on_lost)
+        await kopf.operator(
             clusterwide=not settings.namespaces,
             namespaces=list(settings.namespaces),
             standalone=True,
             liveness_endpoint=liveness,
             stop_flag=stop,
-            memo=memo,
+            memo=kopf.Memo(runtime=runtime),
         )
+
+    try:
+        asyncio.run(operate())
     finally:
         if elector is not None and not lost.is_set():
             elector.release()

@@ -157,7 +157,7 @@ def _step(obs: Observed, st: _Status, d: Decision, phase: str | None) -> str:
     if phase in TERMINAL:
         return _finished(obs, st, d, phase)
     if phase == "Deploying":
-        _cleanup_workers(obs, d)
+        _delete_all(obs, d)
         return _deploying(obs, st, d)
     if spec.suspend:
         _delete_all(obs, d)
@@ -377,7 +377,7 @@ def _succeeded_training(obs: Observed, st: _Status, d: Decision, rank0: PodView)
         st.set("metrics", clean)
     st.condition(COND_TRAINING, False, "TrainingComplete", f"rank 0 finished: {term.reason}")
     st.condition(COND_RESTARTING, False, "TrainingComplete")
-    _cleanup_workers(obs, d)
+    _delete_all(obs, d)  # training is over: its pods go (failed gangs keep theirs for logs)
     serving = obs.job.spec.serving
     if not serving.enabled:
         st.condition(COND_COMPLETE, True, "TrainingComplete", "serving disabled")
@@ -420,8 +420,11 @@ def _deploying(obs: Observed, st: _Status, d: Decision) -> str:
 
 
 def _finished(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
-    _cleanup_workers(obs, d)
-    if any(not p.finished for p in obs.pods):
+    if phase == "Succeeded":
+        _delete_all(obs, d)
+    else:
+        _cleanup_workers(obs, d)
+    if any(not p.finished for p in obs.pods if p.name not in d.force_delete_pods):
         d.requeue(POLL_SECONDS)
     serving_live = phase == "Succeeded" and obs.job.spec.serving.enabled
     # Later serving changes (replicas, batching, resources) roll out without retraining, but
