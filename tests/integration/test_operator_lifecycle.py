@@ -4,58 +4,26 @@ kwok GPU nodes: a job's whole life, each step asserted through the API."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from tests.cluster import Cluster
+from tests.operator import cluster_helpers as h
 from tests.operator.cluster_helpers import (
     GROUP,
     PLURAL,
     VERSION,
     Jobs,
     OperatorProcess,
-    delete_claims,
     eventually,
-    install_crd,
     job_body,
-    make_claims,
+    success_message,
 )
 
 pytestmark = pytest.mark.cluster
-
-CLAIMS = ["ckpt", "models", "data"]
-
-
-def success_message(retention: float) -> dict[str, object]:
-    return {"reason": "Succeeded", "retryable": False, "result": {
-        "metrics": {"metric": "perplexity", "teacher": 12.0, "student": 12.0 / retention, "retention": retention},
-        "steps": 300, "tokensPerSecond": 5400.0, "wallSeconds": 42.0}}
-
-
-@pytest.fixture(scope="module")
-def lease_namespace(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
-    install_crd(cluster, tmp_path_factory.mktemp("crd"))
-    return cluster.create_namespace("kdistill-system")
-
-
-@pytest.fixture
-def env(
-    cluster: Cluster, namespace: str, lease_namespace: str, tmp_path: Path
-) -> Iterator[tuple[Jobs, OperatorProcess]]:
-    make_claims(cluster, namespace, CLAIMS)
-    op = OperatorProcess(cluster, tmp_path / "operator.log", namespace=namespace, lease_namespace=lease_namespace,
-                         extra=["--lease-name", f"op-{namespace}"]).start()
-    try:
-        yield Jobs(cluster, namespace), op
-    finally:
-        code = op.stop()
-        delete_claims(cluster, namespace, CLAIMS)
-        print(op.log_path.read_text()[-4000:])
-        assert code == 0, f"operator exited {code}"
-
+# The shared fixtures, made visible to pytest in this module.
+lease_namespace, claims, env = h.lease_namespace, h.claims, h.env
 
 def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
     jobs, op = env

@@ -10,10 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import yaml
 from kubernetes import client
 
@@ -297,3 +298,43 @@ def delete_claims(cluster: Cluster, namespace: str, claims: list[str]) -> None:
     for claim in claims:
         with contextlib.suppress(client.ApiException):
             core.delete_persistent_volume(f"{namespace}-{claim}")
+
+
+CLAIMS = ["ckpt", "models", "data"]
+
+
+def success_message(retention: float) -> dict[str, Any]:
+    """What trainer rank 0 writes to /dev/termination-log on success."""
+    return {"reason": "Succeeded", "retryable": False, "result": {
+        "metrics": {"metric": "perplexity", "teacher": 12.0, "student": 12.0 / retention, "retention": retention},
+        "steps": 300, "tokensPerSecond": 5400.0, "wallSeconds": 42.0}}
+
+
+@pytest.fixture(scope="module")
+def lease_namespace(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+    install_crd(cluster, tmp_path_factory.mktemp("crd"))
+    return cluster.create_namespace("kdistill-system")
+
+
+@pytest.fixture
+def claims(cluster: Cluster, namespace: str) -> Iterator[str]:
+    make_claims(cluster, namespace, CLAIMS)
+    yield namespace
+    delete_claims(cluster, namespace, CLAIMS)
+
+
+def operator_for(cluster: Cluster, namespace: str, lease_namespace: str, log: Path, **kwargs: Any) -> OperatorProcess:
+    return OperatorProcess(cluster, log, namespace=namespace, lease_namespace=lease_namespace,
+                           extra=["--lease-name", f"op-{namespace}"], **kwargs)
+
+
+@pytest.fixture
+def env(cluster: Cluster, claims: str, lease_namespace: str, tmp_path: Path) -> Iterator[tuple[Jobs, OperatorProcess]]:
+    """A namespace with bound claims and one running operator watching it."""
+    op = operator_for(cluster, claims, lease_namespace, tmp_path / "operator.log").start()
+    try:
+        yield Jobs(cluster, claims), op
+    finally:
+        code = op.stop()
+        print(op.log_path.read_text()[-3000:])
+        assert code == 0, f"operator exited {code}"

@@ -1,0 +1,214 @@
+"""Pure builders: a job in, manifests out. No cluster."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import yaml
+
+from kdistill.api import load_job, parse_job
+from kdistill.operator import builders, names
+from kdistill.operator.settings import Settings
+
+SETTINGS = Settings(trainer_image="reg/trainer:1", server_image="reg/server:1")
+
+
+def job_dict(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "kdistill.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": "intent", "namespace": "ml", "uid": "u-1"},
+        "spec": {
+            "task": "causal-lm",
+            "teacher": {"model": "pvc://models/teacher"},
+            "student": {"fromTeacher": {"numLayers": 2}},
+            "data": {"train": "pvc://data/train.jsonl", "eval": "pvc://data/eval.jsonl"},
+            "parallelism": {"nodes": 2, "gpusPerNode": 4, "student": {"data": 8}},
+            "checkpoint": {"volume": {"claimName": "ckpt"}},
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def job(**spec: Any):  # type: ignore[no-untyped-def]
+    return parse_job(job_dict(**spec))
+
+
+def test_worker_pod_command_env_resources_and_placement() -> None:
+    j = job(template={
+        "image": "custom:2", "resources": {"limits": {"memory": "64Gi"}}, "nodeSelector": {"pool": "a100"},
+        "tolerations": [{"key": "dedicated", "operator": "Exists"}], "affinity": {"nodeAffinity": {}},
+        "priorityClassName": "high", "schedulerName": "volcano", "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+        "shmSize": "8Gi",
+    })
+    pod = builders.worker_pod(j, 1, 3, SETTINGS)
+    c = pod["spec"]["containers"][0]
+    assert c["image"] == "custom:2"
+    assert c["command"] == [
+        "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--node-rank", "1",
+        "--master-addr", "intent-worker-0.intent-workers.ml.svc", "--master-port", "29500", "--max-restarts=0",
+        "-m", "kdistill.trainer", "--config", "/etc/kdistill/job.yaml", "--output", "/mnt/checkpoints/ml/intent",
+    ]
+    assert c["resources"] == {"limits": {"memory": "64Gi", "nvidia.com/gpu": "4"},
+                              "requests": {"nvidia.com/gpu": "4"}}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KDISTILL_JOB_NAME"] == "intent" and env["KDISTILL_JOB_NAMESPACE"] == "ml"
+    assert env["KDISTILL_PVC_ROOT"] == "/mnt/pvc" and env["PET_NODE_RANK"] == "1" and env["NCCL_DEBUG"] == "INFO"
+    spec = pod["spec"]
+    assert spec["nodeSelector"] == {"pool": "a100"} and spec["priorityClassName"] == "high"
+    assert spec["schedulerName"] == "volcano" and spec["tolerations"][0]["key"] == "dedicated"
+    assert spec["hostname"] == "intent-worker-1" and spec["subdomain"] == "intent-workers"
+    assert spec["restartPolicy"] == "Never" and spec["serviceAccountName"] == "intent-trainer"
+    labels = pod["metadata"]["labels"]
+    assert labels[names.LABEL_GENERATION] == "3" and labels[names.LABEL_INDEX] == "1"
+    assert labels[names.LABEL_JOB] == "intent"
+    dshm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+
+
+def test_worker_pod_mounts_claims_read_only_and_checkpoints_rw() -> None:
+    pod = builders.worker_pod(job(), 0, 0, SETTINGS)
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert vols["pvc-models"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert vols["pvc-data"]["persistentVolumeClaim"] == {"claimName": "data", "readOnly": True}
+    assert mounts["/mnt/pvc/models"]["readOnly"] and mounts["/mnt/pvc/data"]["readOnly"]
+    assert vols["checkpoints"]["persistentVolumeClaim"] == {"claimName": "ckpt", "readOnly": False}
+    assert not mounts["/mnt/checkpoints"].get("readOnly")
+    assert mounts["/tmp"]["name"] == "tmp" and mounts["/etc/kdistill"]["readOnly"]
+
+
+def test_worker_security_context_is_locked_down() -> None:
+    pod = builders.worker_pod(job(), 0, 0, SETTINGS)
+    sc = pod["spec"]["containers"][0]["securityContext"]
+    assert sc == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "readOnlyRootFilesystem": True,
+                  "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                  "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["spec"]["containers"][0]["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_cpu_job_has_no_gpu_request_and_one_process() -> None:
+    j = job(parallelism={"nodes": 1, "gpusPerNode": 0}, serving={"enabled": False})
+    c = builders.worker_pod(j, 0, 0, SETTINGS)["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in str(c["resources"])
+    assert c["command"][c["command"].index("--nproc-per-node") + 1] == "1"
+    assert c["image"] == "reg/trainer:1"
+
+
+def test_config_map_holds_the_resolved_job_that_the_trainer_can_load(tmp_path: Any) -> None:
+    cm = builders.config_map(job())
+    text = cm["data"]["job.yaml"]
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    loaded = load_job(path)
+    assert loaded.spec.distillation.temperature.start == 5.0  # defaults filled in
+    assert yaml.safe_load(text)["metadata"] == {"name": "intent", "namespace": "ml"}
+
+
+def test_headless_service_publishes_not_ready_addresses() -> None:
+    svc = builders.workers_service(job())
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["metadata"]["name"] == "intent-workers"
+    assert svc["spec"]["selector"] == {names.LABEL_JOB: "intent", names.LABEL_ROLE: "worker"}
+
+
+def test_checkpoint_pvc_only_when_a_size_is_given() -> None:
+    assert builders.checkpoint_pvc(job()) is None
+    pvc = builders.checkpoint_pvc(job(checkpoint={"volume": {"size": "50Gi", "storageClassName": "nfs"}}))
+    assert pvc is not None
+    assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}},
+                           "storageClassName": "nfs"}
+    assert pvc["metadata"]["name"] == "intent-checkpoints"
+    pod = builders.worker_pod(job(checkpoint={"volume": {"size": "50Gi"}}), 0, 0, SETTINGS)
+    vol = next(v for v in pod["spec"]["volumes"] if v["name"] == "checkpoints")
+    assert vol["persistentVolumeClaim"]["claimName"] == "intent-checkpoints"
+
+
+def test_trainer_role_allows_only_its_own_status() -> None:
+    sa, role, binding = builders.trainer_rbac(job())
+    assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "intent-trainer"
+    assert role["rules"] == [{"apiGroups": ["kdistill.io"], "resources": ["distillationjobs/status"],
+                              "resourceNames": ["intent"], "verbs": ["get", "patch"]}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "intent-trainer", "namespace": "ml"}]
+    own = builders.trainer_rbac(job(template={"serviceAccountName": "mine"}))
+    assert [o["kind"] for o in own] == ["Role", "RoleBinding"]
+    assert own[1]["subjects"][0]["name"] == "mine"
+
+
+def test_serving_deployment_service_pdb_hpa() -> None:
+    j = job(serving={"replicas": 3, "port": 9000, "resources": {"limits": {"cpu": "2"}},
+                     "batching": {"maxBatchSize": 16, "maxWaitMs": 5}})
+    dep = builders.serving_deployment(j, SETTINGS)
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert dep["metadata"]["name"] == "intent-serving" and dep["spec"]["replicas"] == 3
+    assert c["command"][:3] == ["kdistill", "serve", "/mnt/checkpoints/ml/intent/student-int8"]
+    assert c["command"][c["command"].index("--max-batch-size") + 1] == "16"
+    assert c["command"][c["command"].index("--max-wait-ms") + 1] == "5"
+    assert c["command"][c["command"].index("--port") + 1] == "9000"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 9000}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 9000}
+    assert c["resources"] == {"limits": {"cpu": "2"}} and c["image"] == "reg/server:1"
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    vol = dep["spec"]["template"]["spec"]["volumes"][0]
+    assert vol["persistentVolumeClaim"] == {"claimName": "ckpt", "readOnly": True}
+    assert builders.serving_service(j)["spec"]["ports"][0]["port"] == 9000
+    assert builders.serving_pdb(j) is not None
+    assert builders.serving_pdb(job()) is None  # one replica: no PDB
+    assert builders.serving_hpa(j) is None
+    auto = job(serving={"autoscaling": {"minReplicas": 2, "maxReplicas": 5}})
+    hpa = builders.serving_hpa(auto)
+    assert hpa is not None and hpa["spec"]["maxReplicas"] == 5 and hpa["spec"]["minReplicas"] == 2
+    assert "replicas" not in builders.serving_deployment(auto, SETTINGS)["spec"]  # the HPA owns it
+    assert builders.serving_url(j) == "http://intent-serving.ml.svc:9000"
+
+
+def test_shared_serving_name_keeps_previous_model_for_rollback() -> None:
+    j = job(serving={"name": "intent-prod"})
+    dep = builders.serving_deployment(j, SETTINGS, previous_model_path="/mnt/checkpoints/ml/old/student-int8")
+    ann = dep["metadata"]["annotations"]
+    assert dep["metadata"]["name"] == "intent-prod"
+    assert ann[names.ANNOTATION_PREVIOUS_MODEL_PATH] == "/mnt/checkpoints/ml/old/student-int8"
+    assert ann[names.ANNOTATION_MODEL_PATH] == "/mnt/checkpoints/ml/intent/student-int8"
+    same = builders.serving_deployment(j, SETTINGS, previous_model_path="/mnt/checkpoints/ml/intent/student-int8")
+    assert names.ANNOTATION_PREVIOUS_MODEL_PATH not in same["metadata"]["annotations"]
+
+
+def test_owner_references() -> None:
+    body = job_dict()
+    objs = builders.adopt(builders.training_objects(job()) + builders.worker_pods(job(), 0, SETTINGS), body)
+    for obj in objs:
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref["uid"] == "u-1" and ref["controller"] is True and ref["kind"] == "DistillationJob"
+    (dep,) = builders.co_own([builders.serving_deployment(job(), SETTINGS)], body)
+    assert dep["metadata"]["ownerReferences"][0]["controller"] is False
+
+
+def test_builders_are_pure() -> None:
+    j = job()
+    before = copy.deepcopy(j.model_dump())
+    assert builders.worker_pods(j, 1, SETTINGS) == builders.worker_pods(j, 1, SETTINGS)
+    builders.serving_deployment(j, SETTINGS)
+    assert j.model_dump() == before
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"checkpoint": {}}, "serving.enabled"),
+    ({"checkpoint": {}, "serving": {"enabled": False}}, "parallelism.nodes > 1"),
+])
+def test_specs_a_cluster_cannot_run_are_refused(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(builders.BuildError, match=message.replace(".", r"\.")):
+        builders.check_buildable(job(**spec))
+    builders.check_buildable(job())
+
+
+def test_operator_never_imports_torch() -> None:
+    code = ("import sys, kdistill.operator.handlers, kdistill.operator.main, kdistill.cli.operator;"
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
