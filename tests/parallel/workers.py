@@ -85,3 +85,7 @@ def student_step(env: DistEnv, workdir: Path, args: dict) -> None:
     grads = full_grads(student.named_params, layout, mesh)
     grads["__loss__"] = torch.tensor([loss], dtype=torch.float64)
     save_file(grads, str(workdir / f"rank{env.rank}.safetensors"))
+
+
+def noop(env: DistEnv, workdir: Path, args: dict) -> None:
+    (workdir / f"rank{env.rank}.ok").write_text("joined")

@@ -18,12 +18,16 @@ its edge as the data-parallel degree grows past ~1/(4p).
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at runtime.
+import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,12 +47,18 @@ class TopKState:
     # Test and benchmark instrumentation: the running sum of this rank's raw gradients.
     track_totals: bool = False
     grad_totals: dict[int, torch.Tensor] = field(default_factory=dict)
+    log_every: int = 0  # log the byte counters every this many steps (0: never)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
             raise ValueError(f"top-k fraction must be in (0, 1), got {self.fraction}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def summary(self) -> dict[str, float]:
+        return {"step": self.step, "fraction": self.fraction, "bytes_sent": self.bytes_sent,
+                "bytes_dense": self.bytes_dense, "ratio": round(self.ratio, 3),
+                "wire_ratio": round(self.wire_dense / self.wire_sent, 3) if self.wire_sent else 1.0}
 
     @property
     def ratio(self) -> float:
@@ -77,13 +87,13 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     state.wire_dense += 2 * (world - 1) / world * dense_bytes
     if state.track_totals:
         _add_totals(state, params, buffer)
+    step = state.step
     if bucket.is_last():
-        step, state.step = state.step, state.step + 1
-    else:
-        step = state.step
+        state.step += 1
     if step < state.warmup_steps:
         state.bytes_sent += dense_bytes
         state.wire_sent += 2 * (world - 1) / world * dense_bytes
+        _maybe_log(state, bucket)
         buffer.div_(world)
         fut = dist.all_reduce(buffer, group=state.process_group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])
@@ -101,6 +111,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     payload = torch.cat([values.view(torch.int32), idx.to(torch.int32)])
     state.bytes_sent += payload.numel() * payload.element_size()
     state.wire_sent += (world - 1) * payload.numel() * payload.element_size()
+    _maybe_log(state, bucket)
     gathered = [torch.empty_like(payload) for _ in range(world)]
     work = dist.all_gather(gathered, payload, group=state.process_group, async_op=True)
 
@@ -111,6 +122,11 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         return out.div_(world).to(buffer.dtype)
 
     return work.get_future().then(combine)
+
+
+def _maybe_log(state: TopKState, bucket: dist.GradBucket) -> None:
+    if state.log_every and bucket.is_last() and state.step % state.log_every == 0:
+        log.info("gradient compression %s", json.dumps(state.summary()))
 
 
 def _flat_residual(state: TopKState, params: list[torch.Tensor], n: int) -> torch.Tensor:

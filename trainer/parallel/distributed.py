@@ -43,6 +43,7 @@ class DistEnv:
     master_port: int
     # Under torchrun the agent already hosts the store at MASTER_PORT; workers only connect.
     agent_store: bool = False
+    restart_count: int = 0  # TORCHELASTIC_RESTART_COUNT: which attempt of the group this is
 
     @property
     def distributed(self) -> bool:
@@ -79,6 +80,7 @@ def env_from(env: dict[str, str] | None = None) -> DistEnv:
         master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
         master_port=_int_env(env, "MASTER_PORT", None),
         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
+        restart_count=_int_env(env, "TORCHELASTIC_RESTART_COUNT", 0),
     )
 
 
@@ -124,7 +126,7 @@ def init_distributed(
     coll = collective_timeout_s or timeout_from_env(ENV_COLLECTIVE_TIMEOUT, DEFAULT_COLLECTIVE_TIMEOUT_S)
     where = f"{env.master_addr}:{env.master_port}"
     try:
-        store = dist.TCPStore(
+        base_store = dist.TCPStore(
             env.master_addr,
             env.master_port,
             env.world_size,
@@ -132,6 +134,9 @@ def init_distributed(
             timeout=timedelta(seconds=rdzv),
             wait_for_workers=False,
         )
+        # torchrun's agent keeps one store across restarts: keys of an earlier attempt (gloo's
+        # peer addresses among them) must not be seen by the next one.
+        store = dist.PrefixStore(f"kdistill/attempt-{env.restart_count}/", base_store)
         # Every rank checks in and waits for all the others, still under the rendezvous bound.
         store.add("kdistill/joined", 1)
         _wait_all_joined(store, env.world_size, rdzv)
@@ -142,7 +147,7 @@ def init_distributed(
             f"{rdzv:.0f}s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "check that worker 0 is running and the rendezvous Service resolves",
         ) from None
-    store.set_timeout(timedelta(seconds=coll))
+    base_store.set_timeout(timedelta(seconds=coll))
     dist.init_process_group(
         backend,
         store=store,
@@ -155,7 +160,7 @@ def init_distributed(
     return device
 
 
-def _wait_all_joined(store: dist.TCPStore, world: int, timeout_s: float) -> None:
+def _wait_all_joined(store: dist.Store, world: int, timeout_s: float) -> None:
     import time
 
     deadline = time.monotonic() + timeout_s

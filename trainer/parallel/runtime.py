@@ -141,6 +141,7 @@ class ParallelRuntime:
             from .compression import register_topk
 
             self.compression = register_topk(ddp, self.top_k, warmup_steps=self.compression_warmup)
+            self.compression.log_every = 10
         return ddp
 
     def guard(self, what: str) -> Any:

@@ -1,0 +1,142 @@
+"""Real multi-process trainer runs (``python -m kdistill.trainer`` per rank, gloo on CPU):
+a rank killed with SIGKILL makes its peers exit with PEER_LOST within the collective timeout;
+under torchrun with restarts the group resumes from the last checkpoint and ends with the same
+weights as an uninterrupted run; a rank that cannot reach the rendezvous gives up in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdistill.api.failures import ExitCode
+from kdistill.trainer.parallel.launch import launch_env, torchrun_command
+
+from .harness import REPO, child_env, free_port, start_ranks, wait_ranks
+from .jobs import make_job
+
+WORLD = 4
+STEPS, EVERY = 24, 4
+COLLECTIVE_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_job(tmp_path_factory.mktemp("ft"), world=WORLD, steps=STEPS, every=EVERY, batch_size=8)
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = launch_env(WORLD, collective_timeout_s=COLLECTIVE_TIMEOUT_S, rendezvous_timeout_s=120,
+                     base=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error",
+                               KDISTILL_TERMINATION_LOG=str(tmp / "termination.log")))
+    return env
+
+
+def _records(proc: subprocess.Popen[str]) -> Iterator[dict]:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.strip()
+        start = line.find("{")
+        if start >= 0:
+            try:
+                yield json.loads(line[start:])
+            except json.JSONDecodeError:
+                continue
+
+
+def _workers(proc: subprocess.Popen[str]) -> dict[int, psutil.Process]:
+    """torchrun's worker processes by RANK."""
+    out = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "kdistill.trainer" in " ".join(child.cmdline()):
+                out[int(child.environ()["RANK"])] = child
+        except (psutil.NoSuchProcess, KeyError):
+            continue
+    return out
+
+
+def _torchrun(job: Path, out: Path, restarts: int, tmp: Path) -> subprocess.Popen[str]:
+    cmd = torchrun_command(job, out, WORLD, max_restarts=restarts)
+    return subprocess.Popen(cmd, cwd=tmp, env=_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "student" / "model.safetensors"))
+
+
+def test_kill_9_one_rank_survivors_exit_peer_lost(job: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    port = free_port()
+    env = _env(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-m", "kdistill.trainer", "--config", str(job), "--output", str(out)],
+                              cwd=REPO, env=child_env(r, WORLD, port, {k: env[k] for k in env if k.startswith("KDISTILL")}),
+                              stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+                              stderr=subprocess.PIPE if r else subprocess.STDOUT, text=True)
+             for r in range(WORLD)]
+    for rec in _records(procs[0]):
+        if rec.get("event") == "step" and rec["step"] >= EVERY + 1:
+            break
+    victim = 2
+    procs[victim].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    for r, p in enumerate(procs):
+        if r == victim:
+            continue
+        _, err = p.communicate(timeout=COLLECTIVE_TIMEOUT_S + 30)
+        assert p.returncode == ExitCode.PEER_LOST, (r, p.returncode, (err or "")[-2000:])
+    elapsed = time.monotonic() - killed_at
+    # gloo notices the closed sockets at once: far inside the configured collective timeout.
+    assert elapsed < COLLECTIVE_TIMEOUT_S, elapsed
+    assert procs[victim].wait(timeout=10) == -signal.SIGKILL
+    message = json.loads((tmp_path / "termination.log").read_text())
+    assert message["reason"] == "PEER_LOST" and message["retryable"] is True
+
+
+def test_torchrun_restarts_group_and_resumes_to_the_same_weights(job: Path, tmp_path: Path) -> None:
+    ref = _torchrun(job, tmp_path / "ref", 0, tmp_path)
+    list(_records(ref))
+    assert ref.wait(timeout=600) == 0
+
+    out = tmp_path / "interrupted"
+    proc = _torchrun(job, out, 1, tmp_path)
+    killed_after = None
+    events = []
+    for rec in _records(proc):
+        events.append(rec)
+        if killed_after is None and rec.get("event") == "step" and rec["step"] >= EVERY + 2:
+            workers = _workers(proc)
+            assert sorted(workers) == list(range(WORLD)), workers
+            workers[2].send_signal(signal.SIGKILL)
+            killed_after = rec["step"]
+    assert proc.wait(timeout=600) == 0
+    assert killed_after is not None and killed_after < STEPS
+    resumed = [e for e in events if e.get("event") == "resumed"]
+    assert resumed and 0 < resumed[0]["step"] <= killed_after + 1, resumed
+    result = json.loads((out / "result.json").read_text())
+    assert result["resumedFrom"] == resumed[-1]["step"]
+    a, b = _weights(tmp_path / "ref"), _weights(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_rank_without_rendezvous_fails_in_bounded_time(tmp_path: Path) -> None:
+    # Rank 1 of 2 alone: nobody serves the store at the port it was given.
+    started = time.monotonic()
+    procs = start_ranks(2, "tests.parallel.workers:noop", tmp_path, ranks=[1],
+                        extra_env={"KDISTILL_RENDEZVOUS_TIMEOUT_S": "3"})
+    (res,) = wait_ranks(procs, timeout=60)
+    assert res.returncode == ExitCode.RENDEZVOUS_TIMEOUT, res.stderr[-2000:]
+    assert "could not complete the rendezvous" in res.stderr and "within 3s" in res.stderr
+    assert time.monotonic() - started < 40
