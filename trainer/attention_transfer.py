@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hidden_transfer import masked_token_mean
+from .hidden_transfer import masked_token_mean, upcast
 
 
 def orthonormal_projection(d: int, r: int, generator: torch.Generator) -> Tensor:
@@ -114,8 +114,9 @@ class LowRankAttentionTransfer(nn.Module):
                     raise ValueError(
                         f"q/k/v {tuple(s.shape[:2])} / {tuple(t.shape[:2])} do not match mask {tuple(mask.shape)}"
                     )
-                s_low = self.student_proj[p][x](s.float())  # type: ignore[index]
-                t_low = t.detach().float() @ self.teacher_projection(p, x)
+                s_low = self.student_proj[p][x](upcast(s))  # type: ignore[index]
+                t_in = upcast(t).detach()
+                t_low = t_in @ self.teacher_projection(p, x).to(t_in.dtype)
                 rows = relation_kl(s_low, t_low, s_scale, 1.0 / math.sqrt(self.teacher_dims[x]), mask)
                 losses.append(masked_token_mean(rows, mask))
         return torch.stack(losses).mean()

@@ -48,6 +48,11 @@ def resolve_layer_map(
     return pairs
 
 
+def upcast(x: Tensor) -> Tensor:
+    """float32 for half-precision inputs (losses are summed in fp32); other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def masked_token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
     """Mean of a [B, L] tensor over the positions where ``mask`` is non-zero (0 if none)."""
     m = mask.to(per_token.dtype)
@@ -94,6 +99,6 @@ class HiddenStateTransfer(nn.Module):
                 raise ValueError(
                     f"hidden states {tuple(hs.shape[:2])} / {tuple(ht.shape[:2])} do not match mask {tuple(mask.shape)}"
                 )
-            diff = proj(hs.float()) - ht.float().detach()
+            diff = proj(upcast(hs)) - upcast(ht).detach()
             losses.append(masked_token_mean(diff.pow(2).mean(dim=-1), mask))
         return torch.stack(losses).mean()

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from torch import nn
+from torch.autograd import gradcheck
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -234,6 +235,18 @@ def test_relation_kl_matches_direct_formula_and_ignores_padding() -> None:
     s2 = s.clone()
     s2[0, 3:] = 99.0
     torch.testing.assert_close(relation_kl(s2, t, 0.5, 0.3, mask)[0, :3], rows[0, :3])
+
+
+def test_gradcheck_transfer_losses() -> None:
+    g = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    s = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    assert gradcheck(lambda a: relation_kl(a, t, 0.7, 0.4, mask), (s,), fast_mode=True)
+    attn = LowRankAttentionTransfer((3, 3, 3), (5, 5, 5), 2, [(0, 0)], seed=0).double()
+    assert gradcheck(lambda a: attn([(a, a * 2, a - 1)], [(t, t, t)], mask), (s,), fast_mode=True)
+    hidden = HiddenStateTransfer(3, 5, [(0, 0)]).double()
+    assert gradcheck(lambda a: hidden((a, a), (t, t), mask), (s,), fast_mode=True)
 
 
 def test_attention_loss_is_zero_when_the_student_reproduces_the_teacher_relation() -> None:
