@@ -1,0 +1,346 @@
+"""The state machine, exhaustively: observed state in, decision out. No cluster, no clock."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from kdistill.api import parse_job
+from kdistill.api.failures import ExitCode, Termination, termination_for
+from kdistill.operator.observe import ContainerEnd, DeploymentView, NodeView, PodView
+from kdistill.operator.state import Decision, Observed, backoff_seconds, decide, fmt_time
+
+NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+MODEL = "/mnt/checkpoints/ml/j/student-int8"
+
+
+def make_job(**spec: Any):  # type: ignore[no-untyped-def]
+    body: dict[str, Any] = {
+        "apiVersion": "kdistill.io/v1alpha1", "kind": "DistillationJob",
+        "metadata": {"name": "j", "namespace": "ml"},
+        "spec": {
+            "task": "causal-lm", "teacher": {"model": "pvc://m/t"}, "student": {"fromTeacher": {"numLayers": 2}},
+            "data": {"train": "pvc://d/t.jsonl", "eval": "pvc://d/e.jsonl"},
+            "parallelism": {"nodes": 2, "gpusPerNode": 1, "student": {"data": 2}},
+            "checkpoint": {"volume": {"claimName": "ckpt"}},
+            "failurePolicy": {"maxRestarts": 2, "backoffSeconds": 10, "pendingTimeoutSeconds": 60},
+            "serving": {"qualityGate": {"minRetention": 0.9}},
+        },
+    }
+    body["spec"].update(spec)
+    return parse_job(body)
+
+
+def pod(index: int, phase: str = "Running", gen: int = 0, node: str = "n1", **kw: Any) -> PodView:
+    return PodView(name=f"j-worker-{index}", index=index, generation=gen, phase=phase, node=node,
+                   created=kw.pop("created", NOW - timedelta(seconds=5)), **kw)
+
+
+def ended(t: Termination | None = None, code: int = 1) -> ContainerEnd:
+    return ContainerEnd(code, "Error", t.to_json() if t else "")
+
+
+def success(retention: float | None) -> ContainerEnd:
+    metrics = {"metric": "accuracy", "teacher": 0.9, "student": 0.9 * (retention or 0)}
+    if retention is not None:
+        metrics["retention"] = retention
+    return ContainerEnd(0, "Completed", json.dumps(
+        {"reason": "Succeeded", "retryable": False, "result": {"metrics": metrics, "steps": 10}}))
+
+
+def observe(status: dict[str, Any] | None = None, pods: list[PodView] | None = None, *,
+            nodes: dict[str, NodeView | None] | None = None, deployment: DeploymentView | None = None,
+            now: datetime = NOW, **spec: Any) -> Observed:
+    pods = pods or []
+    if nodes is None:
+        nodes = {p.node: NodeView(p.node, "True", NOW - timedelta(hours=1)) for p in pods if p.node}
+    return Observed(job=make_job(**spec), generation=4, status=dict(status or {}), pods=pods, nodes=nodes,
+                    deployment=deployment, now=now, notready_seconds=30)
+
+
+def running(**extra: Any) -> dict[str, Any]:
+    return {"phase": "Running", "restarts": 0, "evictions": 0, "startTime": fmt_time(NOW), **extra}
+
+
+def cond(d: Decision, type_: str) -> dict[str, Any]:
+    return next(c for c in d.status["conditions"] if c["type"] == type_)
+
+
+# -- creation and steady state ----------------------------------------------------------------
+
+def test_new_job_goes_pending_and_creates_generation_zero() -> None:
+    d = decide(observe())
+    assert d.phase == "Pending" and d.create_generation == 0
+    assert d.status["restarts"] == 0 and d.status["evictions"] == 0 and d.status["observedGeneration"] == 4
+    assert [e.reason for e in d.events] == ["Pending"]
+
+
+def test_all_pods_running_means_running_with_start_time() -> None:
+    d = decide(observe({"phase": "Pending", "restarts": 0, "evictions": 0}, [pod(0), pod(1)]))
+    assert d.phase == "Running" and d.create_generation is None
+    assert d.status["startTime"] == fmt_time(NOW)
+    assert cond(d, "Training")["status"] == "True"
+    assert d.events[0].reason == "Running"
+
+
+def test_partial_gang_while_pending_creates_the_missing_pod() -> None:
+    d = decide(observe({"phase": "Pending", "restarts": 0, "evictions": 0}, [pod(0)]))
+    assert d.phase == "Pending" and d.create_generation == 0 and not d.delete_pods
+
+
+def test_second_pass_over_the_same_state_changes_nothing() -> None:
+    first = decide(observe({"phase": "Pending", "restarts": 0, "evictions": 0}, [pod(0), pod(1)]))
+    status = {"phase": "Pending", "restarts": 0, "evictions": 0, **first.status}
+    second = decide(observe(status, [pod(0), pod(1)], now=NOW + timedelta(seconds=30)))
+    assert second.status == {} and second.events == [] and second.create_generation is None
+    assert not second.delete_pods and not second.force_delete_pods and not second.deploy
+
+
+def test_trainer_fields_are_never_written_by_the_operator() -> None:
+    from kdistill.api import TRAINER_STATUS_FIELDS
+
+    status = running(step=10, totalSteps=100, progress="10%", stage="output")
+    for case in (observe(status, [pod(0), pod(1)]),
+                 observe(status, [pod(0, "Failed", terminated=ended()), pod(1)]),
+                 observe(status, [pod(0, "Succeeded", terminated=success(0.95)), pod(1)])):
+        assert not set(decide(case).status) & set(TRAINER_STATUS_FIELDS)
+
+
+# -- failures -----------------------------------------------------------------------------
+
+def test_retryable_failure_restarts_the_gang_with_backoff() -> None:
+    t = termination_for(ExitCode.PEER_LOST, "nccl timeout")
+    d = decide(observe(running(), [pod(0), pod(1, "Failed", terminated=ended(t))]))
+    assert d.phase == "Restarting" and d.status["restarts"] == 1
+    assert sorted(d.delete_pods) == ["j-worker-0", "j-worker-1"]
+    assert cond(d, "Restarting")["reason"] == "PEER_LOST" and "backoff 10s" in cond(d, "Restarting")["message"]
+    assert [e.reason for e in d.events] == ["Restarting", "GangRestart"]
+    assert d.events[1].type == "Warning"
+
+
+def test_restarting_waits_for_pods_then_backoff_then_recreates_next_generation() -> None:
+    restarting = {"phase": "Restarting", "restarts": 1, "evictions": 0,
+                  "conditions": [{"type": "Restarting", "status": "True", "reason": "X", "message": "",
+                                  "lastTransitionTime": fmt_time(NOW)}]}
+    d = decide(observe(restarting, [pod(0, deleting=True)], now=NOW + timedelta(seconds=1)))
+    assert d.phase == "Restarting" and d.create_generation is None and d.requeue_after == 1.0
+    d = decide(observe(restarting, [], now=NOW + timedelta(seconds=4)))
+    assert d.phase == "Restarting" and d.create_generation is None
+    assert d.requeue_after == pytest.approx(6.0)
+    d = decide(observe(restarting, [], now=NOW + timedelta(seconds=10)))
+    assert d.phase == "Pending" and d.create_generation == 1
+    assert cond(d, "Restarting")["status"] == "False"
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    assert [backoff_seconds(30, n, 3600) for n in (1, 2, 3, 4)] == [30, 60, 120, 240]
+    assert backoff_seconds(30, 20, 3600) == 3600
+    assert backoff_seconds(0, 5, 3600) == 0
+
+
+def test_stale_generation_pods_are_deleted_before_new_ones() -> None:
+    status = {"phase": "Pending", "restarts": 1, "evictions": 0}
+    d = decide(observe(status, [pod(0, gen=0)]))
+    assert d.delete_pods == ["j-worker-0"] and d.create_generation is None
+
+
+def test_max_restarts_exhausted_fails_with_the_reason() -> None:
+    t = termination_for(ExitCode.RETRYABLE, "flaky")
+    d = decide(observe(running(restarts=2), [pod(0, "Failed", gen=2, terminated=ended(t)), pod(1, gen=2)]))
+    assert d.phase == "Failed" and "restarts" not in d.status
+    c = cond(d, "Failed")
+    assert c["reason"] == "MaxRestartsExceeded" and "RETRYABLE" in c["message"]
+    assert d.delete_pods == ["j-worker-1"]  # the failed pod stays for logs
+    assert d.status["completionTime"] == fmt_time(NOW)
+
+
+@pytest.mark.parametrize("code", [ExitCode.BAD_SPEC, ExitCode.BAD_DATA, ExitCode.MODEL_NOT_FOUND,
+                                  ExitCode.NETWORK_REQUIRED, ExitCode.CHECKPOINT_INCOMPATIBLE, ExitCode.INTERNAL])
+def test_permanent_failures_fail_at_once(code: ExitCode) -> None:
+    d = decide(observe(running(), [pod(0), pod(1, "Failed", terminated=ended(termination_for(code, "why")))]))
+    assert d.phase == "Failed" and cond(d, "Failed")["reason"] == code.name
+    assert d.status.get("restarts") is None  # unchanged
+
+
+def test_exit_code_alone_classifies_when_there_is_no_message() -> None:
+    d = decide(observe(running(), [pod(0, "Failed", terminated=ContainerEnd(21, "Error", "")), pod(1)]))
+    assert d.phase == "Failed" and cond(d, "Failed")["reason"] == "BAD_DATA"
+    d = decide(observe(running(), [pod(0, "Failed", terminated=ContainerEnd(137, "OOMKilled", "")), pod(1)]))
+    assert d.phase == "Restarting"  # a kill or OOM is retryable
+
+
+def test_permanent_failure_wins_over_a_retryable_one() -> None:
+    retry = ended(termination_for(ExitCode.PEER_LOST, "peer"))
+    perm = ended(termination_for(ExitCode.BAD_DATA, "data"))
+    d = decide(observe(running(), [pod(0, "Failed", terminated=retry), pod(1, "Failed", terminated=perm)]))
+    assert d.phase == "Failed" and cond(d, "Failed")["reason"] == "BAD_DATA"
+
+
+def test_eviction_counts_apart_and_does_not_use_max_restarts() -> None:
+    gang = [pod(0, gen=2, deleting=True, disruption="EvictionByEvictionAPI"), pod(1, gen=2)]
+    d = decide(observe(running(restarts=2), gang))
+    assert d.phase == "Restarting" and d.status["evictions"] == 1 and "restarts" not in d.status
+    d = decide(observe(running(restarts=2), [pod(0, "Failed", gen=2, disruption="Evicted"), pod(1, gen=2)]))
+    assert d.phase == "Restarting" and d.status["evictions"] == 1
+    d = decide(observe(running(), [pod(0, deleting=True, disruption="PreemptionByScheduler"), pod(1)]))
+    assert d.status["evictions"] == 1
+
+
+def test_deleted_or_vanished_worker_restarts_the_gang() -> None:
+    d = decide(observe(running(), [pod(0, deleting=True), pod(1)]))
+    assert d.phase == "Restarting" and cond(d, "Restarting")["reason"] == "PodDeleted"
+    d = decide(observe(running(), [pod(0)]))
+    assert d.phase == "Restarting" and d.status["restarts"] == 1
+
+
+def test_node_notready_counts_only_after_the_detection_delay() -> None:
+    since = NOW - timedelta(seconds=10)
+    nodes = {"n1": NodeView("n1", "True", None), "n2": NodeView("n2", "Unknown", since)}
+    d = decide(observe(running(), [pod(0), pod(1, node="n2")], nodes=nodes))
+    assert d.phase == "Running" and d.requeue_after == pytest.approx(20.1)
+    d = decide(observe(running(), [pod(0), pod(1, node="n2")], nodes=nodes, now=NOW + timedelta(seconds=21)))
+    assert d.phase == "Restarting" and cond(d, "Restarting")["reason"] == "NodeLost"
+    assert d.force_delete_pods == ["j-worker-1"] and d.delete_pods == ["j-worker-0"]
+
+
+def test_pod_on_a_deleted_node_is_force_deleted() -> None:
+    d = decide(observe(running(), [pod(0), pod(1, node="gone")], nodes={"n1": NodeView("n1", "True", None),
+                                                                        "gone": None}))
+    assert d.phase == "Restarting" and d.force_delete_pods == ["j-worker-1"]
+
+
+def test_taint_manager_deletion_is_a_lost_node_not_an_eviction() -> None:
+    d = decide(observe(running(), [pod(0), pod(1, deleting=True, disruption="DeletionByTaintManager")]))
+    assert d.status["restarts"] == 1 and "evictions" not in d.status
+
+
+@pytest.mark.parametrize("kw,reason", [
+    ({"unschedulable": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}, "Unschedulable"),
+    ({"waiting_reason": "ImagePullBackOff", "waiting_message": "not found"}, "ImagePullBackOff"),
+    ({"waiting_reason": "ErrImagePull"}, "ImagePullBackOff"),
+    ({"waiting_reason": "CreateContainerConfigError"}, "CreateContainerConfigError"),
+    ({}, "PendingTimeout"),
+])
+def test_pods_pending_past_the_deadline_fail_the_job(kw: dict[str, Any], reason: str) -> None:
+    status = {"phase": "Pending", "restarts": 0, "evictions": 0}
+    young = [pod(0, "Pending", node=None, created=NOW - timedelta(seconds=59), **kw)]
+    d = decide(observe(status, young))
+    assert d.phase == "Pending" and d.requeue_after is not None and d.requeue_after <= 1.5
+    old = [pod(0, "Pending", node=None, created=NOW - timedelta(seconds=61), **kw), pod(1)]
+    d = decide(observe(status, old))
+    assert d.phase == "Failed" and cond(d, "Failed")["reason"] == reason
+    assert "Pending > 60s" in cond(d, "Failed")["message"] or reason == "PendingTimeout"
+    assert d.delete_pods == ["j-worker-0", "j-worker-1"]
+
+
+# -- success, quality gate, rollout --------------------------------------------------------
+
+def test_success_without_serving_succeeds_and_cleans_up() -> None:
+    d = decide(observe(running(), [pod(0, "Succeeded", terminated=success(0.5)), pod(1, "Succeeded")],
+                       serving={"enabled": False}))
+    assert d.phase == "Succeeded" and not d.deploy
+    assert d.status["metrics"]["retention"] == 0.5 and d.status["completionTime"]
+    assert sorted(d.delete_pods) == ["j-worker-0", "j-worker-1"]
+
+
+def test_gate_passes_then_deploying_then_succeeded_when_available() -> None:
+    d = decide(observe(running(), [pod(0, "Succeeded", terminated=success(0.93)), pod(1)]))
+    assert d.phase == "Deploying" and d.deploy and d.status["metrics"]["retention"] == 0.93
+    assert "QualityGatePassed" in [e.reason for e in d.events]
+    deploying = {"phase": "Deploying", "restarts": 0, "evictions": 0}
+    d = decide(observe(deploying, [], deployment=DeploymentView("j-serving", MODEL, "j", available=False)))
+    assert d.phase == "Deploying" and d.deploy and "endpoint" not in d.status
+    d = decide(observe(deploying, [], deployment=DeploymentView("j-serving", MODEL, "j", available=True)))
+    assert d.phase == "Succeeded" and d.status["endpoint"] == "http://j-serving.ml.svc:8080"
+    assert cond(d, "Ready")["status"] == "True"
+    # available, but still serving another job's model: not yet ours
+    d = decide(observe(deploying, [], deployment=DeploymentView("j-serving", "/other", "k", available=True)))
+    assert d.phase == "Deploying"
+
+
+@pytest.mark.parametrize("retention", [0.5, 0.8999, None])
+def test_quality_gate_failing_leaves_serving_alone(retention: float | None) -> None:
+    d = decide(observe(running(), [pod(0, "Succeeded", terminated=success(retention)), pod(1)]))
+    assert d.phase == "Failed" and not d.deploy
+    assert cond(d, "Failed")["reason"] == "QualityGateFailed"
+
+
+def test_gate_uses_a_float_tolerance() -> None:
+    d = decide(observe(running(), [pod(0, "Succeeded", terminated=success(0.9 - 1e-9)), pod(1)]))
+    assert d.phase == "Deploying"
+
+
+def test_succeeded_job_keeps_its_deployment_in_sync_only_while_it_serves_it() -> None:
+    done = {"phase": "Succeeded", "restarts": 0, "evictions": 0, "completionTime": fmt_time(NOW),
+            "observedGeneration": 4}
+    d = decide(observe(done, [], deployment=DeploymentView("s", MODEL, "j", True)))
+    assert d.deploy and d.status == {}
+    d = decide(observe(done, [], deployment=DeploymentView("s", "/other", "later-job", True)))
+    assert not d.deploy
+
+
+# -- suspend, TTL ---------------------------------------------------------------------------
+
+def test_suspend_deletes_pods_and_resume_recreates_the_same_generation() -> None:
+    d = decide(observe(running(), [pod(0), pod(1)], suspend=True))
+    assert d.phase == "Suspended" and sorted(d.delete_pods) == ["j-worker-0", "j-worker-1"]
+    assert cond(d, "Suspended")["status"] == "True" and not d.delete_training_objects
+    d = decide(observe({"phase": "Suspended", "restarts": 1, "evictions": 0}, []))
+    assert d.phase == "Pending" and d.create_generation == 1 and "restarts" not in d.status
+    assert cond(d, "Suspended")["reason"] == "Resumed"
+
+
+def test_suspend_does_not_touch_finished_jobs() -> None:
+    d = decide(observe({"phase": "Failed", "completionTime": fmt_time(NOW)}, [], suspend=True))
+    assert d.phase == "Failed"
+
+
+def test_ttl_deletes_failed_or_unserved_jobs_and_only_training_objects_of_served_ones() -> None:
+    failed = {"phase": "Failed", "restarts": 0, "evictions": 0, "completionTime": fmt_time(NOW)}
+    d = decide(observe(failed, [], ttlSecondsAfterFinished=60, now=NOW + timedelta(seconds=10)))
+    assert not d.delete_job and d.requeue_after == pytest.approx(50)
+    d = decide(observe(failed, [], ttlSecondsAfterFinished=60, now=NOW + timedelta(seconds=61)))
+    assert d.delete_job
+    served = {**failed, "phase": "Succeeded"}
+    d = decide(observe(served, [], ttlSecondsAfterFinished=0, deployment=DeploymentView("s", MODEL, "j", True)))
+    assert d.delete_training_objects and not d.delete_job
+    cleaned = {**served, **d.status}
+    d = decide(observe(cleaned, [], ttlSecondsAfterFinished=0, deployment=DeploymentView("s", MODEL, "j", True)))
+    assert not d.delete_training_objects and d.status == {}
+    d = decide(observe(served, [], ttlSecondsAfterFinished=0, serving={"enabled": False}))
+    assert d.delete_job
+
+
+# -- parsing the API's objects --------------------------------------------------------------
+
+def test_pod_view_reads_terminated_state_disruption_and_scheduling() -> None:
+    body = {
+        "metadata": {"name": "j-worker-1", "creationTimestamp": "2026-11-29T11:59:00Z",
+                     "deletionTimestamp": "2026-11-29T12:00:00Z",
+                     "labels": {"kdistill.io/replica-index": "1", "kdistill.io/restart-generation": "2"}},
+        "spec": {"nodeName": "n2"},
+        "status": {"phase": "Failed", "conditions": [
+            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+            "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                "exitCode": 11, "reason": "Error", "message": '{"reason":"PEER_LOST","retryable":true}'}}}]},
+    }
+    p = PodView.from_dict(body)
+    assert (p.index, p.generation, p.node, p.deleting, p.evicted) == (1, 2, "n2", True, True)
+    assert p.terminated == ContainerEnd(11, "Error", '{"reason":"PEER_LOST","retryable":true}')
+    pending = PodView.from_dict({"metadata": {"name": "x"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no GPUs"}]}})
+    assert pending.unschedulable == "no GPUs" and pending.index is None
+
+
+def test_deployment_view_availability() -> None:
+    def dep(**status: Any) -> DeploymentView:
+        return DeploymentView.from_dict({"metadata": {"name": "s", "generation": 2, "annotations": {
+            "kdistill.io/model-path": MODEL, "kdistill.io/source-job": "j"}}, "spec": {"replicas": 2},
+            "status": status})
+    assert dep(observedGeneration=2, updatedReplicas=2, availableReplicas=2).available
+    assert not dep(observedGeneration=1, updatedReplicas=2, availableReplicas=2).available
+    assert not dep(observedGeneration=2, updatedReplicas=1, availableReplicas=2).available
+    assert not dep(observedGeneration=2, updatedReplicas=2, availableReplicas=1).available
