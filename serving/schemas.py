@@ -21,7 +21,7 @@ class _Body(BaseModel):
 
 class CompletionRequest(_Body):
     model: str | None = None
-    prompt: str | list[str] = Field(max_length=256)
+    prompt: str | list[str]  # count and sizes checked in the handler, against the server's limits
     max_tokens: int = Field(default=16, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)

@@ -88,6 +88,16 @@ def test_streamed_completion_and_chat(lm_server: ServerProcess, local: Artifact)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
 
 
+def test_long_prompt_within_context_is_served(lm_server: ServerProcess, local: Artifact) -> None:
+    prompt = "Objects are Python's abstraction for data. " * 6  # > 256 characters, < 128 tokens
+    assert len(prompt) > 256 and len(local.tokenizer(prompt)["input_ids"]) + 4 <= 128
+    r = httpx.post(f"{lm_server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{lm_server.url}/v1/completions", json={"prompt": "def " * 200, "max_tokens": 2}, timeout=30)
+    assert "beyond the model's context of 128" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(("body", "status", "param"), [
     ({"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
     ({"prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),  # server limit is 64
