@@ -1,0 +1,147 @@
+"""Operator crashes (SIGKILL) at several points of a job's life lose and duplicate nothing;
+two replicas never both act; a second reconcile of a steady state writes nothing. The
+operator runs here as a ServiceAccount bound to exactly kdistill.operator.rbac's rules."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kdistill.api.failures import ExitCode, termination_for
+from kdistill.operator.rbac import LEADER_RULES, OPERATOR_RULES
+from tests.cluster import Cluster
+from tests.operator import cluster_helpers as h
+from tests.operator.cluster_helpers import Jobs, OperatorProcess, eventually, job_body, success_message
+
+pytestmark = pytest.mark.cluster
+lease_namespace, claims = h.lease_namespace, h.claims
+
+
+@pytest.fixture
+def operator_kubeconfig(cluster: Cluster, claims: str, lease_namespace: str) -> Iterator[Path]:
+    """A kubeconfig for a ServiceAccount holding OPERATOR_RULES (ClusterRole) and LEADER_RULES."""
+    ns = claims
+    rbac = cluster.api_client()
+    from kubernetes import client
+
+    core, authz = client.CoreV1Api(rbac), client.RbacAuthorizationV1Api(rbac)
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "kdistill-operator"}})
+    name = f"kdistill-operator-{ns}"
+    authz.create_cluster_role({"metadata": {"name": name}, "rules": OPERATOR_RULES})
+    authz.create_cluster_role_binding({
+        "metadata": {"name": name}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                                "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": "kdistill-operator", "namespace": ns}]})
+    authz.create_namespaced_role(lease_namespace, {"metadata": {"name": name}, "rules": LEADER_RULES})
+    authz.create_namespaced_role_binding(lease_namespace, {
+        "metadata": {"name": name}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                                "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": "kdistill-operator", "namespace": ns}]})
+    yield cluster.serviceaccount_kubeconfig(ns, "kdistill-operator")
+    authz.delete_cluster_role_binding(name)
+    authz.delete_cluster_role(name)
+
+
+class Ops:
+    """Starts operators (as the restricted ServiceAccount) and keeps them for teardown."""
+
+    def __init__(self, cluster: Cluster, ns: str, lease_ns: str, kubeconfig: Path, tmp: Path) -> None:
+        self.cluster, self.ns, self.lease_ns, self.kubeconfig, self.tmp = cluster, ns, lease_ns, kubeconfig, tmp
+        self.all: list[OperatorProcess] = []
+
+    def start(self) -> OperatorProcess:
+        op = h.operator_for(self.cluster, self.ns, self.lease_ns, self.tmp / f"operator-{len(self.all)}.log")
+        op.argv[op.argv.index("--kubeconfig") + 1] = str(self.kubeconfig)
+        self.all.append(op.start())
+        return op
+
+    def stop_all(self) -> None:
+        for op in self.all:
+            op.stop()
+
+
+@pytest.fixture
+def ops(cluster: Cluster, claims: str, lease_namespace: str, operator_kubeconfig: Path,
+        tmp_path: Path) -> Iterator[Ops]:
+    o = Ops(cluster, claims, lease_namespace, operator_kubeconfig, tmp_path)
+    yield o
+    o.stop_all()
+    for op in o.all:
+        print(op.log_path.name, op.log_path.read_text()[-2000:])
+        forbidden = [line for line in op.log_lines() if "403" in line.get("message", "")
+                     or "forbidden" in line.get("message", "").lower()]
+        assert not forbidden, f"the operator lacked a permission: {forbidden[:3]}"
+
+
+def versions(jobs: Jobs, name: str) -> dict[str, Any]:
+    """resourceVersions of the job and everything it owns: equal means nothing was written."""
+    out: dict[str, Any] = {"job": jobs.get(name)["metadata"]["resourceVersion"]}
+    label = f"kdistill.io/job={name}"
+    for p in jobs.core.list_namespaced_pod(jobs.ns, label_selector=label).items:
+        out[f"pod/{p.metadata.name}"] = p.metadata.resource_version
+    for c in jobs.core.list_namespaced_config_map(jobs.ns, label_selector=label).items:
+        out[f"cm/{c.metadata.name}"] = c.metadata.resource_version
+    for s in jobs.core.list_namespaced_service(jobs.ns, label_selector=label).items:
+        out[f"svc/{s.metadata.name}"] = s.metadata.resource_version
+    return out
+
+
+def test_crash_recovery_at_several_points(cluster: Cluster, claims: str, ops: Ops) -> None:
+    jobs = Jobs(cluster, claims)
+    name = "survivor"
+    retry = termination_for(ExitCode.PEER_LOST, "peer vanished").to_json()
+
+    # (a) the job is created while no operator runs
+    jobs.create(job_body(name, nodes=2, gpus=1, failurePolicy={"maxRestarts": 5, "backoffSeconds": 6}))
+    first = ops.start()
+    jobs.wait_running_gang(name, 2, generation=0)
+    jobs.wait_phase(name, "Running")
+
+    # a steady state: further passes (resync every 5 s) write nothing at all
+    before = versions(jobs, name)
+    time.sleep(11)
+    assert versions(jobs, name) == before
+
+    # a second replica waits for the lease and does nothing meanwhile
+    standby = ops.start()
+    eventually(lambda: any("waiting for lease" in line.get("message", "") for line in standby.log_lines()),
+               "standby waiting", 30)
+
+    # (b) the leader is killed while Running; a worker fails while no operator acts
+    first.kill()
+    cluster.fail_pod(claims, f"{name}-worker-1", exit_code=1, message=retry)
+    # the standby takes over once the lease expires and counts the failure exactly once
+    eventually(lambda: jobs.status(name).get("restarts") == 1, "restart counted by the standby", 60)
+    assert any("acquired lease" in line.get("message", "") for line in standby.log_lines())
+
+    # (c) killed in the middle of the backoff
+    jobs.wait_phase(name, "Restarting", 30)
+    standby.kill()
+    assert not jobs.live_pods(name) or all(p.metadata.labels["kdistill.io/restart-generation"] == "0"
+                                           for p in jobs.live_pods(name))
+    third = ops.start()
+    jobs.wait_running_gang(name, 2, generation=1, timeout=60)
+    status = jobs.wait_phase(name, "Running")
+    assert status["restarts"] == 1
+    assert len(jobs.pods(name)) == 2  # no duplicates, no leftovers of generation 0
+
+    # (d) killed while Deploying: the serving pods cannot schedule (too much CPU), so it stays there
+    jobs.patch_spec(name, {"serving": {"resources": {"requests": {"cpu": "1000"}}}})
+    cluster.succeed_pod(claims, f"{name}-worker-0", message=success_message(0.96))
+    jobs.wait_phase(name, "Deploying", 30)
+    third.kill()
+    fourth = ops.start()
+    time.sleep(3)
+    assert jobs.status(name)["phase"] == "Deploying"
+    assert len(jobs.apps.list_namespaced_deployment(claims).items) == 1
+    # fixing serving rolls out without retraining
+    jobs.patch_spec(name, {"serving": {"resources": {"requests": {"cpu": "100m"}}}})
+    status = jobs.wait_phase(name, "Succeeded", 90)
+    assert status["restarts"] == 1 and status["endpoint"]
+    restart_events = [e for e in jobs.events(name) if e.reason == "GangRestart"]
+    assert len(restart_events) == 1
+    assert fourth.alive()
