@@ -1,0 +1,208 @@
+"""100 DistillationJobs applied at once to the real control plane with kwok GPU nodes, and the
+real operator (`kdistill operator`, a subprocess) reconciling them.
+
+Measures: time from each job's creation until all its worker pods exist (p50, max), the
+operator's peak RSS, reconcile latency p50/p99 (from its Prometheus histogram), and the time
+from a node going NotReady until the replacement pods of every affected job exist.
+
+    .venv/bin/python benchmarks/operator_scale.py [--jobs 100] [--notready-seconds 2]
+
+Writes benchmarks/results/operator_scale.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.cluster import start_cluster  # noqa: E402
+from tests.operator.cluster_helpers import Jobs, OperatorProcess, install_crd, job_body, make_claims  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def histogram_quantile(text: str, name: str, q: float) -> float | None:
+    """Prometheus-style quantile from cumulative buckets (linear inside a bucket)."""
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--nodes-per-job", type=int, default=2)
+    parser.add_argument("--notready-seconds", type=float, default=2.0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "operator_scale.json")
+    args = parser.parse_args()
+
+    gpus_needed = args.jobs * args.nodes_per_job
+    cluster = start_cluster(gpu_nodes=8, gpus_per_node=max(4, -(-gpus_needed // 6)), cpu_nodes=1)
+    result: dict[str, Any] = {"jobs": args.jobs, "podsPerJob": args.nodes_per_job,
+                              "clusterStartSeconds": round(cluster.startup_seconds, 1)}
+    try:
+        work = cluster.workdir / "bench"
+        work.mkdir()
+        install_crd(cluster, work)
+        ns = cluster.create_namespace("bench")
+        lease_ns = cluster.create_namespace("kdistill-system")
+        make_claims(cluster, ns, ["ckpt", "models", "data"])
+        metrics_port = free_port()
+        op = OperatorProcess(cluster, work / "operator.log", namespace=ns, lease_namespace=lease_ns,
+                             notready_seconds=args.notready_seconds)
+        op.argv[op.argv.index("--metrics-port") + 1] = str(metrics_port)
+        op.start()
+        proc = psutil.Process(op.proc.pid)  # type: ignore[union-attr]
+        peak = {"rss": 0}
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                try:
+                    peak["rss"] = max(peak["rss"], proc.memory_info().rss)
+                except psutil.Error:
+                    return
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        time.sleep(3)  # the operator holds its lease and its watches are up
+        idle_rss = proc.memory_info().rss
+
+        jobs = Jobs(cluster, ns)
+        names = [f"bench-{i:03d}" for i in range(args.jobs)]
+        created: dict[str, float] = {}
+
+        def create(name: str) -> None:
+            jobs.create(job_body(name, nodes=args.nodes_per_job, gpus=1,
+                                 failurePolicy={"maxRestarts": 5, "backoffSeconds": 1}))
+            created[name] = time.monotonic()
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(create, names))
+        apply_seconds = time.monotonic() - t0
+        all_pods: dict[str, float] = {}
+        deadline = time.monotonic() + 300
+        while len(all_pods) < len(names) and time.monotonic() < deadline:
+            counts: dict[str, int] = {}
+            for pod in jobs.core.list_namespaced_pod(ns, label_selector="kdistill.io/role=worker").items:
+                job = pod.metadata.labels["kdistill.io/job"]
+                counts[job] = counts.get(job, 0) + 1
+            now = time.monotonic()
+            for name, count in counts.items():
+                if count >= args.nodes_per_job and name not in all_pods:
+                    all_pods[name] = now
+            time.sleep(0.2)
+        latencies = [all_pods[n] - created[n] for n in names if n in all_pods]
+        result["applySeconds"] = round(apply_seconds, 2)
+        result["jobsWithAllPods"] = len(latencies)
+        result["podsExistSecondsP50"] = round(statistics.median(latencies), 2)
+        result["podsExistSecondsMax"] = round(max(latencies), 2)
+        result["allPodsWithinSeconds"] = round(max(all_pods.values()) - t0, 2)
+
+        # Everything Running, then a node goes silent.
+        running_deadline = time.monotonic() + 300
+        while time.monotonic() < running_deadline:
+            listed = jobs.api.list_namespaced_custom_object("kdistill.io", "v1alpha1", ns, "distillationjobs")
+            phases = [(j.get("status") or {}).get("phase") for j in listed["items"]]
+            if phases.count("Running") == len(names):
+                break
+            time.sleep(1)
+        result["allRunningSeconds"] = round(time.monotonic() - t0, 1)
+        pods = jobs.core.list_namespaced_pod(ns, label_selector="kdistill.io/role=worker").items
+        victim = pods[0].spec.node_name
+        affected = sorted({p.metadata.labels["kdistill.io/job"] for p in pods if p.spec.node_name == victim})
+        t_lost = time.monotonic()
+        cluster.stop_node_heartbeats(victim)
+        replaced: dict[str, float] = {}
+        deadline = time.monotonic() + 300
+        while len(replaced) < len(affected) and time.monotonic() < deadline:
+            counts = {}
+            for pod in jobs.core.list_namespaced_pod(ns, label_selector="kdistill.io/role=worker").items:
+                if pod.metadata.labels.get("kdistill.io/restart-generation") == "1" and \
+                        pod.metadata.deletion_timestamp is None:
+                    job = pod.metadata.labels["kdistill.io/job"]
+                    counts[job] = counts.get(job, 0) + 1
+            now = time.monotonic()
+            for name in affected:
+                if counts.get(name, 0) >= args.nodes_per_job and name not in replaced:
+                    replaced[name] = now - t_lost
+            time.sleep(0.2)
+        result["notReady"] = {
+            "affectedJobs": len(affected), "replacedJobs": len(replaced),
+            "nodeMonitorGracePeriod": "8s", "operatorNotReadySeconds": args.notready_seconds,
+            "backoffSeconds": 1,
+            "replacementSecondsP50": round(statistics.median(replaced.values()), 2) if replaced else None,
+            "replacementSecondsMax": round(max(replaced.values()), 2) if replaced else None,
+        }
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        name = "kdistill_reconcile_duration_seconds"
+        count = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name}_count"))
+        result["reconcilePasses"] = int(count)
+        result["reconcileSecondsP50"] = round(histogram_quantile(text, name, 0.5) or 0.0, 4)
+        result["reconcileSecondsP99"] = round(histogram_quantile(text, name, 0.99) or 0.0, 4)
+        result["apiErrors"] = sum(float(line.split()[-1]) for line in text.splitlines()
+                                  if line.startswith("kdistill_api_errors_total{"))
+        sampling.set()
+        result["operatorIdleRssMB"] = round(idle_rss / 2**20, 1)
+        result["operatorPeakRssMB"] = round(peak["rss"] / 2**20, 1)
+        result["targets"] = {"allPodsWithinSeconds": 30, "peakRssMB": 250, "notReadyReplacementSeconds": 60}
+        op.stop()
+    finally:
+        cluster.stop()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        ("jobs applied at once", f"{result['jobs']} x {result['podsPerJob']} pods"),
+        ("pods exist per job p50 / max", f"{result['podsExistSecondsP50']} s / {result['podsExistSecondsMax']} s"),
+        ("all worker pods exist after", f"{result['allPodsWithinSeconds']} s (target 30 s)"),
+        ("operator peak RSS", f"{result['operatorPeakRssMB']} MB (idle {result['operatorIdleRssMB']} MB; "
+                              "target 250 MB)"),
+        ("reconcile p50 / p99", f"{result['reconcileSecondsP50'] * 1000:.1f} ms / "
+                                f"{result['reconcileSecondsP99'] * 1000:.1f} ms ({result['reconcilePasses']} passes)"),
+        ("NotReady -> replacement p50 / max",
+         f"{result['notReady']['replacementSecondsP50']} s / {result['notReady']['replacementSecondsMax']} s "
+         f"({result['notReady']['replacedJobs']}/{result['notReady']['affectedJobs']} jobs; target 60 s)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
