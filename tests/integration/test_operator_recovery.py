@@ -72,8 +72,8 @@ def ops(cluster: Cluster, claims: str, lease_namespace: str, operator_kubeconfig
     o.stop_all()
     for op in o.all:
         print(op.log_path.name, op.log_path.read_text()[-2000:])
-        forbidden = [line for line in op.log_lines() if "403" in line.get("message", "")
-                     or "forbidden" in line.get("message", "").lower()]
+        forbidden = [line for line in op.log_lines() if "HTTP 403" in line.get("message", "")
+                     or "forbidden" in line.get("message", "").lower() or "HTTP 403" in line.get("error", "")]
         assert not forbidden, f"the operator lacked a permission: {forbidden[:3]}"
 
 
@@ -135,7 +135,8 @@ def test_crash_recovery_at_several_points(cluster: Cluster, claims: str, ops: Op
     jobs.wait_phase(name, "Deploying", 30)
     third.kill()
     fourth = ops.start()
-    time.sleep(3)
+    eventually(lambda: len(jobs.apps.list_namespaced_deployment(claims).items) == 1, "the Deployment", 60)
+    time.sleep(2)
     assert jobs.status(name)["phase"] == "Deploying"
     assert len(jobs.apps.list_namespaced_deployment(claims).items) == 1
     # fixing serving rolls out without retraining
