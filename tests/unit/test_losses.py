@@ -221,7 +221,7 @@ def test_weighted_means_per_token_and_per_sample() -> None:
     nan_rows = torch.tensor([1.0, float("nan")], requires_grad=True)
     assert float(weighted_mean(nan_rows, torch.tensor([1.0, 0.0])).detach()) == 1.0
     empty = weighted_mean(nan_rows.detach().nan_to_num().requires_grad_(True), torch.zeros(2))
-    assert float(empty) == 0.0
+    assert float(empty.detach()) == 0.0
     empty.backward()
 
 
