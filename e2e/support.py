@@ -1,0 +1,100 @@
+"""Helpers for the e2e tests: timings, the job's status history, volumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "e2e" / "results"
+
+
+def image_tag() -> str:
+    match = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
+    assert match is not None, "pyproject.toml has no version"
+    return match.group(1)
+
+
+@dataclass
+class Timer:
+    """Wall-clock seconds per step, printed and written to e2e/results/timings.json."""
+
+    steps: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.steps[name] = round(time.monotonic() - t0, 1)
+
+    def report(self) -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "timings.json").write_text(json.dumps(self.steps, indent=2) + "\n")
+        for name, secs in self.steps.items():
+            print(f"{name:<24} {secs:>8.1f}s")
+
+
+@dataclass
+class StatusLog:
+    """Every distinct (phase, stage, step, restarts, lastCheckpoint) the job showed, in order."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def record(self, status: dict[str, Any]) -> None:
+        row = {
+            "phase": status.get("phase"), "stage": status.get("stage"), "step": status.get("step"),
+            "restarts": status.get("restarts", 0), "checkpoint": (status.get("lastCheckpoint") or {}).get("step"),
+            "progress": status.get("progress"),
+        }  # fmt: skip
+        if not self.rows or {k: v for k, v in self.rows[-1].items() if k != "t"} != row:
+            self.rows.append({"t": round(time.time(), 1), **row})
+
+    def steps_after_restart(self, restarts: int) -> list[int]:
+        return [r["step"] for r in self.rows if r["restarts"] >= restarts and r["step"] is not None]
+
+    def last(self) -> dict[str, Any]:
+        return self.rows[-1] if self.rows else {}
+
+
+def volumes_manifest(shared: Path, namespace: str, uid: int) -> tuple[str, dict[str, Path]]:
+    """hostPath PVs on the folder every node mounts, bound to the claims the job names.
+
+    Returns the YAML and, per claim, its host folder. The `manual` StorageClass has no
+    provisioner: each claim binds the PV named after it, which stands in for RWX storage.
+    """
+    folders = {"models": shared / "pvc" / "models", "data": shared / "pvc" / "data", "e2e-ckpt": shared / "ckpt"}
+    docs: list[dict[str, Any]] = [{
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "manual"},
+        "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "Immediate",
+    }]  # fmt: skip
+    for claim, folder in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        mode = "ReadWriteMany" if claim == "e2e-ckpt" else "ReadOnlyMany"
+        pv = f"{namespace}-{claim}"
+        docs.append({
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+            "spec": {"capacity": {"storage": "5Gi"}, "accessModes": [mode], "storageClassName": "manual",
+                     "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(folder), "type": "Directory"},
+                     "claimRef": {"namespace": namespace, "name": claim}},
+        })  # fmt: skip
+        docs.append({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": namespace},
+            "spec": {"accessModes": [mode], "storageClassName": "manual", "volumeName": pv,
+                     "resources": {"requests": {"storage": "5Gi"}}},
+        })  # fmt: skip
+    # hostPath volumes get no fsGroup ownership change: the non-root trainer needs these modes.
+    for path in folders["models"].parent.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    os.chown(folders["e2e-ckpt"], uid, uid)
+    return "---\n".join(json.dumps(d) + "\n" for d in docs), folders
