@@ -1,0 +1,85 @@
+"""The operator's small runtime parts: work queue semantics, lease takeover rule, log format, RBAC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+
+from kdistill.operator import builders, rbac
+from kdistill.operator.leader import may_take, micro_time
+from kdistill.operator.logs import JsonFormatter
+from kdistill.operator.reconciler import JobLog
+from kdistill.operator.workqueue import WorkQueue
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def test_queue_deduplicates_and_never_runs_a_key_twice_at_once() -> None:
+    async def run() -> None:
+        q = WorkQueue()
+        q.add("a")
+        q.add("a")
+        q.add("b")
+        assert len(q) == 2
+        key = await q.get()
+        assert key == "a"
+        q.add("a")  # while "a" is being reconciled: remembered, not queued
+        assert len(q) == 1
+        q.done("a")  # now it is queued again, once
+        assert len(q) == 2
+        assert {await q.get(), await q.get()} == {"a", "b"}
+
+    asyncio.run(run())
+
+
+def test_delayed_adds_keep_the_earliest_wake_up() -> None:
+    async def run() -> None:
+        q = WorkQueue()
+        q.add_after("a", 5.0)
+        q.add_after("a", 0.05)
+        q.add_after("a", 10.0)
+        got = await asyncio.wait_for(q.get(), 1.0)
+        assert got == "a"
+        q.done("a")
+        q.add_after("b", 0.05)
+        q.forget("b")
+        await asyncio.sleep(0.1)
+        assert len(q) == 0
+
+    asyncio.run(run())
+
+
+def test_lease_may_be_taken_only_when_free_expired_or_ours() -> None:
+    held = {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": micro_time(NOW)}
+    assert not may_take(held, "me", NOW + timedelta(seconds=14))
+    assert may_take(held, "me", NOW + timedelta(seconds=15))
+    assert may_take(held, "other", NOW)
+    assert may_take({**held, "holderIdentity": ""}, "me", NOW)
+    assert may_take({}, "me", NOW)
+
+
+def test_log_lines_are_json_and_name_the_job(capsys: object) -> None:
+    record = logging.LogRecord("kdistill.operator", logging.INFO, __file__, 1, "phase %s", ("Running",), None)
+    record.job = "ml/intent"
+    out = json.loads(JsonFormatter().format(record))
+    assert out["job"] == "ml/intent" and out["message"] == "phase Running" and out["level"] == "info"
+    adapter = JobLog(logging.getLogger("x"), {"job": "ml/j"})
+    _, kwargs = adapter.process("m", {})
+    assert kwargs["extra"]["job"] == "ml/j"
+
+
+def test_rbac_has_no_wildcards_and_covers_the_trainer_role() -> None:
+    for rule in rbac.OPERATOR_RULES + rbac.LEADER_RULES + rbac.WORKER_RULES:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], rule
+    # the operator may only grant what it holds itself (RBAC escalation check)
+    granted = builders.trainer_rbac(__import__("tests.operator.test_builders", fromlist=["job"]).job())[1]["rules"]
+    held = {(g, r, v) for rule in rbac.OPERATOR_RULES for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]}
+    for rule in granted:
+        for verb in rule["verbs"]:
+            assert ("kdistill.io", "distillationjobs/status", verb) in held
+    assert [r | {"resourceNames": ["intent"]} for r in rbac.WORKER_RULES] == [
+        {k: granted[0][k] for k in ("apiGroups", "resources", "verbs", "resourceNames")}]
