@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster.cluster import E2ECluster, shared_root, start_cluster
+from .cluster.cluster import ATTACH_ENV, E2ECluster, attach_cluster, shared_root, start_cluster
 from .cluster.nodes import docker_env
 from .support import REPO, Timer, image_tag
 
@@ -60,8 +60,12 @@ def pvc_root(timer: Timer) -> Path:
 @pytest.fixture(scope="session")
 def cluster(images: dict[str, str], timer: Timer) -> Iterator[E2ECluster]:
     with timer.step("cluster up"):
-        subprocess.run([str(REPO / "scripts" / "e2e-prepare.sh")], check=True, cwd=REPO)
-        running = start_cluster(2)
+        attach = os.environ.get(ATTACH_ENV)
+        if attach:
+            running = attach_cluster(Path(attach))
+        else:
+            subprocess.run([str(REPO / "scripts" / "e2e-prepare.sh")], check=True, cwd=REPO)
+            running = start_cluster(2)
     try:
         with timer.step("load images"):
             for image in images.values():
@@ -77,13 +81,17 @@ def operator(cluster: E2ECluster, images: dict[str, str], timer: Timer) -> str:
     tag = images["operator"].rsplit(":", 1)[1]
     with timer.step("helm install"):
         cluster.helm(
-            "install", RELEASE, str(REPO / "charts" / "kdistill"), "--namespace", OPERATOR_NS, "--create-namespace",
-            "--set", f"image.operator.tag={tag}", "--set", f"image.trainer.tag={tag}",
+            "upgrade", "--install", RELEASE, str(REPO / "charts" / "kdistill"), "--namespace", OPERATOR_NS,
+            "--create-namespace", "--set", f"image.operator.tag={tag}", "--set", f"image.trainer.tag={tag}",
             # A killed node counts as lost after this long (the chart's default is 30 s).
             "--set", "operator.nodeNotReadySeconds=10",
+            # kopf names its peer identity after getpass.getuser(), which fails for a UID with no
+            # /etc/passwd entry (the images run as 65532 and have none); USER answers it first.
+            "--set-json", 'operator.extraEnv=[{"name": "USER", "value": "kdistill"}]',
             "--wait", "--timeout", "10m",
         )  # fmt: skip
-    cluster.kubectl("create", "namespace", NAMESPACE)
+    namespace = f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}}}\n"
+    cluster.kubectl("apply", "-f", "-", input_text=namespace)
     return OPERATOR_NS
 
 

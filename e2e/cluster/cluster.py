@@ -40,6 +40,7 @@ class E2ECluster:
     kubectl_binary: str
     helm_binary: str
     startup_seconds: float = 0.0
+    attached: bool = False  # someone else's `make e2e-cluster`: never stopped from here
     _dns: Any = None
     _stopped: bool = field(default=False)
 
@@ -97,7 +98,7 @@ class E2ECluster:
         self.control_plane.check_alive()
 
     def stop(self) -> None:
-        if self._stopped:
+        if self._stopped or self.attached:
             return
         self._stopped = True
         for n in self.nodes:
@@ -147,3 +148,20 @@ def start_cluster(node_count: int = 2) -> E2ECluster:
         raise
     cluster.startup_seconds = time.monotonic() - t0
     return cluster
+
+
+ATTACH_ENV = "KDISTILL_E2E_ATTACH"
+
+
+def attach_cluster(workdir: Path) -> E2ECluster:
+    """A cluster that `make e2e-cluster` runs (its folder is printed there), for quick reruns of e2e/."""
+    bins = locate(required=("kubectl", "helm"))
+    kubeconfig = workdir / "kubeconfigs" / "admin.yaml"
+    if not kubeconfig.exists():
+        raise FileNotFoundError(f"{kubeconfig} is missing: is {workdir} a running e2e cluster's folder?")
+    names = docker("ps", "--filter", f"label={layout.LABEL}", "--format", "{{.Names}}").stdout.split()
+    addrs = [a for a in layout.nodes(20) if a.name in names]
+    cp = ControlPlane(bins, workdir, [a.name for a in addrs], admin_kubeconfig=kubeconfig)
+    shared = shared_root()
+    nodes = [Node(a, node_image(), workdir / "nodes" / a.name, workdir / "logs" / a.name, (shared,)) for a in addrs]
+    return E2ECluster(workdir, cp, nodes, str(bins["kubectl"]), str(bins["helm"]), attached=True)

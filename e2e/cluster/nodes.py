@@ -14,6 +14,8 @@ import yaml
 from .layout import CLUSTER_CIDR, DNS_DOMAIN, GATEWAY, LABEL, NETWORK, SUBNET, NodeAddr
 
 DOCKER_HOST = "unix:///run/kdistill-docker/docker.sock"  # scripts/dockerd.sh's daemon
+# Inside each node's containerd volume: one empty file per docker image ID imported.
+LOADED_MARKERS = "/var/lib/containerd/kdistill-loaded"
 
 
 def docker_env() -> dict[str, str]:
@@ -104,6 +106,10 @@ class Node:
     def name(self) -> str:
         return self.addr.name
 
+    @property
+    def containerd_volume(self) -> str:
+        return f"{self.name}-containerd"
+
     def write_config(self, all_nodes: list[NodeAddr], kubelet_kc: Path, proxy_kc: Path) -> None:
         d = self.config_dir
         d.mkdir(parents=True, exist_ok=True)
@@ -135,6 +141,8 @@ class Node:
             "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
             "--tmpfs", "/run", "--tmpfs", "/tmp",
             "--network", NETWORK, "--ip", self.addr.ip,
+            # A named volume outlives the node: images loaded once stay for the next cluster.
+            "-v", f"{self.containerd_volume}:/var/lib/containerd",
             *mounts, self.image,
         )  # fmt: skip
 
@@ -150,8 +158,19 @@ class Node:
         out = docker("inspect", "-f", "{{.State.Running}}", self.name, check=False)
         return out.stdout.strip() == "true"
 
-    def remove(self) -> None:
+    def remove(self, keep_images: bool = True) -> None:
         docker("rm", "-f", "-v", self.name, check=False)
+        if not keep_images:
+            docker("volume", "rm", self.containerd_volume, check=False)
+
+    def has_image(self, image_id: str) -> bool:
+        """Whether `image_id` (docker's ID) was imported into this node's store before."""
+        marker = f"{LOADED_MARKERS}/{image_id.replace(':', '-')}"
+        return docker("exec", self.name, "test", "-e", marker, check=False).returncode == 0
+
+    def mark_image(self, image_id: str) -> None:
+        marker = f"{LOADED_MARKERS}/{image_id.replace(':', '-')}"
+        docker("exec", self.name, "sh", "-c", f"mkdir -p {LOADED_MARKERS} && touch {marker}")
 
     def exec(self, *argv: str, input_bytes: bytes | None = None) -> str:
         return docker("exec", "-i", self.name, *argv, input_bytes=input_bytes).stdout
@@ -175,6 +194,10 @@ def load_image(nodes: list[Node], image: str, scratch: Path) -> float:
     """
     t0 = time.monotonic()
     env = docker_env()
+    image_id = docker("image", "inspect", "-f", "{{.Id}}", image).stdout.strip()
+    nodes = [n for n in nodes if not n.has_image(image_id)]
+    if not nodes:
+        return 0.0
     scratch.mkdir(parents=True, exist_ok=True)
     tar = scratch / (image.replace("/", "_").replace(":", "_") + ".tar")
     try:
@@ -186,7 +209,10 @@ def load_image(nodes: list[Node], image: str, scratch: Path) -> float:
                     ["docker", "exec", "-i", node.name, "ctr", "-n", "k8s.io", "images", "import", "--all-platforms",
                      "-"], stdin=fh, capture_output=True, env=env,
                 )  # fmt: skip
-            return "" if proc.returncode == 0 else f"{node.name}: {proc.stderr.decode(errors='replace').strip()}"
+            if proc.returncode != 0:
+                return f"{node.name}: {proc.stderr.decode(errors='replace').strip()}"
+            node.mark_image(image_id)
+            return ""
 
         with ThreadPoolExecutor(max_workers=len(nodes) or 1) as pool:
             errors = [e for e in pool.map(import_into, nodes) if e]
