@@ -5,8 +5,7 @@
 # Prerequisites: scripts/cluster-bins.sh (kubelet, kube-proxy) and
 # scripts/build-base-image.sh (the Debian base). Prints the node image tag.
 #
-#   scripts/e2e-images.sh            # build what is missing
-#   scripts/e2e-images.sh --rebuild  # build again (docker's layer cache still applies)
+#   scripts/e2e-images.sh   # docker's layer cache makes an unchanged build take seconds
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,8 +15,6 @@ eval "$("${root}/scripts/dockerd.sh" env)"
 "${root}/scripts/dockerd.sh" start >/dev/null
 
 log() { printf '[e2e-images %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-rebuild=0
-[[ "${1:-}" == "--rebuild" ]] && rebuild=1
 
 pause_tag="kdistill/pause:3.10"
 node_tag="kdistill/node:${K8S_VERSION}"
@@ -30,7 +27,7 @@ done
 ctx="$(mktemp -d)"
 trap 'rm -rf "${ctx}"' EXIT
 
-if (( rebuild == 1 )) || ! docker image inspect "${pause_tag}" >/dev/null 2>&1; then
+{
   t0=$(date +%s)
   command -v gcc >/dev/null || { log "gcc is needed for the pause image: apt-get install -y gcc libc6-dev"; exit 1; }
   cp "${root}/docker/pause/Dockerfile" "${ctx}/Dockerfile"
@@ -39,9 +36,9 @@ if (( rebuild == 1 )) || ! docker image inspect "${pause_tag}" >/dev/null 2>&1; 
   docker build -q -t "${pause_tag}" -t registry.k8s.io/pause:3.10 "${ctx}" >/dev/null
   rm -f "${ctx}"/*
   log "${pause_tag} built in $(( $(date +%s) - t0 ))s"
-fi
+}
 
-if (( rebuild == 1 )) || ! docker image inspect "${node_tag}" >/dev/null 2>&1; then
+{
   t0=$(date +%s)
   cp "${root}/docker/node.Dockerfile" "${ctx}/Dockerfile"
   cp "${root}/e2e/node/entrypoint.sh" "${root}/e2e/node/containerd.toml" "${root}/e2e/node/runc-shim.py" "${ctx}/"
@@ -49,5 +46,5 @@ if (( rebuild == 1 )) || ! docker image inspect "${node_tag}" >/dev/null 2>&1; t
   docker save registry.k8s.io/pause:3.10 -o "${ctx}/pause.tar"
   docker build -t "${node_tag}" --build-arg "BASE_IMAGE=${base_tag}" "${ctx}" >&2
   log "${node_tag} built in $(( $(date +%s) - t0 ))s"
-fi
+}
 echo "${node_tag}"

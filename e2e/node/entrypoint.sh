@@ -12,6 +12,9 @@ source "${cfg}/node.env"
 mkdir -p "${logs}"
 log() { printf '[node %s %(%H:%M:%S)T] %s\n' "${NODE_NAME}" -1 "$*" | tee -a "${logs}/node.log"; }
 
+# Each node its own identity (the kubelet reports it as the system UUID).
+[[ -s /etc/machine-id ]] || tr -d - < /proc/sys/kernel/random/uuid > /etc/machine-id
+
 # Kubelet volume mounts must propagate into pod containers.
 mount --make-rshared /
 
