@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kubernetes import client
 
 from .cluster.cluster import E2ECluster, shared_root
@@ -36,6 +37,8 @@ def _python_pod(name: str, image: str, node: str, code: str, labels: dict[str, s
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels or {}}, "spec": spec}
 
 
+# Session fixtures (image builds, the cluster, a multi-GB image load) count towards the first test.
+@pytest.mark.timeout(7200)
 def test_pod_network_and_cluster_dns(cluster: E2ECluster, images: dict[str, str]) -> None:
     """A pod on node 2 finds a pod on node 1 as <pod>.<service>.<ns>.svc and talks to it over TCP."""
     ns = "e2e-net"
@@ -122,6 +125,7 @@ def _checkpoint_steps(ckpt_root: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
+@pytest.mark.timeout(7200)
 def test_two_node_job_survives_node_loss_and_serves(
     cluster: E2ECluster, operator: str, images: dict[str, str], pvc_root: Path,
 ) -> None:  # fmt: skip
