@@ -41,6 +41,13 @@ from .stages import temperature as plan_temperature
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 32
+# KD losses see at most this many logits (rows x vocab) per chunk: 64 MiB of fp32. Below it the
+# whole batch is one chunk and nothing is recomputed in the backward; above it (large
+# vocabularies) rows are chunked and checkpointed.
+LOSS_CHUNK_ELEMENTS = 1 << 24
+# Causal LMs whose logits are exactly output_head(backbone(x)): for these the head runs only on
+# the rows that are trained on (no padding, no last position), not on every position.
+ROW_HEAD_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass
@@ -116,11 +123,23 @@ def bucket_logits(values: torch.Tensor, logsumexp: torch.Tensor | None) -> torch
     return torch.cat([values, tail.unsqueeze(-1)], dim=-1)
 
 
+def row_head_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(backbone, output head) when logits at chosen rows may be computed as head(backbone(x)[rows])."""
+    if getattr(model.config, "model_type", None) not in ROW_HEAD_MODEL_TYPES:
+        return None
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings()
+    if not isinstance(backbone, nn.Module) or not isinstance(head, nn.Module):
+        return None
+    return backbone, head
+
+
 @dataclass
 class _Targets:
     """Teacher outputs for one micro-batch, reduced to what the phase's objectives need."""
 
     logits: torch.Tensor | None = None  # [B,L,V] or [B,C]
+    logit_rows: torch.Tensor | None = None  # causal-lm: [N,V] at the trained rows only
     top_values: torch.Tensor | None = None  # cache: [B,L,k] or [B,1,k]
     top_indices: torch.Tensor | None = None
     logsumexp: torch.Tensor | None = None
@@ -396,15 +415,23 @@ class Trainer:
 
             t_layers = [t for _, t in self.pairs] if need_attn else []
             cap_ctx = QKVCapture(self.teacher, t_layers) if need_attn else contextlib.nullcontext()
+            parts = row_head_parts(self.teacher) if self.task == "causal-lm" and self.cache is None else None
             with torch.inference_mode(), autocast, cap_ctx as cap:
-                t_out = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                if parts is not None:
+                    backbone, head = parts
+                    t_out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      output_hidden_states=need_hidden)
+                    if need_logits:
+                        out.logit_rows = head(t_out.last_hidden_state[:, :-1][self._valid(batch)]).float().clone()
+                else:
+                    t_out = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         output_hidden_states=need_hidden)
             # Inference tensors cannot enter autograd graphs; clone the ones the losses keep.
             if need_hidden:
                 out.hidden = tuple(h.float().clone() for h in t_out.hidden_states)
             if need_attn:
                 out.qkv = {layer: tuple(x.float().clone() for x in qkv) for layer, qkv in cap.qkv.items()}
-            if need_logits:
+            if need_logits and out.logit_rows is None:
                 logits = t_out.logits.float().clone()
                 if self.cache is None:
                     out.logits = logits
@@ -413,6 +440,11 @@ class Trainer:
         if cached is not None:
             out.top_values, out.top_indices, out.logsumexp = cached.values, cached.indices, cached.logsumexp
         return out
+
+    @staticmethod
+    def _valid(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Causal-lm rows that are trained on: row i predicts token i+1, padding predicts nothing."""
+        return batch["labels"][:, 1:] != -100
 
     def _store_in_cache(self, ids: list[int], logits: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         if logits.dim() == 2:  # classification: one "token" per sample
@@ -441,43 +473,63 @@ class Trainer:
         need_attn = "attention" in objs
         s_layers = [s for s, _ in self.pairs] if need_attn else []
         cap_ctx = QKVCapture(self.student, s_layers) if need_attn else contextlib.nullcontext()
+        # The row-only head needs the plain module: DDP must see its own forward to sync gradients.
+        parts = row_head_parts(self.student) \
+            if self.task == "causal-lm" and self.student_forward is self.student and "logits" in objs else None
+        s_rows_fast = None
         with autocast, cap_ctx as cap:
-            s_out = self.student_forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            if parts is not None:
+                backbone, head = parts
+                s_out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  output_hidden_states="hidden" in objs)
+                s_rows_fast = head(s_out.last_hidden_state[:, :-1][self._valid(batch)])
+            else:
+                s_out = self.student_forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                             output_hidden_states="hidden" in objs)
         mask = batch["attention_mask"]
         losses: dict[str, torch.Tensor] = {}
         parts: dict[str, float] = {}
         if "logits" in objs:
             d = self.spec.distillation
-            s_logits = s_out.logits.float()
             labels = batch["labels"]
             if self.task == "causal-lm":
-                valid = labels[:, 1:] != -100  # row i predicts token i+1; padding predicts nothing
-                s_rows = s_logits[:, :-1][valid]
+                valid = self._valid(batch)
+                s_rows = s_rows_fast.float() if s_rows_fast is not None else s_out.logits.float()[:, :-1][valid]
                 label_rows = labels[:, 1:][valid]
 
                 def rows(t: torch.Tensor) -> torch.Tensor:
                     return t[:, :-1][valid]
             else:
                 valid = None
-                s_rows, label_rows = s_logits, labels
+                s_rows, label_rows = s_out.logits.float(), labels
 
                 def rows(t: torch.Tensor) -> torch.Tensor:
                     return t[:, 0] if t.dim() == 3 else t
             weights = None
-            if targets.logits is not None:
+            chunk = max(256, LOSS_CHUNK_ELEMENTS // s_rows.shape[-1])
+            if targets.logit_rows is not None:
+                assert valid is not None
+                kd = kd_divergence(s_rows, targets.logit_rows, d.loss, temperature, chunk_rows=chunk)
+                entropy_src = None
+                if self.spec.data.uncertainty_weighting.enabled:
+                    # Entropy weighting is per sample: lay the rows back out as [B, L-1, V].
+                    entropy_src = targets.logit_rows.new_zeros((*valid.shape, targets.logit_rows.shape[-1]))
+                    entropy_src[valid] = targets.logit_rows
+            elif targets.logits is not None:
                 t_full = targets.logits
-                kd = kd_divergence(s_rows, rows(t_full), d.loss, temperature)
+                kd = kd_divergence(s_rows, rows(t_full), d.loss, temperature, chunk_rows=chunk)
                 entropy_src = t_full[:, :-1] if self.task == "causal-lm" else t_full
             else:
                 assert targets.top_values is not None and targets.top_indices is not None
                 lse = targets.logsumexp
                 kd = topk_kd_divergence(s_rows, rows(targets.top_values), rows(targets.top_indices), d.loss,
-                                        temperature, teacher_logsumexp=rows(lse) if lse is not None else None)
+                                        temperature, chunk_rows=chunk,
+                                        teacher_logsumexp=rows(lse) if lse is not None else None)
                 buckets = bucket_logits(targets.top_values, lse)
                 entropy_src = buckets[:, :-1] if self.task == "causal-lm" else buckets[:, 0]
             uw = self.spec.data.uncertainty_weighting
             if uw.enabled:
+                assert entropy_src is not None
                 w_sample = sample_entropy_weights(entropy_src, uw.beta, valid.float() if valid is not None else None)
                 weights = w_sample[:, None].expand_as(valid)[valid] if valid is not None else w_sample
             ce = hard_label_ce(s_rows, label_rows)

@@ -104,7 +104,8 @@ def test_teacher_cache_matches_live_teacher_and_skips_teacher(tmp_path: Path, gp
         (tmp_path / name).mkdir()
         t = trainer_for(tmp_path / name, job)
         calls: list[int] = []
-        t.teacher.register_forward_hook(lambda *_: calls.append(1))
+        # On the backbone: the row-only logits path calls it without the LM wrapper.
+        t.teacher.transformer.register_forward_hook(lambda *_: calls.append(1))
         per_step: list[int] = []
         t.opts.on_step = lambda r: per_step.append(len(calls))
         t.train()
