@@ -39,10 +39,14 @@ FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="kdistill-operator" \
       org.opencontainers.image.description="kdistill operator (kopf): DistillationJob -> worker gang -> INT8 rollout" \
       org.opencontainers.image.licenses="Apache-2.0"
+# A named user for uid 65532: kopf (getpass) and other libraries look the uid up in /etc/passwd.
+RUN groupadd --gid 65532 kdistill \
+ && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin kdistill
 COPY --from=build /opt/kdistill /opt/kdistill
 # HOME on /tmp: the pod's root filesystem is read-only and /tmp is its only writable path.
 ENV PATH=/opt/kdistill/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/tmp \
+    USER=kdistill \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # A numeric non-root user, so that Kubernetes' runAsNonRoot can verify it.

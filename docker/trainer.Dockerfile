@@ -48,11 +48,15 @@ FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="kdistill-trainer" \
       org.opencontainers.image.description="kdistill trainer (kdistill train) and INT8 server (kdistill serve)" \
       org.opencontainers.image.licenses="Apache-2.0"
+# A named user for uid 65532: kopf (getpass) and other libraries look the uid up in /etc/passwd.
+RUN groupadd --gid 65532 kdistill \
+ && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin kdistill
 COPY --from=build /opt/kdistill /opt/kdistill
 COPY docker/entrypoint-trainer.sh /usr/local/bin/kdistill-entrypoint
 # Every cache goes under /tmp: pods run with a read-only root filesystem and a writable /tmp.
 ENV PATH=/opt/kdistill/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/tmp \
+    USER=kdistill \
     HF_HOME=/tmp/hf \
     HF_HUB_DISABLE_TELEMETRY=1 \
     TRITON_CACHE_DIR=/tmp/triton \

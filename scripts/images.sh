@@ -65,12 +65,20 @@ for target in "${targets[@]}"; do
 done
 
 mkdir -p "${cache}"
-(IFS=,; printf '[%s]\n' "${results[*]}") > "${cache}/images-last-build.json"
-python3 - "${cache}/images-last-build.json" <<'PY'
+(IFS=,; printf '[%s]\n' "${results[*]}") > "${ctx}/results.json"
+# Merge with the last results, so that building one image keeps the other's figures.
+python3 - "${ctx}/results.json" "${cache}/images-last-build.json" <<'PY'
 import json
+import pathlib
 import sys
 
+new = json.loads(pathlib.Path(sys.argv[1]).read_text())
+path = pathlib.Path(sys.argv[2])
+old = json.loads(path.read_text()) if path.exists() else []
+names = {r["image"] for r in new}
+merged = [r for r in old if r["image"] not in names] + new
+path.write_text(json.dumps(merged, indent=1) + "\n")
 print(f"{'IMAGE':<34} {'SIZE_MB':>10} {'BUILD_S':>8}")
-for r in json.load(open(sys.argv[1])):
+for r in merged:
     print(f"{r['image']:<34} {r['bytes'] / 1e6:>10.0f} {r['build_seconds']:>8}")
 PY
