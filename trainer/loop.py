@@ -620,6 +620,8 @@ class Trainer:
                         parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
                 if not math.isfinite(loss_sum):
                     raise TrainerError(ExitCode.INTERNAL, f"loss is {loss_sum} at step {step + 1} ({phase.name})")
+                # DDP reduced the student's gradients; the aux modules are reduced here.
+                self.parallel.average_grads(list(self.aux.parameters()))
                 if max_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, max_norm)
                 self.optimizer.step()

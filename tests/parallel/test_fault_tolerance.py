@@ -78,9 +78,9 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_kill_9_one_rank_survivors_exit_peer_lost(job: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     port = free_port()
-    env = _env(tmp_path)
+    ours = {k: v for k, v in _env(tmp_path).items() if k.startswith("KDISTILL")}
     procs = [subprocess.Popen([sys.executable, "-m", "kdistill.trainer", "--config", str(job), "--output", str(out)],
-                              cwd=REPO, env=child_env(r, WORLD, port, {k: env[k] for k in env if k.startswith("KDISTILL")}),
+                              cwd=REPO, env=child_env(r, WORLD, port, ours),
                               stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
                               stderr=subprocess.PIPE if r else subprocess.STDOUT, text=True)
              for r in range(WORLD)]

@@ -136,13 +136,33 @@ class ParallelRuntime:
             return student
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # find_unused_parameters=True also switches off DDP's bucket rebuild after the first
+        # step. A rebuild re-orders the gradient buffer, which changes gloo's summation order per
+        # entry; a resumed run (whose first step is a first step again) would then round
+        # differently from an uninterrupted one, and Adam amplifies that to visible weight
+        # differences. With one fixed layout a restart reproduces the same weights.
+        ddp = DDP(student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                  find_unused_parameters=True)
         if self.top_k > 0:
             from .compression import register_topk
 
             self.compression = register_topk(ddp, self.top_k, warmup_steps=self.compression_warmup)
             self.compression.log_every = 10
         return ddp
+
+    def average_grads(self, params: list[nn.Parameter]) -> None:
+        """Average gradients of modules outside DDP (the loop's small aux projections)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.distributed or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        with peer_guard("the aux gradient all-reduce"):
+            dist.all_reduce(flat)
+        flat.div_(self.env.world_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def guard(self, what: str) -> Any:
         return peer_guard(what)
