@@ -1,5 +1,7 @@
 """Thin kopf handlers: kopf watches (with server and client timeouts) and probes; every
-event only puts a job key on the work queue. All logic lives in reconciler.py / state.py.
+event only puts a job key on the work queue. The event handlers are coroutines on purpose:
+the queue is an asyncio structure and must only be touched from kopf's event
+loop. All logic lives in reconciler.py / state.py.
 
 No change-detection handlers (on.create/update/delete) and no daemons or timers are used:
 those make kopf add finalizers and annotations to every job. Here ownerReferences remove
@@ -124,7 +126,7 @@ def _enqueue(rt: Runtime, key: Key) -> None:
 
 
 @kopf.on.event(names.GROUP, "v1alpha1", "distillationjobs")
-def job_event(type: str | None, name: str, namespace: str, memo: Any, **_: Any) -> None:
+async def job_event(type: str | None, name: str, namespace: str, memo: Any, **_: Any) -> None:
     rt = _runtime(memo)
     key = (namespace, name)
     if type == "DELETED":
@@ -138,7 +140,7 @@ def job_event(type: str | None, name: str, namespace: str, memo: Any, **_: Any) 
 
 
 @kopf.on.event("", "v1", "pods", labels={names.LABEL_MANAGED_BY: names.MANAGER, names.LABEL_ROLE: names.ROLE_WORKER})
-def pod_event(type: str | None, body: Any, name: str, namespace: str, labels: Any, memo: Any, **_: Any) -> None:
+async def pod_event(type: str | None, body: Any, name: str, namespace: str, labels: Any, memo: Any, **_: Any) -> None:
     rt = _runtime(memo)
     job = labels.get(names.LABEL_JOB)
     if not job:
@@ -156,14 +158,14 @@ def pod_event(type: str | None, body: Any, name: str, namespace: str, labels: An
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: names.MANAGER})
-def deployment_event(namespace: str, annotations: Any, memo: Any, **_: Any) -> None:
+async def deployment_event(namespace: str, annotations: Any, memo: Any, **_: Any) -> None:
     job = annotations.get(names.ANNOTATION_SOURCE_JOB)
     if job:
         _enqueue(_runtime(memo), (namespace, job))
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_event(type: str | None, name: str, body: Any, memo: Any, **_: Any) -> None:
+async def node_event(type: str | None, name: str, body: Any, memo: Any, **_: Any) -> None:
     """A node's Ready flipped, or it is gone: look at the jobs with pods there."""
     rt = _runtime(memo)
     ready = "Gone" if type == "DELETED" else NodeView.from_dict(dict(body)).ready
@@ -180,22 +182,22 @@ def node_event(type: str | None, name: str, body: Any, memo: Any, **_: Any) -> N
 
 
 @kopf.on.probe(id="queue")
-def probe_queue(memo: Any, **_: Any) -> int:
+async def probe_queue(memo: Any, **_: Any) -> int:
     rt = _runtime(memo)
     return len(rt.queue) if rt.queue is not None else 0
 
 
 @kopf.on.probe(id="jobs")
-def probe_jobs(memo: Any, **_: Any) -> int:
+async def probe_jobs(memo: Any, **_: Any) -> int:
     return len(_runtime(memo).jobs)
 
 
 @kopf.on.probe(id="leader")
-def probe_leader(memo: Any, **_: Any) -> bool:
+async def probe_leader(memo: Any, **_: Any) -> bool:
     rt = _runtime(memo)
     return rt.leader is None or bool(rt.leader.leading)
 
 
 @kopf.on.probe(id="seconds_since_last_pass")
-def probe_last_pass(memo: Any, **_: Any) -> float:
+async def probe_last_pass(memo: Any, **_: Any) -> float:
     return round(time.monotonic() - _runtime(memo).last_pass, 1)

@@ -91,7 +91,7 @@ class Reconciler:
                        max_backoff_seconds=self.settings.max_backoff_seconds)
         decision = decide(obs)
         try:
-            self._act(body, job, status, decision, jlog)
+            self._act(body, job, status, decision, {p.name for p in pods}, jlog)
         except ApiError as exc:
             if exc.status == 409 and decision.status:
                 jlog.info("status moved under us; looking again")
@@ -103,7 +103,8 @@ class Reconciler:
 
     # -- acting ----------------------------------------------------------------------------
 
-    def _act(self, body: dict[str, Any], job: Any, old: dict[str, Any], d: Decision, jlog: JobLog) -> None:
+    def _act(self, body: dict[str, Any], job: Any, old: dict[str, Any], d: Decision, existing_pods: set[str],
+             jlog: JobLog) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if d.status:
             # Counting a restart or changing phase must be based on what we saw: a stale view
@@ -118,7 +119,7 @@ class Reconciler:
         for pod in d.delete_pods:
             self.kube.delete("v1", "Pod", namespace, pod)
         if d.create_generation is not None:
-            self._create_gang(body, job, d.create_generation, jlog)
+            self._create_gang(body, job, d.create_generation, existing_pods, jlog)
         if d.deploy:
             self._deploy(body, job, jlog)
         if d.delete_training_objects:
@@ -141,14 +142,16 @@ class Reconciler:
         if "phase" in d.status:
             jlog.info("phase %s -> %s", old.get("phase"), d.status["phase"])
 
-    def _create_gang(self, body: dict[str, Any], job: Any, generation: int, jlog: JobLog) -> None:
-        for obj in builders.adopt(builders.training_objects(job), body):
-            if obj["kind"] == "PersistentVolumeClaim":
-                self.kube.create(obj)  # a PVC's spec is mostly immutable: create once, never re-apply
-            else:
-                self.kube.apply(obj)
-        existing = {p["metadata"]["name"] for p in self.kube.list(
-            "v1", "Pod", body["metadata"]["namespace"], names.worker_selector(body["metadata"]["name"]))}
+    def _create_gang(self, body: dict[str, Any], job: Any, generation: int, existing: set[str],
+                     jlog: JobLog) -> None:
+        if not existing:
+            # A whole new gang (first start, restart, resume): make sure its config, rendezvous
+            # Service, PVC and RBAC exist first. Re-applying is a no-op when they do.
+            for obj in builders.adopt(builders.training_objects(job), body):
+                if obj["kind"] == "PersistentVolumeClaim":
+                    self.kube.create(obj)  # a PVC's spec is mostly immutable: create once, never re-apply
+                else:
+                    self.kube.apply(obj)
         created = 0
         for pod in builders.adopt(builders.worker_pods(job, generation, self.settings), body):
             if pod["metadata"]["name"] not in existing and self.kube.create(pod):
