@@ -72,6 +72,7 @@ def main() -> int:
     cluster = start_cluster(gpu_nodes=8, gpus_per_node=max(4, -(-gpus_needed // 6)), cpu_nodes=1)
     result: dict[str, Any] = {"jobs": args.jobs, "podsPerJob": args.nodes_per_job,
                               "clusterStartSeconds": round(cluster.startup_seconds, 1)}
+    op: OperatorProcess | None = None
     try:
         work = cluster.workdir / "bench"
         work.mkdir()
@@ -180,8 +181,11 @@ def main() -> int:
         result["operatorIdleRssMB"] = round(idle_rss / 2**20, 1)
         result["operatorPeakRssMB"] = round(peak["rss"] / 2**20, 1)
         result["targets"] = {"allPodsWithinSeconds": 30, "peakRssMB": 250, "notReadyReplacementSeconds": 60}
-        op.stop()
+        result["loadAverage1m"] = round(psutil.getloadavg()[0], 1)
+        result["cpus"] = psutil.cpu_count()
     finally:
+        if op is not None:
+            op.stop()
         cluster.stop()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
