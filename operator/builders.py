@@ -241,8 +241,28 @@ def _checkpoint_volume(job: DistillationJob, read_only: bool) -> Manifest:
     return {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
 
 
-def worker_pod(job: DistillationJob, index: int, generation: int, settings: Settings) -> Manifest:
-    """Worker `index` of restart generation `generation` (a label, so stale pods are told apart)."""
+def avoid_nodes(affinity: Manifest, nodes: Iterable[str]) -> Manifest:
+    """The template's affinity, plus: never schedule on these nodes (NotReady ones at creation).
+
+    Required node-selector terms are ORed, so the exclusion goes into every term."""
+    avoid = sorted(set(nodes))
+    out = copy.deepcopy(affinity)
+    if not avoid:
+        return out
+    required = out.setdefault("nodeAffinity", {}).setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms") or [{}]
+    for term in terms:
+        term.setdefault("matchFields", []).append({"key": "metadata.name", "operator": "NotIn", "values": avoid})
+    required["nodeSelectorTerms"] = terms
+    return out
+
+
+def worker_pod(job: DistillationJob, index: int, generation: int, settings: Settings,
+               unready_nodes: Iterable[str] = ()) -> Manifest:
+    """Worker `index` of restart generation `generation` (a label, so stale pods are told apart).
+
+    `unready_nodes` are kept out of reach: after a node is lost, the scheduler could otherwise
+    place the new gang on it before the node controller taints it."""
     name = job.metadata.name
     tpl = job.spec.template
     gpus = job.spec.parallelism.gpus_per_node
@@ -290,7 +310,7 @@ def worker_pod(job: DistillationJob, index: int, generation: int, settings: Sett
     optional = {
         "nodeSelector": dict(tpl.node_selector),
         "tolerations": copy.deepcopy(tpl.tolerations),
-        "affinity": copy.deepcopy(tpl.affinity),
+        "affinity": avoid_nodes(tpl.affinity, unready_nodes),
         "imagePullSecrets": copy.deepcopy(tpl.image_pull_secrets),
         "priorityClassName": tpl.priority_class_name,
         "schedulerName": tpl.scheduler_name,
@@ -303,8 +323,10 @@ def worker_pod(job: DistillationJob, index: int, generation: int, settings: Sett
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 
-def worker_pods(job: DistillationJob, generation: int, settings: Settings) -> list[Manifest]:
-    return [worker_pod(job, i, generation, settings) for i in range(job.spec.parallelism.nodes)]
+def worker_pods(job: DistillationJob, generation: int, settings: Settings,
+                unready_nodes: Iterable[str] = ()) -> list[Manifest]:
+    nodes = list(unready_nodes)
+    return [worker_pod(job, i, generation, settings, nodes) for i in range(job.spec.parallelism.nodes)]
 
 
 # -- serving ---------------------------------------------------------------------------------

@@ -152,8 +152,10 @@ class Reconciler:
                     self.kube.create(obj)  # a PVC's spec is mostly immutable: create once, never re-apply
                 else:
                     self.kube.apply(obj)
+        unready = [n["metadata"]["name"] for n in self.kube.list("v1", "Node", None)
+                   if NodeView.from_dict(n).ready != "True"]
         created = 0
-        for pod in builders.adopt(builders.worker_pods(job, generation, self.settings), body):
+        for pod in builders.adopt(builders.worker_pods(job, generation, self.settings, unready), body):
             if pod["metadata"]["name"] not in existing and self.kube.create(pod):
                 created += 1
         if created:

@@ -212,3 +212,20 @@ def test_operator_never_imports_torch() -> None:
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_new_gangs_avoid_unready_nodes_in_every_required_term() -> None:
+    j = job(template={"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}]},
+                              {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}]}]}}}})
+    pod = builders.worker_pod(j, 0, 1, SETTINGS, ["n2", "n1"])
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    assert len(terms) == 2
+    for term in terms:
+        assert term["matchFields"] == [{"key": "metadata.name", "operator": "NotIn", "values": ["n1", "n2"]}]
+        assert term["matchExpressions"][0]["key"] == "pool"
+    plain = builders.worker_pod(job(), 0, 1, SETTINGS, ["n1"])["spec"]["affinity"]
+    assert plain["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+        {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["n1"]}]}]
+    assert "affinity" not in builders.worker_pod(job(), 0, 1, SETTINGS)["spec"]
