@@ -5,7 +5,8 @@ import sys
 import tomllib
 
 path, extras = sys.argv[1], [e for e in sys.argv[2].split(",") if e]
-project = tomllib.load(open(path, "rb"))["project"]
+with open(path, "rb") as f:
+    project = tomllib.load(f)["project"]
 deps = list(project["dependencies"])
 for extra in extras:
     deps += project["optional-dependencies"][extra]
