@@ -168,7 +168,9 @@ async def deployment_event(namespace: str, annotations: Any, memo: Any, **_: Any
 async def node_event(type: str | None, name: str, body: Any, memo: Any, **_: Any) -> None:
     """A node's Ready flipped, or it is gone: look at the jobs with pods there."""
     rt = _runtime(memo)
-    ready = "Gone" if type == "DELETED" else NodeView.from_dict(dict(body)).ready
+    view = None if type == "DELETED" else NodeView.from_dict(dict(body))
+    rt.reconciler.node_cache[name] = view
+    ready = "Gone" if view is None else view.ready
     if rt.node_ready.get(name) == ready:
         return  # heartbeats: nothing a job cares about changed
     rt.node_ready[name] = ready

@@ -39,6 +39,9 @@ class Reconciler:
         self.kube = kube
         self.settings = settings
         self.phases: dict[Key, str] = {}
+        # Filled by the node watch (handlers.node_event): name -> view, None once deleted.
+        # A node not in it yet (e.g. right after start) is read from the API instead.
+        self.node_cache: dict[str, NodeView | None] = {}
 
     def forget(self, key: Key) -> None:
         self.phases.pop(key, None)
@@ -79,6 +82,9 @@ class Reconciler:
         pods = [PodView.from_dict(p) for p in self.kube.list("v1", "Pod", namespace, names.worker_selector(name))]
         nodes: dict[str, NodeView | None] = {}
         for node in {p.node for p in pods if p.node}:
+            if node in self.node_cache:
+                nodes[node] = self.node_cache[node]
+                continue
             got = self.kube.get("v1", "Node", None, node)
             nodes[node] = NodeView.from_dict(got) if got is not None else None
         deployment = None
@@ -152,6 +158,7 @@ class Reconciler:
                     self.kube.create(obj)  # a PVC's spec is mostly immutable: create once, never re-apply
                 else:
                     self.kube.apply(obj)
+        # A fresh LIST, not the watch cache: it may not hold every node yet after a start.
         unready = [n["metadata"]["name"] for n in self.kube.list("v1", "Node", None)
                    if NodeView.from_dict(n).ready != "True"]
         created = 0
