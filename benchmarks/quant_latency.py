@@ -117,7 +117,9 @@ def print_table(report: dict[str, Any]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    # One thread by default: on a shared 2-core machine two OpenMP threads spin-wait on each other
+    # (measured 10-15x slower per small matmul under load); pass --threads N on a dedicated machine.
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--teacher-layers", type=int, default=12)

@@ -161,7 +161,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=1, help="server intra-op threads (1: see quant_latency.py)")
     p.add_argument("--out", type=Path, default=RESULTS / "serving_load.json")
     args = p.parse_args()
     report = run(args)
