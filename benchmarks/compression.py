@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -53,7 +54,8 @@ def main() -> None:
         print(f"{r['top_k']:>6} {r['final_loss_mean_last5']:>12} {r['loss_gap_pct']:>7} "
               f"{r.get('hook_bytes_ratio', 1.0):>13} {r.get('ring_wire_ratio', 1.0):>12}")
     out = ROOT / "benchmarks" / "results" / "compression.json"
-    out.write_text(json.dumps({"world": WORLD, "warmup_steps": args.warmup, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"world": WORLD, "warmup_steps": args.warmup, "rows": rows,
+                               "load_average_at_end": os.getloadavg()}, indent=1))
     print(f"wrote {out}")
 
 

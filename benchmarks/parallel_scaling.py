@@ -34,6 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     ensure_teacher(args.pvc)
     cores = os.cpu_count() or 1
+    load_before = os.getloadavg()
     rows = []
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as tmp:
@@ -55,6 +56,7 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / "parallel_scaling.json"
     out.write_text(json.dumps({"cpu_cores": cores, "backend": "gloo", "gpu": "none available in this session",
                                "rows": rows,
+                               "load_average_before_after": [load_before, os.getloadavg()],
                                "note": "2 shared CPU cores: 4 ranks oversubscribe them; numbers show DP overhead, "
                                        "not scaling on one-core-per-rank hardware"}, indent=1))
     print(f"wrote {out}")
