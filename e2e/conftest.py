@@ -22,7 +22,6 @@ from .support import REPO, Timer, image_tag
 NAMESPACE = "e2e"
 RELEASE = "kdistill"
 OPERATOR_NS = "kdistill-system"
-TRAINER_UID = 65532  # the images' and the operator's non-root user
 
 
 @pytest.fixture(scope="session")

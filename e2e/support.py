@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -67,7 +66,7 @@ class StatusLog:
         return self.rows[-1] if self.rows else {}
 
 
-def volumes_manifest(shared: Path, namespace: str, uid: int) -> tuple[str, dict[str, Path]]:
+def volumes_manifest(shared: Path, namespace: str) -> tuple[str, dict[str, Path]]:
     """hostPath PVs on the folder every node mounts, bound to the claims the job names.
 
     Returns the YAML and, per claim, its host folder. The `manual` StorageClass has no
@@ -93,8 +92,9 @@ def volumes_manifest(shared: Path, namespace: str, uid: int) -> tuple[str, dict[
             "spec": {"accessModes": [mode], "storageClassName": "manual", "volumeName": pv,
                      "resources": {"requests": {"storage": "5Gi"}}},
         })  # fmt: skip
-    # hostPath volumes get no fsGroup ownership change: the non-root trainer needs these modes.
+    # hostPath volumes get no fsGroup ownership change, and the pods run as a non-root UID
+    # the operator picks: sources readable by all, the checkpoint folder writable like /tmp.
     for path in folders["models"].parent.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    os.chown(folders["e2e-ckpt"], uid, uid)
+    folders["e2e-ckpt"].chmod(0o1777)
     return "---\n".join(json.dumps(d) + "\n" for d in docs), folders

@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client
 
 from .cluster.cluster import E2ECluster, shared_root
-from .conftest import NAMESPACE, TRAINER_UID, wait
+from .conftest import NAMESPACE, wait
 from .support import REPO, RESULTS, StatusLog, volumes_manifest
 
 JOB = "e2e-student"
@@ -97,8 +97,12 @@ class _Watch:
         self._thread.start()
 
     def status(self) -> dict[str, Any]:
+        """The job's status; a Failed job fails the test at once, with the operator's reason."""
         obj = self.api.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, JOB)
-        return dict(obj.get("status") or {})
+        status = dict(obj.get("status") or {})
+        if status.get("phase") == "Failed":
+            raise AssertionError(f"the job failed: {status.get('conditions')}")
+        return status
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -130,7 +134,7 @@ def test_two_node_job_survives_node_loss_and_serves(
     cluster: E2ECluster, operator: str, images: dict[str, str], pvc_root: Path,
 ) -> None:  # fmt: skip
     core = cluster.core()
-    manifest, folders = volumes_manifest(shared_root(), NAMESPACE, TRAINER_UID)
+    manifest, folders = volumes_manifest(shared_root(), NAMESPACE)
     ckpt_root = folders["e2e-ckpt"]
     subprocess.run(["rm", "-rf", str(ckpt_root / NAMESPACE)], check=True)
     cluster.kubectl("apply", "-f", "-", input_text=manifest)
@@ -175,7 +179,7 @@ def test_two_node_job_survives_node_loss_and_serves(
         assert resumed and all(r["step"] >= ckpt_at_kill for r in resumed), logs[-2000:]
 
         # 5. Success, then the INT8 student serves behind its Service.
-        wait(lambda: watch.status().get("phase") in ("Succeeded", "Failed"), "the job to finish", 1800)
+        wait(lambda: watch.status().get("phase") == "Succeeded", "the job to succeed", 1800)
         final = watch.status()
         assert final["phase"] == "Succeeded", final
         apps = client.AppsV1Api(cluster.api_client())
