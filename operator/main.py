@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 
 import kopf
@@ -49,8 +50,13 @@ def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INF
         elector = LeaseElector(kube, settings.lease_namespace, settings.lease_name, settings.identity,
                                settings.lease_duration_seconds, settings.lease_renew_seconds)
         log.info("waiting for lease %s/%s", settings.lease_namespace, settings.lease_name)
-        if not elector.acquire(waiting):
-            return 0
+        # A standby stopped while it waits exits cleanly (kopf handles signals only later).
+        previous = signal.signal(signal.SIGTERM, lambda *_: waiting.set())
+        try:
+            if not elector.acquire(waiting):
+                return 0
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     runtime = handlers.Runtime(settings=settings, reconciler=Reconciler(kube, settings), leader=elector)
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
 

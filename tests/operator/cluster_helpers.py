@@ -156,6 +156,12 @@ class OperatorProcess:
         self._log.close()
         return self.proc.returncode
 
+    def wait_started(self, timeout: float = 90.0) -> None:
+        """Until kopf runs (and handles SIGTERM itself)."""
+        eventually(lambda: any("Activity 'startup' succeeded" in line.get("message", "")
+                               for line in self.log_lines()) or not self.alive(), "operator started", timeout)
+        assert self.alive(), self.log_path.read_text()[-3000:]
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -333,6 +339,7 @@ def env(cluster: Cluster, claims: str, lease_namespace: str, tmp_path: Path) -> 
     """A namespace with bound claims and one running operator watching it."""
     op = operator_for(cluster, claims, lease_namespace, tmp_path / "operator.log").start()
     try:
+        op.wait_started()
         yield Jobs(cluster, claims), op
     finally:
         code = op.stop()
