@@ -600,6 +600,7 @@ class Trainer:
         params = [p for _, p in self._named_trainables()]
         with _SigtermFlag() as sigterm:
             for step in range(start, self.total):
+                self.parallel.seed_step(self.spec.distillation.seed, step)
                 phase = phase_at(self.plan, step)
                 if phase.kind == "qat-fake-quant" and not self.qat_prepared:
                     self._enter_fake_quant()

@@ -150,6 +150,18 @@ class ParallelRuntime:
             self.compression.log_every = 10
         return ddp
 
+    def seed_step(self, seed: int, step: int) -> None:
+        """Seed torch's RNG (dropout) from (seed, step, rank) at the start of every step.
+
+        Ranks draw different amounts of randomness (their batches differ in length), so their RNG
+        states drift apart and a checkpoint of rank 0's state cannot restore the others. Seeding
+        each step from its coordinates makes every step's randomness a function of where it is,
+        so a restarted group repeats exactly what an uninterrupted one did. Single-process runs
+        keep the checkpointed RNG stream and are left alone.
+        """
+        if self.distributed:
+            torch.manual_seed(((seed * 1_000_003 + step) * 65_537 + self.env.rank) % 2**63)
+
     def average_grads(self, params: list[nn.Parameter]) -> None:
         """Average gradients of modules outside DDP (the loop's small aux projections)."""
         grads = [p.grad for p in params if p.grad is not None]
