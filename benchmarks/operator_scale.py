@@ -65,12 +65,13 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--nodes-per-job", type=int, default=2)
     parser.add_argument("--notready-seconds", type=float, default=2.0)
+    parser.add_argument("--workers", type=int, default=32, help="the operator's --workers")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "operator_scale.json")
     args = parser.parse_args()
 
     gpus_needed = args.jobs * args.nodes_per_job
     cluster = start_cluster(gpu_nodes=8, gpus_per_node=max(4, -(-gpus_needed // 6)), cpu_nodes=1)
-    result: dict[str, Any] = {"jobs": args.jobs, "podsPerJob": args.nodes_per_job,
+    result: dict[str, Any] = {"jobs": args.jobs, "podsPerJob": args.nodes_per_job, "operatorWorkers": args.workers,
                               "clusterStartSeconds": round(cluster.startup_seconds, 1)}
     op: OperatorProcess | None = None
     try:
@@ -82,7 +83,7 @@ def main() -> int:
         make_claims(cluster, ns, ["ckpt", "models", "data"])
         metrics_port = free_port()
         op = OperatorProcess(cluster, work / "operator.log", namespace=ns, lease_namespace=lease_ns,
-                             notready_seconds=args.notready_seconds)
+                             notready_seconds=args.notready_seconds, extra=["--workers", str(args.workers)])
         op.argv[op.argv.index("--metrics-port") + 1] = str(metrics_port)
         op.start()
         proc = psutil.Process(op.proc.pid)  # type: ignore[union-attr]
