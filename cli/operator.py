@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
                                                help="A node NotReady this long counts as lost."),
         resync_seconds: float = typer.Option(30.0, min=1.0, envvar="KDISTILL_RESYNC_SECONDS",
                                              help="Look at every job at least this often."),
-        workers: int = typer.Option(8, min=1, max=256, envvar="KDISTILL_WORKERS",
+        workers: int = typer.Option(16, min=1, max=256, envvar="KDISTILL_WORKERS",
                                     help="Reconcile passes in parallel (different jobs)."),
         watch_server_timeout: int = typer.Option(120, min=1, envvar="KDISTILL_WATCH_SERVER_TIMEOUT",
                                                  help="Seconds before the API server ends a watch."),

@@ -17,7 +17,7 @@ class Settings:
     # A node NotReady/Unknown this long counts as lost (its pods are force-deleted, the gang restarts).
     notready_seconds: float = 30.0
     resync_seconds: float = 30.0
-    workers: int = 8
+    workers: int = 16
     # Watch timeouts: the server ends each watch after `watch_server_timeout`, and the client gives
     # up on a connection silent for `watch_client_timeout`, so a stuck watch cannot freeze us.
     watch_server_timeout: int = 120
