@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,39 @@ def test_missing_teacher_exits_with_model_not_found(tmp_path: Path, causal_data:
         "nomodel", "causal-lm", "pvc://models/absent", str(train), None))
     assert main_entry(job_file, tmp_path / "out") == ExitCode.MODEL_NOT_FOUND
     assert json.loads(termination_log.read_text())["reason"] == "MODEL_NOT_FOUND"
+
+
+def test_qat_int8_run_writes_served_artifact(tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path],
+                                              termination_log: Path) -> None:
+    train, ev = causal_data
+    job = helpers.job_dict("qat", "causal-lm", str(gpt2_teacher), str(train), str(ev), every_steps=6,
+                           stages=[{"name": "output", "steps": 3, "objectives": ["logits"]}])
+    job["spec"]["quantization"] = {"mode": "qat-int8", "qatSteps": 4, "reducedPrecisionFraction": 0.5}
+    job_file = helpers.write_job(tmp_path / "job.yaml", job)
+    out = tmp_path / "out"
+    stages: list[str] = []
+    assert main_entry(job_file, out, on_step=lambda r: stages.append(r.stage)) == 0
+    assert stages == ["output"] * 3 + ["qat-reduced-precision"] * 2 + ["qat-fake-quant"] * 2
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 7 and result["artifact"] == str(out / "student-int8")
+    # The gate judges the served (INT8) artifact.
+    assert result["metrics"] == result["int8"] and result["int8"]["metric"] == "perplexity"
+    from kdistill.trainer.artifact import load_artifact
+
+    art = load_artifact(out / "student-int8")
+    assert art.meta["quantization"] == "qat-int8"
+    # The full-precision student has no fake-quant leftovers: it loads as a plain GPT2.
+    weights = load_file(str(out / "student" / "model.safetensors"))
+    assert all("fake_quant" not in k and "quantizer" not in k for k in weights)
+    # A checkpoint taken inside the fake-quant phase (step 6) resumes into it: the student is
+    # wrapped again before its state is loaded.
+    first = weights
+    shutil.rmtree(out / "student")
+    shutil.rmtree(out / "student-int8")
+    (out / "result.json").unlink()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000000006"]
+    assert main_entry(job_file, out) == 0
+    again = json.loads((out / "result.json").read_text())
+    assert again["resumedFrom"] == 6
+    second = load_file(str(out / "student" / "model.safetensors"))
+    assert first.keys() == second.keys()
