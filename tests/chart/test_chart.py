@@ -126,8 +126,8 @@ def test_cluster_mode_rbac_is_one_cluster_role_without_wildcards() -> None:
                        "namespace": "kdistill-system"}  # fmt: skip
     resources = _resources(rules_of(role))
     assert {"distillationjobs", "distillationjobs/status", "pods", "deployments", "nodes"} <= resources
-    # Never anything that reads credentials, and no leases cluster-wide.
-    assert "secrets" not in resources and "leases" not in resources
+    # Never anything that reads credentials, no leases cluster-wide; cluster mode needs no namespace reads.
+    assert not {"secrets", "leases", "namespaces"} & resources
 
 
 NAMESPACED = {"watch.mode": "namespaced", "watch.namespaces": ["team-a", "team-b"]}
@@ -141,7 +141,7 @@ def test_namespaced_mode_has_a_role_per_watched_namespace_and_only_cluster_scope
     bindings = [b for b in find(objs, "RoleBinding") if not b["metadata"]["name"].endswith("-leader")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     cluster_role = one(objs, "ClusterRole")
-    assert _resources(rules_of(cluster_role)) == {"nodes", "customresourcedefinitions"}
+    assert _resources(rules_of(cluster_role)) == {"nodes", "customresourcedefinitions", "namespaces"}
     assert "distillationjobs" in _resources(rules_of(roles[0]))
     (container,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert "--namespace=team-a" in container["args"] and "--namespace=team-b" in container["args"]

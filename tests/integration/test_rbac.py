@@ -232,7 +232,9 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
                      f"2 running pods of generation {generation}", timeout, op, fail_fast)  # fmt: skip
 
     try:
-        step("create", lambda: jobs.create(job_body(JOB, nodes=2, gpus=2)))
+        # The operator creates the checkpoint claim (storageClassName + size); a PV waits for it.
+        body = job_body(JOB, nodes=2, gpus=2, checkpoint={"volume": {"storageClassName": CKPT_CLASS, "size": "1Gi"}})
+        step("create", lambda: jobs.create(body))
         pods = step("workers", lambda: gang(0))
         step("running", lambda: until(lambda: jobs.status(JOB).get("phase") == "Running", "phase Running",
                                       timeout, op, fail_fast))  # fmt: skip
@@ -292,6 +294,22 @@ def crd(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 CLAIMS = ["ckpt", "models", "data"]  # job_body's checkpoint volume and pvc:// sources
+CKPT_CLASS = "kdistill-rbac-test"
+
+
+def checkpoint_pv(cluster: Cluster, ns: str) -> str:
+    """A PV pre-bound to the claim the operator will create for the life's job."""
+    from kdistill.operator import names
+
+    pv = f"{ns}-ckpt-{JOB}"
+    cluster.core().create_persistent_volume({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany", "ReadWriteOnce"],
+                 "hostPath": {"path": f"/tmp/kdistill-pv/{pv}"}, "storageClassName": CKPT_CLASS,
+                 "persistentVolumeReclaimPolicy": "Retain",
+                 "claimRef": {"namespace": ns, "name": names.checkpoint_claim(JOB)}},
+    })  # fmt: skip
+    return pv
 
 
 @dataclass
@@ -306,10 +324,12 @@ def setup(cluster: Cluster, crd: None) -> Iterator[Setup]:
     release_ns = cluster.create_namespace("kd-system")
     job_ns = cluster.create_namespace("kd-jobs")
     make_claims(cluster, job_ns, CLAIMS)
+    pv = checkpoint_pv(cluster, job_ns)
     objs = chart_rbac(release_ns)
     try:
         yield Setup(release_ns, job_ns, objs)
     finally:
+        cluster.kubectl("delete", "pv", pv, "--ignore-not-found", "--wait=false", check=False)
         delete_cluster_scoped(cluster)
         for ns in (job_ns, release_ns):
             cluster.core().delete_namespace(ns)
@@ -353,7 +373,8 @@ def test_a_jobs_whole_life_with_the_charts_namespaced_mode_rbac_is_never_forbidd
 ) -> None:
     objs = chart_rbac(setup.release_ns, {"watch.mode": "namespaced", "watch.namespaces": [setup.job_ns]})
     (cluster_role,) = [o for o in objs if o["kind"] == "ClusterRole"]
-    assert {r for rule in cluster_role["rules"] for r in rule["resources"]} == {"nodes", "customresourcedefinitions"}
+    assert {r for rule in cluster_role["rules"] for r in rule["resources"]} == {"nodes", "customresourcedefinitions",
+                                                                                "namespaces"}  # fmt: skip
     life = run_life(cluster, setup, objs, tmp_path, watch=[setup.job_ns], timeout=90, fail_fast=False)
     assert life.failed_step is None, f"the life stopped at {life.failed_step}: {life.error}"
     assert life.forbidden == []
@@ -365,6 +386,19 @@ def test_a_jobs_whole_life_with_the_charts_namespaced_mode_rbac_is_never_forbidd
         assert denied.stdout.strip() == "no"
     finally:
         cluster.core().delete_namespace(other)
+
+
+NAMESPACED_MODE_RULES = _rules("namespaced-mode.yaml")
+
+
+@pytest.mark.parametrize("rule", NAMESPACED_MODE_RULES, ids=_rule_id)
+def test_without_the_namespaced_mode_rule_kopf_is_refused(
+    cluster: Cluster, setup: Setup, tmp_path: Path, rule: dict[str, Any]
+) -> None:
+    objs = chart_rbac(setup.release_ns, {"watch.mode": "namespaced", "watch.namespaces": [setup.job_ns]})
+    life = run_life(cluster, setup, without(objs, "ClusterRole", rule), tmp_path, watch=[setup.job_ns],
+                    timeout=60, fail_fast=True)  # fmt: skip
+    _assert_forbidden(life, rule)
 
 
 @pytest.mark.parametrize("rule", CLUSTER_ROLE_RULES, ids=_rule_id)
