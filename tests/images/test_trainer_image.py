@@ -24,7 +24,7 @@ def job_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     helpers.causal_data(root / "data", n_train=64, n_eval=16)
     job = helpers.job_dict("image-tiny", "causal-lm", "teacher", "data/train.jsonl", "data/eval.jsonl",
                            quantization="ptq-int8", every_steps=3)  # fmt: skip
-    job["spec"]["serving"]["qualityGate"] = {"minRetention": 0.0}
+    job["spec"]["serving"]["qualityGate"] = {"minRetention": 0.01}
     helpers.write_job(root / "job.yaml", job)
     world_readable(root)
     return root
@@ -66,7 +66,8 @@ def test_trainer_image_trains_a_tiny_job_then_serves_the_int8_student(
             return docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip() == "true"
 
         try:
-            wait_http(f"http://127.0.0.1:{port}/v2/health/ready", 120, alive)
+            # Loading torch and the model: seconds on an idle machine, minutes on a loaded 2-core one.
+            wait_http(f"http://127.0.0.1:{port}/v2/health/ready", 400, alive)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\nserver log:\n{docker.logs(name)[-4000:]}") from None
         import urllib.request
