@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import yaml
 from kubernetes import client
 
 from tests.cluster import Cluster
@@ -26,36 +24,9 @@ GROUP, VERSION, PLURAL = "kdistill.io", "v1alpha1", "distillationjobs"
 T = TypeVar("T")
 
 
-def _repair_crd(crd: dict[str, Any]) -> dict[str, Any]:
-    """Work around two defects of the generated CRD that kube-apiserver 1.34 rejects (reported to
-    the API owner): `default: {}` on objects whose CEL rules need their keys, and `\\s` inside
-    single-quoted CEL strings. Neither changes what the operator sees: it fills defaults itself."""
-    crd = copy.deepcopy(crd)
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "object" and node.get("default") == {} and node.get("x-kubernetes-validations"):
-                node.pop("default")
-            for rule in node.get("x-kubernetes-validations") or []:
-                rule["rule"] = rule["rule"].replace("\\s", "\\\\s")
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(crd)
-    return crd
-
-
 def install_crd(cluster: Cluster, workdir: Path) -> None:
-    crd = yaml.safe_load(CRD.read_text())
-    try:
-        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump(crd))
-    except Exception:
-        path = workdir / "crd-repaired.yaml"
-        path.write_text(yaml.safe_dump(_repair_crd(crd)))
-        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    """Install the generated CRD exactly as committed."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
     cluster.kubectl("wait", "--for=condition=Established", "crd/distillationjobs.kdistill.io", "--timeout=60s")
 
 
