@@ -120,7 +120,7 @@ def test_qat_int8_run_writes_served_artifact(tmp_path: Path, gpt2_teacher: Path,
     from kdistill.trainer.artifact import load_artifact
 
     art = load_artifact(out / "student-int8")
-    assert art.meta["quantization"] == "qat-int8"
+    assert art.meta["quantization"]["mode"] == "qat-int8"
     # The full-precision student has no fake-quant leftovers: it loads as a plain GPT2.
     weights = load_file(str(out / "student" / "model.safetensors"))
     assert all("fake_quant" not in k and "quantizer" not in k for k in weights)
