@@ -89,7 +89,7 @@ def test_streamed_completion_and_chat(lm_server: ServerProcess, local: Artifact)
 
 
 def test_long_prompt_within_context_is_served(lm_server: ServerProcess, local: Artifact) -> None:
-    prompt = "Objects are Python's abstraction for data. " * 6  # > 256 characters, < 128 tokens
+    prompt = "the" + " the" * 64  # 259 characters, about 66 tokens
     assert len(prompt) > 256 and len(local.tokenizer(prompt)["input_ids"]) + 4 <= 128
     r = httpx.post(f"{lm_server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 4, "temperature": 0},
                    timeout=30)
