@@ -14,20 +14,20 @@ OUT=${QUICKSTART_OUT:-./kdistill-out/quickstart}
 TEACHER_STEPS=${TEACHER_STEPS:-300}
 
 started=$(date +%s)
-echo "== 1/3 corpus, tokenizer and teacher (pydoc text -> $KDISTILL_PVC_ROOT)"
+echo "== 1/4 corpus, tokenizer and teacher (pydoc text -> $KDISTILL_PVC_ROOT)"
 "$PY" -m kdistill.trainer.teacher_pretrain --pvc "$KDISTILL_PVC_ROOT" --steps "$TEACHER_STEPS" \
     | grep -E '"teacher-ready"|"step": (100|200|300|400|500),' || true
 test -f "$KDISTILL_PVC_ROOT/models/quickstart-teacher/model.safetensors"
 teacher_done=$(date +%s)
 
-echo "== 2/3 kdistill run examples/quickstart-cpu.yaml"
+echo "== 2/4 kdistill run examples/quickstart-cpu.yaml"
 rm -rf "$OUT"
 "$KDISTILL" run examples/quickstart-cpu.yaml --output "$OUT" \
     | grep -E '"event": "(checkpoint|evaluated|qat-fake-quant|resumed)"|"step": [0-9]*0,' || true
 test -f "$OUT/result.json"
 distill_done=$(date +%s)
 
-echo "== 3/3 teacher vs student"
+echo "== 3/4 teacher vs student"
 "$PY" - "$KDISTILL_PVC_ROOT/models/quickstart-teacher" "$OUT" "$started" "$teacher_done" "$distill_done" <<'PYEOF'
 import json, sys, time
 from pathlib import Path
@@ -62,3 +62,6 @@ print(f"\ndistillation: {res['steps']} steps, {res['tokensPerSecond']:.0f} token
 print(f"time: teacher {teacher_done - started}s, distillation {distill_done - teacher_done}s, "
       f"total {int(time.time()) - started}s")
 PYEOF
+
+echo "== 4/4 serve the INT8 student, send a real request, stop the server"
+"$PY" scripts/quickstart_serve.py "$OUT/student-int8"
