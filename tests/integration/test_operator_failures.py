@@ -81,7 +81,7 @@ def test_eviction_is_counted_apart(cluster: Cluster, env: Env) -> None:
     pods = jobs.wait_running_gang(name, 2, generation=0)
     jobs.core.create_namespaced_pod_eviction(pods[0].metadata.name, jobs.ns, client.V1Eviction(
         metadata=client.V1ObjectMeta(name=pods[0].metadata.name, namespace=jobs.ns)))
-    jobs.wait_running_gang(name, 2, generation=1, timeout=60)
+    jobs.wait_running_gang(name, 2, generation=1, timeout=180)  # generous: a loaded 2-core API server
     status = jobs.wait_phase(name, "Running")
     assert status["evictions"] == 1 and status["restarts"] == 0
 
