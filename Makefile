@@ -11,16 +11,16 @@ STAMP := $(VENV)/.stamp-$(shell sha1sum pyproject.toml | cut -c1-12)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[operator,trainer,serving,dev]'
+	@test -x $(PY) || $(PYTHON) -P -m venv $(VENV)
+	$(PY) -P -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -P -m pip install -q -e '.[operator,trainer,serving,dev]'
 	@rm -f $(VENV)/.stamp-* && touch $@
 
 test: setup system-deps cluster-bins
-	$(PY) -m pytest
+	$(PY) -P -m pytest
 
 unit: setup
-	$(PY) -m pytest tests/unit
+	$(PY) -P -m pytest tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -60,7 +60,7 @@ e2e-cluster: setup system-deps cluster-bins
 # ... and the end-to-end test on it: images, helm install, a 2-node job, a node killed, rollout.
 e2e: setup system-deps cluster-bins
 	bash scripts/e2e-prepare.sh
-	$(PY) -m pytest e2e -v -s
+	$(PY) -P -m pytest e2e -v -s
 
 # The same steps on kind, for laptops (see docs/install.md).
 e2e-kind: setup system-deps cluster-bins
