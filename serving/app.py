@@ -1,8 +1,12 @@
 """The HTTP API: OpenAI-compatible completions/chat for causal LMs, KServe Open Inference Protocol v2
 and ``/v1/classify`` for classifiers, health, and Prometheus metrics.
 
-Every error is JSON, ``{"error": {"message", "type", "param", "code"}}``, with ``param`` naming the
-offending field (``prompt[1]``, ``max_tokens``, ``inputs[0].datatype``, ``body``...).
+Every error is JSON and names the offending field (``prompt[1]``, ``max_tokens``,
+``inputs[0].datatype``, ``body``...), in the shape of the protocol the path belongs to:
+
+- OpenAI paths (``/v1/...``): ``{"error": {"message", "type", "param", "code"}}``;
+- KServe Open Inference Protocol paths (``/v2/...``): ``{"error": "<param>: <message>"}``, the
+  protocol's error object (a single string), so KServe/Triton clients parse it.
 """
 
 from __future__ import annotations
@@ -56,9 +60,29 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
+V2_PREFIX = "/v2"
+
+
+def is_v2(path: str) -> bool:
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
+def v2_error_message(message: str, param: str | None) -> str:
+    """The Open Inference Protocol error string, always ``"<field>: <what is wrong>"``."""
+    if not param or message.startswith(f"{param}: "):
+        return message
+    if message.startswith(f"{param} "):  # "texts must not be empty" -> "texts: must not be empty"
+        message = message[len(param) + 1:]
+    return f"{param}: {message}"
+
+
 def error_response(status: int, message: str, param: str | None, kind: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+                   headers: dict[str, str] | None = None, *, path: str = "") -> JSONResponse:
+    body: dict[str, Any]
+    if is_v2(path):
+        body = {"error": v2_error_message(message, param)}
+    else:
+        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -78,27 +102,30 @@ def create_app(state: ServerState) -> FastAPI:
 
     # ---- errors ---------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.headers, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        path = request.url.path
         if first.get("type") == "json_invalid":
             return error_response(400, f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                                  "body", "invalid_request_error")
+                                  "body", "invalid_request_error", path=path)
         param = _loc_to_param(tuple(first.get("loc", ())))
-        return error_response(400, f"{param}: {first['msg']}", param, "invalid_request_error")
+        return error_response(400, f"{param}: {first['msg']}", param, "invalid_request_error", path=path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), None, "not_found_error"
-                              if exc.status_code == 404 else "invalid_request_error")
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        param = "path" if exc.status_code == 404 else "method" if exc.status_code == 405 else None
+        return error_response(exc.status_code, str(exc.detail), param, "not_found_error"
+                              if exc.status_code == 404 else "invalid_request_error", path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error",
+                              path=request.url.path)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -106,7 +133,7 @@ def create_app(state: ServerState) -> FastAPI:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > state.limits.max_body_bytes):
             response: Response = error_response(413, f"request body over {state.limits.max_body_bytes} bytes",
-                                                "body", "invalid_request_error")
+                                                "body", "invalid_request_error", path=request.url.path)
         else:
             model_call = request.method == "POST"
             if model_call:
@@ -114,7 +141,8 @@ def create_app(state: ServerState) -> FastAPI:
             try:
                 response = await call_next(request)
             except Exception as exc:  # errors raised past the exception handlers
-                response = error_response(500, f"internal error: {type(exc).__name__}", None, "server_error")
+                response = error_response(500, f"internal error: {type(exc).__name__}", None, "server_error",
+                                          path=request.url.path)
             finally:
                 if model_call:
                     metrics.in_flight.dec()

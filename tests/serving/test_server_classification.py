@@ -79,7 +79,49 @@ def test_bad_classification_requests(cls_server: ServerProcess, path: str, body:
                                      param: str) -> None:
     r = httpx.post(f"{cls_server.url}{path}", json=body, timeout=30)
     assert r.status_code == status, r.text
-    assert r.json()["error"]["param"] == param
+    error = r.json()["error"]
+    if path.startswith("/v2/"):
+        # Open Inference Protocol: {"error": "<message>"}, a plain string that names the field first.
+        assert set(r.json()) == {"error"} and isinstance(error, str)
+        assert error.startswith(f"{param}: "), error
+    else:
+        assert error["param"] == param  # OpenAI shape
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "field"), [
+    ("POST", f"/v2/models/{NAME}/infer", b"{not json", 400, "body"),
+    ("POST", f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES"}]}, 400,
+     "inputs[0].data"),
+    ("POST", f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": ["x"], "datatype": "BYTES",
+                                                      "data": ["a"]}]}, 400, "inputs[0].shape[0]"),
+    ("POST", f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES",
+                                                      "data": ["  "]}]}, 400, "inputs[0].data[0]"),
+    ("POST", f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": [65], "datatype": "BYTES",
+                                                      "data": ["a"] * 65}]}, 400, "inputs[0].data"),
+    ("GET", "/v2/models/other", None, 404, "name"),
+    ("GET", "/v2/models/other/ready", None, 404, "name"),
+    ("GET", "/v2/no/such/path", None, 404, "path"),
+])
+def test_kserve_v2_errors_use_the_open_inference_protocol_shape(cls_server: ServerProcess, method: str, path: str,
+                                                                 body: Any, status: int, field: str) -> None:
+    kwargs: dict[str, Any] = {"content": body, "headers": {"content-type": "application/json"}} \
+        if isinstance(body, bytes) else {"json": body} if body is not None else {}
+    r = httpx.request(method, f"{cls_server.url}{path}", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    payload = r.json()
+    assert list(payload) == ["error"] and isinstance(payload["error"], str), payload
+    assert payload["error"].startswith(f"{field}: "), payload
+
+
+def test_v2_oversized_body_is_413_in_the_v2_shape_and_v1_keeps_the_openai_shape(cls_server: ServerProcess) -> None:
+    big = b'{"texts": ["' + b"a" * (2 << 20) + b'"]}'
+    v2 = httpx.post(f"{cls_server.url}/v2/models/{NAME}/infer", content=big,
+                    headers={"content-type": "application/json"}, timeout=60)
+    assert v2.status_code == 413 and v2.json() == {"error": v2.json()["error"]}
+    assert v2.json()["error"].startswith("body: ")
+    v1 = httpx.post(f"{cls_server.url}/v1/classify", content=big, headers={"content-type": "application/json"},
+                    timeout=60)
+    assert v1.status_code == 413 and v1.json()["error"]["param"] == "body"
 
 
 def test_concurrent_requests_are_batched_and_answered_correctly(cls_server: ServerProcess, local: Artifact) -> None:
