@@ -13,11 +13,11 @@ from typing import Any
 
 from kubernetes import client, config
 
-from tests.cluster.binaries import cache_root, locate, versions
+from tests.cluster.binaries import Binaries, cache_root, locate, versions
+from tests.cluster.controlplane import ControlPlane, Timings
 from tests.cluster.procs import wait_for
 
 from . import coredns, layout
-from .controlplane import ControlPlane
 from .nodes import Node, docker, ensure_network, load_image, remove_leftovers
 
 NODE_IMAGE_ENV = "KDISTILL_E2E_NODE_IMAGE"
@@ -25,6 +25,24 @@ NODE_IMAGE_ENV = "KDISTILL_E2E_NODE_IMAGE"
 
 def node_image() -> str:
     return os.environ.get(NODE_IMAGE_ENV) or f"kdistill/node:{versions()['k8s']}"
+
+
+# Real kubelets renew their lease every few seconds (see nodes.py): 20 s of silence makes
+# a node NotReady, and its pods are evicted 2 s later.
+NODE_TIMINGS = Timings(node_monitor_period="2s", node_monitor_grace_period="20s", node_startup_grace_period="60s",
+                       eviction_toleration_seconds=2)  # fmt: skip
+
+
+def control_plane(bins: Binaries, workdir: Path, node_names: list[str], admin_kubeconfig: Path | None = None,
+                  ) -> ControlPlane:  # fmt: skip
+    """tests/cluster's control plane, with the API server on the docker network's gateway.
+
+    Static tokens for each kubelet (so that NodeRestriction applies), kube-proxy and CoreDNS.
+    """
+    users = {f"system:node:{name}": "system:nodes" for name in node_names}
+    users.update({"system:kube-proxy": "", "kdistill-coredns": "system:masters"})
+    return ControlPlane(bins, workdir, NODE_TIMINGS, api_host=layout.GATEWAY, extra_users=users,
+                        admin_kubeconfig=admin_kubeconfig)  # fmt: skip
 
 
 def shared_root() -> Path:
@@ -125,7 +143,7 @@ def start_cluster(node_count: int = 2) -> E2ECluster:
     ensure_network()
     workdir = Path(tempfile.mkdtemp(prefix="kdistill-e2e-"))
     addrs = layout.nodes(node_count)
-    cp = ControlPlane(bins, workdir, [a.name for a in addrs])
+    cp = control_plane(bins, workdir, [a.name for a in addrs])
     shared = shared_root()
     shared.mkdir(parents=True, exist_ok=True)
     nodes = [Node(a, image, workdir / "nodes" / a.name, workdir / "logs" / a.name, (shared,)) for a in addrs]
@@ -134,7 +152,7 @@ def start_cluster(node_count: int = 2) -> E2ECluster:
         cp.start()
         cluster._dns = coredns.start(workdir, cp.kubeconfig_for("kdistill-coredns", workdir / "kubeconfigs" /
                                                                 "coredns.yaml"))  # fmt: skip
-        cp.adopt(cluster._dns)
+        cp.add(cluster._dns)
         proxy_kc = cp.kubeconfig_for("system:kube-proxy", workdir / "kubeconfigs" / "kube-proxy.yaml")
         for n in nodes:
             kubelet_kc = cp.kubeconfig_for(f"system:node:{n.name}", workdir / "kubeconfigs" / f"{n.name}.yaml")
@@ -161,7 +179,7 @@ def attach_cluster(workdir: Path) -> E2ECluster:
         raise FileNotFoundError(f"{kubeconfig} is missing: is {workdir} a running e2e cluster's folder?")
     names = docker("ps", "--filter", f"label={layout.LABEL}", "--format", "{{.Names}}").stdout.split()
     addrs = [a for a in layout.nodes(20) if a.name in names]
-    cp = ControlPlane(bins, workdir, [a.name for a in addrs], admin_kubeconfig=kubeconfig)
+    cp = control_plane(bins, workdir, [a.name for a in addrs], admin_kubeconfig=kubeconfig)
     shared = shared_root()
     nodes = [Node(a, node_image(), workdir / "nodes" / a.name, workdir / "logs" / a.name, (shared,)) for a in addrs]
     return E2ECluster(workdir, cp, nodes, str(bins["kubectl"]), str(bins["helm"]), attached=True)

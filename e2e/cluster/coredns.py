@@ -54,10 +54,10 @@ def query_a(name: str, server: str = GATEWAY, timeout: float = 2.0) -> list[str]
     for _ in range(ancount):
         # Names in answers are compressed pointers (2 bytes) to the question.
         pos += 2 if data[pos] & 0xC0 == 0xC0 else len(question)
-        rtype, _cls, _ttl, rdlen = struct.unpack(">HHIH", data[pos:pos + 10])
+        rtype, _cls, _ttl, rdlen = struct.unpack(">HHIH", data[pos : pos + 10])
         pos += 10
         if rtype == 1 and rdlen == 4:
-            answers.append(socket.inet_ntoa(data[pos:pos + 4]))
+            answers.append(socket.inet_ntoa(data[pos : pos + 4]))
         pos += rdlen
     return answers
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from tests.cluster import controlplane
+
 NETWORK = "kdistill-e2e"
 SUBNET = "172.29.0.0/24"
 GATEWAY = "172.29.0.1"  # the host's address on NETWORK: API server and CoreDNS listen here
+SERVICE_CIDR = controlplane.SERVICE_CIDR  # the control plane's; 10.0.0.1 (kubernetes) is in its certificate
 CLUSTER_CIDR = "10.244.0.0/16"  # pod addresses; node i gets 10.244.i.0/24
-SERVICE_CIDR = "10.0.0.0/24"  # what tests/cluster's certificates name (10.0.0.1 = kubernetes)
 DNS_DOMAIN = "cluster.local"
 LABEL = "io.kdistill.e2e"  # docker label on everything the harness creates
 NODE_PREFIX = "kdistill-e2e-node"

@@ -72,7 +72,10 @@ def kubelet_config(node: NodeAddr) -> dict[str, object]:
         "nodeLeaseDurationSeconds": 12,
         # The disk is shared with other work; never evict pods for it.
         "evictionHard": {
-            "memory.available": "100Mi", "nodefs.available": "0%", "nodefs.inodesFree": "0%", "imagefs.available": "0%",
+            "memory.available": "100Mi",
+            "nodefs.available": "0%",
+            "nodefs.inodesFree": "0%",
+            "imagefs.available": "0%",
         },
         "imageGCHighThresholdPercent": 100,
         "serializeImagePulls": False,

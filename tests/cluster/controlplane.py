@@ -3,6 +3,10 @@
 Everything listens on 127.0.0.1 on free ports and keeps its data in one temporary
 folder. The timeouts that decide how fast a lost node is noticed and its pods
 evicted are shortened so that tests see it within seconds.
+
+The e2e cluster (e2e/cluster, real kubelets in node containers) uses the same control
+plane with the API server bound to an address the nodes reach (`api_host`) and static
+tokens for its kubelets, kube-proxy and CoreDNS (`extra_users`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +41,9 @@ class Timings:
     eviction_toleration_seconds: int = 2
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -47,7 +52,7 @@ def _get(url: str, context: ssl.SSLContext | None = None, token: str | None = No
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=2, context=context) as resp:
+        with urllib.request.urlopen(req, timeout=3, context=context) as resp:
             return resp.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
@@ -66,11 +71,24 @@ class ControlPlane:
     bins: Binaries
     workdir: Path
     timings: Timings = field(default_factory=Timings)
+    # Where the API server listens. Off loopback, the `kubernetes` Service gets real
+    # endpoints (pods reach the API server through it) and the certificate names it.
+    api_host: str = "127.0.0.1"
+    extra_users: Mapping[str, str] = field(default_factory=dict)  # user -> groups, with static tokens
     processes: list[Process] = field(default_factory=list)
     pki: Pki | None = None
     server: str = ""
     admin_kubeconfig: Path | None = None
     kwok_kubeconfig: Path | None = None
+
+    @property
+    def loopback(self) -> bool:
+        return self.api_host.startswith("127.")
+
+    def kubeconfig_for(self, user: str, path: Path) -> Path:
+        """A kubeconfig for one of `extra_users` (or a built-in role), with its static token."""
+        assert self.pki is not None, "the control plane is not started"
+        return write_kubeconfig(path, self.server, self.pki.ca_cert, user, self.pki.tokens[user])
 
     def start(self) -> None:
         try:
@@ -82,7 +100,8 @@ class ControlPlane:
     def _start(self) -> None:
         w = self.workdir
         logs = w / "logs"
-        self.pki = pki = make_pki(w / "pki")
+        sans = () if self.loopback else (f"IP:{self.api_host}",)
+        self.pki = pki = make_pki(w / "pki", sans, self.extra_users)
 
         etcd_port, etcd_peer = free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -97,13 +116,17 @@ class ControlPlane:
         ], logs)  # fmt: skip
         wait_for(lambda: _get(f"{etcd_url}/health"), "etcd /health", 30, procs=[etcd])
 
-        api_port = free_port()
-        self.server = f"https://127.0.0.1:{api_port}"
+        host = self.api_host
+        api_port = free_port(host)
+        self.server = f"https://{host}:{api_port}"
         tolerate = str(self.timings.eviction_toleration_seconds)
+        # Endpoints may not hold loopback addresses, so there the `kubernetes` Service gets none;
+        # off loopback there are real kubelets, which logs/exec reach by address.
+        by_host = "--endpoint-reconciler-type=none" if self.loopback else "--kubelet-preferred-address-types=InternalIP"
         apiserver = self._run("kube-apiserver", [
             str(self.bins["kube-apiserver"]),
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+            f"--bind-address={host}", f"--advertise-address={host}", f"--secure-port={api_port}",
             f"--tls-cert-file={pki.server_cert}", f"--tls-private-key-file={pki.server_key}",
             f"--client-ca-file={pki.ca_cert}", f"--token-auth-file={pki.token_file}",
             f"--requestheader-client-ca-file={pki.ca_cert}", "--requestheader-allowed-names=front-proxy-client",
@@ -114,19 +137,19 @@ class ControlPlane:
             f"--service-account-issuer={SA_ISSUER}",
             f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            # Endpoints may not hold loopback addresses, so the `kubernetes` Service gets none.
-            "--endpoint-reconciler-type=none",
+            by_host,
             f"--cert-dir={w / 'apiserver'}",
             "--allow-privileged=true",
             # As on managed GPU clusters: pods that request nvidia.com/gpu tolerate the GPU taint.
-            "--enable-admission-plugins=ExtendedResourceToleration",
+            # NodeRestriction: real kubelets (off loopback) may change only their own Node and pods.
+            "--enable-admission-plugins=ExtendedResourceToleration" + ("" if self.loopback else ",NodeRestriction"),
             f"--default-not-ready-toleration-seconds={tolerate}",
             f"--default-unreachable-toleration-seconds={tolerate}",
             "--profiling=false", "--v=1",
         ], logs)  # fmt: skip
         ca_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
         admin_token = pki.tokens["admin"]
-        wait_for(lambda: _get(f"{self.server}/readyz", ca_ctx, admin_token), "kube-apiserver /readyz", 90,
+        wait_for(lambda: _get(f"{self.server}/readyz", ca_ctx, admin_token), "kube-apiserver /readyz", 120,
                  procs=[etcd, apiserver])  # fmt: skip
 
         kc = w / "kubeconfigs"
@@ -167,9 +190,9 @@ class ControlPlane:
         ], logs)  # fmt: skip
         insecure = _insecure()
         wait_for(lambda: _get(f"https://127.0.0.1:{cm_port}/healthz", insecure), "kube-controller-manager /healthz",
-                 60, procs=[etcd, apiserver, cm, sched])  # fmt: skip
+                 90, procs=[etcd, apiserver, cm, sched])  # fmt: skip
         wait_for(lambda: _get(f"https://127.0.0.1:{sched_port}/healthz", insecure), "kube-scheduler /healthz",
-                 60, procs=[etcd, apiserver, cm, sched])  # fmt: skip
+                 90, procs=[etcd, apiserver, cm, sched])  # fmt: skip
 
     def _run(self, name: str, argv: list[str], logs: Path) -> Process:
         proc = Process(name, argv, logs / f"{name}.log")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,13 @@ def _ec_key(path: Path) -> None:
     path.chmod(0o600)
 
 
-def make_pki(folder: Path) -> Pki:
+def make_pki(folder: Path, extra_sans: Sequence[str] = (), extra_users: Mapping[str, str] | None = None) -> Pki:
+    """Keys, certificates and static tokens in `folder`.
+
+    `extra_sans` adds names to the API server's certificate (e.g. ``IP:172.29.0.1`` when
+    it listens where node containers reach it); `extra_users` maps further user names to
+    their groups ("" for none), each with a token under its own name in `Pki.tokens`.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = folder / "ca.key", folder / "ca.crt"
     server_key, server_cert = folder / "apiserver.key", folder / "apiserver.crt"
@@ -76,7 +83,7 @@ def make_pki(folder: Path) -> Pki:
     _openssl(
         "req", "-x509", "-new", "-key", str(server_key), "-out", str(server_cert), "-days", "7",
         "-CA", str(ca_cert), "-CAkey", str(ca_key), "-subj", "/CN=kube-apiserver",
-        "-addext", "subjectAltName=" + ",".join(_SERVER_SANS),
+        "-addext", "subjectAltName=" + ",".join((*_SERVER_SANS, *extra_sans)),
         "-addext", "basicConstraints=critical,CA:FALSE",
         "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
         "-addext", "extendedKeyUsage=serverAuth",
@@ -92,10 +99,12 @@ def make_pki(folder: Path) -> Pki:
         "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
         "-addext", "extendedKeyUsage=clientAuth",
     )  # fmt: skip
-    tokens = {role: secrets.token_hex(24) for role in _USERS}
+    users = dict(_USERS)
+    users.update({user: (user, groups) for user, groups in (extra_users or {}).items()})
+    tokens = {role: secrets.token_hex(24) for role in users}
     token_file = folder / "tokens.csv"
     lines = []
-    for role, (user, groups) in _USERS.items():
+    for role, (user, groups) in users.items():
         # token,user,uid[,"group1,group2"]
         lines.append(f"{tokens[role]},{user},{user}" + (f',"{groups}"' if groups else ""))
     token_file.write_text("\n".join(lines) + "\n")
