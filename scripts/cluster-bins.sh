@@ -76,8 +76,13 @@ for cmd in kube-controller-manager kube-scheduler kubectl; do
 done
 build kwok sigs.k8s.io/kwok/cmd/kwok "${KWOK_BIN_DIR}/kwok" \
   "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v} -X sigs.k8s.io/kwok/pkg/consts.KubeVersion=${K8S_VERSION#v}"
-build helm helm.sh/helm/v3/cmd/helm "${HELM_BIN_DIR}/helm" \
-  "-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+# helm's own release build sets these too: without them `helm template` renders for
+# Kubernetes v1.20 (.Capabilities.KubeVersion) and `helm lint` checks deprecations against it.
+helm_ldflags="-X helm.sh/helm/v3/internal/version.version=${HELM_VERSION} -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+  helm_ldflags+=" -X ${pkg}.k8sVersionMajor=1 -X ${pkg}.k8sVersionMinor=${k8s_minor}"
+done
+build helm helm.sh/helm/v3/cmd/helm "${HELM_BIN_DIR}/helm" "${helm_ldflags}"
 # The kubelet is only for the real-pods rung; build it last.
 build k8s-bins k8s.io/kubernetes/cmd/kubelet "${K8S_BIN_DIR}/kubelet" "${k8s_ldflags}"
 # kube-proxy serves ClusterIP Services on the real-pods rung (e2e/); built after the kubelet.

@@ -23,7 +23,9 @@ HELM_VERSION="$(_kd_mod_version helm helm.sh/helm/v3)"
 K8S_BIN_DIR="${KDISTILL_CACHE}/k8s-${K8S_VERSION}/bin"
 ETCD_BIN_DIR="${KDISTILL_CACHE}/etcd-${ETCD_VERSION}/bin"
 KWOK_BIN_DIR="${KDISTILL_CACHE}/kwok-${KWOK_VERSION}/bin"
-HELM_BIN_DIR="${KDISTILL_CACHE}/helm-${HELM_VERSION}/bin"
+# helm carries the Kubernetes version it renders for (.Capabilities.KubeVersion, lint's
+# deprecation checks) in its ldflags: a new K8S_VERSION means a new helm build.
+HELM_BIN_DIR="${KDISTILL_CACHE}/helm-${HELM_VERSION}-k8s-${K8S_VERSION}/bin"
 
 export KDISTILL_CACHE K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION
 export K8S_BIN_DIR ETCD_BIN_DIR KWOK_BIN_DIR HELM_BIN_DIR

@@ -72,7 +72,11 @@ def locate(required: tuple[str, ...] = tuple(_BINARIES)) -> Binaries:
     paths: dict[str, Path] = {}
     for name, tool in _BINARIES.items():
         _, _, prefix = _TOOLS[tool]
-        paths[name] = cache_root() / f"{prefix}-{vers[tool]}" / "bin" / name
+        folder = f"{prefix}-{vers[tool]}"
+        if tool == "helm":
+            # scripts/cluster-env.sh: helm is built for one Kubernetes version (its ldflags).
+            folder += f"-k8s-{vers['k8s']}"
+        paths[name] = cache_root() / folder / "bin" / name
     missing = [str(paths[n]) for n in required if not os.access(paths[n], os.X_OK)]
     if missing:
         raise MissingBinariesError(
