@@ -31,6 +31,16 @@ RUN if [ -f pip-ca.crt ]; then export PIP_CERT=/build/pip-ca.crt; fi \
  && python3 -m venv /opt/kdistill \
  && python3 requirements-from-pyproject.py src/pyproject.toml trainer,serving > requirements.txt \
  && /opt/kdistill/bin/pip install --no-cache-dir --disable-pip-version-check --no-compile ${TORCH_SPEC:+"${TORCH_SPEC}"} -r requirements.txt
+# Bytecode for the dependencies is compiled here, once: pods run with a read-only root
+# filesystem and PYTHONDONTWRITEBYTECODE, so without it every start would compile torch and
+# transformers from source again (minutes on a busy node). compileall exits 1 on the few
+# files that some packages ship as templates rather than Python; those are never imported.
+RUN { /opt/kdistill/bin/python -m compileall -q -j 0 /opt/kdistill/lib >/dev/null || true; } \
+ && /opt/kdistill/bin/pip uninstall -y pip
+
+# kdistill itself, in its own stage: a source change rebuilds only this small layer, never
+# the multi-GB dependency layer above (which nodes would otherwise re-import in full).
+FROM build AS app
 COPY README.md src/
 COPY kdistill/ src/kdistill/
 COPY api/ src/api/
@@ -38,15 +48,20 @@ COPY operator/ src/operator/
 COPY trainer/ src/trainer/
 COPY serving/ src/serving/
 COPY cli/ src/cli/
+# pip was removed from the venv above; ensurepip brings it back in this throw-away stage.
+# Everything the install adds (package, dist-info, the `kdistill` script) is newer than the
+# stamp and is gathered under /overlay with its full path, for one COPY below.
 RUN if [ -f pip-ca.crt ]; then export PIP_CERT=/build/pip-ca.crt; fi \
- && /opt/kdistill/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps ./src \
- && /opt/kdistill/bin/pip check \
- && /opt/kdistill/bin/pip uninstall -y pip \
- && { /opt/kdistill/bin/python -m compileall -q -j 0 /opt/kdistill/lib >/dev/null || true; }
-# Bytecode is compiled here, once: pods run with a read-only root filesystem and
-# PYTHONDONTWRITEBYTECODE, so without it every start would compile torch and transformers
-# from source again (minutes on a busy node). compileall exits 1 on the few files that some
-# packages ship as templates rather than Python; those are never imported.
+ && /opt/kdistill/bin/python -m ensurepip >/dev/null \
+ && touch /build/stamp && sleep 1 \
+ && /opt/kdistill/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check --no-deps --no-compile ./src \
+ && /opt/kdistill/bin/python -m pip check \
+ && site="$(/opt/kdistill/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+ && /opt/kdistill/bin/python -m compileall -q "${site}/kdistill" >/dev/null \
+ && mkdir /overlay \
+ && find /opt/kdistill -newer /build/stamp \( -type f -o -type l \) -not -path '*/pip/*' -not -path '*/pip-*' \
+      -not -path '*/__pycache__/pip*' -print0 | tar --null -T - -cf - 2>/dev/null | tar -C /overlay -xf - \
+ && test -x /overlay/opt/kdistill/bin/kdistill && test -d "/overlay${site}/kdistill"
 
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="kdistill-trainer" \
@@ -56,6 +71,7 @@ LABEL org.opencontainers.image.title="kdistill-trainer" \
 RUN groupadd --gid 65532 kdistill \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin kdistill
 COPY --from=build /opt/kdistill /opt/kdistill
+COPY --from=app /overlay/ /
 COPY docker/entrypoint-trainer.sh /usr/local/bin/kdistill-entrypoint
 # Every cache goes under /tmp: pods run with a read-only root filesystem and a writable /tmp.
 ENV PATH=/opt/kdistill/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
