@@ -21,7 +21,7 @@ from .settings import Settings
 
 Manifest = dict[str, Any]
 GPU_RESOURCE = "nvidia.com/gpu"
-NON_ROOT_UID = 1000
+NON_ROOT_UID = names.RUNTIME_UID
 
 
 class BuildError(ValueError):
@@ -170,6 +170,17 @@ def _merge_gpu(resources: Manifest, gpus: int) -> Manifest:
     return out
 
 
+def runtime_env() -> list[Manifest]:
+    return [{"name": k, "value": v} for k, v in names.RUNTIME_ENV]
+
+
+def with_pull_policy(container: Manifest, settings: Settings) -> Manifest:
+    """The pull policy the operator was installed with (the chart's image.pullPolicy), if any."""
+    if settings.image_pull_policy:
+        container["imagePullPolicy"] = settings.image_pull_policy
+    return container
+
+
 def container_security_context() -> Manifest:
     return {
         "runAsNonRoot": True,
@@ -223,8 +234,7 @@ def _worker_env(job: DistillationJob, index: int) -> list[Manifest]:
         {"name": "PET_NPROC_PER_NODE", "value": str(par.procs_per_node)},
         {"name": "PET_NODE_RANK", "value": str(index)},
         # The root filesystem is read-only: caches go to the writable /tmp.
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        *runtime_env(),
     ]
     if job.spec.teacher.token_secret:
         env.append({
@@ -304,7 +314,7 @@ def worker_pod(job: DistillationJob, index: int, generation: int, settings: Sett
         "serviceAccountName": trainer_service_account_name(job),
         "automountServiceAccountToken": True,
         "securityContext": pod_security_context(),
-        "containers": [container],
+        "containers": [with_pull_policy(container, settings)],
         "volumes": volumes,
     }
     optional = {
@@ -369,7 +379,7 @@ def serving_deployment(
         "image": srv.image or settings.server_image,
         "command": serving_command(job),
         "ports": [{"name": "http", "containerPort": srv.port}],
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"}],
+        "env": runtime_env(),
         "resources": copy.deepcopy(srv.resources),
         "readinessProbe": {
             "httpGet": {"path": "/v2/health/ready", "port": probe_port},
@@ -393,7 +403,7 @@ def serving_deployment(
             "spec": {
                 "securityContext": pod_security_context(),
                 "automountServiceAccountToken": False,
-                "containers": [container],
+                "containers": [with_pull_policy(container, settings)],
                 "volumes": [_checkpoint_volume(job, read_only=True), {"name": "tmp", "emptyDir": {}}],
             },
         },

@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 
 from . import metrics, names
+from .login import connection_info
 from .observe import NodeView
 from .reconciler import Key, Reconciler
 from .settings import Settings
@@ -51,9 +52,9 @@ def _runtime(memo: Any) -> Runtime:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> Any:
-    """In-cluster first, else $KUBECONFIG read now (the kubernetes package reads it at import)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+def login(memo: Any, **_: Any) -> kopf.ConnectionInfo:
+    """The same server and user as our REST client: --kubeconfig, else in-cluster, else $KUBECONFIG."""
+    return connection_info(_runtime(memo).reconciler.kube.api.configuration)
 
 
 @kopf.on.startup()
@@ -147,6 +148,7 @@ async def pod_event(type: str | None, body: Any, name: str, namespace: str, labe
         return
     key = (namespace, job)
     pod_key = (namespace, name)
+    rt.reconciler.pod_tracker.seen(namespace, dict(body), deleted=type == "DELETED")
     old = rt.pod_nodes.pop(pod_key, None)
     if old is not None:
         rt.node_jobs.get(old[0], set()).discard(key)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import threading
+from contextlib import nullcontext
 
 import kopf
 from prometheus_client import start_http_server
@@ -16,6 +16,7 @@ from .kube import Kube
 from .leader import LeaseElector
 from .reconciler import Reconciler
 from .settings import Settings
+from .standby import StandbyHealth
 
 log = logging.getLogger("kdistill.operator")
 
@@ -23,8 +24,6 @@ log = logging.getLogger("kdistill.operator")
 def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INFO") -> int:
     """Blocks until stopped; returns the exit code (1 if the leader lease was lost)."""
     logs.configure(log_level)
-    if kubeconfig:
-        os.environ["KUBECONFIG"] = kubeconfig  # kopf's own login reads it too
     from kubernetes import client, config
 
     if kubeconfig:
@@ -52,9 +51,11 @@ def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INF
         log.info("waiting for lease %s/%s", settings.lease_namespace, settings.lease_name)
         # A standby stopped while it waits exits cleanly (kopf handles signals only later).
         previous = signal.signal(signal.SIGTERM, lambda *_: waiting.set())
+        lease = f"{settings.lease_namespace}/{settings.lease_name}"
         try:
-            if not elector.acquire(waiting):
-                return 0
+            with StandbyHealth(settings.health_port, lease) if settings.health_port else nullcontext():
+                if not elector.acquire(waiting):
+                    return 0
         finally:
             signal.signal(signal.SIGTERM, previous)
     runtime = handlers.Runtime(settings=settings, reconciler=Reconciler(kube, settings), leader=elector)

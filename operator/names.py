@@ -25,6 +25,18 @@ CHECKPOINT_MOUNT = "/mnt/checkpoints"
 PVC_ROOT = "/mnt/pvc"
 RDZV_PORT = 29500
 TRAINER_CONTAINER = "trainer"
+# The non-root user every kdistill image declares (docker/*.Dockerfile: `USER 65532:65532`, a
+# passwd entry named kdistill, HOME=/tmp). Pods run as this uid; a test keeps the two equal.
+RUNTIME_UID = 65532
+RUNTIME_USER = "kdistill"
+# getpass.getuser() (torch, transformers) reads these before /etc/passwd, so a user's own image
+# without a passwd entry for the uid still works; HOME/caches go to the writable /tmp.
+RUNTIME_ENV = (
+    ("USER", RUNTIME_USER),
+    ("LOGNAME", RUNTIME_USER),
+    ("HOME", "/tmp"),
+    ("XDG_CACHE_HOME", "/tmp/.cache"),
+)
 SERVER_CONTAINER = "server"
 
 

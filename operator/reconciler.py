@@ -16,6 +16,7 @@ from typing import Any
 from kdistill.api import JobValidationError, parse_job
 
 from . import builders, metrics, names
+from .departures import PodTracker
 from .kube import JOB, ApiError, Kube
 from .observe import DeploymentView, NodeView, PodView
 from .settings import Settings
@@ -42,6 +43,8 @@ class Reconciler:
         # Filled by the node watch (handlers.node_event): name -> view, None once deleted.
         # A node not in it yet (e.g. right after start) is read from the API instead.
         self.node_cache: dict[str, NodeView | None] = {}
+        # Filled by the pod watch (handlers.pod_event): the final state of deleted worker pods.
+        self.pod_tracker = PodTracker()
 
     def forget(self, key: Key) -> None:
         self.phases.pop(key, None)
@@ -91,10 +94,14 @@ class Reconciler:
         if job.spec.serving.enabled and status.get("phase") in ("Running", "Deploying", "Succeeded"):
             dep = self.kube.get("apps/v1", "Deployment", namespace, names.serving(name, job.spec.serving.name))
             deployment = DeploymentView.from_dict(dep) if dep is not None else None
+        expected = [names.worker_pod(name, i) for i in range(job.spec.parallelism.nodes)]
+        missing = [p for p in expected if p not in {v.name for v in pods}]
         obs = Observed(job=job, generation=int(body["metadata"].get("generation") or 0), status=status,
                        pods=pods, nodes=nodes, deployment=deployment, now=now,
                        notready_seconds=self.settings.notready_seconds,
-                       max_backoff_seconds=self.settings.max_backoff_seconds)
+                       max_backoff_seconds=self.settings.max_backoff_seconds,
+                       departed=self.pod_tracker.departed(namespace, missing),
+                       unconfirmed=self.pod_tracker.unconfirmed(namespace, missing))
         decision = decide(obs)
         try:
             self._act(body, job, status, decision, {p.name for p in pods}, jlog)

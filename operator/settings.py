@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kdistill/trainer:latest"
 DEFAULT_SERVER_IMAGE = "ghcr.io/kdistill/server:latest"
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
+def _env_pull_policy() -> str:
+    # Read here rather than as a CLI flag so that the chart's `image.pullPolicy` reaches worker
+    # and serving pods through the Deployment's env (KDISTILL_IMAGE_PULL_POLICY).
+    return os.environ.get("KDISTILL_IMAGE_PULL_POLICY", "")
 
 
 @dataclass(frozen=True)
@@ -32,3 +39,9 @@ class Settings:
     lease_duration_seconds: float = 15.0
     lease_renew_seconds: float = 5.0
     identity: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+    # imagePullPolicy of worker and serving containers; "" leaves Kubernetes' default.
+    image_pull_policy: str = field(default_factory=_env_pull_policy)
+
+    def __post_init__(self) -> None:
+        if self.image_pull_policy and self.image_pull_policy not in PULL_POLICIES:
+            raise ValueError(f"image pull policy {self.image_pull_policy!r} is not one of {', '.join(PULL_POLICIES)}")

@@ -54,6 +54,11 @@ class Observed:
     now: datetime
     notready_seconds: float = 30.0
     max_backoff_seconds: int = 3600
+    # The final state of gang pods the watch saw deleted (name -> view): an evicted pod is often
+    # gone before any LIST shows its DisruptionTarget condition (departures.py).
+    departed: dict[str, PodView] = field(default_factory=dict)
+    # Pods missing from the LIST whose DELETED event has not arrived yet: wait for it.
+    unconfirmed: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -274,6 +279,34 @@ def _pod_problem(obs: Observed, pod: PodView) -> _Problem | None:
     return None
 
 
+def _missing_problem(obs: Observed, gen: int, missing: list[int]) -> _Problem | None:
+    """Why running workers are gone, from their last watched state; None: wait for the watch."""
+    job = obs.job.metadata.name
+    found: list[_Problem] = []
+    for i in missing:
+        name = names.worker_pod(job, i)
+        last = obs.departed.get(name)
+        if last is not None and last.generation == gen:
+            if last.evicted:
+                found.append(_Problem("eviction", "Evicted", f"{name}: {last.disruption}"))
+            elif last.disruption == "DeletionByTaintManager":
+                found.append(_Problem("failure", "NodeLost", f"{name}: evicted from a NotReady node"))
+            else:
+                pr = _pod_problem(obs, last)
+                found.append(pr if pr is not None and pr.kind != "pending"
+                             else _Problem("failure", "PodDeleted", f"{name} was deleted"))
+        elif name in obs.unconfirmed:
+            return None
+        else:
+            found.append(_Problem("failure", "PodDeleted", f"{name} disappeared"))
+    # A failure outranks an eviction when both happened: it is the one that uses up maxRestarts.
+    for kind in ("permanent", "failure"):
+        for pr in found:
+            if pr.kind == kind:
+                return pr
+    return found[0]
+
+
 def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
     gen = _generation(st)
     stale = [p for p in obs.pods if p.generation != gen]
@@ -293,7 +326,13 @@ def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
         return _succeeded_training(obs, st, d, rank0)
     missing = [i for i in range(nodes) if i not in gang]
     if missing and phase == "Running":
-        problems.append(_Problem("failure", "PodDeleted", f"worker(s) {missing} disappeared"))
+        found = _missing_problem(obs, gen, missing)
+        if found is None:
+            d.requeue(0.5)  # the watch has not reported the deletion yet; it will, or time out
+            return phase
+        if found.kind == "permanent":
+            return _fail(obs, st, d, found.reason, found.message)
+        problems.append(found)
     for kind in ("failure", "eviction"):
         for pr in problems:
             if pr.kind == kind:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from kdistill.api import load_job, parse_job
 from kdistill.operator import builders, names
 from kdistill.operator.settings import Settings
 
+REPO = Path(__file__).resolve().parents[2]
 SETTINGS = Settings(trainer_image="reg/trainer:1", server_image="reg/server:1")
 
 
@@ -86,11 +88,42 @@ def test_worker_pod_mounts_claims_read_only_and_checkpoints_rw() -> None:
 def test_worker_security_context_is_locked_down() -> None:
     pod = builders.worker_pod(job(), 0, 0, SETTINGS)
     sc = pod["spec"]["containers"][0]["securityContext"]
-    assert sc == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "readOnlyRootFilesystem": True,
+    assert sc == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "readOnlyRootFilesystem": True,
                   "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                   "seccompProfile": {"type": "RuntimeDefault"}}
     assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["spec"]["containers"][0]["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_pods_run_as_the_images_user_with_user_and_home_set() -> None:
+    # The uid the operator runs pods as is the one every image declares (and has a passwd entry for).
+    for dockerfile in ("trainer.Dockerfile", "operator.Dockerfile"):
+        text = (REPO / "docker" / dockerfile).read_text()
+        uid = names.RUNTIME_UID
+        assert f"USER {uid}:{uid}" in text and f"useradd --uid {uid} --gid {uid}" in text, dockerfile
+        assert f"USER={names.RUNTIME_USER}" in text, dockerfile
+    j = job()
+    for spec in (builders.worker_pod(j, 0, 0, SETTINGS)["spec"],
+                 builders.serving_deployment(j, SETTINGS)["spec"]["template"]["spec"]):
+        assert spec["securityContext"]["runAsUser"] == spec["securityContext"]["fsGroup"] == names.RUNTIME_UID
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        # getpass.getuser() (torch) reads USER/LOGNAME first: no passwd entry needed in a custom image
+        assert env["USER"] == env["LOGNAME"] == "kdistill"
+        assert env["HOME"] == "/tmp" and env["XDG_CACHE_HOME"] == "/tmp/.cache"
+
+
+def test_image_pull_policy_reaches_worker_and_serving_containers(monkeypatch: pytest.MonkeyPatch) -> None:
+    j = job()
+    worker = builders.worker_pod(j, 0, 0, SETTINGS)["spec"]["containers"][0]
+    assert "imagePullPolicy" not in worker  # unset: Kubernetes' own default for the tag
+    monkeypatch.setenv("KDISTILL_IMAGE_PULL_POLICY", "Never")  # as the chart sets it from image.pullPolicy
+    settings = Settings(trainer_image="reg/trainer:1", server_image="reg/server:1")
+    assert settings.image_pull_policy == "Never"
+    assert builders.worker_pod(j, 1, 0, settings)["spec"]["containers"][0]["imagePullPolicy"] == "Never"
+    dep = builders.serving_deployment(j, settings)
+    assert dep["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] == "Never"
+    with pytest.raises(ValueError, match="'sometimes' is not one of Always, IfNotPresent, Never"):
+        Settings(image_pull_policy="sometimes")
 
 
 def test_cpu_job_has_no_gpu_request_and_one_process() -> None:

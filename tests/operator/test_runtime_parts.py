@@ -8,6 +8,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from kdistill.operator import builders, rbac
+from kdistill.operator.departures import PodTracker
 from kdistill.operator.leader import may_take, micro_time
 from kdistill.operator.logs import JsonFormatter
 from kdistill.operator.reconciler import JobLog
@@ -83,3 +84,31 @@ def test_rbac_has_no_wildcards_and_covers_the_trainer_role() -> None:
             assert ("kdistill.io", "distillationjobs/status", verb) in held
     assert [r | {"resourceNames": ["intent"]} for r in rbac.WORKER_RULES] == [
         {k: granted[0][k] for k in ("apiGroups", "resources", "verbs", "resourceNames")}]
+
+
+def _pod_body(name: str, gen: int, **status: object) -> dict[str, object]:
+    return {"metadata": {"name": name, "labels": {"kdistill.io/replica-index": "0",
+                                                    "kdistill.io/restart-generation": str(gen)}},
+            "status": {"phase": "Running", **status}}
+
+
+def test_pod_tracker_keeps_the_final_state_and_bounds_the_wait_for_the_watch() -> None:
+    clock = [100.0]
+    t = PodTracker(clock=lambda: clock[0], keep_seconds=60, confirm_seconds=5)
+    t.seen("ml", _pod_body("j-worker-0", 0), deleted=False)
+    # the LIST ran ahead of the watch: wait, but not forever
+    assert t.unconfirmed("ml", ["j-worker-0", "j-worker-1"]) == {"j-worker-0"}
+    clock[0] += 5
+    assert t.unconfirmed("ml", ["j-worker-0"]) == frozenset()
+    evicted = _pod_body("j-worker-0", 0, conditions=[
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}])
+    t.seen("ml", evicted, deleted=True)
+    last = t.departed("ml", ["j-worker-0", "j-worker-1"])
+    assert list(last) == ["j-worker-0"] and last["j-worker-0"].evicted and last["j-worker-0"].generation == 0
+    assert t.unconfirmed("ml", ["j-worker-0"]) == frozenset() and t.departed("other", ["j-worker-0"]) == {}
+    t.seen("ml", _pod_body("j-worker-0", 1), deleted=False)  # the next generation took the name
+    assert t.departed("ml", ["j-worker-0"]) == {}
+    t.seen("ml", _pod_body("j-worker-0", 1), deleted=True)
+    clock[0] += 61
+    t.seen("ml", _pod_body("j-worker-9", 1), deleted=False)  # any event prunes old records
+    assert t.departed("ml", ["j-worker-0"]) == {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -344,3 +345,35 @@ def test_deployment_view_availability() -> None:
     assert not dep(observedGeneration=1, updatedReplicas=2, availableReplicas=2).available
     assert not dep(observedGeneration=2, updatedReplicas=1, availableReplicas=2).available
     assert not dep(observedGeneration=2, updatedReplicas=2, availableReplicas=1).available
+
+
+def test_a_worker_gone_after_eviction_counts_as_an_eviction_from_its_watched_final_state() -> None:
+    # The LIST no longer shows worker 0; the watch kept its last state with DisruptionTarget.
+    last = pod(0, deleting=True, disruption="EvictionByEvictionAPI")
+    obs = observe(running(restarts=1), [pod(1, gen=1)])
+    d = decide(replace(obs, departed={"j-worker-0": replace(last, generation=1)}))
+    assert d.phase == "Restarting" and d.status["evictions"] == 1 and "restarts" not in d.status
+    assert cond(d, "Restarting")["reason"] == "Evicted"
+
+
+def test_a_departed_pod_of_an_older_generation_or_a_plain_deletion_is_a_failure() -> None:
+    old = pod(0, deleting=True, disruption="EvictionByEvictionAPI", gen=0)
+    obs = observe(running(restarts=1), [pod(1, gen=1)])
+    d = decide(replace(obs, departed={"j-worker-0": old}))
+    assert d.status["restarts"] == 2 and cond(d, "Restarting")["reason"] == "PodDeleted"
+    d = decide(replace(obs, departed={"j-worker-0": pod(0, gen=1, deleting=True)}))
+    assert d.status["restarts"] == 2 and "evictions" not in d.status
+
+
+def test_a_departed_pod_that_failed_permanently_fails_the_job() -> None:
+    bad = pod(0, "Failed", deleting=True, terminated=ended(termination_for(ExitCode.BAD_DATA, "x")))
+    obs = observe(running(), [pod(1)])
+    d = decide(replace(obs, departed={"j-worker-0": bad}))
+    assert d.phase == "Failed" and cond(d, "Failed")["reason"] == "BAD_DATA"
+
+
+def test_a_missing_pod_whose_deletion_the_watch_has_not_reported_waits() -> None:
+    obs = observe(running(), [pod(1)])
+    d = decide(replace(obs, unconfirmed=frozenset({"j-worker-0"})))
+    assert d.phase == "Running" and not d.status.get("restarts") and d.requeue_after == 0.5
+    assert not d.delete_pods and d.create_generation is None
