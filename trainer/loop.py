@@ -181,6 +181,9 @@ class Trainer:
         self.models = models
         self.teacher = self.parallel.prepare_teacher(models.teacher).to(self.device)
         self.student = models.student.to(self.device)
+        self.mp: Any = None  # ParallelStudent when the student is tensor/pipeline parallel
+        if self.parallel.model_parallel:
+            self._split_student()
         self.tokenizer = models.tokenizer
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._load_data()
@@ -190,7 +193,18 @@ class Trainer:
         self.optimizer, self.scheduler = self._build_optimizer()
         self.cache = self._build_cache()
         # What runs the student forward: DDP over the data ranks (same parameter objects).
-        self.student_forward = self.parallel.wrap_student(self.student)
+        self.student_forward = self.mp.module if self.mp is not None else self.parallel.wrap_student(self.student)
+
+    def _split_student(self) -> None:
+        """Tensor/pipeline-parallel student: rank 0 keeps an unsplit copy to gather checkpoints
+        into; every rank records the unsplit parameter layout, then splits its student in place."""
+        from .parallel.student_state import FullLayout
+
+        self.mp_full = FullLayout.of(self.student)
+        self.mp_template = copy.deepcopy(self.student) if self.opts.is_writer else None
+        self.mp = self.parallel.parallelize_student(self.student, self._mp_token_loss)
+        self._mp_temperature = 1.0
+        self._mp_parts: list[torch.Tensor] = []
 
     def _qat_split(self) -> Callable[[int, float], tuple[int, int]]:
         from .quantization import qat_phase_split
@@ -246,7 +260,7 @@ class Trainer:
         self.sampler = BatchSampler(
             self.train_examples, dist.batch_size // dist.gradient_accumulation_steps, strategy=s.strategy,
             tiers=tiers, shares=shares, seed=dist.seed, bucket_by_length=True,
-            rank=self.opts.rank % data_ranks, world=data_ranks,
+            rank=self.parallel.data_rank, world=data_ranks,
         )
         self._sampler_iter: Iterator[list[int]] = iter(self.sampler)
         self._collate = collate
@@ -316,7 +330,9 @@ class Trainer:
         return aux.to(self.device)
 
     def _named_trainables(self) -> list[tuple[str, nn.Parameter]]:
-        named = [(f"student.{n}", p) for n, p in self.student.named_parameters() if p.requires_grad]
+        source = self.mp.named_params.items() if getattr(self, "mp", None) is not None \
+            else self.student.named_parameters()
+        named = [(f"student.{n}", p) for n, p in source if p.requires_grad]
         named += [(f"aux.{n}", p) for n, p in self.aux.named_parameters() if p.requires_grad]
         return named
 
@@ -331,6 +347,8 @@ class Trainer:
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": d.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=d.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+            # DTensor shards and plain tensors cannot share one foreach kernel call.
+            foreach=False if getattr(self, "mp", None) is not None else None,
         )
         total, warmup = self.total, d.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, warmup, total))
@@ -550,6 +568,97 @@ class Trainer:
         loss = torch.stack(list(losses.values())).mean()
         return loss, parts
 
+    # ---- one micro-batch, model-parallel student --------------------------------------------------
+    def _mp_token_loss(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token alpha*KD + (1-alpha)*CE at the step's temperature (ParallelStudent's TokenLoss).
+
+        Runs on the ranks that hold the LM head (the last pipeline stage); labels are already
+        shifted (position i is scored against token i+1) and -100 where nothing is predicted.
+        """
+        from .losses import hard_label_ce, kd_divergence
+
+        d = self.spec.distillation
+        vocab = student.shape[-1]
+        s_rows, t_rows, y = student.float().reshape(-1, vocab), teacher.float().reshape(-1, vocab), labels.reshape(-1)
+        chunk = max(256, LOSS_CHUNK_ELEMENTS // vocab)
+        kd = kd_divergence(s_rows, t_rows, d.loss, self._mp_temperature, chunk_rows=chunk)
+        ce = hard_label_ce(s_rows, y, chunk_rows=chunk)
+        valid = (y != -100).to(torch.float64)
+        self._mp_parts.append(torch.stack([(kd.detach().double() * valid).sum(),
+                                           (ce.detach().double() * valid).sum(), valid.sum()]).cpu())
+        return (d.alpha * kd + (1.0 - d.alpha) * ce).view_as(labels)
+
+    def _mp_micro_step(self, batch: dict[str, torch.Tensor], temperature: float, accum: int
+                       ) -> tuple[float, dict[str, float]]:
+        """Forward and backward of one micro-batch through the split student; returns the global
+        mean loss and its KD/CE parts (the same numbers a single process reports).
+
+        Teacher targets: the ranks that compute the loss (the last pipeline stage, every tensor
+        peer there) run the teacher on their own rows and hand the logits to the schedule as the
+        loss target; earlier stages never run the teacher. A split teacher's forward is collective,
+        so then every rank takes part.
+        """
+        import torch.distributed as dist
+
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if self.parallel.layout.pipeline > 1:
+            # One pipeline schedule per batch shape: round lengths up to a multiple of 16 (right
+            # padding is ignored by causal attention and by the loss) so few shapes occur.
+            pad = -ids.shape[1] % 16
+            if pad:
+                ids = torch.nn.functional.pad(ids, (0, pad), value=self.pad_id)
+                mask = torch.nn.functional.pad(mask, (0, pad), value=0)
+                labels = torch.nn.functional.pad(labels, (0, pad), value=-100)
+        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        teacher = None
+        if self.parallel.split_teacher:
+            teacher = self.parallel.teacher_logits(ids, mask)
+        elif self.mp.is_last_stage:
+            with torch.inference_mode():
+                teacher = self.teacher(input_ids=ids, attention_mask=mask).logits.float()
+            teacher = teacher.clone()
+        self._mp_temperature = temperature
+        self._mp_parts.clear()
+        loss = self.mp.forward_backward(ids, shifted, teacher, mask, grad_scale=1.0 / accum)
+        # KD/CE parts for the report: summed over the data ranks' loss ranks (tensor 0 only),
+        # from the real micro-batches (the last calls; shape inference calls come first).
+        parts_t = torch.zeros(3, dtype=torch.float64)
+        if self.mp.is_last_stage and self.mp.coords["tensor"] == 0 and self.mp.last_loss_calls:
+            parts_t = torch.stack(self._mp_parts[-self.mp.last_loss_calls:]).sum(0)
+        if self.parallel.distributed:
+            with self.parallel.guard("the loss report"):
+                parts_t = parts_t.to(self.device)
+                dist.all_reduce(parts_t)
+        count = max(float(parts_t[2]), 1.0)
+        return loss, {"kd": float(parts_t[0]) / count, "ce": float(parts_t[1]) / count, "logits": loss}
+
+    def _mp_gather(self) -> Any:
+        """Collective: the whole student's state on rank 0 (GatheredState), None elsewhere."""
+        from .parallel.student_state import gather_state, load_into_template
+
+        with self.parallel.guard("gathering the student"):
+            state = gather_state(self.mp, self.optimizer, self.mp_full)
+        if state is not None:
+            load_into_template(self.mp_template, state.weights)
+        return state
+
+    def _mp_restore(self, info: CheckpointInfo) -> None:
+        """Every rank reads the whole-student checkpoint and keeps its own shard of it."""
+        from safetensors.torch import load_file
+
+        from .checkpoint import restore_rng
+        from .parallel.student_state import load_state
+
+        weights = load_file(str(info.path / "model.safetensors"))
+        opt_state = torch.load(info.path / "optimizer.pt", weights_only=True)
+        try:
+            load_state(self.mp, self.optimizer, self.mp_full, weights, opt_state)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise TrainerError(ExitCode.CHECKPOINT_INCOMPATIBLE,
+                               f"checkpoint {info.path} does not fit this student: {exc}") from None
+        self.scheduler.load_state_dict(torch.load(info.path / "scheduler.pt", weights_only=True))
+        restore_rng(torch.load(info.path / "rng.pt", weights_only=True))
+
     # ---- the loop ------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, torch.Tensor]:
         positions = next(self._sampler_iter)
@@ -566,8 +675,11 @@ class Trainer:
         # A checkpoint taken after the fake-quant phase began holds the wrapped model's state.
         if any(p.kind == "qat-fake-quant" and p.start < info.step for p in self.plan):
             self._enter_fake_quant()
-        self.ckpt.restore(info, model=self.student, aux=self.aux, optimizer=self.optimizer,
-                          scheduler=self.scheduler)
+        if self.mp is not None:
+            self._mp_restore(info)
+        else:
+            self.ckpt.restore(info, model=self.student, aux=self.aux, optimizer=self.optimizer,
+                              scheduler=self.scheduler)
         self.sampler.load_state_dict(info.sampler)
         self._sampler_iter = iter(self.sampler)
         self.tokens_seen = int(info.meta.get("tokens_seen", 0))
@@ -578,11 +690,17 @@ class Trainer:
         return info.step
 
     def _save_checkpoint(self, step: int, phase: Phase, temperature: float) -> str | None:
+        started = time.perf_counter()
+        model, optimizer = self.student, self.optimizer
+        if self.mp is not None:
+            # Every rank takes part in the gather; rank 0 writes the whole student.
+            state = self._mp_gather()
+            if state is not None:
+                model, optimizer = self.mp_template, state.optimizer_view()
         if not self.opts.is_writer:
             return None
-        started = time.perf_counter()
-        path = self.ckpt.save(step=step, stage=phase.name, temperature=temperature, model=self.student,
-                              aux=self.aux, optimizer=self.optimizer, scheduler=self.scheduler,
+        path = self.ckpt.save(step=step, stage=phase.name, temperature=temperature, model=model,
+                              aux=self.aux, optimizer=optimizer, scheduler=self.scheduler,
                               sampler=self.sampler.state_dict(),
                               meta={"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds})
         seconds = time.perf_counter() - started
@@ -613,17 +731,26 @@ class Trainer:
                 loss_sum = 0.0
                 for _ in range(accum):
                     batch = self._next_batch()
-                    loss, parts = self._micro_loss(batch, phase, temperature)
-                    (loss / accum).backward()
+                    if self.mp is not None:
+                        loss_value, parts = self._mp_micro_step(batch, temperature, accum)
+                    else:
+                        loss, parts = self._micro_loss(batch, phase, temperature)
+                        (loss / accum).backward()
+                        loss_value = float(loss.detach())
                     tokens += int(batch["attention_mask"].sum())
-                    loss_sum += float(loss.detach()) / accum
+                    loss_sum += loss_value / accum
                     for k, v in parts.items():
                         parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
                 if not math.isfinite(loss_sum):
                     raise TrainerError(ExitCode.INTERNAL, f"loss is {loss_sum} at step {step + 1} ({phase.name})")
                 # DDP reduced the student's gradients; the aux modules are reduced here.
                 self.parallel.average_grads(list(self.aux.parameters()))
-                if max_norm > 0:
+                if max_norm > 0 and self.mp is not None:
+                    from .parallel.student_state import clip_grad_norm
+
+                    with self.parallel.guard("the gradient norm"):
+                        clip_grad_norm(self.mp, self.mp_full, max_norm)
+                elif max_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, max_norm)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -647,6 +774,10 @@ class Trainer:
                 if stopping and done < self.total:
                     raise TrainerError(ExitCode.PREEMPTED, f"stopped at step {done} of {self.total} after "
                                        f"{'SIGTERM' if sigterm.raised else 'stop_after'}; checkpoint written")
+        if self.mp is not None:
+            # The outputs (student/, the INT8 artifact, evaluation) are written by rank 0 from
+            # its unsplit copy; the gather is collective, so every rank does it here.
+            self._mp_gather()
 
     @staticmethod
     def _temperature_fn() -> Callable[..., float]:
@@ -678,6 +809,8 @@ class Trainer:
 
     def full_precision_student(self) -> nn.Module:
         """The trained student with any fake-quant wrappers removed (float weights)."""
+        if self.mp is not None:
+            return self.mp_template  # rank 0's unsplit copy, gathered at the end of train()
         if not self.qat_prepared:
             return self.student
         from .quantization import strip_fake_quant
@@ -690,7 +823,7 @@ class Trainer:
             return None
         from . import quantization
 
-        cpu_copy = copy.deepcopy(self.student).cpu().eval()
+        cpu_copy = copy.deepcopy(self.mp_template if self.mp is not None else self.student).cpu().eval()
         if mode == "qat-int8":
             return quantization.convert_qat_to_int8(cpu_copy)
         return quantization.quantize_ptq_int8(cpu_copy)

@@ -11,10 +11,12 @@ spec's parallelism is something the loop can run, and then offers:
 
 A world of one makes every method a pass-through, so the single-process loop is unchanged.
 
-The loop drives data parallelism; tensor and pipeline parallelism of the student are library
-components (``student.py``, tested step-for-step against a single process) that the loop does
-not drive yet: its hidden-state, attention-transfer, QAT and teacher-cache paths all assume the
-whole student on every rank. Such a spec fails at start with a BAD_SPEC message that says so.
+With ``student.tensor > 1`` or ``student.pipeline > 1`` the loop runs a model-parallel student
+(``parallelize_student``: ``student.py`` cuts, shards and wraps it over the device mesh, and
+``student_state.py`` gathers and reshards its checkpoints). That path trains the logits objective
+(KD + hard-label CE) of causal LMs; ``check_supported`` rejects at start, with BAD_SPEC, what it
+does not cover: hidden/attention objectives, the teacher cache, uncertainty weighting, QAT and
+gradient compression.
 """
 
 from __future__ import annotations
@@ -40,12 +42,7 @@ log = logging.getLogger(__name__)
 def check_supported(spec: DistillationJobSpec, layout: MeshLayout) -> None:
     """Reject, before any model is loaded, what the loop cannot run in parallel."""
     if layout.tensor > 1 or layout.pipeline > 1:
-        raise TrainerError(
-            ExitCode.BAD_SPEC,
-            f"parallelism.student tensor={layout.tensor} pipeline={layout.pipeline}: the training loop runs "
-            "data parallelism only (tensor and pipeline parallelism exist as library components, see "
-            "docs/parallel.md); set student.data to the world size",
-        )
+        check_model_parallel(spec, layout)
     if layout.teacher_stages > 1:
         if spec.task != "causal-lm":
             raise TrainerError(ExitCode.BAD_SPEC,
@@ -60,6 +57,29 @@ def check_supported(spec: DistillationJobSpec, layout: MeshLayout) -> None:
             )
 
 
+def check_model_parallel(spec: DistillationJobSpec, layout: MeshLayout) -> None:
+    """What a tensor/pipeline-parallel student supports in the loop: logits KD of a causal LM."""
+    where = f"parallelism.student tensor={layout.tensor} pipeline={layout.pipeline}"
+    problems = []
+    if spec.task != "causal-lm":
+        problems.append(f"task {spec.task} (causal-lm only)")
+    extra = sorted({o for s in spec.distillation.stages for o in s.objectives} - {"logits"})
+    if extra:
+        problems.append(f"objectives {extra} (logits only: the student's hidden states and attention are "
+                        "split over ranks)")
+    if spec.distillation.teacher_cache.enabled:
+        problems.append("distillation.teacherCache (disable it)")
+    if spec.data.uncertainty_weighting.enabled:
+        problems.append("data.uncertaintyWeighting (disable it)")
+    if spec.quantization.mode == "qat-int8":
+        problems.append("quantization.mode qat-int8 (fake-quant layers cannot wrap sharded Linear layers; "
+                        "use ptq-int8 or none)")
+    if spec.parallelism.gradient_compression.top_k > 0:
+        problems.append("gradientCompression.topK (data-parallel students only)")
+    if problems:
+        raise TrainerError(ExitCode.BAD_SPEC, f"{where} does not support: " + "; ".join(problems))
+
+
 @dataclass
 class ParallelRuntime:
     env: DistEnv
@@ -70,6 +90,7 @@ class ParallelRuntime:
     teacher: Any = None  # SplitTeacher when the teacher is split
     teacher_group: Any = None  # process group of this rank's teacher stages
     compression: Any = None  # TopKState once the hook is installed
+    mesh: Any = None  # the student's (pipeline, data, tensor) DeviceMesh, model-parallel runs only
 
     @classmethod
     def create(cls, spec: DistillationJobSpec, device: torch.device, env: DistEnv | None = None) -> ParallelRuntime:
@@ -92,7 +113,31 @@ class ParallelRuntime:
                 group = dist.new_group(list(range(first, first + layout.teacher_stages)))
                 if env.rank in range(first, first + layout.teacher_stages):
                     rt.teacher_group = group
+        if rt.model_parallel:
+            from .mesh import build_device_mesh
+
+            rt.mesh = build_device_mesh(layout, device.type)
         return rt
+
+    @property
+    def model_parallel(self) -> bool:
+        """The student is split over ranks (tensor or pipeline parallel), not replicated."""
+        return self.layout.tensor > 1 or self.layout.pipeline > 1
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's coordinate on the data dimension: which share of each global batch it reads."""
+        return self.layout.coords(self.env.rank)["data"]
+
+    def parallelize_student(self, student: nn.Module, token_loss: Any) -> Any:
+        """Cut (pipeline), shard (tensor) and wrap (data) the student in place: a ParallelStudent."""
+        from .student import parallelize_student
+
+        try:
+            return parallelize_student(student, self.layout, self.env.rank, self.mesh, token_loss,
+                                       device=self.device)
+        except ValueError as exc:
+            raise TrainerError(ExitCode.BAD_SPEC, f"parallelism.student: {exc}") from None
 
     @property
     def distributed(self) -> bool:
@@ -160,7 +205,9 @@ class ParallelRuntime:
         keep the checkpointed RNG stream and are left alone.
         """
         if self.distributed:
-            torch.manual_seed(((seed * 1_000_003 + step) * 65_537 + self.env.rank) % 2**63)
+            # Tensor-parallel peers compute the same replicated activations: they share a stream.
+            who = self.env.rank // self.layout.tensor
+            torch.manual_seed(((seed * 1_000_003 + step) * 65_537 + who) % 2**63)
 
     def average_grads(self, params: list[nn.Parameter]) -> None:
         """Average gradients of modules outside DDP (the loop's small aux projections)."""

@@ -97,6 +97,9 @@ class ParallelStudent:
     # optimizer must update.
     named_params: dict[str, nn.Parameter] = field(default_factory=dict)
     _schedules: dict[tuple[int, ...], Any] = field(default_factory=dict)
+    # How many times the last step called ``token_loss`` for real. A new schedule also calls it
+    # while inferring shapes (on placeholder values), before the real micro-batches.
+    last_loss_calls: int = 0
 
     @property
     def coords(self) -> dict[str, int]:
@@ -115,12 +118,14 @@ class ParallelStudent:
         labels: torch.Tensor,
         teacher_logits: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
+        grad_scale: float = 1.0,
     ) -> float:
         """Forward and backward of this rank's share of the global micro-batch.
 
         ``input_ids``/``labels`` are this data rank's rows (the same on every tensor and pipeline
         peer); ``teacher_logits`` is needed on the last pipeline stage only. Gradients are left on
-        the parameters, reduced over data ranks; returns the global mean loss on every rank.
+        the parameters, reduced over data ranks, multiplied by ``grad_scale`` (1/accumulation
+        steps in the training loop); returns the global mean loss (unscaled) on every rank.
         """
         with peer_guard("the student step"):
             input_ids = input_ids.to(self.device)
@@ -129,7 +134,8 @@ class ParallelStudent:
             if self.layout.data > 1:
                 dist.all_reduce(valid, group=self.mesh["data"].get_group())
             # DDP averages over data ranks; the extra factor makes the result a global token mean.
-            scale = float(self.layout.data) / max(float(valid.item()), 1.0)
+            scale = float(self.layout.data) / max(float(valid.item()), 1.0) * grad_scale
+            self.last_loss_calls = 1
             if self.layout.pipeline == 1:
                 mask = None if attention_mask is None else attention_mask.to(self.device)
                 logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
@@ -139,7 +145,7 @@ class ParallelStudent:
             else:
                 local = self._pipeline_step(input_ids, labels, teacher_logits, scale)
                 self._sum_tied_grads()
-            return self._global_loss(local)
+            return self._global_loss(local) / grad_scale
 
     def _sum_tied_grads(self) -> None:
         weight = self.tied_weight
@@ -159,6 +165,7 @@ class ParallelStudent:
         self, input_ids: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
         schedule = self._schedule_for(tuple(input_ids.shape), scale)
+        self.last_loss_calls = schedule._n_microbatches if self.is_last_stage else 0
         stage = self.coords["pipeline"]
         losses: list[torch.Tensor] = []
         if stage == 0:
@@ -196,7 +203,10 @@ class ParallelStudent:
                 labels = target[..., -1].round().long()
                 return self._masked_sum(output, target[..., :-1], labels) * holder["scale"]
 
-            schedule = ScheduleGPipe(stage, n_microbatches=self.micro_batches, loss_fn=loss_fn, scale_grads=False)
+            # The schedule chunks rows evenly: use the largest count up to the configured one that
+            # divides this batch's rows (a short batch runs fewer micro-batches).
+            n_micro = max(d for d in range(1, max(1, min(self.micro_batches, shape[0])) + 1) if shape[0] % d == 0)
+            schedule = ScheduleGPipe(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
             entry = (schedule, holder)
             self._schedules[key] = entry
         entry[1]["scale"] = scale

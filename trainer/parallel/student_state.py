@@ -1,0 +1,300 @@
+"""Checkpoint state of a tensor/pipeline-parallel student: gathered to rank 0, resharded on load.
+
+We checkpoint a model-parallel student the way a single process would: rank 0 writes the whole
+student and an optimizer state in the single-process layout (parameter order of the unsplit
+student, decay group first). The trainer's atomic checkpoint (manifest written last, rename)
+then applies unchanged, nothing pickled is loaded (safetensors plus ``weights_only`` tensors),
+and a checkpoint resumes under any layout: a data-, tensor- or pipeline-parallel run and a
+single process read the same files, each rank cutting out its own shard on load.
+
+Gathering (``gather_state``, collective on every rank):
+- tensor-parallel shards become full tensors (``DTensor.full_tensor``, or an all-gather over
+  the tensor group where DDP's mesh path left plain local shards);
+- the first rank of every other pipeline stage (data 0, tensor 0) sends its parameters and
+  Adam moments to rank 0 point to point: an index tensor into the full parameter order, then
+  one stacked ``[param, exp_avg, exp_avg_sq]`` tensor and the step per parameter, all with
+  shapes rank 0 already knows, so no Python objects travel;
+- a tied embedding/head copy on the last stage is left out: stage 0 sends the same values
+  (their gradients are summed, so both copies and their moments stay equal).
+
+Gradient clipping (``clip_grad_norm``) needs the norm of the whole student: squares of sharded
+gradients are summed over the tensor group, replicated ones counted once, then summed over
+pipeline stages; every rank scales by the same factor, so replicated weights stay identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .stages import decoder_parts
+from .student import LLAMA_TP_PLAN, ParallelStudent
+
+
+@dataclass(frozen=True)
+class FullLayout:
+    """The unsplit student's parameters as the single-process optimizer orders them."""
+
+    order: tuple[str, ...]  # decay group (ndim >= 2) first, then the no-decay group
+    n_decay: int
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    aliases: dict[str, str]  # name in a split stage -> name in the unsplit model (tied head)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FullLayout:
+        """Read before the model is split: every rank still holds the whole student then."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [n for n, p in named if p.ndim >= 2]
+        no_decay = [n for n, p in named if p.ndim < 2]
+        aliases: dict[str, str] = {}
+        try:
+            parts = decoder_parts(model)
+        except ValueError:
+            parts = None
+        if parts is not None and parts.tied:
+            embed = next(n for n, p in model.named_parameters() if p is parts.head.weight)
+            aliases["lm_head.weight"] = embed
+        return cls(order=tuple(decay + no_decay), n_decay=len(decay),
+                   shapes={n: tuple(p.shape) for n, p in named}, dtypes={n: p.dtype for n, p in named},
+                   aliases=aliases)
+
+    def index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.order)}
+
+
+# ---- tensor-parallel shards ------------------------------------------------------------------
+def _plain_shard_dim(name: str) -> int | None:
+    """Dimension a plain local tensor is sharded on under the Llama TP plan (None: replicated)."""
+    for prefix, style in LLAMA_TP_PLAN.items():
+        if name.endswith(prefix + ".weight"):
+            return 0 if style == "colwise" else 1
+        if name.endswith(prefix + ".bias"):
+            return 0 if style == "colwise" else None
+    return None
+
+
+def _shard_dim(ps: ParallelStudent, name: str, value: torch.Tensor) -> int | None:
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(value, DTensor):
+        dims = [pl.dim for pl in value.placements if isinstance(pl, Shard)]
+        return dims[0] if dims else None
+    return _plain_shard_dim(name) if ps.layout.tensor > 1 else None
+
+
+def _full(ps: ParallelStudent, name: str, value: torch.Tensor) -> torch.Tensor:
+    """The unsharded tensor (collective over the tensor group when sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor().detach()
+    dim = _shard_dim(ps, name, value)
+    if dim is None:
+        return value.detach()
+    parts = [torch.empty_like(value) for _ in range(ps.layout.tensor)]
+    dist.all_gather(parts, value.detach().contiguous(), group=ps.mesh["tensor"].get_group())
+    return torch.cat(parts, dim)
+
+
+def _local(ps: ParallelStudent, name: str, like: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``full`` in the form of ``like`` (a DTensor when ``like`` is one)."""
+    from torch.distributed.tensor import DTensor
+
+    dim = _shard_dim(ps, name, like)
+    piece = full if dim is None else full.chunk(ps.layout.tensor, dim)[ps.coords["tensor"]]
+    ref = like.to_local() if isinstance(like, DTensor) else like
+    piece = piece.to(device=ref.device, dtype=ref.dtype).contiguous()
+    if isinstance(like, DTensor):
+        return DTensor.from_local(piece, like.device_mesh, like.placements, run_check=False)
+    return piece
+
+
+def _canonical(full: FullLayout, ps: ParallelStudent, name: str) -> str | None:
+    """The unsplit model's name for a local parameter; None for a tied copy stage 0 owns."""
+    if name in full.shapes:
+        return name
+    target = full.aliases.get(name)
+    if target is None:
+        raise KeyError(f"parameter {name} of the split student is not in the unsplit student")
+    return None if target not in ps.named_params else target
+
+
+# ---- gather to rank 0 ------------------------------------------------------------------------
+@dataclass
+class GatheredState:
+    """What rank 0 writes: the whole student's weights and its optimizer state, single-process layout."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+    def optimizer_view(self) -> Any:
+        """An object whose ``state_dict()`` is this state (what CheckpointManager.save calls)."""
+        state = self.optimizer
+
+        class _View:
+            def state_dict(self) -> dict[str, Any]:
+                return state
+
+        return _View()
+
+
+def _moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, Any] | None:
+    st = optimizer.state.get(p)
+    if not st or "exp_avg" not in st:
+        return None
+    return st
+
+
+def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: FullLayout) -> GatheredState | None:
+    """Collective on every rank; returns the whole state on rank 0, None elsewhere."""
+    index = full.index()
+    rank = ps.rank
+    coords = ps.coords
+    # Every rank unshards its tensor-parallel pieces (the all-gathers pair up over the tensor
+    # group: peers hold the same names in the same order).
+    mine: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]] = {}
+    for name, p in ps.named_params.items():
+        canonical = _canonical(full, ps, name)
+        st = _moments(optimizer, p)
+        weight = _full(ps, name, p)
+        if st is None:
+            avg = avg_sq = None
+            step = -1.0
+        else:
+            avg, avg_sq = _full(ps, name, st["exp_avg"]), _full(ps, name, st["exp_avg_sq"])
+            step = float(st["step"])
+        if canonical is not None:
+            mine[canonical] = (weight.cpu(), None if avg is None else avg.cpu(),
+                               None if avg_sq is None else avg_sq.cpu(), step)
+    sources = [ps.layout.rank_of(s, 0, 0) for s in range(1, ps.layout.pipeline)]
+    device = ps.device
+    if rank in sources:
+        names = sorted(mine, key=index.__getitem__)
+        dist.send(torch.tensor([len(names)], dtype=torch.int64, device=device), 0)
+        dist.send(torch.tensor([index[n] for n in names], dtype=torch.int64, device=device), 0)
+        for n in names:
+            w, a, b, step = mine[n]
+            stacked = torch.stack([w, a if a is not None else torch.zeros_like(w),
+                                   b if b is not None else torch.zeros_like(w)]).float()
+            dist.send(stacked.to(device), 0)
+            dist.send(torch.tensor([step], dtype=torch.float64, device=device), 0)
+    if rank != 0:
+        return None
+    assert coords == {"pipeline": 0, "data": 0, "tensor": 0}
+    for src in sources:
+        count = torch.zeros(1, dtype=torch.int64, device=device)
+        dist.recv(count, src)
+        idx = torch.zeros(int(count.item()), dtype=torch.int64, device=device)
+        dist.recv(idx, src)
+        for i in idx.tolist():
+            n = full.order[i]
+            stacked = torch.zeros((3, *full.shapes[n]), dtype=torch.float32, device=device)
+            dist.recv(stacked, src)
+            step = torch.zeros(1, dtype=torch.float64, device=device)
+            dist.recv(step, src)
+            s = float(step.item())
+            dtype = full.dtypes[n]
+            mine[n] = (stacked[0].to(dtype).cpu(), None if s < 0 else stacked[1].cpu(),
+                       None if s < 0 else stacked[2].cpu(), s)
+    missing = [n for n in full.order if n not in mine]
+    if missing:
+        raise RuntimeError(f"gathering the split student lost parameters: {missing[:5]}")
+    weights = {n: mine[n][0] for n in full.order}
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    for i, n in enumerate(full.order):
+        _, a, b, step = mine[n]
+        if a is not None and b is not None:
+            states[i] = {"step": torch.tensor(step), "exp_avg": a, "exp_avg_sq": b}
+    groups = []
+    bounds = [(0, full.n_decay), (full.n_decay, len(full.order))]
+    for group, (lo, hi) in zip(optimizer.param_groups, bounds, strict=True):
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        groups.append({**hyper, "params": list(range(lo, hi))})
+    return GatheredState(weights=weights, optimizer={"state": states, "param_groups": groups})
+
+
+def load_into_template(template: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy gathered weights into rank 0's unsplit copy of the student."""
+    missing, unexpected = template.load_state_dict(weights, strict=False)
+    params = {n for n, _ in template.named_parameters()}
+    lost = [n for n in missing if n in params]
+    if lost or unexpected:
+        raise RuntimeError(f"gathered state does not fit the student: missing {lost[:5]}, unexpected {unexpected[:5]}")
+    return template
+
+
+# ---- load (reshard) on every rank ------------------------------------------------------------
+def load_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: FullLayout,
+               weights: dict[str, torch.Tensor], opt_state: dict[str, Any]) -> None:
+    """Cut this rank's shard out of a whole-student checkpoint (any layout wrote it)."""
+    state_by_name: dict[str, dict[str, Any]] = {}
+    saved_order = [i for g in opt_state["param_groups"] for i in g["params"]]
+    if len(saved_order) != len(full.order):
+        raise ValueError(f"the checkpoint's optimizer holds {len(saved_order)} parameters, the student "
+                         f"{len(full.order)}")
+    for i, name in enumerate(full.order):
+        st = opt_state["state"].get(i, opt_state["state"].get(str(i)))
+        if st is not None:
+            state_by_name[name] = st
+    for name, p in ps.named_params.items():
+        source = name if name in full.shapes else full.aliases[name]
+        value = weights.get(source)
+        if value is None:  # safetensors kept the other name of a tied pair
+            value = next((weights[a] for a, b in full.aliases.items() if b == source and a in weights), None)
+        if value is None:
+            raise ValueError(f"checkpoint has no weights for {source}")
+        with torch.no_grad():
+            local = _local(ps, name, p, value)
+            target = p.to_local() if hasattr(p, "to_local") else p
+            target.copy_(local.to_local() if hasattr(local, "to_local") else local)
+        st = state_by_name.get(source)
+        if st is not None:
+            optimizer.state[p] = {
+                "step": st["step"].clone().float(),
+                "exp_avg": _local(ps, name, p, st["exp_avg"]),
+                "exp_avg_sq": _local(ps, name, p, st["exp_avg_sq"]),
+            }
+    for group, saved in zip(optimizer.param_groups, opt_state["param_groups"], strict=True):
+        for key, value in saved.items():
+            if key != "params":
+                group[key] = value
+
+
+# ---- gradient norm of the whole student ------------------------------------------------------
+def clip_grad_norm(ps: ParallelStudent, full: FullLayout, max_norm: float) -> float:
+    """Clip by the norm of the whole student's gradient (as a single process would); returns it."""
+    from torch.distributed.tensor import DTensor
+
+    device = ps.device
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    grads = []
+    for name, p in ps.named_params.items():
+        g = p.grad
+        if g is None:
+            continue
+        grads.append(g)
+        if _canonical(full, ps, name) is None:
+            continue  # the tied copy: stage 0 counts it
+        local = g.to_local() if isinstance(g, DTensor) else g
+        sq = local.detach().double().pow(2).sum()
+        if _shard_dim(ps, name, g) is not None:
+            sharded += sq
+        else:
+            replicated += sq
+    if ps.layout.tensor > 1:
+        dist.all_reduce(sharded, group=ps.mesh["tensor"].get_group())
+    total = sharded + replicated
+    if ps.layout.pipeline > 1:
+        dist.all_reduce(total, group=ps.mesh["pipeline"].get_group())
+    norm = float(total.sqrt())
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
