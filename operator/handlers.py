@@ -67,6 +67,10 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.networking.request_timeout = s.request_timeout
     settings.posting.enabled = False  # our Events are written by the reconciler, one per fact
     settings.peering.standalone = True  # the Lease (leader.py) decides who acts
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, rt.reconciler.prime_nodes)
+    except Exception as exc:  # the passes then LIST nodes themselves: slower, still right
+        log.warning("could not list nodes at start: %s", exc)
     rt.queue = WorkQueue()
     rt.pool = concurrent.futures.ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="reconcile")
     for i in range(s.workers):

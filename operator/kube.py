@@ -85,6 +85,7 @@ class Kube:
             headers["Content-Type"] = content_type or "application/json"
         self.api.update_params_for_auth(headers, None, ["BearerToken"], path, method, body)
         url = self.api.configuration.host + path
+        metrics.API_REQUESTS.labels(verb=verb or method.lower()).inc()
         try:
             resp = self.api.rest_client.request(method, url, headers=headers, body=body,
                                                 _request_timeout=self.timeout)

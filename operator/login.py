@@ -22,9 +22,11 @@ def connection_info(cfg: Any) -> kopf.ConnectionInfo:
     """
     token = None
     scheme = None
-    auth = cfg.get_api_key_with_prefix("authorization")
+    # The kubernetes package keeps the token under "BearerToken" (older releases: "authorization").
+    auth = cfg.get_api_key_with_prefix("BearerToken", alias="authorization")
     if auth:
         scheme, _, token = auth.partition(" ") if " " in auth else ("Bearer", "", auth)
+        token = token.strip()  # a tokenFile's trailing newline is no part of the token
     return kopf.ConnectionInfo(
         server=cfg.host,
         ca_path=cfg.ssl_ca_cert or None,

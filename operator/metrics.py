@@ -19,6 +19,8 @@ RECONCILE = Histogram(
 )
 RECONCILE_ERRORS = Counter("kdistill_reconcile_errors_total", "Reconcile passes that raised.",
                            registry=REGISTRY)
+API_REQUESTS = Counter("kdistill_api_requests_total", "Kubernetes API calls made by reconcile passes, by verb.",
+                       ["verb"], registry=REGISTRY)
 API_ERRORS = Counter("kdistill_api_errors_total", "Failed Kubernetes API calls, by verb and HTTP code.",
                      ["verb", "code"], registry=REGISTRY)
 QUEUE_DEPTH = Gauge("kdistill_queue_depth", "Jobs waiting for a reconcile.", registry=REGISTRY)

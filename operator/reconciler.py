@@ -8,6 +8,7 @@ LIST its pods), never from a watch cache, so a restarted operator acts on the sa
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -43,6 +44,8 @@ class Reconciler:
         # Filled by the node watch (handlers.node_event): name -> view, None once deleted.
         # A node not in it yet (e.g. right after start) is read from the API instead.
         self.node_cache: dict[str, NodeView | None] = {}
+        # Set once prime_nodes has listed the nodes; until then each new gang LISTs them itself.
+        self.nodes_synced = threading.Event()
         # Filled by the pod watch (handlers.pod_event): the final state of deleted worker pods.
         self.pod_tracker = PodTracker()
 
@@ -91,7 +94,9 @@ class Reconciler:
             got = self.kube.get("v1", "Node", None, node)
             nodes[node] = NodeView.from_dict(got) if got is not None else None
         deployment = None
-        if job.spec.serving.enabled and status.get("phase") in ("Running", "Deploying", "Succeeded"):
+        # The Deployment matters once training is over: read it then, not on every Running pass.
+        finishing = status.get("phase") == "Running" and any(p.phase == "Succeeded" for p in pods)
+        if job.spec.serving.enabled and (finishing or status.get("phase") in ("Deploying", "Succeeded")):
             dep = self.kube.get("apps/v1", "Deployment", namespace, names.serving(name, job.spec.serving.name))
             deployment = DeploymentView.from_dict(dep) if dep is not None else None
         expected = [names.worker_pod(name, i) for i in range(job.spec.parallelism.nodes)]
@@ -165,15 +170,28 @@ class Reconciler:
                     self.kube.create(obj)  # a PVC's spec is mostly immutable: create once, never re-apply
                 else:
                     self.kube.apply(obj)
-        # A fresh LIST, not the watch cache: it may not hold every node yet after a start.
-        unready = [n["metadata"]["name"] for n in self.kube.list("v1", "Node", None)
-                   if NodeView.from_dict(n).ready != "True"]
+        unready = self._unready_nodes()
         created = 0
         for pod in builders.adopt(builders.worker_pods(job, generation, self.settings, unready), body):
             if pod["metadata"]["name"] not in existing and self.kube.create(pod):
                 created += 1
         if created:
             jlog.info("created %d worker pod(s) of restart generation %d", created, generation)
+
+    def prime_nodes(self) -> None:
+        """One LIST of the nodes at start; the node watch keeps the cache current from then on."""
+        for node in self.kube.list("v1", "Node", None):
+            view = NodeView.from_dict(node)
+            self.node_cache.setdefault(view.name, view)  # a view the watch already gave is as new
+        self.nodes_synced.set()
+
+    def _unready_nodes(self) -> list[str]:
+        """Nodes the new gang must avoid: from the watched cache once primed (a LIST of every node
+        per new gang was the costliest call at scale), else from a fresh LIST."""
+        if self.nodes_synced.is_set():
+            return sorted(n for n, v in list(self.node_cache.items()) if v is not None and v.ready != "True")
+        return [n["metadata"]["name"] for n in self.kube.list("v1", "Node", None)
+                if NodeView.from_dict(n).ready != "True"]
 
     def _deploy(self, body: dict[str, Any], job: Any, jlog: JobLog) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]

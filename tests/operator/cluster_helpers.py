@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,8 +62,10 @@ class OperatorProcess:
         lease_namespace: str,
         notready_seconds: float = 2.0,
         extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.cluster = cluster
+        self.env = dict(env or {})
         self.log_path = log_path
         self.argv = [
             sys.executable,
@@ -102,6 +105,7 @@ class OperatorProcess:
     def start(self) -> OperatorProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("KUBECONFIG", None)
+        env.update(self.env)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
@@ -247,6 +251,12 @@ class Jobs:
             if cond.get("type") == type_:
                 return cond
         return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def make_claims(cluster: Cluster, namespace: str, claims: list[str]) -> None:

@@ -6,10 +6,12 @@ import asyncio
 import json
 import logging
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from kdistill.operator import builders, rbac
 from kdistill.operator.departures import PodTracker
 from kdistill.operator.leader import may_take, micro_time
+from kdistill.operator.login import connection_info
 from kdistill.operator.logs import JsonFormatter
 from kdistill.operator.reconciler import JobLog
 from kdistill.operator.workqueue import WorkQueue
@@ -112,3 +114,23 @@ def test_pod_tracker_keeps_the_final_state_and_bounds_the_wait_for_the_watch() -
     clock[0] += 61
     t.seen("ml", _pod_body("j-worker-9", 1), deleted=False)  # any event prunes old records
     assert t.departed("ml", ["j-worker-0"]) == {}
+
+
+def test_kopf_login_uses_the_kubeconfig_our_client_loaded(tmp_path: Path) -> None:
+    # tokenFile and a CA path relative to the file: kubeconfig forms kopf's own reader misses.
+    from kubernetes import config
+
+    (tmp_path / "ca.crt").write_text("not checked here")
+    (tmp_path / "token").write_text("s3cret\n")
+    kc = tmp_path / "kubeconfig.yaml"
+    kc.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "https://10.0.0.1:6443", "certificate-authority": "ca.crt"}}],
+        "users": [{"name": "u", "user": {"tokenFile": "token"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))
+    api = config.new_client_from_config(config_file=str(kc))
+    info = connection_info(api.configuration)
+    assert info.server == "https://10.0.0.1:6443"
+    assert (info.scheme, info.token) == ("Bearer", "s3cret")
+    assert Path(str(info.ca_path)).read_text() == "not checked here" and not info.insecure
