@@ -322,7 +322,9 @@ class Trainer:
             from .attention_transfer import LowRankAttentionTransfer
 
             s_dims = self._probe_qkv_dims(self.student, [s for s, _ in self.pairs])
-            t_dims = self._probe_qkv_dims(self.teacher, [t for _, t in self.pairs])
+            # A split teacher holds one stage: it knows its q/k/v widths without the other blocks.
+            t_dims = self.parallel.teacher.qkv_dims if self.parallel.split_teacher \
+                else self._probe_qkv_dims(self.teacher, [t for _, t in self.pairs])
             for rank in sorted({p.attention_rank for p in self.plan if "attention" in p.objectives}):
                 aux[f"attention_r{rank}"] = LowRankAttentionTransfer(
                     s_dims, t_dims, rank, self.pairs, seed=self.spec.distillation.seed)
@@ -423,11 +425,23 @@ class Trainer:
         # A split teacher's forward is collective: its group runs it if any member needs it.
         need_forward = self.parallel.any_needs_teacher(need_forward)
         if need_forward and self.parallel.split_teacher:
-            logits = self.parallel.teacher_logits(batch["input_ids"], batch["attention_mask"])
-            if self.cache is None:
-                out.logits = logits
-            else:
-                cached = self._store_in_cache(ids, logits, batch["attention_mask"])
+            from .parallel.teacher_pipeline import TeacherRequest
+
+            want_logits = need_logits or self.cache is not None
+            got = self.parallel.teacher.forward(batch["input_ids"], batch["attention_mask"], TeacherRequest(
+                logits=want_logits, hidden=tuple(t + 1 for _, t in self.pairs) if need_hidden else (),
+                qkv=tuple(t for _, t in self.pairs) if need_attn else ()))
+            if need_hidden:
+                # Only the mapped layers travel; HiddenStateTransfer reads index t + 1 of the tuple.
+                out.hidden = tuple(got.hidden[i].float() if i in got.hidden else None  # type: ignore[misc]
+                                   for i in range(self.parallel.teacher.num_layers + 1))
+            if need_attn:
+                out.qkv = {layer: tuple(x.float() for x in qkv) for layer, qkv in got.qkv.items()}  # type: ignore[misc]
+            if want_logits and got.logits is not None:
+                if self.cache is None:
+                    out.logits = got.logits if need_logits else None
+                else:
+                    cached = self._store_in_cache(ids, got.logits, batch["attention_mask"])
         elif need_forward:
             from .qkv_capture import QKVCapture
 
