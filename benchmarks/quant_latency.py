@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.trainer import quantization as q
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.bench_common
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks import bench_common
+from kdistill.trainer import quantization as q
 
 
 def build(family: str, layers: int, width: int, vocab: int, seq: int) -> nn.Module:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     kernel = q.select_int8_kernel()
     report: dict[str, Any] = {"cpu": q.cpu_int8_features(), "threads": torch.get_num_threads(),
-                              "load_average_at_start": os.getloadavg(), "cpus": os.cpu_count(),
+                              **bench_common.machine_state(),
                               "selected_kernel": kernel, "seq_len": args.seq, "families": {}}
     for family in args.families:
         teacher = build(family, args.teacher_layers, args.width, args.vocab, args.seq)
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "student": sum(p.numel() for p in student.parameters()) / 1e6}
         rows["layers"] = {"teacher": args.teacher_layers, "student": args.teacher_layers // 4}
         report["families"][family] = rows
-    report["load_average_at_end"] = os.getloadavg()
+    report["load_average_at_end"] = bench_common.machine_state()["load_average"]
     report["targets"] = {"int8_vs_fp32_student": 1.5, "int8_vs_teacher": 5.0}
     report["met"] = {
         f"{fam}/{b}": {"int8_vs_fp32_student": r[b]["int8_vs_fp32_student"] >= 1.5,
@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(report: dict[str, Any]) -> None:
     cpu = report["cpu"]
     print(f"CPU: {cpu['torch_cpu_capability']} avx512={cpu['avx512']} vnni={cpu['vnni']} amx={cpu['amx']}; "
-          f"threads={report['threads']}; INT8 kernel: {report['selected_kernel']}; seq={report['seq_len']}")
+          f"threads={report['threads']}; INT8 kernel: {report['selected_kernel']}; seq={report['seq_len']}; "
+          f"load average {report['load_average'][0]:.1f} on {report['cpus']} CPUs")
     head = f"{'model':16} {'batch':>5} {'teacher ms':>11} {'fp32 stu ms':>12} {'int8 stu ms':>12} " \
            f"{'int8/fp32':>9} {'int8/teach':>10}"
     print(head)
@@ -126,13 +127,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--families", nargs="+", default=["bert-classifier", "gpt2-lm"])
-    p.add_argument("--out", type=Path, default=RESULTS / "quant_latency.json")
-    args = p.parse_args()
-    report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    print(f"\nwrote {args.out}")
+    p.add_argument("--out", type=Path, default=bench_common.RESULTS / "quant_latency.json")
+    bench_common.main(p, run, print_table)
 
 
 if __name__ == "__main__":
