@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .engine import Engine
+from .errors import ApiError, error_response
 from .generation import FinishReason, GenRequest, GenResult, chat_prompt
 from .metrics import ServerMetrics
+from .observe import ObserveMiddleware
 from .schemas import MAX_STOP, MAX_TEXT_CHARS, ChatRequest, ClassifyRequest, CompletionRequest, InferRequest, stop_list
 
 
@@ -53,39 +55,6 @@ class ServerState:
     started: float = field(default_factory=time.time)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, *,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
-
-
-V2_PREFIX = "/v2"
-
-
-def is_v2(path: str) -> bool:
-    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
-
-
-def v2_error_message(message: str, param: str | None) -> str:
-    """The Open Inference Protocol error string, always ``"<field>: <what is wrong>"``."""
-    if not param or message.startswith(f"{param}: "):
-        return message
-    if message.startswith(f"{param} "):  # "texts must not be empty" -> "texts: must not be empty"
-        message = message[len(param) + 1:]
-    return f"{param}: {message}"
-
-
-def error_response(status: int, message: str, param: str | None, kind: str,
-                   headers: dict[str, str] | None = None, *, path: str = "") -> JSONResponse:
-    body: dict[str, Any]
-    if is_v2(path):
-        body = {"error": v2_error_message(message, param)}
-    else:
-        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def _loc_to_param(loc: tuple[Any, ...]) -> str:
     parts = [p for p in loc if p != "body"]
     # Union members show up as type names in the location (prompt.str / prompt.list[str]): drop them.
@@ -99,6 +68,7 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="kdistill serving", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = state.metrics
+    app.add_middleware(ObserveMiddleware, metrics=metrics, max_body_bytes=state.limits.max_body_bytes)
 
     # ---- errors ---------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -126,32 +96,6 @@ def create_app(state: ServerState) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error",
                               path=request.url.path)
-
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > state.limits.max_body_bytes):
-            response: Response = error_response(413, f"request body over {state.limits.max_body_bytes} bytes",
-                                                "body", "invalid_request_error", path=request.url.path)
-        else:
-            model_call = request.method == "POST"
-            if model_call:
-                metrics.in_flight.inc()
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # errors raised past the exception handlers
-                response = error_response(500, f"internal error: {type(exc).__name__}", None, "server_error",
-                                          path=request.url.path)
-            finally:
-                if model_call:
-                    metrics.in_flight.dec()
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        if response.status_code >= 400:
-            metrics.errors.labels(endpoint, str(response.status_code)).inc()
-        return response
 
     # ---- helpers --------------------------------------------------------------------------------
     def engine_for(task: str, param: str) -> Engine:

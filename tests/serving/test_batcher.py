@@ -17,6 +17,7 @@ from kdistill.serving.batcher import (
     QueueFull,
     ShuttingDown,
     batch_ready,
+    length_groups,
     padding_efficiency,
     select_batch,
     wait_time,
@@ -138,3 +139,29 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_survives() -> None:
         batcher.submit(-1, 1).result(5)
     assert batcher.submit(7, 1).result(5) == 7
     batcher.stop()
+
+
+def test_length_groups_split_mixed_lengths_and_keep_similar_ones_together() -> None:
+    lengths = [120, 10, 118, 12, 11, 125, 9, 60]
+    groups = length_groups(lengths, overhead_tokens=96)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    padded = sum(max(lengths[i] for i in g) * len(g) for g in groups)
+    assert sum(lengths) / padded > 0.8 > 0.5 > padding_efficiency(lengths)
+    assert {frozenset(lengths[i] for i in g) for g in groups} >= {frozenset({9, 10, 11, 12})}
+    # Equal lengths never split: one pass is cheapest.
+    assert length_groups([50] * 16, overhead_tokens=96) == [list(range(16))]
+    # Without a per-call cost every distinct length is its own pass; with a huge one, a single pass.
+    assert len(length_groups([5, 50, 100], overhead_tokens=0)) == 3
+    assert length_groups([5, 50, 100], overhead_tokens=10_000) == [[0, 1, 2]]
+
+
+@given(st.lists(st.integers(1, 512), min_size=1, max_size=64), st.integers(0, 500))
+def test_length_groups_is_the_cheapest_contiguous_split(lengths: list[int], overhead: int) -> None:
+    groups = length_groups(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    cost = sum(overhead + max(lengths[i] for i in g) * len(g) for g in groups)
+    # Never worse than one pass for all, nor than one pass per request.
+    assert cost <= overhead + max(lengths) * len(lengths)
+    assert cost <= sum(overhead + n for n in lengths)
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(flat)
