@@ -39,8 +39,8 @@ class PodTracker:
         self._gone: dict[PodKey, tuple[float, PodView]] = {}
         self._missing_since: dict[PodKey, float] = {}
 
-    def seen(self, namespace: str, body: dict[str, Any], deleted: bool) -> None:
-        """A watch event of one worker pod."""
+    def seen(self, namespace: str, body: dict[str, Any], deleted: bool) -> PodView:
+        """A watch event of one worker pod; returns its view."""
         view = PodView.from_dict(body)
         key = (namespace, view.name)
         now = self._clock()
@@ -54,6 +54,7 @@ class PodTracker:
                 self._gone.pop(key, None)  # a new pod took the name
             for old in [k for k, (t, _) in self._gone.items() if now - t > self._keep]:
                 del self._gone[old]
+        return view
 
     def departed(self, namespace: str, pods: Iterable[str]) -> dict[str, PodView]:
         """The final state of those of `pods` that the watch saw deleted."""

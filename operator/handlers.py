@@ -14,14 +14,14 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import kopf
 
 from . import metrics, names
 from .login import connection_info
-from .observe import NodeView
+from .observe import NodeView, PodView
 from .reconciler import Key, Reconciler
 from .settings import Settings
 from .workqueue import WorkQueue
@@ -42,6 +42,7 @@ class Runtime:
     node_jobs: dict[str, set[Key]] = field(default_factory=dict)
     pod_nodes: dict[Key, tuple[str, Key]] = field(default_factory=dict)
     node_ready: dict[str, str] = field(default_factory=dict)
+    pod_signatures: dict[Key, PodView] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     failures: dict[Key, int] = field(default_factory=dict)
     last_pass: float = field(default_factory=time.monotonic)
@@ -152,7 +153,7 @@ async def pod_event(type: str | None, body: Any, name: str, namespace: str, labe
         return
     key = (namespace, job)
     pod_key = (namespace, name)
-    rt.reconciler.pod_tracker.seen(namespace, dict(body), deleted=type == "DELETED")
+    view = rt.reconciler.pod_tracker.seen(namespace, dict(body), deleted=type == "DELETED")
     old = rt.pod_nodes.pop(pod_key, None)
     if old is not None:
         rt.node_jobs.get(old[0], set()).discard(key)
@@ -160,6 +161,15 @@ async def pod_event(type: str | None, body: Any, name: str, namespace: str, labe
     if type != "DELETED" and node:
         rt.pod_nodes[pod_key] = (node, key)
         rt.node_jobs.setdefault(node, set()).add(key)
+    # Only what a pass decides on: scheduling and readiness updates of a pod change nothing there
+    # (a lost node is the node watch's business), and at scale they were most of the passes.
+    signature = None if type == "DELETED" else replace(view, node=None)
+    if type != "DELETED" and rt.pod_signatures.get(pod_key) == signature:
+        return
+    if signature is None:
+        rt.pod_signatures.pop(pod_key, None)
+    else:
+        rt.pod_signatures[pod_key] = signature
     _enqueue(rt, key)
 
 

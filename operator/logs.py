@@ -34,5 +34,8 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("urllib3", "kubernetes", "aiohttp.access"):
+    # kopf.objects says "Handler ... succeeded" for every watch event (each pod update, each node
+    # heartbeat) and kopf.activities.probe for every probe: thousands of lines at scale, none
+    # about a decision. Warnings and errors still come through; the reconciler logs what it does.
+    for noisy in ("urllib3", "kubernetes", "aiohttp.access", "kopf.objects", "kopf.activities.probe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -74,11 +74,6 @@ def test_unschedulable_gang_fails_after_pending_timeout(cluster: Cluster, env: E
     eventually(lambda: not jobs.pods(name), "pending pods deleted", 30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (late regression, see the session note): an evicted worker whose pod is already gone "
-    "is seen only as missing and counted as a failure restart, not an eviction",
-)
 def test_eviction_is_counted_apart(cluster: Cluster, env: Env) -> None:
     jobs, _ = env
     name = "evicted"

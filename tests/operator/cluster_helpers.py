@@ -28,7 +28,15 @@ T = TypeVar("T")
 def install_crd(cluster: Cluster, workdir: Path) -> None:
     """Install the generated CRD exactly as committed."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/distillationjobs.kdistill.io", "--timeout=60s")
+    # Polled here, not `kubectl wait`: right after the apply the CRD may have no status.conditions
+    # yet, and kubectl wait then fails at once instead of waiting (seen on a loaded machine).
+    ext = client.ApiextensionsV1Api(cluster.api_client())
+
+    def established() -> bool:
+        crd = ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+        return any(c.type == "Established" and c.status == "True" for c in (crd.status.conditions or []))
+
+    eventually(established, "the CRD established", 90)
 
 
 def eventually(fn: Callable[[], T | None], what: str, timeout: float = 60.0, interval: float = 0.3) -> T:
