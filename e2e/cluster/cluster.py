@@ -97,7 +97,7 @@ class E2ECluster:
         return next(n for n in self.nodes if n.name == name)
 
     def load_image(self, image: str) -> float:
-        return load_image([n for n in self.nodes if n.running()], image, self.workdir / "images")
+        return load_image([n for n in self.nodes if n.running()], image)
 
     def node_ready(self, name: str) -> str:
         node = self.core().read_node(name)

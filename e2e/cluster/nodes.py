@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,38 +190,56 @@ class Node:
         raise TimeoutError(f"containerd did not answer on {self.name} within {timeout:.0f}s")
 
 
-def load_image(nodes: list[Node], image: str, scratch: Path) -> float:
-    """`docker save` once to `scratch`, then `ctr import` into every node at once. Returns seconds.
+def load_image(nodes: list[Node], image: str) -> float:
+    """`ctr import` of `image` into every node that lacks it, from one `docker save` stream. Returns seconds.
 
-    The trainer image is several GB: one save and parallel imports take about as long as
-    one import per node one after the other would take for a single node.
+    The trainer image is several GB: the one stream is copied to all imports at once, so
+    nothing is written to disk twice (no tar file) and nodes import side by side. A node
+    that imported this image ID before (its marker, on the containerd volume) is skipped.
     """
     t0 = time.monotonic()
-    env = docker_env()
     image_id = docker("image", "inspect", "-f", "{{.Id}}", image).stdout.strip()
     nodes = [n for n in nodes if not n.has_image(image_id)]
     if not nodes:
         return 0.0
-    scratch.mkdir(parents=True, exist_ok=True)
-    tar = scratch / (image.replace("/", "_").replace(":", "_") + ".tar")
-    try:
-        docker("save", "-o", str(tar), image)
-
-        def import_into(node: Node) -> str:
-            with tar.open("rb") as fh:
-                proc = subprocess.run(
-                    ["docker", "exec", "-i", node.name, "ctr", "-n", "k8s.io", "images", "import", "--all-platforms",
-                     "-"], stdin=fh, capture_output=True, env=env,
-                )  # fmt: skip
-            if proc.returncode != 0:
-                return f"{node.name}: {proc.stderr.decode(errors='replace').strip()}"
-            node.mark_image(image_id)
-            return ""
-
-        with ThreadPoolExecutor(max_workers=len(nodes) or 1) as pool:
-            errors = [e for e in pool.map(import_into, nodes) if e]
-    finally:
-        tar.unlink(missing_ok=True)
+    errors = _stream_import(image, nodes)
     if errors:
         raise RuntimeError(f"loading {image} failed: " + "; ".join(errors))
+    for node in nodes:
+        node.mark_image(image_id)
     return time.monotonic() - t0
+
+
+def _stream_import(image: str, nodes: list[Node]) -> list[str]:
+    """Feeds `docker save` to one `ctr import` per node; returns an error line per failed step."""
+    env = docker_env()
+    with contextlib.ExitStack() as stack:
+        # stderr to files: a pipe nobody reads could fill and stall an import.
+        logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(len(nodes) + 1)]
+        save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE, stderr=logs[0], env=env)
+        ctr_import = ["ctr", "-n", "k8s.io", "images", "import", "--all-platforms", "-"]
+        imports = []
+        for node, log in zip(nodes, logs[1:], strict=True):
+            argv = ["docker", "exec", "-i", node.name, *ctr_import]
+            pipe, out = subprocess.PIPE, subprocess.DEVNULL
+            imports.append(subprocess.Popen(argv, stdin=pipe, stdout=out, stderr=log, env=env))
+        assert save.stdout is not None
+        alive = list(imports)
+        while chunk := save.stdout.read(4 << 20):
+            for proc in list(alive):
+                try:
+                    assert proc.stdin is not None
+                    proc.stdin.write(chunk)
+                except BrokenPipeError:  # that import failed; its stderr says why
+                    alive.remove(proc)
+        for proc in imports:
+            with contextlib.suppress(BrokenPipeError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+        codes = [save.wait(), *(proc.wait() for proc in imports)]
+        errors = []
+        for name, code, log in zip(["docker save", *(n.name for n in nodes)], codes, logs, strict=True):
+            if code != 0:
+                log.seek(0)
+                errors.append(f"{name}: exit {code}: {log.read().decode(errors='replace').strip()[-2000:]}")
+        return errors
