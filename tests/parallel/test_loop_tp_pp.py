@@ -1,0 +1,203 @@
+"""The training loop with a tensor- and/or pipeline-parallel student, as the pods run it: torchrun
+(the launcher's own command line) starting ``python -m kdistill.trainer`` per rank, gloo on CPU,
+a tiny Llama teacher and its 2-layer student. Every layout must reproduce the single-process run
+step for step (the loss is normalised globally and gradients are clipped by the whole student's
+norm), and its checkpoints, gathered to rank 0 in the single-process layout, resume at the same
+world size and reshard into a different one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdistill.api import load_job
+from kdistill.api.failures import ExitCode
+from kdistill.trainer.errors import TrainerError
+from kdistill.trainer.parallel.launch import launch_env, torchrun_command
+from kdistill.trainer.parallel.mesh import layout_from_spec
+from kdistill.trainer.parallel.runtime import check_supported
+from tests.trainer import helpers
+
+from .harness import REPO
+
+STEPS, EVERY = 6, 3
+TIMEOUT_S = 600  # generous: 4 processes share 2 loaded cores
+
+
+def _write_job(root: Path, name: str, *, pipeline: int = 1, data: int = 1, tensor: int = 1,
+               objectives: tuple[str, ...] = ("logits",), spec: dict[str, Any] | None = None) -> Path:
+    world = pipeline * data * tensor
+    job = helpers.job_dict(name, "causal-lm", str(root / "teacher"), str(root / "data" / "train.jsonl"), None,
+                           stages=[{"name": "output", "steps": STEPS, "objectives": list(objectives)}],
+                           batch_size=8, every_steps=EVERY)
+    job["spec"]["distillation"]["learningRate"] = 5e-3
+    job["spec"]["parallelism"] = {"nodes": world, "gpusPerNode": 0,
+                                  "student": {"data": data, "tensor": tensor, "pipeline": pipeline}}
+    for key, value in (spec or {}).items():
+        if isinstance(value, dict) and isinstance(job["spec"].get(key), dict):
+            job["spec"][key].update(value)
+        else:
+            job["spec"][key] = value
+    return helpers.write_job(root / f"{name}.yaml", job)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tppp")
+    texts = [p for _, p in helpers.pydoc_paragraphs(300)]
+    tok = helpers.make_tokenizer(root / "tok", texts)
+    # Llama: tensor parallelism cuts q/k/v/o and gate/up/down; 4 heads, 2 KV heads divide by 2.
+    helpers.save_model(helpers.llama(len(tok), layers=4, width=32, heads=4, kv_heads=2), tok, root / "teacher")
+    helpers.causal_data(root / "data", n_train=96, n_eval=16)
+    return root
+
+
+def _env(world: int) -> dict[str, str]:
+    return launch_env(world, rendezvous_timeout_s=300, collective_timeout_s=300,
+                      base=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error"))
+
+
+def _steps(stdout: str) -> list[dict[str, Any]]:
+    out = []
+    for line in stdout.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            record = json.loads(line[start:])
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") == "step":
+            out.append(record)
+    return out
+
+
+def _run(job: Path, output: Path, world: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One run; returns rank 0's step records and result.json."""
+    if world == 1:
+        cmd = [sys.executable, "-P", "-m", "kdistill.trainer", "--config", str(job), "--output", str(output)]
+        env = dict(_env(1), WORLD_SIZE="1")
+    else:
+        cmd, env = torchrun_command(job, output, world), _env(world)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return _steps(proc.stdout), json.loads((output / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(root: Path) -> tuple[list[float], Path]:
+    """The single-process run: its per-step losses and output folder."""
+    steps, _ = _run(_write_job(root, "one"), root / "out-one", 1)
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    return [s["loss"] for s in steps], root / "out-one"
+
+
+def _assert_follows(steps: list[dict[str, Any]], ref: list[float], first: int = 1) -> None:
+    losses = [s["loss"] for s in steps]
+    assert [s["step"] for s in steps] == list(range(first, STEPS + 1))
+    assert all(math.isfinite(x) for x in losses)
+    # Step for step the single-process losses (printed to 6 decimals).
+    assert losses == pytest.approx(ref[first - 1 :], rel=2e-5, abs=2e-6)
+    for s in steps:
+        assert s["parts"]["kd"] >= 0 and s["parts"]["ce"] > 0
+
+
+def _assert_same_student(a: Path, b: Path) -> None:
+    x, y = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
+    assert set(x) == set(y)
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _resume_from(src: Path, step: int, dst: Path) -> None:
+    name = f"step-{step:09d}"
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+
+
+def test_tensor2_trains_like_one_process_and_resumes(root: Path, reference: tuple[list[float], Path]) -> None:
+    ref, ref_out = reference
+    out = root / "out-tp2"
+    job = _write_job(root, "tp2", tensor=2)
+    steps, _ = _run(job, out, 2)
+    _assert_follows(steps, ref)
+    assert ref[-1] < ref[0]  # the loss decreases
+    _assert_same_student(out, ref_out)
+    # Resume at the same world size from the step-3 checkpoint: the same last steps and weights.
+    again = root / "out-tp2-resumed"
+    _resume_from(out, EVERY, again)
+    steps2, result2 = _run(job, again, 2)
+    assert result2["resumedFrom"] == EVERY
+    _assert_follows(steps2, ref, first=EVERY + 1)
+    _assert_same_student(again, ref_out)
+
+
+def test_pipeline2_trains_like_one_process(root: Path, reference: tuple[list[float], Path]) -> None:
+    ref, ref_out = reference
+    out = root / "out-pp2"
+    steps, _ = _run(_write_job(root, "pp2", pipeline=2), out, 2)
+    _assert_follows(steps, ref)
+    _assert_same_student(out, ref_out)
+    # The checkpoint is the whole student in the single-process layout (same keys, same shapes).
+    ckpt = load_file(str(out / "checkpoints" / f"step-{STEPS:09d}" / "model.safetensors"))
+    whole = load_file(str(ref_out / "checkpoints" / f"step-{STEPS:09d}" / "model.safetensors"))
+    assert {k: v.shape for k, v in ckpt.items()} == {k: v.shape for k, v in whole.items()}
+
+
+def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, reference: tuple[list[float], Path]
+                                                                ) -> None:
+    ref, ref_out = reference
+    out = root / "out-tp2pp2"
+    steps, _ = _run(_write_job(root, "tp2pp2", pipeline=2, tensor=2), out, 4)
+    _assert_follows(steps, ref)
+    _assert_same_student(out, ref_out)
+    # The 4-rank checkpoint resumes on 2 ranks with another layout (pipeline only): each rank
+    # cuts its own stage out of the whole-student files.
+    again = root / "out-tp2pp2-on-pp2"
+    _resume_from(out, EVERY, again)
+    steps2, result2 = _run(_write_job(root, "pp2-resume", pipeline=2), again, 2)
+    assert result2["resumedFrom"] == EVERY
+    _assert_follows(steps2, ref, first=EVERY + 1)
+    _assert_same_student(again, ref_out)
+
+
+@pytest.mark.parametrize(
+    ("objectives", "spec", "needle"),
+    [
+        (("hidden", "logits"), {}, "objectives ['hidden']"),
+        (("logits",), {"quantization": {"mode": "qat-int8", "qatSteps": 2}}, "qat-int8"),
+        (("logits",), {"distillation": {"teacherCache": {"enabled": True}}}, "teacherCache"),
+        (("logits",), {"data": {"uncertaintyWeighting": {"enabled": True}}}, "uncertaintyWeighting"),
+    ],
+    ids=["hidden", "qat", "cache", "weighting"],
+)
+def test_unsupported_model_parallel_specs_fail_as_bad_spec(root: Path, objectives: tuple[str, ...],
+                                                           spec: dict[str, Any], needle: str) -> None:
+    # The job itself is valid (the API accepts it); the trainer refuses it before loading models.
+    job = load_job(_write_job(root, "bad", tensor=2, objectives=objectives, spec=spec))
+    with pytest.raises(TrainerError) as err:
+        check_supported(job.spec, layout_from_spec(job.spec.parallelism))
+    assert err.value.code == ExitCode.BAD_SPEC
+    assert needle in err.value.message and "tensor=2" in err.value.message
+
+
+def test_model_parallel_bad_spec_exits_20_before_any_peer_joins(root: Path) -> None:
+    """The spec check runs before the rendezvous: one rank alone exits BAD_SPEC at once."""
+    path = _write_job(root, "bad-hidden", tensor=2, objectives=("hidden", "logits"))
+    env = dict(_env(2), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
+               KDISTILL_TERMINATION_LOG=str(root / "bad-termination.log"))
+    proc = subprocess.run([sys.executable, "-P", "-m", "kdistill.trainer", "--config", str(path), "--output",
+                           str(root / "out-bad")], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == int(ExitCode.BAD_SPEC), proc.stderr[-3000:]
+    message = json.loads((root / "bad-termination.log").read_text())
+    assert message["retryable"] is False and "hidden" in message["message"]
