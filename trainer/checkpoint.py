@@ -3,8 +3,9 @@
 A checkpoint is a directory ``step-000000123`` holding the student and aux modules (projections)
 as safetensors, the optimizer and LR-scheduler states and every RNG state as ``torch.save``
 files that load with ``weights_only=True``, and ``trainer.json`` (step, stage, temperature,
-sampler position). It is written into a temporary directory, every file fsync'ed, a manifest of
-sha256 checksums written last, then renamed into place: a reader never sees a partial one.
+sampler position), plus named extra safetensors files a caller adds (the top-k compression
+residuals of every rank, gathered to rank 0). It is written into a temporary directory, every
+file fsync'ed, a manifest of sha256 checksums written last, then renamed into place: a reader never sees a partial one.
 On start, the newest checkpoint whose manifest verifies wins; a corrupt one is skipped with a
 warning.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,10 @@ class CheckpointManager:
         scheduler: Any,
         sampler: dict[str, Any],
         meta: dict[str, Any] | None = None,
+        extra: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
-        """Write a checkpoint atomically, prune old ones, and return its path."""
+        """Write a checkpoint atomically, prune old ones, and return its path. ``extra`` maps a
+        file name (``*.safetensors``) to the tensors it holds; they are covered by the manifest."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self._final_path(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -123,6 +126,10 @@ class CheckpointManager:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(capture_rng(), tmp / "rng.pt")
         torch.save(sampler, tmp / "sampler.pt")
+        for name, tensors in (extra or {}).items():
+            if not name.endswith(".safetensors") or "/" in name or name.startswith("."):
+                raise ValueError(f"extra checkpoint file {name!r}: expected a plain NAME.safetensors")
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         info = {"step": step, "stage": stage, "temperature": temperature, "time": time.time(), "meta": meta or {}}
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1))
         files = sorted(p.name for p in tmp.iterdir())
@@ -202,3 +209,9 @@ class CheckpointManager:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         restore_rng(torch.load(path / "rng.pt", weights_only=True))
+
+    @staticmethod
+    def load_extra(info: CheckpointInfo, name: str) -> dict[str, torch.Tensor] | None:
+        """An extra file written by ``save`` (already verified through ``latest``), or None."""
+        path = info.path / name
+        return load_file(str(path)) if path.is_file() else None

@@ -694,6 +694,11 @@ class Trainer:
         else:
             self.ckpt.restore(info, model=self.student, aux=self.aux, optimizer=self.optimizer,
                               scheduler=self.scheduler)
+        if self.parallel.compression is not None:
+            from .parallel.compression import restore_residuals
+
+            restore_residuals(self.parallel.compression, self._compressed_params(),
+                              self.ckpt.load_extra(info, "compression.safetensors"))
         self.sampler.load_state_dict(info.sampler)
         self._sampler_iter = iter(self.sampler)
         self.tokens_seen = int(info.meta.get("tokens_seen", 0))
@@ -703,6 +708,10 @@ class Trainer:
         self._event("resumed", step=info.step, checkpoint=str(info.path))
         return info.step
 
+    def _compressed_params(self) -> list[nn.Parameter]:
+        """The parameters the top-k hook sees (DDP's: the student's trainable ones), in order."""
+        return [p for p in self.student.parameters() if p.requires_grad]
+
     def _save_checkpoint(self, step: int, phase: Phase, temperature: float) -> str | None:
         started = time.perf_counter()
         model, optimizer = self.student, self.optimizer
@@ -711,12 +720,21 @@ class Trainer:
             state = self._mp_gather()
             if state is not None:
                 model, optimizer = self.mp_template, state.optimizer_view()
+        extra = None
+        if self.parallel.compression is not None:
+            # Every rank's error-feedback residuals, gathered to rank 0: a resume continues with the
+            # unsent gradient mass instead of dropping it (collective, so before the writer check).
+            from .parallel.compression import gather_residuals
+
+            gathered = gather_residuals(self.parallel.compression, self._compressed_params())
+            extra = {"compression.safetensors": gathered} if gathered is not None else None
         if not self.opts.is_writer:
             return None
         path = self.ckpt.save(step=step, stage=phase.name, temperature=temperature, model=model,
                               aux=self.aux, optimizer=optimizer, scheduler=self.scheduler,
                               sampler=self.sampler.state_dict(),
-                              meta={"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds})
+                              meta={"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds},
+                              extra=extra)
         seconds = time.perf_counter() - started
         self.metrics.checkpoint_seconds.observe(seconds)
         self.last_checkpoint = (step, time.time())

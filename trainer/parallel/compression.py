@@ -1,15 +1,26 @@
 """Top-k gradient compression as a DDP communication hook, with error feedback.
 
 Per DDP bucket and step, each rank adds its residual (what it did not send before) to its
-gradient, keeps the ``fraction`` largest entries by magnitude and sends only those: values and
-indices are all-gathered (one int32 message: the float32 values' bits followed by the indices),
-every rank scatters all contributions into a zero tensor and divides by the world size. What a
-rank did not send stays in its residual for the next step, so over many steps every gradient
-entry is eventually applied: the sum of applied updates plus the mean residual equals the sum of
-the true mean gradients exactly (the test checks this identity).
+gradient, keeps the ``fraction`` largest entries by magnitude *of each parameter tensor* and sends
+only those: values and indices are all-gathered (one int32 message: the float32 values' bits
+followed by the indices), every rank scatters all contributions into a zero tensor and divides by
+the world size. What a rank did not send stays in its residual for the next step, so over many
+steps every gradient entry is eventually applied: the sum of applied updates plus the mean
+residual equals the sum of the true mean gradients exactly (the test checks this identity).
 
-The first ``warmup_steps`` steps run plain all-reduce: early gradients are large and dense, and
-a model that starts from sparse updates converges worse.
+Why per tensor, not per bucket: the loop's optimizer is AdamW, whose update size does not depend
+on a gradient's scale. A bucket-wide top-k picks almost only the largest-gradient tensors (the
+tied embedding/LM head), so LayerNorms, biases and whole attention blocks went for tens of steps
+without any update; under Adam those tensors matter as much as the big ones. Per-tensor top-k
+gives every tensor its share each step (Deep Gradient Compression selects per layer too).
+
+Warm-up: the first ``warmup_steps`` steps run plain all-reduce (early gradients are large and
+dense). Then the kept fraction decays exponentially from dense to ``fraction`` over ``ramp_steps``
+steps (default: as many as the warm-up), as in DGC's sparsity warm-up, instead of dropping from
+100% to 1% at once: residuals then build up gradually rather than all at the same step.
+
+Residuals are part of a checkpoint (``residual_vector`` / ``load_residual_vector``): a resumed run
+continues with the unsent gradient mass it had, so its trajectory equals the uninterrupted one.
 
 Bytes: the hook counts its own payload per rank (k values + k indices = 8k bytes against n
 gradient entries of an all-reduce); ``wire_bytes`` also estimates ring traffic, where an
@@ -36,6 +47,7 @@ class TopKState:
     warmup_steps: int = 0
     process_group: Any = None
     error_feedback: bool = True
+    ramp_steps: int | None = None  # steps from dense down to ``fraction`` after warm-up (None: warmup_steps)
     step: int = 0
     # Residuals per parameter (by identity): DDP rebuilds its buckets after the first step, so a
     # per-bucket residual would not line up with the new buckets.
@@ -54,6 +66,19 @@ class TopKState:
             raise ValueError(f"top-k fraction must be in (0, 1), got {self.fraction}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.ramp_steps is None:
+            self.ramp_steps = self.warmup_steps
+        if self.ramp_steps < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
+
+    def density(self, step: int) -> float:
+        """The fraction kept at ``step`` (0-based): 1 during warm-up, then fraction**(i/(R+1)) for
+        the i-th ramp step, then ``fraction``."""
+        if step < self.warmup_steps:
+            return 1.0
+        i = step - self.warmup_steps + 1
+        ramp = int(self.ramp_steps or 0)
+        return self.fraction ** (i / (ramp + 1)) if i <= ramp else self.fraction
 
     def summary(self) -> dict[str, float]:
         return {"step": self.step, "fraction": self.fraction, "bytes_sent": self.bytes_sent,
@@ -101,8 +126,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     acc = buffer.to(torch.float32)
     if state.error_feedback:
         acc = acc + _flat_residual(state, params, n)
-    k = max(1, math.ceil(state.fraction * n))
-    idx = acc.abs().topk(k, sorted=False).indices
+    idx = _per_tensor_topk(acc, [p.numel() for p in params], state.density(step))
+    k = idx.numel()
     values = acc[idx]
     if state.error_feedback:
         acc[idx] = 0.0
@@ -122,6 +147,68 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         return out.div_(world).to(buffer.dtype)
 
     return work.get_future().then(combine)
+
+
+def _per_tensor_topk(acc: torch.Tensor, sizes: list[int], density: float) -> torch.Tensor:
+    """Indices into the flat bucket: the top ceil(density * n_t) entries of each parameter's slice.
+    The count depends only on the shapes, so every rank sends equally long messages."""
+    picks, offset = [], 0
+    for n in sizes:
+        k = max(1, math.ceil(density * n))
+        piece = acc[offset : offset + n]
+        picks.append(piece.abs().topk(k, sorted=False).indices + offset if k < n
+                     else torch.arange(offset, offset + n, device=acc.device))
+        offset += n
+    return torch.cat(picks)
+
+
+def residual_vector(state: TopKState, params: list[torch.Tensor]) -> torch.Tensor:
+    """This rank's residuals for ``params`` (in that order) as one float32 vector; zeros where a
+    parameter has none yet. With the step counter this is all the hook carries between steps."""
+    return torch.cat([state.residual_for(p).detach().reshape(-1).float().cpu() for p in params]) \
+        if params else torch.zeros(0)
+
+
+def load_residual_vector(state: TopKState, params: list[torch.Tensor], flat: torch.Tensor, step: int) -> None:
+    """Inverse of ``residual_vector``; also sets the step counter (warm-up and ramp position)."""
+    total = sum(p.numel() for p in params)
+    if flat.numel() != total:
+        raise ValueError(f"checkpointed compression residuals hold {flat.numel()} entries but the student "
+                         f"has {total} gradient entries: the checkpoint belongs to another model")
+    offset = 0
+    for p in params:
+        state.residuals[id(p)] = flat[offset : offset + p.numel()].to(device=p.device, dtype=torch.float32).clone()
+        offset += p.numel()
+    state.step = step
+
+
+def gather_residuals(state: TopKState, params: list[torch.Tensor], group: Any = None) -> dict[str, torch.Tensor] | None:
+    """Collective over the data ranks: every rank's residual vector, gathered to rank 0 for its
+    checkpoint as {"rank<R>": vector, "hook_step": [step]}; None on the other ranks."""
+    from .distributed import peer_guard
+
+    mine = residual_vector(state, params)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    parts = [torch.empty_like(mine) for _ in range(world)] if rank == 0 else None
+    with peer_guard("the compression-residual gather"):
+        dist.gather(mine, parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    if parts is None:
+        return None
+    out = {f"rank{r}": t for r, t in enumerate(parts)}
+    out["hook_step"] = torch.tensor([state.step], dtype=torch.int64)
+    return out
+
+
+def restore_residuals(state: TopKState, params: list[torch.Tensor], saved: dict[str, torch.Tensor] | None,
+                      group: Any = None) -> bool:
+    """Load this rank's residuals from a checkpoint's gathered file; False (residuals start at
+    zero) when the checkpoint has none for this rank, e.g. one written without compression."""
+    key = f"rank{dist.get_rank(group)}"
+    if saved is None or key not in saved or "hook_step" not in saved:
+        log.warning("checkpoint holds no compression residuals for %s: they start from zero", key)
+        return False
+    load_residual_vector(state, params, saved[key], int(saved["hook_step"][0]))
+    return True
 
 
 def _maybe_log(state: TopKState, bucket: dist.GradBucket) -> None:
