@@ -21,9 +21,11 @@ def test_topk_one_percent_sends_20x_fewer_bytes_and_error_feedback_is_unbiased(t
               {"fraction": 0.01, "warmup": 2, "steps": 8}, timeout=180)
     ranks = _results(tmp_path, 2)
     for r in ranks:
-        # Warm-up steps are plain all-reduce; afterwards every step is >= 20x smaller.
+        # Warm-up steps are plain all-reduce, then two ramp steps get sparser (density 1%^(1/3),
+        # 1%^(2/3)); afterwards every step is >= 20x smaller.
         assert r["step_ratios"][:2] == [1.0, 1.0]
-        assert min(r["step_ratios"][2:]) >= 20
+        assert 1.0 < r["step_ratios"][2] < r["step_ratios"][3] < r["step_ratios"][4]
+        assert min(r["step_ratios"][4:]) >= 20
         # Error feedback: nothing is lost, only delayed.
         assert r["gap"] < 1e-5 * max(1.0, r["scale"])
         # ... and the residual really carried something (the identity is not trivially true).
@@ -40,8 +42,31 @@ def test_without_error_feedback_the_update_is_biased(tmp_path: Path) -> None:
         assert r["gap"] > 1e-4
 
 
+def test_density_warm_up_then_exponential_ramp_then_fraction() -> None:
+    state = TopKState(fraction=0.01, warmup_steps=2, ramp_steps=3)
+    got = [state.density(s) for s in range(7)]
+    assert got[:2] == [1.0, 1.0] and got[5:] == [0.01, 0.01]
+    for i, d in enumerate(got[2:5], start=1):
+        assert abs(d - 0.01 ** (i / 4)) < 1e-12
+    assert TopKState(fraction=0.1).density(0) == 0.1  # no warm-up, no ramp
+
+
+def test_per_tensor_topk_gives_every_tensor_its_share() -> None:
+    import torch
+
+    from kdistill.trainer.parallel.compression import _per_tensor_topk
+
+    # A large-gradient tensor next to a tiny-gradient one: a bucket-wide top-k would take only
+    # the first; per tensor, each keeps ceil(p * n) of its own entries.
+    acc = torch.cat([torch.linspace(100, 200, 1000), torch.linspace(1e-6, 2e-6, 300), torch.tensor([5e-7])])
+    idx = _per_tensor_topk(acc, [1000, 300, 1], 0.01)
+    assert sorted(idx.tolist()) == [*range(990, 1000), *range(1297, 1300), 1300]
+
+
 def test_state_rejects_bad_fraction() -> None:
     with pytest.raises(ValueError, match="fraction"):
         TopKState(fraction=0.0)
     with pytest.raises(ValueError, match="warmup"):
         TopKState(fraction=0.1, warmup_steps=-1)
+    with pytest.raises(ValueError, match="ramp_steps"):
+        TopKState(fraction=0.1, ramp_steps=-1)
