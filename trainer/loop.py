@@ -427,9 +427,8 @@ class Trainer:
         if need_forward and self.parallel.split_teacher:
             from .parallel.teacher_pipeline import TeacherRequest
 
-            want_logits = need_logits or self.cache is not None
             got = self.parallel.teacher.forward(batch["input_ids"], batch["attention_mask"], TeacherRequest(
-                logits=want_logits, hidden=tuple(t + 1 for _, t in self.pairs) if need_hidden else (),
+                logits=need_logits, hidden=tuple(t + 1 for _, t in self.pairs) if need_hidden else (),
                 qkv=tuple(t for _, t in self.pairs) if need_attn else ()))
             if need_hidden:
                 # Only the mapped layers travel; HiddenStateTransfer reads index t + 1 of the tuple.
@@ -437,9 +436,9 @@ class Trainer:
                                    for i in range(self.parallel.teacher.num_layers + 1))
             if need_attn:
                 out.qkv = {layer: tuple(x.float() for x in qkv) for layer, qkv in got.qkv.items()}  # type: ignore[misc]
-            if want_logits and got.logits is not None:
+            if got.logits is not None:
                 if self.cache is None:
-                    out.logits = got.logits if need_logits else None
+                    out.logits = got.logits
                 else:
                     cached = self._store_in_cache(ids, got.logits, batch["attention_mask"])
         elif need_forward:
