@@ -190,7 +190,10 @@ def main() -> int:
             counts = {}
             for pod in worker_pods(jobs, ns):
                 meta = pod["metadata"]
-                if meta["labels"].get("kdistill.io/restart-generation") == "1" and not meta.get("deletionTimestamp"):
+                # any later generation: under load the harness's kwok may delete a fresh pod that
+                # reuses an old pod's name (a stale delete by name), which restarts the gang again
+                if int(meta["labels"].get("kdistill.io/restart-generation", "0")) >= 1 and \
+                        not meta.get("deletionTimestamp"):
                     job = meta["labels"]["kdistill.io/job"]
                     counts[job] = counts.get(job, 0) + 1
             now = time.monotonic()

@@ -43,6 +43,7 @@ class Runtime:
     pod_nodes: dict[Key, tuple[str, Key]] = field(default_factory=dict)
     node_ready: dict[str, str] = field(default_factory=dict)
     pod_signatures: dict[Key, PodView] = field(default_factory=dict)
+    job_signatures: dict[Key, tuple[Any, bool]] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     failures: dict[Key, int] = field(default_factory=dict)
     last_pass: float = field(default_factory=time.monotonic)
@@ -132,16 +133,24 @@ def _enqueue(rt: Runtime, key: Key) -> None:
 
 
 @kopf.on.event(names.GROUP, "v1alpha1", "distillationjobs")
-async def job_event(type: str | None, name: str, namespace: str, memo: Any, **_: Any) -> None:
+async def job_event(type: str | None, name: str, namespace: str, meta: Any, memo: Any, **_: Any) -> None:
     rt = _runtime(memo)
     key = (namespace, name)
     if type == "DELETED":
         rt.jobs.discard(key)
+        rt.job_signatures.pop(key, None)
         if rt.queue is not None:
             rt.queue.forget(key)
         rt.reconciler.forget(key)
         return
+    # A pass acts on the spec (generation) and on deletion; status writes (ours, which would
+    # only echo each pass once more, and rank 0's progress) need none. Time-based looks are
+    # requeues, and the resync covers anything missed.
+    signature = (meta.get("generation"), bool(meta.get("deletionTimestamp")))
+    if key in rt.jobs and rt.job_signatures.get(key) == signature:
+        return
     rt.jobs.add(key)
+    rt.job_signatures[key] = signature
     _enqueue(rt, key)
 
 
@@ -166,11 +175,18 @@ async def pod_event(type: str | None, body: Any, name: str, namespace: str, labe
     signature = None if type == "DELETED" else replace(view, node=None)
     if type != "DELETED" and rt.pod_signatures.get(pod_key) == signature:
         return
-    if signature is None:
-        rt.pod_signatures.pop(pod_key, None)
-    else:
+    previous = rt.pod_signatures.pop(pod_key, None)
+    if signature is not None:
         rt.pod_signatures[pod_key] = signature
+    if previous is None and signature is not None and _fresh(signature):
+        return  # the pass that created it looks again by itself (and a restart lists every job)
     _enqueue(rt, key)
+
+
+def _fresh(pod: PodView) -> bool:
+    """A pod as it was just created: Pending, with nothing to report yet."""
+    return (pod.phase == "Pending" and not pod.deleting and pod.terminated is None and not pod.waiting_reason
+            and pod.unschedulable is None and not pod.disruption)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: names.MANAGER})

@@ -131,6 +131,10 @@ class Reconciler:
             rv = body["metadata"].get("resourceVersion") if guarded else None
             self.kube.patch_status(namespace, name, d.status, rv)
             self._count(old, d, jlog)
+        # Events right after the status they describe is committed, before the slower deletions
+        # and creations: an operator killed mid-pass then still leaves its restart Event behind.
+        for event in d.events:
+            self._event(body, event, jlog)
         for pod in d.force_delete_pods:
             jlog.warning("force-deleting pod %s on a lost node", pod)
             self.kube.delete("v1", "Pod", namespace, pod, grace_seconds=0)
@@ -146,8 +150,6 @@ class Reconciler:
         if d.delete_job:
             jlog.info("ttlSecondsAfterFinished expired: deleting the job")
             self.kube.delete(*JOB, namespace, name)
-        for event in d.events:
-            self._event(body, event, jlog)
 
     def _count(self, old: dict[str, Any], d: Decision, jlog: JobLog) -> None:
         for field, kind in (("restarts", "failure"), ("evictions", "eviction")):

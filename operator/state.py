@@ -7,7 +7,7 @@ generation (restarts + evictions) on the pods' labels, the backoff start in the
 `Restarting` condition's lastTransitionTime, and pod creation times for the pending deadline.
 
 The handlers apply a Decision in this order: status patch (with resourceVersion, so a stale
-view cannot count a restart twice), then deletions, then creations, then events.
+view cannot count a restart twice), then its events, then deletions, then creations.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def test_kubeconfig_flag_health_of_every_replica_and_pod_user(cluster: Cluster, 
         assert leader.stop() == 0
         eventually(lambda: any("acquired lease" in line.get("message", "") for line in standby.log_lines()),
                    "standby took the lease", 60)
-        eventually(lambda: (r := _healthz(ports[1]))[0] == 200 and r[1].get("leader") is True and r,
+        eventually(lambda: (r := _healthz(ports[1])) is not None and r[0] == 200 and r[1].get("leader") is True,
                    "the new leader's kopf /healthz", 90)
     finally:
         for op in ops:
