@@ -4,13 +4,15 @@ student against the same student trained on hard labels only, at equal steps.
 Variants (same 2-layer GPT2 student shape, same data order, batch, steps, LR schedule):
 - ``scratch-hard``: random init, hard-label CE only (alpha 0);
 - ``copied-hard``: layers copied from the teacher (DistilBERT-style init), hard labels only;
-- ``distilled``: the same copied init, kdistill's stages: hidden+attention transfer (1/5 of the
-  steps), then logits KD (forward KL, T 4 → 1) mixed with CE (alpha 0.7);
-- ``distilled-logits``: the same, logits KD on every step.
+- ``distilled``: the same copied init, logits KD (forward KL) mixed with CE, alpha 0.5, T 2 → 1;
+- ``distilled-staged``: the same, after a feature stage (hidden + attention, 1/5 of the steps);
+- ablations ``kd-A-S-E`` (alpha A, T linear S → E, logits only) and ``kd-A-S-E-feat`` (with the
+  feature stage), e.g. ``kd-0.7-4-1`` is the API default alpha with a high starting T.
 The teacher is the quickstart teacher (trained by ``make quickstart``); it is trained here if
 absent. Eval perplexity on the held-out split, retention = teacher ppl / student ppl.
+``--merge`` adds the variants run to the results already in the JSON (to run a few at a time).
 
-    .venv/bin/python benchmarks/trainer_quality.py [--steps 200] [--pvc ./pvc]
+    .venv/bin/python benchmarks/trainer_quality.py [--steps 60] [--pvc ./pvc] [--variants a,b] [--merge]
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ RESULT = ROOT / "benchmarks" / "results" / "trainer_quality.json"
 
 
 def job(name: str, teacher: Path, data: Path, student: dict[str, Any], steps: int, alpha: float,
-        distill: bool) -> dict[str, Any]:
+        distill: bool, t_start: float = 2.0, t_end: float = 1.0) -> dict[str, Any]:
     if distill:
         features = max(1, steps // 5)
         stages = [{"name": "features", "steps": features, "objectives": ["hidden", "attention"], "attentionRank": 8},
                   {"name": "output", "steps": steps - features, "objectives": ["logits"]}]
     else:
         stages = [{"name": "output", "steps": steps, "objectives": ["logits"]}]
+    schedule = "constant" if t_start == t_end else "linear"
     return {
         "apiVersion": "kdistill.io/v1alpha1", "kind": "DistillationJob", "metadata": {"name": name},
         "spec": {
@@ -45,7 +48,7 @@ def job(name: str, teacher: Path, data: Path, student: dict[str, Any], steps: in
                      "maxSeqLength": 128},
             "distillation": {
                 "loss": "forward-kl", "alpha": alpha,
-                "temperature": {"schedule": "linear", "start": 4.0, "end": 1.0},
+                "temperature": {"schedule": schedule, "start": t_start, "end": t_end},
                 "stages": stages, "batchSize": 16, "learningRate": 1e-3, "warmupSteps": 20, "seed": 0,
             },
             "quantization": {"mode": "none"},
@@ -54,6 +57,16 @@ def job(name: str, teacher: Path, data: Path, student: dict[str, Any], steps: in
             "serving": {"enabled": True},
         },
     }
+
+
+def ablation_job(name: str, teacher: Path, data: Path, steps: int) -> dict[str, Any]:
+    """``kd-A-S-E[-feat]``: alpha A, temperature S → E, with the feature stage when ``-feat``."""
+    parts = name.split("-")
+    if parts[0] != "kd" or len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "feat"):
+        raise SystemExit(f"unknown variant {name!r}: expected kd-ALPHA-TSTART-TEND[-feat]")
+    alpha, t_start, t_end = (float(x) for x in parts[1:4])
+    safe = "kd-" + "-".join(x.replace(".", "p") for x in parts[1:])
+    return job(safe, teacher, data, {"fromTeacher": {"numLayers": 2}}, steps, alpha, len(parts) == 5, t_start, t_end)
 
 
 def train_and_eval(spec: dict[str, Any], work: Path) -> tuple[float, float, float]:
@@ -88,9 +101,10 @@ def scratch_student(teacher: Path, out: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--pvc", type=Path, default=ROOT / "pvc")
-    p.add_argument("--variants", default="scratch-hard,copied-hard,distilled,distilled-logits")
+    p.add_argument("--variants", default="scratch-hard,copied-hard,distilled,distilled-staged")
+    p.add_argument("--merge", action="store_true", help="keep other variants' results already in the JSON")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from transformers.utils import logging as hf_logging
@@ -113,31 +127,37 @@ def main() -> None:
                                         {"model": str(scratch_student(teacher, work / "scratch-init"))},
                                         args.steps, 0.0, False),
             "copied-hard": lambda: job("copied-hard", teacher, data, copied, args.steps, 0.0, False),
-            "distilled": lambda: job("distilled", teacher, data, copied, args.steps, 0.7, True),
-            # Logits KD only: every step on the output distribution (no feature stage).
-            "distilled-logits": lambda: job("distilled-logits", teacher, data, copied, args.steps, 0.7, False),
+            "distilled": lambda: job("distilled", teacher, data, copied, args.steps, 0.5, False),
+            "distilled-staged": lambda: job("distilled-staged", teacher, data, copied, args.steps, 0.5, True),
         }
         for name in args.variants.split(","):
-            ppl, teacher_ppl, seconds = train_and_eval(variants[name](), work)
-            results[name] = {"eval_perplexity": ppl, "retention": teacher_ppl / ppl, "train_seconds": round(seconds, 1)}
+            spec = variants[name]() if name in variants else ablation_job(name, teacher, data, args.steps)
+            ppl, teacher_ppl, seconds = train_and_eval(spec, work)
+            results[name] = {"eval_perplexity": ppl, "retention": teacher_ppl / ppl, "train_seconds": round(seconds, 1),
+                             "load_average": os.getloadavg()}
             print(json.dumps({"variant": name, **results[name]}), flush=True)
-    best_hard = min(r["eval_perplexity"] for n, r in results.items() if n.endswith("-hard"))
+    if args.merge and RESULT.is_file():
+        previous = json.loads(RESULT.read_text())
+        if previous.get("config", {}).get("steps") == args.steps:
+            results = {**previous.get("results", {}), **results}
+    hard = [r["eval_perplexity"] for n, r in results.items() if n.endswith("-hard")]
     body = {
         "benchmark": "trainer_quality",
         "config": {"steps": args.steps, "batch": 16, "max_len": 128, "student_layers": 2,
                    "omp_threads": os.environ["OMP_NUM_THREADS"], "load_average": os.getloadavg()},
         "teacher": {"eval_perplexity": teacher_ppl, "unigram_perplexity": pre["unigram_perplexity"]},
         "results": results,
-        "distilled_wins": min(r["eval_perplexity"] for n, r in results.items() if n.startswith("distilled"))
-        < best_hard,
+        # The claim is about kdistill's recommended setting, not the best of many tries.
+        "distilled_wins": "distilled" in results and bool(hard)
+        and results["distilled"]["eval_perplexity"] < min(hard),
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(body, indent=2) + "\n")
-    print(f"{'model':<16}{'eval ppl':>10}{'retention':>11}")
-    print(f"{'teacher':<16}{teacher_ppl:>10.1f}{1.0:>11.3f}")
-    print(f"{'unigram':<16}{pre['unigram_perplexity']:>10.1f}{'-':>11}")
+    print(f"{'model':<18}{'eval ppl':>10}{'retention':>11}")
+    print(f"{'teacher':<18}{teacher_ppl:>10.1f}{1.0:>11.3f}")
+    print(f"{'unigram':<18}{pre['unigram_perplexity']:>10.1f}{'-':>11}")
     for name, r in results.items():
-        print(f"{name:<16}{r['eval_perplexity']:>10.1f}{r['retention']:>11.3f}")
+        print(f"{name:<18}{r['eval_perplexity']:>10.2f}{r['retention']:>11.3f}")
     print(f"distilled wins: {body['distilled_wins']}")
 
 

@@ -38,11 +38,13 @@ pre = json.loads((teacher_dir / "pretrain-report.json").read_text())
 res = json.loads((out / "result.json").read_text())
 
 def params(d: Path) -> str:
-    from safetensors import safe_open
+    # Shapes from the safetensors header (8-byte length + JSON): no torch import, no tensor reads.
+    import math, struct
     n = 0
     for f in d.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            n += sum(st.get_tensor(k).numel() for k in st.keys())
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        n += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return f"{n / 1e6:.2f}M"
 
 fp, q = res.get("fullPrecision", {}), res.get("int8", {})
