@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "fp32_student_vs_teacher": t_teacher / t_fp32}
         # Every kernel at batch 1, to show what the selection buys.
         per_kernel = {}
-        for other in ("torchao-dynamic", "fbgemm-dynamic", "weight-only"):
+        for other in ("torchao-dynamic", "fbgemm-dynamic", "onednn-dynamic", "weight-only"):
             model = q.set_int8_kernel(copy.deepcopy(int8), other)  # type: ignore[arg-type]
             per_kernel[other] = time_forward(model, 1, args.seq, args.vocab, max(1, args.repeats // 2), family) * 1e3
         rows["batch1_ms_by_kernel"] = per_kernel
