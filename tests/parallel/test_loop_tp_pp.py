@@ -205,3 +205,13 @@ def test_model_parallel_bad_spec_exits_20_before_any_peer_joins(root: Path) -> N
     assert proc.returncode == int(ExitCode.BAD_SPEC), proc.stderr[-3000:]
     message = json.loads((root / "bad-termination.log").read_text())
     assert message["retryable"] is False and "hidden" in message["message"]
+
+
+def test_pipeline2_x_data2_trains_like_one_process(root: Path, reference: tuple[list[float], Path]) -> None:
+    """DDP around pipeline stages: each stage runs one backward per micro-batch, which DDP's
+    first-step bucket rebuild cannot count (it failed an internal assert at step 2)."""
+    ref, ref_out = reference
+    out = root / "out-pp2dp2"
+    steps, _ = _run(_write_job(root, "pp2dp2", pipeline=2, data=2), out, 4)
+    _assert_follows(steps, ref)
+    _assert_same_student(out, ref_out)

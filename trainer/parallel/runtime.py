@@ -126,9 +126,13 @@ class ParallelRuntime:
         """Cut (pipeline), shard (tensor) and wrap (data) the student in place: a ParallelStudent."""
         from .student import parallelize_student
 
+        # With pipeline stages DDP sees one backward per micro-batch in the first step and its
+        # bucket rebuild then counts every parameter once per micro-batch and fails an internal
+        # assert at the next step; find_unused_parameters=True switches that rebuild off.
+        ddp_kwargs = {"find_unused_parameters": True} if self.layout.pipeline > 1 else None
         try:
             return parallelize_student(student, self.layout, self.env.rank, self.mesh, token_loss,
-                                       device=self.device)
+                                       device=self.device, ddp_kwargs=ddp_kwargs)
         except ValueError as exc:
             raise TrainerError(ExitCode.BAD_SPEC, f"parallelism.student: {exc}") from None
 
