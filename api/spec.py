@@ -545,6 +545,11 @@ class DistillationJobSpec(ApiModel):
             "distillation.batchSize must be divisible by parallelism.student.data * "
             "distillation.gradientAccumulationSteps",
         ),
+        CelRule(
+            "self.task == 'causal-lm' || self.parallelism.teacherPipelineStages == 1",
+            "parallelism.teacherPipelineStages > 1 splits causal-LM decoders only; use 1 for "
+            "sequence-classification",
+        ),
     )
 
     @model_validator(mode="after")
@@ -558,6 +563,13 @@ class DistillationJobSpec(ApiModel):
             raise ValueError(
                 f"distillation.batchSize ({self.distillation.batch_size}) must be divisible by "
                 f"parallelism.student.data * distillation.gradientAccumulationSteps ({per_step})"
+            )
+        # The split teacher delivers logits, hidden states and q/k/v of causal-LM decoders (GPT2,
+        # Llama family); a classifier's head cannot be split off by layers.
+        if self.task != "causal-lm" and self.parallelism.teacher_pipeline_stages != 1:
+            raise ValueError(
+                f"parallelism.teacherPipelineStages ({self.parallelism.teacher_pipeline_stages}) > 1 splits "
+                f"causal-LM decoders only; use 1 for {self.task}"
             )
         return self
 
