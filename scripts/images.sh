@@ -55,9 +55,12 @@ for target in "${targets[@]}"; do
   image="${registry}/${target}:${tag}"
   log "building ${image} from ${base}"
   t0=$(date +%s)
-  docker build --network host -f "${ctx}/docker/${target}.Dockerfile" -t "${image}" \
-    --build-arg "BASE_IMAGE=${base}" --build-arg "TORCH_SPEC=${TORCH_SPEC:-}" \
-    --build-arg "PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL:-}" "${ctx}" >&2
+  build_args=(--network host -f "${ctx}/docker/${target}.Dockerfile" --build-arg "BASE_IMAGE=${base}"
+    --build-arg "TORCH_SPEC=${TORCH_SPEC:-}" --build-arg "PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL:-}")
+  # The dependency stage gets a tag of its own: `docker image prune` then never drops the
+  # multi-GB pip layer that later builds reuse (an untagged build stage counts as dangling).
+  docker build "${build_args[@]}" --target build -t "${registry}/${target}-deps:${tag}" "${ctx}" >&2
+  docker build "${build_args[@]}" -t "${image}" "${ctx}" >&2
   seconds=$(( $(date +%s) - t0 ))
   bytes=$(docker image inspect -f '{{.Size}}' "${image}")
   log "${image}: $(awk -v b="${bytes}" 'BEGIN {printf "%.0f MB", b/1e6}') in ${seconds}s"
