@@ -197,13 +197,8 @@ def topk_kd_divergence(
         log_t = teacher_bucket_logprobs(values.to(dtype), lse[0] if lse else None, vocab, temperature)
         s_top = s.gather(-1, idx)
         if with_tail:
-            # log q_top = s_top - lse(s); log q_tail = log(1 - sum q_top) = log(-expm1(lse(s_top) - lse(s))).
-            # One reduction over V and no NxV copy (masking the top-k out with a scatter cost a
-            # full copy forward and backward, ~2% of a cached step). The gap is kept <= -1e-6
-            # (tail mass >= ~1e-6) since below that fp32 rounding of the two log-sum-exps dominates.
-            lse_all = torch.logsumexp(s, dim=-1, keepdim=True)
-            gap = (torch.logsumexp(s_top, dim=-1, keepdim=True) - lse_all).clamp(max=-1e-6)
-            log_s = torch.cat([s_top - lse_all, torch.log(-torch.expm1(gap))], dim=-1)
+            s_tail = torch.logsumexp(s.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True)
+            log_s = F.log_softmax(torch.cat([s_top, s_tail], dim=-1), dim=-1)
         else:
             log_s = F.log_softmax(s_top, dim=-1)
         return divergence_from_logprobs(log_s, log_t, kind) * scale

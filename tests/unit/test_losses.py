@@ -159,6 +159,33 @@ def test_topk_tail_bucket_is_exact_at_t1(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_student_tail_of_a_peaked_student_in_fp32_matches_fp64(kind: str) -> None:
+    # The student's tail is log(1 - top mass) from two log-sum-exps: check it where that
+    # subtraction is hardest, a student whose top-k holds all but ~1e-3 of its mass.
+    s, t = _logits(6, 256, seed=11)
+    values, idx = t.topk(16, dim=-1)
+    s = s.scatter(-1, idx, s.gather(-1, idx) + 12.0)  # the student piles its mass on the teacher's top-k
+    tail = _coarsen(s, idx, 1.0)[:, -1]
+    assert bool(((tail > 1e-5) & (tail < 1e-2)).all())
+    want = _direct(_coarsen(t, idx, 1.0), _coarsen(s, idx, 1.0), kind)
+    got = topk_kd_divergence(s.float(), values.float(), idx, kind, 1.0,  # type: ignore[arg-type]
+                             teacher_logsumexp=t.logsumexp(-1).float())
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-6)
+
+
+def test_student_tail_below_rounding_stays_finite_with_finite_gradients() -> None:
+    # A student tail far below fp32 resolution is floored (~1e-6), never log(0).
+    s, t = _logits(4, 64, seed=12)
+    values, idx = t.topk(8, dim=-1)
+    s = s.float().scatter(-1, idx, 60.0).requires_grad_(True)
+    for kind in KINDS:
+        got = topk_kd_divergence(s, values.float(), idx, kind, 1.0,  # type: ignore[arg-type]
+                                 teacher_logsumexp=t.logsumexp(-1).float())
+        (grad,) = torch.autograd.grad(got.sum(), s)
+        assert bool(torch.isfinite(got).all()) and bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_topk_tail_is_exact_at_any_t_when_the_tail_is_flat(kind: str) -> None:
     s, t = _logits(4, 16, seed=9)
     k = 5
