@@ -143,3 +143,19 @@ def test_concurrent_requests_are_batched_and_answered_correctly(cls_server: Serv
              for line in metrics.splitlines() if line.startswith("kdistill_batch_size_bucket")}
     assert sizes["1.0"] < sizes["+Inf"]  # some batches held more than one request
     assert "kdistill_padding_efficiency_ratio" in metrics
+
+
+def test_metrics_label_requests_by_route_template_and_count_errors_by_status(cls_server: ServerProcess) -> None:
+    def value(text: str, series: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " "))
+
+    series = 'kdistill_errors_total{endpoint="/v2/models/{name}/infer",status="404"}'
+    before = value(httpx.get(f"{cls_server.url}/metrics").text, series)
+    body = {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}
+    for _ in range(2):
+        assert httpx.post(f"{cls_server.url}/v2/models/nope-{_}/infer", json=body, timeout=30).status_code == 404
+    assert httpx.post(f"{cls_server.url}/v1/classify", json={"texts": ["a b"]}, timeout=30).status_code == 200
+    text = httpx.get(f"{cls_server.url}/metrics").text
+    assert value(text, series) == before + 2  # one series for every model name: the route's template
+    assert value(text, 'kdistill_request_latency_seconds_count{endpoint="/v1/classify"}') >= 1
+    assert value(text, "kdistill_requests_in_flight") == 0
