@@ -47,9 +47,14 @@ def main() -> None:
             row.update({"hook_bytes_ratio": comp[-1]["ratio"], "ring_wire_ratio": comp[-1]["wire_ratio"],
                         "bytes_sent": comp[-1]["bytes_sent"], "bytes_dense": comp[-1]["bytes_dense"],
                         "counted_steps": comp[-1]["step"]})
-            if len(comp) >= 2:
+            # Every rank logs its counters: keep one log per step (rank 0's comes first).
+            by_step = {}
+            for c in comp:
+                by_step.setdefault(c["step"], c)
+            logs = [by_step[k] for k in sorted(by_step)]
+            if len(logs) >= 2:
                 # Steady state: the bytes of the last logged interval only (past warm-up and ramp).
-                a, b = comp[-2], comp[-1]
+                a, b = logs[-2], logs[-1]
                 row["steady_bytes_ratio"] = round((b["bytes_dense"] - a["bytes_dense"])
                                                   / max(1, b["bytes_sent"] - a["bytes_sent"]), 3)
                 row["steady_steps"] = [a["step"], b["step"]]
