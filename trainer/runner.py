@@ -23,7 +23,7 @@ from kdistill.api.failures import ExitCode, Termination, termination_for
 
 from .errors import TrainerError
 from .loop import RunOptions, StepReport, Trainer, score
-from .outputs import OutputLayout, save_student, write_json_atomic, write_termination
+from .outputs import OutputLayout, save_student, write_json_atomic, write_served_artifact, write_termination
 from .progress import ProgressReporter, status_body
 
 log = logging.getLogger(__name__)
@@ -112,19 +112,15 @@ def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start:
         result["fullPrecision"] = dict(metrics)
         trainer._event("evaluated", **metrics)
     int8 = trainer.quantized_student()
-    if int8 is not None:
-        from .artifact import save_artifact
-
-        if opts.evaluate and trainer.eval_examples:
-            int8_eval = trainer.evaluate_model(int8, torch.device("cpu"))
-            int8_metrics = score(trainer.evaluate_model(trainer.teacher_for_eval()), int8_eval) if int8_eval else {}
-            result["int8"] = dict(int8_metrics)
-            metrics = int8_metrics  # the quality gate judges the artifact that will be served
-        save_artifact(int8, trainer.tokenizer, out.student_int8, task=spec.task,
-                      quantization=spec.quantization.mode, metrics=metrics)
-        result["artifact"] = str(out.student_int8)
-    else:
-        result["artifact"] = str(out.student)
+    if int8 is not None and opts.evaluate and trainer.eval_examples:
+        int8_eval = trainer.evaluate_model(int8, torch.device("cpu"))
+        int8_metrics = score(trainer.evaluate_model(trainer.teacher_for_eval()), int8_eval) if int8_eval else {}
+        result["int8"] = dict(int8_metrics)
+        metrics = int8_metrics  # the quality gate judges the artifact that will be served
+    # Every mode writes the served artifact at the one path the rollout reads (mode none: fp32 weights).
+    served = write_served_artifact(int8 if int8 is not None else student_fp, trainer.tokenizer, out,
+                                   task=spec.task, quantization=spec.quantization.mode, metrics=metrics)
+    result["artifact"] = str(served)
     result["metrics"] = metrics
     result["wallSeconds"] = round(time.time() - wall_start, 3)
     write_json_atomic(out.result, result)

@@ -53,6 +53,10 @@ def test_causal_lm_two_stage_run(tmp_path: Path, gpt2_teacher: Path, causal_data
     assert student.config.n_layer == 2
     assert AutoTokenizer.from_pretrained(str(out / "student")).get_vocab()
     assert (out / "student" / "model.safetensors").is_file()
+    # quantization none still writes the served artifact the rollout reads, with full-precision weights.
+    assert result["artifact"] == str(out / "student-int8")
+    served = json.loads((out / "student-int8" / "kdistill.json").read_text())
+    assert served["quantization"]["mode"] == "none" and served["task"] == "causal-lm"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000000003", "step-000000006"]
     term = json.loads(termination_log.read_text())
     assert term["reason"] == "Succeeded" and term["result"]["metrics"]["metric"] == "perplexity"
