@@ -9,10 +9,18 @@
 #
 #   scripts/e2e-kind.sh                  # creates and, at the end, deletes the kind cluster
 #   scripts/e2e-kind.sh --keep           # leaves the cluster running
-#   KUBECONFIG=... scripts/e2e-kind.sh --existing [--nodes "n1 n2"]
+#   KUBECONFIG=... scripts/e2e-kind.sh --existing [--nodes "n1 n2"] [--hostpath-pv DIR]
 #       steps 3-6 on a cluster that already runs (the local real-pods cluster of
 #       `make e2e-cluster`, for one); with --nodes, images are loaded into those node
-#       containers with `ctr import` first.
+#       containers with `ctr import` first (skipped where that image ID was loaded before).
+#       A cluster without a default StorageClass (the local one) needs --hostpath-pv: a
+#       folder that every node mounts at the same path (the local cluster's
+#       ~/.cache/kdistill/e2e/shared); the quickstart claim gets a hostPath PV there.
+#
+#   The local cluster, from a second shell:
+#     make e2e-cluster                   # prints KUBECONFIG=...
+#     KUBECONFIG=... scripts/e2e-kind.sh --existing --nodes "kdistill-e2e-node1 kdistill-e2e-node2" \
+#       --hostpath-pv ~/.cache/kdistill/e2e/shared
 #
 # Needs docker, kind (KIND, or built from the Go proxy into ~/.cache/kdistill), kubectl and
 # helm (scripts/cluster-bins.sh). KIND_NODE_IMAGE picks the node image (default: kind's own).
@@ -30,12 +38,14 @@ trainer_image="kdistill/trainer:${version}"
 mode=kind
 keep=0
 load_nodes=""
+hostpath_dir=""
 while (( $# )); do
   case "$1" in
     --existing) mode=existing ;;
     --keep) keep=1 ;;
     --nodes) load_nodes="$2"; shift ;;
-    *) echo "usage: $0 [--keep] | --existing [--nodes \"NODE...\"]" >&2; exit 2 ;;
+    --hostpath-pv) hostpath_dir="$2"; shift ;;
+    *) echo "usage: $0 [--keep] | --existing [--nodes \"NODE...\"] [--hostpath-pv DIR]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -89,11 +99,25 @@ else
   if [[ -n "${load_nodes}" ]]; then
     scratch="$(mktemp -d)"
     cleanups+=('rm -rf "${scratch}"')
+    # One empty file per docker image ID imported, on the node's containerd volume: the same
+    # markers e2e/cluster/nodes.py keeps, so a multi-GB image is imported once per node.
+    markers=/var/lib/containerd/kdistill-loaded
     for image in "${operator_image}" "${trainer_image}"; do
-      log "loading ${image} into: ${load_nodes}"
-      docker save -o "${scratch}/image.tar" "${image}"
+      id="$(docker image inspect -f '{{.Id}}' "${image}")"
+      marker="${markers}/${id/:/-}"
+      todo=()
       for node in ${load_nodes}; do
+        docker exec "${node}" test -e "${marker}" || todo+=("${node}")
+      done
+      if (( ${#todo[@]} == 0 )); then
+        log "${image}: already loaded in ${load_nodes}"
+        continue
+      fi
+      log "loading ${image} into: ${todo[*]}"
+      docker save -o "${scratch}/image.tar" "${image}"
+      for node in "${todo[@]}"; do
         docker exec -i "${node}" ctr -n k8s.io images import --all-platforms - < "${scratch}/image.tar" >/dev/null
+        docker exec "${node}" sh -c "mkdir -p ${markers} && touch ${marker}"
       done
       rm -f "${scratch}/image.tar"
     done
@@ -108,6 +132,39 @@ helm upgrade --install kdistill "${root}/charts/kdistill" --namespace kdistill-s
 kubectl -n kdistill-system rollout status deployment/kdistill-operator --timeout=120s
 
 # -- 4: data and the CPU job ---------------------------------------------------------------------
+default_sc="$(kubectl get storageclass -o jsonpath='{range .items[?(@.metadata.annotations.storageclass\.kubernetes\.io/is-default-class=="true")]}{.metadata.name}{end}')"
+if [[ -n "${hostpath_dir}" ]]; then
+  # A PV bound to the example's claim ahead of time (claimRef), on a folder every node mounts.
+  # With no default StorageClass the claim names no class, and binds a class-less PV.
+  # hostPath volumes get no fsGroup ownership, so the folder is writable by all, like /tmp.
+  pv_dir="${hostpath_dir}/${namespace}-quickstart"
+  pv_phase="$(kubectl get pv "${namespace}-quickstart" -o jsonpath='{.status.phase}' 2>/dev/null || true)"
+  if [[ "${pv_phase}" == Released ]]; then
+    kubectl delete pv "${namespace}-quickstart" --wait=true
+    pv_phase=""
+  fi
+  # A new PV starts empty: an old run's checkpoints would make the job resume, not train.
+  [[ -n "${pv_phase}" ]] || rm -rf "${pv_dir}"
+  mkdir -p "${pv_dir}"
+  chmod 1777 "${pv_dir}"
+  log "quickstart claim: hostPath PV on ${pv_dir}"
+  kubectl apply -f - <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: ${namespace}-quickstart}
+spec:
+  capacity: {storage: 2Gi}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  hostPath: {path: "${pv_dir}", type: Directory}
+  claimRef: {namespace: ${namespace}, name: quickstart}
+YAML
+elif [[ -z "${default_sc}" ]]; then
+  echo "e2e-kind: the cluster has no default StorageClass for the quickstart claim; pass" \
+    "--hostpath-pv DIR (a folder every node mounts at the same path)" >&2
+  exit 2
+fi
 log "preparing the quickstart data (a small teacher trained on Python's docs)"
 kubectl -n "${namespace}" apply -f "${root}/manifests/examples/quickstart-data.yaml"
 kubectl -n "${namespace}" wait --for=condition=complete job/quickstart-data --timeout=30m
@@ -119,7 +176,8 @@ deadline=$(( $(date +%s) + ${E2E_JOB_TIMEOUT:-3600} ))
 last=""
 while :; do
   row="$(kubectl -n "${namespace}" get dj "${job}" --no-headers 2>/dev/null || true)"
-  [[ "${row}" != "${last}" ]] && { log "${row}"; last="${row}"; }
+  # Logged when something other than the AGE column changed.
+  [[ "${row% *}" != "${last% *}" ]] && { log "${row}"; last="${row}"; }
   phase="$(kubectl -n "${namespace}" get dj "${job}" -o jsonpath='{.status.phase}' 2>/dev/null || true)"
   [[ "${phase}" == Succeeded ]] && break
   if [[ "${phase}" == Failed ]] || (( $(date +%s) > deadline )); then
