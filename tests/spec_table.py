@@ -154,4 +154,7 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
      "objectives": ["logits"]}]}), "spec.distillation.stages[0].name"),
     ("autoscaling-inverted", with_spec(**{"serving.autoscaling": {"minReplicas": 3, "maxReplicas": 2}}),
      "spec.serving.autoscaling"),
+    ("teacher-stages-classification", with_spec(
+        task="sequence-classification", **{"data.labelField": "label"},
+        parallelism={"nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 2}}), "spec"),
 ]
