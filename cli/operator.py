@@ -18,6 +18,10 @@ def register(app: typer.Typer) -> None:
                                           help="Worker image when a job's template sets none."),
         server_image: str = typer.Option(DEFAULT_SERVER_IMAGE, envvar="KDISTILL_SERVER_IMAGE",
                                          help="Serving image when a job's serving sets none."),
+        image_pull_policy: str = typer.Option(
+            "", envvar="KDISTILL_IMAGE_PULL_POLICY",
+            help="imagePullPolicy of worker and serving pods: Always, IfNotPresent or Never (empty: the default).",
+        ),
         notready_seconds: float = typer.Option(30.0, min=0.0, envvar="KDISTILL_NOTREADY_SECONDS",
                                                help="A node NotReady this long counts as lost."),
         resync_seconds: float = typer.Option(30.0, min=1.0, envvar="KDISTILL_RESYNC_SECONDS",
@@ -46,12 +50,16 @@ def register(app: typer.Typer) -> None:
         from kdistill.operator.main import run
         from kdistill.operator.settings import Settings
 
-        settings = Settings(
-            namespaces=tuple(n for item in namespace for n in item.split(",") if n),
-            trainer_image=trainer_image, server_image=server_image, notready_seconds=notready_seconds,
-            resync_seconds=resync_seconds, workers=workers, watch_server_timeout=watch_server_timeout,
-            watch_client_timeout=watch_client_timeout, metrics_port=metrics_port, health_port=health_port,
-            leader_election=leader_election, lease_namespace=lease_namespace, lease_name=lease_name,
-            lease_duration_seconds=lease_duration, lease_renew_seconds=lease_renew,
-        )
+        try:
+            settings = Settings(
+                namespaces=tuple(n for item in namespace for n in item.split(",") if n),
+                trainer_image=trainer_image, server_image=server_image, image_pull_policy=image_pull_policy,
+                notready_seconds=notready_seconds,
+                resync_seconds=resync_seconds, workers=workers, watch_server_timeout=watch_server_timeout,
+                watch_client_timeout=watch_client_timeout, metrics_port=metrics_port, health_port=health_port,
+                leader_election=leader_election, lease_namespace=lease_namespace, lease_name=lease_name,
+                lease_duration_seconds=lease_duration, lease_renew_seconds=lease_renew,
+            )
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
         raise typer.Exit(run(settings, kubeconfig or None, log_level))

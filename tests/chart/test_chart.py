@@ -164,8 +164,10 @@ def test_replicas_need_leader_election_and_then_get_a_pdb_spread_and_a_named_lea
     assert "podAntiAffinity" in pod["affinity"]
     (container,) = pod["containers"]
     assert "--lease-name=kd-leader" in container["args"]
-    # Standby replicas do not serve kopf's /healthz: liveness must not kill them.
-    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
+    # Standby replicas answer /healthz themselves, so liveness is the same probe on every replica.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KDISTILL_IMAGE_PULL_POLICY"] == "IfNotPresent"
     assert one(objs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
     (lease_role,) = find(objs, "Role")
     writes = [r for r in rules_of(lease_role) if set(r["verbs"]) & {"get", "update", "patch", "delete"}]
