@@ -289,9 +289,14 @@ def worker_pod(job: DistillationJob, index: int, generation: int, settings: Sett
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    checkpoint_claim = checkpoint_claim_name(job)
     for claim in claims:
-        volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        mounts.append({"name": f"pvc-{claim}", "mountPath": f"{names.PVC_ROOT}/{claim}", "readOnly": True})
+        # One claim, one pod volume: a second volume for the checkpoint claim leaves the kubelet
+        # waiting forever on the mount, so the sources read the checkpoint volume through a read-only mount.
+        volume_name = "checkpoints" if claim == checkpoint_claim else f"pvc-{claim}"
+        if volume_name != "checkpoints":
+            volumes.append({"name": volume_name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": volume_name, "mountPath": f"{names.PVC_ROOT}/{claim}", "readOnly": True})
     volumes += copy.deepcopy(tpl.volumes)
     mounts += copy.deepcopy(tpl.volume_mounts)
 

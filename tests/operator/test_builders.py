@@ -85,6 +85,18 @@ def test_worker_pod_mounts_claims_read_only_and_checkpoints_rw() -> None:
     assert mounts["/tmp"]["name"] == "tmp" and mounts["/etc/kdistill"]["readOnly"]
 
 
+def test_a_source_claim_that_is_also_the_checkpoint_claim_is_one_volume() -> None:
+    # Two pod volumes for one claim leave the kubelet waiting on the mount forever (found in e2e).
+    pod = builders.worker_pod(job(checkpoint={"volume": {"claimName": "data"}}), 0, 0, SETTINGS)
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert sorted(claims) == ["data", "models"]
+    mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["/mnt/pvc/data"] == {"name": "checkpoints", "mountPath": "/mnt/pvc/data", "readOnly": True}
+    assert mounts["/mnt/checkpoints"]["name"] == "checkpoints" and not mounts["/mnt/checkpoints"].get("readOnly")
+    names_used = {m["name"] for m in mounts.values()}
+    assert names_used <= {v["name"] for v in pod["spec"]["volumes"]}
+
+
 def test_worker_security_context_is_locked_down() -> None:
     pod = builders.worker_pod(job(), 0, 0, SETTINGS)
     sc = pod["spec"]["containers"][0]["securityContext"]
