@@ -462,7 +462,10 @@ def start_harness_process() -> tuple[subprocess.Popen[str], list[psutil.Process]
 def test_ctrl_c_stops_every_component() -> None:
     proc, children, workdir = start_harness_process()
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(180) == 0  # components stop one by one, up to 15 s each when the machine is loaded
+    # communicate() keeps draining the pipe, so a chatty shutdown cannot block on a full pipe.
+    # Components stop one by one, up to 15 s each when the machine is loaded.
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, f"exit {proc.returncode} after Ctrl-C:\n{out[-3000:]}"
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, f"still running after Ctrl-C: {alive}"
     assert not workdir.exists(), "the cluster's data folder was left behind"
