@@ -24,8 +24,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def stop_on_sigterm() -> None:
-    """SIGTERM (from `timeout` or a CI runner) then tears down like Ctrl-C does; call it before starting."""
+    """SIGTERM (from `timeout` or a CI runner) then tears down like Ctrl-C does; call it before starting.
+
+    SIGINT gets the same handler explicitly: a process started in the background by a
+    non-interactive shell inherits SIGINT as ignored, and Python then installs no
+    KeyboardInterrupt handler, so Ctrl-C (or a SIGINT from a test) would do nothing."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
 
 
 def hold(cluster: Held, banner: Iterable[str], interval: float = 2.0) -> None:
