@@ -27,10 +27,20 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from parallel_common import ROOT, ensure_teacher, run_job, write_job
+
+
+def warm_medians(steps: list[dict[str, Any]], tokens_scale: int) -> dict[str, Any]:
+    """Medians over the steps after the first three (warm-up); ``tokens_scale`` turns one rank's
+    tokens/s into the job's when every data rank reports only its own share."""
+    warm = steps[3:] or steps
+    return {"steps_measured": len(warm),
+            "tokens_per_second_median": round(statistics.median(s["tokensPerSecond"] * tokens_scale for s in warm), 1),
+            "step_seconds_median": round(statistics.median(s["stepSeconds"] for s in warm), 4)}
 
 
 def main() -> None:
@@ -52,11 +62,7 @@ def main() -> None:
             job = write_job(Path(tmp) / "job.yaml", args.pvc, world=world, steps=args.steps, batch_size=16)
             threads = max(1, cores // world)
             steps, _ = run_job(job, Path(tmp) / "out", world, threads)
-        warm = steps[3:] or steps
-        tps = [s["tokensPerSecond"] * world for s in warm]
-        rows.append({"processes": world, "threads_per_rank": threads, "steps_measured": len(warm),
-                     "tokens_per_second_median": round(statistics.median(tps), 1),
-                     "step_seconds_median": round(statistics.median(s["stepSeconds"] for s in warm), 4)})
+        rows.append({"processes": world, "threads_per_rank": threads, **warm_medians(steps, world)})
     base = rows[0]["tokens_per_second_median"]
     for r in rows:
         r["speedup_vs_1"] = round(r["tokens_per_second_median"] / base, 3)
@@ -114,10 +120,7 @@ def model_parallel(pvc: Path, steps: int) -> None:
             job.write_text(yaml.safe_dump(spec, sort_keys=False))
             threads = max(1, cores // world)
             found, _ = run_job(job, Path(tmp) / "out", world, threads)
-        warm = found[3:] or found
-        rows.append({"layout": label, "processes": world, "threads_per_rank": threads, "steps_measured": len(warm),
-                     "tokens_per_second_median": round(statistics.median(s["tokensPerSecond"] for s in warm), 1),
-                     "step_seconds_median": round(statistics.median(s["stepSeconds"] for s in warm), 4),
+        rows.append({"layout": label, "processes": world, "threads_per_rank": threads, **warm_medians(found, 1),
                      "first_loss": found[0]["loss"], "last_loss": found[-1]["loss"]})
     print(f"{'layout':>11} {'procs':>5} {'tokens/s':>10} {'step s':>8} {'first loss':>10} {'last loss':>10}")
     for r in rows:
