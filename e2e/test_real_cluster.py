@@ -153,10 +153,12 @@ def test_two_node_job_survives_node_loss_and_serves(
         # 2. Checkpoints land on the shared volume; progress shows in `kubectl get dj`.
         # Rank 0 patches progress at most every 5 s and at each checkpoint, so on a quiet machine
         # status.step can sit on the checkpoint's step: wait for a checkpoint while training still runs.
-        wait(lambda: (watch.status().get("lastCheckpoint") or {}).get("step", 0) >= 10
-             and watch.status().get("phase") == "Running"
-             and watch.status().get("step", 0) < (watch.status().get("totalSteps") or 0),
-             "a checkpoint while training runs", 900, interval=0.5)  # fmt: skip
+        def checkpointed_while_running() -> bool:
+            status = watch.status()
+            return ((status.get("lastCheckpoint") or {}).get("step", 0) >= 10 and status.get("phase") == "Running"
+                    and (status.get("step") or 0) < (status.get("totalSteps") or 0))
+
+        wait(checkpointed_while_running, "a checkpoint while training runs", 900, interval=0.5)
         assert _checkpoint_steps(ckpt_root), "no checkpoint on the volume"
         row = cluster.kubectl("get", "dj", JOB, "-n", NAMESPACE, "--no-headers").stdout
         assert "Running" in row and "%" in row, row
