@@ -795,7 +795,9 @@ class Trainer:
                 parts_sum["total"] = loss_sum
                 self.metrics.record_step(step=done, parts=parts_sum, temperature=temperature,
                                          tokens_per_second=tps, step_seconds=seconds, learning_rate=lr)
-                stopping = sigterm.raised or (self.opts.stop_after is not None and done >= self.opts.stop_after)
+                asked = self.opts.stop_after is not None and done >= self.opts.stop_after
+                # Collective: saves are collective, so every rank must stop at the same step.
+                stopping = self.parallel.agree_stop(sigterm.raised or asked)
                 ckpt_path = None
                 if done % every == 0 or stopping:
                     ckpt_path = self._save_checkpoint(done, phase, temperature)
@@ -803,8 +805,9 @@ class Trainer:
                     self.opts.on_step(StepReport(done, self.total, phase.name, loss_sum, parts_sum, temperature,
                                                  lr, tps, seconds, ckpt_path))
                 if stopping and done < self.total:
+                    why = "SIGTERM" if sigterm.raised else "stop_after" if asked else "a peer rank's stop"
                     raise TrainerError(ExitCode.PREEMPTED, f"stopped at step {done} of {self.total} after "
-                                       f"{'SIGTERM' if sigterm.raised else 'stop_after'}; checkpoint written")
+                                       f"{why}; checkpoint written")
         if self.mp is not None:
             # The outputs (student/, the INT8 artifact, evaluation) are written by rank 0 from
             # its unsplit copy; the gather is collective, so every rank does it here.
