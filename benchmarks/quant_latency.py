@@ -6,7 +6,11 @@ student with the kernel this machine selects (see ``trainer/quantization.py``). 
 timed at batch 1, so the report shows *why* the chosen one is chosen (on AVX2-only CPUs
 ``torch._int_mm`` is a reference loop).
 
-    python benchmarks/quant_latency.py [--threads N] [--seq 128] [--repeats 5]
+    python benchmarks/quant_latency.py [--threads N] [--seq 128] [--repeats 5] [--runs 3]
+
+``--runs`` repeats the whole comparison (all variants side by side, interleaved) and reports the
+median of each ratio over the runs; the opt-in ``onednn-dynamic`` kernel is timed beside the
+selected one in every run, so the two can be compared at model level.
 
 Targets: INT8 student >= 1.5x faster than the FP32 student, >= 5x faster than the FP32 teacher.
 Writes benchmarks/results/quant_latency.json and prints a table.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,25 +65,37 @@ def time_forward(model: nn.Module, batch: int, seq: int, vocab: int, repeats: in
     return min(times)
 
 
+def ratios(ms: dict[str, float]) -> dict[str, float]:
+    return {"int8_vs_fp32_student": ms["student_fp32"] / ms["student_int8"],
+            "int8_vs_teacher": ms["teacher_fp32"] / ms["student_int8"],
+            "onednn_int8_vs_fp32_student": ms["student_fp32"] / ms["student_int8_onednn"],
+            "onednn_int8_vs_teacher": ms["teacher_fp32"] / ms["student_int8_onednn"],
+            "fp32_student_vs_teacher": ms["teacher_fp32"] / ms["student_fp32"]}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     kernel = q.select_int8_kernel()
     report: dict[str, Any] = {"cpu": q.cpu_int8_features(), "threads": torch.get_num_threads(),
-                              **bench_common.machine_state(),
+                              **bench_common.machine_state(), "runs": args.runs,
                               "selected_kernel": kernel, "seq_len": args.seq, "families": {}}
     for family in args.families:
         teacher = build(family, args.teacher_layers, args.width, args.vocab, args.seq)
         student = build(family, args.teacher_layers // 4, args.width, args.vocab, args.seq)
         int8 = q.quantize_ptq_int8(copy.deepcopy(student), kernel)
+        models = {"teacher_fp32": teacher, "student_fp32": student, "student_int8": int8,
+                  "student_int8_onednn": q.set_int8_kernel(copy.deepcopy(int8), "onednn-dynamic")}
         rows: dict[str, Any] = {}
         for batch in (1, 16):
-            t_teacher = time_forward(teacher, batch, args.seq, args.vocab, args.repeats, family)
-            t_fp32 = time_forward(student, batch, args.seq, args.vocab, args.repeats, family)
-            t_int8 = time_forward(int8, batch, args.seq, args.vocab, args.repeats, family)
-            rows[f"batch{batch}"] = {
-                "teacher_fp32_ms": t_teacher * 1e3, "student_fp32_ms": t_fp32 * 1e3, "student_int8_ms": t_int8 * 1e3,
-                "int8_vs_fp32_student": t_fp32 / t_int8, "int8_vs_teacher": t_teacher / t_int8,
-                "fp32_student_vs_teacher": t_teacher / t_fp32}
+            # Every run times all variants back to back, so a change in the machine's load hits them
+            # alike; the medians over runs are what the table reports.
+            per_run = []
+            for _ in range(args.runs):
+                ms = {name: time_forward(m, batch, args.seq, args.vocab, args.repeats, family) * 1e3
+                      for name, m in models.items()}
+                per_run.append({**{f"{k}_ms": v for k, v in ms.items()}, **ratios(ms)})
+            rows[f"batch{batch}"] = {**{key: statistics.median(r[key] for r in per_run) for key in per_run[0]},
+                                     "per_run": per_run}
         # Every kernel at batch 1, to show what the selection buys.
         per_kernel = {}
         for other in ("torchao-dynamic", "fbgemm-dynamic", "onednn-dynamic", "weight-only"):
@@ -103,15 +120,18 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"CPU: {cpu['torch_cpu_capability']} avx512={cpu['avx512']} vnni={cpu['vnni']} amx={cpu['amx']}; "
           f"threads={report['threads']}; INT8 kernel: {report['selected_kernel']}; seq={report['seq_len']}; "
           f"load average {report['load_average'][0]:.1f} on {report['cpus']} CPUs")
+    print(f"medians of {report['runs']} runs; 'onednn' = the same INT8 student on the onednn-dynamic kernel")
     head = f"{'model':16} {'batch':>5} {'teacher ms':>11} {'fp32 stu ms':>12} {'int8 stu ms':>12} " \
-           f"{'int8/fp32':>9} {'int8/teach':>10}"
+           f"{'int8/fp32':>9} {'int8/teach':>10} {'onednn ms':>10} {'onednn/fp32':>11} {'onednn/teach':>12}"
     print(head)
     print("-" * len(head))
     for fam, rows in report["families"].items():
         for b in ("batch1", "batch16"):
             r = rows[b]
             print(f"{fam:16} {b[5:]:>5} {r['teacher_fp32_ms']:11.1f} {r['student_fp32_ms']:12.1f} "
-                  f"{r['student_int8_ms']:12.1f} {r['int8_vs_fp32_student']:8.2f}x {r['int8_vs_teacher']:9.2f}x")
+                  f"{r['student_int8_ms']:12.1f} {r['int8_vs_fp32_student']:8.2f}x {r['int8_vs_teacher']:9.2f}x "
+                  f"{r['student_int8_onednn_ms']:10.1f} {r['onednn_int8_vs_fp32_student']:10.2f}x "
+                  f"{r['onednn_int8_vs_teacher']:11.2f}x")
         ks = ", ".join(f"{k} {v:.1f} ms" for k, v in rows["batch1_ms_by_kernel"].items())
         print(f"{'':16} batch 1 INT8 student by kernel: {ks}")
 
@@ -126,6 +146,7 @@ def main() -> None:
     p.add_argument("--teacher-layers", type=int, default=12)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--runs", type=int, default=3, help="whole comparisons; the table shows their medians")
     p.add_argument("--families", nargs="+", default=["bert-classifier", "gpt2-lm"])
     p.add_argument("--out", type=Path, default=bench_common.RESULTS / "quant_latency.json")
     bench_common.main(p, run, print_table)

@@ -1,14 +1,21 @@
 """Serving under load: 32 concurrent clients over loopback, mixed lengths, dynamic batching against
-``--max-batch-size 1``, on a real ``kdistill serve`` process and a real INT8 classification artifact.
+``--max-batch-size 1``, on a real ``kdistill serve`` process and real INT8 artifacts.
 
-    python benchmarks/serving_load.py [--clients 32] [--seconds 20]
+    python benchmarks/serving_load.py [--mode both|classify|completions] [--clients 32] [--seconds 20]
 
-Each client sends ``/v1/classify`` requests of one text (8..128 tokens of Python's own docs) back to
-back for ``--seconds``. Reports throughput, p50/p99 latency, the server's own batch-size and
-padding-efficiency metrics, and where the CPU went: server and load-generator CPU per request, and
-the model alone (the engine in this process, no HTTP) at batch 1 and in the server's batches, which
-bounds what batching can gain. Targets: dynamic batching >= 4x the throughput of batch size 1, and
-p99 <= 300 ms for classification requests of <= 128 tokens.
+Classification: each client sends ``/v1/classify`` requests of one text (8..128 tokens of Python's
+own docs) back to back for ``--seconds``. Reports throughput, p50/p99 latency, the server's own
+batch-size and padding-efficiency metrics, and where the CPU went: server and load-generator CPU per
+request, and the model alone (the engine in this process, no HTTP) at batch 1 and in the server's
+batches, which bounds what batching can gain.
+
+Completions: each client sends OpenAI ``/v1/completions`` requests (one prompt of 8..64 tokens,
+``max_tokens`` 8..64, greedy) to a causal-LM INT8 student of the quickstart's shape (GPT2, 2 layers,
+128 wide). Reports the same, plus generated tokens/s and the server's mean decode batch (sequences
+per decode step, from ``kdistill_decode_rows`` / ``kdistill_decode_steps``).
+
+Targets: dynamic batching >= 4x the throughput of batch size 1, and p99 <= 300 ms for
+classification requests of <= 128 tokens.
 
 The load generator is a raw asyncio HTTP/1.1 keep-alive client (no httpx): on 2 shared cores the
 client's own CPU counts against the server, and httpx cost several times more per request.
@@ -56,6 +63,35 @@ def build_artifact(root: Path, layers: int, width: int, vocab: int) -> tuple[Pat
     return out, tok
 
 
+def build_lm_artifact(root: Path, layers: int, width: int, vocab: int) -> tuple[Path, Any]:
+    """A GPT2 causal-LM student of the quickstart's shape (2 layers x 128), PTQ INT8."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kdistill.trainer.artifact import save_artifact
+    from kdistill.trainer.quantization import quantize_ptq_int8
+    from kdistill.trainer.tokenizer_build import build_tokenizer
+
+    tok = build_tokenizer(pydoc_texts(2000), vocab, root / "lm-tokenizer", model_max_length=512)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=width, n_layer=layers, n_head=max(1, width // 32),
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = quantize_ptq_int8(GPT2LMHeadModel(cfg).eval())
+    out = save_artifact(model, tok, root / "lm-bench" / "student-int8", task="causal-lm", quantization="ptq-int8",
+                        metrics={})
+    return out, tok
+
+
+def completion_bodies(tok: Any, n: int, seed: int, prompt_tokens: tuple[int, int],
+                      new_tokens: tuple[int, int]) -> list[dict[str, Any]]:
+    """Greedy completions of mixed prompt lengths and mixed ``max_tokens``."""
+    rng = random.Random(seed)
+    paragraphs = [p for p in pydoc_texts(3000) if len(tok(p)["input_ids"]) >= prompt_tokens[1]]
+    bodies = []
+    for _ in range(n):
+        ids = tok(rng.choice(paragraphs))["input_ids"][: rng.randint(*prompt_tokens)]
+        bodies.append({"prompt": tok.decode(ids), "max_tokens": rng.randint(*new_tokens), "temperature": 0})
+    return bodies
+
+
 def request_texts(tok: Any, n: int, seed: int) -> list[str]:
     """Mixed lengths, uniformly 8..128 tokens, cut from real paragraphs."""
     rng = random.Random(seed)
@@ -81,7 +117,7 @@ class Client:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer, host)
 
-    async def post(self, path: str, body: bytes) -> int:
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
                           f"content-length: {len(body)}\r\n\r\n".encode() + body)
         await self.writer.drain()
@@ -89,30 +125,35 @@ class Client:
         lines = head.split(b"\r\n")
         status = int(lines[0].split()[1])
         length = next(int(line.split(b":", 1)[1]) for line in lines[1:] if line.lower().startswith(b"content-length:"))
-        await self.reader.readexactly(length)
-        return status
+        return status, await self.reader.readexactly(length)
 
     def close(self) -> None:
         self.writer.close()
 
 
-async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+async def load(url: str, bodies: list[bytes], clients: int, seconds: float, path: str = "/v1/classify"
+               ) -> dict[str, Any]:
+    """Closed loop: each client posts its next body as soon as the previous answer arrives. For
+    completions, the generated tokens are counted from each answer's ``usage``."""
     host, port = url.removeprefix("http://").split(":")
-    bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
     latencies: list[float] = []
+    generated = 0
     errors = 0
     conns = [await Client.connect(host, int(port)) for _ in range(clients)]
     stop_at = time.perf_counter() + seconds
 
     async def client(cid: int, conn: Client) -> None:
-        nonlocal errors
+        nonlocal errors, generated
         i = cid
         while time.perf_counter() < stop_at:
             body = bodies[i % len(bodies)]
             i += clients
             start = time.perf_counter()
-            if await conn.post("/v1/classify", body) == 200:
+            status, answer = await conn.post(path, body)
+            if status == 200:
                 latencies.append(time.perf_counter() - start)
+                if path == "/v1/completions":
+                    generated += json.loads(answer)["usage"]["completion_tokens"]
             else:
                 errors += 1
 
@@ -124,15 +165,17 @@ async def load(url: str, texts: list[str], clients: int, seconds: float) -> dict
     latencies.sort()
     pct = lambda p: bench_common.percentile(latencies, p) * 1e3  # noqa: E731
     return {"requests": len(latencies), "errors": errors, "seconds": wall, "throughput_rps": len(latencies) / wall,
+            "generated_tokens": generated, "tokens_per_second": generated / wall,
             "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "mean_ms": statistics.mean(latencies) * 1e3}
 
 
-def measured_load(server: ServerProcess, texts: list[str], clients: int, seconds: float) -> dict[str, Any]:
+def measured_load(server: ServerProcess, bodies: list[bytes], clients: int, seconds: float, path: str
+                  ) -> dict[str, Any]:
     """``load`` plus the CPU the server process and this client process spent on it."""
     proc = psutil.Process(server.proc.pid)
     s0, c0 = proc.cpu_times(), resource.getrusage(resource.RUSAGE_SELF)
     load_before = bench_common.machine_state()["load_average"]
-    stats = asyncio.run(load(server.url, texts, clients, seconds))
+    stats = asyncio.run(load(server.url, bodies, clients, seconds, path))
     s1, c1 = proc.cpu_times(), resource.getrusage(resource.RUSAGE_SELF)
     n = max(1, stats["requests"])
     stats["server_cpu_ms_per_request"] = (s1.user + s1.system - s0.user - s0.system) / n * 1e3
@@ -170,93 +213,177 @@ def model_only(artifact: Path, texts: list[str], threads: int, batch: int) -> di
     return {"batch1_ms_per_request": one, f"batch{batch}_ms_per_request": many, "ceiling_speedup": one / many}
 
 
+def model_only_generation(artifact: Path, bodies: list[dict[str, Any]], threads: int, batch: int
+                          ) -> dict[str, float]:
+    """Generation alone, in this process: ms per request when ``batch`` requests are generated
+    together (one prefill, shared decode, early exit) against one at a time."""
+    import torch
+
+    from kdistill.serving.engine import Engine
+    from kdistill.serving.generation import GenRequest
+    from kdistill.serving.metrics import ServerMetrics
+    from kdistill.trainer.artifact import load_artifact
+
+    torch.set_num_threads(threads)
+    engine = Engine(load_artifact(artifact), ServerMetrics())
+    engine.warm_up()
+    reqs = [(engine.encode(b["prompt"]), b["max_tokens"]) for b in bodies[:batch]]
+
+    def per_request(size: int) -> float:
+        start = time.perf_counter()
+        for i in range(0, len(reqs), size):
+            engine.run_generation([GenRequest(ids, n, temperature=0.0) for ids, n in reqs[i:i + size]])
+        return (time.perf_counter() - start) / len(reqs) * 1e3
+
+    one, many = per_request(1), per_request(batch)
+    return {"batch1_ms_per_request": one, f"batch{batch}_ms_per_request": many, "ceiling_speedup": one / many}
+
+
 def server_metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics").text
     vals: dict[str, float] = {}
+    names = ("kdistill_batch_size_sum", "kdistill_batch_size_count", "kdistill_padding_efficiency_ratio",
+             "kdistill_decode_steps_total", "kdistill_decode_rows_total")
     for line in text.splitlines():
-        for name in ("kdistill_batch_size_sum", "kdistill_batch_size_count", "kdistill_padding_efficiency_ratio"):
+        for name in names:
             if line.startswith(name + " "):
                 vals[name] = float(line.split()[-1])
     count = vals.get("kdistill_batch_size_count", 0.0)
+    steps = vals.get("kdistill_decode_steps_total", 0.0)
     return {"mean_batch_size": vals.get("kdistill_batch_size_sum", 0.0) / count if count else 0.0,
-            "batches": count, "padding_efficiency": vals.get("kdistill_padding_efficiency_ratio", 0.0)}
+            "batches": count, "padding_efficiency": vals.get("kdistill_padding_efficiency_ratio", 0.0),
+            "mean_decode_batch": vals.get("kdistill_decode_rows_total", 0.0) / steps if steps else 0.0}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="kdistill-load-"))
-    artifact, tok = build_artifact(root, args.layers, args.width, args.vocab)
-    texts = request_texts(tok, 512, seed=0)
-    lengths = [len(tok(t)["input_ids"]) for t in texts]
-    report: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds, "threads": args.threads,
-                              **bench_common.machine_state(),
-                              "model": {"layers": args.layers, "width": args.width, "vocab": len(tok),
-                                        "quantization": "ptq-int8"},
-                              "request_tokens": {"min": min(lengths), "max": max(lengths),
-                                                 "mean": statistics.mean(lengths)},
-                              "runs": {}}
-    report["model_only"] = model_only(artifact, texts, args.threads, args.max_batch_size)
+def compare(args: argparse.Namespace, artifact: Path, bodies: list[bytes], path: str) -> dict[str, Any]:
+    """Dynamic batching and ``--max-batch-size 1`` on the same artifact and the same requests."""
     configs = {"dynamic": ["--max-batch-size", str(args.max_batch_size), "--max-batch-tokens", "8192",
                            "--max-wait-ms", str(args.max_wait_ms)],
                "batch1": ["--max-batch-size", "1", "--max-wait-ms", "0"]}
+    runs: dict[str, Any] = {}
     for name, flags in configs.items():
         server = ServerProcess(artifact, *flags, "--max-queue", "1024", threads=args.threads)
         try:
             server.wait_ready()
-            asyncio.run(load(server.url, texts, args.clients, min(3.0, args.seconds)))  # warm-up
-            stats = measured_load(server, texts, args.clients, args.seconds)
+            asyncio.run(load(server.url, bodies, args.clients, min(3.0, args.seconds), path))  # warm-up
+            stats = measured_load(server, bodies, args.clients, args.seconds, path)
             stats["server"] = server_metrics(server.url)
-            report["runs"][name] = stats
+            runs[name] = stats
         finally:
             server.terminate()
-    dyn, one = report["runs"]["dynamic"], report["runs"]["batch1"]
-    report["speedup"] = dyn["throughput_rps"] / one["throughput_rps"]
+    dyn, one = runs["dynamic"], runs["batch1"]
+    out: dict[str, Any] = {"runs": runs, "speedup": dyn["throughput_rps"] / one["throughput_rps"]}
     # The same ratio per server CPU second: on a shared machine the server's share of the CPU moves
     # between the two runs, and this ratio does not depend on it.
-    report["speedup_per_server_cpu"] = one["server_cpu_ms_per_request"] / dyn["server_cpu_ms_per_request"]
-    # What one dedicated core would give: requests/s at the measured CPU cost, and the mean latency
-    # of the closed loop (clients / throughput).
-    report["one_dedicated_core"] = {name: {"rps": 1e3 / r["server_cpu_ms_per_request"],
-                                           "mean_latency_ms": args.clients * r["server_cpu_ms_per_request"]}
-                                    for name, r in report["runs"].items()}
-    report["load_average_at_end"] = bench_common.machine_state()["load_average"]
-    report["targets"] = {"speedup": 4.0, "p99_ms": 300.0}
-    report["met"] = {"speedup": report["speedup"] >= 4.0, "p99_ms": dyn["p99_ms"] <= 300.0}
+    out["speedup_per_server_cpu"] = one["server_cpu_ms_per_request"] / dyn["server_cpu_ms_per_request"]
+    # What one dedicated core would give: requests/s at the measured CPU cost, and the mean latency of
+    # the closed loop (clients / throughput).
+    out["one_dedicated_core"] = {name: {"rps": 1e3 / r["server_cpu_ms_per_request"],
+                                        "mean_latency_ms": args.clients * r["server_cpu_ms_per_request"]}
+                                 for name, r in runs.items()}
+    return out
+
+
+def run_classification(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    artifact, tok = build_artifact(root, args.layers, args.width, args.vocab)
+    texts = request_texts(tok, 512, seed=0)
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    report: dict[str, Any] = {"model": {"layers": args.layers, "width": args.width, "vocab": len(tok),
+                                        "quantization": "ptq-int8"},
+                              "request_tokens": {"min": min(lengths), "max": max(lengths),
+                                                 "mean": statistics.mean(lengths)}}
+    report["model_only"] = model_only(artifact, texts, args.threads, args.max_batch_size)
+    report.update(compare(args, artifact, [json.dumps({"texts": [t]}).encode() for t in texts], "/v1/classify"))
+    report["met"] = {"speedup": report["speedup"] >= 4.0, "p99_ms": report["runs"]["dynamic"]["p99_ms"] <= 300.0}
     return report
 
 
-def print_table(report: dict[str, Any]) -> None:
-    print(f"{report['clients']} clients, {report['seconds']}s, requests of {report['request_tokens']['min']}-"
-          f"{report['request_tokens']['max']} tokens; student {report['model']['layers']}x{report['model']['width']} "
-          f"INT8, {report['threads']} thread(s); load average {report['load_average'][0]:.1f} on "
-          f"{report['cpus']} CPUs")
-    head = (f"{'config':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} {'padding eff':>11} "
+def run_completions(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    artifact, tok = build_lm_artifact(root, args.lm_layers, args.lm_width, args.lm_vocab)
+    bodies = completion_bodies(tok, 512, 1, (8, 64), (args.min_new_tokens, args.max_new_tokens))
+    prompts = [len(tok(b["prompt"])["input_ids"]) for b in bodies]
+    report: dict[str, Any] = {
+        "model": {"family": "gpt2", "layers": args.lm_layers, "width": args.lm_width, "vocab": len(tok),
+                  "quantization": "ptq-int8"},
+        "prompt_tokens": {"min": min(prompts), "max": max(prompts), "mean": statistics.mean(prompts)},
+        "max_tokens": {"min": args.min_new_tokens, "max": args.max_new_tokens,
+                       "mean": statistics.mean(b["max_tokens"] for b in bodies)},
+        "sampling": "greedy"}
+    report["model_only"] = model_only_generation(artifact, bodies, args.threads, args.clients)
+    report.update(compare(args, artifact, [json.dumps(b).encode() for b in bodies], "/v1/completions"))
+    report["met"] = {"speedup": report["speedup"] >= 4.0}
+    return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="kdistill-load-"))
+    report: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds, "threads": args.threads,
+                              **bench_common.machine_state()}
+    if args.mode in ("both", "classify"):
+        report["classification"] = run_classification(args, root)
+    if args.mode in ("both", "completions"):
+        report["completions"] = run_completions(args, root)
+    report["load_average_at_end"] = bench_common.machine_state()["load_average"]
+    report["targets"] = {"speedup": 4.0, "classification_p99_ms": 300.0}
+    return report
+
+
+def print_runs(part: dict[str, Any], tokens: bool) -> None:
+    extra = f" {'tok/s':>7} {'decode batch':>12}" if tokens else f" {'padding eff':>11}"
+    head = (f"{'config':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10}{extra} "
             f"{'srv cpu ms/req':>14} {'cli cpu ms/req':>14} {'errors':>6}")
     print(head)
     print("-" * len(head))
-    for name, r in report["runs"].items():
+    for name, r in part["runs"].items():
+        srv = r["server"]
+        cols = (f" {r['tokens_per_second']:7.0f} {srv['mean_decode_batch']:12.1f}" if tokens
+                else f" {srv['padding_efficiency']:11.2f}")
         print(f"{name:8} {r['throughput_rps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
-              f"{r['server']['mean_batch_size']:10.1f} {r['server']['padding_efficiency']:11.2f} "
+              f"{srv['mean_batch_size']:10.1f}{cols} "
               f"{r['server_cpu_ms_per_request']:14.2f} {r['client_cpu_ms_per_request']:14.2f} {r['errors']:6d}")
-    m = report["model_only"]
+    m = part["model_only"]
     print(f"model alone (no HTTP): {m['batch1_ms_per_request']:.2f} ms/request at batch 1, "
           f"{list(m.values())[1]:.2f} in batches: at most {m['ceiling_speedup']:.2f}x from batching")
-    p99 = report["runs"]["dynamic"]["p99_ms"]
-    cores = ", ".join(f"{n} {r['server_cpu_cores']:.2f}" for n, r in report["runs"].items())
+    cores = ", ".join(f"{n} {r['server_cpu_cores']:.2f}" for n, r in part["runs"].items())
     print(f"server's share of the CPU during the runs (cores): {cores}")
-    print(f"dynamic batching speedup: {report['speedup']:.2f}x (target 4x), {report['speedup_per_server_cpu']:.2f}x "
-          f"per server CPU second; p99 {p99:.0f} ms (target <= 300 ms)")
-    ded = report["one_dedicated_core"]["dynamic"]
-    print(f"with one dedicated core, dynamic: {ded['rps']:.0f} req/s, closed-loop mean latency "
-          f"{ded['mean_latency_ms']:.0f} ms")
+    print(f"dynamic batching speedup: {part['speedup']:.2f}x (target 4x), {part['speedup_per_server_cpu']:.2f}x "
+          f"per server CPU second; dynamic p50 {part['runs']['dynamic']['p50_ms']:.0f} ms, "
+          f"p99 {part['runs']['dynamic']['p99_ms']:.0f} ms")
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"{report['clients']} clients, {report['seconds']}s per config, {report['threads']} torch thread(s); "
+          f"load average {report['load_average'][0]:.1f} at start, {report['load_average_at_end'][0]:.1f} at end, "
+          f"on {report['cpus']} CPUs")
+    if "classification" in report:
+        c = report["classification"]
+        print(f"\n/v1/classify: requests of {c['request_tokens']['min']}-{c['request_tokens']['max']} tokens; "
+              f"BERT student {c['model']['layers']}x{c['model']['width']} INT8 (p99 target <= 300 ms)")
+        print_runs(c, tokens=False)
+        ded = c["one_dedicated_core"]["dynamic"]
+        print(f"with one dedicated core, dynamic: {ded['rps']:.0f} req/s, closed-loop mean latency "
+              f"{ded['mean_latency_ms']:.0f} ms")
+    if "completions" in report:
+        g = report["completions"]
+        print(f"\n/v1/completions: prompts of {g['prompt_tokens']['min']}-{g['prompt_tokens']['max']} tokens, "
+              f"max_tokens {g['max_tokens']['min']}-{g['max_tokens']['max']}, greedy; GPT2 student "
+              f"{g['model']['layers']}x{g['model']['width']} INT8")
+        print_runs(g, tokens=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mode", choices=["both", "classify", "completions"], default="both")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--lm-layers", type=int, default=2)
+    p.add_argument("--lm-width", type=int, default=128)
+    p.add_argument("--lm-vocab", type=int, default=4096)
+    p.add_argument("--min-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1, help="server intra-op threads (1: see quant_latency.py)")

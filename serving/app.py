@@ -12,6 +12,7 @@ Every error is JSON and names the offending field (``prompt[1]``, ``max_tokens``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 import uuid
@@ -32,6 +33,19 @@ from .generation import FinishReason, GenRequest, GenResult, chat_prompt
 from .metrics import ServerMetrics
 from .observe import ObserveMiddleware
 from .schemas import MAX_STOP, MAX_TEXT_CHARS, ChatRequest, ClassifyRequest, CompletionRequest, InferRequest, stop_list
+
+
+def _answer_early(fut: concurrent.futures.Future) -> Callable[[GenResult], None]:
+    """``GenRequest.on_done`` for ``fut``: a sequence that finishes before the rest of its batch is
+    answered at once. Runs on the worker thread; a future the client already cancelled is left alone
+    (raising there would fail the whole batch)."""
+    def done(result: GenResult) -> None:
+        try:
+            if not fut.done():
+                fut.set_result(result)
+        except concurrent.futures.InvalidStateError:  # cancelled between the check and the set
+            pass
+    return done
 
 
 @dataclass
@@ -123,8 +137,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     def submit(payload: Any, length: int) -> asyncio.Future:
         assert state.batcher is not None
+        early: concurrent.futures.Future = concurrent.futures.Future()
+        if isinstance(payload, GenRequest) and payload.on_text is None:
+            payload.on_done = _answer_early(early)
         try:
-            fut = state.batcher.submit(payload, length)
+            fut = state.batcher.submit(payload, length, early)
         except QueueFull as exc:
             metrics.rejected.inc()
             raise ApiError(429, str(exc), None, kind="overloaded",

@@ -174,13 +174,15 @@ class DynamicBatcher(Generic[T, R]):
         batches_ahead = math.ceil((len(self._queue) + 1) / self.policy.max_batch_size)
         return max(1.0, batches_ahead * self._batch_seconds)
 
-    def submit(self, payload: T, length: int) -> Future:
+    def submit(self, payload: T, length: int, future: Future | None = None) -> Future:
+        """Queue one request. ``future`` lets the caller hand ``run_batch`` a way to answer it before
+        the batch ends (a generated sequence that finished early); the worker skips futures already done."""
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
             if len(self._queue) >= self.policy.max_queue:
                 raise QueueFull(len(self._queue), self.retry_after())
-            item: Pending[T] = Pending(payload, length, self.clock(), next(self._seq))
+            item: Pending[T] = Pending(payload, length, self.clock(), next(self._seq), future or Future())
             self._queue.append(item)
             self._cond.notify()
         return item.future

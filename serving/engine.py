@@ -11,7 +11,7 @@ import torch
 from kdistill.trainer.artifact import Artifact
 
 from .batcher import BatchStats, length_groups
-from .generation import GenRequest, GenResult, generate_batch
+from .generation import DecodeStats, GenRequest, GenResult, generate_batch
 from .metrics import ServerMetrics
 
 # Fixed cost of one forward pass in token-equivalents (see batcher.length_groups): measured on this
@@ -74,7 +74,10 @@ class Engine:
         return out
 
     def run_generation(self, batch: list[GenRequest]) -> list[GenResult]:
-        results = generate_batch(self.model, self.tokenizer, batch)
+        stats = DecodeStats()
+        results = generate_batch(self.model, self.tokenizer, batch, stats)
+        self.metrics.decode_steps.inc(stats.steps)
+        self.metrics.decode_rows.inc(stats.rows)
         prompt = sum(r.prompt_tokens for r in results)
         completion = sum(r.completion_tokens for r in results)
         self.metrics.tokens.labels("input").inc(prompt)

@@ -30,7 +30,18 @@ class GenRequest:
     seed: int | None = None
     # Called on the worker thread with each new piece of text, and once with the finish reason.
     on_text: Callable[[str, FinishReason | None], None] | None = None
+    # Called on the worker thread as soon as this sequence finishes, while the rest of its batch
+    # still decodes: the server answers it then rather than when the longest sequence ends.
+    on_done: Callable[[GenResult], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class DecodeStats:
+    """Decode steps run and the rows they decoded: rows / steps is the mean decode batch."""
+
+    steps: int = 0
+    rows: int = 0
 
 
 @dataclass
@@ -79,6 +90,9 @@ class _Row:
         self.text = ""
         self.sent = 0
         self.finish: FinishReason | None = None
+        # Only stop strings and streaming need the text after every token; otherwise decoding once at
+        # the end saves a detokenization of the whole prefix per step and row.
+        self.incremental = bool(req.stop) or req.on_text is not None
         self.gen = torch.Generator()
         self.gen.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2**63)))
 
@@ -87,16 +101,24 @@ class _Row:
             self.finish = "stop"
         else:
             self.ids.append(token)
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-            cut = min((i for s in self.req.stop if (i := self.text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                self.finish = "stop"
-            elif len(self.ids) >= self.req.max_tokens:
+            if self.incremental:
+                self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+                cut = min((i for s in self.req.stop if (i := self.text.find(s)) >= 0), default=-1)
+                if cut >= 0:
+                    self.text = self.text[:cut]
+                    self.finish = "stop"
+            if self.finish is None and len(self.ids) >= self.req.max_tokens:
                 self.finish = "length"
         if self.finish is None and self.req.cancelled.is_set():
             self.finish = "stop"
+        if self.finish is not None and not self.incremental:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         self._emit()
+        if self.finish is not None and self.req.on_done is not None:
+            self.req.on_done(self.result())
+
+    def result(self) -> GenResult:
+        return GenResult(self.text, self.ids, self.finish or "length", len(self.req.prompt_ids))
 
     def _emit(self) -> None:
         if self.req.on_text is None:
@@ -126,8 +148,10 @@ def _cache_of(out: Any) -> Any:
 
 
 @torch.inference_mode()
-def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest]) -> list[GenResult]:
-    """Generate for all ``requests`` together (prefill once, then decode with a shared KV cache)."""
+def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest],
+                   stats: DecodeStats | None = None) -> list[GenResult]:
+    """Generate for all ``requests`` together (prefill once, then decode with a shared KV cache).
+    ``stats``, when given, accumulates the decode steps and the rows they decoded."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_id = tokenizer.eos_token_id
     rows = [_Row(r, tokenizer) for r in requests]
@@ -145,9 +169,13 @@ def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest])
     last_pos = positions[:, -1]
     while True:
         next_tokens = []
+        # Greedy rows take one argmax over the whole batch: one kernel and one host copy per step
+        # instead of one per row.
+        greedy = logits.argmax(-1).tolist() if any(rows[i].req.temperature <= 0.0 for i in active) else []
         for j, i in enumerate(active):
             row = rows[i]
-            token = sample_next(logits[j], row.req.temperature, row.req.top_p, row.gen)
+            token = (greedy[j] if row.req.temperature <= 0.0
+                     else sample_next(logits[j], row.req.temperature, row.req.top_p, row.gen))
             row.push(token, eos_id)
             next_tokens.append(token)
         keep = [j for j, i in enumerate(active) if rows[i].finish is None]
@@ -161,10 +189,13 @@ def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest])
             active = [active[j] for j in keep]
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
         last_pos = last_pos + 1
+        if stats is not None:
+            stats.steps += 1
+            stats.rows += len(active)
         out = model(input_ids=torch.tensor(next_tokens, dtype=torch.long)[:, None], attention_mask=mask,
                     position_ids=last_pos[:, None], use_cache=True, **{cache_arg: cache}, **extra)
         cache, logits = _cache_of(out), out.logits[:, -1, :]
-    return [GenResult(r.text, r.ids, r.finish or "length", len(r.req.prompt_ids)) for r in rows]
+    return [r.result() for r in rows]
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:

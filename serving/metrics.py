@@ -31,6 +31,10 @@ class ServerMetrics:
                               registry=r)
         self.in_flight = Gauge("kdistill_requests_in_flight", "Model requests accepted and not yet answered.",
                                registry=r)
+        self.decode_steps = Counter("kdistill_decode_steps", "Batched decode steps run.", registry=r)
+        self.decode_rows = Counter("kdistill_decode_rows",
+                                   "Sequences decoded, summed over decode steps (/ steps: mean decode batch).",
+                                   registry=r)
         self.rejected = Counter("kdistill_rejected", "Requests refused because the queue was full.", registry=r)
         self._real = 0
         self._padded = 0
