@@ -508,6 +508,19 @@ class Serving(ApiModel):
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching.")
 
 
+# A split student (tensor or pipeline parallel) runs logits KD of a causal LM only: its hidden
+# states and attention live on several ranks, and the features below need the whole model.
+_CEL_SPLIT_STUDENT = "(self.parallelism.student.tensor > 1 || self.parallelism.student.pipeline > 1)"
+_SPLIT_STUDENT = "a split student (parallelism.student tensor > 1 or pipeline > 1)"
+_SPLIT_WHY = {
+    "objectives": "distills with the logits objective only (no hidden or attention)",
+    "teacherCache": "cannot use distillation.teacherCache (disable it)",
+    "uncertaintyWeighting": "cannot use data.uncertaintyWeighting (disable it)",
+    "qat": "cannot use quantization.mode qat-int8 (use ptq-int8 or none)",
+    "topK": "cannot use parallelism.gradientCompression.topK (data-parallel students only; set 0)",
+}
+
+
 class DistillationJobSpec(ApiModel):
     task: Task = Field(description="causal-lm or sequence-classification.")
     teacher: Teacher = Field(description="The model to distill from.")
@@ -550,6 +563,15 @@ class DistillationJobSpec(ApiModel):
             "parallelism.teacherPipelineStages > 1 splits causal-LM decoders only; use 1 for "
             "sequence-classification",
         ),
+        *(CelRule(f"!{_CEL_SPLIT_STUDENT} || {ok}", f"{_SPLIT_STUDENT} {why}") for ok, why in (
+            ("self.task == 'causal-lm'", "trains causal-LM students only"),
+            ("self.distillation.stages.all(s, s.objectives.all(o, o == 'logits'))",
+             _SPLIT_WHY["objectives"]),
+            ("!self.distillation.teacherCache.enabled", _SPLIT_WHY["teacherCache"]),
+            ("!self.data.uncertaintyWeighting.enabled", _SPLIT_WHY["uncertaintyWeighting"]),
+            ("self.quantization.mode != 'qat-int8'", _SPLIT_WHY["qat"]),
+            ("self.parallelism.gradientCompression.topK == 0.0", _SPLIT_WHY["topK"]),
+        )),
     )
 
     @model_validator(mode="after")
@@ -571,7 +593,32 @@ class DistillationJobSpec(ApiModel):
                 f"parallelism.teacherPipelineStages ({self.parallelism.teacher_pipeline_stages}) > 1 splits "
                 f"causal-LM decoders only; use 1 for {self.task}"
             )
+        self._split_student_rules()
         return self
+
+    def _split_student_rules(self) -> None:
+        """What the loop cannot run with a tensor/pipeline-split student (the trainer refuses the
+        same at start with BAD_SPEC, as a second line): static facts of the spec, so the API
+        rejects them before any pod starts."""
+        st = self.parallelism.student
+        if st.tensor == 1 and st.pipeline == 1:
+            return
+        problems = []
+        if self.task != "causal-lm":
+            problems.append("trains causal-LM students only")
+        if any(o != "logits" for stage in self.distillation.stages for o in stage.objectives):
+            problems.append(_SPLIT_WHY["objectives"])
+        if self.distillation.teacher_cache.enabled:
+            problems.append(_SPLIT_WHY["teacherCache"])
+        if self.data.uncertainty_weighting.enabled:
+            problems.append(_SPLIT_WHY["uncertaintyWeighting"])
+        if self.quantization.mode == "qat-int8":
+            problems.append(_SPLIT_WHY["qat"])
+        if self.parallelism.gradient_compression.top_k > 0:
+            problems.append(_SPLIT_WHY["topK"])
+        if problems:
+            raise ValueError(f"{_SPLIT_STUDENT} (here tensor={st.tensor}, pipeline={st.pipeline}) "
+                             + "; ".join(problems))
 
     @property
     def total_steps(self) -> int:

@@ -60,10 +60,16 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
                 "gpusPerNode": 2,
                 "teacherPipelineStages": 2,
                 "student": {"data": 2, "tensor": 2, "pipeline": 1},
-                "gradientCompression": {"topK": 0.01},
-            }
+            },
+            # A split student cannot run the QAT phase (the default): see the split-student rows.
+            quantization={"mode": "ptq-int8"},
         ),
     ),
+    ("data-parallel-top-k", with_spec(parallelism={"nodes": 2, "gpusPerNode": 0, "student": {"data": 2},
+                                                   "gradientCompression": {"topK": 0.01, "warmupSteps": 5}})),
+    ("pipeline-split-logits-only", with_spec(
+        parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
+        quantization={"mode": "none"})),
     ("cpu-two-pods", with_spec(parallelism={"nodes": 2, "gpusPerNode": 0, "student": {"data": 2}})),
     (
         "three-stages",
@@ -82,6 +88,38 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
     ("strata-within-tolerance", with_spec(**{"data.sampling": {
         "strategy": "stratified", "head": 0.7, "torso": 0.2, "tail": 0.1000004}})),
 ]
+
+def _split_student(**changes: Any) -> dict[str, Any]:
+    """A valid tensor-split student (logits KD, PTQ) with ``changes`` applied on top."""
+    base = {"parallelism": {"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "tensor": 2}},
+            "quantization": {"mode": "ptq-int8"}}
+    return with_spec(**{**base, **changes})
+
+
+# What the trainer refuses for a tensor/pipeline-split student, rejected by the API already
+# (the trainer's BAD_SPEC check stays as a second line). The third item is the error's path;
+# SPLIT_STUDENT_NEEDLES names what each message must mention.
+SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
+    ("split-student-hidden", _split_student(**{"distillation.stages": [
+        {"name": "features", "steps": 5, "objectives": ["hidden", "logits"]}]}), "spec"),
+    ("split-student-attention-pipeline", _split_student(
+        parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
+        **{"distillation.stages": [{"name": "a", "steps": 5, "objectives": ["attention"]}]}), "spec"),
+    ("split-student-teacher-cache", _split_student(**{"distillation.teacherCache": {"enabled": True}}), "spec"),
+    ("split-student-uncertainty-weighting", _split_student(**{"data.uncertaintyWeighting": {"enabled": True}}),
+     "spec"),
+    ("split-student-qat", _split_student(quantization={"mode": "qat-int8", "qatSteps": 10}), "spec"),
+    ("split-student-default-qat", _split_student(quantization=_DELETE), "spec"),
+    ("split-student-top-k", _split_student(**{"parallelism.gradientCompression": {"topK": 0.01}}), "spec"),
+    ("split-student-classification", _split_student(task="sequence-classification",
+                                                    **{"data.labelField": "label"}), "spec"),
+]
+SPLIT_STUDENT_NEEDLES = {
+    "split-student-hidden": "logits objective only", "split-student-attention-pipeline": "logits objective only",
+    "split-student-teacher-cache": "teacherCache", "split-student-uncertainty-weighting": "uncertaintyWeighting",
+    "split-student-qat": "qat-int8", "split-student-default-qat": "qat-int8",
+    "split-student-top-k": "gradientCompression.topK", "split-student-classification": "causal-LM students only",
+}
 
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("missing-task", with_spec(task=_DELETE), "spec.task"),
@@ -154,6 +192,7 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
      "objectives": ["logits"]}]}), "spec.distillation.stages[0].name"),
     ("autoscaling-inverted", with_spec(**{"serving.autoscaling": {"minReplicas": 3, "maxReplicas": 2}}),
      "spec.serving.autoscaling"),
+    *SPLIT_STUDENT_BAD,
     ("teacher-stages-classification", with_spec(
         task="sequence-classification", **{"data.labelField": "label"},
         parallelism={"nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 2}}), "spec"),

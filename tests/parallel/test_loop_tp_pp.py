@@ -7,6 +7,7 @@ world size and reshard into a different one."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,12 +21,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdistill.api import load_job
+from kdistill.api import load_job, parse_job
 from kdistill.api.failures import ExitCode
 from kdistill.trainer.errors import TrainerError
 from kdistill.trainer.parallel.launch import launch_env, torchrun_command
 from kdistill.trainer.parallel.mesh import layout_from_spec
 from kdistill.trainer.parallel.runtime import check_supported
+from tests.spec_table import SPLIT_STUDENT_BAD
 from tests.trainer import helpers
 
 from .harness import REPO
@@ -175,24 +177,32 @@ def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, refere
     _assert_same_student(again, ref_out)
 
 
-@pytest.mark.parametrize(
-    ("objectives", "spec", "needle"),
-    [
-        (("hidden", "logits"), {}, "objectives ['hidden']"),
-        (("logits",), {"quantization": {"mode": "qat-int8", "qatSteps": 2}}, "qat-int8"),
-        (("logits",), {"distillation": {"teacherCache": {"enabled": True}}}, "teacherCache"),
-        (("logits",), {"data": {"uncertaintyWeighting": {"enabled": True}}}, "uncertaintyWeighting"),
-    ],
-    ids=["hidden", "qat", "cache", "weighting"],
-)
-def test_unsupported_model_parallel_specs_fail_as_bad_spec(root: Path, objectives: tuple[str, ...],
-                                                           spec: dict[str, Any], needle: str) -> None:
-    # The job itself is valid (the API accepts it); the trainer refuses it before loading models.
-    job = load_job(_write_job(root, "bad", tensor=2, objectives=objectives, spec=spec))
+# What the trainer's own message names for each of the API's split-student rows.
+_TRAINER_NEEDLES = {
+    "split-student-hidden": "objectives ['hidden']", "split-student-attention-pipeline": "objectives ['attention']",
+    "split-student-teacher-cache": "distillation.teacherCache",
+    "split-student-uncertainty-weighting": "data.uncertaintyWeighting", "split-student-qat": "qat-int8",
+    "split-student-default-qat": "qat-int8", "split-student-top-k": "gradientCompression.topK",
+    "split-student-classification": "task sequence-classification",
+}
+
+
+@pytest.mark.parametrize(("name", "job"), [(b[0], b[1]) for b in SPLIT_STUDENT_BAD],
+                         ids=[b[0] for b in SPLIT_STUDENT_BAD])
+def test_trainer_refuses_what_the_api_rejects_for_split_students(name: str, job: dict[str, Any]) -> None:
+    """The API rejects these rows (tests/spec_table.py); the trainer's check stays as a second
+    line for specs that bypassed it. The spec is validated unsplit, then split without validation."""
+    split = job["spec"]["parallelism"]["student"]
+    unsplit = copy.deepcopy(job)
+    unsplit["spec"]["parallelism"]["student"] = {"data": 2, "tensor": 1, "pipeline": 1}
+    spec = parse_job(unsplit).spec
+    student = spec.parallelism.student.model_copy(update={"data": 1, "tensor": split.get("tensor", 1),
+                                                          "pipeline": split.get("pipeline", 1)})
+    spec = spec.model_copy(update={"parallelism": spec.parallelism.model_copy(update={"student": student})})
     with pytest.raises(TrainerError) as err:
-        check_supported(job.spec, layout_from_spec(job.spec.parallelism))
+        check_supported(spec, layout_from_spec(spec.parallelism))
     assert err.value.code == ExitCode.BAD_SPEC
-    assert needle in err.value.message and "tensor=2" in err.value.message
+    assert _TRAINER_NEEDLES[name] in err.value.message, err.value.message
 
 
 def test_model_parallel_bad_spec_exits_20_before_any_peer_joins(root: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from kdistill.api import JobValidationError, parse_job
-from tests.spec_table import BAD_SPECS, GOOD_SPECS, base_job
+from tests.spec_table import BAD_SPECS, GOOD_SPECS, SPLIT_STUDENT_BAD, SPLIT_STUDENT_NEEDLES, base_job
 
 
 @pytest.mark.parametrize(("name", "job"), GOOD_SPECS, ids=[g[0] for g in GOOD_SPECS])
@@ -69,3 +71,16 @@ def test_wire_form_round_trips() -> None:
     job = parse_job(base_job())
     again = parse_job(job.to_wire())
     assert again == job
+
+
+@pytest.mark.parametrize(("name", "job", "path"), SPLIT_STUDENT_BAD, ids=[b[0] for b in SPLIT_STUDENT_BAD])
+def test_split_student_rows_fail_for_their_own_reason(name: str, job: dict, path: str) -> None:
+    # Each row breaks exactly one split-student rule; its message names that feature, and the
+    # same job with the student unsplit is valid (so the rule, not something else, rejected it).
+    with pytest.raises(JobValidationError) as info:
+        parse_job(job)
+    assert SPLIT_STUDENT_NEEDLES[name] in str(info.value) and "split student" in str(info.value), info.value
+    unsplit = copy.deepcopy(job)
+    unsplit["spec"]["parallelism"]["student"] = {"data": 2, "tensor": 1, "pipeline": 1}
+    parse_job(unsplit)
+
