@@ -161,6 +161,7 @@ class DynamicBatcher(Generic[T, R]):
         self._stopped = False
         self._busy = False
         self._batch_seconds = 0.05  # running estimate, for Retry-After
+        self._running: list[Pending[T]] = []  # the batch run_batch is working on, plus what it admitted
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
 
     def start(self) -> None:
@@ -186,6 +187,25 @@ class DynamicBatcher(Generic[T, R]):
             self._queue.append(item)
             self._cond.notify()
         return item.future
+
+    def admit(self, limit: int, token_budget: int) -> list[T]:
+        """Continuous batching, called by ``run_batch`` on the worker thread: up to ``limit`` waiting
+        requests, oldest first, whose lengths fit in ``token_budget``, join the batch being run. No
+        window is waited for: they would only wait longer otherwise. ``run_batch`` returns their
+        results after its own batch's, in the order admitted."""
+        if limit <= 0 or threading.current_thread() is not self._thread:
+            return []
+        taken: list[Pending[T]] = []
+        with self._cond:
+            for p in self._queue:  # arrival order
+                if len(taken) >= limit or p.length > token_budget:
+                    break  # the oldest waits for the next batch rather than being overtaken
+                taken.append(p)
+                token_budget -= p.length
+            if taken:
+                self._queue = self._queue[len(taken):]
+        self._running += taken
+        return [p.payload for p in taken]
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop taking requests, finish every queued and running batch, then end the thread."""
@@ -214,11 +234,14 @@ class DynamicBatcher(Generic[T, R]):
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
             start = self.clock()
+            self._running = list(batch)
             try:
                 results = self.run_batch([p.payload for p in batch])
+                batch = self._running  # with what it admitted while running
                 if len(results) != len(batch):
                     raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} requests")
             except BaseException as exc:  # one bad batch must not kill the worker
+                batch = self._running
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
@@ -226,6 +249,7 @@ class DynamicBatcher(Generic[T, R]):
                 for p, r in zip(batch, results, strict=True):
                     if not p.future.done():
                         p.future.set_result(r)
+            self._running = []
             seconds = self.clock() - start
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
             with self._cond:

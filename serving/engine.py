@@ -10,13 +10,17 @@ import torch
 
 from kdistill.trainer.artifact import Artifact
 
-from .batcher import BatchStats, length_groups
+from .batcher import BatchStats, DynamicBatcher, length_groups
 from .generation import DecodeStats, GenRequest, GenResult, generate_batch
 from .metrics import ServerMetrics
 
 # Fixed cost of one forward pass in token-equivalents (see batcher.length_groups): measured on this
 # CPU, a 2-layer, 256-wide INT8 student costs ~4 ms per call plus ~0.04 ms per padded token.
 FORWARD_OVERHEAD_TOKENS = 96
+# Continuous batching admits at most this many times max_batch_size requests into one running
+# generation batch, so that a batch under sustained load still ends now and then (the batch-size
+# histogram and the Retry-After estimate are per batch).
+MAX_ADMITTED_BATCHES = 8
 
 
 @dataclass
@@ -44,6 +48,11 @@ class Engine:
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._last_tokens = TokenCount()
+        self._batcher: DynamicBatcher | None = None
+
+    def attach(self, batcher: DynamicBatcher) -> None:
+        """Generation admits waiting requests from ``batcher`` into its running batch."""
+        self._batcher = batcher
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -75,7 +84,18 @@ class Engine:
 
     def run_generation(self, batch: list[GenRequest]) -> list[GenResult]:
         stats = DecodeStats()
-        results = generate_batch(self.model, self.tokenizer, batch, stats)
+        batcher, admit, max_rows = self._batcher, None, None
+        if batcher is not None:
+            policy, left = batcher.policy, MAX_ADMITTED_BATCHES * batcher.policy.max_batch_size
+
+            def admit(free: int, budgeted: int) -> list[GenRequest]:
+                nonlocal left
+                joining = batcher.admit(min(free, left), policy.max_batch_tokens - budgeted)
+                left -= len(joining)
+                return joining
+
+            max_rows = policy.max_batch_size
+        results = generate_batch(self.model, self.tokenizer, batch, stats, admit, max_rows)
         self.metrics.decode_steps.inc(stats.steps)
         self.metrics.decode_rows.inc(stats.rows)
         prompt = sum(r.prompt_tokens for r in results)

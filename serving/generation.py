@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FinishReason = Literal["stop", "length"]
@@ -147,54 +148,137 @@ def _cache_of(out: Any) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
-@torch.inference_mode()
-def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest],
-                   stats: DecodeStats | None = None) -> list[GenResult]:
-    """Generate for all ``requests`` together (prefill once, then decode with a shared KV cache).
-    ``stats``, when given, accumulates the decode steps and the rows they decoded."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos_id = tokenizer.eos_token_id
-    rows = [_Row(r, tokenizer) for r in requests]
+# Admission callback of continuous batching: (free rows, tokens already budgeted) -> requests to join.
+Admit = Callable[[int, int], list[GenRequest]]
+
+
+@dataclass
+class _Live:
+    """The rows decoding together: their shared KV cache, attention mask [B, T] (left-padded), last
+    position [B], next-token logits [B, V], and which ``rows`` they are."""
+
+    cache: Any
+    mask: torch.Tensor
+    last_pos: torch.Tensor
+    logits: torch.Tensor
+    active: list[int]
+
+
+def _prefill(model: nn.Module, requests: list[GenRequest], first_row: int, pad_id: int,
+             extra: dict[str, Any]) -> _Live:
+    """One forward over the left-padded prompts (every prompt ends at the last column)."""
     width = max(len(r.prompt_ids) for r in requests)
     ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(requests), width), dtype=torch.long)
-    for i, r in enumerate(requests):  # left padding: every prompt ends at the last column
+    for i, r in enumerate(requests):
         ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
         mask[i, width - len(r.prompt_ids):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache_arg, extra = _forward_kwargs(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    cache, logits = _cache_of(out), out.logits[:, -1, :]
-    active = list(range(len(rows)))
-    last_pos = positions[:, -1]
+    return _Live(_cache_of(out), mask, positions[:, -1], out.logits[:, -1, :],
+                 list(range(first_row, first_row + len(requests))))
+
+
+def _sample(live: _Live, rows: list[_Row], eos_id: int | None) -> list[int]:
+    """One token per live row (pushed to the row), in ``live.active`` order."""
+    # Greedy rows take one argmax over the whole batch: one kernel and one host copy per step
+    # instead of one per row.
+    greedy = live.logits.argmax(-1).tolist() if any(rows[i].req.temperature <= 0.0 for i in live.active) else []
+    tokens = []
+    for j, i in enumerate(live.active):
+        row = rows[i]
+        token = (greedy[j] if row.req.temperature <= 0.0
+                 else sample_next(live.logits[j], row.req.temperature, row.req.top_p, row.gen))
+        row.push(token, eos_id)
+        tokens.append(token)
+    return tokens
+
+
+def _drop_finished(live: _Live, rows: list[_Row], tokens: list[int]) -> list[int]:
+    """Finished sequences leave the batch and the cache; columns that only they used (left padding
+    nobody needs any more) are cut, so a batch that keeps admitting requests does not keep growing."""
+    keep = [j for j, i in enumerate(live.active) if rows[i].finish is None]
+    if len(keep) == len(live.active):
+        return tokens
+    index = torch.tensor(keep, dtype=torch.long)
+    live.active = [live.active[j] for j in keep]
+    if not keep:
+        return []
+    live.cache.batch_select_indices(index)
+    live.mask, live.last_pos = live.mask[index], live.last_pos[index]
+    unused = int(live.mask.any(0).int().argmax())  # leading columns masked out in every remaining row
+    if unused and _mergeable(live.cache):
+        live.mask = live.mask[:, unused:]
+        for layer in live.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+    return [tokens[j] for j in keep]
+
+
+def _mergeable(cache: Any) -> bool:
+    """Rows can join or columns be cut only in plain dynamic caches (not sliding-window or static)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None for layer in layers)
+
+
+def _merge(live: _Live, fresh: _Live) -> None:
+    """Append ``fresh``'s rows to ``live``: both left-padded to the wider of the two caches."""
+    width = max(live.mask.shape[1], fresh.mask.shape[1])
+
+    def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+        missing = width - t.shape[-dim_from_end]
+        return F.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else t
+
+    for a, b in zip(live.cache.layers, fresh.cache.layers, strict=True):
+        a.keys = torch.cat([pad(a.keys, 2), pad(b.keys, 2)])
+        a.values = torch.cat([pad(a.values, 2), pad(b.values, 2)])
+    live.mask = torch.cat([pad(live.mask, 1), pad(fresh.mask, 1)])
+    live.last_pos = torch.cat([live.last_pos, fresh.last_pos])
+    live.active += fresh.active
+
+
+@torch.inference_mode()
+def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest],
+                   stats: DecodeStats | None = None, admit: Admit | None = None,
+                   max_rows: int | None = None) -> list[GenResult]:
+    """Generate for all ``requests`` together (prefill once, then decode with a shared KV cache).
+
+    ``stats``, when given, accumulates the decode steps and the rows they decoded. ``admit``, when
+    given, is asked before each decode step for requests that join the running batch (continuous
+    batching: while sequences finish early, waiting requests take their place instead of waiting for
+    the whole batch to end); it gets the free rows (up to ``max_rows``) and the prompt + max_tokens
+    already in the batch. Results come back for ``requests``, then for each admitted request in
+    admission order."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos_id = tokenizer.eos_token_id
+    cache_arg, extra = _forward_kwargs(model)
+    rows = [_Row(r, tokenizer) for r in requests]
+    live = _prefill(model, requests, 0, pad_id, extra)
+    tokens = _drop_finished(live, rows, _sample(live, rows, eos_id))
+    max_rows = max_rows or len(requests)
     while True:
-        next_tokens = []
-        # Greedy rows take one argmax over the whole batch: one kernel and one host copy per step
-        # instead of one per row.
-        greedy = logits.argmax(-1).tolist() if any(rows[i].req.temperature <= 0.0 for i in active) else []
-        for j, i in enumerate(active):
-            row = rows[i]
-            token = (greedy[j] if row.req.temperature <= 0.0
-                     else sample_next(logits[j], row.req.temperature, row.req.top_p, row.gen))
-            row.push(token, eos_id)
-            next_tokens.append(token)
-        keep = [j for j, i in enumerate(active) if rows[i].finish is None]
-        if not keep:
+        if admit is not None and live.active and _mergeable(live.cache) and len(live.active) < max_rows:
+            budgeted = sum(len(rows[i].req.prompt_ids) + rows[i].req.max_tokens for i in live.active)
+            joining = admit(max_rows - len(live.active), budgeted)
+            if joining:
+                rows += [_Row(r, tokenizer) for r in joining]
+                fresh = _prefill(model, joining, len(rows) - len(joining), pad_id, extra)
+                fresh_tokens = _drop_finished(fresh, rows, _sample(fresh, rows, eos_id))
+                if fresh.active:
+                    _merge(live, fresh)
+                    tokens += fresh_tokens
+        if not live.active:
             break
-        if len(keep) < len(active):  # finished sequences leave the batch and the cache
-            index = torch.tensor(keep, dtype=torch.long)
-            cache.batch_select_indices(index)
-            mask, last_pos = mask[index], last_pos[index]
-            next_tokens = [next_tokens[j] for j in keep]
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
-        last_pos = last_pos + 1
+        live.mask = torch.cat([live.mask, torch.ones((len(live.active), 1), dtype=torch.long)], dim=1)
+        live.last_pos = live.last_pos + 1
         if stats is not None:
             stats.steps += 1
-            stats.rows += len(active)
-        out = model(input_ids=torch.tensor(next_tokens, dtype=torch.long)[:, None], attention_mask=mask,
-                    position_ids=last_pos[:, None], use_cache=True, **{cache_arg: cache}, **extra)
-        cache, logits = _cache_of(out), out.logits[:, -1, :]
+            stats.rows += len(live.active)
+        out = model(input_ids=torch.tensor(tokens, dtype=torch.long)[:, None], attention_mask=live.mask,
+                    position_ids=live.last_pos[:, None], use_cache=True, **{cache_arg: live.cache}, **extra)
+        live.cache, live.logits = _cache_of(out), out.logits[:, -1, :]
+        tokens = _drop_finished(live, rows, _sample(live, rows, eos_id))
     return [r.result() for r in rows]
 
 

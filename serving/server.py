@@ -60,6 +60,8 @@ def load_into(state: ServerState, model_dir: Path, policy: BatchPolicy, threads:
         engine.warm_up()
         run = engine.run_generation if engine.task == "causal-lm" else engine.run_classification
         batcher: DynamicBatcher = DynamicBatcher(run, policy, on_batch=engine.on_batch)  # type: ignore[arg-type]
+        if engine.task == "causal-lm":
+            engine.attach(batcher)  # continuous batching: waiting requests join the running decode
         batcher.start()
         state.engine, state.batcher = engine, batcher
         state.ready = True

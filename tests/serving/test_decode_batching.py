@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,98 @@ def test_server_decodes_concurrent_completions_as_one_batch(fp32_lm_artifact: Pa
     assert delta["kdistill_batch_size_count"] == 1 and delta["kdistill_batch_size_sum"] == 4
     assert delta["kdistill_decode_steps_total"] == max(decoded_rows(s) for s in solo)
     assert delta["kdistill_decode_rows_total"] == sum(decoded_rows(s) for s in solo)
+
+
+# ---- continuous batching ---------------------------------------------------------------------------
+def test_admitted_requests_join_the_running_decode_and_match_solo_generation(lm: tuple[Any, Any]) -> None:
+    model, tok = lm
+    first = [GenRequest(tok(p)["input_ids"], max_tokens=n, temperature=0.0)
+             for p, n in zip(PROMPTS[:2], (3, 16), strict=True)]
+    # Waiting requests, offered at given decode steps: a prompt longer than the running cache (the
+    # batch is padded to it), shorter ones, one that finishes on its prefill token, and one offered
+    # after the short first request left (its columns are cut).
+    offered = {1: [GenRequest(tok(PROMPTS[2])["input_ids"], 6, 0.0)],
+               4: [GenRequest(tok(PROMPTS[3])["input_ids"], 1, 0.0), GenRequest(tok(PROMPTS[1])["input_ids"], 5, 0.0)],
+               9: [GenRequest(tok(PROMPTS[0] + " again")["input_ids"], 4, 0.0)]}
+    joined = [r for step in sorted(offered) for r in offered[step]]
+    waiting = {step: list(reqs) for step, reqs in offered.items()}
+    stats = DecodeStats()
+    offers: list[tuple[int, int, int]] = []
+
+    def admit(free: int, budgeted: int) -> list[GenRequest]:
+        offers.append((stats.steps, free, budgeted))
+        return waiting.pop(stats.steps, [])[:free]
+
+    results = generate_batch(model, tok, first, stats, admit, max_rows=4)
+    assert not waiting  # every offer was taken
+    assert len(results) == len(first) + len(joined)
+    solo = [generate_batch(model, tok, [GenRequest(r.prompt_ids, r.max_tokens, 0.0)])[0] for r in first + joined]
+    assert [r.token_ids for r in results] == [s.token_ids for s in solo]
+    assert [r.prompt_tokens for r in results] == [s.prompt_tokens for s in solo]
+    assert all(free >= 1 and free <= 4 for _, free, _ in offers)
+    assert offers[0][2] == sum(len(r.prompt_ids) + r.max_tokens for r in first)  # the budget in use
+    # The long first request kept decoding while the others came and went: one batch, one step count.
+    assert stats.steps == decoded_rows(results[1])
+    assert stats.rows == sum(decoded_rows(r) for r in results)
+
+
+def test_no_admission_beyond_max_rows_or_without_a_callback(lm: tuple[Any, Any]) -> None:
+    model, tok = lm
+    reqs = [GenRequest(tok(p)["input_ids"], max_tokens=4, temperature=0.0) for p in PROMPTS[:2]]
+    calls: list[int] = []
+    generate_batch(model, tok, reqs, admit=lambda free, used: calls.append(free) or [], max_rows=2)
+    assert calls == []  # the batch was full the whole time
+    generate_batch(model, tok, reqs[:1], admit=lambda free, used: calls.append(free) or [], max_rows=3)
+    assert calls and set(calls) == {2}
+
+
+def test_batcher_admit_hands_waiting_requests_to_the_running_batch() -> None:
+    from kdistill.serving.batcher import BatchPolicy, DynamicBatcher
+
+    started, release = threading.Event(), threading.Event()
+    seen: list[list[int]] = []
+    batcher: DynamicBatcher[int, int]
+
+    def run(payloads: list[int]) -> list[int]:
+        started.set()
+        assert release.wait(60)
+        joined = batcher.admit(10, token_budget=25)  # lengths 10, 10, 10: two fit the budget
+        seen.append(payloads + joined)
+        return [p * 2 for p in payloads + joined]
+
+    batcher = DynamicBatcher(run, BatchPolicy(max_batch_size=4, max_wait_ms=0))
+    batcher.start()
+    try:
+        first = batcher.submit(1, 10)
+        assert started.wait(60)
+        later = [batcher.submit(v, 10) for v in (2, 3, 4)]
+        assert batcher.admit(5, 100) == []  # only the worker thread may admit
+        release.set()
+        assert first.result(60) == 2
+        assert [f.result(60) for f in later] == [4, 6, 8]
+        assert seen[0] == [1, 2, 3]  # the third waiting request did not fit and formed the next batch
+        assert seen[1] == [4]
+    finally:
+        batcher.stop()
+
+
+def test_server_answers_many_concurrent_completions_with_continuous_batching(fp32_lm_artifact: Path) -> None:
+    local: Artifact = load_artifact(fp32_lm_artifact)
+    prompts = [PROMPTS[i % len(PROMPTS)] + f" {i}" for i in range(12)]
+    max_tokens = [1 + (7 * i) % 20 for i in range(12)]
+    with running_server(fp32_lm_artifact, "--max-batch-size", "4", "--max-wait-ms", "0") as server:
+        before = metric(server.url, "kdistill_batch_size_sum")
+
+        async def post_all() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=300) as client:
+                return list(await asyncio.gather(*(
+                    client.post(f"{server.url}/v1/completions", json={"prompt": p, "max_tokens": n, "temperature": 0})
+                    for p, n in zip(prompts, max_tokens, strict=True))))
+
+        answers = asyncio.run(post_all())
+        counted = metric(server.url, "kdistill_batch_size_sum") - before
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    solo = [generate_batch(local.model, local.tokenizer, [GenRequest(local.tokenizer(p)["input_ids"], n, 0.0)])[0]
+            for p, n in zip(prompts, max_tokens, strict=True)]
+    assert [a.json()["choices"][0]["text"] for a in answers] == [s.text for s in solo]
+    assert counted == 12  # admitted requests are counted in the batch they joined
