@@ -32,6 +32,7 @@ from kdistill.api.failures import ExitCode
 from .checkpoint import CheckpointInfo, CheckpointManager
 from .errors import TrainerError
 from .evaluate import EvalResult, evaluate, retention
+from .fused_ops import fuse_activations
 from .metrics import TrainerMetrics
 from .models import Models, load_models
 from .outputs import OutputLayout
@@ -178,6 +179,10 @@ class Trainer:
 
         self.parallel = ParallelRuntime.create(spec, self.device)
         models: Models = load_models(spec, self.opts.base_dir)
+        # Fused kernels for Python-composed activations (same function, rounding-level
+        # differences; nothing saved changes): see fused_ops.
+        for model in (models.teacher, models.student):
+            fuse_activations(model)
         self.models = models
         self.teacher = self.parallel.prepare_teacher(models.teacher).to(self.device)
         self.student = models.student.to(self.device)
