@@ -561,8 +561,10 @@ class Trainer:
                 kd = topk_kd_divergence(s_rows, rows(targets.top_values), rows(targets.top_indices), d.loss,
                                         temperature, chunk_rows=chunk,
                                         teacher_logsumexp=rows(lse) if lse is not None else None)
-                buckets = bucket_logits(targets.top_values, lse)
-                entropy_src = buckets[:, :-1] if self.task == "causal-lm" else buckets[:, 0]
+                entropy_src = None
+                if self.spec.data.uncertainty_weighting.enabled:  # only weighting reads the buckets
+                    buckets = bucket_logits(targets.top_values, lse)
+                    entropy_src = buckets[:, :-1] if self.task == "causal-lm" else buckets[:, 0]
             uw = self.spec.data.uncertainty_weighting
             if uw.enabled:
                 assert entropy_src is not None
