@@ -21,6 +21,10 @@ FORWARD_OVERHEAD_TOKENS = 96
 # generation batch, so that a batch under sustained load still ends now and then (the batch-size
 # histogram and the Retry-After estimate are per batch).
 MAX_ADMITTED_BATCHES = 8
+# Joining costs a prefill forward, about one decode step of per-call overhead. Waiting requests
+# therefore join together: once they would fill a quarter of the batch (or every free row), or
+# after this many decode steps, whichever comes first.
+ADMIT_EVERY_STEPS = 4
 
 
 @dataclass
@@ -87,11 +91,16 @@ class Engine:
         batcher, admit, max_rows = self._batcher, None, None
         if batcher is not None:
             policy, left = batcher.policy, MAX_ADMITTED_BATCHES * batcher.policy.max_batch_size
+            quarter, steps = max(1, policy.max_batch_size // 4), 0
 
             def admit(free: int, budgeted: int) -> list[GenRequest]:
-                nonlocal left
+                nonlocal left, steps
+                steps += 1
+                if batcher.depth < min(free, quarter) and steps < ADMIT_EVERY_STEPS:
+                    return []
                 joining = batcher.admit(min(free, left), policy.max_batch_tokens - budgeted)
                 left -= len(joining)
+                steps = 0 if joining else steps
                 return joining
 
             max_rows = policy.max_batch_size
