@@ -63,6 +63,19 @@ def test_per_tensor_topk_gives_every_tensor_its_share() -> None:
     assert sorted(idx.tolist()) == [*range(990, 1000), *range(1297, 1300), 1300]
 
 
+def test_one_dimensional_tensors_go_whole_and_the_rest_by_top_k() -> None:
+    import torch
+
+    from kdistill.trainer.parallel.compression import _split_indices
+
+    # [weight 1000 | bias 30 | weight 300]: the bias is sent whole (no indices on the wire), the
+    # weights keep ceil(p * n) entries each.
+    acc = torch.cat([torch.linspace(1, 2, 1000), torch.full((30,), 1e-9), torch.linspace(-3, -1, 300)])
+    dense, sparse = _split_indices(acc, [1000, 30, 300], [False, True, False], 0.01)
+    assert dense.tolist() == list(range(1000, 1030))
+    assert sorted(sparse.tolist()) == [*range(990, 1000), 1030, 1031, 1032]
+
+
 def test_state_rejects_bad_fraction() -> None:
     with pytest.raises(ValueError, match="fraction"):
         TopKState(fraction=0.0)

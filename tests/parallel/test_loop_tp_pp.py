@@ -160,6 +160,20 @@ def test_pipeline2_trains_like_one_process_and_resumes(root: Path, reference: tu
     _assert_same_student(again, ref_out)
 
 
+@pytest.mark.parametrize("split", ["tensor", "pipeline"])
+def test_split_teacher_with_split_student_trains_like_one_process(root: Path, reference: tuple[list[float], Path],
+                                                                  split: str) -> None:
+    """teacherPipelineStages=2 and a student split in two on the same 2 ranks: rank 0 holds teacher
+    layers 0-1 and one half of the student, rank 1 the rest of both; the losses follow the
+    single-process run step for step and the final student equals its."""
+    ref, ref_out = reference
+    out = root / f"out-teacher2-{split}2"
+    job = _write_job(root, f"teacher2-{split}2", **{split: 2}, spec={"parallelism": {"teacherPipelineStages": 2}})
+    steps, _ = _run(job, out, 2)
+    _assert_follows(steps, ref)
+    _assert_same_student(out, ref_out)
+
+
 def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, reference: tuple[list[float], Path]
                                                                 ) -> None:
     ref, ref_out = reference
