@@ -28,7 +28,7 @@ def ensure_teacher(pvc: Path, pretrain_steps: int = 150) -> Path:
 
 
 def write_job(path: Path, pvc: Path, *, world: int, steps: int, batch_size: int, top_k: float = 0.0,
-              warmup: int = 0, max_len: int = 128, every: int = 1000, name: str = "bench") -> Path:
+              warmup: int = 0, max_len: int = 128, every: int = 1000, name: str = "bench", seed: int = 0) -> Path:
     job: dict[str, Any] = {
         "apiVersion": "kdistill.io/v1alpha1", "kind": "DistillationJob", "metadata": {"name": name},
         "spec": {
@@ -37,7 +37,7 @@ def write_job(path: Path, pvc: Path, *, world: int, steps: int, batch_size: int,
             "student": {"fromTeacher": {"numLayers": 2}},
             "data": {"train": str(pvc / "data" / "pydoc-train.jsonl"), "maxSeqLength": max_len},
             "distillation": {"stages": [{"name": "output", "steps": steps, "objectives": ["logits"]}],
-                             "batchSize": batch_size, "learningRate": 1e-3, "warmupSteps": 5, "seed": 0},
+                             "batchSize": batch_size, "learningRate": 1e-3, "warmupSteps": 5, "seed": seed},
             "quantization": {"mode": "none"},
             "parallelism": {"nodes": world, "gpusPerNode": 0, "student": {"data": world, "tensor": 1, "pipeline": 1},
                             "gradientCompression": {"topK": top_k, "warmupSteps": warmup}},
