@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,33 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+class _ForwardKL(torch.autograd.Function):
+    """Per-row T²·KL(softmax(t/T) ‖ softmax(s/T)) for a teacher without gradient.
+
+    Autograd through log_softmax → subtract → exp·multiply → sum keeps several NxV temporaries and
+    runs a backward kernel for each. The gradient has a closed form,
+    d/ds T²·Σ p_t·(log p_t - log p_s) = T·(softmax(s/T) - p_t), so the backward is one fused
+    expression over the two saved NxV tensors. The forward values are the same ops as the
+    autograd path (bit for bit); gradients agree to rounding (tests/unit/test_losses.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, t: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+        log_s = F.log_softmax(s / temperature, dim=-1)
+        log_t = F.log_softmax(t / temperature, dim=-1)
+        p_t = log_t.exp()
+        out = (p_t * (log_t - log_s)).sum(dim=-1) * (temperature * temperature)
+        ctx.save_for_backward(log_s, p_t)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        log_s, p_t = ctx.saved_tensors
+        grad_s = log_s.exp().sub_(p_t).mul_(grad.unsqueeze(-1) * ctx.temperature)
+        return grad_s, None, None
+
+
 def kd_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -109,6 +136,10 @@ def kd_divergence(
         )
     dtype = _compute_dtype(student_logits)
     scale = temperature * temperature
+    if kind == "forward-kl" and not teacher_logits.requires_grad:
+        # The common case (a frozen teacher): the closed-form gradient, see _ForwardKL.
+        return _chunked(lambda s, t: _ForwardKL.apply(s.to(dtype), t.to(dtype), temperature),
+                        [student_logits, teacher_logits], chunk_rows)
 
     def rows(s: Tensor, t: Tensor) -> Tensor:
         log_s = F.log_softmax(s.to(dtype) / temperature, dim=-1)

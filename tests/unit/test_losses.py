@@ -303,9 +303,9 @@ def test_chunking_bounds_peak_memory_of_forward_and_backward() -> None:
     s0, t = (x.float() for x in _logits(n, v, seed=15))
     one = n * v * 4  # bytes of one [N, V] float32 tensor
 
-    def step(chunk: int) -> None:
+    def step(chunk: int, kind: str = "reverse-kl") -> None:
         s = s0.clone().requires_grad_(True)  # counts 1x; its gradient another 1x
-        kd_divergence(s, t, "forward-kl", 2.0, chunk_rows=chunk).sum().backward()
+        kd_divergence(s, t, kind, 2.0, chunk_rows=chunk).sum().backward()  # type: ignore[arg-type]
 
     unchunked = _peak_bytes(lambda: step(n))
     chunked = _peak_bytes(lambda: step(16))
@@ -313,6 +313,9 @@ def test_chunking_bounds_peak_memory_of_forward_and_backward() -> None:
     # chunked, only the logits, their gradient and one chunk's temporaries are live.
     assert unchunked > 5 * one
     assert chunked < 2.6 * one
+    # Forward KL from a frozen teacher saves only log p_s and p_t for its closed-form backward.
+    assert _peak_bytes(lambda: step(n, "forward-kl")) < 4.5 * one
+    assert _peak_bytes(lambda: step(16, "forward-kl")) < 2.6 * one
     # The same result either way.
     a = s0.clone().requires_grad_(True)
     b = s0.clone().requires_grad_(True)
@@ -331,3 +334,26 @@ def test_no_grad_path_matches_grad_path() -> None:
     ref = F.kl_div(torch.log_softmax(t / 1.5, -1), torch.log_softmax(s / 1.5, -1), log_target=True,
                    reduction="none").sum(-1) * 1.5**2
     torch.testing.assert_close(plain, ref)
+
+
+def test_forward_kl_closed_form_gradient_matches_autograd() -> None:
+    """A frozen teacher takes the closed-form backward; a teacher with grad the autograd path."""
+    torch.manual_seed(3)
+    s = (torch.randn(9, 13, dtype=torch.float64) * 3).requires_grad_()
+    t = torch.randn(9, 13, dtype=torch.float64) * 3
+    w = torch.rand(9, dtype=torch.float64)
+    assert gradcheck(lambda a: kd_divergence(a, t, "forward-kl", 1.7, chunk_rows=4), (s,), fast_mode=True)
+    fused = kd_divergence(s, t, "forward-kl", 1.7)
+    (g_fused,) = torch.autograd.grad((fused * w).sum(), s)
+    t_grad = t.clone().requires_grad_()
+    reference = kd_divergence(s, t_grad, "forward-kl", 1.7)
+    (g_ref,) = torch.autograd.grad((reference * w).sum(), s)
+    torch.testing.assert_close(fused, reference.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-10, atol=1e-12)
+    # fp32 student logits, chunked and checkpointed, against the direct formula's gradient.
+    s32 = s.detach().float().requires_grad_()
+    direct = (F.softmax(t.float() / 1.7, -1) * (F.log_softmax(t.float() / 1.7, -1) - F.log_softmax(s32 / 1.7, -1))
+              ).sum(-1) * 1.7**2
+    (g_direct,) = torch.autograd.grad(direct.sum(), s32)
+    (g_chunked,) = torch.autograd.grad(kd_divergence(s32, t.float(), "forward-kl", 1.7, chunk_rows=2).sum(), s32)
+    torch.testing.assert_close(g_chunked, g_direct, rtol=1e-5, atol=1e-6)
