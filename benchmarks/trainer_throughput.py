@@ -3,9 +3,13 @@ steps, with and without the teacher cache (on data already seen), plus peak RSS 
 
 The baseline is what one writes by hand: random batches padded to their longest example, teacher
 forward under no_grad, student forward and backward, KL(T) + CE over every position, AdamW.
-Each variant runs in its own process so peak RSS is its own. Tokens are real (non-padding) tokens.
+Each variant runs in its own process so peak RSS is its own. Tokens are real (non-padding) tokens;
+``padding_fraction`` is the share of computed positions that are padding. Both sides run with the
+same OMP_NUM_THREADS (default 1) and torch thread count. Each run executes every variant side by
+side; the table reports medians over ``--runs`` runs. The primary configuration is a student with a
+quarter of its teacher's layers (8 -> 2); ``--teacher-layers 8 4`` adds the 4 -> 2 row.
 
-    .venv/bin/python benchmarks/trainer_throughput.py [--steps 40] [--batch 16]
+    .venv/bin/python benchmarks/trainer_throughput.py [--steps 30] [--batch 16] [--runs 3] [--teacher-layers 8 4]
 
 Writes benchmarks/results/trainer_throughput.json and prints a table.
 """
@@ -17,6 +21,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,10 +92,19 @@ def run_kdistill(work: Path, steps: int, batch: int, cache: str) -> dict[str, An
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # never resume; keep the cache when "seen"
     trainer = Trainer(parse_job(job(work, steps, batch, cache != "off")),
                       RunOptions(output=OutputLayout(out), base_dir=work, evaluate=False))
+    slots = [0]
+    collate = trainer._collate
+
+    def counting_collate(*a: Any, **kw: Any) -> dict[str, Any]:
+        batch_ = collate(*a, **kw)
+        slots[0] += batch_["attention_mask"].numel()
+        return batch_
+
+    trainer._collate = counting_collate  # measurement only: counts the positions computed
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    return {"tokens": trainer.tokens_seen, "seconds": seconds}
+    return {"tokens": trainer.tokens_seen, "seconds": seconds, "padding_fraction": 1 - trainer.tokens_seen / slots[0]}
 
 
 def run_baseline(work: Path, steps: int, batch: int) -> dict[str, Any]:
@@ -108,7 +122,7 @@ def run_baseline(work: Path, steps: int, batch: int) -> dict[str, Any]:
     texts = [json.loads(line)["text"] for line in (work / "data" / "train.jsonl").read_text().splitlines()]
     opt = torch.optim.AdamW(student.parameters(), lr=5e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
-    tokens = 0
+    tokens = slots = 0
     started = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(len(texts), (batch,), generator=g).tolist()
@@ -128,7 +142,8 @@ def run_baseline(work: Path, steps: int, batch: int) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(mask.sum())
-    return {"tokens": tokens, "seconds": time.perf_counter() - started}
+        slots += mask.numel()
+    return {"tokens": tokens, "seconds": time.perf_counter() - started, "padding_fraction": 1 - tokens / slots}
 
 
 def variant_main(args: argparse.Namespace) -> None:
@@ -146,49 +161,77 @@ def variant_main(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(r), flush=True)
 
 
+VARIANTS = ("baseline", "kdistill", "kdistill-cache-fill", "kdistill-cache-seen")
+
+
+def one_run(work: Path, steps: int, batch: int) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, "-P", __file__, "--variant", variant, "--work", str(work),
+               "--steps", str(steps), "--batch", str(batch)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.stderr.write(out.stderr[-3000:])
+            raise SystemExit(f"variant {variant} failed ({out.returncode})")
+        results[variant] = json.loads(line[0][len("RESULT "):])
+    base = results["baseline"]["tokens_per_second"]
+    for r in results.values():
+        r["speedup_vs_baseline"] = r["tokens_per_second"] / base
+    return results
+
+
+def config_rows(args: argparse.Namespace, teacher_layers: int) -> dict[str, Any]:
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="kdistill-bench-") as tmp:
+        work = Path(tmp)
+        prepare(work, teacher_layers, args.width)
+        for i in range(args.runs):
+            runs.append(one_run(work, args.steps, args.batch))
+            print(f"teacher {teacher_layers} run {i + 1}: " + ", ".join(
+                f"{v} {r['speedup_vs_baseline']:.2f}x" for v, r in runs[-1].items()), flush=True)
+    median = {v: {key: statistics.median(r[v][key] for r in runs) for key in runs[0][v]} for v in VARIANTS}
+    return {"teacher_layers": teacher_layers, "student_layers": 2, "median": median, "runs": runs,
+            "load_average_after": os.getloadavg()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--teacher-layers", type=int, default=4)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--teacher-layers", type=int, nargs="+", default=[8],
+                   help="one row per value; the first is the primary configuration")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         variant_main(args)
         return
     threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with tempfile.TemporaryDirectory(prefix="kdistill-bench-") as tmp:
-        work = Path(tmp)
-        prepare(work, args.teacher_layers, args.width)
-        results: dict[str, Any] = {}
-        for variant in ("baseline", "kdistill", "kdistill-cache-fill", "kdistill-cache-seen"):
-            cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work),
-                   "--steps", str(args.steps), "--batch", str(args.batch)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not line:
-                sys.stderr.write(out.stderr[-3000:])
-                raise SystemExit(f"variant {variant} failed ({out.returncode})")
-            results[variant] = json.loads(line[0][len("RESULT "):])
-    base = results["baseline"]["tokens_per_second"]
-    for r in results.values():
-        r["speedup_vs_baseline"] = r["tokens_per_second"] / base
+    load_before = os.getloadavg()
+    rows = [config_rows(args, n) for n in args.teacher_layers]
     body = {
         "benchmark": "trainer_throughput",
-        "config": {"steps": args.steps, "batch": args.batch, "max_len": MAX_LEN, "teacher_layers": args.teacher_layers,
+        "config": {"steps": args.steps, "batch": args.batch, "runs": args.runs, "max_len": MAX_LEN,
                    "student_layers": 2, "width": args.width, "vocab": 2048, "omp_threads": threads,
-                   "load_average": os.getloadavg()},
-        "results": results,
+                   "torch_threads": threads, "load_average_before": load_before},
+        "rows": rows,
         "targets": {"kdistill_vs_baseline": 1.3, "cache_seen_vs_baseline": 2.5},
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(body, indent=2) + "\n")
-    print(f"{'variant':<22}{'tokens/s':>10}{'speedup':>9}{'peak RSS MiB':>14}")
-    for name, r in results.items():
-        print(f"{name:<22}{r['tokens_per_second']:>10.0f}{r['speedup_vs_baseline']:>8.2f}x{r['peak_rss_mib']:>14.0f}")
-    print(f"(load average during run: {body['config']['load_average']}; OMP_NUM_THREADS={threads})")
+    print(f"{'teacher->student':<18}{'variant':<22}{'tokens/s':>10}{'speedup':>9}{'padding':>9}{'peak RSS MiB':>14}")
+    for row in rows:
+        for name, r in row["median"].items():
+            print(f"{row['teacher_layers']:>2} -> 2{'':<11}{name:<22}{r['tokens_per_second']:>10.0f}"
+                  f"{r['speedup_vs_baseline']:>8.2f}x{r['padding_fraction']:>8.1%}{r['peak_rss_mib']:>14.0f}")
+    print(f"(medians of {args.runs} runs; load average before {load_before}, after "
+          f"{[row['load_average_after'] for row in rows]}; OMP_NUM_THREADS={threads})")
 
 
 if __name__ == "__main__":
