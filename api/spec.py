@@ -324,6 +324,11 @@ class GradientCompression(ApiModel):
         "error feedback; 0 turns compression off.",
     )
     warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Uncompressed steps first.")
+    ramp_steps: int | None = Field(
+        None, ge=0, le=10_000_000,
+        description="Steps after the warm-up over which the kept fraction decays exponentially from "
+        "all entries to topK; default: as many as warmupSteps.",
+    )
 
 
 _CEL_WORLD = "(self.nodes * (self.gpusPerNode == 0 ? 1 : self.gpusPerNode))"

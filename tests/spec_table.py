@@ -66,7 +66,8 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     ("data-parallel-top-k", with_spec(parallelism={"nodes": 2, "gpusPerNode": 0, "student": {"data": 2},
-                                                   "gradientCompression": {"topK": 0.01, "warmupSteps": 5}})),
+                                                   "gradientCompression": {"topK": 0.01, "warmupSteps": 5,
+                                                                           "rampSteps": 40}})),
     ("pipeline-split-logits-only", with_spec(
         parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
         quantization={"mode": "none"})),
@@ -166,6 +167,8 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("no-stages", with_spec(**{"distillation.stages": []}), "spec.distillation.stages"),
     ("topk-one", with_spec(**{"parallelism.gradientCompression": {"topK": 1.0}}),
      "spec.parallelism.gradientCompression.topK"),
+    ("ramp-negative", with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "rampSteps": -1}}),
+     "spec.parallelism.gradientCompression.rampSteps"),
     ("topk-negative", with_spec(**{"parallelism.gradientCompression": {"topK": -0.01}}),
      "spec.parallelism.gradientCompression.topK"),
     ("mesh-mismatch", with_spec(parallelism={"nodes": 2, "gpusPerNode": 1, "student": {"data": 4}}),

@@ -83,3 +83,19 @@ def test_state_rejects_bad_fraction() -> None:
         TopKState(fraction=0.1, warmup_steps=-1)
     with pytest.raises(ValueError, match="ramp_steps"):
         TopKState(fraction=0.1, ramp_steps=-1)
+
+
+def test_spec_ramp_steps_reach_the_runtime() -> None:
+    import torch
+
+    from kdistill.api import parse_job
+    from kdistill.trainer.parallel.distributed import DistEnv
+    from kdistill.trainer.parallel.runtime import ParallelRuntime
+    from tests.spec_table import with_spec
+
+    spec = parse_job(with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "warmupSteps": 3,
+                                                                       "rampSteps": 40}})).spec
+    rt = ParallelRuntime.create(spec, torch.device("cpu"), env=DistEnv(0, 1, 0, "127.0.0.1", 29500))
+    assert (rt.top_k, rt.compression_warmup, rt.compression_ramp) == (0.01, 3, 40)
+    state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)
+    assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps

@@ -288,8 +288,10 @@ def _add_totals(state: TopKState, params: list[torch.Tensor], buffer: torch.Tens
         offset += p.numel()
 
 
-def register_topk(ddp_module: Any, fraction: float, warmup_steps: int = 0, process_group: Any = None) -> TopKState:
+def register_topk(ddp_module: Any, fraction: float, warmup_steps: int = 0, process_group: Any = None,
+                  ramp_steps: int | None = None) -> TopKState:
     """Install the hook on a DDP module and return its state (byte counters, residuals)."""
-    state = TopKState(fraction=fraction, warmup_steps=warmup_steps, process_group=process_group)
+    state = TopKState(fraction=fraction, warmup_steps=warmup_steps, process_group=process_group,
+                      ramp_steps=ramp_steps)
     ddp_module.register_comm_hook(state, topk_hook)
     return state

@@ -80,6 +80,7 @@ class ParallelRuntime:
     device: torch.device
     top_k: float = 0.0
     compression_warmup: int = 0
+    compression_ramp: int | None = None  # None: as long as the warm-up
     teacher: Any = None  # SplitTeacher when the teacher is split
     teacher_group: Any = None  # process group of this rank's teacher stages
     compression: Any = None  # TopKState once the hook is installed
@@ -99,7 +100,8 @@ class ParallelRuntime:
         if env.distributed:
             init_distributed(env, prefer_gpu=device.type == "cuda")
         gc = spec.parallelism.gradient_compression
-        rt = cls(env=env, layout=layout, device=device, top_k=gc.top_k, compression_warmup=gc.warmup_steps)
+        rt = cls(env=env, layout=layout, device=device, top_k=gc.top_k, compression_warmup=gc.warmup_steps,
+                 compression_ramp=gc.ramp_steps)
         if env.distributed and layout.teacher_stages > 1:
             # new_group is collective: every rank creates every teacher group in the same order.
             for first in range(0, layout.world_size, layout.teacher_stages):
@@ -188,7 +190,8 @@ class ParallelRuntime:
         if self.top_k > 0:
             from .compression import register_topk
 
-            self.compression = register_topk(ddp, self.top_k, warmup_steps=self.compression_warmup)
+            self.compression = register_topk(ddp, self.top_k, warmup_steps=self.compression_warmup,
+                                             ramp_steps=self.compression_ramp)
             self.compression.log_every = 10
         return ddp
 
