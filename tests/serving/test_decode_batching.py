@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,15 @@ def metric(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def settled(url: str, name: str, at_least: float, timeout: float = 60.0) -> float:
+    """``name`` once it reaches ``at_least``: answers go out as sequences finish, and the worker
+    records the batch's metrics just after, so a client can read /metrics a moment too early."""
+    deadline = time.monotonic() + timeout
+    while (value := metric(url, name)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
 @pytest.fixture(scope="module")
 def fp32_lm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # FP32: fbgemm's per-tensor activation scale couples a row's logits to its batch, which could
@@ -116,6 +126,7 @@ def test_server_decodes_concurrent_completions_as_one_batch(fp32_lm_artifact: Pa
             return [a.json() for a in answers]
 
         bodies = asyncio.run(post_all())
+        settled(server.url, "kdistill_batch_size_count", before["kdistill_batch_size_count"] + 1)
         delta = {n: metric(server.url, n) - before[n] for n in names}
     solo = [generate_batch(local.model, local.tokenizer,
                            [GenRequest(local.tokenizer(p)["input_ids"], n, 0.0)])[0]
@@ -213,7 +224,7 @@ def test_server_answers_many_concurrent_completions_with_continuous_batching(fp3
                     for p, n in zip(prompts, max_tokens, strict=True))))
 
         answers = asyncio.run(post_all())
-        counted = metric(server.url, "kdistill_batch_size_sum") - before
+        counted = settled(server.url, "kdistill_batch_size_sum", before + 12) - before
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     solo = [generate_batch(local.model, local.tokenizer, [GenRequest(local.tokenizer(p)["input_ids"], n, 0.0)])[0]
             for p, n in zip(prompts, max_tokens, strict=True)]
