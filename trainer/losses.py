@@ -149,6 +149,60 @@ def kd_divergence(
     return _chunked(rows, [student_logits, teacher_logits], chunk_rows)
 
 
+class _TopKForwardKL(torch.autograd.Function):
+    """Per-row T²·KL(teacher buckets ‖ student buckets) over the top-k (+ tail) for a frozen teacher.
+
+    The autograd path (gather, scatter of -inf over a copy of the logits, logsumexp, cat,
+    log_softmax) runs a backward kernel per op, several over NxV. With π = softmax(s/T) over the
+    vocabulary, a top-k bucket's student mass is q_b = π[idx_b] and the tail's is q_tail = the rest,
+    so the gradient has a closed form:
+
+        d/ds_j T²·Σ_b p_b·(log p_b - log q_b) = T·(π_j - target_j),
+        target_j = p_b for j = idx_b, and p_tail·π_j / q_tail for j in the tail.
+
+    Without a tail (distributions renormalised over the top-k) only the top-k logits enter:
+    the gradient is T·(softmax(s_top/T) - p) at the top-k positions and 0 elsewhere.
+    Indices must be distinct within a row (buckets are disjoint); ``topk_kd_divergence`` checks.
+    Values agree with the autograd path to rounding (tests/unit/test_losses.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, log_t: Tensor, idx: Tensor, temperature: float,  # type: ignore[override]
+                with_tail: bool) -> Tensor:
+        z = s / temperature
+        if with_tail:
+            log_pi = F.log_softmax(z, dim=-1)
+            log_top = log_pi.gather(-1, idx)
+            # The tail's log-mass, exactly (1 - Σ top would round away a small tail).
+            log_tail = torch.logsumexp(log_pi.scatter(-1, idx, float("-inf")), dim=-1, keepdim=True)
+            log_s = torch.cat([log_top, log_tail], dim=-1)
+            ctx.save_for_backward(log_pi, log_t, log_tail, idx)
+        else:
+            log_s = F.log_softmax(z.gather(-1, idx), dim=-1)
+            ctx.save_for_backward(log_s, log_t, idx)
+            ctx.vocab = s.shape[-1]
+        ctx.with_tail = with_tail
+        ctx.temperature = temperature
+        return (log_t.exp() * (log_t - log_s)).sum(dim=-1) * (temperature * temperature)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        scale = grad.unsqueeze(-1) * ctx.temperature
+        if ctx.with_tail:
+            log_pi, log_t, log_tail, idx = ctx.saved_tensors
+            p = log_t.exp()
+            # Tail positions: T·π_j·(1 - p_tail/q_tail); top-k positions: T·(π_j - p_b).
+            tail_factor = 1.0 - (log_t[:, -1:] - log_tail).exp()
+            pi = log_pi.exp()
+            top = pi.gather(-1, idx).sub_(p[:, :-1]).mul_(scale)
+            grad_s = pi.mul_(tail_factor * scale).scatter_(-1, idx, top)
+        else:
+            log_s, log_t, idx = ctx.saved_tensors
+            top = log_s.exp().sub_(log_t.exp()).mul_(scale)
+            grad_s = top.new_zeros((top.shape[0], ctx.vocab)).scatter_(-1, idx, top)
+        return grad_s, None, None, None, None
+
+
 def teacher_bucket_logprobs(
     teacher_values: Tensor, teacher_logsumexp: Tensor | None, vocab_size: int, temperature: float
 ) -> Tensor:
@@ -222,6 +276,22 @@ def topk_kd_divergence(
     scale = temperature * temperature
     with_tail = teacher_logsumexp is not None and k < vocab
     indices = teacher_indices.long()
+    if n and k > 1 and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+        raise ValueError("teacher indices must be distinct within each row (one bucket per token)")
+    if kind == "forward-kl" and not teacher_values.requires_grad and not (
+        teacher_logsumexp is not None and teacher_logsumexp.requires_grad
+    ):
+        # The common case (cached outputs of a frozen teacher): the closed-form gradient, see
+        # _TopKForwardKL.
+
+        def closed_form(s: Tensor, values: Tensor, idx: Tensor, *lse: Tensor) -> Tensor:
+            log_t = teacher_bucket_logprobs(values.to(dtype), lse[0] if lse else None, vocab, temperature)
+            return _TopKForwardKL.apply(s.to(dtype), log_t, idx, temperature, with_tail)
+
+        tensors = [student_logits, teacher_values, indices]
+        if teacher_logsumexp is not None:
+            tensors.append(teacher_logsumexp)
+        return _chunked(closed_form, tensors, chunk_rows)
 
     def rows(s: Tensor, values: Tensor, idx: Tensor, *lse: Tensor) -> Tensor:
         s = s.to(dtype) / temperature

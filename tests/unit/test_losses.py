@@ -115,6 +115,41 @@ def test_gradcheck_topk_with_and_without_tail(kind: str) -> None:
                      fast_mode=True)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("with_lse", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_topk_forward_kl_closed_form_gradient(with_lse: bool, temperature: float) -> None:
+    # A frozen teacher's cached values take _TopKForwardKL (closed-form backward); values that
+    # require grad take the autograd path. Both must give the same numbers and gradients, and the
+    # closed form must pass gradcheck against finite differences (chunked and unchunked).
+    s0, t = _logits(7, 13, seed=15)
+    values, idx = t.topk(5, dim=-1)
+    lse = t.logsumexp(dim=-1) if with_lse else None
+    w = torch.rand(7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for values_grad in (False, True):
+        s = s0.clone().requires_grad_(True)
+        v = values.clone().requires_grad_(values_grad)
+        out = topk_kd_divergence(s, v, idx, "forward-kl", temperature, chunk_rows=4, teacher_logsumexp=lse)
+        (out * w).sum().backward()
+        assert s.grad is not None
+        outs.append((out.detach(), s.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-10, atol=1e-12)
+    # Not trivially zero: the tail positions get gradient too when the tail is modelled.
+    tail = torch.ones_like(s0, dtype=torch.bool).scatter_(-1, idx, False)
+    assert bool((outs[0][1][tail].abs() > 0).any()) == with_lse
+    for chunk in (3, 1024):
+        s = s0.clone().requires_grad_(True)
+        assert gradcheck(lambda a, c=chunk: topk_kd_divergence(a, values, idx, "forward-kl", temperature,
+                                                               chunk_rows=c, teacher_logsumexp=lse), (s,))
+
+
+def test_topk_rejects_repeated_indices() -> None:
+    s, t = _logits(2, 6, seed=16)
+    with pytest.raises(ValueError, match="distinct"):
+        topk_kd_divergence(s, t[:, :3], torch.tensor([[0, 1, 2], [4, 1, 4]]), "forward-kl", 1.0)
+
+
 def test_gradcheck_ce_and_objective() -> None:
     s, _ = _logits(6, 5, seed=6)
     s.requires_grad_(True)
