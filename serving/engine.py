@@ -13,6 +13,7 @@ from kdistill.trainer.artifact import Artifact
 from .batcher import BatchStats, DynamicBatcher, length_groups
 from .generation import DecodeStats, GenRequest, GenResult, generate_batch
 from .metrics import ServerMetrics
+from .runtime import prepare_for_inference
 
 # Fixed cost of one forward pass in token-equivalents (see batcher.length_groups): measured on this
 # CPU, a 2-layer, 256-wide INT8 student costs ~4 ms per call plus ~0.04 ms per padded token.
@@ -40,6 +41,8 @@ class Engine:
     def __init__(self, artifact: Artifact, metrics: ServerMetrics) -> None:
         self.artifact = artifact
         self.model = artifact.model.eval()
+        # Fused kernels for the same function (both FP32 and INT8 artifacts): see serving/runtime.py.
+        self.runtime = prepare_for_inference(self.model)
         self.tokenizer = artifact.tokenizer
         self.task = artifact.task
         self.metrics = metrics

@@ -51,10 +51,12 @@ def load_into(state: ServerState, model_dir: Path, policy: BatchPolicy, threads:
     from kdistill.trainer.artifact import load_artifact
 
     from .engine import Engine
+    from .runtime import tune_allocator
 
     try:
         if threads:
             torch.set_num_threads(threads)
+        tuned = tune_allocator()  # before the model allocates: steady-state forwards stop page-faulting
         artifact = load_artifact(model_dir)
         engine = Engine(artifact, state.metrics)
         engine.warm_up()
@@ -65,8 +67,8 @@ def load_into(state: ServerState, model_dir: Path, policy: BatchPolicy, threads:
         batcher.start()
         state.engine, state.batcher = engine, batcher
         state.ready = True
-        log.info("model %s (%s, %s) ready", state.model_name, engine.task,
-                 artifact.meta.get("quantization", {}).get("mode"))
+        log.info("model %s (%s, %s) ready; allocator tuned: %s; %s", state.model_name, engine.task,
+                 artifact.meta.get("quantization", {}).get("mode"), tuned, engine.runtime)
     except Exception as exc:
         state.load_error = f"model failed to load: {exc}"
         log.exception("model failed to load")

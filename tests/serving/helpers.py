@@ -71,6 +71,17 @@ def make_artifact(root: Path, task: str, quantization: str = "ptq-int8", seed: i
                          metrics={"metric": "test"})
 
 
+def load_served(model_dir: Path) -> Any:
+    """The artifact as ``kdistill serve`` runs it (load, then the runtime's fused kernels): what a
+    server's answers are compared with."""
+    from kdistill.serving.runtime import prepare_for_inference
+    from kdistill.trainer.artifact import load_artifact
+
+    artifact = load_artifact(model_dir)
+    prepare_for_inference(artifact.model)
+    return artifact
+
+
 def _reload(path: Path) -> Any:
     from transformers import AutoTokenizer
 

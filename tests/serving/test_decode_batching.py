@@ -15,8 +15,8 @@ import pytest
 
 from kdistill.serving.app import _answer_early
 from kdistill.serving.generation import DecodeStats, GenRequest, GenResult, generate_batch
-from kdistill.trainer.artifact import Artifact, load_artifact
-from tests.serving.helpers import build_tiny_tokenizer, make_artifact, running_server, tiny_gpt2
+from kdistill.trainer.artifact import Artifact
+from tests.serving.helpers import build_tiny_tokenizer, load_served, make_artifact, running_server, tiny_gpt2
 
 PROMPTS = ["The for statement is used", "x", "Objects are Python's abstraction for data. All data in",
            "with open(p) as f:"]
@@ -108,7 +108,7 @@ def fp32_lm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_server_decodes_concurrent_completions_as_one_batch(fp32_lm_artifact: Path) -> None:
     lm_artifact = fp32_lm_artifact
-    local: Artifact = load_artifact(lm_artifact)
+    local: Artifact = load_served(lm_artifact)
     max_tokens = (1, 4, 9, 20)
     # A long window and a batch of exactly 4: the four concurrent requests form one batch.
     with running_server(lm_artifact, "--max-batch-size", "4", "--max-wait-ms", "5000") as server:
@@ -211,7 +211,7 @@ def test_batcher_admit_hands_waiting_requests_to_the_running_batch() -> None:
 
 
 def test_server_answers_many_concurrent_completions_with_continuous_batching(fp32_lm_artifact: Path) -> None:
-    local: Artifact = load_artifact(fp32_lm_artifact)
+    local: Artifact = load_served(fp32_lm_artifact)
     prompts = [PROMPTS[i % len(PROMPTS)] + f" {i}" for i in range(12)]
     max_tokens = [1 + (7 * i) % 20 for i in range(12)]
     with running_server(fp32_lm_artifact, "--max-batch-size", "4", "--max-wait-ms", "0") as server:

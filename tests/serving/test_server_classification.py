@@ -10,15 +10,15 @@ import httpx
 import pytest
 import torch
 
-from kdistill.trainer.artifact import Artifact, load_artifact
-from tests.serving.helpers import LABELS, ServerProcess, pydoc_texts
+from kdistill.trainer.artifact import Artifact
+from tests.serving.helpers import LABELS, ServerProcess, load_served, pydoc_texts
 
 NAME = "cls-ptq-int8"
 
 
 @pytest.fixture(scope="module")
 def local(cls_artifact: Path) -> Artifact:
-    return load_artifact(cls_artifact)
+    return load_served(cls_artifact)
 
 
 def direct_probs(local: Artifact, text: str) -> list[float]:

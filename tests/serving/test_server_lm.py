@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from kdistill.serving.generation import GenRequest, chat_prompt, generate_batch
-from kdistill.trainer.artifact import Artifact, load_artifact
-from tests.serving.helpers import ServerProcess
+from kdistill.trainer.artifact import Artifact
+from tests.serving.helpers import ServerProcess, load_served
 
 NAME = "lm-ptq-int8"  # the job folder above student-int8
 
@@ -19,7 +19,7 @@ NAME = "lm-ptq-int8"  # the job folder above student-int8
 @pytest.fixture(scope="module")
 def local(lm_artifact: Path) -> Artifact:
     """The same artifact loaded in the test process: what the server must answer."""
-    return load_artifact(lm_artifact)
+    return load_served(lm_artifact)
 
 
 def expected_text(local: Artifact, prompt: str, max_tokens: int) -> str:
