@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.stamp-* && touch $@
 
 test: setup system-deps cluster-bins
-	$(PY) -P -m pytest
+	$(PY) -P -m pytest --durations=30
 
 unit: setup
 	$(PY) -P -m pytest tests/unit

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -62,9 +63,16 @@ def test_operator_image_starts_with_the_charts_serviceaccount_and_answers_its_pr
                 wait_http(f"http://127.0.0.1:{health}/healthz", 90, alive)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\noperator log:\n{docker.logs(name)[-6000:]}") from None
-            status, body = http_get(f"http://127.0.0.1:{metrics}/metrics")
+            # /healthz answers already while the replica waits for the Lease (standby.py):
+            # leading comes a moment later.
+            deadline = time.monotonic() + 60
+            while True:
+                status, body = http_get(f"http://127.0.0.1:{metrics}/metrics")
+                if (status == 200 and "kdistill_leader 1.0" in body) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             assert status == 200
-            assert "kdistill_leader 1.0" in body
+            assert "kdistill_leader 1.0" in body, docker.logs(name)[-4000:]
             logs = docker.logs(name)
             assert "Forbidden" not in logs and " 403" not in logs, logs[-4000:]
             # SIGTERM: kopf stops and the process exits cleanly, well inside a pod's grace period.

@@ -148,6 +148,8 @@ def init_distributed(
             "check that worker 0 is running and the rendezvous Service resolves",
         ) from None
     base_store.set_timeout(timedelta(seconds=coll))
+    global _STORE, _RANK, _WORLD
+    _STORE, _RANK, _WORLD = store, env.rank, env.world_size
     dist.init_process_group(
         backend,
         store=store,
@@ -173,9 +175,43 @@ def _wait_all_joined(store: dist.Store, world: int, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
+_STORE: dist.Store | None = None
+_RANK, _WORLD = 0, 1
+LEAVE_TIMEOUT_S = 30.0
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the group so that no rank tears down while a peer still talks to it.
+
+    Rank 0 hosts the store. If it exits while another rank is still inside
+    destroy_process_group, that rank's gloo threads can be destroyed joinable and the process
+    aborts ("terminate called without an active exception") after a successful run. So all
+    ranks meet at a barrier, tear down, check out through the store, and rank 0 leaves last.
+    """
+    global _STORE
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import gc
+
+    # Work objects still referenced (a DDP reducer's, a comm hook's futures) would otherwise be
+    # freed by gloo's threads during interpreter finalization, which aborts the process.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    store, _STORE = _STORE, None
+    if store is None:
+        return
+    import time
+
+    try:
+        store.add("kdistill/left", 1)
+        if _RANK != 0:
+            return
+        deadline = time.monotonic() + LEAVE_TIMEOUT_S
+        while store.add("kdistill/left", 0) < _WORLD and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except (RuntimeError, OSError) as exc:  # a peer gone at exit is not this rank's failure
+        log.warning("leaving the process group: %s", exc)
 
 
 _PEER_SIGNS = (
