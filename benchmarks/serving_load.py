@@ -42,6 +42,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.serving.helpers, for the tiny models
 
 from benchmarks import bench_common
+from kdistill.serving.engine import BATCH_THREADS_ENV
 from tests.serving.helpers import ServerProcess, pydoc_texts
 
 
@@ -185,7 +186,8 @@ def measured_load(server: ServerProcess, bodies: list[bytes], clients: int, seco
     return stats
 
 
-def model_only(artifact: Path, texts: list[str], threads: int, batch: int) -> dict[str, float]:
+def model_only(artifact: Path, texts: list[str], threads: int, batch: int, batch_threads: int = 0
+               ) -> dict[str, float]:
     """The engine alone, in this process: ms of model time per request at batch 1 and in batches of
     ``batch`` (as the server would split them). Their ratio bounds the throughput gain of batching
     once HTTP is free; HTTP and the event loop only add the same per-request cost to both."""
@@ -193,9 +195,11 @@ def model_only(artifact: Path, texts: list[str], threads: int, batch: int) -> di
 
     from kdistill.serving.engine import Engine
     from kdistill.serving.metrics import ServerMetrics
+    from kdistill.serving.runtime import tune_allocator
     from kdistill.trainer.artifact import load_artifact
 
     torch.set_num_threads(threads)
+    tune_allocator()  # as in the server process
     engine = Engine(load_artifact(artifact), ServerMetrics())
     engine.warm_up()
     encoded = [engine.encode(t) for t in texts[:128]]
@@ -210,7 +214,12 @@ def model_only(artifact: Path, texts: list[str], threads: int, batch: int) -> di
         return best / len(encoded) * 1e3
 
     one, many = per_request(1), per_request(batch)
-    return {"batch1_ms_per_request": one, f"batch{batch}_ms_per_request": many, "ceiling_speedup": one / many}
+    out = {"batch1_ms_per_request": one, f"batch{batch}_ms_per_request": many, "ceiling_speedup": one / many}
+    if batch_threads:
+        engine.batch_threads = batch_threads
+        out[f"batch{batch}_ms_per_request_batch_threads"] = bt = per_request(batch)
+        out["ceiling_speedup_batch_threads"] = one / bt
+    return out
 
 
 def model_only_generation(artifact: Path, bodies: list[dict[str, Any]], threads: int, batch: int
@@ -222,9 +231,11 @@ def model_only_generation(artifact: Path, bodies: list[dict[str, Any]], threads:
     from kdistill.serving.engine import Engine
     from kdistill.serving.generation import GenRequest
     from kdistill.serving.metrics import ServerMetrics
+    from kdistill.serving.runtime import tune_allocator
     from kdistill.trainer.artifact import load_artifact
 
     torch.set_num_threads(threads)
+    tune_allocator()  # as in the server process
     engine = Engine(load_artifact(artifact), ServerMetrics())
     engine.warm_up()
     reqs = [(engine.encode(b["prompt"]), b["max_tokens"]) for b in bodies[:batch]]
@@ -257,12 +268,16 @@ def server_metrics(url: str) -> dict[str, float]:
 
 def compare(args: argparse.Namespace, artifact: Path, bodies: list[bytes], path: str) -> dict[str, Any]:
     """Dynamic batching and ``--max-batch-size 1`` on the same artifact and the same requests."""
-    configs = {"dynamic": ["--max-batch-size", str(args.max_batch_size), "--max-batch-tokens", "8192",
-                           "--max-wait-ms", str(args.max_wait_ms)],
-               "batch1": ["--max-batch-size", "1", "--max-wait-ms", "0"]}
+    dynamic = ["--max-batch-size", str(args.max_batch_size), "--max-batch-tokens", "8192",
+               "--max-wait-ms", str(args.max_wait_ms)]
+    configs: dict[str, tuple[list[str], dict[str, str]]] = {
+        "dynamic": (dynamic, {}), "batch1": (["--max-batch-size", "1", "--max-wait-ms", "0"], {})}
+    if args.batch_threads and path == "/v1/classify":
+        # The same dynamic server, with big classification passes on more intra-op threads.
+        configs["dynamic_batch_threads"] = (dynamic, {BATCH_THREADS_ENV: str(args.batch_threads)})
     runs: dict[str, Any] = {}
-    for name, flags in configs.items():
-        server = ServerProcess(artifact, *flags, "--max-queue", "1024", threads=args.threads)
+    for name, (flags, env) in configs.items():
+        server = ServerProcess(artifact, *flags, "--max-queue", "1024", threads=args.threads, env=env)
         try:
             server.wait_ready()
             asyncio.run(load(server.url, bodies, args.clients, min(3.0, args.seconds), path))  # warm-up
@@ -276,6 +291,8 @@ def compare(args: argparse.Namespace, artifact: Path, bodies: list[bytes], path:
     # The same ratio per server CPU second: on a shared machine the server's share of the CPU moves
     # between the two runs, and this ratio does not depend on it.
     out["speedup_per_server_cpu"] = one["server_cpu_ms_per_request"] / dyn["server_cpu_ms_per_request"]
+    if "dynamic_batch_threads" in runs:
+        out["speedup_batch_threads"] = runs["dynamic_batch_threads"]["throughput_rps"] / one["throughput_rps"]
     # What one dedicated core would give: requests/s at the measured CPU cost, and the mean latency of
     # the closed loop (clients / throughput).
     out["one_dedicated_core"] = {name: {"rps": 1e3 / r["server_cpu_ms_per_request"],
@@ -289,7 +306,9 @@ def repeated(args: argparse.Namespace, artifact: Path, bodies: list[bytes], path
     medians (the speedups the table reports)."""
     runs = [compare(args, artifact, bodies, path) for _ in range(args.runs)]
     out = dict(runs[0])
-    for key in ("speedup", "speedup_per_server_cpu"):
+    for key in ("speedup", "speedup_per_server_cpu", "speedup_batch_threads"):
+        if key not in runs[0]:
+            continue
         out[f"{key}_per_run"] = [r[key] for r in runs]
         out[key] = statistics.median(out[f"{key}_per_run"])
     keys = ("throughput_rps", "p50_ms", "p99_ms", "tokens_per_second", "server_cpu_ms_per_request",
@@ -306,7 +325,7 @@ def run_classification(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                                         "quantization": "ptq-int8"},
                               "request_tokens": {"min": min(lengths), "max": max(lengths),
                                                  "mean": statistics.mean(lengths)}}
-    report["model_only"] = model_only(artifact, texts, args.threads, args.max_batch_size)
+    report["model_only"] = model_only(artifact, texts, args.threads, args.max_batch_size, args.batch_threads)
     report.update(repeated(args, artifact, [json.dumps({"texts": [t]}).encode() for t in texts], "/v1/classify"))
     report["met"] = {"speedup": report["speedup"] >= 4.0, "p99_ms": report["runs"]["dynamic"]["p99_ms"] <= 300.0}
     return report
@@ -332,6 +351,7 @@ def run_completions(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="kdistill-load-"))
     report: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds, "threads": args.threads,
+                              "batch_threads": args.batch_threads, "allocator": "tuned (serving/runtime.py)",
                               **bench_common.machine_state()}
     if args.mode in ("both", "classify"):
         report["classification"] = run_classification(args, root)
@@ -360,6 +380,9 @@ def print_runs(part: dict[str, Any], tokens: bool) -> None:
     m = part["model_only"]
     print(f"model alone (no HTTP): {m['batch1_ms_per_request']:.2f} ms/request at batch 1, "
           f"{list(m.values())[1]:.2f} in batches: at most {m['ceiling_speedup']:.2f}x from batching")
+    if "ceiling_speedup_batch_threads" in m:
+        print(f"model alone, big passes on more threads: {list(m.values())[3]:.2f} ms/request in batches, "
+              f"at most {m['ceiling_speedup_batch_threads']:.2f}x")
     cores = ", ".join(f"{n} {r['server_cpu_cores']:.2f}" for n, r in part["runs"].items())
     print(f"server's share of the CPU during the runs (cores): {cores}")
     per_run = ", ".join(f"{x:.2f}" for x in part["speedup_per_run"])
@@ -367,6 +390,10 @@ def print_runs(part: dict[str, Any], tokens: bool) -> None:
           f"{part['speedup']:.2f}x (target 4x), {part['speedup_per_server_cpu']:.2f}x "
           f"per server CPU second; first run's dynamic p50 {part['runs']['dynamic']['p50_ms']:.0f} ms, "
           f"p99 {part['runs']['dynamic']['p99_ms']:.0f} ms")
+    if "speedup_batch_threads_per_run" in part:
+        per_run = ", ".join(f"{x:.2f}" for x in part["speedup_batch_threads_per_run"])
+        print(f"dynamic with big passes on more threads, median ({per_run}): {part['speedup_batch_threads']:.2f}x; "
+              f"first run's p99 {part['runs']['dynamic_batch_threads']['p99_ms']:.0f} ms")
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -406,6 +433,8 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1, help="server intra-op threads (1: see quant_latency.py)")
+    p.add_argument("--batch-threads", type=int, default=0,
+                   help="also run the dynamic classification server with this many threads for big passes")
     p.add_argument("--out", type=Path, default=bench_common.RESULTS / "serving_load.json")
     bench_common.main(p, run, print_table)
 

@@ -3,7 +3,10 @@ and the warm-up that gates readiness."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +29,37 @@ MAX_ADMITTED_BATCHES = 8
 # therefore join together: once they would fill a quarter of the batch (or every free row), or
 # after this many decode steps, whichever comes first.
 ADMIT_EVERY_STEPS = 4
+# Opt-in: intra-op threads for big classification passes only (``KDISTILL_BATCH_THREADS``). A pass
+# of at least BIG_PASS_TOKENS padded tokens is a GEMM large enough to split across cores; small
+# passes (and batch size 1) keep the server's thread count, so they leave the other core to the
+# event loop. See docs/serving.md for what it measured.
+BATCH_THREADS_ENV = "KDISTILL_BATCH_THREADS"
+BIG_PASS_TOKENS = 1024
+
+
+def batch_threads_from_env() -> int:
+    raw = os.environ.get(BATCH_THREADS_ENV, "") or "0"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{BATCH_THREADS_ENV}={raw!r}: expected a whole number of threads") from None
+    if value < 0:
+        raise ValueError(f"{BATCH_THREADS_ENV}={raw!r}: must be >= 0 (0: off)")
+    return value
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """``n`` torch intra-op threads inside the block (0 or the current count: no change)."""
+    before = torch.get_num_threads()
+    if n <= 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -56,6 +90,8 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._last_tokens = TokenCount()
         self._batcher: DynamicBatcher | None = None
+        self.batch_threads = batch_threads_from_env()
+        self.big_passes = 0  # classification passes run with batch_threads
 
     def attach(self, batcher: DynamicBatcher) -> None:
         """Generation admits waiting requests from ``batcher`` into its running batch."""
@@ -80,7 +116,10 @@ class Engine:
                 mask[i, : len(row)] = 1
             # A pass without padding needs no mask: the model takes its unmasked attention path.
             kwargs = {} if len(rows) == 1 or all(len(r) == width for r in rows) else {"attention_mask": mask}
-            logits = self.model(input_ids=ids, **kwargs).logits
+            big = self.batch_threads > 0 and len(rows) > 1 and width * len(rows) >= BIG_PASS_TOKENS
+            self.big_passes += big
+            with intra_op_threads(self.batch_threads if big else 0):
+                logits = self.model(input_ids=ids, **kwargs).logits
             for i, probs in zip(group, torch.softmax(logits.float(), dim=-1).tolist(), strict=True):
                 out[i] = probs
             padded += width * len(rows)

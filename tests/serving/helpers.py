@@ -97,15 +97,16 @@ def free_port() -> int:
 class ServerProcess:
     """``kdistill serve`` in a child process on a free loopback port."""
 
-    def __init__(self, model_dir: Path, *extra: str, threads: int = 1, log_path: Path | None = None) -> None:
+    def __init__(self, model_dir: Path, *extra: str, threads: int = 1, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or model_dir.parent / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "kdistill.cli.main", "serve", str(model_dir), "--host", "127.0.0.1",
                "--port", str(self.port), "--threads", str(threads), "--log-level", "warning", *extra]
         self._log = self.log_path.open("w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     def wait_ready(self, timeout: float = 420.0) -> None:  # import + load + warm-up on a loaded CI machine
         deadline = time.monotonic() + timeout

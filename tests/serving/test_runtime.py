@@ -1,22 +1,26 @@
-"""The inference runtime's settings (serving/runtime.py): the served model runs fused activations
-with the same outputs, and the tuned allocator keeps freed activations for the next forward."""
+"""The inference runtime's settings (serving/runtime.py, serving/engine.py): the served model runs
+fused activations with the same outputs, the tuned allocator keeps freed activations for the next
+forward, and big classification passes may run on more intra-op threads."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from transformers.activations import NewGELUActivation
 
-from kdistill.serving.engine import Engine
+from kdistill.serving.engine import BATCH_THREADS_ENV, BIG_PASS_TOKENS, Engine, batch_threads_from_env
 from kdistill.serving.metrics import ServerMetrics
 from kdistill.serving.runtime import prepare_for_inference
 from kdistill.trainer.artifact import load_artifact
 from kdistill.trainer.fused_ops import FusedTanhGELU
 from kdistill.trainer.quantization import Int8Linear
+from tests.serving.helpers import pydoc_texts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,11 +78,41 @@ ALLOCATING_LOOP = textwrap.dedent("""
 
 
 def test_tuned_allocator_keeps_freed_activations_for_reuse() -> None:
+    # glibc's initial thresholds, pinned: left dynamic, they move with what the process allocated
+    # before (torch's import), and so does the "default" baseline.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-P", "-c", ALLOCATING_LOOP], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, check=True).stdout.split()
+                         timeout=300, check=True, env=env).stdout.split()
     default, tuned, ok, again = int(out[0]), int(out[1]), out[2], out[3]
     assert ok == "True" and again == "True"  # glibc (Linux): both settings accepted, idempotent
-    # glibc's defaults give the freed 96 MiB back to the kernel (munmap, or a heap trim beyond twice
-    # the largest block), so the next forward faults them in again page by page; tuned, it keeps them.
+    # glibc's defaults give the freed 96 MiB back to the kernel (munmap, or a heap trim), so the next
+    # forward faults them in again page by page; tuned, it keeps them.
     assert default < 64 << 20
     assert tuned >= 96 << 20
+
+
+def test_big_classification_passes_run_on_batch_threads_and_small_ones_do_not(
+        cls_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = Engine(load_artifact(cls_artifact), ServerMetrics())
+    monkeypatch.setenv(BATCH_THREADS_ENV, "2")
+    engine = Engine(load_artifact(cls_artifact), ServerMetrics())
+    assert (base.batch_threads, engine.batch_threads) == (0, 2)
+    texts = pydoc_texts(80)
+    long_batch = [engine.encode(" ".join(texts[i:i + 4]))[:100] for i in range(16)]  # >= BIG_PASS_TOKENS
+    assert sum(len(r) for r in long_batch) >= BIG_PASS_TOKENS
+    threads = torch.get_num_threads()
+    got, ref = engine.run_classification(long_batch), base.run_classification(long_batch)
+    assert engine.big_passes >= 1 and base.big_passes == 0
+    assert torch.get_num_threads() == threads  # restored after the pass
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-4, atol=1e-5)
+    before = engine.big_passes
+    engine.run_classification([engine.encode("x = 1")])  # batch of one: the server's own threads
+    engine.run_classification([engine.encode("x = 1"), engine.encode("y = 2")])  # small pass
+    assert engine.big_passes == before
+
+
+@pytest.mark.parametrize("raw", ["two", "-1", "1.5"])
+def test_bad_batch_threads_setting_is_refused_by_name(raw: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BATCH_THREADS_ENV, raw)
+    with pytest.raises(ValueError, match=BATCH_THREADS_ENV):
+        batch_threads_from_env()
