@@ -90,6 +90,9 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._last_tokens = TokenCount()
         self._batcher: DynamicBatcher | None = None
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        plain = backend is not None and backend.truncation is None and backend.padding is None
+        self._backend = backend if plain else None
         self.batch_threads = batch_threads_from_env()
         self.big_passes = 0  # classification passes run with batch_threads
 
@@ -98,6 +101,10 @@ class Engine:
         self._batcher = batcher
 
     def encode(self, text: str) -> list[int]:
+        # The Rust tokenizer directly when it would give the same ids (no truncation or padding set
+        # on it): transformers' __call__ wrapper costs ~80 us more per request on this CPU.
+        if self._backend is not None:
+            return list(self._backend.encode(text, add_special_tokens=True).ids)
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     @torch.inference_mode()

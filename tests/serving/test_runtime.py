@@ -116,3 +116,17 @@ def test_bad_batch_threads_setting_is_refused_by_name(raw: str, monkeypatch: pyt
     monkeypatch.setenv(BATCH_THREADS_ENV, raw)
     with pytest.raises(ValueError, match=BATCH_THREADS_ENV):
         batch_threads_from_env()
+
+
+def test_engine_encodes_like_the_tokenizer(cls_artifact: Path, lm_artifact: Path) -> None:
+    for artifact in (cls_artifact, lm_artifact):
+        engine = Engine(load_artifact(artifact), ServerMetrics())
+        assert engine._backend is not None  # the fast path is the one under test
+        for text in [*pydoc_texts(30), "x", "  leading and trailing  ", "naïve café ünïcode ✓"]:
+            assert engine.encode(text) == list(engine.tokenizer(text, add_special_tokens=True)["input_ids"])
+    truncating = load_artifact(cls_artifact)
+    truncating.tokenizer.backend_tokenizer.enable_truncation(4)
+    engine = Engine(truncating, ServerMetrics())
+    assert engine._backend is None  # the backend's own settings would change the ids: the wrapper decides
+    text = pydoc_texts(1)[0]
+    assert engine.encode(text) == list(truncating.tokenizer(text, add_special_tokens=True)["input_ids"])
