@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
 
 from kdistill.serving.engine import BATCH_THREADS_ENV, BIG_PASS_TOKENS, Engine, batch_threads_from_env
 from kdistill.serving.metrics import ServerMetrics
-from kdistill.serving.runtime import prepare_for_inference
+from kdistill.serving.runtime import InferenceTanhGELU, prepare_for_inference
 from kdistill.trainer.artifact import load_artifact
-from kdistill.trainer.fused_ops import FusedTanhGELU
 from kdistill.trainer.quantization import Int8Linear
 from tests.serving.helpers import pydoc_texts
 
@@ -29,9 +29,9 @@ def test_engine_serves_the_int8_gpt2_with_fused_gelu_and_the_same_logits(lm_arti
     plain = load_artifact(lm_artifact).model
     assert sum(isinstance(m, NewGELUActivation) for m in plain.modules()) == 2  # gelu_new as saved
     engine = Engine(load_artifact(lm_artifact), ServerMetrics())
-    assert engine.runtime == {"fused_activations": 2}
+    assert engine.runtime == {"tanh_gelu": 2}
     assert not any(isinstance(m, NewGELUActivation) for m in engine.model.modules())
-    assert sum(isinstance(m, FusedTanhGELU) for m in engine.model.modules()) == 2
+    assert sum(isinstance(m, InferenceTanhGELU) for m in engine.model.modules()) == 2
     assert any(isinstance(m, Int8Linear) for m in engine.model.modules())  # still the INT8 student
     ids = engine.tokenizer("The for statement is used to iterate", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
@@ -42,10 +42,40 @@ def test_engine_serves_the_int8_gpt2_with_fused_gelu_and_the_same_logits(lm_arti
     assert out[0, -1].argmax() == ref[0, -1].argmax()
 
 
+def test_inference_tanh_gelu_is_the_tanh_gelu_with_and_without_grad() -> None:
+    x = torch.linspace(-12, 12, 200_001, dtype=torch.float64)
+    ref = F.gelu(x, approximate="tanh")  # float64: the function itself
+    xf = x.float()
+    with torch.inference_mode():
+        out = InferenceTanhGELU()(xf)
+    assert (out.double() - ref).abs().max() < 1e-6
+    assert torch.equal(xf, x.float())  # the input is not modified in place
+    xg = xf[::1000].clone().requires_grad_(True)
+    y = InferenceTanhGELU()(xg)
+    (g,) = torch.autograd.grad(y.sum(), xg)  # with grad on: torch's kernel, differentiable
+    torch.testing.assert_close(y, F.gelu(xg, approximate="tanh"))
+    assert g.shape == xg.shape
+
+
+def test_prepare_for_inference_swaps_torch_tanh_gelu_too() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                        activation_function="gelu_pytorch_tanh")
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(97, (2, 9))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        assert prepare_for_inference(model) == {"tanh_gelu": 2}
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    assert prepare_for_inference(model) == {"tanh_gelu": 0}  # idempotent
+
+
 def test_prepare_for_inference_leaves_bert_and_its_weights_alone(cls_artifact: Path) -> None:
     model = load_artifact(cls_artifact).model
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert prepare_for_inference(model) == {"fused_activations": 0}  # BERT's erf GELU is one kernel already
+    assert prepare_for_inference(model) == {"tanh_gelu": 0}  # BERT's erf GELU is one kernel already
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
