@@ -64,16 +64,19 @@ def tune_allocator() -> bool:
 
 # 2 * sqrt(2 / pi): tanh-GELU(x) = x * sigmoid(2 * sqrt(2 / pi) * (x + 0.044715 x^3)).
 _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
+# Below this many elements torch's single fused kernel is as fast: launches dominate.
+SMALL_ACTIVATION = 1 << 15
 
 
 class InferenceTanhGELU(nn.Module):
     """GELU, tanh approximation, as ``x * sigmoid(2z)``: one temporary updated in place.
 
     In-place updates would break autograd's saved tensors, so with gradients on it computes torch's
-    fused kernel instead (same function)."""
+    fused kernel instead (same function); so it does for small tensors (a decode step's few rows),
+    where the five extra kernel launches would cost more than the slow ``tanh`` they avoid."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if x.numel() < SMALL_ACTIVATION or (torch.is_grad_enabled() and x.requires_grad):
             return F.gelu(x, approximate="tanh")
         u = x * x
         u.mul_(0.044715 * _TWO_SQRT_2_OVER_PI).add_(_TWO_SQRT_2_OVER_PI).mul_(x)  # 2z
