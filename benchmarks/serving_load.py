@@ -219,6 +219,9 @@ def model_only(artifact: Path, texts: list[str], threads: int, batch: int, batch
         engine.batch_threads = batch_threads
         out[f"batch{batch}_ms_per_request_batch_threads"] = bt = per_request(batch)
         out["ceiling_speedup_batch_threads"] = one / bt
+        engine.batch_threads = 0
+    if batch != 16:
+        out["batch16_ms_per_request"] = per_request(16)
     return out
 
 
