@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from kdistill.trainer.fused_ops import FusedTanhGELU, fuse_activations
 
 log = logging.getLogger("kdistill.serving")
 
+TUNE_ALLOCATOR_ENV = "KDISTILL_TUNE_ALLOCATOR"
 # mallopt(3) parameters (glibc malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -46,7 +48,10 @@ TRIM_THRESHOLD_BYTES = 1 << 30
 def tune_allocator() -> bool:
     """Keep freed memory for reuse (glibc only); True when both settings took effect.
 
-    Process-wide and idempotent. On a C library without ``mallopt`` (musl, macOS) nothing changes."""
+    Process-wide and idempotent. On a C library without ``mallopt`` (musl, macOS) nothing changes,
+    nor with ``KDISTILL_TUNE_ALLOCATOR=0`` (a pod tight on memory, or an A/B measurement)."""
+    if os.environ.get(TUNE_ALLOCATOR_ENV, "1") == "0":
+        return False
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)

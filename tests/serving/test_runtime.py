@@ -83,6 +83,7 @@ def test_prepare_for_inference_leaves_bert_and_its_weights_alone(cls_artifact: P
 
 ALLOCATING_LOOP = textwrap.dedent("""
     import ctypes
+    import os
     import torch
     from kdistill.serving.runtime import tune_allocator
 
@@ -104,8 +105,11 @@ ALLOCATING_LOOP = textwrap.dedent("""
         return int(mallinfo2().fordblks)
 
     default = kept_after_a_forward()
+    os.environ["KDISTILL_TUNE_ALLOCATOR"] = "0"
+    opted_out = tune_allocator()
+    del os.environ["KDISTILL_TUNE_ALLOCATOR"]
     tuned_ok = tune_allocator()
-    print(default, kept_after_a_forward(), tuned_ok, tune_allocator())
+    print(default, kept_after_a_forward(), tuned_ok, tune_allocator(), opted_out)
 """)
 
 
@@ -115,8 +119,9 @@ def test_tuned_allocator_keeps_freed_activations_for_reuse() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-P", "-c", ALLOCATING_LOOP], cwd=REPO, capture_output=True, text=True,
                          timeout=300, check=True, env=env).stdout.split()
-    default, tuned, ok, again = int(out[0]), int(out[1]), out[2], out[3]
+    default, tuned, ok, again, opted_out = int(out[0]), int(out[1]), out[2], out[3], out[4]
     assert ok == "True" and again == "True"  # glibc (Linux): both settings accepted, idempotent
+    assert opted_out == "False"  # KDISTILL_TUNE_ALLOCATOR=0 leaves glibc as it is
     # glibc's defaults give the freed 96 MiB back to the kernel (munmap, or a heap trim), so the next
     # forward faults them in again page by page; tuned, it keeps them.
     assert default < 64 << 20
