@@ -7,6 +7,7 @@ Variants (same 2-layer GPT2 student shape, same data order, batch, steps, LR sch
 - ``distilled``: the same copied init, logits KD (forward KL) mixed with CE, alpha 0.5, T 2 → 1;
 - ``distilled-staged``: the same, after a feature stage (hidden + attention, 1/5 of the steps);
 - ``distilled-cached``: as ``distilled``, from the teacher cache (top-64 logits and tail bucket);
+  ``distilled-cached-kN`` with the top-N;
 - ablations ``kd-A-S-E`` (alpha A, T linear S → E, logits only) and ``kd-A-S-E-feat`` (with the
   feature stage), e.g. ``kd-0.7-4-1`` is the API default alpha with a high starting T.
 The teacher is the quickstart teacher (trained by ``make quickstart``); it is trained here if
@@ -31,7 +32,8 @@ RESULT = ROOT / "benchmarks" / "results" / "trainer_quality.json"
 
 
 def job(name: str, teacher: Path, data: Path, student: dict[str, Any], steps: int, alpha: float,
-        distill: bool, t_start: float = 2.0, t_end: float = 1.0, cache: bool = False) -> dict[str, Any]:
+        distill: bool, t_start: float = 2.0, t_end: float = 1.0, cache_k: int = 0) -> dict[str, Any]:
+    """One variant's job; ``cache_k`` > 0 trains from the teacher cache's top-``cache_k`` logits."""
     if distill:
         features = max(1, steps // 5)
         stages = [{"name": "features", "steps": features, "objectives": ["hidden", "attention"], "attentionRank": 8},
@@ -51,7 +53,7 @@ def job(name: str, teacher: Path, data: Path, student: dict[str, Any], steps: in
                 "loss": "forward-kl", "alpha": alpha,
                 "temperature": {"schedule": schedule, "start": t_start, "end": t_end},
                 "stages": stages, "batchSize": 16, "learningRate": 1e-3, "warmupSteps": 20, "seed": 0,
-                "teacherCache": {"enabled": cache, "topK": 64},
+                "teacherCache": {"enabled": cache_k > 0, "topK": max(cache_k, 1)},
             },
             "quantization": {"mode": "none"},
             "parallelism": {"nodes": 1, "gpusPerNode": 0},
@@ -133,10 +135,16 @@ def main() -> None:
             "distilled-staged": lambda: job("distilled-staged", teacher, data, copied, args.steps, 0.5, True),
             # As "distilled", but trained on the teacher cache's top-64 logits (+ tail bucket).
             "distilled-cached": lambda: job("distilled-cached", teacher, data, copied, args.steps, 0.5, False,
-                                            cache=True),
+                                            cache_k=64),
         }
         for name in args.variants.split(","):
-            spec = variants[name]() if name in variants else ablation_job(name, teacher, data, args.steps)
+            if name in variants:
+                spec = variants[name]()
+            elif name.startswith("distilled-cached-k") and name[len("distilled-cached-k"):].isdigit():
+                k = int(name[len("distilled-cached-k"):])
+                spec = job(name, teacher, data, copied, args.steps, 0.5, False, cache_k=k)
+            else:
+                spec = ablation_job(name, teacher, data, args.steps)
             ppl, teacher_ppl, seconds = train_and_eval(spec, work)
             results[name] = {"eval_perplexity": ppl, "retention": teacher_ppl / ppl, "train_seconds": round(seconds, 1),
                              "load_average": os.getloadavg()}
