@@ -9,15 +9,17 @@ timed at batch 1, so the report shows *why* the chosen one is chosen (on AVX2-on
     python benchmarks/quant_latency.py [--threads N] [--seq 128] [--repeats 5] [--runs 3]
 
 Each run times every variant back to back, in two fresh child processes: one with glibc's default
-allocator, one with the allocator tuned as ``kdistill serve`` tunes it (``serving/runtime.py``). The
-variants: the plain FP32 teacher and student (what a user runs with transformers), the plain INT8
-student, and both students as ``kdistill serve`` runs them (``prepare_for_inference``: the fused
-tanh-GELU). The table reports medians over ``--runs`` of each ratio, three ways:
+allocator, one with the allocator tuned as ``serving/runtime.py`` can tune it. The variants: the
+plain FP32 teacher and student (what a user runs with transformers), the plain INT8 student, and
+both students with ``prepare_for_inference`` (the tanh-GELU swap). The table reports medians over
+``--runs`` of each ratio, three ways:
 
 - ``plain``: INT8 vs FP32 student, both plain, default allocator (the kernels alone);
-- ``served vs user FP32``: the INT8 student as served (fused, tuned allocator) vs the plain FP32
-  student in a default process (what a user would otherwise run);
+- ``served vs user FP32``: the INT8 student as ``kdistill serve`` runs it (the swap, and its default
+  allocator setting, ``TUNE_ALLOCATOR_DEFAULT``) vs the plain FP32 student in a default process
+  (what a user would otherwise run);
 - ``served vs served``: both students with kdistill's runtime (the fair both-ways figure).
+The same two ratios with the other allocator setting are in the JSON (``other_allocator_*``).
 
 Wall time is the best of ``--repeats`` forwards (the variants take turns, one forward each per
 round); the thread CPU time of that forward is recorded too.
@@ -44,7 +46,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.bench_common
 
 from benchmarks import bench_common
-from kdistill.serving.runtime import prepare_for_inference, tune_allocator
+from kdistill.serving.runtime import TUNE_ALLOCATOR_DEFAULT, prepare_for_inference, tune_allocator
 from kdistill.trainer import quantization as q
 
 
@@ -149,14 +151,19 @@ def times(row: dict[str, float], cpu: bool) -> dict[str, float]:
 
 
 def ratios(default: dict[str, float], tuned: dict[str, float]) -> dict[str, float]:
-    """The speedups of one run at one batch size (wall time; ``*_cpu`` from thread CPU time)."""
+    """The speedups of one run at one batch size (wall time; ``*_cpu`` from thread CPU time).
+    "served" is the runtime ``kdistill serve`` runs by default (its allocator setting:
+    ``TUNE_ALLOCATOR_DEFAULT``); "other_allocator" the same models with the other setting."""
     out: dict[str, float] = {}
     for cpu, tag in ((False, ""), (True, "_cpu")):
         d, t = times(default, cpu), times(tuned, cpu)
+        srv, alt = (t, d) if TUNE_ALLOCATOR_DEFAULT else (d, t)
         out[f"plain_int8_vs_fp32_student{tag}"] = d["student_fp32"] / d["student_int8"]
-        out[f"served_int8_vs_user_fp32_student{tag}"] = d["student_fp32"] / t["served_int8"]
-        out[f"served_int8_vs_served_fp32_student{tag}"] = t["served_fp32"] / t["served_int8"]
-        out[f"served_int8_vs_teacher{tag}"] = d["teacher_fp32"] / t["served_int8"]
+        out[f"served_int8_vs_user_fp32_student{tag}"] = d["student_fp32"] / srv["served_int8"]
+        out[f"served_int8_vs_served_fp32_student{tag}"] = srv["served_fp32"] / srv["served_int8"]
+        out[f"served_int8_vs_teacher{tag}"] = d["teacher_fp32"] / srv["served_int8"]
+        out[f"other_allocator_served_int8_vs_user_fp32_student{tag}"] = d["student_fp32"] / alt["served_int8"]
+        out[f"other_allocator_served_int8_vs_served_fp32_student{tag}"] = alt["served_fp32"] / alt["served_int8"]
         out[f"plain_int8_vs_teacher{tag}"] = d["teacher_fp32"] / d["student_int8"]
         # One change at a time: the allocator alone (plain models), the fused GELU alone (default).
         out[f"tuned_allocator_plain_int8_vs_fp32_student{tag}"] = t["student_fp32"] / t["student_int8"]
@@ -188,6 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows["layers"] = {"teacher": args.teacher_layers, "student": args.teacher_layers // 4}
         report["families"][family] = rows
     report["allocator_tuned"] = raw[0]["tuned"]["allocator_tuned"]
+    report["served_allocator"] = "tuned" if TUNE_ALLOCATOR_DEFAULT else "default"
     report["load_average_at_end"] = bench_common.machine_state()["load_average"]
     report["targets"] = {"int8_vs_fp32_student": 1.5, "int8_vs_teacher": 5.0}
     report["met"] = {
@@ -204,8 +212,9 @@ def print_table(report: dict[str, Any]) -> None:
           f"threads={report['threads']}; INT8 kernel: {report['selected_kernel']}; seq={report['seq_len']}; "
           f"load average {report['load_average'][0]:.1f} -> {report['load_average_at_end'][0]:.1f} "
           f"on {report['cpus']} CPUs")
+    srv = report["served_allocator"]
     print(f"medians of {report['runs']} runs (ms: wall, best of repeats). default = glibc allocator as is; "
-          f"served = fused GELU + tuned allocator (kdistill serve)")
+          f"served = as kdistill serve runs it: tanh-GELU swap, allocator {srv}")
     head = f"{'model':16} {'batch':>5} {'teacher':>8} {'fp32':>7} {'int8':>7} {'fp32 srv':>8} {'int8 srv':>8} " \
            f"{'plain':>6} {'srv/user':>8} {'srv/srv':>7} {'srv/teach':>9} {'cpu srv/user':>12} {'cpu srv/srv':>11}"
     print(head)
@@ -214,8 +223,8 @@ def print_table(report: dict[str, Any]) -> None:
         for b in ("batch1", "batch16"):
             r = rows[b]
             print(f"{fam:16} {b[5:]:>5} {r['default_teacher_fp32_ms']:8.1f} {r['default_student_fp32_ms']:7.1f} "
-                  f"{r['default_student_int8_ms']:7.1f} {r['tuned_served_fp32_ms']:8.1f} "
-                  f"{r['tuned_served_int8_ms']:8.1f} {r['plain_int8_vs_fp32_student']:5.2f}x "
+                  f"{r['default_student_int8_ms']:7.1f} {r[f'{srv}_served_fp32_ms']:8.1f} "
+                  f"{r[f'{srv}_served_int8_ms']:8.1f} {r['plain_int8_vs_fp32_student']:5.2f}x "
                   f"{r['served_int8_vs_user_fp32_student']:7.2f}x {r['served_int8_vs_served_fp32_student']:6.2f}x "
                   f"{r['served_int8_vs_teacher']:8.2f}x {r['served_int8_vs_user_fp32_student_cpu']:11.2f}x "
                   f"{r['served_int8_vs_served_fp32_student_cpu']:10.2f}x")

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.serving.he
 
 from benchmarks import bench_common
 from kdistill.serving.engine import BATCH_THREADS_ENV
+from kdistill.serving.runtime import allocator_tuning_wanted
 from tests.serving.helpers import ServerProcess, pydoc_texts
 
 
@@ -195,11 +196,12 @@ def model_only(artifact: Path, texts: list[str], threads: int, batch: int, batch
 
     from kdistill.serving.engine import Engine
     from kdistill.serving.metrics import ServerMetrics
-    from kdistill.serving.runtime import tune_allocator
+    from kdistill.serving.runtime import allocator_tuning_wanted, tune_allocator
     from kdistill.trainer.artifact import load_artifact
 
     torch.set_num_threads(threads)
-    tune_allocator()  # as in the server process
+    if allocator_tuning_wanted():  # as in the server process
+        tune_allocator()
     engine = Engine(load_artifact(artifact), ServerMetrics())
     engine.warm_up()
     encoded = [engine.encode(t) for t in texts[:128]]
@@ -234,11 +236,12 @@ def model_only_generation(artifact: Path, bodies: list[dict[str, Any]], threads:
     from kdistill.serving.engine import Engine
     from kdistill.serving.generation import GenRequest
     from kdistill.serving.metrics import ServerMetrics
-    from kdistill.serving.runtime import tune_allocator
+    from kdistill.serving.runtime import allocator_tuning_wanted, tune_allocator
     from kdistill.trainer.artifact import load_artifact
 
     torch.set_num_threads(threads)
-    tune_allocator()  # as in the server process
+    if allocator_tuning_wanted():  # as in the server process
+        tune_allocator()
     engine = Engine(load_artifact(artifact), ServerMetrics())
     engine.warm_up()
     reqs = [(engine.encode(b["prompt"]), b["max_tokens"]) for b in bodies[:batch]]
@@ -354,7 +357,7 @@ def run_completions(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="kdistill-load-"))
     report: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds, "threads": args.threads,
-                              "batch_threads": args.batch_threads, "allocator": "tuned (serving/runtime.py)",
+                              "batch_threads": args.batch_threads, "allocator_tuned": allocator_tuning_wanted(),
                               **bench_common.machine_state()}
     if args.mode in ("both", "classify"):
         report["classification"] = run_classification(args, root)

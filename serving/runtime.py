@@ -35,6 +35,8 @@ from kdistill.trainer.fused_ops import FusedTanhGELU, fuse_activations
 log = logging.getLogger("kdistill.serving")
 
 TUNE_ALLOCATOR_ENV = "KDISTILL_TUNE_ALLOCATOR"
+# What ``kdistill serve`` does without KDISTILL_TUNE_ALLOCATOR (docs/serving.md, "Runtime settings").
+TUNE_ALLOCATOR_DEFAULT = True
 # mallopt(3) parameters (glibc malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -45,13 +47,19 @@ MMAP_THRESHOLD_BYTES = 32 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 
+def allocator_tuning_wanted() -> bool:
+    """Whether ``kdistill serve`` tunes the allocator: ``KDISTILL_TUNE_ALLOCATOR=1`` or ``0``, else
+    ``TUNE_ALLOCATOR_DEFAULT``."""
+    raw = os.environ.get(TUNE_ALLOCATOR_ENV, "")
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{TUNE_ALLOCATOR_ENV}={raw!r}: expected 1 (tune) or 0 (glibc as it is)")
+    return TUNE_ALLOCATOR_DEFAULT if raw == "" else raw == "1"
+
+
 def tune_allocator() -> bool:
     """Keep freed memory for reuse (glibc only); True when both settings took effect.
 
-    Process-wide and idempotent. On a C library without ``mallopt`` (musl, macOS) nothing changes,
-    nor with ``KDISTILL_TUNE_ALLOCATOR=0`` (a pod tight on memory, or an A/B measurement)."""
-    if os.environ.get(TUNE_ALLOCATOR_ENV, "1") == "0":
-        return False
+    Process-wide and idempotent. On a C library without ``mallopt`` (musl, macOS) nothing changes."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)

@@ -51,12 +51,13 @@ def load_into(state: ServerState, model_dir: Path, policy: BatchPolicy, threads:
     from kdistill.trainer.artifact import load_artifact
 
     from .engine import Engine
-    from .runtime import tune_allocator
+    from .runtime import allocator_tuning_wanted, tune_allocator
 
     try:
         if threads:
             torch.set_num_threads(threads)
-        tuned = tune_allocator()  # before the model allocates: steady-state forwards stop page-faulting
+        # Before the model allocates: steady-state forwards stop page-faulting.
+        tuned = tune_allocator() if allocator_tuning_wanted() else False
         artifact = load_artifact(model_dir)
         engine = Engine(artifact, state.metrics)
         engine.warm_up()

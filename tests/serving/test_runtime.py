@@ -17,7 +17,13 @@ from transformers.activations import NewGELUActivation
 
 from kdistill.serving.engine import BATCH_THREADS_ENV, BIG_PASS_TOKENS, Engine, batch_threads_from_env
 from kdistill.serving.metrics import ServerMetrics
-from kdistill.serving.runtime import InferenceTanhGELU, prepare_for_inference
+from kdistill.serving.runtime import (
+    TUNE_ALLOCATOR_DEFAULT,
+    TUNE_ALLOCATOR_ENV,
+    InferenceTanhGELU,
+    allocator_tuning_wanted,
+    prepare_for_inference,
+)
 from kdistill.trainer.artifact import load_artifact
 from kdistill.trainer.quantization import Int8Linear
 from tests.serving.helpers import pydoc_texts
@@ -83,7 +89,6 @@ def test_prepare_for_inference_leaves_bert_and_its_weights_alone(cls_artifact: P
 
 ALLOCATING_LOOP = textwrap.dedent("""
     import ctypes
-    import os
     import torch
     from kdistill.serving.runtime import tune_allocator
 
@@ -105,11 +110,8 @@ ALLOCATING_LOOP = textwrap.dedent("""
         return int(mallinfo2().fordblks)
 
     default = kept_after_a_forward()
-    os.environ["KDISTILL_TUNE_ALLOCATOR"] = "0"
-    opted_out = tune_allocator()
-    del os.environ["KDISTILL_TUNE_ALLOCATOR"]
     tuned_ok = tune_allocator()
-    print(default, kept_after_a_forward(), tuned_ok, tune_allocator(), opted_out)
+    print(default, kept_after_a_forward(), tuned_ok, tune_allocator())
 """)
 
 
@@ -119,9 +121,8 @@ def test_tuned_allocator_keeps_freed_activations_for_reuse() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-P", "-c", ALLOCATING_LOOP], cwd=REPO, capture_output=True, text=True,
                          timeout=300, check=True, env=env).stdout.split()
-    default, tuned, ok, again, opted_out = int(out[0]), int(out[1]), out[2], out[3], out[4]
+    default, tuned, ok, again = int(out[0]), int(out[1]), out[2], out[3]
     assert ok == "True" and again == "True"  # glibc (Linux): both settings accepted, idempotent
-    assert opted_out == "False"  # KDISTILL_TUNE_ALLOCATOR=0 leaves glibc as it is
     # glibc's defaults give the freed 96 MiB back to the kernel (munmap, or a heap trim), so the next
     # forward faults them in again page by page; tuned, it keeps them.
     assert default < 64 << 20
@@ -167,3 +168,14 @@ def test_engine_encodes_like_the_tokenizer(cls_artifact: Path, lm_artifact: Path
     assert engine._backend is None  # the backend's own settings would change the ids: the wrapper decides
     text = pydoc_texts(1)[0]
     assert engine.encode(text) == list(truncating.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def test_allocator_tuning_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TUNE_ALLOCATOR_ENV, raising=False)
+    assert allocator_tuning_wanted() is TUNE_ALLOCATOR_DEFAULT
+    for raw, wanted in (("1", True), ("0", False)):
+        monkeypatch.setenv(TUNE_ALLOCATOR_ENV, raw)
+        assert allocator_tuning_wanted() is wanted
+    monkeypatch.setenv(TUNE_ALLOCATOR_ENV, "yes")
+    with pytest.raises(ValueError, match=TUNE_ALLOCATOR_ENV):
+        allocator_tuning_wanted()
