@@ -13,8 +13,9 @@ Two measured costs outside the GEMMs (docs/serving.md, "Latency"):
 - **Page faults.** glibc returns freed memory above its trim threshold to the kernel, and serves big
   blocks with fresh ``mmap``s, so every forward re-faults its multi-MB activations: 19-55k minor
   faults and 60-170 ms of kernel time per batch-16 forward of a 3-layer, 512-wide student.
-  ``tune_allocator`` keeps freed memory in the process for reuse, so a steady server stops faulting.
-  The price is that RSS stays at its peak (the largest batch seen), which a server reaches anyway.
+  ``tune_allocator`` keeps freed memory in the process for reuse, so a steady loop of forwards stops
+  faulting; RSS stays at its peak. Opt-in for ``kdistill serve`` (``KDISTILL_TUNE_ALLOCATOR=1``):
+  measured in the server it cost more than it saved (``TUNE_ALLOCATOR_DEFAULT``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ log = logging.getLogger("kdistill.serving")
 
 TUNE_ALLOCATOR_ENV = "KDISTILL_TUNE_ALLOCATOR"
 # What ``kdistill serve`` does without KDISTILL_TUNE_ALLOCATOR (docs/serving.md, "Runtime settings").
-TUNE_ALLOCATOR_DEFAULT = True
+# Off: in the server (model on a worker thread, HTTP on the event loop) the tuned settings cost
+# 15-20% more CPU per classification request in interleaved A/B runs, although a single-threaded
+# forward gains from them.
+TUNE_ALLOCATOR_DEFAULT = False
 # mallopt(3) parameters (glibc malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
