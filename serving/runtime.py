@@ -38,8 +38,8 @@ log = logging.getLogger("kdistill.serving")
 TUNE_ALLOCATOR_ENV = "KDISTILL_TUNE_ALLOCATOR"
 # What ``kdistill serve`` does without KDISTILL_TUNE_ALLOCATOR (docs/serving.md, "Runtime settings").
 # Off: in the server (model on a worker thread, HTTP on the event loop) the tuned settings cost
-# 15-20% more CPU per classification request in interleaved A/B runs, although a single-threaded
-# forward gains from them.
+# 15-20% more CPU per classification request in interleaved A/B runs; single-threaded forwards
+# gained 0-7% from them.
 TUNE_ALLOCATOR_DEFAULT = False
 # mallopt(3) parameters (glibc malloc.h).
 M_TRIM_THRESHOLD = -1
