@@ -13,8 +13,10 @@ Both are retryable: the gang restarts from its last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -139,7 +141,7 @@ def init_distributed(
         store = dist.PrefixStore(f"kdistill/attempt-{env.restart_count}/", base_store)
         # Every rank checks in and waits for all the others, still under the rendezvous bound.
         store.add("kdistill/joined", 1)
-        _wait_all_joined(store, env.world_size, rdzv)
+        _wait_for_all(store, "kdistill/joined", env.world_size, rdzv)
     except (RuntimeError, TimeoutError, OSError) as exc:
         raise TrainerError(
             ExitCode.RENDEZVOUS_TIMEOUT,
@@ -162,17 +164,16 @@ def init_distributed(
     return device
 
 
-def _wait_all_joined(store: dist.Store, world: int, timeout_s: float) -> None:
-    import time
-
+def _wait_for_all(store: dist.Store, key: str, world: int, timeout_s: float) -> None:
+    """Wait until every rank has added 1 to the counter ``key``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        joined = store.add("kdistill/joined", 0)
-        if joined >= world:
+        count = store.add(key, 0)
+        if count >= world:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {joined} of {world} ranks joined")
-        time.sleep(0.05)
+            raise TimeoutError(f"only {count} of {world} ranks reached {key}")
+        time.sleep(0.02)
 
 
 _STORE: dist.Store | None = None
@@ -191,8 +192,6 @@ def shutdown() -> None:
     global _STORE
     if not (dist.is_available() and dist.is_initialized()):
         return
-    import gc
-
     # Work objects still referenced (a DDP reducer's, a comm hook's futures) would otherwise be
     # freed by gloo's threads during interpreter finalization, which aborts the process.
     gc.collect()
@@ -201,16 +200,11 @@ def shutdown() -> None:
     store, _STORE = _STORE, None
     if store is None:
         return
-    import time
-
     try:
         store.add("kdistill/left", 1)
-        if _RANK != 0:
-            return
-        deadline = time.monotonic() + LEAVE_TIMEOUT_S
-        while store.add("kdistill/left", 0) < _WORLD and time.monotonic() < deadline:
-            time.sleep(0.02)
-    except (RuntimeError, OSError) as exc:  # a peer gone at exit is not this rank's failure
+        if _RANK == 0:
+            _wait_for_all(store, "kdistill/left", _WORLD, LEAVE_TIMEOUT_S)
+    except (RuntimeError, OSError, TimeoutError) as exc:  # a peer gone at exit is not this rank's failure
         log.warning("leaving the process group: %s", exc)
 
 
