@@ -134,9 +134,13 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     required: list[str] = []
     for name, field in model.model_fields.items():
         key = field.alias or name
-        schema = type_schema(field.annotation if not field.metadata else typing.Annotated[
-            field.annotation, *field.metadata  # type: ignore[valid-type]
-        ])
+        schema = type_schema(
+            field.annotation
+            if not field.metadata
+            else typing.Annotated[
+                field.annotation, *field.metadata  # type: ignore[valid-type]
+            ]
+        )
         if field.description:
             schema = {"description": field.description, **schema}
         default = _default(field)

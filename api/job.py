@@ -107,7 +107,5 @@ def load_job(path: str | Path) -> DistillationJob:
     except yaml.YAMLError as exc:
         raise JobValidationError(str(path), [FieldError("(file)", f"not valid YAML: {exc}")]) from None
     if len(docs) != 1:
-        raise JobValidationError(
-            str(path), [FieldError("(file)", f"expected one YAML document, found {len(docs)}")]
-        )
+        raise JobValidationError(str(path), [FieldError("(file)", f"expected one YAML document, found {len(docs)}")])
     return parse_job(docs[0], str(path))

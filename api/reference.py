@@ -75,4 +75,3 @@ def render_reference() -> str:
     for key, prop in status["properties"].items():
         out.append(f"| `status.{key}` | {_type_name(prop)} | {prop.get('description', '')} |")
     return "\n".join(out) + "\n"
-

@@ -50,9 +50,7 @@ class Teacher(ApiModel):
     trust_remote_code: bool = Field(
         False, description="Allow model code shipped with the checkpoint to run. Off unless asked for."
     )
-    token_secret: str = Field(
-        "", max_length=253, description="Name of a Secret holding HF_TOKEN, for hf:// sources."
-    )
+    token_secret: str = Field("", max_length=253, description="Name of a Secret holding HF_TOKEN, for hf:// sources.")
 
 
 class FromTeacher(ApiModel):
@@ -71,8 +69,7 @@ class FromTeacher(ApiModel):
 
     cel_rules: ClassVar = (
         CelRule(
-            "!has(self.hiddenSize) || !has(self.numAttentionHeads) || "
-            "self.hiddenSize % self.numAttentionHeads == 0",
+            "!has(self.hiddenSize) || !has(self.numAttentionHeads) || self.hiddenSize % self.numAttentionHeads == 0",
             "hiddenSize must be divisible by numAttentionHeads",
         ),
     )
@@ -112,8 +109,7 @@ class Student(ApiModel):
 class Sampling(ApiModel):
     strategy: Literal["uniform", "stratified"] = Field(
         "uniform",
-        description="stratified draws each batch from head/torso/tail frequency tiers in the "
-        "given shares.",
+        description="stratified draws each batch from head/torso/tail frequency tiers in the given shares.",
     )
     head: float = Field(0.7, ge=0.0, le=1.0, description="Share of each batch from the head tier.")
     torso: float = Field(0.2, ge=0.0, le=1.0, description="Share of each batch from the torso tier.")
@@ -139,17 +135,14 @@ class Sampling(ApiModel):
 class UncertaintyWeighting(ApiModel):
     enabled: bool = Field(
         False,
-        description="Weight samples by teacher confidence: w = 1 - (H/Hmax)^beta, normalised "
-        "over the batch.",
+        description="Weight samples by teacher confidence: w = 1 - (H/Hmax)^beta, normalised over the batch.",
     )
     beta: float = Field(0.5, gt=0.0, le=100.0, description="Exponent of the normalised entropy.")
 
 
 class Data(ApiModel):
     train: SourceUri = Field(description='Training data: JSON lines {"text": ..., "label": ...}.')
-    eval: SourceUri | None = Field(
-        None, description="Evaluation data, same format. Required when serving is enabled."
-    )
+    eval: SourceUri | None = Field(None, description="Evaluation data, same format. Required when serving is enabled.")
     text_field: str = Field("text", min_length=1, max_length=128, description="JSON key of the text.")
     label_field: str = Field(
         "label",
@@ -192,9 +185,7 @@ class Stage(ApiModel):
         description="hidden: hidden-state MSE through projections; attention: low-rank attention "
         "transfer; logits: KD loss plus hard-label CE.",
     )
-    attention_rank: int = Field(
-        16, ge=1, le=4096, description="Rank of the attention-transfer factors."
-    )
+    attention_rank: int = Field(16, ge=1, le=4096, description="Rank of the attention-transfer factors.")
 
     cel_rules: ClassVar = (
         CelRule(
@@ -218,8 +209,7 @@ class LayerPair(ApiModel):
 class TeacherCache(ApiModel):
     enabled: bool = Field(
         False,
-        description="Compute teacher top-k logits once, store them on the checkpoint volume and "
-        "reuse them.",
+        description="Compute teacher top-k logits once, store them on the checkpoint volume and reuse them.",
     )
     top_k: int = Field(64, ge=1, le=1_000_000, description="Logits kept per token.")
 
@@ -283,8 +273,8 @@ class Distillation(ApiModel):
 
 class Quantization(ApiModel):
     mode: Literal["none", "ptq-int8", "qat-int8"] = Field(
-        "qat-int8", description="none keeps full precision; ptq-int8 quantizes after training; "
-        "qat-int8 adds a QAT phase."
+        "qat-int8",
+        description="none keeps full precision; ptq-int8 quantizes after training; qat-int8 adds a QAT phase.",
     )
     qat_steps: int = Field(200, ge=0, le=10_000_000, description="Steps of the QAT phase (qat-int8).")
     reduced_precision_fraction: float = Field(
@@ -325,7 +315,9 @@ class GradientCompression(ApiModel):
     )
     warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Uncompressed steps first.")
     ramp_steps: int | None = Field(
-        None, ge=0, le=10_000_000,
+        None,
+        ge=0,
+        le=10_000_000,
         description="Steps after the warm-up over which the kept fraction decays exponentially from "
         "all entries to topK; default: as many as warmupSteps.",
     )
@@ -352,8 +344,7 @@ class Parallelism(ApiModel):
     cel_rules: ClassVar = (
         CelRule(
             f"self.student.data * self.student.tensor * self.student.pipeline == {_CEL_WORLD}",
-            "student.data * student.tensor * student.pipeline must equal the world size "
-            "nodes * max(gpusPerNode, 1)",
+            "student.data * student.tensor * student.pipeline must equal the world size nodes * max(gpusPerNode, 1)",
         ),
         CelRule(
             f"{_CEL_WORLD} % self.teacherPipelineStages == 0",
@@ -407,9 +398,7 @@ class CheckpointVolume(ApiModel):
     @model_validator(mode="after")
     def _one_source(self) -> CheckpointVolume:
         if (self.claim_name is None) == (self.size is None):
-            raise ValueError(
-                "set exactly one of claimName (an existing PVC) or size (the operator creates one)"
-            )
+            raise ValueError("set exactly one of claimName (an existing PVC) or size (the operator creates one)")
         if self.claim_name is not None and self.storage_class_name is not None:
             raise ValueError("storageClassName goes with size, not with claimName")
         return self
@@ -426,9 +415,7 @@ class Checkpoint(ApiModel):
 
 class FailurePolicy(ApiModel):
     max_restarts: int = Field(3, ge=0, le=1000, description="Gang restarts before the job fails.")
-    backoff_seconds: int = Field(
-        30, ge=0, le=86400, description="Wait before a restart; doubles with each restart."
-    )
+    backoff_seconds: int = Field(30, ge=0, le=86400, description="Wait before a restart; doubles with each restart.")
     pending_timeout_seconds: int = Field(
         600,
         ge=1,
@@ -438,9 +425,7 @@ class FailurePolicy(ApiModel):
 
 
 class PodTemplate(ApiModel):
-    image: str | None = Field(
-        None, max_length=1024, description="Worker image; default: the operator's trainer image."
-    )
+    image: str | None = Field(None, max_length=1024, description="Worker image; default: the operator's trainer image.")
     resources: KubeObject = Field(
         default_factory=dict,
         description="Container resources; nvidia.com/gpu: gpusPerNode is added when gpusPerNode > 0.",
@@ -456,9 +441,7 @@ class PodTemplate(ApiModel):
     tolerations: list[KubeObject] = Field(default_factory=list, description="Pod tolerations.")
     affinity: KubeObject = Field(default_factory=dict, description="Pod affinity.")
     priority_class_name: str = Field("", max_length=253, description="Pod priorityClassName.")
-    scheduler_name: str = Field(
-        "", max_length=253, description="e.g. volcano or a coscheduling scheduler, for gangs."
-    )
+    scheduler_name: str = Field("", max_length=253, description="e.g. volcano or a coscheduling scheduler, for gangs.")
     shm_size: Quantity = Field("1Gi", description="Size of /dev/shm for dataloaders and NCCL.")
 
 
@@ -485,8 +468,7 @@ class QualityGate(ApiModel):
         0.9,
         gt=0.0,
         le=1.0,
-        description="Student metric / teacher metric on eval (of the served artifact); below it, "
-        "no rollout.",
+        description="Student metric / teacher metric on eval (of the served artifact); below it, no rollout.",
     )
 
 
@@ -501,9 +483,7 @@ class Batching(ApiModel):
 
 class Serving(ApiModel):
     enabled: bool = Field(True, description="Roll the INT8 student out as a Deployment.")
-    name: DnsName = Field(
-        "", description="Default <job>-serving; jobs that share a name roll into one Deployment."
-    )
+    name: DnsName = Field("", description="Default <job>-serving; jobs that share a name roll into one Deployment.")
     replicas: int = Field(1, ge=0, le=10000, description="Server replicas.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Optional HPA.")
     image: str | None = Field(None, max_length=1024, description="Default: the operator's server image.")
@@ -545,7 +525,14 @@ class DistillationJobSpec(ApiModel):
 
     # Fields whose change would invalidate the run; enforced by CEL transition rules.
     IMMUTABLE: ClassVar[tuple[str, ...]] = (
-        "task", "teacher", "student", "data", "distillation", "quantization", "parallelism", "checkpoint",
+        "task",
+        "teacher",
+        "student",
+        "data",
+        "distillation",
+        "quantization",
+        "parallelism",
+        "checkpoint",
     )
 
     cel_rules: ClassVar = (
@@ -565,18 +552,19 @@ class DistillationJobSpec(ApiModel):
         ),
         CelRule(
             "self.task == 'causal-lm' || self.parallelism.teacherPipelineStages == 1",
-            "parallelism.teacherPipelineStages > 1 splits causal-LM decoders only; use 1 for "
-            "sequence-classification",
+            "parallelism.teacherPipelineStages > 1 splits causal-LM decoders only; use 1 for sequence-classification",
         ),
-        *(CelRule(f"!{_CEL_SPLIT_STUDENT} || {ok}", f"{_SPLIT_STUDENT} {why}") for ok, why in (
-            ("self.task == 'causal-lm'", "trains causal-LM students only"),
-            ("self.distillation.stages.all(s, s.objectives.all(o, o == 'logits'))",
-             _SPLIT_WHY["objectives"]),
-            ("!self.distillation.teacherCache.enabled", _SPLIT_WHY["teacherCache"]),
-            ("!self.data.uncertaintyWeighting.enabled", _SPLIT_WHY["uncertaintyWeighting"]),
-            ("self.quantization.mode != 'qat-int8'", _SPLIT_WHY["qat"]),
-            ("self.parallelism.gradientCompression.topK == 0.0", _SPLIT_WHY["topK"]),
-        )),
+        *(
+            CelRule(f"!{_CEL_SPLIT_STUDENT} || {ok}", f"{_SPLIT_STUDENT} {why}")
+            for ok, why in (
+                ("self.task == 'causal-lm'", "trains causal-LM students only"),
+                ("self.distillation.stages.all(s, s.objectives.all(o, o == 'logits'))", _SPLIT_WHY["objectives"]),
+                ("!self.distillation.teacherCache.enabled", _SPLIT_WHY["teacherCache"]),
+                ("!self.data.uncertaintyWeighting.enabled", _SPLIT_WHY["uncertaintyWeighting"]),
+                ("self.quantization.mode != 'qat-int8'", _SPLIT_WHY["qat"]),
+                ("self.parallelism.gradientCompression.topK == 0.0", _SPLIT_WHY["topK"]),
+            )
+        ),
     )
 
     @model_validator(mode="after")
@@ -622,8 +610,9 @@ class DistillationJobSpec(ApiModel):
         if self.parallelism.gradient_compression.top_k > 0:
             problems.append(_SPLIT_WHY["topK"])
         if problems:
-            raise ValueError(f"{_SPLIT_STUDENT} (here tensor={st.tensor}, pipeline={st.pipeline}) "
-                             + "; ".join(problems))
+            raise ValueError(
+                f"{_SPLIT_STUDENT} (here tensor={st.tensor}, pipeline={st.pipeline}) " + "; ".join(problems)
+            )
 
     @property
     def total_steps(self) -> int:

@@ -13,7 +13,13 @@ PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 
 # Fields rank 0 patches through the status subresource; the operator owns every other field.
 TRAINER_STATUS_FIELDS: tuple[str, ...] = (
-    "stage", "step", "totalSteps", "progress", "loss", "tokensPerSecond", "lastCheckpoint",
+    "stage",
+    "step",
+    "totalSteps",
+    "progress",
+    "loss",
+    "tokensPerSecond",
+    "lastCheckpoint",
 )
 
 

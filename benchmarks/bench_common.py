@@ -31,8 +31,11 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict[str, Any]],
-         print_table: Callable[[dict[str, Any]], None]) -> None:
+def main(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    print_table: Callable[[dict[str, Any]], None],
+) -> None:
     """Parse ``parser`` (which must define ``--out``), run, write the JSON, print the table."""
     args = parser.parse_args()
     report = run(args)

@@ -104,18 +104,26 @@ def main() -> int:
     parser.add_argument("--nodes-per-job", type=int, default=2)
     parser.add_argument("--notready-seconds", type=float, default=2.0)
     parser.add_argument("--workers", type=int, default=32, help="the operator's --workers")
-    parser.add_argument("--resync-seconds", type=float, default=30.0,
-                        help="the operator's --resync-seconds (its default; the tests use 5)")
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=30.0,
+        help="the operator's --resync-seconds (its default; the tests use 5)",
+    )
     parser.add_argument("--poll-seconds", type=float, default=0.5)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "operator_scale.json")
     args = parser.parse_args()
 
     gpus_needed = args.jobs * args.nodes_per_job
     cluster = start_cluster(gpu_nodes=8, gpus_per_node=max(4, -(-gpus_needed // 6)), cpu_nodes=1)
-    result: dict[str, Any] = {"jobs": args.jobs, "podsPerJob": args.nodes_per_job, "operatorWorkers": args.workers,
-                              "operatorResyncSeconds": args.resync_seconds,
-                              "clusterStartSeconds": round(cluster.startup_seconds, 1),
-                              "loadAverageAtStart": round(psutil.getloadavg()[0], 1)}
+    result: dict[str, Any] = {
+        "jobs": args.jobs,
+        "podsPerJob": args.nodes_per_job,
+        "operatorWorkers": args.workers,
+        "operatorResyncSeconds": args.resync_seconds,
+        "clusterStartSeconds": round(cluster.startup_seconds, 1),
+        "loadAverageAtStart": round(psutil.getloadavg()[0], 1),
+    }
     op: OperatorProcess | None = None
     try:
         work = cluster.workdir / "bench"
@@ -125,9 +133,14 @@ def main() -> int:
         lease_ns = cluster.create_namespace("kdistill-system")
         make_claims(cluster, ns, ["ckpt", "models", "data"])
         metrics_port = free_port()
-        op = OperatorProcess(cluster, work / "operator.log", namespace=ns, lease_namespace=lease_ns,
-                             notready_seconds=args.notready_seconds,
-                             extra=["--workers", str(args.workers), "--resync-seconds", str(args.resync_seconds)])
+        op = OperatorProcess(
+            cluster,
+            work / "operator.log",
+            namespace=ns,
+            lease_namespace=lease_ns,
+            notready_seconds=args.notready_seconds,
+            extra=["--workers", str(args.workers), "--resync-seconds", str(args.resync_seconds)],
+        )
         op.argv[op.argv.index("--metrics-port") + 1] = str(metrics_port)
         op.start()
         proc = psutil.Process(op.proc.pid)  # type: ignore[union-attr]
@@ -152,8 +165,9 @@ def main() -> int:
         created: dict[str, float] = {}
 
         def create(name: str) -> None:
-            jobs.create(job_body(name, nodes=args.nodes_per_job, gpus=1,
-                                 failurePolicy={"maxRestarts": 5, "backoffSeconds": 1}))
+            jobs.create(
+                job_body(name, nodes=args.nodes_per_job, gpus=1, failurePolicy={"maxRestarts": 5, "backoffSeconds": 1})
+            )
             created[name] = time.monotonic()
 
         t0 = time.monotonic()
@@ -196,8 +210,9 @@ def main() -> int:
         result["apiCallsUntilRunning"] = calls
         pods = worker_pods(jobs, ns)
         victim = pods[0]["spec"]["nodeName"]
-        affected = sorted({p["metadata"]["labels"]["kdistill.io/job"] for p in pods
-                           if p["spec"].get("nodeName") == victim})
+        affected = sorted(
+            {p["metadata"]["labels"]["kdistill.io/job"] for p in pods if p["spec"].get("nodeName") == victim}
+        )
         t_lost = time.monotonic()
         cluster.stop_node_heartbeats(victim)
         replaced: dict[str, float] = {}
@@ -208,8 +223,9 @@ def main() -> int:
                 meta = pod["metadata"]
                 # any later generation: under load the harness's kwok may delete a fresh pod that
                 # reuses an old pod's name (a stale delete by name), which restarts the gang again
-                if int(meta["labels"].get("kdistill.io/restart-generation", "0")) >= 1 and \
-                        not meta.get("deletionTimestamp"):
+                if int(meta["labels"].get("kdistill.io/restart-generation", "0")) >= 1 and not meta.get(
+                    "deletionTimestamp"
+                ):
                     job = meta["labels"]["kdistill.io/job"]
                     counts[job] = counts.get(job, 0) + 1
             now = time.monotonic()
@@ -218,7 +234,8 @@ def main() -> int:
                     replaced[name] = now - t_lost
             time.sleep(args.poll_seconds)
         result["notReady"] = {
-            "affectedJobs": len(affected), "replacedJobs": len(replaced),
+            "affectedJobs": len(affected),
+            "replacedJobs": len(replaced),
             "nodeMonitorPeriod": Timings().node_monitor_period,
             "nodeMonitorGracePeriod": Timings().node_monitor_grace_period,
             "operatorNotReadySeconds": args.notready_seconds,
@@ -232,8 +249,9 @@ def main() -> int:
         result["reconcilePasses"] = int(count)
         result["reconcileSecondsP50"] = round(histogram_quantile(text, name, 0.5) or 0.0, 4)
         result["reconcileSecondsP99"] = round(histogram_quantile(text, name, 0.99) or 0.0, 4)
-        result["apiErrors"] = sum(float(line.split()[-1]) for line in text.splitlines()
-                                  if line.startswith("kdistill_api_errors_total{"))
+        result["apiErrors"] = sum(
+            float(line.split()[-1]) for line in text.splitlines() if line.startswith("kdistill_api_errors_total{")
+        )
         sampling.set()
         result["operatorIdleRssMB"] = round(idle_rss / 2**20, 1)
         result["operatorPeakRssMB"] = round(peak["rss"] / 2**20, 1)
@@ -251,13 +269,20 @@ def main() -> int:
         ("jobs applied at once", f"{result['jobs']} x {result['podsPerJob']} pods"),
         ("pods exist per job p50 / max", f"{result['podsExistSecondsP50']} s / {result['podsExistSecondsMax']} s"),
         ("all worker pods exist after", f"{result['allPodsWithinSeconds']} s (target 30 s)"),
-        ("operator peak RSS", f"{result['operatorPeakRssMB']} MB (idle {result['operatorIdleRssMB']} MB; "
-                              "target 250 MB)"),
-        ("reconcile p50 / p99", f"{result['reconcileSecondsP50'] * 1000:.1f} ms / "
-                                f"{result['reconcileSecondsP99'] * 1000:.1f} ms ({result['reconcilePasses']} passes)"),
-        ("NotReady -> replacement p50 / max",
-         f"{result['notReady']['replacementSecondsP50']} s / {result['notReady']['replacementSecondsMax']} s "
-         f"({result['notReady']['replacedJobs']}/{result['notReady']['affectedJobs']} jobs; target 60 s)"),
+        (
+            "operator peak RSS",
+            f"{result['operatorPeakRssMB']} MB (idle {result['operatorIdleRssMB']} MB; target 250 MB)",
+        ),
+        (
+            "reconcile p50 / p99",
+            f"{result['reconcileSecondsP50'] * 1000:.1f} ms / "
+            f"{result['reconcileSecondsP99'] * 1000:.1f} ms ({result['reconcilePasses']} passes)",
+        ),
+        (
+            "NotReady -> replacement p50 / max",
+            f"{result['notReady']['replacementSecondsP50']} s / {result['notReady']['replacementSecondsMax']} s "
+            f"({result['notReady']['replacedJobs']}/{result['notReady']['affectedJobs']} jobs; target 60 s)",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     for key, value in rows:

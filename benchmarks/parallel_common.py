@@ -22,25 +22,59 @@ ROOT = Path(__file__).resolve().parents[1]
 def ensure_teacher(pvc: Path, pretrain_steps: int = 150) -> Path:
     teacher = pvc / "models" / "quickstart-teacher"
     if not (teacher / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "kdistill.trainer.teacher_pretrain", "--pvc", str(pvc),
-                        "--steps", str(pretrain_steps)], check=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kdistill.trainer.teacher_pretrain",
+                "--pvc",
+                str(pvc),
+                "--steps",
+                str(pretrain_steps),
+            ],
+            check=True,
+            env=dict(os.environ, OMP_NUM_THREADS="2"),
+        )
     return teacher
 
 
-def write_job(path: Path, pvc: Path, *, world: int, steps: int, batch_size: int, top_k: float = 0.0,
-              warmup: int = 0, max_len: int = 128, every: int = 1000, name: str = "bench", seed: int = 0) -> Path:
+def write_job(
+    path: Path,
+    pvc: Path,
+    *,
+    world: int,
+    steps: int,
+    batch_size: int,
+    top_k: float = 0.0,
+    warmup: int = 0,
+    max_len: int = 128,
+    every: int = 1000,
+    name: str = "bench",
+    seed: int = 0,
+) -> Path:
     job: dict[str, Any] = {
-        "apiVersion": "kdistill.io/v1alpha1", "kind": "DistillationJob", "metadata": {"name": name},
+        "apiVersion": "kdistill.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": name},
         "spec": {
             "task": "causal-lm",
             "teacher": {"model": str(pvc / "models" / "quickstart-teacher"), "dtype": "float32"},
             "student": {"fromTeacher": {"numLayers": 2}},
             "data": {"train": str(pvc / "data" / "pydoc-train.jsonl"), "maxSeqLength": max_len},
-            "distillation": {"stages": [{"name": "output", "steps": steps, "objectives": ["logits"]}],
-                             "batchSize": batch_size, "learningRate": 1e-3, "warmupSteps": 5, "seed": seed},
+            "distillation": {
+                "stages": [{"name": "output", "steps": steps, "objectives": ["logits"]}],
+                "batchSize": batch_size,
+                "learningRate": 1e-3,
+                "warmupSteps": 5,
+                "seed": seed,
+            },
             "quantization": {"mode": "none"},
-            "parallelism": {"nodes": world, "gpusPerNode": 0, "student": {"data": world, "tensor": 1, "pipeline": 1},
-                            "gradientCompression": {"topK": top_k, "warmupSteps": warmup}},
+            "parallelism": {
+                "nodes": world,
+                "gpusPerNode": 0,
+                "student": {"data": world, "tensor": 1, "pipeline": 1},
+                "gradientCompression": {"topK": top_k, "warmupSteps": warmup},
+            },
             "checkpoint": {"everySteps": every, "keep": 1},
             "serving": {"enabled": False},
         },
@@ -64,7 +98,7 @@ def run_job(job: Path, out: Path, world: int, threads_per_rank: int) -> tuple[li
     steps, comp = [], []
     for line in (proc.stdout + proc.stderr).splitlines():
         if '{"event": "step"' in line:
-            steps.append(json.loads(line[line.index("{"):]))
+            steps.append(json.loads(line[line.index("{") :]))
         elif "gradient compression {" in line:
-            comp.append(json.loads(line[line.index("{"):]))
+            comp.append(json.loads(line[line.index("{") :]))
     return steps, comp

@@ -38,9 +38,11 @@ def warm_medians(steps: list[dict[str, Any]], tokens_scale: int) -> dict[str, An
     """Medians over the steps after the first three (warm-up); ``tokens_scale`` turns one rank's
     tokens/s into the job's when every data rank reports only its own share."""
     warm = steps[3:] or steps
-    return {"steps_measured": len(warm),
-            "tokens_per_second_median": round(statistics.median(s["tokensPerSecond"] * tokens_scale for s in warm), 1),
-            "step_seconds_median": round(statistics.median(s["stepSeconds"] for s in warm), 4)}
+    return {
+        "steps_measured": len(warm),
+        "tokens_per_second_median": round(statistics.median(s["tokensPerSecond"] * tokens_scale for s in warm), 1),
+        "step_seconds_median": round(statistics.median(s["stepSeconds"] for s in warm), 4),
+    }
 
 
 def main() -> None:
@@ -68,14 +70,25 @@ def main() -> None:
         r["speedup_vs_1"] = round(r["tokens_per_second_median"] / base, 3)
     print(f"{'procs':>5} {'threads':>7} {'tokens/s':>10} {'step s':>8} {'speed-up':>8}")
     for r in rows:
-        print(f"{r['processes']:>5} {r['threads_per_rank']:>7} {r['tokens_per_second_median']:>10} "
-              f"{r['step_seconds_median']:>8} {r['speedup_vs_1']:>8}")
+        print(
+            f"{r['processes']:>5} {r['threads_per_rank']:>7} {r['tokens_per_second_median']:>10} "
+            f"{r['step_seconds_median']:>8} {r['speedup_vs_1']:>8}"
+        )
     out = ROOT / "benchmarks" / "results" / "parallel_scaling.json"
-    out.write_text(json.dumps({"cpu_cores": cores, "backend": "gloo", "gpu": "none available in this session",
-                               "rows": rows,
-                               "load_average_before_after": [load_before, os.getloadavg()],
-                               "note": "2 shared CPU cores: 4 ranks oversubscribe them; numbers show DP overhead, "
-                                       "not scaling on one-core-per-rank hardware"}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "cpu_cores": cores,
+                "backend": "gloo",
+                "gpu": "none available in this session",
+                "rows": rows,
+                "load_average_before_after": [load_before, os.getloadavg()],
+                "note": "2 shared CPU cores: 4 ranks oversubscribe them; numbers show DP overhead, "
+                "not scaling on one-core-per-rank hardware",
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 
@@ -95,10 +108,20 @@ def llama_teacher(pvc: Path) -> Path:
         build_corpus(pvc)
     texts = [json.loads(line)["text"] for line in train.read_text().splitlines() if line.strip()]
     tok = build_tokenizer(texts, cfg.vocab_size, out)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg.width, intermediate_size=4 * cfg.width, num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads, max_position_embeddings=cfg.max_length,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=cfg.width,
+            intermediate_size=4 * cfg.width,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            num_key_value_heads=cfg.heads,
+            max_position_embeddings=cfg.max_length,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     model.save_pretrained(str(out))
     return out
 
@@ -120,20 +143,41 @@ def model_parallel(pvc: Path, steps: int) -> None:
             job.write_text(yaml.safe_dump(spec, sort_keys=False))
             threads = max(1, cores // world)
             found, _ = run_job(job, Path(tmp) / "out", world, threads)
-        rows.append({"layout": label, "processes": world, "threads_per_rank": threads, **warm_medians(found, 1),
-                     "first_loss": found[0]["loss"], "last_loss": found[-1]["loss"]})
+        rows.append(
+            {
+                "layout": label,
+                "processes": world,
+                "threads_per_rank": threads,
+                **warm_medians(found, 1),
+                "first_loss": found[0]["loss"],
+                "last_loss": found[-1]["loss"],
+            }
+        )
     print(f"{'layout':>11} {'procs':>5} {'tokens/s':>10} {'step s':>8} {'first loss':>10} {'last loss':>10}")
     for r in rows:
-        print(f"{r['layout']:>11} {r['processes']:>5} {r['tokens_per_second_median']:>10} "
-              f"{r['step_seconds_median']:>8} {r['first_loss']:>10} {r['last_loss']:>10}")
+        print(
+            f"{r['layout']:>11} {r['processes']:>5} {r['tokens_per_second_median']:>10} "
+            f"{r['step_seconds_median']:>8} {r['first_loss']:>10} {r['last_loss']:>10}"
+        )
     out = ROOT / "benchmarks" / "results" / "parallel_scaling_model.json"
-    out.write_text(json.dumps({"cpu_cores": cores, "backend": "gloo", "gpu": "none available in this session",
-                               "teacher": "Llama, 4 layers, width 128, 4 heads, vocab 2048 (random weights)",
-                               "student": "fromTeacher numLayers 2", "global_batch": 16, "rows": rows,
-                               "load_average_before_after": [load_before, os.getloadavg()],
-                               "note": "2 shared CPU cores; a split student of this size pays one all-reduce "
-                                       "per block half (tensor) or one send per micro-batch (pipeline) for "
-                                       "little compute, so this measures overhead, not speed-up"}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "cpu_cores": cores,
+                "backend": "gloo",
+                "gpu": "none available in this session",
+                "teacher": "Llama, 4 layers, width 128, 4 heads, vocab 2048 (random weights)",
+                "student": "fromTeacher numLayers 2",
+                "global_batch": 16,
+                "rows": rows,
+                "load_average_before_after": [load_before, os.getloadavg()],
+                "note": "2 shared CPU cores; a split student of this size pays one all-reduce "
+                "per block half (tensor) or one send per micro-batch (pipeline) for "
+                "little compute, so this measures overhead, not speed-up",
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -27,6 +27,7 @@ round); the thread CPU time of that forward is recorded too.
 Targets: INT8 student >= 1.5x faster than the FP32 student, >= 5x faster than the FP32 teacher.
 Writes benchmarks/results/quant_latency.json and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,15 @@ def build(family: str, layers: int, width: int, vocab: int, seq: int) -> nn.Modu
 
     torch.manual_seed(0)
     if family == "bert-classifier":
-        cfg = BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
-                         intermediate_size=4 * width, max_position_embeddings=max(512, seq), num_labels=8)
+        cfg = BertConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            num_hidden_layers=layers,
+            num_attention_heads=width // 64,
+            intermediate_size=4 * width,
+            max_position_embeddings=max(512, seq),
+            num_labels=8,
+        )
         return BertForSequenceClassification(cfg).eval()
     cfg = GPT2Config(vocab_size=vocab, n_positions=max(512, seq), n_embd=width, n_layer=layers, n_head=width // 64)
     return GPT2LMHeadModel(cfg).eval()
@@ -77,8 +85,16 @@ def time_forward(model: nn.Module, batch: int, seq: int, vocab: int, repeats: in
 
 
 @torch.inference_mode()
-def time_variants(models: dict[str, nn.Module], batch: int, seq: int, vocab: int, repeats: int, family: str,
-                  few: tuple[str, ...] = (), few_repeats: int = 2) -> dict[str, tuple[float, float]]:
+def time_variants(
+    models: dict[str, nn.Module],
+    batch: int,
+    seq: int,
+    vocab: int,
+    repeats: int,
+    family: str,
+    few: tuple[str, ...] = (),
+    few_repeats: int = 2,
+) -> dict[str, tuple[float, float]]:
     """Per model, (wall, thread CPU) seconds of its best forward pass. The models take turns, one
     forward each per round, so a burst of load from other processes hits all of them alike; the
     minimum, because other processes only ever add time. Models in ``few`` (the teacher: slow, and
@@ -104,8 +120,13 @@ def variants(family: str, args: argparse.Namespace, kernel: q.Int8Kernel) -> dic
     served_fp32, served_int8 = copy.deepcopy(student), copy.deepcopy(int8)
     prepare_for_inference(served_fp32)
     prepare_for_inference(served_int8)
-    return {"teacher_fp32": teacher, "student_fp32": student, "student_int8": int8,
-            "served_fp32": served_fp32, "served_int8": served_int8}
+    return {
+        "teacher_fp32": teacher,
+        "student_fp32": student,
+        "student_int8": int8,
+        "served_fp32": served_fp32,
+        "served_int8": served_int8,
+    }
 
 
 def child_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,18 +146,44 @@ def child_run(args: argparse.Namespace) -> dict[str, Any]:
                 rows[f"batch{batch}"][f"{name}_cpu_ms"] = cpu * 1e3
         if args.by_kernel:  # every kernel at batch 1, to show what the selection buys
             rows["batch1_ms_by_kernel"] = {
-                other: time_forward(q.set_int8_kernel(copy.deepcopy(models["student_int8"]), other),  # type: ignore[arg-type]
-                                    1, args.seq, args.vocab, max(1, args.repeats // 2), family)[0] * 1e3
-                for other in ("torchao-dynamic", "fbgemm-dynamic", "onednn-dynamic", "weight-only")}
+                other: time_forward(
+                    q.set_int8_kernel(copy.deepcopy(models["student_int8"]), other),  # type: ignore[arg-type]
+                    1,
+                    args.seq,
+                    args.vocab,
+                    max(1, args.repeats // 2),
+                    family,
+                )[0]
+                * 1e3
+                for other in ("torchao-dynamic", "fbgemm-dynamic", "onednn-dynamic", "weight-only")
+            }
         out["families"][family] = rows
     return out
 
 
 def spawn(args: argparse.Namespace, allocator: str, by_kernel: bool) -> dict[str, Any]:
     """``child_run`` in a fresh process: a process's allocator settings cannot be undone."""
-    cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child", allocator, "--threads", str(args.threads),
-           "--seq", str(args.seq), "--width", str(args.width), "--teacher-layers", str(args.teacher_layers),
-           "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--families", *args.families]
+    cmd = [
+        sys.executable,
+        "-P",
+        str(Path(__file__).resolve()),
+        "--child",
+        allocator,
+        "--threads",
+        str(args.threads),
+        "--seq",
+        str(args.seq),
+        "--width",
+        str(args.width),
+        "--teacher-layers",
+        str(args.teacher_layers),
+        "--vocab",
+        str(args.vocab),
+        "--repeats",
+        str(args.repeats),
+        "--families",
+        *args.families,
+    ]
     if by_kernel:
         cmd.append("--by-kernel")
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
@@ -173,14 +220,25 @@ def ratios(default: dict[str, float], tuned: dict[str, float]) -> dict[str, floa
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    report: dict[str, Any] = {"cpu": q.cpu_int8_features(), "threads": args.threads,
-                              **bench_common.machine_state(), "runs": args.runs,
-                              "selected_kernel": q.select_int8_kernel(), "seq_len": args.seq, "families": {}}
+    report: dict[str, Any] = {
+        "cpu": q.cpu_int8_features(),
+        "threads": args.threads,
+        **bench_common.machine_state(),
+        "runs": args.runs,
+        "selected_kernel": q.select_int8_kernel(),
+        "seq_len": args.seq,
+        "families": {},
+    }
     raw = []
     for i in range(args.runs):
         # Both allocators back to back in every run, so a change in the machine's load hits them alike.
-        raw.append({"default": spawn(args, "default", by_kernel=i == 0), "tuned": spawn(args, "tuned", False),
-                    "load_average": list(os.getloadavg())})
+        raw.append(
+            {
+                "default": spawn(args, "default", by_kernel=i == 0),
+                "tuned": spawn(args, "tuned", False),
+                "load_average": list(os.getloadavg()),
+            }
+        )
         print(f"run {i + 1}/{args.runs} done, load average {raw[-1]['load_average'][0]:.1f}", file=sys.stderr)
     for family in args.families:
         rows: dict[str, Any] = {}
@@ -188,8 +246,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             per_run = []
             for r in raw:
                 d, t = r["default"]["families"][family][b], r["tuned"]["families"][family][b]
-                per_run.append({**{f"default_{k}": v for k, v in d.items()}, **{f"tuned_{k}": v for k, v in t.items()},
-                                **ratios(d, t)})
+                per_run.append(
+                    {
+                        **{f"default_{k}": v for k, v in d.items()},
+                        **{f"tuned_{k}": v for k, v in t.items()},
+                        **ratios(d, t),
+                    }
+                )
             rows[b] = {**{key: statistics.median(r[key] for r in per_run) for key in per_run[0]}, "per_run": per_run}
         rows["batch1_ms_by_kernel"] = raw[0]["default"]["families"][family]["batch1_ms_by_kernel"]
         rows["layers"] = {"teacher": args.teacher_layers, "student": args.teacher_layers // 4}
@@ -199,35 +262,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["load_average_at_end"] = bench_common.machine_state()["load_average"]
     report["targets"] = {"int8_vs_fp32_student": 1.5, "int8_vs_teacher": 5.0}
     report["met"] = {
-        f"{fam}/{b}": {key: r[b][key] >= (5.0 if "teacher" in key else 1.5) for key in (
-            "plain_int8_vs_fp32_student", "served_int8_vs_user_fp32_student", "served_int8_vs_served_fp32_student",
-            "served_int8_vs_teacher")}
-        for fam, r in report["families"].items() for b in ("batch1", "batch16")}
+        f"{fam}/{b}": {
+            key: r[b][key] >= (5.0 if "teacher" in key else 1.5)
+            for key in (
+                "plain_int8_vs_fp32_student",
+                "served_int8_vs_user_fp32_student",
+                "served_int8_vs_served_fp32_student",
+                "served_int8_vs_teacher",
+            )
+        }
+        for fam, r in report["families"].items()
+        for b in ("batch1", "batch16")
+    }
     return report
 
 
 def print_table(report: dict[str, Any]) -> None:
     cpu = report["cpu"]
-    print(f"CPU: {cpu['torch_cpu_capability']} avx512={cpu['avx512']} vnni={cpu['vnni']} amx={cpu['amx']}; "
-          f"threads={report['threads']}; INT8 kernel: {report['selected_kernel']}; seq={report['seq_len']}; "
-          f"load average {report['load_average'][0]:.1f} -> {report['load_average_at_end'][0]:.1f} "
-          f"on {report['cpus']} CPUs")
+    print(
+        f"CPU: {cpu['torch_cpu_capability']} avx512={cpu['avx512']} vnni={cpu['vnni']} amx={cpu['amx']}; "
+        f"threads={report['threads']}; INT8 kernel: {report['selected_kernel']}; seq={report['seq_len']}; "
+        f"load average {report['load_average'][0]:.1f} -> {report['load_average_at_end'][0]:.1f} "
+        f"on {report['cpus']} CPUs"
+    )
     srv = report["served_allocator"]
-    print(f"medians of {report['runs']} runs (ms: wall, best of repeats). default = glibc allocator as is; "
-          f"served = as kdistill serve runs it: tanh-GELU swap, allocator {srv}")
-    head = f"{'model':16} {'batch':>5} {'teacher':>8} {'fp32':>7} {'int8':>7} {'fp32 srv':>8} {'int8 srv':>8} " \
-           f"{'plain':>6} {'srv/user':>8} {'srv/srv':>7} {'srv/teach':>9} {'cpu srv/user':>12} {'cpu srv/srv':>11}"
+    print(
+        f"medians of {report['runs']} runs (ms: wall, best of repeats). default = glibc allocator as is; "
+        f"served = as kdistill serve runs it: tanh-GELU swap, allocator {srv}"
+    )
+    head = (
+        f"{'model':16} {'batch':>5} {'teacher':>8} {'fp32':>7} {'int8':>7} {'fp32 srv':>8} {'int8 srv':>8} "
+        f"{'plain':>6} {'srv/user':>8} {'srv/srv':>7} {'srv/teach':>9} {'cpu srv/user':>12} {'cpu srv/srv':>11}"
+    )
     print(head)
     print("-" * len(head))
     for fam, rows in report["families"].items():
         for b in ("batch1", "batch16"):
             r = rows[b]
-            print(f"{fam:16} {b[5:]:>5} {r['default_teacher_fp32_ms']:8.1f} {r['default_student_fp32_ms']:7.1f} "
-                  f"{r['default_student_int8_ms']:7.1f} {r[f'{srv}_served_fp32_ms']:8.1f} "
-                  f"{r[f'{srv}_served_int8_ms']:8.1f} {r['plain_int8_vs_fp32_student']:5.2f}x "
-                  f"{r['served_int8_vs_user_fp32_student']:7.2f}x {r['served_int8_vs_served_fp32_student']:6.2f}x "
-                  f"{r['served_int8_vs_teacher']:8.2f}x {r['served_int8_vs_user_fp32_student_cpu']:11.2f}x "
-                  f"{r['served_int8_vs_served_fp32_student_cpu']:10.2f}x")
+            print(
+                f"{fam:16} {b[5:]:>5} {r['default_teacher_fp32_ms']:8.1f} {r['default_student_fp32_ms']:7.1f} "
+                f"{r['default_student_int8_ms']:7.1f} {r[f'{srv}_served_fp32_ms']:8.1f} "
+                f"{r[f'{srv}_served_int8_ms']:8.1f} {r['plain_int8_vs_fp32_student']:5.2f}x "
+                f"{r['served_int8_vs_user_fp32_student']:7.2f}x {r['served_int8_vs_served_fp32_student']:6.2f}x "
+                f"{r['served_int8_vs_teacher']:8.2f}x {r['served_int8_vs_user_fp32_student_cpu']:11.2f}x "
+                f"{r['served_int8_vs_served_fp32_student_cpu']:10.2f}x"
+            )
         ks = ", ".join(f"{k} {v:.1f} ms" for k, v in rows["batch1_ms_by_kernel"].items())
         print(f"{'':16} batch 1 INT8 student by kernel (first run, default allocator): {ks}")
 

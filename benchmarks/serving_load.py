@@ -56,12 +56,27 @@ def build_artifact(root: Path, layers: int, width: int, vocab: int) -> tuple[Pat
 
     tok = build_tokenizer(pydoc_texts(2000), vocab, root / "tokenizer", model_max_length=512)
     labels = [f"topic-{i}" for i in range(8)]
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
-                     intermediate_size=4 * width, max_position_embeddings=512, num_labels=len(labels),
-                     id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 64,
+        intermediate_size=4 * width,
+        max_position_embeddings=512,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        pad_token_id=0,
+    )
     model = quantize_ptq_int8(BertForSequenceClassification(cfg).eval())
-    out = save_artifact(model, tok, root / "load-bench" / "student-int8", task="sequence-classification",
-                        quantization="ptq-int8", metrics={})
+    out = save_artifact(
+        model,
+        tok,
+        root / "load-bench" / "student-int8",
+        task="sequence-classification",
+        quantization="ptq-int8",
+        metrics={},
+    )
     return out, tok
 
 
@@ -74,16 +89,26 @@ def build_lm_artifact(root: Path, layers: int, width: int, vocab: int) -> tuple[
     from kdistill.trainer.tokenizer_build import build_tokenizer
 
     tok = build_tokenizer(pydoc_texts(2000), vocab, root / "lm-tokenizer", model_max_length=512)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=width, n_layer=layers, n_head=max(1, width // 32),
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=512,
+        n_embd=width,
+        n_layer=layers,
+        n_head=max(1, width // 32),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = quantize_ptq_int8(GPT2LMHeadModel(cfg).eval())
-    out = save_artifact(model, tok, root / "lm-bench" / "student-int8", task="causal-lm", quantization="ptq-int8",
-                        metrics={})
+    out = save_artifact(
+        model, tok, root / "lm-bench" / "student-int8", task="causal-lm", quantization="ptq-int8", metrics={}
+    )
     return out, tok
 
 
-def completion_bodies(tok: Any, n: int, seed: int, prompt_tokens: tuple[int, int],
-                      new_tokens: tuple[int, int]) -> list[dict[str, Any]]:
+def completion_bodies(
+    tok: Any, n: int, seed: int, prompt_tokens: tuple[int, int], new_tokens: tuple[int, int]
+) -> list[dict[str, Any]]:
     """Greedy completions of mixed prompt lengths and mixed ``max_tokens``."""
     rng = random.Random(seed)
     paragraphs = [p for p in pydoc_texts(3000) if len(tok(p)["input_ids"]) >= prompt_tokens[1]]
@@ -120,8 +145,11 @@ class Client:
         return cls(reader, writer, host)
 
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        self.writer.write(f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
-                          f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         await self.writer.drain()
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.split(b"\r\n")
@@ -133,8 +161,9 @@ class Client:
         self.writer.close()
 
 
-async def load(url: str, bodies: list[bytes], clients: int, seconds: float, path: str = "/v1/classify"
-               ) -> dict[str, Any]:
+async def load(
+    url: str, bodies: list[bytes], clients: int, seconds: float, path: str = "/v1/classify"
+) -> dict[str, Any]:
     """Closed loop: each client posts its next body as soon as the previous answer arrives. For
     completions, the generated tokens are counted from each answer's ``usage``."""
     host, port = url.removeprefix("http://").split(":")
@@ -166,13 +195,23 @@ async def load(url: str, bodies: list[bytes], clients: int, seconds: float, path
         conn.close()
     latencies.sort()
     pct = lambda p: bench_common.percentile(latencies, p) * 1e3  # noqa: E731
-    return {"requests": len(latencies), "errors": errors, "seconds": wall, "throughput_rps": len(latencies) / wall,
-            "generated_tokens": generated, "tokens_per_second": generated / wall,
-            "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "mean_ms": statistics.mean(latencies) * 1e3}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": wall,
+        "throughput_rps": len(latencies) / wall,
+        "generated_tokens": generated,
+        "tokens_per_second": generated / wall,
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p99_ms": pct(0.99),
+        "mean_ms": statistics.mean(latencies) * 1e3,
+    }
 
 
-def measured_load(server: ServerProcess, bodies: list[bytes], clients: int, seconds: float, path: str
-                  ) -> dict[str, Any]:
+def measured_load(
+    server: ServerProcess, bodies: list[bytes], clients: int, seconds: float, path: str
+) -> dict[str, Any]:
     """``load`` plus the CPU the server process and this client process spent on it."""
     proc = psutil.Process(server.proc.pid)
     s0, c0 = proc.cpu_times(), resource.getrusage(resource.RUSAGE_SELF)
@@ -187,8 +226,7 @@ def measured_load(server: ServerProcess, bodies: list[bytes], clients: int, seco
     return stats
 
 
-def model_only(artifact: Path, texts: list[str], threads: int, batch: int, batch_threads: int = 0
-               ) -> dict[str, float]:
+def model_only(artifact: Path, texts: list[str], threads: int, batch: int, batch_threads: int = 0) -> dict[str, float]:
     """The engine alone, in this process: ms of model time per request at batch 1 and in batches of
     ``batch`` (as the server would split them). Their ratio bounds the throughput gain of batching
     once HTTP is free; HTTP and the event loop only add the same per-request cost to both."""
@@ -211,7 +249,7 @@ def model_only(artifact: Path, texts: list[str], threads: int, batch: int, batch
         for _ in range(3):  # best of 3: other processes only ever add time
             start = time.perf_counter()
             for i in range(0, len(encoded), size):
-                engine.run_classification(encoded[i:i + size])
+                engine.run_classification(encoded[i : i + size])
             best = min(best, time.perf_counter() - start)
         return best / len(encoded) * 1e3
 
@@ -227,8 +265,7 @@ def model_only(artifact: Path, texts: list[str], threads: int, batch: int, batch
     return out
 
 
-def model_only_generation(artifact: Path, bodies: list[dict[str, Any]], threads: int, batch: int
-                          ) -> dict[str, float]:
+def model_only_generation(artifact: Path, bodies: list[dict[str, Any]], threads: int, batch: int) -> dict[str, float]:
     """Generation alone, in this process: ms per request when ``batch`` requests are generated
     together (one prefill, shared decode, early exit) against one at a time."""
     import torch
@@ -249,7 +286,7 @@ def model_only_generation(artifact: Path, bodies: list[dict[str, Any]], threads:
     def per_request(size: int) -> float:
         start = time.perf_counter()
         for i in range(0, len(reqs), size):
-            engine.run_generation([GenRequest(ids, n, temperature=0.0) for ids, n in reqs[i:i + size]])
+            engine.run_generation([GenRequest(ids, n, temperature=0.0) for ids, n in reqs[i : i + size]])
         return (time.perf_counter() - start) / len(reqs) * 1e3
 
     one, many = per_request(1), per_request(batch)
@@ -259,25 +296,41 @@ def model_only_generation(artifact: Path, bodies: list[dict[str, Any]], threads:
 def server_metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics").text
     vals: dict[str, float] = {}
-    names = ("kdistill_batch_size_sum", "kdistill_batch_size_count", "kdistill_padding_efficiency_ratio",
-             "kdistill_decode_steps_total", "kdistill_decode_rows_total")
+    names = (
+        "kdistill_batch_size_sum",
+        "kdistill_batch_size_count",
+        "kdistill_padding_efficiency_ratio",
+        "kdistill_decode_steps_total",
+        "kdistill_decode_rows_total",
+    )
     for line in text.splitlines():
         for name in names:
             if line.startswith(name + " "):
                 vals[name] = float(line.split()[-1])
     count = vals.get("kdistill_batch_size_count", 0.0)
     steps = vals.get("kdistill_decode_steps_total", 0.0)
-    return {"mean_batch_size": vals.get("kdistill_batch_size_sum", 0.0) / count if count else 0.0,
-            "batches": count, "padding_efficiency": vals.get("kdistill_padding_efficiency_ratio", 0.0),
-            "mean_decode_batch": vals.get("kdistill_decode_rows_total", 0.0) / steps if steps else 0.0}
+    return {
+        "mean_batch_size": vals.get("kdistill_batch_size_sum", 0.0) / count if count else 0.0,
+        "batches": count,
+        "padding_efficiency": vals.get("kdistill_padding_efficiency_ratio", 0.0),
+        "mean_decode_batch": vals.get("kdistill_decode_rows_total", 0.0) / steps if steps else 0.0,
+    }
 
 
 def compare(args: argparse.Namespace, artifact: Path, bodies: list[bytes], path: str) -> dict[str, Any]:
     """Dynamic batching and ``--max-batch-size 1`` on the same artifact and the same requests."""
-    dynamic = ["--max-batch-size", str(args.max_batch_size), "--max-batch-tokens", "8192",
-               "--max-wait-ms", str(args.max_wait_ms)]
+    dynamic = [
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-batch-tokens",
+        "8192",
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+    ]
     configs: dict[str, tuple[list[str], dict[str, str]]] = {
-        "dynamic": (dynamic, {}), "batch1": (["--max-batch-size", "1", "--max-wait-ms", "0"], {})}
+        "dynamic": (dynamic, {}),
+        "batch1": (["--max-batch-size", "1", "--max-wait-ms", "0"], {}),
+    }
     if args.batch_threads and path == "/v1/classify":
         # The same dynamic server, with big classification passes on more intra-op threads.
         configs["dynamic_batch_threads"] = (dynamic, {BATCH_THREADS_ENV: str(args.batch_threads)})
@@ -301,9 +354,13 @@ def compare(args: argparse.Namespace, artifact: Path, bodies: list[bytes], path:
         out["speedup_batch_threads"] = runs["dynamic_batch_threads"]["throughput_rps"] / one["throughput_rps"]
     # What one dedicated core would give: requests/s at the measured CPU cost, and the mean latency of
     # the closed loop (clients / throughput).
-    out["one_dedicated_core"] = {name: {"rps": 1e3 / r["server_cpu_ms_per_request"],
-                                        "mean_latency_ms": args.clients * r["server_cpu_ms_per_request"]}
-                                 for name, r in runs.items()}
+    out["one_dedicated_core"] = {
+        name: {
+            "rps": 1e3 / r["server_cpu_ms_per_request"],
+            "mean_latency_ms": args.clients * r["server_cpu_ms_per_request"],
+        }
+        for name, r in runs.items()
+    }
     return out
 
 
@@ -317,8 +374,16 @@ def repeated(args: argparse.Namespace, artifact: Path, bodies: list[bytes], path
             continue
         out[f"{key}_per_run"] = [r[key] for r in runs]
         out[key] = statistics.median(out[f"{key}_per_run"])
-    keys = ("throughput_rps", "p50_ms", "p99_ms", "tokens_per_second", "server_cpu_ms_per_request",
-            "client_cpu_ms_per_request", "errors", "server")
+    keys = (
+        "throughput_rps",
+        "p50_ms",
+        "p99_ms",
+        "tokens_per_second",
+        "server_cpu_ms_per_request",
+        "client_cpu_ms_per_request",
+        "errors",
+        "server",
+    )
     out["per_run"] = [{name: {k: stats[k] for k in keys} for name, stats in r["runs"].items()} for r in runs]
     return out
 
@@ -327,10 +392,10 @@ def run_classification(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     artifact, tok = build_artifact(root, args.layers, args.width, args.vocab)
     texts = request_texts(tok, 512, seed=0)
     lengths = [len(tok(t)["input_ids"]) for t in texts]
-    report: dict[str, Any] = {"model": {"layers": args.layers, "width": args.width, "vocab": len(tok),
-                                        "quantization": "ptq-int8"},
-                              "request_tokens": {"min": min(lengths), "max": max(lengths),
-                                                 "mean": statistics.mean(lengths)}}
+    report: dict[str, Any] = {
+        "model": {"layers": args.layers, "width": args.width, "vocab": len(tok), "quantization": "ptq-int8"},
+        "request_tokens": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
+    }
     report["model_only"] = model_only(artifact, texts, args.threads, args.max_batch_size, args.batch_threads)
     report.update(repeated(args, artifact, [json.dumps({"texts": [t]}).encode() for t in texts], "/v1/classify"))
     report["met"] = {"speedup": report["speedup"] >= 4.0, "p99_ms": report["runs"]["dynamic"]["p99_ms"] <= 300.0}
@@ -342,12 +407,21 @@ def run_completions(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     bodies = completion_bodies(tok, 512, 1, (8, 64), (args.min_new_tokens, args.max_new_tokens))
     prompts = [len(tok(b["prompt"])["input_ids"]) for b in bodies]
     report: dict[str, Any] = {
-        "model": {"family": "gpt2", "layers": args.lm_layers, "width": args.lm_width, "vocab": len(tok),
-                  "quantization": "ptq-int8"},
+        "model": {
+            "family": "gpt2",
+            "layers": args.lm_layers,
+            "width": args.lm_width,
+            "vocab": len(tok),
+            "quantization": "ptq-int8",
+        },
         "prompt_tokens": {"min": min(prompts), "max": max(prompts), "mean": statistics.mean(prompts)},
-        "max_tokens": {"min": args.min_new_tokens, "max": args.max_new_tokens,
-                       "mean": statistics.mean(b["max_tokens"] for b in bodies)},
-        "sampling": "greedy"}
+        "max_tokens": {
+            "min": args.min_new_tokens,
+            "max": args.max_new_tokens,
+            "mean": statistics.mean(b["max_tokens"] for b in bodies),
+        },
+        "sampling": "greedy",
+    }
     report["model_only"] = model_only_generation(artifact, bodies, args.threads, args.clients)
     report.update(repeated(args, artifact, [json.dumps(b).encode() for b in bodies], "/v1/completions"))
     report["met"] = {"speedup": report["speedup"] >= 4.0}
@@ -356,9 +430,14 @@ def run_completions(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="kdistill-load-"))
-    report: dict[str, Any] = {"clients": args.clients, "seconds": args.seconds, "threads": args.threads,
-                              "batch_threads": args.batch_threads, "allocator_tuned": allocator_tuning_wanted(),
-                              **bench_common.machine_state()}
+    report: dict[str, Any] = {
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "threads": args.threads,
+        "batch_threads": args.batch_threads,
+        "allocator_tuned": allocator_tuning_wanted(),
+        **bench_common.machine_state(),
+    }
     if args.mode in ("both", "classify"):
         report["classification"] = run_classification(args, root)
     if args.mode in ("both", "completions"):
@@ -370,55 +449,79 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_runs(part: dict[str, Any], tokens: bool) -> None:
     extra = f" {'tok/s':>7} {'decode batch':>12}" if tokens else f" {'padding eff':>11}"
-    head = (f"{'config':10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10}{extra} "
-            f"{'srv cpu ms/req':>14} {'cli cpu ms/req':>14} {'errors':>6}")
+    head = (
+        f"{'config':10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10}{extra} "
+        f"{'srv cpu ms/req':>14} {'cli cpu ms/req':>14} {'errors':>6}"
+    )
     print(head)
     print("-" * len(head))
-    rows = [(f"{name}#{i + 1}", r) for i, run in enumerate(part.get("per_run", [part["runs"]]))
-            for name, r in run.items()]
+    rows = [
+        (f"{name}#{i + 1}", r) for i, run in enumerate(part.get("per_run", [part["runs"]])) for name, r in run.items()
+    ]
     for name, r in rows:
         srv = r["server"]
-        cols = (f" {r['tokens_per_second']:7.0f} {srv['mean_decode_batch']:12.1f}" if tokens
-                else f" {srv['padding_efficiency']:11.2f}")
-        print(f"{name:10} {r['throughput_rps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
-              f"{srv['mean_batch_size']:10.1f}{cols} "
-              f"{r['server_cpu_ms_per_request']:14.2f} {r['client_cpu_ms_per_request']:14.2f} {r['errors']:6d}")
+        cols = (
+            f" {r['tokens_per_second']:7.0f} {srv['mean_decode_batch']:12.1f}"
+            if tokens
+            else f" {srv['padding_efficiency']:11.2f}"
+        )
+        print(
+            f"{name:10} {r['throughput_rps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+            f"{srv['mean_batch_size']:10.1f}{cols} "
+            f"{r['server_cpu_ms_per_request']:14.2f} {r['client_cpu_ms_per_request']:14.2f} {r['errors']:6d}"
+        )
     m = part["model_only"]
-    print(f"model alone (no HTTP): {m['batch1_ms_per_request']:.2f} ms/request at batch 1, "
-          f"{list(m.values())[1]:.2f} in batches: at most {m['ceiling_speedup']:.2f}x from batching")
+    print(
+        f"model alone (no HTTP): {m['batch1_ms_per_request']:.2f} ms/request at batch 1, "
+        f"{list(m.values())[1]:.2f} in batches: at most {m['ceiling_speedup']:.2f}x from batching"
+    )
     if "ceiling_speedup_batch_threads" in m:
-        print(f"model alone, big passes on more threads: {list(m.values())[3]:.2f} ms/request in batches, "
-              f"at most {m['ceiling_speedup_batch_threads']:.2f}x")
+        print(
+            f"model alone, big passes on more threads: {list(m.values())[3]:.2f} ms/request in batches, "
+            f"at most {m['ceiling_speedup_batch_threads']:.2f}x"
+        )
     cores = ", ".join(f"{n} {r['server_cpu_cores']:.2f}" for n, r in part["runs"].items())
     print(f"server's share of the CPU during the runs (cores): {cores}")
     per_run = ", ".join(f"{x:.2f}" for x in part["speedup_per_run"])
-    print(f"dynamic batching speedup, median of {len(part['speedup_per_run'])} runs ({per_run}): "
-          f"{part['speedup']:.2f}x (target 4x), {part['speedup_per_server_cpu']:.2f}x "
-          f"per server CPU second; first run's dynamic p50 {part['runs']['dynamic']['p50_ms']:.0f} ms, "
-          f"p99 {part['runs']['dynamic']['p99_ms']:.0f} ms")
+    print(
+        f"dynamic batching speedup, median of {len(part['speedup_per_run'])} runs ({per_run}): "
+        f"{part['speedup']:.2f}x (target 4x), {part['speedup_per_server_cpu']:.2f}x "
+        f"per server CPU second; first run's dynamic p50 {part['runs']['dynamic']['p50_ms']:.0f} ms, "
+        f"p99 {part['runs']['dynamic']['p99_ms']:.0f} ms"
+    )
     if "speedup_batch_threads_per_run" in part:
         per_run = ", ".join(f"{x:.2f}" for x in part["speedup_batch_threads_per_run"])
-        print(f"dynamic with big passes on more threads, median ({per_run}): {part['speedup_batch_threads']:.2f}x; "
-              f"first run's p99 {part['runs']['dynamic_batch_threads']['p99_ms']:.0f} ms")
+        print(
+            f"dynamic with big passes on more threads, median ({per_run}): {part['speedup_batch_threads']:.2f}x; "
+            f"first run's p99 {part['runs']['dynamic_batch_threads']['p99_ms']:.0f} ms"
+        )
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"{report['clients']} clients, {report['seconds']}s per config, {report['threads']} torch thread(s); "
-          f"load average {report['load_average'][0]:.1f} at start, {report['load_average_at_end'][0]:.1f} at end, "
-          f"on {report['cpus']} CPUs")
+    print(
+        f"{report['clients']} clients, {report['seconds']}s per config, {report['threads']} torch thread(s); "
+        f"load average {report['load_average'][0]:.1f} at start, {report['load_average_at_end'][0]:.1f} at end, "
+        f"on {report['cpus']} CPUs"
+    )
     if "classification" in report:
         c = report["classification"]
-        print(f"\n/v1/classify: requests of {c['request_tokens']['min']}-{c['request_tokens']['max']} tokens; "
-              f"BERT student {c['model']['layers']}x{c['model']['width']} INT8 (p99 target <= 300 ms)")
+        print(
+            f"\n/v1/classify: requests of {c['request_tokens']['min']}-{c['request_tokens']['max']} tokens; "
+            f"BERT student {c['model']['layers']}x{c['model']['width']} INT8 (p99 target <= 300 ms)"
+        )
         print_runs(c, tokens=False)
         ded = c["one_dedicated_core"]["dynamic"]
-        print(f"with one dedicated core, dynamic: {ded['rps']:.0f} req/s, closed-loop mean latency "
-              f"{ded['mean_latency_ms']:.0f} ms")
+        print(
+            f"with one dedicated core, dynamic: {ded['rps']:.0f} req/s, closed-loop mean latency "
+            f"{ded['mean_latency_ms']:.0f} ms"
+        )
     if "completions" in report:
         g = report["completions"]
-        print(f"\n/v1/completions: prompts of {g['prompt_tokens']['min']}-{g['prompt_tokens']['max']} tokens, "
-              f"max_tokens {g['max_tokens']['min']}-{g['max_tokens']['max']}, greedy; GPT2 student "
-              f"{g['model']['layers']}x{g['model']['width']} INT8")
+        print(
+            f"\n/v1/completions: prompts of {g['prompt_tokens']['min']}-{g['prompt_tokens']['max']} tokens, "
+            f"max_tokens {g['max_tokens']['min']}-{g['max_tokens']['max']}, greedy; GPT2 student "
+            f"{g['model']['layers']}x{g['model']['width']} INT8"
+        )
         print_runs(g, tokens=True)
 
 
@@ -439,8 +542,12 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1, help="server intra-op threads (1: see quant_latency.py)")
-    p.add_argument("--batch-threads", type=int, default=0,
-                   help="also run the dynamic classification server with this many threads for big passes")
+    p.add_argument(
+        "--batch-threads",
+        type=int,
+        default=0,
+        help="also run the dynamic classification server with this many threads for big passes",
+    )
     p.add_argument("--out", type=Path, default=bench_common.RESULTS / "serving_load.json")
     bench_common.main(p, run, print_table)
 

@@ -38,8 +38,15 @@ def configs() -> dict[str, object]:
     return {
         "gpt2-124M": GPT2Config(),
         "gpt2-355M": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
-        "llama-1.1B": LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                  num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False),
+        "llama-1.1B": LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        ),
     }
 
 
@@ -60,10 +67,18 @@ def exact_rows() -> list[dict[str, object]]:
             for i, layers in enumerate(ranges):
                 stage = hollow_to_stage(build(cfg), layers, first=i == 0, last=i == s - 1)
                 per_rank.append(unique_param_bytes(stage))
-            rows.append({"model": name, "dtype": "bfloat16", "stages": s, "total_MiB": round(total / 2**20, 1),
-                         "per_rank_MiB": [round(b / 2**20, 1) for b in per_rank],
-                         "max_rank_share": round(max(per_rank) / total, 3), "ideal_share": round(1 / s, 3),
-                         "layers": [f"{r.start}-{r.stop - 1}" for r in ranges]})
+            rows.append(
+                {
+                    "model": name,
+                    "dtype": "bfloat16",
+                    "stages": s,
+                    "total_MiB": round(total / 2**20, 1),
+                    "per_rank_MiB": [round(b / 2**20, 1) for b in per_rank],
+                    "max_rank_share": round(max(per_rank) / total, 3),
+                    "ideal_share": round(1 / s, 3),
+                    "layers": [f"{r.start}-{r.stop - 1}" for r in ranges],
+                }
+            )
     return rows
 
 
@@ -76,11 +91,21 @@ def real_rows() -> list[dict[str, object]]:
     rows = []
     for s in STAGES:
         with tempfile.TemporaryDirectory() as tmp:
-            run_ranks(s, "tests.parallel.workers:teacher_split", Path(tmp),
-                      {"family": "gpt2", "layers": 8, "stages": s}, timeout=600)
+            run_ranks(
+                s,
+                "tests.parallel.workers:teacher_split",
+                Path(tmp),
+                {"family": "gpt2", "layers": 8, "stages": s},
+                timeout=600,
+            )
             held = [int(load_file(str(Path(tmp) / f"rank{r}.safetensors"))["param_bytes"]) for r in range(s)]
-        rows.append({"model": "tiny gpt2 (8 layers, width 32), real gloo processes", "stages": s,
-                     "per_rank_KiB": [round(b / 1024, 1) for b in held]})
+        rows.append(
+            {
+                "model": "tiny gpt2 (8 layers, width 32), real gloo processes",
+                "stages": s,
+                "per_rank_KiB": [round(b / 1024, 1) for b in held],
+            }
+        )
     return rows
 
 
@@ -94,14 +119,23 @@ def main() -> None:
     real = [] if args.no_real else real_rows()
     print(f"{'model':12} {'S':>2} {'total MiB':>10} {'max share':>9} {'ideal':>6}  per-rank MiB")
     for r in exact:
-        print(f"{r['model']:12} {r['stages']:>2} {r['total_MiB']:>10} {r['max_rank_share']:>9} {r['ideal_share']:>6}"
-              f"  {r['per_rank_MiB']}")
+        print(
+            f"{r['model']:12} {r['stages']:>2} {r['total_MiB']:>10} {r['max_rank_share']:>9} {r['ideal_share']:>6}"
+            f"  {r['per_rank_MiB']}"
+        )
     for r in real:
         print(f"real processes S={r['stages']}: per-rank KiB {r['per_rank_KiB']}")
     out = ROOT / "benchmarks" / "results" / "teacher_memory.json"
-    out.write_text(json.dumps({"exact_meta_device": exact, "real_processes": real,
-                               "note": "parameter bytes; a tied GPT2 head is a second copy of the embedding "
-                                       "on the last stage"}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "exact_meta_device": exact,
+                "real_processes": real,
+                "note": "parameter bytes; a tied GPT2 head is a second copy of the embedding on the last stage",
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -31,28 +31,50 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "trainer_quality.json"
 
 
-def job(name: str, teacher: Path, data: Path, student: dict[str, Any], steps: int, alpha: float,
-        distill: bool, t_start: float = 2.0, t_end: float = 1.0, cache_k: int = 0) -> dict[str, Any]:
+def job(
+    name: str,
+    teacher: Path,
+    data: Path,
+    student: dict[str, Any],
+    steps: int,
+    alpha: float,
+    distill: bool,
+    t_start: float = 2.0,
+    t_end: float = 1.0,
+    cache_k: int = 0,
+) -> dict[str, Any]:
     """One variant's job; ``cache_k`` > 0 trains from the teacher cache's top-``cache_k`` logits."""
     if distill:
         features = max(1, steps // 5)
-        stages = [{"name": "features", "steps": features, "objectives": ["hidden", "attention"], "attentionRank": 8},
-                  {"name": "output", "steps": steps - features, "objectives": ["logits"]}]
+        stages = [
+            {"name": "features", "steps": features, "objectives": ["hidden", "attention"], "attentionRank": 8},
+            {"name": "output", "steps": steps - features, "objectives": ["logits"]},
+        ]
     else:
         stages = [{"name": "output", "steps": steps, "objectives": ["logits"]}]
     schedule = "constant" if t_start == t_end else "linear"
     return {
-        "apiVersion": "kdistill.io/v1alpha1", "kind": "DistillationJob", "metadata": {"name": name},
+        "apiVersion": "kdistill.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": name},
         "spec": {
             "task": "causal-lm",
             "teacher": {"model": str(teacher), "dtype": "float32"},
             "student": student,
-            "data": {"train": str(data / "pydoc-train.jsonl"), "eval": str(data / "pydoc-eval.jsonl"),
-                     "maxSeqLength": 128},
+            "data": {
+                "train": str(data / "pydoc-train.jsonl"),
+                "eval": str(data / "pydoc-eval.jsonl"),
+                "maxSeqLength": 128,
+            },
             "distillation": {
-                "loss": "forward-kl", "alpha": alpha,
+                "loss": "forward-kl",
+                "alpha": alpha,
                 "temperature": {"schedule": schedule, "start": t_start, "end": t_end},
-                "stages": stages, "batchSize": 16, "learningRate": 1e-3, "warmupSteps": 20, "seed": 0,
+                "stages": stages,
+                "batchSize": 16,
+                "learningRate": 1e-3,
+                "warmupSteps": 20,
+                "seed": 0,
                 "teacherCache": {"enabled": cache_k > 0, "topK": max(cache_k, 1)},
             },
             "quantization": {"mode": "none"},
@@ -127,27 +149,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kdistill-quality-") as tmp:
         work = Path(tmp)
         variants = {
-            "scratch-hard": lambda: job("scratch-hard", teacher, data,
-                                        {"model": str(scratch_student(teacher, work / "scratch-init"))},
-                                        args.steps, 0.0, False),
+            "scratch-hard": lambda: job(
+                "scratch-hard",
+                teacher,
+                data,
+                {"model": str(scratch_student(teacher, work / "scratch-init"))},
+                args.steps,
+                0.0,
+                False,
+            ),
             "copied-hard": lambda: job("copied-hard", teacher, data, copied, args.steps, 0.0, False),
             "distilled": lambda: job("distilled", teacher, data, copied, args.steps, 0.5, False),
             "distilled-staged": lambda: job("distilled-staged", teacher, data, copied, args.steps, 0.5, True),
             # As "distilled", but trained on the teacher cache's top-64 logits (+ tail bucket).
-            "distilled-cached": lambda: job("distilled-cached", teacher, data, copied, args.steps, 0.5, False,
-                                            cache_k=64),
+            "distilled-cached": lambda: job(
+                "distilled-cached", teacher, data, copied, args.steps, 0.5, False, cache_k=64
+            ),
         }
         for name in args.variants.split(","):
             if name in variants:
                 spec = variants[name]()
-            elif name.startswith("distilled-cached-k") and name[len("distilled-cached-k"):].isdigit():
-                k = int(name[len("distilled-cached-k"):])
+            elif name.startswith("distilled-cached-k") and name[len("distilled-cached-k") :].isdigit():
+                k = int(name[len("distilled-cached-k") :])
                 spec = job(name, teacher, data, copied, args.steps, 0.5, False, cache_k=k)
             else:
                 spec = ablation_job(name, teacher, data, args.steps)
             ppl, teacher_ppl, seconds = train_and_eval(spec, work)
-            results[name] = {"eval_perplexity": ppl, "retention": teacher_ppl / ppl, "train_seconds": round(seconds, 1),
-                             "load_average": os.getloadavg()}
+            results[name] = {
+                "eval_perplexity": ppl,
+                "retention": teacher_ppl / ppl,
+                "train_seconds": round(seconds, 1),
+                "load_average": os.getloadavg(),
+            }
             print(json.dumps({"variant": name, **results[name]}), flush=True)
     if args.merge and RESULT.is_file():
         previous = json.loads(RESULT.read_text())
@@ -156,14 +189,20 @@ def main() -> None:
     hard = [r["eval_perplexity"] for n, r in results.items() if n.endswith("-hard")]
     body = {
         "benchmark": "trainer_quality",
-        "config": {"steps": args.steps, "batch": 16, "max_len": 128, "student_layers": 2,
-                   "omp_threads": os.environ["OMP_NUM_THREADS"], "load_average": os.getloadavg()},
+        "config": {
+            "steps": args.steps,
+            "batch": 16,
+            "max_len": 128,
+            "student_layers": 2,
+            "omp_threads": os.environ["OMP_NUM_THREADS"],
+            "load_average": os.getloadavg(),
+        },
         "teacher": {"eval_perplexity": teacher_ppl, "unigram_perplexity": pre["unigram_perplexity"]},
         "results": results,
         # The claim is about kdistill's recommended setting, not the best of many tries.
-        "distilled_wins": "distilled" in results and bool(hard)
-        and results["distilled"]["eval_perplexity"] < min(hard),
-        "distilled_cached_wins": "distilled-cached" in results and bool(hard)
+        "distilled_wins": "distilled" in results and bool(hard) and results["distilled"]["eval_perplexity"] < min(hard),
+        "distilled_cached_wins": "distilled-cached" in results
+        and bool(hard)
         and results["distilled-cached"]["eval_perplexity"] < min(hard),
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)

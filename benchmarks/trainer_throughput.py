@@ -96,28 +96,40 @@ def prepare(work: Path, row: Row) -> None:
     rows = read_jsonl(train, text_field="text", label_field=None, label_to_id=None, max_bad_fraction=0.0)
     tok = build_tokenizer([r.text for r in rows], 2048, work / "teacher")
     torch.manual_seed(0)
-    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=MAX_LEN, n_embd=row.teacher_width,
-                                         n_layer=row.teacher_layers, n_head=4, pad_token_id=tok.pad_token_id))
+    teacher = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=MAX_LEN,
+            n_embd=row.teacher_width,
+            n_layer=row.teacher_layers,
+            n_head=4,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     teacher.save_pretrained(str(work / "teacher"))
 
 
-def job(work: Path, steps: int, batch: int, cache: bool, student_width: int | None,
-        top_k: int = 64) -> dict[str, Any]:
+def job(work: Path, steps: int, batch: int, cache: bool, student_width: int | None, top_k: int = 64) -> dict[str, Any]:
     from_teacher: dict[str, Any] = {"numLayers": 2}
     if student_width is not None:
         from_teacher["hiddenSize"] = student_width
     return {
-        "apiVersion": "kdistill.io/v1alpha1", "kind": "DistillationJob", "metadata": {"name": "bench"},
+        "apiVersion": "kdistill.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": "bench"},
         "spec": {
             "task": "causal-lm",
             "teacher": {"model": str(work / "teacher"), "dtype": "float32"},
             "student": {"fromTeacher": from_teacher},
             "data": {"train": str(work / "data" / "train.jsonl"), "maxSeqLength": MAX_LEN},
             "distillation": {
-                "loss": "forward-kl", "alpha": ALPHA,
+                "loss": "forward-kl",
+                "alpha": ALPHA,
                 "temperature": {"schedule": "constant", "start": TEMPERATURE, "end": TEMPERATURE},
                 "stages": [{"name": "output", "steps": steps, "objectives": ["logits"]}],
-                "batchSize": batch, "learningRate": 5e-4, "warmupSteps": 0,
+                "batchSize": batch,
+                "learningRate": 5e-4,
+                "warmupSteps": 0,
                 "teacherCache": {"enabled": cache, "topK": top_k},
             },
             "quantization": {"mode": "none"},
@@ -128,8 +140,9 @@ def job(work: Path, steps: int, batch: int, cache: bool, student_width: int | No
     }
 
 
-def run_kdistill(work: Path, steps: int, batch: int, cache: str, student_width: int | None,
-                 top_k: int = 64) -> dict[str, Any]:
+def run_kdistill(
+    work: Path, steps: int, batch: int, cache: str, student_width: int | None, top_k: int = 64
+) -> dict[str, Any]:
     from kdistill.api import parse_job
     from kdistill.trainer.loop import RunOptions, Trainer
     from kdistill.trainer.outputs import OutputLayout
@@ -138,8 +151,10 @@ def run_kdistill(work: Path, steps: int, batch: int, cache: str, student_width: 
     if cache != "seen":
         shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # never resume; keep the cache when "seen"
-    trainer = Trainer(parse_job(job(work, steps, batch, cache != "off", student_width, top_k)),
-                      RunOptions(output=OutputLayout(out), base_dir=work, evaluate=False))
+    trainer = Trainer(
+        parse_job(job(work, steps, batch, cache != "off", student_width, top_k)),
+        RunOptions(output=OutputLayout(out), base_dir=work, evaluate=False),
+    )
     slots = [0]
     collate = trainer._collate
 
@@ -182,8 +197,15 @@ def run_baseline(work: Path, steps: int, batch: int, student_width: int | None) 
         s_logits = student(input_ids=ids, attention_mask=mask).logits
         s, t = s_logits[:, :-1], t_logits[:, :-1]
         valid = mask[:, 1:].float()
-        kl = F.kl_div(F.log_softmax(s / TEMPERATURE, -1), F.log_softmax(t / TEMPERATURE, -1), log_target=True,
-                      reduction="none").sum(-1) * TEMPERATURE**2
+        kl = (
+            F.kl_div(
+                F.log_softmax(s / TEMPERATURE, -1),
+                F.log_softmax(t / TEMPERATURE, -1),
+                log_target=True,
+                reduction="none",
+            ).sum(-1)
+            * TEMPERATURE**2
+        )
         ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view_as(kl)
         loss = ((ALPHA * kl + (1 - ALPHA) * ce) * valid).sum() / valid.sum()
         loss.backward()
@@ -218,15 +240,29 @@ def one_run(work: Path, steps: int, batch: int, row: Row) -> dict[str, dict[str,
     results: dict[str, dict[str, Any]] = {}
     width = row.student_width if row.student_init == "fresh" else 0
     for variant in VARIANTS:
-        cmd = [sys.executable, "-P", __file__, "--variant", variant, "--work", str(work),
-               "--steps", str(steps), "--batch", str(batch), "--student-width", str(width),
-               "--top-k", str(row.top_k)]
+        cmd = [
+            sys.executable,
+            "-P",
+            __file__,
+            "--variant",
+            variant,
+            "--work",
+            str(work),
+            "--steps",
+            str(steps),
+            "--batch",
+            str(batch),
+            "--student-width",
+            str(width),
+            "--top-k",
+            str(row.top_k),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
             sys.stderr.write(out.stderr[-3000:])
             raise SystemExit(f"variant {variant} failed ({out.returncode})")
-        results[variant] = json.loads(line[0][len("RESULT "):])
+        results[variant] = json.loads(line[0][len("RESULT ") :])
     base = results["baseline"]["tokens_per_second"]
     for r in results.values():
         r["speedup_vs_baseline"] = r["tokens_per_second"] / base
@@ -243,19 +279,33 @@ def measure_row(args: argparse.Namespace, name: str) -> dict[str, Any]:
         for i in range(args.runs):
             loads.append(os.getloadavg())
             runs.append(one_run(work, args.steps, args.batch, row))
-            print(f"{name} run {i + 1}: " + ", ".join(
-                f"{v} {r['speedup_vs_baseline']:.2f}x" for v, r in runs[-1].items()), flush=True)
+            print(
+                f"{name} run {i + 1}: "
+                + ", ".join(f"{v} {r['speedup_vs_baseline']:.2f}x" for v, r in runs[-1].items()),
+                flush=True,
+            )
     median = {v: {key: statistics.median(r[v][key] for r in runs) for key in runs[0][v]} for v in VARIANTS}
-    return {"name": name, **asdict(row), "student_init": row.student_init, "steps": args.steps,
-            "batch": args.batch, "runs_count": args.runs, "started_utc": started, "median": median,
-            "runs": runs, "load_average_before_each_run": loads, "load_average_after": os.getloadavg()}
+    return {
+        "name": name,
+        **asdict(row),
+        "student_init": row.student_init,
+        "steps": args.steps,
+        "batch": args.batch,
+        "runs_count": args.runs,
+        "started_utc": started,
+        "median": median,
+        "runs": runs,
+        "load_average_before_each_run": loads,
+        "load_average_after": os.getloadavg(),
+    }
 
 
 def meets(row: dict[str, Any], targets: dict[str, float]) -> dict[str, bool]:
     m = row["median"]
-    return {"kdistill_vs_baseline": m["kdistill"]["speedup_vs_baseline"] >= targets["kdistill_vs_baseline"],
-            "cache_seen_vs_baseline": m["kdistill-cache-seen"]["speedup_vs_baseline"]
-            >= targets["cache_seen_vs_baseline"]}
+    return {
+        "kdistill_vs_baseline": m["kdistill"]["speedup_vs_baseline"] >= targets["kdistill_vs_baseline"],
+        "cache_seen_vs_baseline": m["kdistill-cache-seen"]["speedup_vs_baseline"] >= targets["cache_seen_vs_baseline"],
+    }
 
 
 def main() -> None:
@@ -263,8 +313,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=["primary"],
-                   help="rows to measure; other rows already in the result file are kept")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        choices=sorted(ROWS),
+        default=["primary"],
+        help="rows to measure; other rows already in the result file are kept",
+    )
     p.add_argument("--student-width", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--top-k", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
@@ -292,25 +347,37 @@ def main() -> None:
     rows.sort(key=lambda r: list(ROWS).index(r["name"]))
     body = {
         "benchmark": "trainer_throughput",
-        "config": {"max_len": MAX_LEN, "vocab": 2048, "omp_threads": threads, "torch_threads": threads,
-                   "temperature": TEMPERATURE, "alpha": ALPHA, "top_k": "per row (row.top_k)"},
+        "config": {
+            "max_len": MAX_LEN,
+            "vocab": 2048,
+            "omp_threads": threads,
+            "torch_threads": threads,
+            "temperature": TEMPERATURE,
+            "alpha": ALPHA,
+            "top_k": "per row (row.top_k)",
+        },
         "rows": rows,
         "targets": targets,
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(body, indent=2) + "\n")
-    print(f"{'row':<14}{'teacher->student':<22}{'variant':<22}{'tokens/s':>10}{'speedup':>9}{'padding':>9}"
-          f"{'peak RSS MiB':>14}")
+    print(
+        f"{'row':<14}{'teacher->student':<22}{'variant':<22}{'tokens/s':>10}{'speedup':>9}{'padding':>9}"
+        f"{'peak RSS MiB':>14}"
+    )
     for row in rows:
-        pair = (f"{row['teacher_layers']}x{row['teacher_width']} -> {row['student_layers']}x"
-                f"{row['student_width']}")
+        pair = f"{row['teacher_layers']}x{row['teacher_width']} -> {row['student_layers']}x{row['student_width']}"
         for name, r in row["median"].items():
-            print(f"{row['name']:<14}{pair:<22}{name:<22}{r['tokens_per_second']:>10.0f}"
-                  f"{r['speedup_vs_baseline']:>8.2f}x{r['padding_fraction']:>8.1%}{r['peak_rss_mib']:>14.0f}")
+            print(
+                f"{row['name']:<14}{pair:<22}{name:<22}{r['tokens_per_second']:>10.0f}"
+                f"{r['speedup_vs_baseline']:>8.2f}x{r['padding_fraction']:>8.1%}{r['peak_rss_mib']:>14.0f}"
+            )
     for row in rows:
-        print(f"{row['name']}: {row['data']} data, medians of {row['runs_count']} runs from {row['started_utc']}, "
-              f"load before runs {[round(x[0], 2) for x in row['load_average_before_each_run']]}, "
-              f"meets {row['meets_targets']}")
+        print(
+            f"{row['name']}: {row['data']} data, medians of {row['runs_count']} runs from {row['started_utc']}, "
+            f"load before runs {[round(x[0], 2) for x in row['load_average_before_each_run']]}, "
+            f"meets {row['meets_targets']}"
+        )
 
 
 if __name__ == "__main__":

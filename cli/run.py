@@ -24,8 +24,7 @@ def _progress_bar() -> tuple[Any, Any, Any]:
             bar["bar"] = tqdm(total=r.total_steps, initial=r.step - 1, unit="step", dynamic_ncols=True)
         b = bar["bar"]
         b.set_description(r.stage)
-        b.set_postfix(loss=f"{r.loss:.4f}", T=f"{r.temperature:.2f}", tok_s=f"{r.tokens_per_second:.0f}",
-                      refresh=False)
+        b.set_postfix(loss=f"{r.loss:.4f}", T=f"{r.temperature:.2f}", tok_s=f"{r.tokens_per_second:.0f}", refresh=False)
         b.update(r.step - b.n)
 
     def on_event(name: str, fields: dict[str, Any]) -> None:
@@ -87,5 +86,6 @@ def _print_summary(result_path: Path) -> None:
     m = result.get("metrics") or {}
     typer.echo(f"wrote {result_path.parent}: {result['steps']} steps, {result['tokensPerSecond']} tokens/s")
     if m:
-        typer.echo(f"{m['metric']}: teacher {m['teacher']:.4g}, student {m['student']:.4g}, "
-                   f"retention {m['retention']:.3f}")
+        typer.echo(
+            f"{m['metric']}: teacher {m['teacher']:.4g}, student {m['student']:.4g}, retention {m['retention']:.3f}"
+        )

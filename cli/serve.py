@@ -30,11 +30,17 @@ def register(app: typer.Typer) -> None:
         from kdistill.serving.server import serve as run_server
 
         if not (model_dir / "kdistill.json").is_file():
-            raise typer.BadParameter(f"{model_dir} is not a kdistill artifact (no kdistill.json)",
-                                     param_hint="MODEL_DIR")
+            raise typer.BadParameter(
+                f"{model_dir} is not a kdistill artifact (no kdistill.json)", param_hint="MODEL_DIR"
+            )
         options = ServeOptions(
-            host=host, port=port, model_name=model_name or None,
+            host=host,
+            port=port,
+            model_name=model_name or None,
             policy=BatchPolicy(max_batch_size, max_batch_tokens, max_wait_ms, max_queue),
-            limits=ServeLimits(max_tokens=max_tokens_limit), threads=threads or None,
-            graceful_timeout=graceful_timeout, log_level=log_level)
+            limits=ServeLimits(max_tokens=max_tokens_limit),
+            threads=threads or None,
+            graceful_timeout=graceful_timeout,
+            log_level=log_level,
+        )
         run_server(model_dir, options)

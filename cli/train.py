@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         from kdistill.trainer.jsonlog import json_event_printer, json_step_printer
         from kdistill.trainer.runner import main_entry
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            stream=sys.stderr)
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
         code = main_entry(config, output, on_step=json_step_printer(), on_event=json_event_printer())
         raise typer.Exit(code)

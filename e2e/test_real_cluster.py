@@ -155,8 +155,11 @@ def test_two_node_job_survives_node_loss_and_serves(
         # status.step can sit on the checkpoint's step: wait for a checkpoint while training still runs.
         def checkpointed_while_running() -> bool:
             status = watch.status()
-            return ((status.get("lastCheckpoint") or {}).get("step", 0) >= 10 and status.get("phase") == "Running"
-                    and (status.get("step") or 0) < (status.get("totalSteps") or 0))
+            return (
+                (status.get("lastCheckpoint") or {}).get("step", 0) >= 10
+                and status.get("phase") == "Running"
+                and (status.get("step") or 0) < (status.get("totalSteps") or 0)
+            )
 
         wait(checkpointed_while_running, "a checkpoint while training runs", 900, interval=0.5)
         assert _checkpoint_steps(ckpt_root), "no checkpoint on the volume"

@@ -47,8 +47,7 @@ def check_buildable(job: DistillationJob) -> None:
     volume = job.spec.checkpoint.volume
     if volume is None and job.spec.serving.enabled:
         raise BuildError(
-            "checkpoint.volume is required in a cluster when serving.enabled: the server reads the "
-            "INT8 student from it"
+            "checkpoint.volume is required in a cluster when serving.enabled: the server reads the INT8 student from it"
         )
     if volume is None and job.spec.parallelism.nodes > 1:
         raise BuildError("checkpoint.volume (ReadWriteMany) is required in a cluster when parallelism.nodes > 1")
@@ -121,29 +120,37 @@ def trainer_rbac(job: DistillationJob) -> list[Manifest]:
     account = trainer_service_account_name(job)
     objs: list[Manifest] = []
     if not job.spec.template.service_account_name:
-        objs.append({
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": _meta(job, account, names.ROLE_WORKER),
-        })
-    objs.append({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": _meta(job, names.trainer_account(name), names.ROLE_WORKER),
-        "rules": [{
-            "apiGroups": [names.GROUP],
-            "resources": ["distillationjobs/status"],
-            "resourceNames": [name],
-            "verbs": ["get", "patch"],
-        }],
-    })
-    objs.append({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": _meta(job, names.trainer_account(name), names.ROLE_WORKER),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.trainer_account(name)},
-        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": _namespace(job)}],
-    })
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": _meta(job, account, names.ROLE_WORKER),
+            }
+        )
+    objs.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(job, names.trainer_account(name), names.ROLE_WORKER),
+            "rules": [
+                {
+                    "apiGroups": [names.GROUP],
+                    "resources": ["distillationjobs/status"],
+                    "resourceNames": [name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        }
+    )
+    objs.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(job, names.trainer_account(name), names.ROLE_WORKER),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.trainer_account(name)},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": _namespace(job)}],
+        }
+    )
     return objs
 
 
@@ -208,15 +215,23 @@ def torchrun_command(job: DistillationJob, index: int) -> list[str]:
     par = job.spec.parallelism
     return [
         "torchrun",
-        "--nnodes", str(par.nodes),
-        "--nproc-per-node", str(par.procs_per_node),
-        "--node-rank", str(index),
-        "--master-addr", names.master_address(name, ns),
-        "--master-port", str(names.RDZV_PORT),
+        "--nnodes",
+        str(par.nodes),
+        "--nproc-per-node",
+        str(par.procs_per_node),
+        "--node-rank",
+        str(index),
+        "--master-addr",
+        names.master_address(name, ns),
+        "--master-port",
+        str(names.RDZV_PORT),
         "--max-restarts=0",
-        "-m", "kdistill.trainer",
-        "--config", f"{names.CONFIG_DIR}/{names.CONFIG_FILE}",
-        "--output", names.output_dir(ns, name),
+        "-m",
+        "kdistill.trainer",
+        "--config",
+        f"{names.CONFIG_DIR}/{names.CONFIG_FILE}",
+        "--output",
+        names.output_dir(ns, name),
     ]
 
 
@@ -237,10 +252,12 @@ def _worker_env(job: DistillationJob, index: int) -> list[Manifest]:
         *runtime_env(),
     ]
     if job.spec.teacher.token_secret:
-        env.append({
-            "name": "HF_TOKEN",
-            "valueFrom": {"secretKeyRef": {"name": job.spec.teacher.token_secret, "key": "HF_TOKEN"}},
-        })
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": job.spec.teacher.token_secret, "key": "HF_TOKEN"}},
+            }
+        )
     return env + copy.deepcopy(job.spec.template.env)
 
 
@@ -267,8 +284,9 @@ def avoid_nodes(affinity: Manifest, nodes: Iterable[str]) -> Manifest:
     return out
 
 
-def worker_pod(job: DistillationJob, index: int, generation: int, settings: Settings,
-               unready_nodes: Iterable[str] = ()) -> Manifest:
+def worker_pod(
+    job: DistillationJob, index: int, generation: int, settings: Settings, unready_nodes: Iterable[str] = ()
+) -> Manifest:
     """Worker `index` of restart generation `generation` (a label, so stale pods are told apart).
 
     `unready_nodes` are kept out of reach: after a node is lost, the scheduler could otherwise
@@ -331,15 +349,21 @@ def worker_pod(job: DistillationJob, index: int, generation: int, settings: Sett
         "schedulerName": tpl.scheduler_name,
     }
     spec.update({k: v for k, v in optional.items() if v})
-    meta = _meta(job, names.worker_pod(name, index), names.ROLE_WORKER, {
-        names.LABEL_INDEX: str(index),
-        names.LABEL_GENERATION: str(generation),
-    })
+    meta = _meta(
+        job,
+        names.worker_pod(name, index),
+        names.ROLE_WORKER,
+        {
+            names.LABEL_INDEX: str(index),
+            names.LABEL_GENERATION: str(generation),
+        },
+    )
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 
-def worker_pods(job: DistillationJob, generation: int, settings: Settings,
-                unready_nodes: Iterable[str] = ()) -> list[Manifest]:
+def worker_pods(
+    job: DistillationJob, generation: int, settings: Settings, unready_nodes: Iterable[str] = ()
+) -> list[Manifest]:
     nodes = list(unready_nodes)
     return [worker_pod(job, i, generation, settings, nodes) for i in range(job.spec.parallelism.nodes)]
 
@@ -355,20 +379,27 @@ def serving_command(job: DistillationJob) -> list[str]:
     srv = job.spec.serving
     b = srv.batching
     return [
-        "kdistill", "serve", names.model_path(_namespace(job), job.metadata.name),
-        "--host", "0.0.0.0",
-        "--port", str(srv.port),
-        "--model-name", job.metadata.name,
-        "--max-batch-size", str(b.max_batch_size),
-        "--max-batch-tokens", str(b.max_batch_tokens),
-        "--max-wait-ms", str(b.max_wait_ms),
-        "--max-queue", str(b.max_queue),
+        "kdistill",
+        "serve",
+        names.model_path(_namespace(job), job.metadata.name),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(srv.port),
+        "--model-name",
+        job.metadata.name,
+        "--max-batch-size",
+        str(b.max_batch_size),
+        "--max-batch-tokens",
+        str(b.max_batch_tokens),
+        "--max-wait-ms",
+        str(b.max_wait_ms),
+        "--max-queue",
+        str(b.max_queue),
     ]
 
 
-def serving_deployment(
-    job: DistillationJob, settings: Settings, previous_model_path: str | None = None
-) -> Manifest:
+def serving_deployment(job: DistillationJob, settings: Settings, previous_model_path: str | None = None) -> Manifest:
     """The server Deployment. A job sharing `serving.name` with an earlier one rolls into it,
     keeping the model it replaces in an annotation for rollback."""
     srv = job.spec.serving
@@ -388,11 +419,14 @@ def serving_deployment(
         "resources": copy.deepcopy(srv.resources),
         "readinessProbe": {
             "httpGet": {"path": "/v2/health/ready", "port": probe_port},
-            "periodSeconds": 5, "failureThreshold": 3,
+            "periodSeconds": 5,
+            "failureThreshold": 3,
         },
         "livenessProbe": {
             "httpGet": {"path": "/v2/health/live", "port": probe_port},
-            "initialDelaySeconds": 30, "periodSeconds": 10, "failureThreshold": 3,
+            "initialDelaySeconds": 30,
+            "periodSeconds": 10,
+            "failureThreshold": 3,
         },
         "volumeMounts": [
             {"name": "checkpoints", "mountPath": names.CHECKPOINT_MOUNT, "readOnly": True},
@@ -431,8 +465,11 @@ def serving_service(job: DistillationJob) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": name, "namespace": _namespace(job),
-                     "labels": {**serving_labels(name), names.LABEL_MANAGED_BY: names.MANAGER}},
+        "metadata": {
+            "name": name,
+            "namespace": _namespace(job),
+            "labels": {**serving_labels(name), names.LABEL_MANAGED_BY: names.MANAGER},
+        },
         "spec": {
             "selector": serving_labels(name),
             "ports": [{"name": "http", "port": srv.port, "targetPort": srv.port}],
@@ -449,8 +486,11 @@ def serving_pdb(job: DistillationJob) -> Manifest | None:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": {"name": name, "namespace": _namespace(job),
-                     "labels": {**serving_labels(name), names.LABEL_MANAGED_BY: names.MANAGER}},
+        "metadata": {
+            "name": name,
+            "namespace": _namespace(job),
+            "labels": {**serving_labels(name), names.LABEL_MANAGED_BY: names.MANAGER},
+        },
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": serving_labels(name)}},
     }
 
@@ -463,14 +503,21 @@ def serving_hpa(job: DistillationJob) -> Manifest | None:
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": name, "namespace": _namespace(job),
-                     "labels": {**serving_labels(name), names.LABEL_MANAGED_BY: names.MANAGER}},
+        "metadata": {
+            "name": name,
+            "namespace": _namespace(job),
+            "labels": {**serving_labels(name), names.LABEL_MANAGED_BY: names.MANAGER},
+        },
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
             "minReplicas": max(auto.min_replicas, 1),
             "maxReplicas": auto.max_replicas,
-            "metrics": [{"type": "Resource", "resource": {
-                "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}],
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+                }
+            ],
         },
     }
 

@@ -27,8 +27,9 @@ PodKey = tuple[str, str]  # (namespace, pod name)
 
 
 class PodTracker:
-    def __init__(self, clock: Callable[[], float] = time.monotonic, keep_seconds: float = 600.0,
-                 confirm_seconds: float = 5.0) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, keep_seconds: float = 600.0, confirm_seconds: float = 5.0
+    ) -> None:
         self._clock = clock
         self._keep = keep_seconds
         # How long a pod missing from a LIST may wait for its DELETED event before the pass

@@ -109,8 +109,9 @@ async def _worker(rt: Runtime) -> None:
             metrics.RECONCILE_ERRORS.inc()
             n = rt.failures[key] = rt.failures.get(key, 0) + 1  # type: ignore[index]
             delay = min(0.5 * 2 ** (n - 1), 60.0)
-            log.exception("reconcile failed (attempt %d); retrying in %.1fs", n,
-                          delay, extra={"job": f"{key[0]}/{key[1]}"})  # type: ignore[index]
+            log.exception(
+                "reconcile failed (attempt %d); retrying in %.1fs", n, delay, extra={"job": f"{key[0]}/{key[1]}"}
+            )  # type: ignore[index]
             rt.queue.add_after(key, delay)
         finally:
             rt.last_pass = time.monotonic()
@@ -185,8 +186,14 @@ async def pod_event(type: str | None, body: Any, name: str, namespace: str, labe
 
 def _fresh(pod: PodView) -> bool:
     """A pod as it was just created: Pending, with nothing to report yet."""
-    return (pod.phase == "Pending" and not pod.deleting and pod.terminated is None and not pod.waiting_reason
-            and pod.unschedulable is None and not pod.disruption)
+    return (
+        pod.phase == "Pending"
+        and not pod.deleting
+        and pod.terminated is None
+        and not pod.waiting_reason
+        and pod.unschedulable is None
+        and not pod.disruption
+    )
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: names.MANAGER})

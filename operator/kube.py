@@ -46,8 +46,9 @@ class ApiError(Exception):
         super().__init__(f"{what}: HTTP {status}: {message}")
 
 
-def path_for(api_version: str, kind: str, namespace: str | None = None, name: str | None = None,
-             sub: str | None = None) -> str:
+def path_for(
+    api_version: str, kind: str, namespace: str | None = None, name: str | None = None, sub: str | None = None
+) -> str:
     prefix, plural, namespaced = RESOURCES[(api_version, kind)]
     path = prefix
     if namespaced and namespace:
@@ -76,8 +77,15 @@ class Kube:
             config.load_kube_config()
         return cls(client.ApiClient(), timeout)
 
-    def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None,
-                content_type: str | None = None, verb: str | None = None) -> dict[str, Any]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, Any] | None = None,
+        content_type: str | None = None,
+        verb: str | None = None,
+    ) -> dict[str, Any]:
         if query:
             path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Accept": "application/json"}
@@ -87,8 +95,7 @@ class Kube:
         url = self.api.configuration.host + path
         metrics.API_REQUESTS.labels(verb=verb or method.lower()).inc()
         try:
-            resp = self.api.rest_client.request(method, url, headers=headers, body=body,
-                                                _request_timeout=self.timeout)
+            resp = self.api.rest_client.request(method, url, headers=headers, body=body, _request_timeout=self.timeout)
             data = resp.read() if hasattr(resp, "read") else resp.data
             status = resp.status
         except client.ApiException as exc:
@@ -113,18 +120,23 @@ class Kube:
                 return None
             raise
 
-    def list(self, api_version: str, kind: str, namespace: str | None, selector: str | None = None,
-             ) -> list[dict[str, Any]]:
-        out = self.request("GET", path_for(api_version, kind, namespace),
-                           query={"labelSelector": selector}, verb="list")
+    def list(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        out = self.request(
+            "GET", path_for(api_version, kind, namespace), query={"labelSelector": selector}, verb="list"
+        )
         return list(out.get("items") or [])
 
     def create(self, obj: dict[str, Any]) -> bool:
         """Create; False if it already exists (creation is idempotent by name)."""
         meta = obj["metadata"]
         try:
-            self.request("POST", path_for(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj,
-                         verb="create")
+            self.request("POST", path_for(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj, verb="create")
             return True
         except ApiError as exc:
             if exc.status == 409:
@@ -135,13 +147,17 @@ class Kube:
         """Server-side apply: a no-op when nothing differs, so a second reconcile writes nothing."""
         meta = obj["metadata"]
         return self.request(
-            "PATCH", path_for(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]), obj,
+            "PATCH",
+            path_for(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]),
+            obj,
             query={"fieldManager": manager or self.field_manager, "force": "true"},
-            content_type="application/apply-patch+yaml", verb="apply",
+            content_type="application/apply-patch+yaml",
+            verb="apply",
         )
 
-    def delete(self, api_version: str, kind: str, namespace: str | None, name: str,
-               grace_seconds: int | None = None) -> bool:
+    def delete(
+        self, api_version: str, kind: str, namespace: str | None, name: str, grace_seconds: int | None = None
+    ) -> bool:
         body: dict[str, Any] = {"propagationPolicy": "Background"}
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
@@ -153,11 +169,17 @@ class Kube:
                 return False
             raise
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any],
-                     resource_version: str | None = None) -> dict[str, Any]:
+    def patch_status(
+        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any]:
         """JSON merge patch of the job's status; with resource_version, 409 if anything moved since."""
         body: dict[str, Any] = {"status": patch}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        return self.request("PATCH", path_for(*JOB, namespace, name, "status"), body,
-                            content_type="application/merge-patch+json", verb="patch_status")
+        return self.request(
+            "PATCH",
+            path_for(*JOB, namespace, name, "status"),
+            body,
+            content_type="application/merge-patch+json",
+            verb="patch_status",
+        )

@@ -48,13 +48,21 @@ class LeaseElector:
     def try_acquire(self) -> bool:
         now = datetime.now(UTC)
         lease = self.kube.get(*LEASE, self.namespace, self.name)
-        fresh = {"holderIdentity": self.identity, "leaseDurationSeconds": round(self.duration),
-                 "renewTime": micro_time(now)}
+        fresh = {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": round(self.duration),
+            "renewTime": micro_time(now),
+        }
         try:
             if lease is None:
-                self.kube.create({"apiVersion": LEASE[0], "kind": LEASE[1],
-                                  "metadata": {"name": self.name, "namespace": self.namespace},
-                                  "spec": {**fresh, "acquireTime": micro_time(now), "leaseTransitions": 0}})
+                self.kube.create(
+                    {
+                        "apiVersion": LEASE[0],
+                        "kind": LEASE[1],
+                        "metadata": {"name": self.name, "namespace": self.namespace},
+                        "spec": {**fresh, "acquireTime": micro_time(now), "leaseTransitions": 0},
+                    }
+                )
                 return self._confirm()
             spec = lease.get("spec") or {}
             if not may_take(spec, self.identity, now):

@@ -46,8 +46,14 @@ def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INF
     lost = threading.Event()
     elector = None
     if settings.leader_election:
-        elector = LeaseElector(kube, settings.lease_namespace, settings.lease_name, settings.identity,
-                               settings.lease_duration_seconds, settings.lease_renew_seconds)
+        elector = LeaseElector(
+            kube,
+            settings.lease_namespace,
+            settings.lease_name,
+            settings.identity,
+            settings.lease_duration_seconds,
+            settings.lease_renew_seconds,
+        )
         log.info("waiting for lease %s/%s", settings.lease_namespace, settings.lease_name)
         # A standby stopped while it waits exits cleanly (kopf handles signals only later).
         previous = signal.signal(signal.SIGTERM, lambda *_: waiting.set())
@@ -67,6 +73,7 @@ def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INF
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         if elector is not None:
+
             def on_lost() -> None:
                 lost.set()
                 loop.call_soon_threadsafe(stop.set)

@@ -12,13 +12,20 @@ from typing import Any
 from . import names
 
 # Waiting reasons that mean the pod will not start by itself.
-STUCK_WAITING = frozenset({
-    "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
-    "CreateContainerError", "ErrImageNeverPull",
-})
+STUCK_WAITING = frozenset(
+    {
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "ErrImageNeverPull",
+    }
+)
 # DisruptionTarget reasons that are evictions/preemptions (counted apart from failures).
-EVICTION_REASONS = frozenset({"EvictionByEvictionAPI", "PreemptionByScheduler", "PreemptionByKubeScheduler",
-                              "TerminationByKubelet"})
+EVICTION_REASONS = frozenset(
+    {"EvictionByEvictionAPI", "PreemptionByScheduler", "PreemptionByKubeScheduler", "TerminationByKubelet"}
+)
 
 
 def parse_time(value: Any) -> datetime | None:

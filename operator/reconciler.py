@@ -101,12 +101,19 @@ class Reconciler:
             deployment = DeploymentView.from_dict(dep) if dep is not None else None
         expected = [names.worker_pod(name, i) for i in range(job.spec.parallelism.nodes)]
         missing = [p for p in expected if p not in {v.name for v in pods}]
-        obs = Observed(job=job, generation=int(body["metadata"].get("generation") or 0), status=status,
-                       pods=pods, nodes=nodes, deployment=deployment, now=now,
-                       notready_seconds=self.settings.notready_seconds,
-                       max_backoff_seconds=self.settings.max_backoff_seconds,
-                       departed=self.pod_tracker.departed(namespace, missing),
-                       unconfirmed=self.pod_tracker.unconfirmed(namespace, missing))
+        obs = Observed(
+            job=job,
+            generation=int(body["metadata"].get("generation") or 0),
+            status=status,
+            pods=pods,
+            nodes=nodes,
+            deployment=deployment,
+            now=now,
+            notready_seconds=self.settings.notready_seconds,
+            max_backoff_seconds=self.settings.max_backoff_seconds,
+            departed=self.pod_tracker.departed(namespace, missing),
+            unconfirmed=self.pod_tracker.unconfirmed(namespace, missing),
+        )
         decision = decide(obs)
         try:
             self._act(body, job, status, decision, {p.name for p in pods}, jlog)
@@ -121,8 +128,9 @@ class Reconciler:
 
     # -- acting ----------------------------------------------------------------------------
 
-    def _act(self, body: dict[str, Any], job: Any, old: dict[str, Any], d: Decision, existing_pods: set[str],
-             jlog: JobLog) -> None:
+    def _act(
+        self, body: dict[str, Any], job: Any, old: dict[str, Any], d: Decision, existing_pods: set[str], jlog: JobLog
+    ) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if d.status:
             # Counting a restart or changing phase must be based on what we saw: a stale view
@@ -156,14 +164,14 @@ class Reconciler:
             if field in d.status and int(d.status[field]) > int(old.get(field) or 0):
                 metrics.RESTARTS.labels(kind=kind).inc()
         if d.phase == "Failed" and old.get("phase") != "Failed":
-            reason = next((c.get("reason", "") for c in d.status.get("conditions", [])
-                           if c.get("type") == "Failed"), "")
+            reason = next(
+                (c.get("reason", "") for c in d.status.get("conditions", []) if c.get("type") == "Failed"), ""
+            )
             metrics.FAILURES.labels(reason=reason or "Unknown").inc()
         if "phase" in d.status:
             jlog.info("phase %s -> %s", old.get("phase"), d.status["phase"])
 
-    def _create_gang(self, body: dict[str, Any], job: Any, generation: int, existing: set[str],
-                     jlog: JobLog) -> None:
+    def _create_gang(self, body: dict[str, Any], job: Any, generation: int, existing: set[str], jlog: JobLog) -> None:
         if not existing:
             # A whole new gang (first start, restart, resume): make sure its config, rendezvous
             # Service, PVC and RBAC exist first. Re-applying is a no-op when they do.
@@ -192,8 +200,9 @@ class Reconciler:
         per new gang was the costliest call at scale), else from a fresh LIST."""
         if self.nodes_synced.is_set():
             return sorted(n for n, v in list(self.node_cache.items()) if v is not None and v.ready != "True")
-        return [n["metadata"]["name"] for n in self.kube.list("v1", "Node", None)
-                if NodeView.from_dict(n).ready != "True"]
+        return [
+            n["metadata"]["name"] for n in self.kube.list("v1", "Node", None) if NodeView.from_dict(n).ready != "True"
+        ]
 
     def _deploy(self, body: dict[str, Any], job: Any, jlog: JobLog) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -218,7 +227,8 @@ class Reconciler:
             elif self._owned_by(api_version, kind, namespace, serving, body):
                 self.kube.delete(api_version, kind, namespace, serving)
         if current is None or previous != (current["metadata"].get("annotations") or {}).get(
-                names.ANNOTATION_PREVIOUS_MODEL_PATH):
+            names.ANNOTATION_PREVIOUS_MODEL_PATH
+        ):
             jlog.info("serving %s now runs %s", serving, names.model_path(namespace, name))
 
     def _owned_by(self, api_version: str, kind: str, namespace: str, name: str, owner: dict[str, Any]) -> bool:
@@ -231,12 +241,24 @@ class Reconciler:
     def _fail_invalid(self, body: dict[str, Any], message: str) -> None:
         meta = body["metadata"]
         now = fmt_time(datetime.now(UTC))
-        cond = {"type": "Failed", "status": "True", "reason": "InvalidSpec", "message": message[:1000],
-                "lastTransitionTime": now, "observedGeneration": meta.get("generation")}
-        self.kube.patch_status(meta["namespace"], meta["name"], {
-            "phase": "Failed", "conditions": [cond], "completionTime": now,
+        cond = {
+            "type": "Failed",
+            "status": "True",
+            "reason": "InvalidSpec",
+            "message": message[:1000],
+            "lastTransitionTime": now,
             "observedGeneration": meta.get("generation"),
-        })
+        }
+        self.kube.patch_status(
+            meta["namespace"],
+            meta["name"],
+            {
+                "phase": "Failed",
+                "conditions": [cond],
+                "completionTime": now,
+                "observedGeneration": meta.get("generation"),
+            },
+        )
         self._event(body, Event("Warning", "InvalidSpec", message[:1000]), None)
 
     def _event(self, body: dict[str, Any], event: Event, jlog: JobLog | None) -> None:
@@ -246,8 +268,13 @@ class Reconciler:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta["uid"]},
+            "involvedObject": {
+                "apiVersion": body["apiVersion"],
+                "kind": body["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
             "reason": event.reason,
             "message": event.message[:1024],
             "type": event.type,

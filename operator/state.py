@@ -113,10 +113,16 @@ class _Status:
                     cond["lastTransitionTime"] = fmt_time(self.now)
                 cond.update(status=value, reason=reason, message=message, observedGeneration=self.generation)
                 return
-        self.conditions.append({
-            "type": type_, "status": value, "reason": reason, "message": message,
-            "lastTransitionTime": fmt_time(self.now), "observedGeneration": self.generation,
-        })
+        self.conditions.append(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": fmt_time(self.now),
+                "observedGeneration": self.generation,
+            }
+        )
 
     def condition_since(self, type_: str) -> datetime | None:
         for cond in self.conditions:
@@ -149,8 +155,7 @@ def decide(obs: Observed) -> Decision:
     st.set("phase", phase)
     if phase != old_phase:
         warn = phase in ("Failed", "Restarting")
-        d.events.insert(0, Event("Warning" if warn else "Normal", phase,
-                                 f"phase {old_phase or '(new)'} -> {phase}"))
+        d.events.insert(0, Event("Warning" if warn else "Normal", phase, f"phase {old_phase or '(new)'} -> {phase}"))
     if phase in TERMINAL and not st.get("completionTime"):
         st.set("completionTime", fmt_time(obs.now))
     d.status = st.patch()
@@ -271,8 +276,9 @@ def _pod_problem(obs: Observed, pod: PodView) -> _Problem | None:
         if (obs.now - pod.created).total_seconds() >= timeout:
             if pod.waiting_reason in STUCK_WAITING:
                 reason = "ImagePullBackOff" if "Image" in pod.waiting_reason else pod.waiting_reason
-                return _Problem("pending", reason, f"{pod.name}: {pod.waiting_reason}: {pod.waiting_message}"
-                                f" (Pending > {timeout}s)")
+                return _Problem(
+                    "pending", reason, f"{pod.name}: {pod.waiting_reason}: {pod.waiting_message} (Pending > {timeout}s)"
+                )
             if pod.unschedulable is not None:
                 return _Problem("pending", "Unschedulable", f"{pod.name}: {pod.unschedulable} (Pending > {timeout}s)")
             return _Problem("pending", "PendingTimeout", f"{pod.name} still Pending after {timeout}s")
@@ -293,8 +299,11 @@ def _missing_problem(obs: Observed, gen: int, missing: list[int]) -> _Problem | 
                 found.append(_Problem("failure", "NodeLost", f"{name}: evicted from a NotReady node"))
             else:
                 pr = _pod_problem(obs, last)
-                found.append(pr if pr is not None and pr.kind != "pending"
-                             else _Problem("failure", "PodDeleted", f"{name} was deleted"))
+                found.append(
+                    pr
+                    if pr is not None and pr.kind != "pending"
+                    else _Problem("failure", "PodDeleted", f"{name} was deleted")
+                )
         elif name in obs.unconfirmed:
             return None
         else:
@@ -373,16 +382,26 @@ def _restart(obs: Observed, st: _Status, d: Decision, pr: _Problem) -> str:
         st.set("evictions", int(st.get("evictions") or 0) + 1)
     else:
         if restarts >= policy.max_restarts:
-            return _fail(obs, st, d, "MaxRestartsExceeded",
-                         f"{pr.reason}: {pr.message} (maxRestarts {policy.max_restarts} used up)")
+            return _fail(
+                obs,
+                st,
+                d,
+                "MaxRestartsExceeded",
+                f"{pr.reason}: {pr.message} (maxRestarts {policy.max_restarts} used up)",
+            )
         st.set("restarts", restarts + 1)
     count = _generation(st)
     wait = backoff_seconds(policy.backoff_seconds, count, obs.max_backoff_seconds)
     st.condition(COND_RESTARTING, True, pr.reason, f"{pr.message}; restart {count}, backoff {wait:g}s")
     st.condition(COND_TRAINING, False, "GangRestart", pr.message)
-    d.events.append(Event("Warning", "GangRestart",
-                          f"{pr.reason}: {pr.message}; restarts={st.get('restarts')} "
-                          f"evictions={st.get('evictions')}, backoff {wait:g}s"))
+    d.events.append(
+        Event(
+            "Warning",
+            "GangRestart",
+            f"{pr.reason}: {pr.message}; restarts={st.get('restarts')} "
+            f"evictions={st.get('evictions')}, backoff {wait:g}s",
+        )
+    )
     _delete_all(obs, d)
     d.requeue(POLL_SECONDS)
     return "Restarting"
@@ -426,8 +445,13 @@ def _succeeded_training(obs: Observed, st: _Status, d: Decision, rank0: PodView)
     if not isinstance(retention, int | float):
         return _fail(obs, st, d, "QualityGateFailed", "the result has no retention to compare with the gate")
     if retention < gate - FLOAT_TOLERANCE:
-        return _fail(obs, st, d, "QualityGateFailed",
-                     f"retention {retention:.4f} < minRetention {gate:.4f}; serving left untouched")
+        return _fail(
+            obs,
+            st,
+            d,
+            "QualityGateFailed",
+            f"retention {retention:.4f} < minRetention {gate:.4f}; serving left untouched",
+        )
     d.events.append(Event("Normal", "QualityGatePassed", f"retention {retention:.4f} >= {gate:.4f}"))
     return _deploying(obs, st, d)
 

@@ -54,8 +54,21 @@ def main() -> int:
     meta = json.loads((args.artifact / "kdistill.json").read_text())
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "kdistill.cli.main", "serve", str(args.artifact), "--host",
-                             "127.0.0.1", "--port", str(port), "--log-level", "warning"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kdistill.cli.main",
+            "serve",
+            str(args.artifact),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
+    )
     try:
         ready_s = wait_ready(url, proc, args.timeout)
         print(f"server ready in {ready_s:.1f}s at {url} ({meta['task']}, {meta['quantization']['mode']})")

@@ -39,12 +39,14 @@ def _answer_early(fut: concurrent.futures.Future) -> Callable[[GenResult], None]
     """``GenRequest.on_done`` for ``fut``: a sequence that finishes before the rest of its batch is
     answered at once. Runs on the worker thread; a future the client already cancelled is left alone
     (raising there would fail the whole batch)."""
+
     def done(result: GenResult) -> None:
         try:
             if not fut.done():
                 fut.set_result(result)
         except concurrent.futures.InvalidStateError:  # cancelled between the check and the set
             pass
+
     return done
 
 
@@ -95,45 +97,71 @@ def create_app(state: ServerState) -> FastAPI:
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
         path = request.url.path
         if first.get("type") == "json_invalid":
-            return error_response(400, f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                                  "body", "invalid_request_error", path=path)
+            return error_response(
+                400,
+                f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                "body",
+                "invalid_request_error",
+                path=path,
+            )
         param = _loc_to_param(tuple(first.get("loc", ())))
         return error_response(400, f"{param}: {first['msg']}", param, "invalid_request_error", path=path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         param = "path" if exc.status_code == 404 else "method" if exc.status_code == 405 else None
-        return error_response(exc.status_code, str(exc.detail), param, "not_found_error"
-                              if exc.status_code == 404 else "invalid_request_error", path=request.url.path)
+        return error_response(
+            exc.status_code,
+            str(exc.detail),
+            param,
+            "not_found_error" if exc.status_code == 404 else "invalid_request_error",
+            path=request.url.path,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error",
-                              path=request.url.path)
+        return error_response(
+            500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error", path=request.url.path
+        )
 
     # ---- helpers --------------------------------------------------------------------------------
     def engine_for(task: str, param: str) -> Engine:
         if state.draining:
             raise ApiError(503, "the server is shutting down", None, kind="unavailable", headers={"Retry-After": "5"})
         if not state.ready or state.engine is None:
-            raise ApiError(503, "the model is still loading" if state.load_error is None else state.load_error,
-                           None, kind="unavailable", headers={"Retry-After": "2"})
+            raise ApiError(
+                503,
+                "the model is still loading" if state.load_error is None else state.load_error,
+                None,
+                kind="unavailable",
+                headers={"Retry-After": "2"},
+            )
         if state.engine.task != task:
-            raise ApiError(404, f"model {state.model_name!r} is a {state.engine.task} model; this endpoint serves "
-                                f"{task}", param, kind="not_found_error")
+            raise ApiError(
+                404,
+                f"model {state.model_name!r} is a {state.engine.task} model; this endpoint serves {task}",
+                param,
+                kind="not_found_error",
+            )
         return state.engine
 
     def check_model(name: str | None, param: str = "model") -> None:
         if name not in (None, "", state.model_name):
-            raise ApiError(404, f"unknown model {name!r}; this server serves {state.model_name!r}", param,
-                           kind="not_found_error")
+            raise ApiError(
+                404, f"unknown model {name!r}; this server serves {state.model_name!r}", param, kind="not_found_error"
+            )
 
     def check_capacity(n: int) -> None:
         assert state.batcher is not None
         if state.batcher.depth + n > state.batcher.policy.max_queue:
             metrics.rejected.inc()
-            raise ApiError(429, f"server overloaded: {state.batcher.depth} requests queued", None,
-                           kind="overloaded", headers={"Retry-After": str(round(state.batcher.retry_after()))})
+            raise ApiError(
+                429,
+                f"server overloaded: {state.batcher.depth} requests queued",
+                None,
+                kind="overloaded",
+                headers={"Retry-After": str(round(state.batcher.retry_after()))},
+            )
 
     def submit(payload: Any, length: int) -> asyncio.Future:
         assert state.batcher is not None
@@ -144,8 +172,9 @@ def create_app(state: ServerState) -> FastAPI:
             fut = state.batcher.submit(payload, length, early)
         except QueueFull as exc:
             metrics.rejected.inc()
-            raise ApiError(429, str(exc), None, kind="overloaded",
-                           headers={"Retry-After": str(round(exc.retry_after))}) from None
+            raise ApiError(
+                429, str(exc), None, kind="overloaded", headers={"Retry-After": str(round(exc.retry_after))}
+            ) from None
         except ShuttingDown as exc:
             raise ApiError(503, str(exc), None, kind="unavailable", headers={"Retry-After": "5"}) from None
         metrics.queue_depth.set(state.batcher.depth)
@@ -163,22 +192,26 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(400, f"{param} has no tokens", param)
         if len(ids) + reserve > engine.max_context:
             extra = f" plus max_tokens {reserve}" if reserve else ""
-            raise ApiError(400, f"{param} is {len(ids)} tokens{extra}, beyond the model's context of "
-                                f"{engine.max_context}", param)
+            raise ApiError(
+                400, f"{param} is {len(ids)} tokens{extra}, beyond the model's context of {engine.max_context}", param
+            )
         return ids
 
-    def generation_requests(engine: Engine, prompts: list[str], param: str, body: CompletionRequest | ChatRequest,
-                            single: bool) -> list[GenRequest]:
+    def generation_requests(
+        engine: Engine, prompts: list[str], param: str, body: CompletionRequest | ChatRequest, single: bool
+    ) -> list[GenRequest]:
         if body.max_tokens > state.limits.max_tokens:
-            raise ApiError(400, f"max_tokens {body.max_tokens} is over the limit of {state.limits.max_tokens}",
-                           "max_tokens")
+            raise ApiError(
+                400, f"max_tokens {body.max_tokens} is over the limit of {state.limits.max_tokens}", "max_tokens"
+            )
         stops = stop_list(body.stop)
         if len(stops) > MAX_STOP:
             raise ApiError(400, f"stop takes at most {MAX_STOP} strings", "stop")
         for i, s in enumerate(stops):
             if not s:
-                raise ApiError(400, "stop strings must not be empty", f"stop[{i}]" if isinstance(body.stop, list)
-                               else "stop")
+                raise ApiError(
+                    400, "stop strings must not be empty", f"stop[{i}]" if isinstance(body.stop, list) else "stop"
+                )
         reqs = []
         for i, text in enumerate(prompts):
             ids = encode_text(engine, text, param if single else f"{param}[{i}]", reserve=body.max_tokens)
@@ -190,10 +223,14 @@ def create_app(state: ServerState) -> FastAPI:
         c = sum(r.completion_tokens for r in results)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def stream(reqs: list[GenRequest], chunk: Callable[[int, str, FinishReason | None], dict[str, Any]],
-               first: Callable[[int], dict[str, Any]] | None = None) -> StreamingResponse:
+    def stream(
+        reqs: list[GenRequest],
+        chunk: Callable[[int, str, FinishReason | None], dict[str, Any]],
+        first: Callable[[int], dict[str, Any]] | None = None,
+    ) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, str | None, str | None]] = asyncio.Queue()
+
         def forward(i: int) -> Callable[[str, FinishReason | None], None]:
             return lambda text, finish: loop.call_soon_threadsafe(events.put_nowait, (i, text, finish))
 
@@ -203,7 +240,8 @@ def create_app(state: ServerState) -> FastAPI:
         futures = [submit(r, len(r.prompt_ids) + r.max_tokens) for r in reqs]
         for i, f in enumerate(futures):
             f.add_done_callback(
-                lambda f, i=i: events.put_nowait((i, None, "error")) if f.cancelled() or f.exception() else None)
+                lambda f, i=i: events.put_nowait((i, None, "error")) if f.cancelled() or f.exception() else None
+            )
 
         async def body() -> AsyncIterator[bytes]:
             pending = len(reqs)
@@ -247,8 +285,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": int(state.started),
-                                            "owned_by": "kdistill"}]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": state.model_name, "object": "model", "created": int(state.started), "owned_by": "kdistill"}
+            ],
+        }
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -256,17 +298,24 @@ def create_app(state: ServerState) -> FastAPI:
 
     def check_v2_name(name: str) -> None:
         if name != state.model_name:
-            raise ApiError(404, f"unknown model {name!r}; this server serves {state.model_name!r}", "name",
-                           kind="not_found_error")
+            raise ApiError(
+                404, f"unknown model {name!r}; this server serves {state.model_name!r}", "name", kind="not_found_error"
+            )
 
     @app.get("/v2/models/{name}")
     async def model_metadata(name: str) -> dict[str, Any]:
         check_v2_name(name)
         engine = engine_for("sequence-classification", "name")
-        return {"name": name, "platform": "kdistill", "versions": ["1"],
-                "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-                "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
-                            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(engine.labels)]}]}
+        return {
+            "name": name,
+            "platform": "kdistill",
+            "versions": ["1"],
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(engine.labels)]},
+            ],
+        }
 
     @app.get("/v2/models/{name}/ready")
     async def model_ready(name: str) -> JSONResponse:
@@ -289,17 +338,29 @@ def create_app(state: ServerState) -> FastAPI:
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(i: int, text: str, finish: FinishReason | None) -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                    "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}]}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": state.model_name,
+                "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}],
+            }
 
         if body.stream:
             return stream(reqs, chunk)
         check_capacity(len(reqs))
         results: list[GenResult] = await asyncio.gather(*(submit(r, len(r.prompt_ids) + r.max_tokens) for r in reqs))
-        return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
-                "choices": [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                            for i, r in enumerate(results)],
-                "usage": usage(results)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": state.model_name,
+            "choices": [
+                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                for i, r in enumerate(results)
+            ],
+            "usage": usage(results),
+        }
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
@@ -311,21 +372,41 @@ def create_app(state: ServerState) -> FastAPI:
 
         def chunk(i: int, text: str, finish: FinishReason | None) -> dict[str, Any]:
             delta = {"content": text} if text else {}
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                    "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": state.model_name,
+                "choices": [{"index": i, "delta": delta, "finish_reason": finish}],
+            }
 
         def first(i: int) -> dict[str, Any]:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                    "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": state.model_name,
+                "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+            }
 
         if body.stream:
             return stream(reqs, chunk, first)
         check_capacity(1)
         result: GenResult = await submit(reqs[0], len(reqs[0].prompt_ids) + reqs[0].max_tokens)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.finish_reason}],
-                "usage": usage([result])}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": state.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": usage([result]),
+        }
 
     # ---- classification ---------------------------------------------------------------------------
     async def classify_texts(engine: Engine, texts: list[Any], param: str) -> list[list[float]]:
@@ -345,8 +426,9 @@ def create_app(state: ServerState) -> FastAPI:
         results = []
         for row in probs:
             best = max(range(len(row)), key=row.__getitem__)
-            results.append({"label": engine.labels[best], "score": row[best],
-                            "scores": dict(zip(engine.labels, row, strict=True))})
+            results.append(
+                {"label": engine.labels[best], "score": row[best], "scores": dict(zip(engine.labels, row, strict=True))}
+            )
         return {"model": state.model_name, "results": results}
 
     @app.post("/v2/models/{name}/infer")
@@ -361,17 +443,31 @@ def create_app(state: ServerState) -> FastAPI:
             if d < 0:
                 raise ApiError(400, "shape must not hold negative sizes", "inputs[0].shape")
             count *= d
-        if count != len(tensor.data) or len(tensor.shape) not in (1, 2) or (
-                len(tensor.shape) == 2 and tensor.shape[1] != 1):
-            raise ApiError(400, f"shape {tensor.shape} does not fit {len(tensor.data)} texts (use [N] or [N, 1])",
-                           "inputs[0].shape")
+        if (
+            count != len(tensor.data)
+            or len(tensor.shape) not in (1, 2)
+            or (len(tensor.shape) == 2 and tensor.shape[1] != 1)
+        ):
+            raise ApiError(
+                400,
+                f"shape {tensor.shape} does not fit {len(tensor.data)} texts (use [N] or [N, 1])",
+                "inputs[0].shape",
+            )
         probs = await classify_texts(engine, tensor.data, "inputs[0].data")
         labels = [engine.labels[max(range(len(r)), key=r.__getitem__)] for r in probs]
         out: dict[str, Any] = {
-            "model_name": name, "model_version": "1",
-            "outputs": [{"name": "label", "shape": [len(labels)], "datatype": "BYTES", "data": labels},
-                        {"name": "probabilities", "shape": [len(probs), len(engine.labels)], "datatype": "FP32",
-                         "data": [p for row in probs for p in row]}]}
+            "model_name": name,
+            "model_version": "1",
+            "outputs": [
+                {"name": "label", "shape": [len(labels)], "datatype": "BYTES", "data": labels},
+                {
+                    "name": "probabilities",
+                    "shape": [len(probs), len(engine.labels)],
+                    "datatype": "FP32",
+                    "data": [p for row in probs for p in row],
+                },
+            ],
+        }
         if body.id is not None:
             out["id"] = body.id
         return out

@@ -138,7 +138,7 @@ def length_groups(lengths: Sequence[int], overhead_tokens: int) -> list[list[int
     groups: list[list[int]] = []
     j = n
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
@@ -147,9 +147,15 @@ def length_groups(lengths: Sequence[int], overhead_tokens: int) -> list[list[int
 class DynamicBatcher(Generic[T, R]):
     """Queue + one worker thread calling ``run_batch(payloads) -> results`` (same order)."""
 
-    def __init__(self, run_batch: Callable[[list[T]], list[R]], policy: BatchPolicy, *,
-                 on_batch: Callable[[BatchStats], None] | None = None, name: str = "kdistill-batcher",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], list[R]],
+        policy: BatchPolicy,
+        *,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        name: str = "kdistill-batcher",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.run_batch = run_batch
         self.policy = policy
         self.on_batch = on_batch
@@ -203,7 +209,7 @@ class DynamicBatcher(Generic[T, R]):
                 taken.append(p)
                 token_budget -= p.length
             if taken:
-                self._queue = self._queue[len(taken):]
+                self._queue = self._queue[len(taken) :]
         self._running += taken
         return [p.payload for p in taken]
 
@@ -256,5 +262,6 @@ class DynamicBatcher(Generic[T, R]):
                 self._busy = False
             if self.on_batch is not None:
                 lengths = [p.length for p in batch]
-                self.on_batch(BatchStats(len(batch), sum(lengths), max(lengths) * len(lengths), seconds,
-                                         len(self._queue)))
+                self.on_batch(
+                    BatchStats(len(batch), sum(lengths), max(lengths) * len(lengths), seconds, len(self._queue))
+                )

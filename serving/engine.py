@@ -174,7 +174,8 @@ class Engine:
         (kernel packing, allocator growth)."""
         probe = self.encode("warm up") or [self.pad_id]
         if self.task == "causal-lm":
-            self.run_generation([GenRequest(probe, max_tokens=2, temperature=0.0),
-                                 GenRequest(probe[:1], max_tokens=1, temperature=0.0)])
+            self.run_generation(
+                [GenRequest(probe, max_tokens=2, temperature=0.0), GenRequest(probe[:1], max_tokens=1, temperature=0.0)]
+            )
         else:
             self.run_classification([probe, probe[:1]])

@@ -13,8 +13,15 @@ from starlette.responses import JSONResponse
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, *,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        *,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
@@ -31,12 +38,13 @@ def v2_error_message(message: str, param: str | None) -> str:
     if not param or message.startswith(f"{param}: "):
         return message
     if message.startswith(f"{param} "):  # "texts must not be empty" -> "texts: must not be empty"
-        message = message[len(param) + 1:]
+        message = message[len(param) + 1 :]
     return f"{param}: {message}"
 
 
-def error_response(status: int, message: str, param: str | None, kind: str,
-                   headers: dict[str, str] | None = None, *, path: str = "") -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None, kind: str, headers: dict[str, str] | None = None, *, path: str = ""
+) -> JSONResponse:
     body: dict[str, Any]
     if is_v2(path):
         body = {"error": v2_error_message(message, param)}

@@ -129,7 +129,7 @@ class _Row:
         while upto > self.sent and self.text[upto - 1] == "\ufffd" and not self.finish:
             upto -= 1
         if upto > self.sent:
-            self.req.on_text(self.text[self.sent:upto], None)
+            self.req.on_text(self.text[self.sent : upto], None)
             self.sent = upto
         if self.finish:
             self.req.on_text("", self.finish)
@@ -164,19 +164,19 @@ class _Live:
     active: list[int]
 
 
-def _prefill(model: nn.Module, requests: list[GenRequest], first_row: int, pad_id: int,
-             extra: dict[str, Any]) -> _Live:
+def _prefill(model: nn.Module, requests: list[GenRequest], first_row: int, pad_id: int, extra: dict[str, Any]) -> _Live:
     """One forward over the left-padded prompts (every prompt ends at the last column)."""
     width = max(len(r.prompt_ids) for r in requests)
     ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(requests), width), dtype=torch.long)
     for i, r in enumerate(requests):
-        ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        mask[i, width - len(r.prompt_ids):] = 1
+        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        mask[i, width - len(r.prompt_ids) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    return _Live(_cache_of(out), mask, positions[:, -1], out.logits[:, -1, :],
-                 list(range(first_row, first_row + len(requests))))
+    return _Live(
+        _cache_of(out), mask, positions[:, -1], out.logits[:, -1, :], list(range(first_row, first_row + len(requests)))
+    )
 
 
 def _sample(live: _Live, rows: list[_Row], eos_id: int | None) -> list[int]:
@@ -187,8 +187,11 @@ def _sample(live: _Live, rows: list[_Row], eos_id: int | None) -> list[int]:
     tokens = []
     for j, i in enumerate(live.active):
         row = rows[i]
-        token = (greedy[j] if row.req.temperature <= 0.0
-                 else sample_next(live.logits[j], row.req.temperature, row.req.top_p, row.gen))
+        token = (
+            greedy[j]
+            if row.req.temperature <= 0.0
+            else sample_next(live.logits[j], row.req.temperature, row.req.top_p, row.gen)
+        )
         row.push(token, eos_id)
         tokens.append(token)
     return tokens
@@ -239,9 +242,14 @@ def _merge(live: _Live, fresh: _Live) -> None:
 
 
 @torch.inference_mode()
-def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest],
-                   stats: DecodeStats | None = None, admit: Admit | None = None,
-                   max_rows: int | None = None) -> list[GenResult]:
+def generate_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    requests: list[GenRequest],
+    stats: DecodeStats | None = None,
+    admit: Admit | None = None,
+    max_rows: int | None = None,
+) -> list[GenResult]:
     """Generate for all ``requests`` together (prefill once, then decode with a shared KV cache).
 
     ``stats``, when given, accumulates the decode steps and the rows they decoded. ``admit``, when
@@ -275,8 +283,14 @@ def generate_batch(model: nn.Module, tokenizer: Any, requests: list[GenRequest],
         if stats is not None:
             stats.steps += 1
             stats.rows += len(live.active)
-        out = model(input_ids=torch.tensor(tokens, dtype=torch.long)[:, None], attention_mask=live.mask,
-                    position_ids=live.last_pos[:, None], use_cache=True, **{cache_arg: live.cache}, **extra)
+        out = model(
+            input_ids=torch.tensor(tokens, dtype=torch.long)[:, None],
+            attention_mask=live.mask,
+            position_ids=live.last_pos[:, None],
+            use_cache=True,
+            **{cache_arg: live.cache},
+            **extra,
+        )
         live.cache, live.logits = _cache_of(out), out.logits[:, -1, :]
         tokens = _drop_finished(live, rows, _sample(live, rows, eos_id))
     return [r.result() for r in rows]

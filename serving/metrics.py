@@ -15,26 +15,40 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.latency = Histogram("kdistill_request_latency_seconds", "Request latency, by endpoint.",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("kdistill_batch_size", "Requests per model batch.", buckets=BATCH_BUCKETS,
-                                    registry=r)
-        self.padding = Histogram("kdistill_padding_efficiency", "Real tokens / padded tokens per batch.",
-                                 buckets=EFFICIENCY_BUCKETS, registry=r)
-        self.padding_ratio = Gauge("kdistill_padding_efficiency_ratio",
-                                   "Real / padded tokens over all batches so far.", registry=r)
+        self.latency = Histogram(
+            "kdistill_request_latency_seconds",
+            "Request latency, by endpoint.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "kdistill_batch_size", "Requests per model batch.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.padding = Histogram(
+            "kdistill_padding_efficiency",
+            "Real tokens / padded tokens per batch.",
+            buckets=EFFICIENCY_BUCKETS,
+            registry=r,
+        )
+        self.padding_ratio = Gauge(
+            "kdistill_padding_efficiency_ratio", "Real / padded tokens over all batches so far.", registry=r
+        )
         self.queue_depth = Gauge("kdistill_queue_depth", "Requests waiting for a batch.", registry=r)
         self.tokens = Counter("kdistill_tokens", "Tokens processed.", ["kind"], registry=r)
-        self.tokens_per_second = Gauge("kdistill_tokens_per_second", "Tokens per second of the last batch.",
-                                       registry=r)
-        self.errors = Counter("kdistill_errors", "Requests answered with an error, by status.", ["endpoint", "status"],
-                              registry=r)
-        self.in_flight = Gauge("kdistill_requests_in_flight", "Model requests accepted and not yet answered.",
-                               registry=r)
+        self.tokens_per_second = Gauge("kdistill_tokens_per_second", "Tokens per second of the last batch.", registry=r)
+        self.errors = Counter(
+            "kdistill_errors", "Requests answered with an error, by status.", ["endpoint", "status"], registry=r
+        )
+        self.in_flight = Gauge(
+            "kdistill_requests_in_flight", "Model requests accepted and not yet answered.", registry=r
+        )
         self.decode_steps = Counter("kdistill_decode_steps", "Batched decode steps run.", registry=r)
-        self.decode_rows = Counter("kdistill_decode_rows",
-                                   "Sequences decoded, summed over decode steps (/ steps: mean decode batch).",
-                                   registry=r)
+        self.decode_rows = Counter(
+            "kdistill_decode_rows",
+            "Sequences decoded, summed over decode steps (/ steps: mean decode batch).",
+            registry=r,
+        )
         self.rejected = Counter("kdistill_rejected", "Requests refused because the queue was full.", registry=r)
         self._real = 0
         self._padded = 0

@@ -38,8 +38,9 @@ class ObserveMiddleware:
 
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            response = error_response(413, f"request body over {self.max_body_bytes} bytes", "body",
-                                      "invalid_request_error", path=path)
+            response = error_response(
+                413, f"request body over {self.max_body_bytes} bytes", "body", "invalid_request_error", path=path
+            )
             await response(scope, receive, send_observed)
         else:
             model_call = scope.get("method") == "POST"
@@ -50,8 +51,7 @@ class ObserveMiddleware:
             except Exception as exc:  # raised past the exception handlers: still a JSON answer
                 if started:
                     raise
-                response = error_response(500, f"internal error: {type(exc).__name__}", None, "server_error",
-                                          path=path)
+                response = error_response(500, f"internal error: {type(exc).__name__}", None, "server_error", path=path)
                 await response(scope, receive, send_observed)
             finally:
                 if model_call:

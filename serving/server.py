@@ -68,8 +68,14 @@ def load_into(state: ServerState, model_dir: Path, policy: BatchPolicy, threads:
         batcher.start()
         state.engine, state.batcher = engine, batcher
         state.ready = True
-        log.info("model %s (%s, %s) ready; allocator tuned: %s; %s", state.model_name, engine.task,
-                 artifact.meta.get("quantization", {}).get("mode"), tuned, engine.runtime)
+        log.info(
+            "model %s (%s, %s) ready; allocator tuned: %s; %s",
+            state.model_name,
+            engine.task,
+            artifact.meta.get("quantization", {}).get("mode"),
+            tuned,
+            engine.runtime,
+        )
     except Exception as exc:
         state.load_error = f"model failed to load: {exc}"
         log.exception("model failed to load")
@@ -93,8 +99,12 @@ def build(model_dir: Path, options: ServeOptions) -> tuple[FastAPI, ServerState]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(target=load_into, args=(state, model_dir, options.policy, options.threads),
-                                  name="kdistill-loader", daemon=True)
+        loader = threading.Thread(
+            target=load_into,
+            args=(state, model_dir, options.policy, options.threads),
+            name="kdistill-loader",
+            daemon=True,
+        )
         loader.start()
         yield
         state.draining = True
@@ -109,7 +119,13 @@ def serve(model_dir: Path, options: ServeOptions) -> None:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"MODEL_DIR {model_dir} is not a directory")
     app, state = build(model_dir, options)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
-                            timeout_graceful_shutdown=int(options.graceful_timeout), lifespan="on",
-                            access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        timeout_graceful_shutdown=int(options.graceful_timeout),
+        lifespan="on",
+        access_log=False,
+    )
     DrainingServer(config, state).run()

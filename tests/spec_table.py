@@ -65,12 +65,24 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
             quantization={"mode": "ptq-int8"},
         ),
     ),
-    ("data-parallel-top-k", with_spec(parallelism={"nodes": 2, "gpusPerNode": 0, "student": {"data": 2},
-                                                   "gradientCompression": {"topK": 0.01, "warmupSteps": 5,
-                                                                           "rampSteps": 40}})),
-    ("pipeline-split-logits-only", with_spec(
-        parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
-        quantization={"mode": "none"})),
+    (
+        "data-parallel-top-k",
+        with_spec(
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 0,
+                "student": {"data": 2},
+                "gradientCompression": {"topK": 0.01, "warmupSteps": 5, "rampSteps": 40},
+            }
+        ),
+    ),
+    (
+        "pipeline-split-logits-only",
+        with_spec(
+            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
+            quantization={"mode": "none"},
+        ),
+    ),
     ("cpu-two-pods", with_spec(parallelism={"nodes": 2, "gpusPerNode": 0, "student": {"data": 2}})),
     (
         "three-stages",
@@ -86,14 +98,19 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("created-volume", with_spec(**{"checkpoint.volume": {"storageClassName": "nfs", "size": "10Gi"}})),
     ("ptq", with_spec(quantization={"mode": "ptq-int8", "qatSteps": 0})),
-    ("strata-within-tolerance", with_spec(**{"data.sampling": {
-        "strategy": "stratified", "head": 0.7, "torso": 0.2, "tail": 0.1000004}})),
+    (
+        "strata-within-tolerance",
+        with_spec(**{"data.sampling": {"strategy": "stratified", "head": 0.7, "torso": 0.2, "tail": 0.1000004}}),
+    ),
 ]
+
 
 def _split_student(**changes: Any) -> dict[str, Any]:
     """A valid tensor-split student (logits KD, PTQ) with ``changes`` applied on top."""
-    base = {"parallelism": {"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "tensor": 2}},
-            "quantization": {"mode": "ptq-int8"}}
+    base = {
+        "parallelism": {"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "tensor": 2}},
+        "quantization": {"mode": "ptq-int8"},
+    }
     return with_spec(**{**base, **changes})
 
 
@@ -101,25 +118,41 @@ def _split_student(**changes: Any) -> dict[str, Any]:
 # (the trainer's BAD_SPEC check stays as a second line). The third item is the error's path;
 # SPLIT_STUDENT_NEEDLES names what each message must mention.
 SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
-    ("split-student-hidden", _split_student(**{"distillation.stages": [
-        {"name": "features", "steps": 5, "objectives": ["hidden", "logits"]}]}), "spec"),
-    ("split-student-attention-pipeline", _split_student(
-        parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
-        **{"distillation.stages": [{"name": "a", "steps": 5, "objectives": ["attention"]}]}), "spec"),
+    (
+        "split-student-hidden",
+        _split_student(
+            **{"distillation.stages": [{"name": "features", "steps": 5, "objectives": ["hidden", "logits"]}]}
+        ),
+        "spec",
+    ),
+    (
+        "split-student-attention-pipeline",
+        _split_student(
+            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
+            **{"distillation.stages": [{"name": "a", "steps": 5, "objectives": ["attention"]}]},
+        ),
+        "spec",
+    ),
     ("split-student-teacher-cache", _split_student(**{"distillation.teacherCache": {"enabled": True}}), "spec"),
-    ("split-student-uncertainty-weighting", _split_student(**{"data.uncertaintyWeighting": {"enabled": True}}),
-     "spec"),
+    ("split-student-uncertainty-weighting", _split_student(**{"data.uncertaintyWeighting": {"enabled": True}}), "spec"),
     ("split-student-qat", _split_student(quantization={"mode": "qat-int8", "qatSteps": 10}), "spec"),
     ("split-student-default-qat", _split_student(quantization=_DELETE), "spec"),
     ("split-student-top-k", _split_student(**{"parallelism.gradientCompression": {"topK": 0.01}}), "spec"),
-    ("split-student-classification", _split_student(task="sequence-classification",
-                                                    **{"data.labelField": "label"}), "spec"),
+    (
+        "split-student-classification",
+        _split_student(task="sequence-classification", **{"data.labelField": "label"}),
+        "spec",
+    ),
 ]
 SPLIT_STUDENT_NEEDLES = {
-    "split-student-hidden": "logits objective only", "split-student-attention-pipeline": "logits objective only",
-    "split-student-teacher-cache": "teacherCache", "split-student-uncertainty-weighting": "uncertaintyWeighting",
-    "split-student-qat": "qat-int8", "split-student-default-qat": "qat-int8",
-    "split-student-top-k": "gradientCompression.topK", "split-student-classification": "causal-LM students only",
+    "split-student-hidden": "logits objective only",
+    "split-student-attention-pipeline": "logits objective only",
+    "split-student-teacher-cache": "teacherCache",
+    "split-student-uncertainty-weighting": "uncertaintyWeighting",
+    "split-student-qat": "qat-int8",
+    "split-student-default-qat": "qat-int8",
+    "split-student-top-k": "gradientCompression.topK",
+    "split-student-classification": "causal-LM students only",
 }
 
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
@@ -142,61 +175,119 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("hf-empty-repo", with_spec(**{"student": {"model": "hf://"}}), "spec.student.model"),
     ("alpha-above-1", with_spec(**{"distillation.alpha": 1.5}), "spec.distillation.alpha"),
     ("alpha-negative", with_spec(**{"distillation.alpha": -0.1}), "spec.distillation.alpha"),
-    ("temperature-zero", with_spec(**{"distillation.temperature": {"start": 0}}),
-     "spec.distillation.temperature.start"),
-    ("temperature-end-negative", with_spec(**{"distillation.temperature": {"end": -1}}),
-     "spec.distillation.temperature.end"),
-    ("unknown-schedule", with_spec(**{"distillation.temperature": {"schedule": "step"}}),
-     "spec.distillation.temperature.schedule"),
+    (
+        "temperature-zero",
+        with_spec(**{"distillation.temperature": {"start": 0}}),
+        "spec.distillation.temperature.start",
+    ),
+    (
+        "temperature-end-negative",
+        with_spec(**{"distillation.temperature": {"end": -1}}),
+        "spec.distillation.temperature.end",
+    ),
+    (
+        "unknown-schedule",
+        with_spec(**{"distillation.temperature": {"schedule": "step"}}),
+        "spec.distillation.temperature.schedule",
+    ),
     ("unknown-loss", with_spec(**{"distillation.loss": "mse"}), "spec.distillation.loss"),
     (
         "duplicate-stage",
-        with_spec(**{"distillation.stages": [
-            {"name": "a", "steps": 1, "objectives": ["logits"]},
-            {"name": "a", "steps": 1, "objectives": ["hidden"]},
-        ]}),
+        with_spec(
+            **{
+                "distillation.stages": [
+                    {"name": "a", "steps": 1, "objectives": ["logits"]},
+                    {"name": "a", "steps": 1, "objectives": ["hidden"]},
+                ]
+            }
+        ),
         "spec.distillation",
     ),
-    ("stage-zero-steps", with_spec(**{"distillation.stages": [{"name": "a", "steps": 0, "objectives": ["logits"]}]}),
-     "spec.distillation.stages[0].steps"),
-    ("stage-no-objectives", with_spec(**{"distillation.stages": [{"name": "a", "steps": 1, "objectives": []}]}),
-     "spec.distillation.stages[0].objectives"),
-    ("stage-unknown-objective",
-     with_spec(**{"distillation.stages": [{"name": "a", "steps": 1, "objectives": ["logit"]}]}),
-     "spec.distillation.stages[0].objectives[0]"),
+    (
+        "stage-zero-steps",
+        with_spec(**{"distillation.stages": [{"name": "a", "steps": 0, "objectives": ["logits"]}]}),
+        "spec.distillation.stages[0].steps",
+    ),
+    (
+        "stage-no-objectives",
+        with_spec(**{"distillation.stages": [{"name": "a", "steps": 1, "objectives": []}]}),
+        "spec.distillation.stages[0].objectives",
+    ),
+    (
+        "stage-unknown-objective",
+        with_spec(**{"distillation.stages": [{"name": "a", "steps": 1, "objectives": ["logit"]}]}),
+        "spec.distillation.stages[0].objectives[0]",
+    ),
     ("no-stages", with_spec(**{"distillation.stages": []}), "spec.distillation.stages"),
-    ("topk-one", with_spec(**{"parallelism.gradientCompression": {"topK": 1.0}}),
-     "spec.parallelism.gradientCompression.topK"),
-    ("ramp-negative", with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "rampSteps": -1}}),
-     "spec.parallelism.gradientCompression.rampSteps"),
-    ("topk-negative", with_spec(**{"parallelism.gradientCompression": {"topK": -0.01}}),
-     "spec.parallelism.gradientCompression.topK"),
-    ("mesh-mismatch", with_spec(parallelism={"nodes": 2, "gpusPerNode": 1, "student": {"data": 4}}),
-     "spec.parallelism"),
-    ("teacher-stages-not-dividing", with_spec(parallelism={"nodes": 1, "gpusPerNode": 4,
-     "teacherPipelineStages": 3, "student": {"data": 4}}), "spec.parallelism"),
-    ("strata-not-summing", with_spec(**{"data.sampling": {"strategy": "stratified", "head": 0.7,
-     "torso": 0.2, "tail": 0.2}}), "spec.data.sampling"),
+    (
+        "topk-one",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 1.0}}),
+        "spec.parallelism.gradientCompression.topK",
+    ),
+    (
+        "ramp-negative",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "rampSteps": -1}}),
+        "spec.parallelism.gradientCompression.rampSteps",
+    ),
+    (
+        "topk-negative",
+        with_spec(**{"parallelism.gradientCompression": {"topK": -0.01}}),
+        "spec.parallelism.gradientCompression.topK",
+    ),
+    (
+        "mesh-mismatch",
+        with_spec(parallelism={"nodes": 2, "gpusPerNode": 1, "student": {"data": 4}}),
+        "spec.parallelism",
+    ),
+    (
+        "teacher-stages-not-dividing",
+        with_spec(parallelism={"nodes": 1, "gpusPerNode": 4, "teacherPipelineStages": 3, "student": {"data": 4}}),
+        "spec.parallelism",
+    ),
+    (
+        "strata-not-summing",
+        with_spec(**{"data.sampling": {"strategy": "stratified", "head": 0.7, "torso": 0.2, "tail": 0.2}}),
+        "spec.data.sampling",
+    ),
     ("classification-no-label", with_spec(task="sequence-classification", **{"data.labelField": ""}), "spec"),
-    ("min-retention-zero", with_spec(**{"serving.qualityGate": {"minRetention": 0}}),
-     "spec.serving.qualityGate.minRetention"),
-    ("min-retention-above-1", with_spec(**{"serving.qualityGate": {"minRetention": 1.01}}),
-     "spec.serving.qualityGate.minRetention"),
+    (
+        "min-retention-zero",
+        with_spec(**{"serving.qualityGate": {"minRetention": 0}}),
+        "spec.serving.qualityGate.minRetention",
+    ),
+    (
+        "min-retention-above-1",
+        with_spec(**{"serving.qualityGate": {"minRetention": 1.01}}),
+        "spec.serving.qualityGate.minRetention",
+    ),
     ("qat-zero-steps", with_spec(quantization={"mode": "qat-int8", "qatSteps": 0}), "spec.quantization"),
-    ("volume-both", with_spec(**{"checkpoint.volume": {"claimName": "a", "size": "1Gi"}}),
-     "spec.checkpoint.volume"),
-    ("volume-neither", with_spec(**{"checkpoint.volume": {"storageClassName": "nfs"}}),
-     "spec.checkpoint.volume"),
-    ("batch-not-divisible", with_spec(parallelism={"nodes": 3, "gpusPerNode": 0, "student": {"data": 3}},
-     **{"distillation.batchSize": 32}), "spec"),
+    ("volume-both", with_spec(**{"checkpoint.volume": {"claimName": "a", "size": "1Gi"}}), "spec.checkpoint.volume"),
+    ("volume-neither", with_spec(**{"checkpoint.volume": {"storageClassName": "nfs"}}), "spec.checkpoint.volume"),
+    (
+        "batch-not-divisible",
+        with_spec(parallelism={"nodes": 3, "gpusPerNode": 0, "student": {"data": 3}}, **{"distillation.batchSize": 32}),
+        "spec",
+    ),
     ("negative-gpus", with_spec(**{"parallelism.gpusPerNode": -1}), "spec.parallelism.gpusPerNode"),
     ("unknown-field", with_spec(**{"distillation.temprature": {"start": 2}}), "spec.distillation.temprature"),
-    ("bad-stage-name", with_spec(**{"distillation.stages": [{"name": "Stage One", "steps": 1,
-     "objectives": ["logits"]}]}), "spec.distillation.stages[0].name"),
-    ("autoscaling-inverted", with_spec(**{"serving.autoscaling": {"minReplicas": 3, "maxReplicas": 2}}),
-     "spec.serving.autoscaling"),
+    (
+        "bad-stage-name",
+        with_spec(**{"distillation.stages": [{"name": "Stage One", "steps": 1, "objectives": ["logits"]}]}),
+        "spec.distillation.stages[0].name",
+    ),
+    (
+        "autoscaling-inverted",
+        with_spec(**{"serving.autoscaling": {"minReplicas": 3, "maxReplicas": 2}}),
+        "spec.serving.autoscaling",
+    ),
     *SPLIT_STUDENT_BAD,
-    ("teacher-stages-classification", with_spec(
-        task="sequence-classification", **{"data.labelField": "label"},
-        parallelism={"nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 2}}), "spec"),
+    (
+        "teacher-stages-classification",
+        with_spec(
+            task="sequence-classification",
+            **{"data.labelField": "label"},
+            parallelism={"nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 2}},
+        ),
+        "spec",
+    ),
 ]

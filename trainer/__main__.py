@@ -17,8 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="DistillationJob YAML")
     parser.add_argument("--output", type=Path, default=None, help="output folder (default ./kdistill-out/NAME)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return main_entry(args.config, args.output, on_step=json_step_printer(), on_event=json_event_printer())
 
 

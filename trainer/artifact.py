@@ -62,8 +62,9 @@ def sha256_file(path: Path) -> str:
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != META_FILE}
+    return {
+        str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != META_FILE
+    }
 
 
 def _model_class(task: str) -> Any:
@@ -72,8 +73,9 @@ def _model_class(task: str) -> Any:
     return AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
 
 
-def save_artifact(model: nn.Module, tokenizer: Any, out_dir: Path, *, task: str, quantization: str,
-                  metrics: dict[str, Any]) -> Path:
+def save_artifact(
+    model: nn.Module, tokenizer: Any, out_dir: Path, *, task: str, quantization: str, metrics: dict[str, Any]
+) -> Path:
     """Write the artifact atomically (a temporary sibling directory renamed into place)."""
     from safetensors.torch import save_model
 
@@ -146,8 +148,10 @@ def read_meta(model_dir: Path) -> dict[str, Any]:
             raise ArtifactError(f"{model_dir}: {rel} is missing")
         actual = sha256_file(path)
         if actual != expected:
-            raise ArtifactError(f"{model_dir}: checksum mismatch for {rel} (expected {expected[:12]}…, got "
-                                f"{actual[:12]}…): refusing to load a modified artifact")
+            raise ArtifactError(
+                f"{model_dir}: checksum mismatch for {rel} (expected {expected[:12]}…, got "
+                f"{actual[:12]}…): refusing to load a modified artifact"
+            )
     return meta
 
 
@@ -175,8 +179,9 @@ def load_artifact(model_dir: Path, *, kernel: q.Int8Kernel | None = None) -> Art
             try:
                 old = model.get_submodule(name)
             except AttributeError:
-                raise ArtifactError(f"{model_dir}: INT8 module {name!r} does not exist in {type(model).__name__}") \
-                    from None
+                raise ArtifactError(
+                    f"{model_dir}: INT8 module {name!r} does not exist in {type(model).__name__}"
+                ) from None
             if not isinstance(old, nn.Linear):
                 raise ArtifactError(f"{model_dir}: INT8 module {name!r} is a {type(old).__name__}, not a Linear")
             q._set_module(model, name, q.Int8Linear(old.in_features, old.out_features, old.bias is not None, kernel))
@@ -185,7 +190,9 @@ def load_artifact(model_dir: Path, *, kernel: q.Int8Kernel | None = None) -> Art
     except (RuntimeError, OSError) as exc:
         raise ArtifactError(f"{model_dir}: weights do not fit the config: {exc}") from None
     if missing or unexpected:
-        raise ArtifactError(f"{model_dir}: weights do not fit the config: missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]}")
+        raise ArtifactError(
+            f"{model_dir}: weights do not fit the config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     model.eval()
     return Artifact(model=model, tokenizer=tokenizer, meta=meta)

@@ -71,8 +71,13 @@ def capture_rng() -> dict[str, Any]:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "kind": np_kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -188,9 +193,14 @@ class CheckpointManager:
                 continue
             info = json.loads((path / "trainer.json").read_text())
             sampler = torch.load(path / "sampler.pt", weights_only=True)
-            return CheckpointInfo(path=path, step=int(info["step"]), stage=str(info["stage"]),
-                                  temperature=float(info["temperature"]), sampler=sampler,
-                                  meta=dict(info.get("meta", {})))
+            return CheckpointInfo(
+                path=path,
+                step=int(info["step"]),
+                stage=str(info["stage"]),
+                temperature=float(info["temperature"]),
+                sampler=sampler,
+                meta=dict(info.get("meta", {})),
+            )
         return None
 
     @staticmethod

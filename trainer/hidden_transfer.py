@@ -22,13 +22,9 @@ def resolve_layer_map(
     DistilBERT keeps every other layer). An explicit map is validated and returned as given.
     """
     if num_student_layers < 1 or num_teacher_layers < 1:
-        raise ValueError(
-            f"layer counts must be >= 1, got student={num_student_layers}, teacher={num_teacher_layers}"
-        )
+        raise ValueError(f"layer counts must be >= 1, got student={num_student_layers}, teacher={num_teacher_layers}")
     if not explicit:
-        return [
-            (i, max(0, (i + 1) * num_teacher_layers // num_student_layers - 1)) for i in range(num_student_layers)
-        ]
+        return [(i, max(0, (i + 1) * num_teacher_layers // num_student_layers - 1)) for i in range(num_student_layers)]
     seen: set[tuple[int, int]] = set()
     pairs: list[tuple[int, int]] = []
     for raw in explicit:
@@ -77,8 +73,7 @@ class HiddenStateTransfer(nn.Module):
         self.teacher_dim = teacher_dim
         self.pairs = [(int(s), int(t)) for s, t in pairs]
         self.projections = nn.ModuleList(
-            nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim)
-            for _ in self.pairs
+            nn.Identity() if student_dim == teacher_dim else nn.Linear(student_dim, teacher_dim) for _ in self.pairs
         )
 
     def forward(self, student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], mask: Tensor) -> Tensor:

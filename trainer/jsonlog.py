@@ -17,10 +17,16 @@ def _is_rank0() -> bool:
 
 def step_record(r: StepReport) -> dict[str, Any]:
     rec: dict[str, Any] = {
-        "event": "step", "stage": r.stage, "step": r.step, "totalSteps": r.total_steps,
-        "loss": round(r.loss, 6), "parts": {k: round(v, 6) for k, v in r.parts.items()},
-        "temperature": round(r.temperature, 4), "lr": r.learning_rate,
-        "tokensPerSecond": round(r.tokens_per_second, 1), "stepSeconds": round(r.step_seconds, 4),
+        "event": "step",
+        "stage": r.stage,
+        "step": r.step,
+        "totalSteps": r.total_steps,
+        "loss": round(r.loss, 6),
+        "parts": {k: round(v, 6) for k, v in r.parts.items()},
+        "temperature": round(r.temperature, 4),
+        "lr": r.learning_rate,
+        "tokensPerSecond": round(r.tokens_per_second, 1),
+        "stepSeconds": round(r.step_seconds, 4),
     }
     if r.checkpoint:
         rec["checkpoint"] = r.checkpoint

@@ -245,8 +245,13 @@ class Trainer:
 
         def read(path: Path) -> list[Any]:
             try:
-                rows = read_jsonl(path, text_field=d.text_field, label_field=label_field, label_to_id=label_map,
-                                  max_bad_fraction=d.max_bad_fraction)
+                rows = read_jsonl(
+                    path,
+                    text_field=d.text_field,
+                    label_field=label_field,
+                    label_to_id=label_map,
+                    max_bad_fraction=d.max_bad_fraction,
+                )
             except DataError as exc:
                 raise TrainerError(ExitCode.BAD_DATA, str(exc)) from None
             if not rows:
@@ -257,15 +262,24 @@ class Trainer:
         self.eval_examples = read(eval_path) if eval_path else []
         s = d.sampling
         shares = (s.head, s.torso, s.tail)
-        tiers = assign_tiers(self.train_examples, self.task, shares=(s.head, s.torso)) \
-            if s.strategy == "stratified" else None
+        tiers = (
+            assign_tiers(self.train_examples, self.task, shares=(s.head, s.torso))
+            if s.strategy == "stratified"
+            else None
+        )
         dist = spec.distillation
         data_ranks = spec.parallelism.student.data
         self.micro_batch = dist.batch_size // (data_ranks * dist.gradient_accumulation_steps)
         self.sampler = BatchSampler(
-            self.train_examples, dist.batch_size // dist.gradient_accumulation_steps, strategy=s.strategy,
-            tiers=tiers, shares=shares, seed=dist.seed, bucket_by_length=True,
-            rank=self.parallel.data_rank, world=data_ranks,
+            self.train_examples,
+            dist.batch_size // dist.gradient_accumulation_steps,
+            strategy=s.strategy,
+            tiers=tiers,
+            shares=shares,
+            seed=dist.seed,
+            bucket_by_length=True,
+            rank=self.parallel.data_rank,
+            world=data_ranks,
         )
         self._sampler_iter: Iterator[list[int]] = iter(self.sampler)
         self._collate = collate
@@ -286,8 +300,9 @@ class Trainer:
 
         explicit = [(p.student, p.teacher) for p in self.spec.distillation.layer_map] or None
         try:
-            return resolve_layer_map(int(self.student.config.num_hidden_layers),
-                                     int(self.teacher.config.num_hidden_layers), explicit)
+            return resolve_layer_map(
+                int(self.student.config.num_hidden_layers), int(self.teacher.config.num_hidden_layers), explicit
+            )
         except ValueError as exc:
             raise TrainerError(ExitCode.BAD_SPEC, f"distillation.layerMap: {exc}") from None
 
@@ -321,24 +336,30 @@ class Trainer:
         if "hidden" in objectives:
             from .hidden_transfer import HiddenStateTransfer
 
-            aux["hidden"] = HiddenStateTransfer(int(self.student.config.hidden_size),
-                                                int(self.teacher.config.hidden_size), self.pairs)
+            aux["hidden"] = HiddenStateTransfer(
+                int(self.student.config.hidden_size), int(self.teacher.config.hidden_size), self.pairs
+            )
         if "attention" in objectives:
             from .attention_transfer import LowRankAttentionTransfer
 
             s_dims = self._probe_qkv_dims(self.student, [s for s, _ in self.pairs])
             # A split teacher holds one stage: it knows its q/k/v widths without the other blocks.
-            t_dims = self.parallel.teacher.qkv_dims if self.parallel.split_teacher \
+            t_dims = (
+                self.parallel.teacher.qkv_dims
+                if self.parallel.split_teacher
                 else self._probe_qkv_dims(self.teacher, [t for _, t in self.pairs])
+            )
             for rank in sorted({p.attention_rank for p in self.plan if "attention" in p.objectives}):
                 aux[f"attention_r{rank}"] = LowRankAttentionTransfer(
-                    s_dims, t_dims, rank, self.pairs, seed=self.spec.distillation.seed)
+                    s_dims, t_dims, rank, self.pairs, seed=self.spec.distillation.seed
+                )
         torch.manual_seed(self.spec.distillation.seed)
         return aux.to(self.device)
 
     def _named_trainables(self) -> list[tuple[str, nn.Parameter]]:
-        source = self.mp.named_params.items() if getattr(self, "mp", None) is not None \
-            else self.student.named_parameters()
+        source = (
+            self.mp.named_params.items() if getattr(self, "mp", None) is not None else self.student.named_parameters()
+        )
         named = [(f"student.{n}", p) for n, p in source if p.requires_grad]
         named += [(f"aux.{n}", p) for n, p in self.aux.named_parameters() if p.requires_grad]
         return named
@@ -353,7 +374,9 @@ class Trainer:
         no_decay = [p for _, p in named if p.ndim < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": d.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=d.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+            lr=d.learning_rate,
+            betas=(0.9, 0.999),
+            eps=1e-8,
             # DTensor shards and plain tensors cannot share one foreach kernel call.
             foreach=False if getattr(self, "mp", None) is not None else None,
         )
@@ -367,8 +390,7 @@ class Trainer:
             return None
         from .teacher_cache import TeacherCache
 
-        vocab = int(self.teacher.config.vocab_size) if self.task == "causal-lm" \
-            else int(self.teacher.config.num_labels)
+        vocab = int(self.teacher.config.vocab_size) if self.task == "causal-lm" else int(self.teacher.config.num_labels)
         self.cache_k = min(tc.top_k, vocab)
         return TeacherCache(self.opts.output.teacher_cache, self.cache_k, vocab)
 
@@ -432,13 +454,21 @@ class Trainer:
         if need_forward and self.parallel.split_teacher:
             from .parallel.teacher_pipeline import TeacherRequest
 
-            got = self.parallel.teacher.forward(batch["input_ids"], batch["attention_mask"], TeacherRequest(
-                logits=need_logits, hidden=tuple(t + 1 for _, t in self.pairs) if need_hidden else (),
-                qkv=tuple(t for _, t in self.pairs) if need_attn else ()))
+            got = self.parallel.teacher.forward(
+                batch["input_ids"],
+                batch["attention_mask"],
+                TeacherRequest(
+                    logits=need_logits,
+                    hidden=tuple(t + 1 for _, t in self.pairs) if need_hidden else (),
+                    qkv=tuple(t for _, t in self.pairs) if need_attn else (),
+                ),
+            )
             if need_hidden:
                 # Only the mapped layers travel; HiddenStateTransfer reads index t + 1 of the tuple.
-                out.hidden = tuple(got.hidden[i].float() if i in got.hidden else None  # type: ignore[misc]
-                                   for i in range(self.parallel.teacher.num_layers + 1))
+                out.hidden = tuple(
+                    got.hidden[i].float() if i in got.hidden else None  # type: ignore[misc]
+                    for i in range(self.parallel.teacher.num_layers + 1)
+                )
             if need_attn:
                 out.qkv = {layer: tuple(x.float() for x in qkv) for layer, qkv in got.qkv.items()}  # type: ignore[misc]
             if got.logits is not None:
@@ -455,13 +485,19 @@ class Trainer:
             with torch.inference_mode(), autocast, cap_ctx as cap:
                 if parts is not None:
                     backbone, head = parts
-                    t_out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     output_hidden_states=need_hidden)
+                    t_out = backbone(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        output_hidden_states=need_hidden,
+                    )
                     if need_logits:
                         out.logit_rows = head(t_out.last_hidden_state[:, :-1][self._valid(batch)]).float().clone()
                 else:
-                    t_out = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         output_hidden_states=need_hidden)
+                    t_out = self.teacher(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        output_hidden_states=need_hidden,
+                    )
             # Inference tensors cannot enter autograd graphs; clone the ones the losses keep.
             if need_hidden:
                 out.hidden = tuple(h.float().clone() for h in t_out.hidden_states)
@@ -497,8 +533,9 @@ class Trainer:
             raise TrainerError(ExitCode.INTERNAL, "the teacher cache lost an entry it just stored")
         return again
 
-    def _micro_loss(self, batch: dict[str, torch.Tensor], phase: Phase, temperature: float
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _micro_loss(
+        self, batch: dict[str, torch.Tensor], phase: Phase, temperature: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         from .losses import hard_label_ce, kd_divergence, kd_objective, topk_kd_divergence
         from .qkv_capture import QKVCapture
         from .weighting import sample_entropy_weights
@@ -510,18 +547,27 @@ class Trainer:
         s_layers = [s for s, _ in self.pairs] if need_attn else []
         cap_ctx = QKVCapture(self.student, s_layers) if need_attn else contextlib.nullcontext()
         # The row-only head needs the plain module: DDP must see its own forward to sync gradients.
-        parts = row_head_parts(self.student) \
-            if self.task == "causal-lm" and self.student_forward is self.student and "logits" in objs else None
+        parts = (
+            row_head_parts(self.student)
+            if self.task == "causal-lm" and self.student_forward is self.student and "logits" in objs
+            else None
+        )
         s_rows_fast = None
         with autocast, cap_ctx as cap:
             if parts is not None:
                 backbone, head = parts
-                s_out = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 output_hidden_states="hidden" in objs)
+                s_out = backbone(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    output_hidden_states="hidden" in objs,
+                )
                 s_rows_fast = head(s_out.last_hidden_state[:, :-1][self._valid(batch)])
             else:
-                s_out = self.student_forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                             output_hidden_states="hidden" in objs)
+                s_out = self.student_forward(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    output_hidden_states="hidden" in objs,
+                )
         mask = batch["attention_mask"]
         losses: dict[str, torch.Tensor] = {}
         parts: dict[str, float] = {}
@@ -541,6 +587,7 @@ class Trainer:
 
                 def rows(t: torch.Tensor) -> torch.Tensor:
                     return t[:, 0] if t.dim() == 3 else t
+
             weights = None
             chunk = max(256, LOSS_CHUNK_ELEMENTS // s_rows.shape[-1])
             if targets.logit_rows is not None:
@@ -558,9 +605,15 @@ class Trainer:
             else:
                 assert targets.top_values is not None and targets.top_indices is not None
                 lse = targets.logsumexp
-                kd = topk_kd_divergence(s_rows, rows(targets.top_values), rows(targets.top_indices), d.loss,
-                                        temperature, chunk_rows=chunk,
-                                        teacher_logsumexp=rows(lse) if lse is not None else None)
+                kd = topk_kd_divergence(
+                    s_rows,
+                    rows(targets.top_values),
+                    rows(targets.top_indices),
+                    d.loss,
+                    temperature,
+                    chunk_rows=chunk,
+                    teacher_logsumexp=rows(lse) if lse is not None else None,
+                )
                 entropy_src = None
                 if self.spec.data.uncertainty_weighting.enabled:  # only weighting reads the buckets
                     buckets = bucket_logits(targets.top_values, lse)
@@ -604,12 +657,14 @@ class Trainer:
         kd = kd_divergence(s_rows, t_rows, d.loss, self._mp_temperature, chunk_rows=chunk)
         ce = hard_label_ce(s_rows, y, chunk_rows=chunk)
         valid = (y != -100).to(torch.float64)
-        self._mp_parts.append(torch.stack([(kd.detach().double() * valid).sum(),
-                                           (ce.detach().double() * valid).sum(), valid.sum()]).cpu())
+        self._mp_parts.append(
+            torch.stack([(kd.detach().double() * valid).sum(), (ce.detach().double() * valid).sum(), valid.sum()]).cpu()
+        )
         return (d.alpha * kd + (1.0 - d.alpha) * ce).view_as(labels)
 
-    def _mp_micro_step(self, batch: dict[str, torch.Tensor], temperature: float, accum: int
-                       ) -> tuple[float, dict[str, float]]:
+    def _mp_micro_step(
+        self, batch: dict[str, torch.Tensor], temperature: float, accum: int
+    ) -> tuple[float, dict[str, float]]:
         """Forward and backward of one micro-batch through the split student; returns the global
         mean loss and its KD/CE parts (the same numbers a single process reports).
 
@@ -644,7 +699,7 @@ class Trainer:
         # from the real micro-batches (the last calls; shape inference calls come first).
         parts_t = torch.zeros(3, dtype=torch.float64)
         if self.mp.is_last_stage and self.mp.coords["tensor"] == 0 and self.mp.last_loss_calls:
-            parts_t = torch.stack(self._mp_parts[-self.mp.last_loss_calls:]).sum(0)
+            parts_t = torch.stack(self._mp_parts[-self.mp.last_loss_calls :]).sum(0)
         if self.parallel.distributed:
             with self.parallel.guard("the loss report"):
                 parts_t = parts_t.to(self.device)
@@ -674,8 +729,9 @@ class Trainer:
         try:
             load_state(self.mp, self.optimizer, self.mp_full, weights, opt_state)
         except (KeyError, ValueError, RuntimeError) as exc:
-            raise TrainerError(ExitCode.CHECKPOINT_INCOMPATIBLE,
-                               f"checkpoint {info.path} does not fit this student: {exc}") from None
+            raise TrainerError(
+                ExitCode.CHECKPOINT_INCOMPATIBLE, f"checkpoint {info.path} does not fit this student: {exc}"
+            ) from None
         self.scheduler.load_state_dict(torch.load(info.path / "scheduler.pt", weights_only=True))
         restore_rng(torch.load(info.path / "rng.pt", weights_only=True))
 
@@ -690,21 +746,27 @@ class Trainer:
         if info is None:
             return 0
         if info.step > self.total:
-            raise TrainerError(ExitCode.CHECKPOINT_INCOMPATIBLE,
-                               f"checkpoint {info.path} is at step {info.step} but the plan has {self.total}")
+            raise TrainerError(
+                ExitCode.CHECKPOINT_INCOMPATIBLE,
+                f"checkpoint {info.path} is at step {info.step} but the plan has {self.total}",
+            )
         # A checkpoint taken after the fake-quant phase began holds the wrapped model's state.
         if any(p.kind == "qat-fake-quant" and p.start < info.step for p in self.plan):
             self._enter_fake_quant()
         if self.mp is not None:
             self._mp_restore(info)
         else:
-            self.ckpt.restore(info, model=self.student, aux=self.aux, optimizer=self.optimizer,
-                              scheduler=self.scheduler)
+            self.ckpt.restore(
+                info, model=self.student, aux=self.aux, optimizer=self.optimizer, scheduler=self.scheduler
+            )
         if self.parallel.compression is not None:
             from .parallel.compression import restore_residuals
 
-            restore_residuals(self.parallel.compression, self._compressed_params(),
-                              self.ckpt.load_extra(info, "compression.safetensors"))
+            restore_residuals(
+                self.parallel.compression,
+                self._compressed_params(),
+                self.ckpt.load_extra(info, "compression.safetensors"),
+            )
         self.sampler.load_state_dict(info.sampler)
         self._sampler_iter = iter(self.sampler)
         self.tokens_seen = int(info.meta.get("tokens_seen", 0))
@@ -736,11 +798,18 @@ class Trainer:
             extra = {"compression.safetensors": gathered} if gathered is not None else None
         if not self.opts.is_writer:
             return None
-        path = self.ckpt.save(step=step, stage=phase.name, temperature=temperature, model=model,
-                              aux=self.aux, optimizer=optimizer, scheduler=self.scheduler,
-                              sampler=self.sampler.state_dict(),
-                              meta={"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds},
-                              extra=extra)
+        path = self.ckpt.save(
+            step=step,
+            stage=phase.name,
+            temperature=temperature,
+            model=model,
+            aux=self.aux,
+            optimizer=optimizer,
+            scheduler=self.scheduler,
+            sampler=self.sampler.state_dict(),
+            meta={"tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds},
+            extra=extra,
+        )
         seconds = time.perf_counter() - started
         self.metrics.checkpoint_seconds.observe(seconds)
         self.last_checkpoint = (step, time.time())
@@ -800,8 +869,14 @@ class Trainer:
                 lr = float(self.optimizer.param_groups[0]["lr"])
                 tps = tokens / seconds if seconds > 0 else 0.0
                 parts_sum["total"] = loss_sum
-                self.metrics.record_step(step=done, parts=parts_sum, temperature=temperature,
-                                         tokens_per_second=tps, step_seconds=seconds, learning_rate=lr)
+                self.metrics.record_step(
+                    step=done,
+                    parts=parts_sum,
+                    temperature=temperature,
+                    tokens_per_second=tps,
+                    step_seconds=seconds,
+                    learning_rate=lr,
+                )
                 asked = self.opts.stop_after is not None and done >= self.opts.stop_after
                 # Collective: saves are collective, so every rank must stop at the same step.
                 stopping = self.parallel.agree_stop(sigterm.raised or asked)
@@ -809,12 +884,16 @@ class Trainer:
                 if done % every == 0 or stopping:
                     ckpt_path = self._save_checkpoint(done, phase, temperature)
                 if self.opts.on_step is not None:
-                    self.opts.on_step(StepReport(done, self.total, phase.name, loss_sum, parts_sum, temperature,
-                                                 lr, tps, seconds, ckpt_path))
+                    self.opts.on_step(
+                        StepReport(
+                            done, self.total, phase.name, loss_sum, parts_sum, temperature, lr, tps, seconds, ckpt_path
+                        )
+                    )
                 if stopping and done < self.total:
                     why = "SIGTERM" if sigterm.raised else "stop_after" if asked else "a peer rank's stop"
-                    raise TrainerError(ExitCode.PREEMPTED, f"stopped at step {done} of {self.total} after "
-                                       f"{why}; checkpoint written")
+                    raise TrainerError(
+                        ExitCode.PREEMPTED, f"stopped at step {done} of {self.total} after {why}; checkpoint written"
+                    )
         if self.mp is not None:
             # The outputs (student/, the INT8 artifact, evaluation) are written by rank 0 from
             # its unsplit copy; the gather is collective, so every rank does it here.
@@ -873,5 +952,9 @@ class Trainer:
 def score(teacher: EvalResult | None, student: EvalResult | None) -> dict[str, Any]:
     if teacher is None or student is None:
         return {}
-    return {"metric": teacher.metric, "teacher": teacher.value, "student": student.value,
-            "retention": retention(teacher.metric, teacher.value, student.value)}
+    return {
+        "metric": teacher.metric,
+        "teacher": teacher.value,
+        "student": student.value,
+        "retention": retention(teacher.metric, teacher.value, student.value),
+    }

@@ -138,8 +138,11 @@ def kd_divergence(
     scale = temperature * temperature
     if kind == "forward-kl" and not teacher_logits.requires_grad:
         # The common case (a frozen teacher): the closed-form gradient, see _ForwardKL.
-        return _chunked(lambda s, t: _ForwardKL.apply(s.to(dtype), t.to(dtype), temperature),
-                        [student_logits, teacher_logits], chunk_rows)
+        return _chunked(
+            lambda s, t: _ForwardKL.apply(s.to(dtype), t.to(dtype), temperature),
+            [student_logits, teacher_logits],
+            chunk_rows,
+        )
 
     def rows(s: Tensor, t: Tensor) -> Tensor:
         log_s = F.log_softmax(s.to(dtype) / temperature, dim=-1)
@@ -167,8 +170,14 @@ class _TopKForwardKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, s: Tensor, log_t: Tensor, idx: Tensor, temperature: float,  # type: ignore[override]
-                with_tail: bool) -> Tensor:
+    def forward(
+        ctx: Any,
+        s: Tensor,
+        log_t: Tensor,
+        idx: Tensor,
+        temperature: float,  # type: ignore[override]
+        with_tail: bool,
+    ) -> Tensor:
         z = s / temperature
         if with_tail:
             log_pi = F.log_softmax(z, dim=-1)
@@ -278,8 +287,10 @@ def topk_kd_divergence(
     indices = teacher_indices.long()
     if n and k > 1 and bool((indices.sort(dim=-1).values.diff(dim=-1) == 0).any()):
         raise ValueError("teacher indices must be distinct within each row (one bucket per token)")
-    if kind == "forward-kl" and not teacher_values.requires_grad and not (
-        teacher_logsumexp is not None and teacher_logsumexp.requires_grad
+    if (
+        kind == "forward-kl"
+        and not teacher_values.requires_grad
+        and not (teacher_logsumexp is not None and teacher_logsumexp.requires_grad)
     ):
         # The common case (cached outputs of a frozen teacher): the closed-form gradient, see
         # _TopKForwardKL.

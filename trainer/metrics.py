@@ -28,11 +28,15 @@ class TrainerMetrics:
         self.step = Gauge("kdistill_train_step", "Optimizer steps done", registry=r)
         self.learning_rate = Gauge("kdistill_train_learning_rate", "Current learning rate", registry=r)
         self.step_seconds = Histogram(
-            "kdistill_train_step_seconds", "Wall time of one optimizer step", registry=r,
+            "kdistill_train_step_seconds",
+            "Wall time of one optimizer step",
+            registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.checkpoint_seconds = Histogram(
-            "kdistill_train_checkpoint_seconds", "Wall time of writing a checkpoint", registry=r,
+            "kdistill_train_checkpoint_seconds",
+            "Wall time of writing a checkpoint",
+            registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
 
@@ -48,8 +52,16 @@ class TrainerMetrics:
             return None
         return int(port)
 
-    def record_step(self, *, step: int, parts: dict[str, float], temperature: float, tokens_per_second: float,
-                    step_seconds: float, learning_rate: float) -> None:
+    def record_step(
+        self,
+        *,
+        step: int,
+        parts: dict[str, float],
+        temperature: float,
+        tokens_per_second: float,
+        step_seconds: float,
+        learning_rate: float,
+    ) -> None:
         for part, value in parts.items():
             self.loss.labels(part=part).set(value)
         self.temperature.set(temperature)

@@ -189,9 +189,7 @@ def check_same_vocabulary(teacher: nn.Module, teacher_tok: Any, student: nn.Modu
 def check_same_labels(teacher: nn.Module, student: nn.Module) -> None:
     t_labels, s_labels = int(teacher.config.num_labels), int(student.config.num_labels)
     if t_labels != s_labels:
-        raise TrainerError(
-            ExitCode.BAD_SPEC, f"the student has {s_labels} labels but the teacher has {t_labels}"
-        )
+        raise TrainerError(ExitCode.BAD_SPEC, f"the student has {s_labels} labels but the teacher has {t_labels}")
 
 
 def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = None) -> Models:
@@ -218,9 +216,12 @@ def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = No
             copy_teacher_layers(student, teacher, copied)
             log.info("student: %d layers copied from teacher layers %s", len(copied), copied)
         else:
-            log.info("student: fresh %s (width %s, %s layers)", type(student).__name__, cfg.hidden_size,
-                     cfg.num_hidden_layers)
+            log.info(
+                "student: fresh %s (width %s, %s layers)",
+                type(student).__name__,
+                cfg.hidden_size,
+                cfg.num_hidden_layers,
+            )
     if task == "sequence-classification":
         check_same_labels(teacher, student)
-    return Models(teacher=teacher, student=student, tokenizer=tokenizer, teacher_dir=teacher_dir,
-                  copied_layers=copied)
+    return Models(teacher=teacher, student=student, tokenizer=tokenizer, teacher_dir=teacher_dir, copied_layers=copied)

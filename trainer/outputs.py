@@ -71,8 +71,9 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
     return out_dir
 
 
-def write_served_artifact(model: nn.Module, tokenizer: Any, layout: OutputLayout, *, task: str, quantization: str,
-                          metrics: dict[str, Any]) -> Path:
+def write_served_artifact(
+    model: nn.Module, tokenizer: Any, layout: OutputLayout, *, task: str, quantization: str, metrics: dict[str, Any]
+) -> Path:
     """The served artifact (config, tokenizer, safetensors weights, ``kdistill.json``) at the one path
     the server and the operator's rollout read, ``student-int8/``, for *every* quantization mode.
 
@@ -82,8 +83,7 @@ def write_served_artifact(model: nn.Module, tokenizer: Any, layout: OutputLayout
     ``save_pretrained`` copy for fine-tuning and other tools."""
     from .artifact import save_artifact
 
-    return save_artifact(model, tokenizer, layout.student_int8, task=task, quantization=quantization,
-                         metrics=metrics)
+    return save_artifact(model, tokenizer, layout.student_int8, task=task, quantization=quantization, metrics=metrics)
 
 
 def write_json_atomic(path: Path, body: dict[str, Any]) -> None:

@@ -29,7 +29,12 @@ def rfc3339(ts: float) -> str:
 
 
 def status_body(
-    *, stage: str, step: int, total_steps: int, loss: float | None, tokens_per_second: float | None,
+    *,
+    stage: str,
+    step: int,
+    total_steps: int,
+    loss: float | None,
+    tokens_per_second: float | None,
     last_checkpoint: tuple[int, float] | None,
 ) -> dict[str, Any]:
     """The merge-patch body for the progress fields (pure)."""
@@ -100,8 +105,14 @@ class ProgressReporter:
     def _send(self, body: dict[str, Any]) -> None:
         try:
             self._api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, PLURAL, self.name, body,
-                _content_type="application/merge-patch+json", _request_timeout=10,
+                GROUP,
+                VERSION,
+                self.namespace,
+                PLURAL,
+                self.name,
+                body,
+                _content_type="application/merge-patch+json",
+                _request_timeout=10,
             )
             self.patches_sent += 1
         except Exception as exc:  # ApiException, connection errors: never fatal

@@ -188,8 +188,9 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     act, weight = qat_configs()
     for name, conv in list(_named_conv1d(model)):
         _set_module(model, name, FakeQuantizedConv1D(conv, act, weight))
-    quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
-              filter_fn=is_quantizable(model))
+    quantize_(
+        model, QATConfig(activation_config=act, weight_config=weight, step="prepare"), filter_fn=is_quantizable(model)
+    )
     return model
 
 
@@ -211,8 +212,9 @@ def conv1d_to_linear(model: nn.Module) -> list[str]:
     converted = []
     for name, conv in list(_named_conv1d(model)):
         in_features, out_features = conv.weight.shape
-        linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
-                           device=conv.weight.device, dtype=conv.weight.dtype)
+        linear = nn.Linear(
+            in_features, out_features, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype
+        )
         with torch.no_grad():
             linear.weight.copy_(conv.weight.t())
             if conv.bias is not None:
@@ -247,8 +249,10 @@ def select_int8_kernel(device: torch.device | None = None) -> Int8Kernel:
             raise ValueError(f"{KERNEL_ENV}={forced!r}: expected one of {', '.join(get_args(Int8Kernel))}")
         engine = DYNAMIC_ENGINES.get(forced)
         if engine is not None and engine not in torch.backends.quantized.supported_engines:
-            raise ValueError(f"{KERNEL_ENV}={forced!r}: this torch build has no {engine!r} quantized engine "
-                             f"(it has {', '.join(torch.backends.quantized.supported_engines)})")
+            raise ValueError(
+                f"{KERNEL_ENV}={forced!r}: this torch build has no {engine!r} quantized engine "
+                f"(it has {', '.join(torch.backends.quantized.supported_engines)})"
+            )
         return cast(Int8Kernel, forced)
     device = device or torch.device("cpu")
     if device.type == "cuda":
@@ -279,8 +283,9 @@ class Int8Linear(nn.Module):
         self._impl: Any = None
 
     @classmethod
-    def from_int8(cls, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                  kernel: Int8Kernel) -> Int8Linear:
+    def from_int8(
+        cls, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: Int8Kernel
+    ) -> Int8Linear:
         out_features, in_features = qdata.shape
         layer = cls(in_features, out_features, bias is not None, kernel)
         layer.weight_int8.copy_(qdata)
@@ -301,7 +306,8 @@ class Int8Linear(nn.Module):
             with warnings.catch_warnings():  # torch marks its quantized tensors as moving to torchao
                 warnings.simplefilter("ignore")
                 qweight = torch._make_per_channel_quantized_tensor(
-                    self.weight_int8.cpu(), self.weight_scale.cpu().double(), zero, 0)
+                    self.weight_int8.cpu(), self.weight_scale.cpu().double(), zero, 0
+                )
             # The engine at prepack time decides the packed format, and with it the GEMM that runs.
             with _quantized_engine(DYNAMIC_ENGINES[self.kernel]):
                 return torch.ops.quantized.linear_prepack(qweight, None if self.bias is None else self.bias.cpu())
@@ -313,8 +319,9 @@ class Int8Linear(nn.Module):
         act = None
         if self.kernel == "torchao-dynamic":
             act = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC)
-        return Int8Tensor(self.weight_int8, self.weight_scale[:, None], [1, self.in_features], torch.float32,
-                          act_quant_kwargs=act)
+        return Int8Tensor(
+            self.weight_int8, self.weight_scale[:, None], [1, self.in_features], torch.float32, act_quant_kwargs=act
+        )
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)

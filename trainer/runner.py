@@ -35,8 +35,11 @@ def default_output(job: DistillationJob) -> Path:
 
 def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when run alone."""
-    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-            int(os.environ.get("LOCAL_RANK", "0")))
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
 
 
 def pick_device(job: DistillationJob, local_rank: int) -> torch.device:
@@ -45,17 +48,26 @@ def pick_device(job: DistillationJob, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _with_status(opts: RunOptions, reporter: ProgressReporter | None, trainer_ref: list[Trainer]
-                 ) -> Callable[[StepReport], None] | None:
+def _with_status(
+    opts: RunOptions, reporter: ProgressReporter | None, trainer_ref: list[Trainer]
+) -> Callable[[StepReport], None] | None:
     user = opts.on_step
     if reporter is None:
         return user
 
     def on_step(r: StepReport) -> None:
         last = trainer_ref[0].last_checkpoint if trainer_ref else None
-        reporter.update(status_body(stage=r.stage, step=r.step, total_steps=r.total_steps, loss=r.loss,
-                                    tokens_per_second=r.tokens_per_second, last_checkpoint=last),
-                        force=r.checkpoint is not None or r.step == r.total_steps)
+        reporter.update(
+            status_body(
+                stage=r.stage,
+                step=r.step,
+                total_steps=r.total_steps,
+                loss=r.loss,
+                tokens_per_second=r.tokens_per_second,
+                last_checkpoint=last,
+            ),
+            force=r.checkpoint is not None or r.step == r.total_steps,
+        )
         if user is not None:
             user(r)
 
@@ -91,8 +103,9 @@ def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start:
         "job": job.metadata.name,
         "task": spec.task,
         "steps": trainer.total,
-        "stages": [{"name": p.name, "kind": p.kind, "steps": p.steps, "objectives": list(p.objectives)}
-                   for p in trainer.plan],
+        "stages": [
+            {"name": p.name, "kind": p.kind, "steps": p.steps, "objectives": list(p.objectives)} for p in trainer.plan
+        ],
         "resumedFrom": trainer.resumed_from,
         "tokensSeen": trainer.tokens_seen,
         "trainSeconds": round(trainer.train_seconds, 3),
@@ -118,8 +131,14 @@ def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start:
         result["int8"] = dict(int8_metrics)
         metrics = int8_metrics  # the quality gate judges the artifact that will be served
     # Every mode writes the served artifact at the one path the rollout reads (mode none: fp32 weights).
-    served = write_served_artifact(int8 if int8 is not None else student_fp, trainer.tokenizer, out,
-                                   task=spec.task, quantization=spec.quantization.mode, metrics=metrics)
+    served = write_served_artifact(
+        int8 if int8 is not None else student_fp,
+        trainer.tokenizer,
+        out,
+        task=spec.task,
+        quantization=spec.quantization.mode,
+        metrics=metrics,
+    )
     result["artifact"] = str(served)
     result["metrics"] = metrics
     result["wallSeconds"] = round(time.time() - wall_start, 3)
@@ -152,16 +171,28 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def main_entry(config: Path, output: Path | None, *, on_step: Callable[[StepReport], None] | None = None,
-               on_event: Callable[[str, dict[str, Any]], None] | None = None) -> int:
+def main_entry(
+    config: Path,
+    output: Path | None,
+    *,
+    on_step: Callable[[StepReport], None] | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> int:
     """Run one job file and return the exit code; writes the termination message either way."""
     rank, world, local_rank = dist_env()
     _quiet_transformers()
     try:
         job = load_job(config)
         layout = OutputLayout(output or default_output(job))
-        opts = RunOptions(output=layout, base_dir=config.resolve().parent, rank=rank, world=world,
-                          device=pick_device(job, local_rank), on_step=on_step, on_event=on_event)
+        opts = RunOptions(
+            output=layout,
+            base_dir=config.resolve().parent,
+            rank=rank,
+            world=world,
+            device=pick_device(job, local_rank),
+            on_step=on_step,
+            on_event=on_event,
+        )
         result = run_job(job, opts)
     except BaseException as exc:  # every failure must become an exit code and a message
         if isinstance(exc, KeyboardInterrupt):

@@ -79,9 +79,7 @@ def token_rarity(examples: Sequence[TokenizedExample]) -> np.ndarray:
     return np.add.reduceat(surprisal, starts) / lengths
 
 
-def assign_tiers(
-    examples: Sequence[TokenizedExample], task: Task, shares: Sequence[float] = (0.7, 0.2)
-) -> list[int]:
+def assign_tiers(examples: Sequence[TokenizedExample], task: Task, shares: Sequence[float] = (0.7, 0.2)) -> list[int]:
     """Tier of each example (0 head, 1 torso, 2 tail); see the module docstring for the rules.
 
     ``shares`` is (head, torso) or (head, torso, tail); tail is always the remainder.
@@ -173,8 +171,9 @@ class BatchSampler:
             tier_arr = np.zeros(n, dtype=np.int64)
         elif strategy == "stratified":
             if tiers is None or len(tiers) != n:
-                raise ValueError(f"stratified sampling needs one tier per example ({n}), got "
-                                 f"{None if tiers is None else len(tiers)}")
+                raise ValueError(
+                    f"stratified sampling needs one tier per example ({n}), got {None if tiers is None else len(tiers)}"
+                )
             if len(shares) != 3 or abs(sum(shares) - 1.0) > FLOAT_TOLERANCE:
                 raise ValueError(f"shares must be (head, torso, tail) summing to 1, got {tuple(shares)}")
             tier_arr = np.asarray(tiers, dtype=np.int64)

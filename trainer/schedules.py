@@ -19,9 +19,7 @@ def _progress(step: int, total_steps: int) -> float:
     return step / total_steps
 
 
-def temperature_at(
-    step: int, total_steps: int, schedule: TemperatureSchedule, start: float, end: float
-) -> float:
+def temperature_at(step: int, total_steps: int, schedule: TemperatureSchedule, start: float, end: float) -> float:
     """Temperature at ``step`` of ``total_steps``: ``start`` at step 0, ``end`` from total_steps on.
 
     ``constant`` stays at ``start``; ``linear`` interpolates; ``cosine`` follows a half cosine,

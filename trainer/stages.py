@@ -66,9 +66,7 @@ def distill_steps(plan: list[Phase]) -> int:
     return sum(p.steps for p in plan if p.kind == "distill")
 
 
-def temperature(
-    spec: DistillationJobSpec, plan: list[Phase], step: int, schedule_fn: Callable[..., float]
-) -> float:
+def temperature(spec: DistillationJobSpec, plan: list[Phase], step: int, schedule_fn: Callable[..., float]) -> float:
     t = spec.distillation.temperature
     if phase_at(plan, step).kind != "distill":
         return t.end

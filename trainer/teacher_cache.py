@@ -192,8 +192,7 @@ class TeacherCache:
                 return False
             base = _PREAMBLE.size + len(raw)
             entries = {
-                ex_id: _Entry(name, base + off, n, crc)
-                for ex_id, off, n, crc in _RECORD.iter_unpack(raw[jlen:])
+                ex_id: _Entry(name, base + off, n, crc) for ex_id, off, n, crc in _RECORD.iter_unpack(raw[jlen:])
             }
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("teacher cache: skipping shard %s: %s", path, exc)
@@ -246,8 +245,9 @@ class TeacherCache:
                 f.seek(e.offset)
                 raw = f.read(e.tokens * self.bytes_per_token)
                 if len(raw) != e.tokens * self.bytes_per_token or zlib.crc32(raw) != e.crc:
-                    log.warning("teacher cache: shard %s is corrupt (record checksum); not using it",
-                                self.root / e.shard)
+                    log.warning(
+                        "teacher cache: shard %s is corrupt (record checksum); not using it", self.root / e.shard
+                    )
                     self._forget_shard(e.shard)
                     self.misses += 1
                     return None
@@ -319,12 +319,14 @@ class TeacherCache:
         return self._write_shard(header_records, blobs)
 
     def _write_shard(self, records: list[tuple[int, int, int, int]], blobs: list[bytes]) -> Path:
-        meta = json.dumps({
-            "top_k": self.top_k,
-            "vocab_size": self.vocab_size,
-            "index_bytes": self.index_bytes,
-            "namespace": self.namespace,
-        }).encode()
+        meta = json.dumps(
+            {
+                "top_k": self.top_k,
+                "vocab_size": self.vocab_size,
+                "index_bytes": self.index_bytes,
+                "namespace": self.namespace,
+            }
+        ).encode()
         table = b"".join(_RECORD.pack(*r) for r in records)
         header = meta + table
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}{SUFFIX}"

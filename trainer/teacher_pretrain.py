@@ -101,30 +101,39 @@ def pretrain(pvc: Path, cfg: PretrainConfig, log_every: int = 50) -> PretrainRep
     train = tokenize_examples(train_rows, tokenizer, cfg.max_length)
     ev = tokenize_examples(eval_rows, tokenizer, cfg.max_length)
     pad = int(tokenizer.pad_token_id)
-    model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=cfg.max_length, n_embd=cfg.width, n_layer=cfg.layers,
-        n_head=cfg.heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    ))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=cfg.max_length,
+            n_embd=cfg.width,
+            n_layer=cfg.layers,
+            n_head=cfg.heads,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
-    sampler = BatchSampler(train, cfg.batch_size, strategy="uniform", tiers=None, shares=(1.0, 0.0, 0.0),
-                           seed=cfg.seed)
+    sampler = BatchSampler(train, cfg.batch_size, strategy="uniform", tiers=None, shares=(1.0, 0.0, 0.0), seed=cfg.seed)
     model.train()
     seen = 0
     for step in range(cfg.steps):
         batch = collate([train[i] for i in next(sampler)], pad, "causal-lm")
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"]).loss
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         seen += int(batch["attention_mask"].sum())
         if log_every and (step + 1) % log_every == 0:
-            print(json.dumps({"event": "teacher-pretrain", "step": step + 1, "loss": round(loss.item(), 4)}),
-                  flush=True)
+            print(
+                json.dumps({"event": "teacher-pretrain", "step": step + 1, "loss": round(loss.item(), 4)}), flush=True
+            )
     eval_batches = [collate(ev[i : i + 32], pad, "causal-lm") for i in range(0, len(ev), 32)]
     result = evaluate(model, eval_batches, "causal-lm", torch.device("cpu"))
     model.save_pretrained(str(out_dir))
@@ -132,8 +141,11 @@ def pretrain(pvc: Path, cfg: PretrainConfig, log_every: int = 50) -> PretrainRep
     report = PretrainReport(
         eval_perplexity=result.value,
         unigram_perplexity=unigram_perplexity([e.input_ids for e in train], [e.input_ids for e in ev], len(tokenizer)),
-        eval_tokens=result.count, train_tokens_seen=seen, steps=cfg.steps,
-        seconds=round(time.perf_counter() - started, 1), parameters=sum(p.numel() for p in model.parameters()),
+        eval_tokens=result.count,
+        train_tokens_seen=seen,
+        steps=cfg.steps,
+        seconds=round(time.perf_counter() - started, 1),
+        parameters=sum(p.numel() for p in model.parameters()),
     )
     (out_dir / "pretrain-report.json").write_text(json.dumps({**asdict(report), "config": asdict(cfg)}, indent=2))
     return report

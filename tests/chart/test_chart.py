@@ -241,9 +241,14 @@ def test_every_template_renders_parseable_yaml_for_all_variants() -> None:
     variants: list[dict[str, Any]] = [
         {},
         NAMESPACED,
-        {"operator.replicas": 2, "grafanaDashboard.enabled": True,
-         "metrics.serviceMonitor.enabled": True, "serviceAccount.annotations": {"a": "b"},
-         "imagePullSecrets": [{"name": "regcred"}], "operator.nodeSelector": {"pool": "cpu"}},
+        {
+            "operator.replicas": 2,
+            "grafanaDashboard.enabled": True,
+            "metrics.serviceMonitor.enabled": True,
+            "serviceAccount.annotations": {"a": "b"},
+            "imagePullSecrets": [{"name": "regcred"}],
+            "operator.nodeSelector": {"pool": "cpu"},
+        },
         {"rbac.create": False, "serviceAccount.create": False, "serviceAccount.name": "existing"},
     ]
     for values in variants:

@@ -56,6 +56,7 @@ def test_operator_image_starts_with_the_charts_serviceaccount_and_answers_its_pr
                "-v", f"{mounted.parent}:/kube:ro", "-e", "KUBECONFIG=/kube/config", "-e", f"POD_NAMESPACE={ns}",
                operator_image, "operator", f"--health-port={health}", f"--metrics-port={metrics}")  # fmt: skip
         try:
+
             def alive() -> bool:
                 return docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip() == "true"
 

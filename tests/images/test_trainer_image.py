@@ -62,6 +62,7 @@ def test_trainer_image_trains_a_tiny_job_then_serves_the_int8_student(
            "-v", f"{artifact}:/model:ro", trainer_image, "serve", "/model", "--host", "127.0.0.1",
            "--port", str(port))  # fmt: skip
     try:
+
         def alive() -> bool:
             return docker("inspect", "-f", "{{.State.Running}}", name).stdout.strip() == "true"
 

@@ -46,8 +46,12 @@ def test_permanent_exit_code_fails_at_once(cluster: Cluster, env: Env) -> None:
     jobs.create(job_body("bad-data", nodes=2, gpus=1))
     jobs.create(job_body("bad-spec", nodes=1, gpus=1))
     pods = jobs.wait_running_gang("bad-data", 2, generation=0)
-    cluster.fail_pod(jobs.ns, pods[1].metadata.name, exit_code=int(ExitCode.BAD_DATA),
-                     message=termination_for(ExitCode.BAD_DATA, "train.jsonl: 40% bad lines").to_json())
+    cluster.fail_pod(
+        jobs.ns,
+        pods[1].metadata.name,
+        exit_code=int(ExitCode.BAD_DATA),
+        message=termination_for(ExitCode.BAD_DATA, "train.jsonl: 40% bad lines").to_json(),
+    )
     # No termination message at all: the exit code alone classifies it.
     pod = jobs.wait_running_gang("bad-spec", 1, generation=0)[0]
     cluster.fail_pod(jobs.ns, pod.metadata.name, exit_code=int(ExitCode.BAD_SPEC))
@@ -79,8 +83,11 @@ def test_eviction_is_counted_apart(cluster: Cluster, env: Env) -> None:
     name = "evicted"
     jobs.create(job_body(name, nodes=2, gpus=1))
     pods = jobs.wait_running_gang(name, 2, generation=0)
-    jobs.core.create_namespaced_pod_eviction(pods[0].metadata.name, jobs.ns, client.V1Eviction(
-        metadata=client.V1ObjectMeta(name=pods[0].metadata.name, namespace=jobs.ns)))
+    jobs.core.create_namespaced_pod_eviction(
+        pods[0].metadata.name,
+        jobs.ns,
+        client.V1Eviction(metadata=client.V1ObjectMeta(name=pods[0].metadata.name, namespace=jobs.ns)),
+    )
     jobs.wait_running_gang(name, 2, generation=1, timeout=180)  # generous: a loaded 2-core API server
     status = jobs.wait_phase(name, "Running")
     assert status["evictions"] == 1 and status["restarts"] == 0
@@ -126,8 +133,11 @@ def test_quality_gate_and_shared_serving(cluster: Cluster, env: Env) -> None:
     # the earlier job no longer drives the Deployment: changing its serving spec changes nothing
     jobs.patch_spec("first", {"serving": shared | {"replicas": 4}})
     jobs.wait_phase("first", "Succeeded")
-    eventually(lambda: jobs.get("first")["status"].get("observedGeneration") == jobs.get("first")["metadata"][
-        "generation"], "first re-reconciled", 30)
+    eventually(
+        lambda: jobs.get("first")["status"].get("observedGeneration") == jobs.get("first")["metadata"]["generation"],
+        "first re-reconciled",
+        30,
+    )
     assert deployment().spec.replicas == 1
     # deleting one owner keeps the shared Deployment; deleting the last removes it
     jobs.delete("better")

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.cluster
 # The shared fixtures, made visible to pytest in this module.
 lease_namespace, claims, env = h.lease_namespace, h.claims, h.env
 
+
 def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
     jobs, op = env
     ns, name = jobs.ns, "life"
@@ -52,10 +53,30 @@ def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
     # 4. progress in `kubectl get dj`, written as rank 0 does: with the job's own ServiceAccount
     sa_kubeconfig = cluster.serviceaccount_kubeconfig(ns, f"{name}-trainer")
     patch = {"status": {"stage": "output", "step": 34, "totalSteps": 100, "progress": "34%", "loss": 2.5}}
-    cluster.kubectl("-n", ns, "patch", "dj", name, "--subresource=status", "--type=merge", "-p", json.dumps(patch),
-                    kubeconfig=sa_kubeconfig)
-    denied = cluster.kubectl("-n", ns, "patch", "dj", name, "--type=merge", "-p", '{"spec":{"suspend":true}}',
-                             kubeconfig=sa_kubeconfig, check=False)
+    cluster.kubectl(
+        "-n",
+        ns,
+        "patch",
+        "dj",
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(patch),
+        kubeconfig=sa_kubeconfig,
+    )
+    denied = cluster.kubectl(
+        "-n",
+        ns,
+        "patch",
+        "dj",
+        name,
+        "--type=merge",
+        "-p",
+        '{"spec":{"suspend":true}}',
+        kubeconfig=sa_kubeconfig,
+        check=False,
+    )
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
     table = cluster.kubectl("-n", ns, "get", "dj", name).stdout
     assert "34%" in table and "Running" in table and "output" in table
@@ -78,8 +99,9 @@ def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
 
     # 6. success, with metrics in the termination message
     for pod in new:
-        cluster.succeed_pod(ns, pod.metadata.name, message=success_message(0.97) if pod.metadata.name.endswith(
-            "-0") else None)
+        cluster.succeed_pod(
+            ns, pod.metadata.name, message=success_message(0.97) if pod.metadata.name.endswith("-0") else None
+        )
 
     # 7. the serving Deployment becomes available and status.endpoint is set
     status = jobs.wait_phase(name, "Succeeded", 90)
@@ -98,8 +120,11 @@ def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
 
     # 8. scaling serving.replicas updates the Deployment without retraining
     jobs.patch_spec(name, {"serving": {"replicas": 3, "batching": {"maxBatchSize": 16}}})
-    eventually(lambda: jobs.apps.read_namespaced_deployment(f"{name}-serving", ns).status.available_replicas == 3,
-               "3 available serving replicas", 60)
+    eventually(
+        lambda: jobs.apps.read_namespaced_deployment(f"{name}-serving", ns).status.available_replicas == 3,
+        "3 available serving replicas",
+        60,
+    )
     dep = jobs.apps.read_namespaced_deployment(f"{name}-serving", ns)
     args = dep.spec.template.spec.containers[0].command
     assert args[args.index("--max-batch-size") + 1] == "16"

@@ -32,15 +32,22 @@ def operator_kubeconfig(cluster: Cluster, claims: str, lease_namespace: str) -> 
     core.create_namespaced_service_account(ns, {"metadata": {"name": "kdistill-operator"}})
     name = f"kdistill-operator-{ns}"
     authz.create_cluster_role({"metadata": {"name": name}, "rules": OPERATOR_RULES})
-    authz.create_cluster_role_binding({
-        "metadata": {"name": name}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                                "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": "kdistill-operator", "namespace": ns}]})
+    authz.create_cluster_role_binding(
+        {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": "kdistill-operator", "namespace": ns}],
+        }
+    )
     authz.create_namespaced_role(lease_namespace, {"metadata": {"name": name}, "rules": LEADER_RULES})
-    authz.create_namespaced_role_binding(lease_namespace, {
-        "metadata": {"name": name}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                                "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": "kdistill-operator", "namespace": ns}]})
+    authz.create_namespaced_role_binding(
+        lease_namespace,
+        {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": "kdistill-operator", "namespace": ns}],
+        },
+    )
     yield cluster.serviceaccount_kubeconfig(ns, "kdistill-operator")
     authz.delete_cluster_role_binding(name)
     authz.delete_cluster_role(name)
@@ -65,15 +72,21 @@ class Ops:
 
 
 @pytest.fixture
-def ops(cluster: Cluster, claims: str, lease_namespace: str, operator_kubeconfig: Path,
-        tmp_path: Path) -> Iterator[Ops]:
+def ops(
+    cluster: Cluster, claims: str, lease_namespace: str, operator_kubeconfig: Path, tmp_path: Path
+) -> Iterator[Ops]:
     o = Ops(cluster, claims, lease_namespace, operator_kubeconfig, tmp_path)
     yield o
     o.stop_all()
     for op in o.all:
         print(op.log_path.name, op.log_path.read_text()[-2000:])
-        forbidden = [line for line in op.log_lines() if "HTTP 403" in line.get("message", "")
-                     or "forbidden" in line.get("message", "").lower() or "HTTP 403" in line.get("error", "")]
+        forbidden = [
+            line
+            for line in op.log_lines()
+            if "HTTP 403" in line.get("message", "")
+            or "forbidden" in line.get("message", "").lower()
+            or "HTTP 403" in line.get("error", "")
+        ]
         assert not forbidden, f"the operator lacked a permission: {forbidden[:3]}"
 
 
@@ -108,8 +121,11 @@ def test_crash_recovery_at_several_points(cluster: Cluster, claims: str, ops: Op
 
     # a second replica waits for the lease and does nothing meanwhile
     standby = ops.start()
-    eventually(lambda: any("waiting for lease" in line.get("message", "") for line in standby.log_lines()),
-               "standby waiting", 30)
+    eventually(
+        lambda: any("waiting for lease" in line.get("message", "") for line in standby.log_lines()),
+        "standby waiting",
+        30,
+    )
 
     # (b) the leader is killed while Running; a worker fails while no operator acts
     first.kill()
@@ -121,8 +137,9 @@ def test_crash_recovery_at_several_points(cluster: Cluster, claims: str, ops: Op
     # (c) killed in the middle of the backoff
     jobs.wait_phase(name, "Restarting", 30)
     standby.kill()
-    assert not jobs.live_pods(name) or all(p.metadata.labels["kdistill.io/restart-generation"] == "0"
-                                           for p in jobs.live_pods(name))
+    assert not jobs.live_pods(name) or all(
+        p.metadata.labels["kdistill.io/restart-generation"] == "0" for p in jobs.live_pods(name)
+    )
     third = ops.start()
     jobs.wait_running_gang(name, 2, generation=1, timeout=60)
     status = jobs.wait_phase(name, "Running")

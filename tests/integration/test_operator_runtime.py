@@ -47,8 +47,9 @@ def _healthz(port: int) -> tuple[int, dict[str, object]] | None:
         return None
 
 
-def test_kubeconfig_flag_health_of_every_replica_and_pod_user(cluster: Cluster, claims: str, lease_namespace: str,
-                                                              tmp_path: Path) -> None:
+def test_kubeconfig_flag_health_of_every_replica_and_pod_user(
+    cluster: Cluster, claims: str, lease_namespace: str, tmp_path: Path
+) -> None:
     kubeconfig = _file_kubeconfig(cluster.kubeconfig, tmp_path / "kc")
     bogus = tmp_path / "bogus.yaml"
     bogus.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
@@ -56,20 +57,30 @@ def test_kubeconfig_flag_health_of_every_replica_and_pod_user(cluster: Cluster, 
     ports = [free_port(), free_port()]
     try:
         for i, port in enumerate(ports):
-            op = h.operator_for(cluster, claims, lease_namespace, tmp_path / f"operator-{i}.log",
-                                # the environment points elsewhere: only the flag may count
-                                env={"KUBECONFIG": str(bogus), "KDISTILL_IMAGE_PULL_POLICY": "Never"})
+            op = h.operator_for(
+                cluster,
+                claims,
+                lease_namespace,
+                tmp_path / f"operator-{i}.log",
+                # the environment points elsewhere: only the flag may count
+                env={"KUBECONFIG": str(bogus), "KDISTILL_IMAGE_PULL_POLICY": "Never"},
+            )
             op.argv[op.argv.index("--kubeconfig") + 1] = str(kubeconfig)
             op.argv += ["--health-port", str(port)]
             ops.append(op.start())
             if i == 0:
                 op.wait_started()
         leader, standby = ops
-        eventually(lambda: any("waiting for lease" in line.get("message", "") for line in standby.log_lines()),
-                   "standby waiting", 60)
+        eventually(
+            lambda: any("waiting for lease" in line.get("message", "") for line in standby.log_lines()),
+            "standby waiting",
+            60,
+        )
         # every replica answers its probes; only the leader runs kopf
         assert eventually(lambda: _healthz(ports[1]), "standby /healthz", 30) == (
-            200, {"leader": False, "standby": True, "lease": f"{lease_namespace}/op-{claims}"})
+            200,
+            {"leader": False, "standby": True, "lease": f"{lease_namespace}/op-{claims}"},
+        )
         status, probes = eventually(lambda: _healthz(ports[0]), "leader /healthz", 60)
         assert status == 200 and probes["leader"] is True and "queue" in probes
 
@@ -87,16 +98,26 @@ def test_kubeconfig_flag_health_of_every_replica_and_pod_user(cluster: Cluster, 
 
         # the standby takes over on a clean stop and its port is then kopf's
         assert leader.stop() == 0
-        eventually(lambda: any("acquired lease" in line.get("message", "") for line in standby.log_lines()),
-                   "standby took the lease", 60)
-        eventually(lambda: (r := _healthz(ports[1])) is not None and r[0] == 200 and r[1].get("leader") is True,
-                   "the new leader's kopf /healthz", 90)
+        eventually(
+            lambda: any("acquired lease" in line.get("message", "") for line in standby.log_lines()),
+            "standby took the lease",
+            60,
+        )
+        eventually(
+            lambda: (r := _healthz(ports[1])) is not None and r[0] == 200 and r[1].get("leader") is True,
+            "the new leader's kopf /healthz",
+            90,
+        )
     finally:
         for op in ops:
             code = op.stop()
             print(op.log_path.name, op.log_path.read_text()[-2500:])
         # kopf retries (e.g. a 429 while the CRD's storage initialises) are fine; auth failures are not
-        denied = [line for op in ops for line in op.log_lines()
-                  if any(w in str(line.get("message", "")) for w in ("Forbidden", "Unauthorized", "anonymous"))]
+        denied = [
+            line
+            for op in ops
+            for line in op.log_lines()
+            if any(w in str(line.get("message", "")) for w in ("Forbidden", "Unauthorized", "anonymous"))
+        ]
         assert not denied, denied[:3]
     assert code == 0

@@ -61,9 +61,7 @@ def _rules(file: str) -> list[dict[str, Any]]:
 
 
 CLUSTER_ROLE_RULES = _rules("namespaced.yaml") + _rules("cluster.yaml")
-LEASE_ROLE_RULES = [
-    {**r, "resourceNames": [LEASE]} if r.get("resourceNames") else r for r in _rules("leader.yaml")
-]
+LEASE_ROLE_RULES = [{**r, "resourceNames": [LEASE]} if r.get("resourceNames") else r for r in _rules("leader.yaml")]
 
 
 def _rule_id(rule: dict[str, Any]) -> str:

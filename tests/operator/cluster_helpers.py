@@ -141,8 +141,14 @@ class OperatorProcess:
 
     def wait_started(self, timeout: float = 90.0) -> None:
         """Until kopf runs (and handles SIGTERM itself)."""
-        eventually(lambda: any("Activity 'startup' succeeded" in line.get("message", "")
-                               for line in self.log_lines()) or not self.alive(), "operator started", timeout)
+        eventually(
+            lambda: (
+                any("Activity 'startup' succeeded" in line.get("message", "") for line in self.log_lines())
+                or not self.alive()
+            ),
+            "operator started",
+            timeout,
+        )
         assert self.alive(), self.log_path.read_text()[-3000:]
 
     def alive(self) -> bool:
@@ -272,20 +278,40 @@ def make_claims(cluster: Cluster, namespace: str, claims: list[str]) -> None:
     core = cluster.core()
     for claim in claims:
         pv = f"{namespace}-{claim}"
-        core.create_persistent_volume({
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany", "ReadWriteOnce"],
-                     "hostPath": {"path": f"/tmp/kdistill-pv/{pv}"}, "storageClassName": "",
-                     "persistentVolumeReclaimPolicy": "Retain",
-                     "claimRef": {"namespace": namespace, "name": claim}},
-        })
-        core.create_namespaced_persistent_volume_claim(namespace, {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}},
-                     "storageClassName": "", "volumeName": pv},
-        })
-    eventually(lambda: all(core.read_namespaced_persistent_volume_claim(c, namespace).status.phase == "Bound"
-                           for c in claims), f"claims {claims} bound", 60)
+        core.create_persistent_volume(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadWriteMany", "ReadWriteOnce"],
+                    "hostPath": {"path": f"/tmp/kdistill-pv/{pv}"},
+                    "storageClassName": "",
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            }
+        )
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                    "storageClassName": "",
+                    "volumeName": pv,
+                },
+            },
+        )
+    eventually(
+        lambda: all(core.read_namespaced_persistent_volume_claim(c, namespace).status.phase == "Bound" for c in claims),
+        f"claims {claims} bound",
+        60,
+    )
 
 
 def delete_claims(cluster: Cluster, namespace: str, claims: list[str]) -> None:
@@ -300,9 +326,16 @@ CLAIMS = ["ckpt", "models", "data"]
 
 def success_message(retention: float) -> dict[str, Any]:
     """What trainer rank 0 writes to /dev/termination-log on success."""
-    return {"reason": "Succeeded", "retryable": False, "result": {
-        "metrics": {"metric": "perplexity", "teacher": 12.0, "student": 12.0 / retention, "retention": retention},
-        "steps": 300, "tokensPerSecond": 5400.0, "wallSeconds": 42.0}}
+    return {
+        "reason": "Succeeded",
+        "retryable": False,
+        "result": {
+            "metrics": {"metric": "perplexity", "teacher": 12.0, "student": 12.0 / retention, "retention": retention},
+            "steps": 300,
+            "tokensPerSecond": 5400.0,
+            "wallSeconds": 42.0,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -319,8 +352,14 @@ def claims(cluster: Cluster, namespace: str) -> Iterator[str]:
 
 
 def operator_for(cluster: Cluster, namespace: str, lease_namespace: str, log: Path, **kwargs: Any) -> OperatorProcess:
-    return OperatorProcess(cluster, log, namespace=namespace, lease_namespace=lease_namespace,
-                           extra=["--lease-name", f"op-{namespace}"], **kwargs)
+    return OperatorProcess(
+        cluster,
+        log,
+        namespace=namespace,
+        lease_namespace=lease_namespace,
+        extra=["--lease-name", f"op-{namespace}"],
+        **kwargs,
+    )
 
 
 @pytest.fixture

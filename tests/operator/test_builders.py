@@ -42,22 +42,43 @@ def job(**spec: Any):  # type: ignore[no-untyped-def]
 
 
 def test_worker_pod_command_env_resources_and_placement() -> None:
-    j = job(template={
-        "image": "custom:2", "resources": {"limits": {"memory": "64Gi"}}, "nodeSelector": {"pool": "a100"},
-        "tolerations": [{"key": "dedicated", "operator": "Exists"}], "affinity": {"nodeAffinity": {}},
-        "priorityClassName": "high", "schedulerName": "volcano", "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
-        "shmSize": "8Gi",
-    })
+    j = job(
+        template={
+            "image": "custom:2",
+            "resources": {"limits": {"memory": "64Gi"}},
+            "nodeSelector": {"pool": "a100"},
+            "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+            "affinity": {"nodeAffinity": {}},
+            "priorityClassName": "high",
+            "schedulerName": "volcano",
+            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+            "shmSize": "8Gi",
+        }
+    )
     pod = builders.worker_pod(j, 1, 3, SETTINGS)
     c = pod["spec"]["containers"][0]
     assert c["image"] == "custom:2"
     assert c["command"] == [
-        "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--node-rank", "1",
-        "--master-addr", "intent-worker-0.intent-workers.ml.svc", "--master-port", "29500", "--max-restarts=0",
-        "-m", "kdistill.trainer", "--config", "/etc/kdistill/job.yaml", "--output", "/mnt/checkpoints/ml/intent",
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "4",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "intent-worker-0.intent-workers.ml.svc",
+        "--master-port",
+        "29500",
+        "--max-restarts=0",
+        "-m",
+        "kdistill.trainer",
+        "--config",
+        "/etc/kdistill/job.yaml",
+        "--output",
+        "/mnt/checkpoints/ml/intent",
     ]
-    assert c["resources"] == {"limits": {"memory": "64Gi", "nvidia.com/gpu": "4"},
-                              "requests": {"nvidia.com/gpu": "4"}}
+    assert c["resources"] == {"limits": {"memory": "64Gi", "nvidia.com/gpu": "4"}, "requests": {"nvidia.com/gpu": "4"}}
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["KDISTILL_JOB_NAME"] == "intent" and env["KDISTILL_JOB_NAMESPACE"] == "ml"
     assert env["KDISTILL_PVC_ROOT"] == "/mnt/pvc" and env["PET_NODE_RANK"] == "1" and env["NCCL_DEBUG"] == "INFO"
@@ -100,9 +121,15 @@ def test_a_source_claim_that_is_also_the_checkpoint_claim_is_one_volume() -> Non
 def test_worker_security_context_is_locked_down() -> None:
     pod = builders.worker_pod(job(), 0, 0, SETTINGS)
     sc = pod["spec"]["containers"][0]["securityContext"]
-    assert sc == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "readOnlyRootFilesystem": True,
-                  "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                  "seccompProfile": {"type": "RuntimeDefault"}}
+    assert sc == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["spec"]["containers"][0]["terminationMessagePath"] == "/dev/termination-log"
 
@@ -115,8 +142,10 @@ def test_pods_run_as_the_images_user_with_user_and_home_set() -> None:
         assert f"USER {uid}:{uid}" in text and f"useradd --uid {uid} --gid {uid}" in text, dockerfile
         assert f"USER={names.RUNTIME_USER}" in text, dockerfile
     j = job()
-    for spec in (builders.worker_pod(j, 0, 0, SETTINGS)["spec"],
-                 builders.serving_deployment(j, SETTINGS)["spec"]["template"]["spec"]):
+    for spec in (
+        builders.worker_pod(j, 0, 0, SETTINGS)["spec"],
+        builders.serving_deployment(j, SETTINGS)["spec"]["template"]["spec"],
+    ):
         assert spec["securityContext"]["runAsUser"] == spec["securityContext"]["fsGroup"] == names.RUNTIME_UID
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         # getpass.getuser() (torch) reads USER/LOGNAME first: no passwd entry needed in a custom image
@@ -167,8 +196,11 @@ def test_checkpoint_pvc_only_when_a_size_is_given() -> None:
     assert builders.checkpoint_pvc(job()) is None
     pvc = builders.checkpoint_pvc(job(checkpoint={"volume": {"size": "50Gi", "storageClassName": "nfs"}}))
     assert pvc is not None
-    assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}},
-                           "storageClassName": "nfs"}
+    assert pvc["spec"] == {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": "50Gi"}},
+        "storageClassName": "nfs",
+    }
     assert pvc["metadata"]["name"] == "intent-checkpoints"
     pod = builders.worker_pod(job(checkpoint={"volume": {"size": "50Gi"}}), 0, 0, SETTINGS)
     vol = next(v for v in pod["spec"]["volumes"] if v["name"] == "checkpoints")
@@ -178,8 +210,14 @@ def test_checkpoint_pvc_only_when_a_size_is_given() -> None:
 def test_trainer_role_allows_only_its_own_status() -> None:
     sa, role, binding = builders.trainer_rbac(job())
     assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "intent-trainer"
-    assert role["rules"] == [{"apiGroups": ["kdistill.io"], "resources": ["distillationjobs/status"],
-                              "resourceNames": ["intent"], "verbs": ["get", "patch"]}]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["kdistill.io"],
+            "resources": ["distillationjobs/status"],
+            "resourceNames": ["intent"],
+            "verbs": ["get", "patch"],
+        }
+    ]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "intent-trainer", "namespace": "ml"}]
     own = builders.trainer_rbac(job(template={"serviceAccountName": "mine"}))
     assert [o["kind"] for o in own] == ["Role", "RoleBinding"]
@@ -187,8 +225,14 @@ def test_trainer_role_allows_only_its_own_status() -> None:
 
 
 def test_serving_deployment_service_pdb_hpa() -> None:
-    j = job(serving={"replicas": 3, "port": 9000, "resources": {"limits": {"cpu": "2"}},
-                     "batching": {"maxBatchSize": 16, "maxWaitMs": 5}})
+    j = job(
+        serving={
+            "replicas": 3,
+            "port": 9000,
+            "resources": {"limits": {"cpu": "2"}},
+            "batching": {"maxBatchSize": 16, "maxWaitMs": 5},
+        }
+    )
     dep = builders.serving_deployment(j, SETTINGS)
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert dep["metadata"]["name"] == "intent-serving" and dep["spec"]["replicas"] == 3
@@ -242,10 +286,13 @@ def test_builders_are_pure() -> None:
     assert j.model_dump() == before
 
 
-@pytest.mark.parametrize("spec,message", [
-    ({"checkpoint": {}}, "serving.enabled"),
-    ({"checkpoint": {}, "serving": {"enabled": False}}, "parallelism.nodes > 1"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ({"checkpoint": {}}, "serving.enabled"),
+        ({"checkpoint": {}, "serving": {"enabled": False}}, "parallelism.nodes > 1"),
+    ],
+)
 def test_specs_a_cluster_cannot_run_are_refused(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(builders.BuildError, match=message.replace(".", r"\.")):
         builders.check_buildable(job(**spec))
@@ -253,24 +300,39 @@ def test_specs_a_cluster_cannot_run_are_refused(spec: dict[str, Any], message: s
 
 
 def test_operator_never_imports_torch() -> None:
-    code = ("import sys, kdistill.operator.handlers, kdistill.operator.main, kdistill.cli.operator;"
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, kdistill.operator.handlers, kdistill.operator.main, kdistill.cli.operator;"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_new_gangs_avoid_unready_nodes_in_every_required_term() -> None:
-    j = job(template={"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-        "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}]},
-                              {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}]}]}}}})
+    j = job(
+        template={
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}]},
+                            {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}]},
+                        ]
+                    }
+                }
+            }
+        }
+    )
     pod = builders.worker_pod(j, 0, 1, SETTINGS, ["n2", "n1"])
     terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"]
+        "nodeSelectorTerms"
+    ]
     assert len(terms) == 2
     for term in terms:
         assert term["matchFields"] == [{"key": "metadata.name", "operator": "NotIn", "values": ["n1", "n2"]}]
         assert term["matchExpressions"][0]["key"] == "pool"
     plain = builders.worker_pod(job(), 0, 1, SETTINGS, ["n1"])["spec"]["affinity"]
     assert plain["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
-        {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["n1"]}]}]
+        {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["n1"]}]}
+    ]
     assert "affinity" not in builders.worker_pod(job(), 0, 1, SETTINGS)["spec"]

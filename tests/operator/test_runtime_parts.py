@@ -79,19 +79,29 @@ def test_rbac_has_no_wildcards_and_covers_the_trainer_role() -> None:
             assert "*" not in rule[key], rule
     # the operator may only grant what it holds itself (RBAC escalation check)
     granted = builders.trainer_rbac(__import__("tests.operator.test_builders", fromlist=["job"]).job())[1]["rules"]
-    held = {(g, r, v) for rule in rbac.OPERATOR_RULES for g in rule["apiGroups"] for r in rule["resources"]
-            for v in rule["verbs"]}
+    held = {
+        (g, r, v)
+        for rule in rbac.OPERATOR_RULES
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
     for rule in granted:
         for verb in rule["verbs"]:
             assert ("kdistill.io", "distillationjobs/status", verb) in held
     assert [r | {"resourceNames": ["intent"]} for r in rbac.WORKER_RULES] == [
-        {k: granted[0][k] for k in ("apiGroups", "resources", "verbs", "resourceNames")}]
+        {k: granted[0][k] for k in ("apiGroups", "resources", "verbs", "resourceNames")}
+    ]
 
 
 def _pod_body(name: str, gen: int, **status: object) -> dict[str, object]:
-    return {"metadata": {"name": name, "labels": {"kdistill.io/replica-index": "0",
-                                                    "kdistill.io/restart-generation": str(gen)}},
-            "status": {"phase": "Running", **status}}
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {"kdistill.io/replica-index": "0", "kdistill.io/restart-generation": str(gen)},
+        },
+        "status": {"phase": "Running", **status},
+    }
 
 
 def test_pod_tracker_keeps_the_final_state_and_bounds_the_wait_for_the_watch() -> None:
@@ -102,8 +112,9 @@ def test_pod_tracker_keeps_the_final_state_and_bounds_the_wait_for_the_watch() -
     assert t.unconfirmed("ml", ["j-worker-0", "j-worker-1"]) == {"j-worker-0"}
     clock[0] += 5
     assert t.unconfirmed("ml", ["j-worker-0"]) == frozenset()
-    evicted = _pod_body("j-worker-0", 0, conditions=[
-        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}])
+    evicted = _pod_body(
+        "j-worker-0", 0, conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
+    )
     t.seen("ml", evicted, deleted=True)
     last = t.departed("ml", ["j-worker-0", "j-worker-1"])
     assert list(last) == ["j-worker-0"] and last["j-worker-0"].evicted and last["j-worker-0"].generation == 0
@@ -123,12 +134,20 @@ def test_kopf_login_uses_the_kubeconfig_our_client_loaded(tmp_path: Path) -> Non
     (tmp_path / "ca.crt").write_text("not checked here")
     (tmp_path / "token").write_text("s3cret\n")
     kc = tmp_path / "kubeconfig.yaml"
-    kc.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "k", "cluster": {"server": "https://10.0.0.1:6443", "certificate-authority": "ca.crt"}}],
-        "users": [{"name": "u", "user": {"tokenFile": "token"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
-    }))
+    kc.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "clusters": [
+                    {"name": "k", "cluster": {"server": "https://10.0.0.1:6443", "certificate-authority": "ca.crt"}}
+                ],
+                "users": [{"name": "u", "user": {"tokenFile": "token"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+            }
+        )
+    )
     api = config.new_client_from_config(config_file=str(kc))
     info = connection_info(api.configuration)
     assert info.server == "https://10.0.0.1:6443"

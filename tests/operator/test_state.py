@@ -20,10 +20,13 @@ MODEL = "/mnt/checkpoints/ml/j/student-int8"
 
 def make_job(**spec: Any):  # type: ignore[no-untyped-def]
     body: dict[str, Any] = {
-        "apiVersion": "kdistill.io/v1alpha1", "kind": "DistillationJob",
+        "apiVersion": "kdistill.io/v1alpha1",
+        "kind": "DistillationJob",
         "metadata": {"name": "j", "namespace": "ml"},
         "spec": {
-            "task": "causal-lm", "teacher": {"model": "pvc://m/t"}, "student": {"fromTeacher": {"numLayers": 2}},
+            "task": "causal-lm",
+            "teacher": {"model": "pvc://m/t"},
+            "student": {"fromTeacher": {"numLayers": 2}},
             "data": {"train": "pvc://d/t.jsonl", "eval": "pvc://d/e.jsonl"},
             "parallelism": {"nodes": 2, "gpusPerNode": 1, "student": {"data": 2}},
             "checkpoint": {"volume": {"claimName": "ckpt"}},
@@ -36,8 +39,15 @@ def make_job(**spec: Any):  # type: ignore[no-untyped-def]
 
 
 def pod(index: int, phase: str = "Running", gen: int = 0, node: str = "n1", **kw: Any) -> PodView:
-    return PodView(name=f"j-worker-{index}", index=index, generation=gen, phase=phase, node=node,
-                   created=kw.pop("created", NOW - timedelta(seconds=5)), **kw)
+    return PodView(
+        name=f"j-worker-{index}",
+        index=index,
+        generation=gen,
+        phase=phase,
+        node=node,
+        created=kw.pop("created", NOW - timedelta(seconds=5)),
+        **kw,
+    )
 
 
 def ended(t: Termination | None = None, code: int = 1) -> ContainerEnd:
@@ -48,18 +58,35 @@ def success(retention: float | None) -> ContainerEnd:
     metrics = {"metric": "accuracy", "teacher": 0.9, "student": 0.9 * (retention or 0)}
     if retention is not None:
         metrics["retention"] = retention
-    return ContainerEnd(0, "Completed", json.dumps(
-        {"reason": "Succeeded", "retryable": False, "result": {"metrics": metrics, "steps": 10}}))
+    return ContainerEnd(
+        0,
+        "Completed",
+        json.dumps({"reason": "Succeeded", "retryable": False, "result": {"metrics": metrics, "steps": 10}}),
+    )
 
 
-def observe(status: dict[str, Any] | None = None, pods: list[PodView] | None = None, *,
-            nodes: dict[str, NodeView | None] | None = None, deployment: DeploymentView | None = None,
-            now: datetime = NOW, **spec: Any) -> Observed:
+def observe(
+    status: dict[str, Any] | None = None,
+    pods: list[PodView] | None = None,
+    *,
+    nodes: dict[str, NodeView | None] | None = None,
+    deployment: DeploymentView | None = None,
+    now: datetime = NOW,
+    **spec: Any,
+) -> Observed:
     pods = pods or []
     if nodes is None:
         nodes = {p.node: NodeView(p.node, "True", NOW - timedelta(hours=1)) for p in pods if p.node}
-    return Observed(job=make_job(**spec), generation=4, status=dict(status or {}), pods=pods, nodes=nodes,
-                    deployment=deployment, now=now, notready_seconds=30)
+    return Observed(
+        job=make_job(**spec),
+        generation=4,
+        status=dict(status or {}),
+        pods=pods,
+        nodes=nodes,
+        deployment=deployment,
+        now=now,
+        notready_seconds=30,
+    )
 
 
 def running(**extra: Any) -> dict[str, Any]:
@@ -71,6 +98,7 @@ def cond(d: Decision, type_: str) -> dict[str, Any]:
 
 
 # -- creation and steady state ----------------------------------------------------------------
+
 
 def test_new_job_goes_pending_and_creates_generation_zero() -> None:
     d = decide(observe())
@@ -104,13 +132,16 @@ def test_trainer_fields_are_never_written_by_the_operator() -> None:
     from kdistill.api import TRAINER_STATUS_FIELDS
 
     status = running(step=10, totalSteps=100, progress="10%", stage="output")
-    for case in (observe(status, [pod(0), pod(1)]),
-                 observe(status, [pod(0, "Failed", terminated=ended()), pod(1)]),
-                 observe(status, [pod(0, "Succeeded", terminated=success(0.95)), pod(1)])):
+    for case in (
+        observe(status, [pod(0), pod(1)]),
+        observe(status, [pod(0, "Failed", terminated=ended()), pod(1)]),
+        observe(status, [pod(0, "Succeeded", terminated=success(0.95)), pod(1)]),
+    ):
         assert not set(decide(case).status) & set(TRAINER_STATUS_FIELDS)
 
 
 # -- failures -----------------------------------------------------------------------------
+
 
 def test_retryable_failure_restarts_the_gang_with_backoff() -> None:
     t = termination_for(ExitCode.PEER_LOST, "nccl timeout")
@@ -123,9 +154,14 @@ def test_retryable_failure_restarts_the_gang_with_backoff() -> None:
 
 
 def test_restarting_waits_for_pods_then_backoff_then_recreates_next_generation() -> None:
-    restarting = {"phase": "Restarting", "restarts": 1, "evictions": 0,
-                  "conditions": [{"type": "Restarting", "status": "True", "reason": "X", "message": "",
-                                  "lastTransitionTime": fmt_time(NOW)}]}
+    restarting = {
+        "phase": "Restarting",
+        "restarts": 1,
+        "evictions": 0,
+        "conditions": [
+            {"type": "Restarting", "status": "True", "reason": "X", "message": "", "lastTransitionTime": fmt_time(NOW)}
+        ],
+    }
     d = decide(observe(restarting, [pod(0, deleting=True)], now=NOW + timedelta(seconds=1)))
     assert d.phase == "Restarting" and d.create_generation is None and d.requeue_after == 1.0
     d = decide(observe(restarting, [], now=NOW + timedelta(seconds=4)))
@@ -158,8 +194,17 @@ def test_max_restarts_exhausted_fails_with_the_reason() -> None:
     assert d.status["completionTime"] == fmt_time(NOW)
 
 
-@pytest.mark.parametrize("code", [ExitCode.BAD_SPEC, ExitCode.BAD_DATA, ExitCode.MODEL_NOT_FOUND,
-                                  ExitCode.NETWORK_REQUIRED, ExitCode.CHECKPOINT_INCOMPATIBLE, ExitCode.INTERNAL])
+@pytest.mark.parametrize(
+    "code",
+    [
+        ExitCode.BAD_SPEC,
+        ExitCode.BAD_DATA,
+        ExitCode.MODEL_NOT_FOUND,
+        ExitCode.NETWORK_REQUIRED,
+        ExitCode.CHECKPOINT_INCOMPATIBLE,
+        ExitCode.INTERNAL,
+    ],
+)
 def test_permanent_failures_fail_at_once(code: ExitCode) -> None:
     d = decide(observe(running(), [pod(0), pod(1, "Failed", terminated=ended(termination_for(code, "why")))]))
     assert d.phase == "Failed" and cond(d, "Failed")["reason"] == code.name
@@ -208,8 +253,9 @@ def test_node_notready_counts_only_after_the_detection_delay() -> None:
 
 
 def test_pod_on_a_deleted_node_is_force_deleted() -> None:
-    d = decide(observe(running(), [pod(0), pod(1, node="gone")], nodes={"n1": NodeView("n1", "True", None),
-                                                                        "gone": None}))
+    d = decide(
+        observe(running(), [pod(0), pod(1, node="gone")], nodes={"n1": NodeView("n1", "True", None), "gone": None})
+    )
     assert d.phase == "Restarting" and d.force_delete_pods == ["j-worker-1"]
 
 
@@ -218,13 +264,16 @@ def test_taint_manager_deletion_is_a_lost_node_not_an_eviction() -> None:
     assert d.status["restarts"] == 1 and "evictions" not in d.status
 
 
-@pytest.mark.parametrize("kw,reason", [
-    ({"unschedulable": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}, "Unschedulable"),
-    ({"waiting_reason": "ImagePullBackOff", "waiting_message": "not found"}, "ImagePullBackOff"),
-    ({"waiting_reason": "ErrImagePull"}, "ImagePullBackOff"),
-    ({"waiting_reason": "CreateContainerConfigError"}, "CreateContainerConfigError"),
-    ({}, "PendingTimeout"),
-])
+@pytest.mark.parametrize(
+    "kw,reason",
+    [
+        ({"unschedulable": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}, "Unschedulable"),
+        ({"waiting_reason": "ImagePullBackOff", "waiting_message": "not found"}, "ImagePullBackOff"),
+        ({"waiting_reason": "ErrImagePull"}, "ImagePullBackOff"),
+        ({"waiting_reason": "CreateContainerConfigError"}, "CreateContainerConfigError"),
+        ({}, "PendingTimeout"),
+    ],
+)
 def test_pods_pending_past_the_deadline_fail_the_job(kw: dict[str, Any], reason: str) -> None:
     status = {"phase": "Pending", "restarts": 0, "evictions": 0}
     young = [pod(0, "Pending", node=None, created=NOW - timedelta(seconds=59), **kw)]
@@ -239,9 +288,13 @@ def test_pods_pending_past_the_deadline_fail_the_job(kw: dict[str, Any], reason:
 
 # -- success, quality gate, rollout --------------------------------------------------------
 
+
 def test_success_without_serving_succeeds_and_cleans_up() -> None:
-    d = decide(observe(running(), [pod(0, "Succeeded", terminated=success(0.5)), pod(1, "Succeeded")],
-                       serving={"enabled": False}))
+    d = decide(
+        observe(
+            running(), [pod(0, "Succeeded", terminated=success(0.5)), pod(1, "Succeeded")], serving={"enabled": False}
+        )
+    )
     assert d.phase == "Succeeded" and not d.deploy
     assert d.status["metrics"]["retention"] == 0.5 and d.status["completionTime"]
     assert sorted(d.delete_pods) == ["j-worker-0", "j-worker-1"]
@@ -275,8 +328,13 @@ def test_gate_uses_a_float_tolerance() -> None:
 
 
 def test_succeeded_job_keeps_its_deployment_in_sync_only_while_it_serves_it() -> None:
-    done = {"phase": "Succeeded", "restarts": 0, "evictions": 0, "completionTime": fmt_time(NOW),
-            "observedGeneration": 4}
+    done = {
+        "phase": "Succeeded",
+        "restarts": 0,
+        "evictions": 0,
+        "completionTime": fmt_time(NOW),
+        "observedGeneration": 4,
+    }
     d = decide(observe(done, [], deployment=DeploymentView("s", MODEL, "j", True)))
     assert d.deploy and d.status == {}
     d = decide(observe(done, [], deployment=DeploymentView("s", "/other", "later-job", True)))
@@ -284,6 +342,7 @@ def test_succeeded_job_keeps_its_deployment_in_sync_only_while_it_serves_it() ->
 
 
 # -- suspend, TTL ---------------------------------------------------------------------------
+
 
 def test_suspend_deletes_pods_and_resume_recreates_the_same_generation() -> None:
     d = decide(observe(running(), [pod(0), pod(1)], suspend=True))
@@ -317,30 +376,64 @@ def test_ttl_deletes_failed_or_unserved_jobs_and_only_training_objects_of_served
 
 # -- parsing the API's objects --------------------------------------------------------------
 
+
 def test_pod_view_reads_terminated_state_disruption_and_scheduling() -> None:
     body = {
-        "metadata": {"name": "j-worker-1", "creationTimestamp": "2026-11-29T11:59:00Z",
-                     "deletionTimestamp": "2026-11-29T12:00:00Z",
-                     "labels": {"kdistill.io/replica-index": "1", "kdistill.io/restart-generation": "2"}},
+        "metadata": {
+            "name": "j-worker-1",
+            "creationTimestamp": "2026-11-29T11:59:00Z",
+            "deletionTimestamp": "2026-11-29T12:00:00Z",
+            "labels": {"kdistill.io/replica-index": "1", "kdistill.io/restart-generation": "2"},
+        },
         "spec": {"nodeName": "n2"},
-        "status": {"phase": "Failed", "conditions": [
-            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
-            "containerStatuses": [{"name": "trainer", "state": {"terminated": {
-                "exitCode": 11, "reason": "Error", "message": '{"reason":"PEER_LOST","retryable":true}'}}}]},
+        "status": {
+            "phase": "Failed",
+            "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 11,
+                            "reason": "Error",
+                            "message": '{"reason":"PEER_LOST","retryable":true}',
+                        }
+                    },
+                }
+            ],
+        },
     }
     p = PodView.from_dict(body)
     assert (p.index, p.generation, p.node, p.deleting, p.evicted) == (1, 2, "n2", True, True)
     assert p.terminated == ContainerEnd(11, "Error", '{"reason":"PEER_LOST","retryable":true}')
-    pending = PodView.from_dict({"metadata": {"name": "x"}, "status": {"phase": "Pending", "conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no GPUs"}]}})
+    pending = PodView.from_dict(
+        {
+            "metadata": {"name": "x"},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "no GPUs"}
+                ],
+            },
+        }
+    )
     assert pending.unschedulable == "no GPUs" and pending.index is None
 
 
 def test_deployment_view_availability() -> None:
     def dep(**status: Any) -> DeploymentView:
-        return DeploymentView.from_dict({"metadata": {"name": "s", "generation": 2, "annotations": {
-            "kdistill.io/model-path": MODEL, "kdistill.io/source-job": "j"}}, "spec": {"replicas": 2},
-            "status": status})
+        return DeploymentView.from_dict(
+            {
+                "metadata": {
+                    "name": "s",
+                    "generation": 2,
+                    "annotations": {"kdistill.io/model-path": MODEL, "kdistill.io/source-job": "j"},
+                },
+                "spec": {"replicas": 2},
+                "status": status,
+            }
+        )
+
     assert dep(observedGeneration=2, updatedReplicas=2, availableReplicas=2).available
     assert not dep(observedGeneration=1, updatedReplicas=2, availableReplicas=2).available
     assert not dep(observedGeneration=2, updatedReplicas=1, availableReplicas=2).available

@@ -49,8 +49,15 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
     gap = max(float((a.flatten() + r - t).abs().max()) for a, r, t in zip(applied, resid, true_sum, strict=True))
     gap_without_residual = max(float((a.flatten() - t).abs().max()) for a, t in zip(applied, true_sum, strict=True))
     scale = max(float(t.abs().max()) for t in true_sum)
-    (workdir / f"rank{env.rank}.json").write_text(json.dumps({
-        "step_ratios": step_ratios, "ratio": state.ratio, "gap": gap,
-        "gap_without_residual": gap_without_residual, "scale": scale,
-        "params": [p.detach().flatten().tolist()[:50] for p in model.parameters()],
-    }))
+    (workdir / f"rank{env.rank}.json").write_text(
+        json.dumps(
+            {
+                "step_ratios": step_ratios,
+                "ratio": state.ratio,
+                "gap": gap,
+                "gap_without_residual": gap_without_residual,
+                "scale": scale,
+                "params": [p.detach().flatten().tolist()[:50] for p in model.parameters()],
+            }
+        )
+    )

@@ -35,24 +35,44 @@ class RankResult:
 def child_env(rank: int, world: int, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-        TRANSFORMERS_VERBOSITY="error", TORCHELASTIC_USE_AGENT_STORE="",
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TORCHELASTIC_USE_AGENT_STORE="",
     )
     env.update(extra or {})
     return env
 
 
-def start_ranks(world: int, target: str, workdir: Path, args: dict | None = None,
-                ranks: list[int] | None = None, port: int | None = None,
-                extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+def start_ranks(
+    world: int,
+    target: str,
+    workdir: Path,
+    args: dict | None = None,
+    ranks: list[int] | None = None,
+    port: int | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> list[subprocess.Popen]:
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in ranks if ranks is not None else range(world):
         cmd = [sys.executable, "-m", "tests.parallel.child", target, str(workdir), json.dumps(args or {})]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(rank, world, port, extra_env),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=child_env(rank, world, port, extra_env),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 

@@ -17,8 +17,13 @@ def _results(tmp_path: Path, world: int) -> list[dict]:
 
 
 def test_topk_one_percent_sends_20x_fewer_bytes_and_error_feedback_is_unbiased(tmp_path: Path) -> None:
-    run_ranks(2, "tests.parallel.compression_workers:topk_run", tmp_path,
-              {"fraction": 0.01, "warmup": 2, "steps": 8}, timeout=180)
+    run_ranks(
+        2,
+        "tests.parallel.compression_workers:topk_run",
+        tmp_path,
+        {"fraction": 0.01, "warmup": 2, "steps": 8},
+        timeout=180,
+    )
     ranks = _results(tmp_path, 2)
     for r in ranks:
         # Warm-up steps are plain all-reduce, then two ramp steps get sparser (density 1%^(1/3),
@@ -35,8 +40,13 @@ def test_topk_one_percent_sends_20x_fewer_bytes_and_error_feedback_is_unbiased(t
 
 
 def test_without_error_feedback_the_update_is_biased(tmp_path: Path) -> None:
-    run_ranks(2, "tests.parallel.compression_workers:topk_run", tmp_path,
-              {"fraction": 0.01, "warmup": 0, "steps": 4, "error_feedback": False}, timeout=180)
+    run_ranks(
+        2,
+        "tests.parallel.compression_workers:topk_run",
+        tmp_path,
+        {"fraction": 0.01, "warmup": 0, "steps": 4, "error_feedback": False},
+        timeout=180,
+    )
     for r in _results(tmp_path, 2):
         # Dropped entries are gone for good: applied updates miss part of the true gradient sum.
         assert r["gap"] > 1e-4
@@ -93,8 +103,9 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     from kdistill.trainer.parallel.runtime import ParallelRuntime
     from tests.spec_table import with_spec
 
-    spec = parse_job(with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "warmupSteps": 3,
-                                                                       "rampSteps": 40}})).spec
+    spec = parse_job(
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "warmupSteps": 3, "rampSteps": 40}})
+    ).spec
     rt = ParallelRuntime.create(spec, torch.device("cpu"), env=DistEnv(0, 1, 0, "127.0.0.1", 29500))
     assert (rt.top_k, rt.compression_warmup, rt.compression_ramp) == (0.01, 3, 40)
     state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)

@@ -23,8 +23,7 @@ STEPS, EVERY = 8, 4
 
 def _run(job: Path, out: Path, tmp: Path) -> None:
     env = launch_env(2, base=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error"))
-    proc = subprocess.run(torchrun_command(job, out, 2), env=env, capture_output=True, text=True, cwd=tmp,
-                          timeout=900)
+    proc = subprocess.run(torchrun_command(job, out, 2), env=env, capture_output=True, text=True, cwd=tmp, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

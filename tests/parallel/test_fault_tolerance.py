@@ -36,9 +36,17 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = launch_env(WORLD, collective_timeout_s=COLLECTIVE_TIMEOUT_S, rendezvous_timeout_s=120,
-                     base=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error",
-                               KDISTILL_TERMINATION_LOG=str(tmp / "termination.log")))
+    env = launch_env(
+        WORLD,
+        collective_timeout_s=COLLECTIVE_TIMEOUT_S,
+        rendezvous_timeout_s=120,
+        base=dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            TRANSFORMERS_VERBOSITY="error",
+            KDISTILL_TERMINATION_LOG=str(tmp / "termination.log"),
+        ),
+    )
     return env
 
 
@@ -79,11 +87,17 @@ def test_kill_9_one_rank_survivors_exit_peer_lost(job: Path, tmp_path: Path) -> 
     out = tmp_path / "out"
     port = free_port()
     ours = {k: v for k, v in _env(tmp_path).items() if k.startswith("KDISTILL")}
-    procs = [subprocess.Popen([sys.executable, "-m", "kdistill.trainer", "--config", str(job), "--output", str(out)],
-                              cwd=REPO, env=child_env(r, WORLD, port, ours),
-                              stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-                              stderr=subprocess.PIPE if r else subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "kdistill.trainer", "--config", str(job), "--output", str(out)],
+            cwd=REPO,
+            env=child_env(r, WORLD, port, ours),
+            stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+            stderr=subprocess.PIPE if r else subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
     for rec in _records(procs[0]):
         if rec.get("event") == "step" and rec["step"] >= EVERY + 1:
             break
@@ -134,8 +148,9 @@ def test_torchrun_restarts_group_and_resumes_to_the_same_weights(job: Path, tmp_
 def test_rank_without_rendezvous_fails_in_bounded_time(tmp_path: Path) -> None:
     # Rank 1 of 2 alone: nobody serves the store at the port it was given.
     started = time.monotonic()
-    procs = start_ranks(2, "tests.parallel.workers:noop", tmp_path, ranks=[1],
-                        extra_env={"KDISTILL_RENDEZVOUS_TIMEOUT_S": "3"})
+    procs = start_ranks(
+        2, "tests.parallel.workers:noop", tmp_path, ranks=[1], extra_env={"KDISTILL_RENDEZVOUS_TIMEOUT_S": "3"}
+    )
     (res,) = wait_ranks(procs, timeout=60)
     assert res.returncode == ExitCode.RENDEZVOUS_TIMEOUT, res.stderr[-2000:]
     assert "could not complete the rendezvous" in res.stderr and "within 3s" in res.stderr

@@ -36,15 +36,33 @@ STEPS, EVERY = 6, 3
 TIMEOUT_S = 600  # generous: 4 processes share 2 loaded cores
 
 
-def _write_job(root: Path, name: str, *, pipeline: int = 1, data: int = 1, tensor: int = 1,
-               objectives: tuple[str, ...] = ("logits",), spec: dict[str, Any] | None = None) -> Path:
+def _write_job(
+    root: Path,
+    name: str,
+    *,
+    pipeline: int = 1,
+    data: int = 1,
+    tensor: int = 1,
+    objectives: tuple[str, ...] = ("logits",),
+    spec: dict[str, Any] | None = None,
+) -> Path:
     world = pipeline * data * tensor
-    job = helpers.job_dict(name, "causal-lm", str(root / "teacher"), str(root / "data" / "train.jsonl"), None,
-                           stages=[{"name": "output", "steps": STEPS, "objectives": list(objectives)}],
-                           batch_size=8, every_steps=EVERY)
+    job = helpers.job_dict(
+        name,
+        "causal-lm",
+        str(root / "teacher"),
+        str(root / "data" / "train.jsonl"),
+        None,
+        stages=[{"name": "output", "steps": STEPS, "objectives": list(objectives)}],
+        batch_size=8,
+        every_steps=EVERY,
+    )
     job["spec"]["distillation"]["learningRate"] = 5e-3
-    job["spec"]["parallelism"] = {"nodes": world, "gpusPerNode": 0,
-                                  "student": {"data": data, "tensor": tensor, "pipeline": pipeline}}
+    job["spec"]["parallelism"] = {
+        "nodes": world,
+        "gpusPerNode": 0,
+        "student": {"data": data, "tensor": tensor, "pipeline": pipeline},
+    }
     for key, value in (spec or {}).items():
         if isinstance(value, dict) and isinstance(job["spec"].get(key), dict):
             job["spec"][key].update(value)
@@ -65,8 +83,12 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _env(world: int) -> dict[str, str]:
-    return launch_env(world, rendezvous_timeout_s=300, collective_timeout_s=300,
-                      base=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error"))
+    return launch_env(
+        world,
+        rendezvous_timeout_s=300,
+        collective_timeout_s=300,
+        base=dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error"),
+    )
 
 
 def _steps(stdout: str) -> list[dict[str, Any]]:
@@ -86,8 +108,14 @@ def _steps(stdout: str) -> list[dict[str, Any]]:
 
 def _run(job: Path, output: Path, world: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One run under torchrun; returns rank 0's step records and result.json."""
-    proc = subprocess.run(torchrun_command(job, output, world), env=_env(world), capture_output=True, text=True,
-                          cwd=REPO, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        torchrun_command(job, output, world),
+        env=_env(world),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return _steps(proc.stdout), json.loads((output / "result.json").read_text())
 
@@ -161,8 +189,9 @@ def test_pipeline2_trains_like_one_process_and_resumes(root: Path, reference: tu
 
 
 @pytest.mark.parametrize("split", ["tensor", "pipeline"])
-def test_split_teacher_with_split_student_trains_like_one_process(root: Path, reference: tuple[list[float], Path],
-                                                                  split: str) -> None:
+def test_split_teacher_with_split_student_trains_like_one_process(
+    root: Path, reference: tuple[list[float], Path], split: str
+) -> None:
     """teacherPipelineStages=2 and a student split in two on the same 2 ranks: rank 0 holds teacher
     layers 0-1 and one half of the student, rank 1 the rest of both; the losses follow the
     single-process run step for step and the final student equals its."""
@@ -174,8 +203,7 @@ def test_split_teacher_with_split_student_trains_like_one_process(root: Path, re
     _assert_same_student(out, ref_out)
 
 
-def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, reference: tuple[list[float], Path]
-                                                                ) -> None:
+def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, reference: tuple[list[float], Path]) -> None:
     ref, ref_out = reference
     out = root / "out-tp2pp2"
     steps, _ = _run(_write_job(root, "tp2pp2", pipeline=2, tensor=2), out, 4)
@@ -193,16 +221,20 @@ def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, refere
 
 # What the trainer's own message names for each of the API's split-student rows.
 _TRAINER_NEEDLES = {
-    "split-student-hidden": "objectives ['hidden']", "split-student-attention-pipeline": "objectives ['attention']",
+    "split-student-hidden": "objectives ['hidden']",
+    "split-student-attention-pipeline": "objectives ['attention']",
     "split-student-teacher-cache": "distillation.teacherCache",
-    "split-student-uncertainty-weighting": "data.uncertaintyWeighting", "split-student-qat": "qat-int8",
-    "split-student-default-qat": "qat-int8", "split-student-top-k": "gradientCompression.topK",
+    "split-student-uncertainty-weighting": "data.uncertaintyWeighting",
+    "split-student-qat": "qat-int8",
+    "split-student-default-qat": "qat-int8",
+    "split-student-top-k": "gradientCompression.topK",
     "split-student-classification": "task sequence-classification",
 }
 
 
-@pytest.mark.parametrize(("name", "job"), [(b[0], b[1]) for b in SPLIT_STUDENT_BAD],
-                         ids=[b[0] for b in SPLIT_STUDENT_BAD])
+@pytest.mark.parametrize(
+    ("name", "job"), [(b[0], b[1]) for b in SPLIT_STUDENT_BAD], ids=[b[0] for b in SPLIT_STUDENT_BAD]
+)
 def test_trainer_refuses_what_the_api_rejects_for_split_students(name: str, job: dict[str, Any]) -> None:
     """The API rejects these rows (tests/spec_table.py); the trainer's check stays as a second
     line for specs that bypassed it. The spec is validated unsplit, then split without validation."""
@@ -210,8 +242,9 @@ def test_trainer_refuses_what_the_api_rejects_for_split_students(name: str, job:
     unsplit = copy.deepcopy(job)
     unsplit["spec"]["parallelism"]["student"] = {"data": 2, "tensor": 1, "pipeline": 1}
     spec = parse_job(unsplit).spec
-    student = spec.parallelism.student.model_copy(update={"data": 1, "tensor": split.get("tensor", 1),
-                                                          "pipeline": split.get("pipeline", 1)})
+    student = spec.parallelism.student.model_copy(
+        update={"data": 1, "tensor": split.get("tensor", 1), "pipeline": split.get("pipeline", 1)}
+    )
     spec = spec.model_copy(update={"parallelism": spec.parallelism.model_copy(update={"student": student})})
     with pytest.raises(TrainerError) as err:
         check_supported(spec, layout_from_spec(spec.parallelism))
@@ -222,10 +255,23 @@ def test_trainer_refuses_what_the_api_rejects_for_split_students(name: str, job:
 def test_model_parallel_bad_spec_exits_20_before_any_peer_joins(root: Path) -> None:
     """The spec check runs before the rendezvous: one rank alone exits BAD_SPEC at once."""
     path = _write_job(root, "bad-hidden", tensor=2, objectives=("hidden", "logits"))
-    env = dict(_env(2), RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
-               KDISTILL_TERMINATION_LOG=str(root / "bad-termination.log"))
-    proc = subprocess.run([sys.executable, "-P", "-m", "kdistill.trainer", "--config", str(path), "--output",
-                           str(root / "out-bad")], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    env = dict(
+        _env(2),
+        RANK="0",
+        WORLD_SIZE="2",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="1",
+        KDISTILL_TERMINATION_LOG=str(root / "bad-termination.log"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "kdistill.trainer", "--config", str(path), "--output", str(root / "out-bad")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == int(ExitCode.BAD_SPEC), proc.stderr[-3000:]
     message = json.loads((root / "bad-termination.log").read_text())
     assert message["retryable"] is False and "hidden" in message["message"]

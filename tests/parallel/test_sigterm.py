@@ -33,14 +33,23 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path: Path) -> None
     job = make_job(tmp_path / "job", world=WORLD, steps=STEPS, every=10_000, top_k=0.1, batch_size=8)
     out = tmp_path / "out"
     port = free_port()
-    ours = {k: v for k, v in launch_env(WORLD, collective_timeout_s=COLLECTIVE_TIMEOUT_S,
-                                        rendezvous_timeout_s=120).items() if k.startswith("KDISTILL")}
+    ours = {
+        k: v
+        for k, v in launch_env(WORLD, collective_timeout_s=COLLECTIVE_TIMEOUT_S, rendezvous_timeout_s=120).items()
+        if k.startswith("KDISTILL")
+    }
     ours["KDISTILL_TERMINATION_LOG"] = str(tmp_path / "termination.log")
-    procs = [subprocess.Popen([sys.executable, "-m", "kdistill.trainer", "--config", str(job), "--output", str(out)],
-                              cwd=REPO, env=child_env(r, WORLD, port, ours),
-                              stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT if r == 0 else subprocess.PIPE, text=True)
-             for r in range(WORLD)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "kdistill.trainer", "--config", str(job), "--output", str(out)],
+            cwd=REPO,
+            env=child_env(r, WORLD, port, ours),
+            stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if r == 0 else subprocess.PIPE,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
     try:
         records = _records(procs[0])
         for rec in records:

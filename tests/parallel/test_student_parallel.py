@@ -41,8 +41,12 @@ def test_parallel_step_equals_single_process(
     tmp_path: Path, family: str, pipeline: int, data: int, tensor: int
 ) -> None:
     world = pipeline * data * tensor
-    run_ranks(world, "tests.parallel.workers:student_step", tmp_path,
-              {"family": family, "pipeline": pipeline, "data": data, "tensor": tensor, "rows": ROWS, "length": LENGTH})
+    run_ranks(
+        world,
+        "tests.parallel.workers:student_step",
+        tmp_path,
+        {"family": family, "pipeline": pipeline, "data": data, "tensor": tensor, "rows": ROWS, "length": LENGTH},
+    )
     ref_loss, ref_grads = reference(family)
     seen: set[str] = set()
     for rank in range(world):

@@ -19,8 +19,9 @@ from .models import tiny_model
 
 @pytest.mark.parametrize(("family", "world", "stages"), [("gpt2", 2, 2), ("llama", 4, 4), ("gpt2", 4, 2)])
 def test_split_teacher_matches_unsplit(tmp_path: Path, family: str, world: int, stages: int) -> None:
-    run_ranks(world, "tests.parallel.workers:teacher_split", tmp_path,
-              {"family": family, "layers": 8, "stages": stages})
+    run_ranks(
+        world, "tests.parallel.workers:teacher_split", tmp_path, {"family": family, "layers": 8, "stages": stages}
+    )
     full = tiny_model(family, layers=8).eval()
     total = unique_param_bytes(full)
     for rank in range(world):
@@ -37,8 +38,10 @@ def test_split_teacher_matches_unsplit(tmp_path: Path, family: str, world: int, 
 
 def _max_cost(costs: StageCosts, ranges: list[range]) -> int:
     n = len(ranges)
-    return max(sum(costs.layers[i] for i in r) + (costs.first if j == 0 else 0) + (costs.last if j == n - 1 else 0)
-               for j, r in enumerate(ranges))
+    return max(
+        sum(costs.layers[i] for i in r) + (costs.first if j == 0 else 0) + (costs.last if j == n - 1 else 0)
+        for j, r in enumerate(ranges)
+    )
 
 
 def test_balance_is_optimal_against_brute_force() -> None:
@@ -50,8 +53,10 @@ def test_balance_is_optimal_against_brute_force() -> None:
         costs = StageCosts(gen.randint(0, 50), tuple(gen.randint(1, 40) for _ in range(n)), gen.randint(0, 50))
         got = balance_layers(costs, s)
         assert [i for r in got for i in r] == list(range(n)) and all(len(r) for r in got)
-        best = min(_max_cost(costs, [range(a, b) for a, b in zip((0, *cuts), (*cuts, n), strict=True)])
-                   for cuts in itertools.combinations(range(1, n), s - 1))
+        best = min(
+            _max_cost(costs, [range(a, b) for a, b in zip((0, *cuts), (*cuts, n), strict=True)])
+            for cuts in itertools.combinations(range(1, n), s - 1)
+        )
         assert _max_cost(costs, got) == best
     costs = StageCosts(first=50, layers=(10, 10, 10, 10, 40, 40), last=0)
     with pytest.raises(ValueError, match="cannot split 6 layers into 7"):

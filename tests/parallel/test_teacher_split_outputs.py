@@ -45,15 +45,21 @@ def outputs_worker(env: DistEnv, workdir: Path, args: dict) -> None:
     save_file(tensors, str(workdir / f"rank{env.rank}.safetensors"))
 
 
-@pytest.mark.parametrize(("family", "world", "stages", "micro"),
-                         [("gpt2", 2, 2, None), ("llama", 3, 3, 1), ("llama", 4, 2, None)])
-def test_split_teacher_hidden_states_and_qkv_match_unsplit(tmp_path: Path, family: str, world: int, stages: int,
-                                                           micro: int | None) -> None:
+@pytest.mark.parametrize(
+    ("family", "world", "stages", "micro"), [("gpt2", 2, 2, None), ("llama", 3, 3, 1), ("llama", 4, 2, None)]
+)
+def test_split_teacher_hidden_states_and_qkv_match_unsplit(
+    tmp_path: Path, family: str, world: int, stages: int, micro: int | None
+) -> None:
     hidden = list(range(LAYERS + 1))  # the embeddings, every block, the final (normed) state
     qkv = [0, 2, LAYERS - 1]
-    run_ranks(world, "tests.parallel.test_teacher_split_outputs:outputs_worker", tmp_path,
-              {"family": family, "stages": stages, "micro": micro, "logits": True, "hidden": hidden, "qkv": qkv},
-              timeout=900)
+    run_ranks(
+        world,
+        "tests.parallel.test_teacher_split_outputs:outputs_worker",
+        tmp_path,
+        {"family": family, "stages": stages, "micro": micro, "logits": True, "hidden": hidden, "qkv": qkv},
+        timeout=900,
+    )
     full = tiny_model(family, layers=LAYERS).eval()
     for rank in range(world):
         out = load_file(str(tmp_path / f"rank{rank}.safetensors"))
@@ -71,8 +77,13 @@ def test_split_teacher_hidden_states_and_qkv_match_unsplit(tmp_path: Path, famil
 
 
 def test_split_teacher_sends_only_what_is_asked(tmp_path: Path) -> None:
-    run_ranks(2, "tests.parallel.test_teacher_split_outputs:outputs_worker", tmp_path,
-              {"family": "gpt2", "stages": 2, "logits": False, "hidden": [1, LAYERS], "qkv": []}, timeout=900)
+    run_ranks(
+        2,
+        "tests.parallel.test_teacher_split_outputs:outputs_worker",
+        tmp_path,
+        {"family": "gpt2", "stages": 2, "logits": False, "hidden": [1, LAYERS], "qkv": []},
+        timeout=900,
+    )
     for rank in range(2):
         out = load_file(str(tmp_path / f"rank{rank}.safetensors"))
         assert sorted(out) == ["hidden1", f"hidden{LAYERS}", "ids", "mask"]
@@ -98,15 +109,25 @@ def test_kdistill_run_two_processes_hidden_and_attention_stages_with_split_teach
     ]
     job_path.write_text(yaml.safe_dump(job, sort_keys=False))
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error",
-               KDISTILL_TERMINATION_LOG=str(tmp_path / "termination.log"))
-    proc = subprocess.run([sys.executable, "-P", "-m", "kdistill.cli.main", "run", str(job_path), "--output", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TRANSFORMERS_VERBOSITY="error",
+        KDISTILL_TERMINATION_LOG=str(tmp_path / "termination.log"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "kdistill.cli.main", "run", str(job_path), "--output", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = []
     for line in (proc.stdout + proc.stderr).splitlines():
         if '{"event": "step"' in line:
-            steps.append(json.loads(line[line.index("{"):]))
+            steps.append(json.loads(line[line.index("{") :]))
     by_stage = {s["stage"]: s for s in steps}
     assert set(by_stage) == {"features", "intermediate", "output"}, steps
     parts = {name: s.get("parts", s) for name, s in by_stage.items()}
@@ -123,11 +144,17 @@ def test_api_rejects_split_teacher_for_classification_in_pydantic_and_cel() -> N
     from kdistill.api.crd import build_crd
     from tests.spec_table import with_spec
 
-    spec = with_spec(task="sequence-classification", parallelism={
-        "nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 2}})["spec"]
+    spec = with_spec(
+        task="sequence-classification",
+        parallelism={"nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 2}},
+    )["spec"]
     spec["data"]["labelField"] = "label"
-    spec["distillation"] = {"stages": [{"name": "features", "steps": 5, "objectives": ["hidden", "attention"]},
-                                       {"name": "output", "steps": 5, "objectives": ["logits"]}]}
+    spec["distillation"] = {
+        "stages": [
+            {"name": "features", "steps": 5, "objectives": ["hidden", "attention"]},
+            {"name": "output", "steps": 5, "objectives": ["logits"]},
+        ]
+    }
     with pytest.raises(ValueError, match=r"teacherPipelineStages \(2\) > 1 splits causal-LM decoders only"):
         DistillationJobSpec.model_validate(spec)
     spec["task"] = "causal-lm"

@@ -21,9 +21,15 @@ def teacher_split(env: DistEnv, workdir: Path, args: dict) -> None:
     # Members bring batches of different sizes and lengths.
     ids, mask = batch(seed=env.rank, rows=2 + env.rank, length=10 + env.rank)
     logits = teacher.logits(ids, mask)
-    save_file({"logits": logits, "ids": ids, "mask": mask,
-               "param_bytes": torch.tensor([teacher.param_bytes], dtype=torch.int64)},
-              str(workdir / f"rank{env.rank}.safetensors"))
+    save_file(
+        {
+            "logits": logits,
+            "ids": ids,
+            "mask": mask,
+            "param_bytes": torch.tensor([teacher.param_bytes], dtype=torch.int64),
+        },
+        str(workdir / f"rank{env.rank}.safetensors"),
+    )
 
 
 def token_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

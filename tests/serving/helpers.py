@@ -34,25 +34,43 @@ def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 400) -> Any:
     return build_tokenizer(pydoc_texts(), vocab_size, out_dir, model_max_length=128)
 
 
-def tiny_gpt2(vocab_size: int, *, layers: int = 2, width: int = 64, heads: int = 4, positions: int = 128,
-              seed: int = 0) -> nn.Module:
+def tiny_gpt2(
+    vocab_size: int, *, layers: int = 2, width: int = 64, heads: int = 4, positions: int = 128, seed: int = 0
+) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
-                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_bert_classifier(vocab_size: int, *, layers: int = 2, width: int = 64, heads: int = 4, positions: int = 128,
-                         seed: int = 0) -> nn.Module:
+def tiny_bert_classifier(
+    vocab_size: int, *, layers: int = 2, width: int = 64, heads: int = 4, positions: int = 128, seed: int = 0
+) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=width * 2, max_position_embeddings=positions, num_labels=len(LABELS),
-                        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
-                        pad_token_id=0)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=width * 2,
+        max_position_embeddings=positions,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
+        pad_token_id=0,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -67,8 +85,9 @@ def make_artifact(root: Path, task: str, quantization: str = "ptq-int8", seed: i
     if quantization != "none":
         model = quantize_ptq_int8(model)
     name = f"{'lm' if task == 'causal-lm' else 'cls'}-{quantization}"
-    return save_artifact(model, tokenizer, root / name / "student-int8", task=task, quantization=quantization,
-                         metrics={"metric": "test"})
+    return save_artifact(
+        model, tokenizer, root / name / "student-int8", task=task, quantization=quantization, metrics={"metric": "test"}
+    )
 
 
 def load_served(model_dir: Path) -> Any:
@@ -97,16 +116,37 @@ def free_port() -> int:
 class ServerProcess:
     """``kdistill serve`` in a child process on a free loopback port."""
 
-    def __init__(self, model_dir: Path, *extra: str, threads: int = 1, log_path: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *extra: str,
+        threads: int = 1,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or model_dir.parent / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "kdistill.cli.main", "serve", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--threads", str(threads), "--log-level", "warning", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kdistill.cli.main",
+            "serve",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--threads",
+            str(threads),
+            "--log-level",
+            "warning",
+            *extra,
+        ]
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        )
 
     def wait_ready(self, timeout: float = 420.0) -> None:  # import + load + warm-up on a loaded CI machine
         deadline = time.monotonic() + timeout

@@ -64,8 +64,9 @@ def test_selection_respects_the_padded_token_budget() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=80), size=st.integers(1, 16),
-       tokens=st.integers(1, 2000))
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=80), size=st.integers(1, 16), tokens=st.integers(1, 2000)
+)
 def test_selection_invariants(lengths: list[int], size: int, tokens: int) -> None:
     policy = BatchPolicy(max_batch_size=size, max_batch_tokens=tokens)
     q = queue(lengths)
@@ -89,8 +90,9 @@ def test_worker_batches_concurrent_requests_and_keeps_results_in_place() -> None
     batcher: DynamicBatcher[int, int] = DynamicBatcher(run, BatchPolicy(max_batch_size=8, max_wait_ms=20))
     batcher.start()
     futures: dict[int, Future] = {}
-    threads = [threading.Thread(target=lambda i=i: futures.__setitem__(i, batcher.submit(i, 1 + i % 5)))
-               for i in range(40)]
+    threads = [
+        threading.Thread(target=lambda i=i: futures.__setitem__(i, batcher.submit(i, 1 + i % 5))) for i in range(40)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -109,8 +111,7 @@ def test_full_queue_refuses_with_retry_after_and_stop_drains() -> None:
         gate.wait(10)
         return xs
 
-    batcher: DynamicBatcher[int, int] = DynamicBatcher(run, BatchPolicy(max_batch_size=1, max_wait_ms=0,
-                                                                        max_queue=3))
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(run, BatchPolicy(max_batch_size=1, max_wait_ms=0, max_queue=3))
     batcher.start()
     first = batcher.submit(0, 1)
     deadline = time.monotonic() + 5

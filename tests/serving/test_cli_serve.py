@@ -14,8 +14,12 @@ from tests.serving.helpers import ServerProcess
 
 
 def test_serve_refuses_a_directory_without_kdistill_json(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "kdistill.cli.main", "serve", str(tmp_path), "--port", "0"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "kdistill.cli.main", "serve", str(tmp_path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert "(no kdistill.json)" in " ".join(r.stderr.replace("│", " ").split())  # the message may be wrapped
 

@@ -18,8 +18,12 @@ from kdistill.serving.generation import DecodeStats, GenRequest, GenResult, gene
 from kdistill.trainer.artifact import Artifact
 from tests.serving.helpers import build_tiny_tokenizer, load_served, make_artifact, running_server, tiny_gpt2
 
-PROMPTS = ["The for statement is used", "x", "Objects are Python's abstraction for data. All data in",
-           "with open(p) as f:"]
+PROMPTS = [
+    "The for statement is used",
+    "x",
+    "Objects are Python's abstraction for data. All data in",
+    "with open(p) as f:",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,10 @@ def test_short_sequences_are_answered_while_the_batch_still_decodes(lm: tuple[An
     def on_done(i: int) -> Any:
         return lambda result: answered.append((i, stats.steps))
 
-    reqs = [GenRequest(tok(p)["input_ids"], max_tokens=n, temperature=0.0) for p, n in zip(PROMPTS, (2, 12, 5, 1),
-                                                                                         strict=True)]
+    reqs = [
+        GenRequest(tok(p)["input_ids"], max_tokens=n, temperature=0.0)
+        for p, n in zip(PROMPTS, (2, 12, 5, 1), strict=True)
+    ]
     for i, r in enumerate(reqs):
         r.on_done = on_done(i)
     results = generate_batch(model, tok, reqs, stats)
@@ -112,25 +118,34 @@ def test_server_decodes_concurrent_completions_as_one_batch(fp32_lm_artifact: Pa
     max_tokens = (1, 4, 9, 20)
     # A long window and a batch of exactly 4: the four concurrent requests form one batch.
     with running_server(lm_artifact, "--max-batch-size", "4", "--max-wait-ms", "5000") as server:
-        names = ("kdistill_decode_steps_total", "kdistill_decode_rows_total", "kdistill_batch_size_count",
-                 "kdistill_batch_size_sum")
+        names = (
+            "kdistill_decode_steps_total",
+            "kdistill_decode_rows_total",
+            "kdistill_batch_size_count",
+            "kdistill_batch_size_sum",
+        )
         before = {n: metric(server.url, n) for n in names}
 
         async def post_all() -> list[dict[str, Any]]:
             async with httpx.AsyncClient(timeout=300) as client:
-                answers = await asyncio.gather(*(
-                    client.post(f"{server.url}/v1/completions",
-                                json={"prompt": p, "max_tokens": n, "temperature": 0})
-                    for p, n in zip(PROMPTS, max_tokens, strict=True)))
+                answers = await asyncio.gather(
+                    *(
+                        client.post(
+                            f"{server.url}/v1/completions", json={"prompt": p, "max_tokens": n, "temperature": 0}
+                        )
+                        for p, n in zip(PROMPTS, max_tokens, strict=True)
+                    )
+                )
             assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
             return [a.json() for a in answers]
 
         bodies = asyncio.run(post_all())
         settled(server.url, "kdistill_batch_size_count", before["kdistill_batch_size_count"] + 1)
         delta = {n: metric(server.url, n) - before[n] for n in names}
-    solo = [generate_batch(local.model, local.tokenizer,
-                           [GenRequest(local.tokenizer(p)["input_ids"], n, 0.0)])[0]
-            for p, n in zip(PROMPTS, max_tokens, strict=True)]
+    solo = [
+        generate_batch(local.model, local.tokenizer, [GenRequest(local.tokenizer(p)["input_ids"], n, 0.0)])[0]
+        for p, n in zip(PROMPTS, max_tokens, strict=True)
+    ]
     assert [b["choices"][0]["text"] for b in bodies] == [s.text for s in solo]
     assert delta["kdistill_batch_size_count"] == 1 and delta["kdistill_batch_size_sum"] == 4
     assert delta["kdistill_decode_steps_total"] == max(decoded_rows(s) for s in solo)
@@ -140,14 +155,18 @@ def test_server_decodes_concurrent_completions_as_one_batch(fp32_lm_artifact: Pa
 # ---- continuous batching ---------------------------------------------------------------------------
 def test_admitted_requests_join_the_running_decode_and_match_solo_generation(lm: tuple[Any, Any]) -> None:
     model, tok = lm
-    first = [GenRequest(tok(p)["input_ids"], max_tokens=n, temperature=0.0)
-             for p, n in zip(PROMPTS[:2], (3, 16), strict=True)]
+    first = [
+        GenRequest(tok(p)["input_ids"], max_tokens=n, temperature=0.0)
+        for p, n in zip(PROMPTS[:2], (3, 16), strict=True)
+    ]
     # Waiting requests, offered at given decode steps: a prompt longer than the running cache (the
     # batch is padded to it), shorter ones, one that finishes on its prefill token, and one offered
     # after the short first request left (its columns are cut).
-    offered = {1: [GenRequest(tok(PROMPTS[2])["input_ids"], 6, 0.0)],
-               4: [GenRequest(tok(PROMPTS[3])["input_ids"], 1, 0.0), GenRequest(tok(PROMPTS[1])["input_ids"], 5, 0.0)],
-               9: [GenRequest(tok(PROMPTS[0] + " again")["input_ids"], 4, 0.0)]}
+    offered = {
+        1: [GenRequest(tok(PROMPTS[2])["input_ids"], 6, 0.0)],
+        4: [GenRequest(tok(PROMPTS[3])["input_ids"], 1, 0.0), GenRequest(tok(PROMPTS[1])["input_ids"], 5, 0.0)],
+        9: [GenRequest(tok(PROMPTS[0] + " again")["input_ids"], 4, 0.0)],
+    }
     joined = [r for step in sorted(offered) for r in offered[step]]
     waiting = {step: list(reqs) for step, reqs in offered.items()}
     stats = DecodeStats()
@@ -219,14 +238,23 @@ def test_server_answers_many_concurrent_completions_with_continuous_batching(fp3
 
         async def post_all() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=300) as client:
-                return list(await asyncio.gather(*(
-                    client.post(f"{server.url}/v1/completions", json={"prompt": p, "max_tokens": n, "temperature": 0})
-                    for p, n in zip(prompts, max_tokens, strict=True))))
+                return list(
+                    await asyncio.gather(
+                        *(
+                            client.post(
+                                f"{server.url}/v1/completions", json={"prompt": p, "max_tokens": n, "temperature": 0}
+                            )
+                            for p, n in zip(prompts, max_tokens, strict=True)
+                        )
+                    )
+                )
 
         answers = asyncio.run(post_all())
         counted = settled(server.url, "kdistill_batch_size_sum", before + 12) - before
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-    solo = [generate_batch(local.model, local.tokenizer, [GenRequest(local.tokenizer(p)["input_ids"], n, 0.0)])[0]
-            for p, n in zip(prompts, max_tokens, strict=True)]
+    solo = [
+        generate_batch(local.model, local.tokenizer, [GenRequest(local.tokenizer(p)["input_ids"], n, 0.0)])[0]
+        for p, n in zip(prompts, max_tokens, strict=True)
+    ]
     assert [a.json()["choices"][0]["text"] for a in answers] == [s.text for s in solo]
     assert counted == 12  # admitted requests are counted in the batch they joined

@@ -21,9 +21,15 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
 
 def reference_greedy(model: Any, tok: Any, prompt: str, n: int) -> list[int]:
     ids = torch.tensor([tok(prompt)["input_ids"]])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=tok.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_batched_greedy_equals_transformers_generate_per_prompt(lm: tuple[Any, Any]) -> None:
@@ -40,8 +46,9 @@ def test_batched_greedy_equals_transformers_generate_per_prompt(lm: tuple[Any, A
 
 def test_finished_sequences_leave_the_batch_early(lm: tuple[Any, Any]) -> None:
     model, tok = lm
-    reqs = [GenRequest(tok(p)["input_ids"], max_tokens=n, temperature=0.0) for p, n in zip(PROMPTS, (1, 7, 3),
-                                                                                         strict=True)]
+    reqs = [
+        GenRequest(tok(p)["input_ids"], max_tokens=n, temperature=0.0) for p, n in zip(PROMPTS, (1, 7, 3), strict=True)
+    ]
     results = generate_batch(model, tok, reqs)
     solo = [generate_batch(model, tok, [GenRequest(r.prompt_ids, r.max_tokens, 0.0)])[0] for r in reqs]
     assert [r.token_ids for r in results] == [s.token_ids for s in solo]
@@ -68,11 +75,12 @@ def test_stop_strings_cut_the_text_and_stream_matches(lm: tuple[Any, Any]) -> No
     prompt = tok(PROMPTS[2])["input_ids"]
     full = generate_batch(model, tok, [GenRequest(prompt, 12, 0.0)])[0]
     assert len(full.text) > 4
-    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
     pieces: list[str] = []
     finishes: list[str | None] = []
-    req = GenRequest(prompt, 12, 0.0, stop=[stop],
-                     on_text=lambda text, finish: (pieces.append(text), finishes.append(finish)))
+    req = GenRequest(
+        prompt, 12, 0.0, stop=[stop], on_text=lambda text, finish: (pieces.append(text), finishes.append(finish))
+    )
     result = generate_batch(model, tok, [req])[0]
     assert result.text == full.text[: full.text.find(stop)]
     assert result.finish_reason == "stop"

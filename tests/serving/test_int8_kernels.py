@@ -26,8 +26,10 @@ def test_onednn_kernel_matches_fbgemm_and_the_float_model(tmp_path: Path, family
     ids = torch.randint(5, len(tok), (4, 20), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         ref = fp32(input_ids=ids).logits
-        by_kernel = {k: load_artifact(out, kernel=k).model(input_ids=ids).logits  # type: ignore[arg-type]
-                     for k in ("fbgemm-dynamic", "onednn-dynamic")}
+        by_kernel = {
+            k: load_artifact(out, kernel=k).model(input_ids=ids).logits  # type: ignore[arg-type]
+            for k in ("fbgemm-dynamic", "onednn-dynamic")
+        }
     err = {k: float((v - ref).norm() / ref.norm()) for k, v in by_kernel.items()}
     assert 0 < err["onednn-dynamic"] < 0.05  # quantized (not the float numbers), and close to them
     assert err["onednn-dynamic"] == pytest.approx(err["fbgemm-dynamic"], rel=0.1)

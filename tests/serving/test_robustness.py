@@ -21,9 +21,18 @@ ALLOWED = {200, 400, 404, 413, 429}
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=40),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
-    max_leaves=12)
-LM_FIELDS = {"prompt": "hello", "max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": None, "seed": 1,
-             "model": "lm-ptq-int8", "stream": False}
+    max_leaves=12,
+)
+LM_FIELDS = {
+    "prompt": "hello",
+    "max_tokens": 3,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "stop": None,
+    "seed": 1,
+    "model": "lm-ptq-int8",
+    "stream": False,
+}
 CLS_FIELDS = {"texts": ["hello"], "model": "cls-ptq-int8"}
 INFER = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}
 
@@ -35,7 +44,8 @@ def mutated(base: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
         lambda repl, drop, extra: {**{k: v for k, v in base.items() if k not in drop}, **repl, **extra},
         st.dictionaries(st.sampled_from(keys), json_values, max_size=3),
         st.sets(st.sampled_from(keys), max_size=2),
-        st.dictionaries(st.text(max_size=8), json_values, max_size=2))
+        st.dictionaries(st.text(max_size=8), json_values, max_size=2),
+    )
 
 
 def raw_bodies(base: dict[str, Any]) -> st.SearchStrategy[bytes]:
@@ -43,7 +53,8 @@ def raw_bodies(base: dict[str, Any]) -> st.SearchStrategy[bytes]:
         st.binary(max_size=200),
         json_values.map(lambda v: json.dumps(v).encode()),
         mutated(base).map(lambda v: json.dumps(v).encode()),
-        mutated(base).map(lambda v: json.dumps(v).encode()[: len(json.dumps(v)) // 2]))  # truncated JSON
+        mutated(base).map(lambda v: json.dumps(v).encode()[: len(json.dumps(v)) // 2]),
+    )  # truncated JSON
 
 
 def check(response: httpx.Response) -> None:
@@ -59,23 +70,24 @@ def check(response: httpx.Response) -> None:
             assert set(body["error"]) >= {"message", "type", "param"}
 
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 @FUZZ
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=raw_bodies(LM_FIELDS))
 def test_fuzz_lm_server(lm_server: ServerProcess, path: str, body: bytes) -> None:
-    check(httpx.post(f"{lm_server.url}{path}", content=body, headers={"content-type": "application/json"},
-                     timeout=60))
+    check(httpx.post(f"{lm_server.url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60))
 
 
 @FUZZ
-@given(path=st.sampled_from(["/v1/classify", "/v2/models/cls-ptq-int8/infer"]),
-       body=st.one_of(raw_bodies(CLS_FIELDS), raw_bodies(INFER)))
+@given(
+    path=st.sampled_from(["/v1/classify", "/v2/models/cls-ptq-int8/infer"]),
+    body=st.one_of(raw_bodies(CLS_FIELDS), raw_bodies(INFER)),
+)
 def test_fuzz_classification_server(cls_server: ServerProcess, path: str, body: bytes) -> None:
-    check(httpx.post(f"{cls_server.url}{path}", content=body, headers={"content-type": "application/json"},
-                     timeout=60))
+    check(httpx.post(f"{cls_server.url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60))
 
 
 def test_servers_still_answer_correctly_after_fuzzing(lm_server: ServerProcess, cls_server: ServerProcess) -> None:
@@ -92,9 +104,13 @@ def test_servers_still_answer_correctly_after_fuzzing(lm_server: ServerProcess, 
 
 def test_overload_answers_429_with_retry_after(lm_artifact: Path) -> None:
     with running_server(lm_artifact, "--max-queue", "2", "--max-batch-size", "1", "--max-wait-ms", "0") as server:
+
         def one(i: int) -> httpx.Response:
-            return httpx.post(f"{server.url}/v1/completions",
-                              json={"prompt": f"request {i}", "max_tokens": 60, "temperature": 0}, timeout=120)
+            return httpx.post(
+                f"{server.url}/v1/completions",
+                json={"prompt": f"request {i}", "max_tokens": 60, "temperature": 0},
+                timeout=120,
+            )
 
         with ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(one, range(16)))
@@ -118,9 +134,13 @@ def test_sigterm_finishes_requests_in_flight(lm_artifact: Path) -> None:
     server = ServerProcess(lm_artifact, "--max-batch-size", "1", "--max-wait-ms", "0")
     try:
         server.wait_ready()
+
         def timed(i: int) -> tuple[httpx.Response, float]:
-            r = httpx.post(f"{server.url}/v1/completions",
-                           json={"prompt": f"in flight {i}", "max_tokens": 100, "temperature": 0}, timeout=120)
+            r = httpx.post(
+                f"{server.url}/v1/completions",
+                json={"prompt": f"in flight {i}", "max_tokens": 100, "temperature": 0},
+                timeout=120,
+            )
             return r, time.monotonic()
 
         with ThreadPoolExecutor(6) as pool:
@@ -129,7 +149,8 @@ def test_sigterm_finishes_requests_in_flight(lm_artifact: Path) -> None:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 held = metric(server, "kdistill_requests_in_flight") + metric(
-                    server, 'kdistill_request_latency_seconds_count{endpoint="/v1/completions"}')
+                    server, 'kdistill_request_latency_seconds_count{endpoint="/v1/completions"}'
+                )
                 if held >= 6:
                     break
                 time.sleep(0.01)

@@ -69,8 +69,9 @@ def test_prepare_for_inference_swaps_torch_tanh_gelu_too() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                        activation_function="gelu_pytorch_tanh")
+    config = GPT2Config(
+        vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, activation_function="gelu_pytorch_tanh"
+    )
     model = GPT2LMHeadModel(config).eval()
     ids = torch.randint(97, (2, 9))
     with torch.inference_mode():
@@ -119,8 +120,15 @@ def test_tuned_allocator_keeps_freed_activations_for_reuse() -> None:
     # glibc's initial thresholds, pinned: left dynamic, they move with what the process allocated
     # before (torch's import), and so does the "default" baseline.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, "-P", "-c", ALLOCATING_LOOP], cwd=REPO, capture_output=True, text=True,
-                         timeout=300, check=True, env=env).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", ALLOCATING_LOOP],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env=env,
+    ).stdout.split()
     default, tuned, ok, again = int(out[0]), int(out[1]), out[2], out[3]
     assert ok == "True" and again == "True"  # glibc (Linux): both settings accepted, idempotent
     # glibc's defaults give the freed 96 MiB back to the kernel (munmap, or a heap trim), so the next
@@ -130,13 +138,14 @@ def test_tuned_allocator_keeps_freed_activations_for_reuse() -> None:
 
 
 def test_big_classification_passes_run_on_batch_threads_and_small_ones_do_not(
-        cls_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cls_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = Engine(load_artifact(cls_artifact), ServerMetrics())
     monkeypatch.setenv(BATCH_THREADS_ENV, "2")
     engine = Engine(load_artifact(cls_artifact), ServerMetrics())
     assert (base.batch_threads, engine.batch_threads) == (0, 2)
     texts = pydoc_texts(80)
-    long_batch = [engine.encode(" ".join(texts[i:i + 4]))[:100] for i in range(16)]  # >= BIG_PASS_TOKENS
+    long_batch = [engine.encode(" ".join(texts[i : i + 4]))[:100] for i in range(16)]  # >= BIG_PASS_TOKENS
     assert sum(len(r) for r in long_batch) >= BIG_PASS_TOKENS
     threads = torch.get_num_threads()
     got, ref = engine.run_classification(long_batch), base.run_classification(long_batch)

@@ -49,7 +49,7 @@ def test_kserve_v2_infer_and_metadata(cls_server: ServerProcess, local: Artifact
     labels, probs = out["outputs"]
     assert labels["shape"] == [2] and probs["shape"] == [2, len(LABELS)] and probs["datatype"] == "FP32"
     for i, text in enumerate(texts):
-        row = probs["data"][i * len(LABELS):(i + 1) * len(LABELS)]
+        row = probs["data"][i * len(LABELS) : (i + 1) * len(LABELS)]
         assert row == pytest.approx(direct_probs(local, text), abs=0.02)  # batched with padding
         assert sum(row) == pytest.approx(1.0, abs=1e-5)
     meta = httpx.get(f"{cls_server.url}/v2/models/{NAME}").json()
@@ -57,26 +57,46 @@ def test_kserve_v2_infer_and_metadata(cls_server: ServerProcess, local: Artifact
     assert httpx.get(f"{cls_server.url}/v2/models/{NAME}/ready").status_code == 200
 
 
-@pytest.mark.parametrize(("path", "body", "status", "param"), [
-    (f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
-     400, "inputs[0].datatype"),
-    (f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": [3], "datatype": "BYTES", "data": ["a"]}]},
-     400, "inputs[0].shape"),
-    (f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": [7]}]},
-     400, "inputs[0].data[0]"),
-    (f"/v2/models/{NAME}/infer", {"inputs": []}, 400, "inputs"),
-    ("/v2/models/other/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]},
-     404, "name"),
-    ("/v1/classify", {"texts": []}, 400, "texts"),
-    ("/v1/classify", {"texts": ["ok", ""]}, 400, "texts[1]"),
-    ("/v1/classify", {"texts": "not a list"}, 400, "texts"),
-    ("/v1/classify", {"texts": ["a"] * 65}, 400, "texts"),
-    ("/v1/classify", {"texts": ["word " * 300]}, 400, "texts[0]"),
-    ("/v1/classify", {"texts": ["a"], "model": "bert-base"}, 404, "model"),
-    ("/v1/completions", {"prompt": "a"}, 404, "model"),
-])
-def test_bad_classification_requests(cls_server: ServerProcess, path: str, body: dict[str, Any], status: int,
-                                     param: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        (
+            f"/v2/models/{NAME}/infer",
+            {"inputs": [{"name": "t", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+            400,
+            "inputs[0].datatype",
+        ),
+        (
+            f"/v2/models/{NAME}/infer",
+            {"inputs": [{"name": "t", "shape": [3], "datatype": "BYTES", "data": ["a"]}]},
+            400,
+            "inputs[0].shape",
+        ),
+        (
+            f"/v2/models/{NAME}/infer",
+            {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": [7]}]},
+            400,
+            "inputs[0].data[0]",
+        ),
+        (f"/v2/models/{NAME}/infer", {"inputs": []}, 400, "inputs"),
+        (
+            "/v2/models/other/infer",
+            {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]},
+            404,
+            "name",
+        ),
+        ("/v1/classify", {"texts": []}, 400, "texts"),
+        ("/v1/classify", {"texts": ["ok", ""]}, 400, "texts[1]"),
+        ("/v1/classify", {"texts": "not a list"}, 400, "texts"),
+        ("/v1/classify", {"texts": ["a"] * 65}, 400, "texts"),
+        ("/v1/classify", {"texts": ["word " * 300]}, 400, "texts[0]"),
+        ("/v1/classify", {"texts": ["a"], "model": "bert-base"}, 404, "model"),
+        ("/v1/completions", {"prompt": "a"}, 404, "model"),
+    ],
+)
+def test_bad_classification_requests(
+    cls_server: ServerProcess, path: str, body: dict[str, Any], status: int, param: str
+) -> None:
     r = httpx.post(f"{cls_server.url}{path}", json=body, timeout=30)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -88,24 +108,53 @@ def test_bad_classification_requests(cls_server: ServerProcess, path: str, body:
         assert error["param"] == param  # OpenAI shape
 
 
-@pytest.mark.parametrize(("method", "path", "body", "status", "field"), [
-    ("POST", f"/v2/models/{NAME}/infer", b"{not json", 400, "body"),
-    ("POST", f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES"}]}, 400,
-     "inputs[0].data"),
-    ("POST", f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": ["x"], "datatype": "BYTES",
-                                                      "data": ["a"]}]}, 400, "inputs[0].shape[0]"),
-    ("POST", f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES",
-                                                      "data": ["  "]}]}, 400, "inputs[0].data[0]"),
-    ("POST", f"/v2/models/{NAME}/infer", {"inputs": [{"name": "t", "shape": [65], "datatype": "BYTES",
-                                                      "data": ["a"] * 65}]}, 400, "inputs[0].data"),
-    ("GET", "/v2/models/other", None, 404, "name"),
-    ("GET", "/v2/models/other/ready", None, 404, "name"),
-    ("GET", "/v2/no/such/path", None, 404, "path"),
-])
-def test_kserve_v2_errors_use_the_open_inference_protocol_shape(cls_server: ServerProcess, method: str, path: str,
-                                                                 body: Any, status: int, field: str) -> None:
-    kwargs: dict[str, Any] = {"content": body, "headers": {"content-type": "application/json"}} \
-        if isinstance(body, bytes) else {"json": body} if body is not None else {}
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "field"),
+    [
+        ("POST", f"/v2/models/{NAME}/infer", b"{not json", 400, "body"),
+        (
+            "POST",
+            f"/v2/models/{NAME}/infer",
+            {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES"}]},
+            400,
+            "inputs[0].data",
+        ),
+        (
+            "POST",
+            f"/v2/models/{NAME}/infer",
+            {"inputs": [{"name": "t", "shape": ["x"], "datatype": "BYTES", "data": ["a"]}]},
+            400,
+            "inputs[0].shape[0]",
+        ),
+        (
+            "POST",
+            f"/v2/models/{NAME}/infer",
+            {"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["  "]}]},
+            400,
+            "inputs[0].data[0]",
+        ),
+        (
+            "POST",
+            f"/v2/models/{NAME}/infer",
+            {"inputs": [{"name": "t", "shape": [65], "datatype": "BYTES", "data": ["a"] * 65}]},
+            400,
+            "inputs[0].data",
+        ),
+        ("GET", "/v2/models/other", None, 404, "name"),
+        ("GET", "/v2/models/other/ready", None, 404, "name"),
+        ("GET", "/v2/no/such/path", None, 404, "path"),
+    ],
+)
+def test_kserve_v2_errors_use_the_open_inference_protocol_shape(
+    cls_server: ServerProcess, method: str, path: str, body: Any, status: int, field: str
+) -> None:
+    kwargs: dict[str, Any] = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+        if body is not None
+        else {}
+    )
     r = httpx.request(method, f"{cls_server.url}{path}", timeout=30, **kwargs)
     assert r.status_code == status, r.text
     payload = r.json()
@@ -115,12 +164,17 @@ def test_kserve_v2_errors_use_the_open_inference_protocol_shape(cls_server: Serv
 
 def test_v2_oversized_body_is_413_in_the_v2_shape_and_v1_keeps_the_openai_shape(cls_server: ServerProcess) -> None:
     big = b'{"texts": ["' + b"a" * (2 << 20) + b'"]}'
-    v2 = httpx.post(f"{cls_server.url}/v2/models/{NAME}/infer", content=big,
-                    headers={"content-type": "application/json"}, timeout=60)
+    v2 = httpx.post(
+        f"{cls_server.url}/v2/models/{NAME}/infer",
+        content=big,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert v2.status_code == 413 and v2.json() == {"error": v2.json()["error"]}
     assert v2.json()["error"].startswith("body: ")
-    v1 = httpx.post(f"{cls_server.url}/v1/classify", content=big, headers={"content-type": "application/json"},
-                    timeout=60)
+    v1 = httpx.post(
+        f"{cls_server.url}/v1/classify", content=big, headers={"content-type": "application/json"}, timeout=60
+    )
     assert v1.status_code == 413 and v1.json()["error"]["param"] == "body"
 
 
@@ -139,8 +193,11 @@ def test_concurrent_requests_are_batched_and_answered_correctly(cls_server: Serv
         want = direct_probs(local, text)
         assert list(answer["results"][0]["scores"].values()) == pytest.approx(want, abs=0.02)
     metrics = httpx.get(f"{cls_server.url}/metrics").text
-    sizes = {line.split("le=")[1].split("}")[0].strip('"'): float(line.split()[-1])
-             for line in metrics.splitlines() if line.startswith("kdistill_batch_size_bucket")}
+    sizes = {
+        line.split("le=")[1].split("}")[0].strip('"'): float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("kdistill_batch_size_bucket")
+    }
     assert sizes["1.0"] < sizes["+Inf"]  # some batches held more than one request
     assert "kdistill_padding_efficiency_ratio" in metrics
 

@@ -31,8 +31,11 @@ def make_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 300) -> An
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|eos|>", "[CLS]"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|eos|>", "[CLS]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
     fast.save_pretrained(str(out_dir))
@@ -45,35 +48,77 @@ def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
     return out_dir
 
 
-def gpt2(vocab: int, layers: int = 4, width: int = 32, heads: int = 4, task: str = "causal-lm",
-         num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+def gpt2(
+    vocab: int,
+    layers: int = 4,
+    width: int = 32,
+    heads: int = 4,
+    task: str = "causal-lm",
+    num_labels: int = 2,
+    seed: int = 0,
+) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=width, n_layer=layers, n_head=heads,
-                     bos_token_id=1, eos_token_id=1, pad_token_id=0, num_labels=num_labels)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=128,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+        num_labels=num_labels,
+    )
     return GPT2LMHeadModel(cfg) if task == "causal-lm" else GPT2ForSequenceClassification(cfg)
 
 
-def llama(vocab: int, layers: int = 4, width: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0,
-          task: str = "causal-lm", num_labels: int = 2) -> torch.nn.Module:
+def llama(
+    vocab: int,
+    layers: int = 4,
+    width: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    task: str = "causal-lm",
+    num_labels: int = 2,
+) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                      bos_token_id=1, eos_token_id=1, pad_token_id=0, num_labels=num_labels)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+        num_labels=num_labels,
+    )
     return LlamaForCausalLM(cfg) if task == "causal-lm" else LlamaForSequenceClassification(cfg)
 
 
-def bert(vocab: int, layers: int = 4, width: int = 32, heads: int = 4, num_labels: int = 3, seed: int = 0
-         ) -> torch.nn.Module:
+def bert(
+    vocab: int, layers: int = 4, width: int = 32, heads: int = 4, num_labels: int = 3, seed: int = 0
+) -> torch.nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=2 * width, max_position_embeddings=128, pad_token_id=0,
-                     num_labels=num_labels)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * width,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(cfg)
 
 
@@ -90,8 +135,7 @@ def causal_data(root: Path, n_train: int = 120, n_eval: int = 30) -> tuple[Path,
     return train, ev
 
 
-def classification_data(root: Path, topics: tuple[str, ...] = ("assignment", "class", "for")
-                        ) -> tuple[Path, Path]:
+def classification_data(root: Path, topics: tuple[str, ...] = ("assignment", "class", "for")) -> tuple[Path, Path]:
     """Paragraphs labelled by the pydoc topic they come from."""
     from pydoc_data.topics import topics as all_topics
 
@@ -106,11 +150,21 @@ def classification_data(root: Path, topics: tuple[str, ...] = ("assignment", "cl
     return write_jsonl(root / "train.jsonl", rows[:cut]), write_jsonl(root / "eval.jsonl", rows[cut:])
 
 
-def job_dict(name: str, task: str, teacher: str, train: str, eval_: str | None, *,
-             student: dict[str, Any] | None = None,
-             stages: list[dict[str, Any]] | None = None, quantization: str = "none", batch_size: int = 4,
-             every_steps: int = 5, extra_distillation: dict[str, Any] | None = None,
-             extra_data: dict[str, Any] | None = None) -> dict[str, Any]:
+def job_dict(
+    name: str,
+    task: str,
+    teacher: str,
+    train: str,
+    eval_: str | None,
+    *,
+    student: dict[str, Any] | None = None,
+    stages: list[dict[str, Any]] | None = None,
+    quantization: str = "none",
+    batch_size: int = 4,
+    every_steps: int = 5,
+    extra_distillation: dict[str, Any] | None = None,
+    extra_data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "apiVersion": "kdistill.io/v1alpha1",
         "kind": "DistillationJob",
@@ -122,7 +176,9 @@ def job_dict(name: str, task: str, teacher: str, train: str, eval_: str | None, 
             "data": {"train": train, **({"eval": eval_} if eval_ else {}), "maxSeqLength": 48, **(extra_data or {})},
             "distillation": {
                 "stages": stages or [{"name": "output", "steps": 6, "objectives": ["logits"]}],
-                "batchSize": batch_size, "learningRate": 1e-3, "warmupSteps": 2,
+                "batchSize": batch_size,
+                "learningRate": 1e-3,
+                "warmupSteps": 2,
                 **(extra_distillation or {}),
             },
             "quantization": {"mode": quantization},

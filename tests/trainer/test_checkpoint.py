@@ -34,11 +34,20 @@ def train_a_bit(model: nn.Module, aux: nn.Module, opt: torch.optim.Optimizer, sc
         opt.zero_grad()
 
 
-def save(mgr: CheckpointManager, step: int, model: nn.Module, aux: nn.Module, opt: torch.optim.Optimizer,
-         sched: object) -> Path:
-    return mgr.save(step=step, stage="output", temperature=2.5, model=model, aux=aux, optimizer=opt,
-                    scheduler=sched, sampler={"epoch": 3, "cursor": step, "order": torch.arange(5)},
-                    meta={"tokens_seen": 100 * step})
+def save(
+    mgr: CheckpointManager, step: int, model: nn.Module, aux: nn.Module, opt: torch.optim.Optimizer, sched: object
+) -> Path:
+    return mgr.save(
+        step=step,
+        stage="output",
+        temperature=2.5,
+        model=model,
+        aux=aux,
+        optimizer=opt,
+        scheduler=sched,
+        sampler={"epoch": 3, "cursor": step, "order": torch.arange(5)},
+        meta={"tokens_seen": 100 * step},
+    )
 
 
 def test_round_trip_restores_everything(tmp_path: Path) -> None:
@@ -128,7 +137,12 @@ def test_tied_weights_survive(tmp_path: Path, gpt2_teacher: Path) -> None:
     mgr = CheckpointManager(tmp_path, keep=1)
     save(mgr, 1, model, aux, opt, sched)
     opt2 = torch.optim.AdamW(model2.parameters())
-    mgr.restore(mgr.latest(), model=model2, aux=nn.ModuleDict(), optimizer=opt2,  # type: ignore[arg-type]
-                scheduler=torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0))
+    mgr.restore(
+        mgr.latest(),
+        model=model2,
+        aux=nn.ModuleDict(),
+        optimizer=opt2,  # type: ignore[arg-type]
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0),
+    )
     assert torch.equal(model2.transformer.wte.weight, model.transformer.wte.weight)
     assert model2.lm_head.weight.data_ptr() == model2.transformer.wte.weight.data_ptr()

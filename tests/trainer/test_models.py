@@ -52,8 +52,9 @@ def test_hf_source_probe_without_offline_flag_is_bounded(tmp_path: Path, monkeyp
     assert time.monotonic() - started < 30
 
 
-def test_loads_causal_teacher_from_pvc_and_copies_layers(gpt2_teacher: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loads_causal_teacher_from_pvc_and_copies_layers(
+    gpt2_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "pvc"
     (root / "models").mkdir(parents=True)
     (root / "models" / "teacher").symlink_to(gpt2_teacher)
@@ -64,8 +65,9 @@ def test_loads_causal_teacher_from_pvc_and_copies_layers(gpt2_teacher: Path, tmp
     assert models.student.config.n_layer == 2 and models.copied_layers == [1, 3]
     t, s = models.teacher.state_dict(), models.student.state_dict()
     for s_layer, t_layer in enumerate(models.copied_layers):
-        assert torch.equal(s[f"transformer.h.{s_layer}.attn.c_attn.weight"],
-                           t[f"transformer.h.{t_layer}.attn.c_attn.weight"])
+        assert torch.equal(
+            s[f"transformer.h.{s_layer}.attn.c_attn.weight"], t[f"transformer.h.{t_layer}.attn.c_attn.weight"]
+        )
         assert torch.equal(s[f"transformer.h.{s_layer}.mlp.c_fc.weight"], t[f"transformer.h.{t_layer}.mlp.c_fc.weight"])
     assert torch.equal(s["transformer.wte.weight"], t["transformer.wte.weight"])
     assert torch.equal(s["transformer.ln_f.weight"], t["transformer.ln_f.weight"])
@@ -85,16 +87,21 @@ def test_loads_classifier_from_relative_path(bert_teacher: Path, tmp_path: Path)
     assert type(models.teacher).__name__ == "BertForSequenceClassification"
     assert models.student.config.num_hidden_layers == 2 and models.student.config.num_labels == 3
     t, s = models.teacher.state_dict(), models.student.state_dict()
-    assert torch.equal(s["bert.encoder.layer.0.attention.self.query.weight"],
-                       t["bert.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(
+        s["bert.encoder.layer.0.attention.self.query.weight"], t["bert.encoder.layer.1.attention.self.query.weight"]
+    )
     assert torch.equal(s["bert.encoder.layer.1.output.dense.weight"], t["bert.encoder.layer.3.output.dense.weight"])
     assert torch.equal(s["classifier.weight"], t["classifier.weight"])
 
 
 def test_llama_family_layer_copy_and_fresh_init() -> None:
     teacher = helpers.llama(vocab=64, layers=6, width=32, heads=4, kv_heads=2)
-    cfg, kept = derive_student_config(teacher.config, parse_job(helpers.job_dict(
-        "t", "causal-lm", "x", "y", None, student={"fromTeacher": {"numLayers": 3}})).spec.student.from_teacher)
+    cfg, kept = derive_student_config(
+        teacher.config,
+        parse_job(
+            helpers.job_dict("t", "causal-lm", "x", "y", None, student={"fromTeacher": {"numLayers": 3}})
+        ).spec.student.from_teacher,
+    )
     assert kept == [1, 3, 5] and cfg.num_hidden_layers == 3
     from transformers import AutoModelForCausalLM
 
@@ -102,8 +109,16 @@ def test_llama_family_layer_copy_and_fresh_init() -> None:
     copy_teacher_layers(student, teacher, kept)
     assert torch.equal(student.model.layers[2].self_attn.k_proj.weight, teacher.model.layers[5].self_attn.k_proj.weight)
     assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
-    narrow = parse_job(helpers.job_dict("t", "causal-lm", "x", "y", None, student={
-        "fromTeacher": {"numLayers": 2, "hiddenSize": 16, "numAttentionHeads": 2}})).spec.student.from_teacher
+    narrow = parse_job(
+        helpers.job_dict(
+            "t",
+            "causal-lm",
+            "x",
+            "y",
+            None,
+            student={"fromTeacher": {"numLayers": 2, "hiddenSize": 16, "numAttentionHeads": 2}},
+        )
+    ).spec.student.from_teacher
     cfg2, kept2 = derive_student_config(teacher.config, narrow)
     assert kept2 == [] and cfg2.hidden_size == 16 and cfg2.num_attention_heads == 2
     assert cfg2.num_key_value_heads == 1 and cfg2.intermediate_size == 32 and cfg2.head_dim == 8
@@ -112,8 +127,9 @@ def test_llama_family_layer_copy_and_fresh_init() -> None:
 
 
 def test_narrow_student_is_fresh_init(gpt2_teacher: Path, tmp_path: Path) -> None:
-    spec = spec_for("causal-lm", str(gpt2_teacher), {"fromTeacher": {"numLayers": 2, "hiddenSize": 16,
-                                                                     "numAttentionHeads": 2}})
+    spec = spec_for(
+        "causal-lm", str(gpt2_teacher), {"fromTeacher": {"numLayers": 2, "hiddenSize": 16, "numAttentionHeads": 2}}
+    )
     models = load_models(spec, tmp_path)
     assert models.copied_layers == [] and models.student.config.n_embd == 16
     assert type(models.student) is type(models.teacher)

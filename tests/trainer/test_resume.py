@@ -25,9 +25,16 @@ STEPS = (4, 8)  # features, output
 def make_job(tmp_path: Path, teacher: Path, data: tuple[Path, Path], cache: bool = False) -> Path:
     train, ev = data
     job = helpers.job_dict(
-        "resume", "causal-lm", str(teacher), str(train), str(ev), every_steps=EVERY,
-        stages=[{"name": "features", "steps": STEPS[0], "objectives": ["hidden", "logits"]},
-                {"name": "output", "steps": STEPS[1], "objectives": ["logits"]}],
+        "resume",
+        "causal-lm",
+        str(teacher),
+        str(train),
+        str(ev),
+        every_steps=EVERY,
+        stages=[
+            {"name": "features", "steps": STEPS[0], "objectives": ["hidden", "logits"]},
+            {"name": "output", "steps": STEPS[1], "objectives": ["logits"]},
+        ],
         extra_distillation={"teacherCache": {"enabled": cache, "topK": 16}},
     )
     # A narrower student has real projections (aux state) and a fresh init (seeded).
@@ -43,8 +50,13 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def kdistill_run(job: Path, out: Path, tmp_path: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "kdistill.cli.main", "run", str(job), "--output", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env(tmp_path))
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdistill.cli.main", "run", str(job), "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env(tmp_path),
+    )
 
 
 def records(proc: subprocess.Popen[str]):  # type: ignore[no-untyped-def]
@@ -64,8 +76,7 @@ def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
-def test_kill_9_then_resume_is_bit_exact(tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path]
-                                         ) -> None:
+def test_kill_9_then_resume_is_bit_exact(tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path]) -> None:
     job = make_job(tmp_path, gpt2_teacher, causal_data, cache=True)
     total = sum(STEPS)
     ref = kdistill_run(job, tmp_path / "ref", tmp_path)
@@ -91,8 +102,9 @@ def test_kill_9_then_resume_is_bit_exact(tmp_path: Path, gpt2_teacher: Path, cau
     assert result["resumedFrom"] == (kill_at // EVERY) * EVERY
 
 
-def test_sigterm_checkpoints_and_exits_preempted(tmp_path: Path, gpt2_teacher: Path,
-                                                 causal_data: tuple[Path, Path]) -> None:
+def test_sigterm_checkpoints_and_exits_preempted(
+    tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path]
+) -> None:
     job = make_job(tmp_path, gpt2_teacher, causal_data)
     out = tmp_path / "out"
     proc = kdistill_run(job, out, tmp_path)

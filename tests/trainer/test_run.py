@@ -23,20 +23,31 @@ def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def test_causal_lm_two_stage_run(tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path],
-                                 termination_log: Path) -> None:
+def test_causal_lm_two_stage_run(
+    tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path], termination_log: Path
+) -> None:
     train, ev = causal_data
     job = helpers.job_dict(
-        "causal", "causal-lm", str(gpt2_teacher), str(train), str(ev),
-        stages=[{"name": "features", "steps": 3, "objectives": ["hidden", "attention"], "attentionRank": 4},
-                {"name": "output", "steps": 4, "objectives": ["logits"]}],
-        every_steps=3, extra_distillation={"loss": "jsd", "gradientAccumulationSteps": 2},
+        "causal",
+        "causal-lm",
+        str(gpt2_teacher),
+        str(train),
+        str(ev),
+        stages=[
+            {"name": "features", "steps": 3, "objectives": ["hidden", "attention"], "attentionRank": 4},
+            {"name": "output", "steps": 4, "objectives": ["logits"]},
+        ],
+        every_steps=3,
+        extra_distillation={"loss": "jsd", "gradientAccumulationSteps": 2},
     )
     job_file = helpers.write_job(tmp_path / "job.yaml", job)
     steps: list[dict] = []
     out = tmp_path / "out"
-    code = main_entry(job_file, out, on_step=lambda r: steps.append({"step": r.step, "stage": r.stage,
-                                                                      "parts": r.parts, "T": r.temperature}))
+    code = main_entry(
+        job_file,
+        out,
+        on_step=lambda r: steps.append({"step": r.step, "stage": r.stage, "parts": r.parts, "T": r.temperature}),
+    )
     assert code == 0
     assert [s["stage"] for s in steps] == ["features"] * 3 + ["output"] * 4
     assert set(steps[0]["parts"]) == {"hidden", "attention", "total"}
@@ -62,16 +73,26 @@ def test_causal_lm_two_stage_run(tmp_path: Path, gpt2_teacher: Path, causal_data
     assert term["reason"] == "Succeeded" and term["result"]["metrics"]["metric"] == "perplexity"
 
 
-def test_classification_run_stratified_weighted(tmp_path: Path, bert_teacher: Path, cls_data: tuple[Path, Path],
-                                                termination_log: Path) -> None:
+def test_classification_run_stratified_weighted(
+    tmp_path: Path, bert_teacher: Path, cls_data: tuple[Path, Path], termination_log: Path
+) -> None:
     train, ev = cls_data
     job = helpers.job_dict(
-        "cls", "sequence-classification", str(bert_teacher), str(train), str(ev), batch_size=6,
-        stages=[{"name": "intermediate", "steps": 2, "objectives": ["hidden", "attention"], "attentionRank": 4},
-                {"name": "output", "steps": 3, "objectives": ["logits"]}],
+        "cls",
+        "sequence-classification",
+        str(bert_teacher),
+        str(train),
+        str(ev),
+        batch_size=6,
+        stages=[
+            {"name": "intermediate", "steps": 2, "objectives": ["hidden", "attention"], "attentionRank": 4},
+            {"name": "output", "steps": 3, "objectives": ["logits"]},
+        ],
         extra_distillation={"loss": "reverse-kl"},
-        extra_data={"sampling": {"strategy": "stratified", "head": 0.5, "torso": 0.3, "tail": 0.2},
-                    "uncertaintyWeighting": {"enabled": True, "beta": 0.5}},
+        extra_data={
+            "sampling": {"strategy": "stratified", "head": 0.5, "torso": 0.3, "tail": 0.2},
+            "uncertaintyWeighting": {"enabled": True, "beta": 0.5},
+        },
     )
     job_file = helpers.write_job(tmp_path / "job.yaml", job)
     out = tmp_path / "out"
@@ -82,35 +103,47 @@ def test_classification_run_stratified_weighted(tmp_path: Path, bert_teacher: Pa
     assert m["retention"] == pytest.approx(m["student"] / m["teacher"])
     weights = load_file(str(out / "student" / "model.safetensors"))
     assert weights["classifier.weight"].shape == (3, 32)
-    assert not torch.equal(weights["classifier.weight"],
-                           load_file(str(bert_teacher / "model.safetensors"))["classifier.weight"])
+    assert not torch.equal(
+        weights["classifier.weight"], load_file(str(bert_teacher / "model.safetensors"))["classifier.weight"]
+    )
 
 
 def test_bad_data_exits_with_bad_data(tmp_path: Path, gpt2_teacher: Path, termination_log: Path) -> None:
     train = tmp_path / "train.jsonl"
     train.write_text('{"text": "fine line of text"}\nnot json at all\n{"nottext": 1}\n')
-    job_file = helpers.write_job(tmp_path / "job.yaml", helpers.job_dict(
-        "bad", "causal-lm", str(gpt2_teacher), "train.jsonl", None))
+    job_file = helpers.write_job(
+        tmp_path / "job.yaml", helpers.job_dict("bad", "causal-lm", str(gpt2_teacher), "train.jsonl", None)
+    )
     assert main_entry(job_file, tmp_path / "out") == ExitCode.BAD_DATA
     term = json.loads(termination_log.read_text())
     assert term["reason"] == "BAD_DATA" and term["retryable"] is False
     assert "train.jsonl:2" in term["message"]
 
 
-def test_missing_teacher_exits_with_model_not_found(tmp_path: Path, causal_data: tuple[Path, Path],
-                                                    termination_log: Path) -> None:
+def test_missing_teacher_exits_with_model_not_found(
+    tmp_path: Path, causal_data: tuple[Path, Path], termination_log: Path
+) -> None:
     train, _ = causal_data
-    job_file = helpers.write_job(tmp_path / "job.yaml", helpers.job_dict(
-        "nomodel", "causal-lm", "pvc://models/absent", str(train), None))
+    job_file = helpers.write_job(
+        tmp_path / "job.yaml", helpers.job_dict("nomodel", "causal-lm", "pvc://models/absent", str(train), None)
+    )
     assert main_entry(job_file, tmp_path / "out") == ExitCode.MODEL_NOT_FOUND
     assert json.loads(termination_log.read_text())["reason"] == "MODEL_NOT_FOUND"
 
 
-def test_qat_int8_run_writes_served_artifact(tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path],
-                                              termination_log: Path) -> None:
+def test_qat_int8_run_writes_served_artifact(
+    tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path], termination_log: Path
+) -> None:
     train, ev = causal_data
-    job = helpers.job_dict("qat", "causal-lm", str(gpt2_teacher), str(train), str(ev), every_steps=6,
-                           stages=[{"name": "output", "steps": 3, "objectives": ["logits"]}])
+    job = helpers.job_dict(
+        "qat",
+        "causal-lm",
+        str(gpt2_teacher),
+        str(train),
+        str(ev),
+        every_steps=6,
+        stages=[{"name": "output", "steps": 3, "objectives": ["logits"]}],
+    )
     job["spec"]["quantization"] = {"mode": "qat-int8", "qatSteps": 4, "reducedPrecisionFraction": 0.5}
     job_file = helpers.write_job(tmp_path / "job.yaml", job)
     out = tmp_path / "out"

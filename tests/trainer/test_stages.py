@@ -18,8 +18,10 @@ from . import helpers
 
 
 def trainer_for(tmp_path: Path, job: dict, on_step=None) -> Trainer:  # type: ignore[no-untyped-def]
-    return Trainer(parse_job(job), RunOptions(output=OutputLayout(tmp_path / "out"), base_dir=tmp_path,
-                                              on_step=on_step, evaluate=False))
+    return Trainer(
+        parse_job(job),
+        RunOptions(output=OutputLayout(tmp_path / "out"), base_dir=tmp_path, on_step=on_step, evaluate=False),
+    )
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -30,15 +32,23 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
     return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
-def test_each_stage_optimises_only_its_objectives(tmp_path: Path, gpt2_teacher: Path,
-                                                  causal_data: tuple[Path, Path]) -> None:
+def test_each_stage_optimises_only_its_objectives(
+    tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path]
+) -> None:
     train, _ = causal_data
     job = helpers.job_dict(
-        "stages", "causal-lm", str(gpt2_teacher), str(train), None, every_steps=100,
+        "stages",
+        "causal-lm",
+        str(gpt2_teacher),
+        str(train),
+        None,
+        every_steps=100,
         student={"fromTeacher": {"numLayers": 2, "hiddenSize": 16, "numAttentionHeads": 2}},
-        stages=[{"name": "hidden", "steps": 3, "objectives": ["hidden"]},
-                {"name": "attention", "steps": 3, "objectives": ["attention"], "attentionRank": 4},
-                {"name": "output", "steps": 3, "objectives": ["logits"]}],
+        stages=[
+            {"name": "hidden", "steps": 3, "objectives": ["hidden"]},
+            {"name": "attention", "steps": 3, "objectives": ["attention"], "attentionRank": 4},
+            {"name": "output", "steps": 3, "objectives": ["logits"]},
+        ],
     )
     snaps: dict[str, dict] = {}
     reports: list[StepReport] = []
@@ -77,9 +87,18 @@ def test_temperature_spans_all_distillation_stages() -> None:
     from kdistill.trainer.quantization import qat_phase_split
     from kdistill.trainer.schedules import temperature_at
 
-    job = helpers.job_dict("t", "causal-lm", "x", "y", None, quantization="qat-int8",
-                           stages=[{"name": "a", "steps": 4, "objectives": ["hidden"]},
-                                   {"name": "b", "steps": 7, "objectives": ["logits"]}])
+    job = helpers.job_dict(
+        "t",
+        "causal-lm",
+        "x",
+        "y",
+        None,
+        quantization="qat-int8",
+        stages=[
+            {"name": "a", "steps": 4, "objectives": ["hidden"]},
+            {"name": "b", "steps": 7, "objectives": ["logits"]},
+        ],
+    )
     job["spec"]["quantization"] = {"mode": "qat-int8", "qatSteps": 4, "reducedPrecisionFraction": 0.5}
     spec = parse_job(job).spec
     plan = build_plan(spec, qat_phase_split)
@@ -92,15 +111,21 @@ def test_temperature_spans_all_distillation_stages() -> None:
     assert phase_at(plan, 4).name == "b" and phase_at(plan, 11).kind == "qat-reduced"
 
 
-def test_teacher_cache_matches_live_teacher_and_skips_teacher(tmp_path: Path, gpt2_teacher: Path,
-                                                              tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_teacher_cache_matches_live_teacher_and_skips_teacher(tmp_path: Path, gpt2_teacher: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     train, _ = helpers.causal_data(tmp_path / "data", n_train=16, n_eval=4)
     vocab = len(tokenizer)
 
     def run(cache: bool, name: str) -> tuple[Trainer, list[int]]:
-        job = helpers.job_dict(name, "causal-lm", str(gpt2_teacher), str(train), None, every_steps=100,
-                               stages=[{"name": "output", "steps": 30, "objectives": ["logits"]}],
-                               extra_distillation={"teacherCache": {"enabled": cache, "topK": vocab}})
+        job = helpers.job_dict(
+            name,
+            "causal-lm",
+            str(gpt2_teacher),
+            str(train),
+            None,
+            every_steps=100,
+            stages=[{"name": "output", "steps": 30, "objectives": ["logits"]}],
+            extra_distillation={"teacherCache": {"enabled": cache, "topK": vocab}},
+        )
         (tmp_path / name).mkdir()
         t = trainer_for(tmp_path / name, job)
         calls: list[int] = []

@@ -64,7 +64,10 @@ def test_every_error_is_reported_not_just_the_first() -> None:
     with pytest.raises(JobValidationError) as info:
         parse_job(job)
     assert {e.path for e in info.value.errors} >= {
-        "spec.distillation.alpha", "spec.distillation.loss", "spec.teacher.dtype"}
+        "spec.distillation.alpha",
+        "spec.distillation.loss",
+        "spec.teacher.dtype",
+    }
 
 
 def test_wire_form_round_trips() -> None:
@@ -83,4 +86,3 @@ def test_split_student_rows_fail_for_their_own_reason(name: str, job: dict, path
     unsplit = copy.deepcopy(job)
     unsplit["spec"]["parallelism"]["student"] = {"data": 2, "tensor": 1, "pipeline": 1}
     parse_job(unsplit)
-

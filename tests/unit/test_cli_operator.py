@@ -8,9 +8,13 @@ import sys
 
 
 def _operator(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-P", "-m", "kdistill.cli.main", "operator", *args],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "300"})  # rich wraps its error box at the width
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "kdistill.cli.main", "operator", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )  # rich wraps its error box at the width
 
 
 def test_unknown_image_pull_policy_is_a_usage_error() -> None:

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def _validate(*files: Path | str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kdistill.cli.main", "validate", *map(str, files)],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
 
 

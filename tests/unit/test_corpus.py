@@ -75,11 +75,9 @@ def test_topic_classification_is_long_tailed_and_in_both_splits(cls_paths: tuple
 
 def test_topic_classification_feeds_the_data_pipeline(cls_paths: tuple[Path, Path]) -> None:
     label_map = build_label_map(*cls_paths, label_field="label")
-    rows = read_jsonl(cls_paths[0], text_field="text", label_field="label", label_to_id=label_map,
-                      max_bad_fraction=0.0)
+    rows = read_jsonl(cls_paths[0], text_field="text", label_field="label", label_to_id=label_map, max_bad_fraction=0.0)
     assert {r.label for r in rows} == set(label_map.values())
-    tiers = assign_tiers([TokenizedExample(r.index, [1], r.label) for r in rows], "sequence-classification",
-                         (0.7, 0.2))
+    tiers = assign_tiers([TokenizedExample(r.index, [1], r.label) for r in rows], "sequence-classification", (0.7, 0.2))
     head_labels = {r.label for r, t in zip(rows, tiers, strict=True) if t == HEAD}
     tail_labels = {r.label for r, t in zip(rows, tiers, strict=True) if t == TAIL}
     # Long tail: under a quarter of the labels cover 70% of the examples; more share the last 10%.
@@ -108,8 +106,11 @@ def test_tokenizer_is_trained_saved_and_reloadable(tmp_path: Path, lm_paths: tup
     assert tok.decode(tok(sample)["input_ids"]) == sample  # byte-level: nothing is unknown
     # Learned from the docs: a common Python word is one token, far fewer tokens than bytes.
     assert len(tok(" return")["input_ids"]) == 1
-    ids = tokenize_examples(read_jsonl(lm_paths[1], text_field="text", label_field=None, label_to_id=None,
-                                       max_bad_fraction=0.0), tok, 10_000)
+    ids = tokenize_examples(
+        read_jsonl(lm_paths[1], text_field="text", label_field=None, label_to_id=None, max_bad_fraction=0.0),
+        tok,
+        10_000,
+    )
     n_bytes = sum(len(r["text"].encode()) for r in lines(lm_paths[1]))
     assert sum(len(t.input_ids) for t in ids) < n_bytes / 2.5
     with pytest.raises(ValueError, match=f"at least {MIN_VOCAB}"):

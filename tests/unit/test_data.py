@@ -39,12 +39,15 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unty
 
 
 def test_reads_good_lines_in_order_with_ids_and_line_numbers(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "d.jsonl", [
-        json.dumps({"text": "alpha", "label": "neg"}),
-        "",
-        json.dumps({"text": "beta", "label": "pos", "extra": 1}),
-        json.dumps({"text": "gamma", "label": "neg"}),
-    ])
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            json.dumps({"text": "alpha", "label": "neg"}),
+            "",
+            json.dumps({"text": "beta", "label": "pos", "extra": 1}),
+            json.dumps({"text": "gamma", "label": "neg"}),
+        ],
+    )
     rows = read_jsonl(path, text_field="text", label_field="label", label_to_id=None, max_bad_fraction=0.0)
     assert rows == [
         Example(index=0, text="alpha", label=0, line=1),
@@ -80,8 +83,9 @@ def test_each_kind_of_bad_line_is_reported_with_file_and_line(
     good = [json.dumps({"text": f"t{i}", "label": "pos" if i % 2 else "neg"}) for i in range(9)]
     path = write_lines(tmp_path / "d.jsonl", [*good[:4], line, *good[4:]])
     with caplog.at_level(logging.WARNING, logger="kdistill.trainer.data"):
-        rows = read_jsonl(path, text_field="text", label_field="label",
-                          label_to_id={"neg": 0, "pos": 1}, max_bad_fraction=0.1)
+        rows = read_jsonl(
+            path, text_field="text", label_field="label", label_to_id={"neg": 0, "pos": 1}, max_bad_fraction=0.1
+        )
     assert [r.text for r in rows] == [f"t{i}" for i in range(9)]
     assert [r.line for r in rows] == [1, 2, 3, 4, 6, 7, 8, 9, 10]
     messages = [r.getMessage() for r in caplog.records]
@@ -105,19 +109,26 @@ def test_too_many_bad_lines_stop_the_run_with_the_first_ones_quoted(tmp_path: Pa
 
 def test_missing_file_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data file not found"):
-        read_jsonl(tmp_path / "nope.jsonl", text_field="text", label_field=None, label_to_id=None,
-                   max_bad_fraction=0.5)
+        read_jsonl(tmp_path / "nope.jsonl", text_field="text", label_field=None, label_to_id=None, max_bad_fraction=0.5)
     with pytest.raises(DataError, match="not a regular file"):
         read_jsonl(tmp_path, text_field="text", label_field=None, label_to_id=None, max_bad_fraction=0.5)
 
 
 def test_label_map_spans_files_and_sorts_integers_numerically(tmp_path: Path) -> None:
     a = write_lines(tmp_path / "a.jsonl", [json.dumps({"text": "x", "label": v}) for v in (10, 2, "b")])
-    b = write_lines(tmp_path / "b.jsonl", [json.dumps({"text": "x", "label": v}) for v in ("2", "a", 1)]
-                    + ["garbage", json.dumps({"text": "x", "label": 1.5})])
+    b = write_lines(
+        tmp_path / "b.jsonl",
+        [json.dumps({"text": "x", "label": v}) for v in ("2", "a", 1)]
+        + ["garbage", json.dumps({"text": "x", "label": 1.5})],
+    )
     assert build_label_map(a, b, label_field="label") == {"1": 0, "2": 1, "10": 2, "a": 3, "b": 4}
-    rows = read_jsonl(a, text_field="text", label_field="label",
-                      label_to_id=build_label_map(a, b, label_field="label"), max_bad_fraction=0.0)
+    rows = read_jsonl(
+        a,
+        text_field="text",
+        label_field="label",
+        label_to_id=build_label_map(a, b, label_field="label"),
+        max_bad_fraction=0.0,
+    )
     assert [r.label for r in rows] == [2, 1, 4]  # 10, 2, "b"; the int 2 and the string "2" are one label
 
 

@@ -39,7 +39,14 @@ def test_crd_is_structural_and_complete() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["dj"]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Phase", "Stage", "Progress", "Restarts", "Retention", "Endpoint", "Age"]
+        "Phase",
+        "Stage",
+        "Progress",
+        "Restarts",
+        "Retention",
+        "Endpoint",
+        "Age",
+    ]
     schema = version["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"untyped node {path}"
@@ -72,9 +79,11 @@ def test_every_model_rule_is_in_the_crd() -> None:
     from kdistill.api.base import ApiModel
 
     crd_text = CRD_FILE.read_text()
-    crd_rules = {r["rule"] for _, n in _walk(
-        yaml.safe_load(crd_text)["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-        for r in n.get("x-kubernetes-validations", [])}
+    crd_rules = {
+        r["rule"]
+        for _, n in _walk(yaml.safe_load(crd_text)["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+        for r in n.get("x-kubernetes-validations", [])
+    }
     models = [v for v in vars(spec_module).values() if isinstance(v, type) and issubclass(v, ApiModel)]
     for model in models:
         for rule in model.cel_rules:

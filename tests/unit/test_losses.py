@@ -111,8 +111,9 @@ def test_gradcheck_topk_with_and_without_tail(kind: str) -> None:
         (s, values),
         fast_mode=True,
     )
-    assert gradcheck(lambda a, v: topk_kd_divergence(a, v, indices, kind, 2.0, chunk_rows=3), (s, values),
-                     fast_mode=True)  # type: ignore[arg-type]
+    assert gradcheck(
+        lambda a, v: topk_kd_divergence(a, v, indices, kind, 2.0, chunk_rows=3), (s, values), fast_mode=True
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("with_lse", [True, False])
@@ -140,8 +141,12 @@ def test_topk_forward_kl_closed_form_gradient(with_lse: bool, temperature: float
     assert bool((outs[0][1][tail].abs() > 0).any()) == with_lse
     for chunk in (3, 1024):
         s = s0.clone().requires_grad_(True)
-        assert gradcheck(lambda a, c=chunk: topk_kd_divergence(a, values, idx, "forward-kl", temperature,
-                                                               chunk_rows=c, teacher_logsumexp=lse), (s,))
+        assert gradcheck(
+            lambda a, c=chunk: topk_kd_divergence(
+                a, values, idx, "forward-kl", temperature, chunk_rows=c, teacher_logsumexp=lse
+            ),
+            (s,),
+        )
 
 
 def test_topk_rejects_repeated_indices() -> None:
@@ -203,8 +208,14 @@ def test_student_tail_of_a_peaked_student_in_fp32_matches_fp64(kind: str) -> Non
     tail = _coarsen(s, idx, 1.0)[:, -1]
     assert bool(((tail > 1e-5) & (tail < 1e-2)).all())
     want = _direct(_coarsen(t, idx, 1.0), _coarsen(s, idx, 1.0), kind)
-    got = topk_kd_divergence(s.float(), values.float(), idx, kind, 1.0,  # type: ignore[arg-type]
-                             teacher_logsumexp=t.logsumexp(-1).float())
+    got = topk_kd_divergence(
+        s.float(),
+        values.float(),
+        idx,
+        kind,
+        1.0,  # type: ignore[arg-type]
+        teacher_logsumexp=t.logsumexp(-1).float(),
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-6)
 
 
@@ -214,8 +225,14 @@ def test_student_tail_below_rounding_stays_finite_with_finite_gradients() -> Non
     values, idx = t.topk(8, dim=-1)
     s = s.float().scatter(-1, idx, 60.0).requires_grad_(True)
     for kind in KINDS:
-        got = topk_kd_divergence(s, values.float(), idx, kind, 1.0,  # type: ignore[arg-type]
-                                 teacher_logsumexp=t.logsumexp(-1).float())
+        got = topk_kd_divergence(
+            s,
+            values.float(),
+            idx,
+            kind,
+            1.0,  # type: ignore[arg-type]
+            teacher_logsumexp=t.logsumexp(-1).float(),
+        )
         (grad,) = torch.autograd.grad(got.sum(), s)
         assert bool(torch.isfinite(got).all()) and bool(torch.isfinite(grad).all())
 
@@ -366,8 +383,12 @@ def test_no_grad_path_matches_grad_path() -> None:
         plain = kd_divergence(s, t, "reverse-kl", 1.5, chunk_rows=4)
     tracked = kd_divergence(s.clone().requires_grad_(True), t, "reverse-kl", 1.5, chunk_rows=4)
     torch.testing.assert_close(plain, tracked.detach())
-    ref = F.kl_div(torch.log_softmax(t / 1.5, -1), torch.log_softmax(s / 1.5, -1), log_target=True,
-                   reduction="none").sum(-1) * 1.5**2
+    ref = (
+        F.kl_div(torch.log_softmax(t / 1.5, -1), torch.log_softmax(s / 1.5, -1), log_target=True, reduction="none").sum(
+            -1
+        )
+        * 1.5**2
+    )
     torch.testing.assert_close(plain, ref)
 
 
@@ -387,8 +408,9 @@ def test_forward_kl_closed_form_gradient_matches_autograd() -> None:
     torch.testing.assert_close(g_fused, g_ref, rtol=1e-10, atol=1e-12)
     # fp32 student logits, chunked and checkpointed, against the direct formula's gradient.
     s32 = s.detach().float().requires_grad_()
-    direct = (F.softmax(t.float() / 1.7, -1) * (F.log_softmax(t.float() / 1.7, -1) - F.log_softmax(s32 / 1.7, -1))
-              ).sum(-1) * 1.7**2
+    direct = (F.softmax(t.float() / 1.7, -1) * (F.log_softmax(t.float() / 1.7, -1) - F.log_softmax(s32 / 1.7, -1))).sum(
+        -1
+    ) * 1.7**2
     (g_direct,) = torch.autograd.grad(direct.sum(), s32)
     (g_chunked,) = torch.autograd.grad(kd_divergence(s32, t.float(), "forward-kl", 1.7, chunk_rows=2).sum(), s32)
     torch.testing.assert_close(g_chunked, g_direct, rtol=1e-5, atol=1e-6)

@@ -46,15 +46,31 @@ def test_validate_and_crds_run_without_torch() -> None:
 
 def test_plain_wheel_maps_every_folder(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
     )
     import zipfile
 
     (wheel,) = tmp_path.glob("kdistill-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("kdistill/api/spec.py", "kdistill/cli/main.py", "kdistill/operator/__init__.py",
-                   "kdistill/trainer/__init__.py", "kdistill/serving/__init__.py"):
+    for module in (
+        "kdistill/api/spec.py",
+        "kdistill/cli/main.py",
+        "kdistill/operator/__init__.py",
+        "kdistill/trainer/__init__.py",
+        "kdistill/serving/__init__.py",
+    ):
         assert module in names, module
     assert not any(n.startswith("operator/") for n in names), "operator/ must not install as a top-level package"

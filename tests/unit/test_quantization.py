@@ -32,8 +32,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---- phases -----------------------------------------------------------------------------------
-@pytest.mark.parametrize(("steps", "frac", "expected"), [(500, 0.25, (125, 375)), (0, 0.5, (0, 0)), (10, 1.0, (10, 0)),
-                                                         (10, 0.0, (0, 10)), (3, 0.5, (2, 1))])
+@pytest.mark.parametrize(
+    ("steps", "frac", "expected"),
+    [(500, 0.25, (125, 375)), (0, 0.5, (0, 0)), (10, 1.0, (10, 0)), (10, 0.0, (0, 10)), (3, 0.5, (2, 1))],
+)
 def test_qat_phase_split(steps: int, frac: float, expected: tuple[int, int]) -> None:
     assert q.qat_phase_split(steps, frac) == expected
 
@@ -71,8 +73,11 @@ def test_prepare_qat_keeps_parameters_and_fake_quantizes_backbone_only(family: s
     out = model.eval()(x).logits
     assert 0 < rel_err(out, ref) < 0.05  # fake quantization changes the outputs, a little
     model.train()(x).logits.float().pow(2).mean().backward()
-    first = model.transformer.h[0].attn.c_attn.weight if family == "gpt2" else \
-        model.bert.encoder.layer[0].attention.self.query.weight
+    first = (
+        model.transformer.h[0].attn.c_attn.weight
+        if family == "gpt2"
+        else model.bert.encoder.layer[0].attention.self.query.weight
+    )
     assert first.grad is not None and first.grad.abs().sum() > 0  # straight-through gradients reach weights
 
 
@@ -131,8 +136,13 @@ def test_bert_classifier_quantizes_pooler_not_classifier() -> None:
 
 def test_kernel_selection_follows_cpu_features_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     feats = q.cpu_int8_features()
-    expected = "torchao-dynamic" if feats["amx"] or feats["vnni"] else \
-        "fbgemm-dynamic" if feats["avx2"] and "fbgemm" in feats["quantized_engines"] else "weight-only"
+    expected = (
+        "torchao-dynamic"
+        if feats["amx"] or feats["vnni"]
+        else "fbgemm-dynamic"
+        if feats["avx2"] and "fbgemm" in feats["quantized_engines"]
+        else "weight-only"
+    )
     monkeypatch.delenv(q.KERNEL_ENV, raising=False)
     assert q.select_int8_kernel() == expected
     monkeypatch.setenv(q.KERNEL_ENV, "weight-only")
@@ -143,18 +153,27 @@ def test_kernel_selection_follows_cpu_features_and_env(monkeypatch: pytest.Monke
 
 
 # ---- artifact ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("task", "quantization"), [("causal-lm", "qat-int8"), ("sequence-classification", "ptq-int8"),
-                                                    ("causal-lm", "none")])
-def test_artifact_round_trip_gives_identical_outputs(tmp_path: Path, tokenizer: Any, task: str,
-                                                     quantization: str) -> None:
+@pytest.mark.parametrize(
+    ("task", "quantization"),
+    [("causal-lm", "qat-int8"), ("sequence-classification", "ptq-int8"), ("causal-lm", "none")],
+)
+def test_artifact_round_trip_gives_identical_outputs(
+    tmp_path: Path, tokenizer: Any, task: str, quantization: str
+) -> None:
     vocab = len(tokenizer)
     model = tiny_gpt2(vocab) if task == "causal-lm" else tiny_bert_classifier(vocab)
     if quantization == "qat-int8":
         model = q.convert_qat_to_int8(q.prepare_qat(model))
     elif quantization == "ptq-int8":
         model = q.quantize_ptq_int8(model)
-    out = save_artifact(model, tokenizer, tmp_path / "student-int8", task=task, quantization=quantization,
-                        metrics={"metric": "accuracy", "retention": 0.97})
+    out = save_artifact(
+        model,
+        tokenizer,
+        tmp_path / "student-int8",
+        task=task,
+        quantization=quantization,
+        metrics={"metric": "accuracy", "retention": 0.97},
+    )
     assert not (tmp_path / "student-int8.tmp").exists()
     meta = json.loads((out / "kdistill.json").read_text())
     assert meta["task"] == task and meta["quantization"]["mode"] == quantization
@@ -175,8 +194,9 @@ def test_artifact_round_trip_gives_identical_outputs(tmp_path: Path, tokenizer: 
 @pytest.fixture
 def saved(tmp_path: Path, tokenizer: Any) -> Path:
     model = q.quantize_ptq_int8(tiny_bert_classifier(len(tokenizer)))
-    return save_artifact(model, tokenizer, tmp_path / "a", task="sequence-classification", quantization="ptq-int8",
-                         metrics={})
+    return save_artifact(
+        model, tokenizer, tmp_path / "a", task="sequence-classification", quantization="ptq-int8", metrics={}
+    )
 
 
 def test_tampered_weights_are_refused(saved: Path) -> None:
@@ -211,5 +231,6 @@ def test_artifact_metadata_is_checked(saved: Path) -> None:
 
 def test_save_refuses_mismatched_quantization(tmp_path: Path, tokenizer: Any) -> None:
     with pytest.raises(ArtifactError, match="INT8 layers"):
-        save_artifact(tiny_gpt2(len(tokenizer)), tokenizer, tmp_path / "x", task="causal-lm",
-                      quantization="qat-int8", metrics={})
+        save_artifact(
+            tiny_gpt2(len(tokenizer)), tokenizer, tmp_path / "x", task="causal-lm", quantization="qat-int8", metrics={}
+        )

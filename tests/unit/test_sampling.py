@@ -114,8 +114,7 @@ def test_a_small_tier_is_sampled_with_replacement_and_fully_covered() -> None:
     tiers = [HEAD] * 58 + [TAIL, TAIL]
     for bucket in (False, True):
         # 4 tail slots a batch, 2 tail examples: each must repeat.
-        s = sampler(ex, tiers=tiers, batch_size=20, shares=(0.8, 0.0, 0.2), window_batches=10,
-                    bucket_by_length=bucket)
+        s = sampler(ex, tiers=tiers, batch_size=20, shares=(0.8, 0.0, 0.2), window_batches=10, bucket_by_length=bucket)
         window = [next(s) for _ in range(10)]
         tails = [[p for p in b if tiers[p] == TAIL] for b in window]
         assert all(len(t) == 4 for t in tails)

@@ -172,8 +172,7 @@ def test_a_corrupt_record_is_a_miss_with_a_warning(tmp_path: Path, caplog: pytes
 
 
 @pytest.mark.parametrize("damage", ["truncate-payload", "truncate-header", "header-bytes", "garbage", "empty"])
-def test_damaged_shards_are_skipped_on_start(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                             damage: str) -> None:
+def test_damaged_shards_are_skipped_on_start(tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
     _, values, indices, lse = teacher_batch(2, 6, 100, 5)
     TeacherCache(tmp_path, 5, 100).store([1, 2], values, indices, [6, 6], lse)
     (path,) = shards(tmp_path)

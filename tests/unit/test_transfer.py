@@ -40,37 +40,67 @@ def _one_thread() -> Iterator[None]:
 
 def gpt2(width: int, heads: int, layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=VOCAB,
-                                      n_positions=32)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=VOCAB, n_positions=32)
+    ).eval()
 
 
 def llama(width: int, heads: int, kv_heads: int, layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
-                                        num_key_value_heads=kv_heads, intermediate_size=2 * width,
-                                        vocab_size=VOCAB, max_position_embeddings=32)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=layers,
+            hidden_size=width,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=2 * width,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+        )
+    ).eval()
 
 
 def bert(width: int, heads: int, layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(num_hidden_layers=layers, hidden_size=width,
-                                                    num_attention_heads=heads, intermediate_size=2 * width,
-                                                    vocab_size=VOCAB, max_position_embeddings=32)).eval()
+    return BertForSequenceClassification(
+        BertConfig(
+            num_hidden_layers=layers,
+            hidden_size=width,
+            num_attention_heads=heads,
+            intermediate_size=2 * width,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+        )
+    ).eval()
 
 
 def roberta(width: int, heads: int, layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
-    return RobertaForSequenceClassification(RobertaConfig(num_hidden_layers=layers, hidden_size=width,
-                                                          num_attention_heads=heads, intermediate_size=2 * width,
-                                                          vocab_size=VOCAB, max_position_embeddings=40,
-                                                          pad_token_id=1)).eval()
+    return RobertaForSequenceClassification(
+        RobertaConfig(
+            num_hidden_layers=layers,
+            hidden_size=width,
+            num_attention_heads=heads,
+            intermediate_size=2 * width,
+            vocab_size=VOCAB,
+            max_position_embeddings=40,
+            pad_token_id=1,
+        )
+    ).eval()
 
 
 def distilbert(width: int, heads: int, layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
-    return DistilBertForSequenceClassification(DistilBertConfig(n_layers=layers, dim=width, n_heads=heads,
-                                                                hidden_dim=2 * width, vocab_size=VOCAB,
-                                                                max_position_embeddings=32)).eval()
+    return DistilBertForSequenceClassification(
+        DistilBertConfig(
+            n_layers=layers,
+            dim=width,
+            n_heads=heads,
+            hidden_dim=2 * width,
+            vocab_size=VOCAB,
+            max_position_embeddings=32,
+        )
+    ).eval()
 
 
 def batch(b: int = 3, length: int = 9, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +186,9 @@ CAPTURE_CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, int, int]]] =
 
 
 @pytest.mark.parametrize(("name", "build", "dims"), CAPTURE_CASES, ids=[c[0] for c in CAPTURE_CASES])
-def test_capture_shapes_and_hooks_removed(name: str, build: Callable[[], nn.Module],
-                                          dims: tuple[int, int, int]) -> None:
+def test_capture_shapes_and_hooks_removed(
+    name: str, build: Callable[[], nn.Module], dims: tuple[int, int, int]
+) -> None:
     model = build()
     ids, mask = batch()
     with torch.no_grad(), QKVCapture(model, [0, 1]) as cap:

@@ -93,9 +93,14 @@ class TopKState:
         return self.fraction ** (i / (ramp + 1)) if i <= ramp else self.fraction
 
     def summary(self) -> dict[str, float]:
-        return {"step": self.step, "fraction": self.fraction, "bytes_sent": self.bytes_sent,
-                "bytes_dense": self.bytes_dense, "ratio": round(self.ratio, 3),
-                "wire_ratio": round(self.wire_dense / self.wire_sent, 3) if self.wire_sent else 1.0}
+        return {
+            "step": self.step,
+            "fraction": self.fraction,
+            "bytes_sent": self.bytes_sent,
+            "bytes_dense": self.bytes_dense,
+            "ratio": round(self.ratio, 3),
+            "wire_ratio": round(self.wire_dense / self.wire_sent, 3) if self.wire_sent else 1.0,
+        }
 
     @property
     def ratio(self) -> float:
@@ -180,8 +185,9 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     return work.get_future().then(combine)
 
 
-def _split_indices(acc: torch.Tensor, sizes: list[int], small: list[bool],
-                   density: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_indices(
+    acc: torch.Tensor, sizes: list[int], small: list[bool], density: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(positions of the tensors sent whole, top-k positions of the others) in the flat bucket."""
     dense, sparse_sizes, offsets, offset = [], [], [], 0
     for n, whole in zip(sizes, small, strict=True):
@@ -205,8 +211,11 @@ def _per_tensor_topk(acc: torch.Tensor, sizes: list[int], density: float) -> tor
     for n in sizes:
         k = max(1, math.ceil(density * n))
         piece = acc[offset : offset + n]
-        picks.append(piece.abs().topk(k, sorted=False).indices + offset if k < n
-                     else torch.arange(offset, offset + n, device=acc.device))
+        picks.append(
+            piece.abs().topk(k, sorted=False).indices + offset
+            if k < n
+            else torch.arange(offset, offset + n, device=acc.device)
+        )
         offset += n
     return torch.cat(picks)
 
@@ -214,16 +223,21 @@ def _per_tensor_topk(acc: torch.Tensor, sizes: list[int], density: float) -> tor
 def residual_vector(state: TopKState, params: list[torch.Tensor]) -> torch.Tensor:
     """This rank's residuals for ``params`` (in that order) as one float32 vector; zeros where a
     parameter has none yet. With the step counter this is all the hook carries between steps."""
-    return torch.cat([state.residual_for(p).detach().reshape(-1).float().cpu() for p in params]) \
-        if params else torch.zeros(0)
+    return (
+        torch.cat([state.residual_for(p).detach().reshape(-1).float().cpu() for p in params])
+        if params
+        else torch.zeros(0)
+    )
 
 
 def load_residual_vector(state: TopKState, params: list[torch.Tensor], flat: torch.Tensor, step: int) -> None:
     """Inverse of ``residual_vector``; also sets the step counter (warm-up and ramp position)."""
     total = sum(p.numel() for p in params)
     if flat.numel() != total:
-        raise ValueError(f"checkpointed compression residuals hold {flat.numel()} entries but the student "
-                         f"has {total} gradient entries: the checkpoint belongs to another model")
+        raise ValueError(
+            f"checkpointed compression residuals hold {flat.numel()} entries but the student "
+            f"has {total} gradient entries: the checkpoint belongs to another model"
+        )
     offset = 0
     for p in params:
         state.residuals[id(p)] = flat[offset : offset + p.numel()].to(device=p.device, dtype=torch.float32).clone()
@@ -248,8 +262,9 @@ def gather_residuals(state: TopKState, params: list[torch.Tensor], group: Any = 
     return out
 
 
-def restore_residuals(state: TopKState, params: list[torch.Tensor], saved: dict[str, torch.Tensor] | None,
-                      group: Any = None) -> bool:
+def restore_residuals(
+    state: TopKState, params: list[torch.Tensor], saved: dict[str, torch.Tensor] | None, group: Any = None
+) -> bool:
     """Load this rank's residuals from a checkpoint's gathered file; False (residuals start at
     zero) when the checkpoint has none for this rank, e.g. one written without compression."""
     key = f"rank{dist.get_rank(group)}"
@@ -288,10 +303,10 @@ def _add_totals(state: TopKState, params: list[torch.Tensor], buffer: torch.Tens
         offset += p.numel()
 
 
-def register_topk(ddp_module: Any, fraction: float, warmup_steps: int = 0, process_group: Any = None,
-                  ramp_steps: int | None = None) -> TopKState:
+def register_topk(
+    ddp_module: Any, fraction: float, warmup_steps: int = 0, process_group: Any = None, ramp_steps: int | None = None
+) -> TopKState:
     """Install the hook on a DDP module and return its state (byte counters, residuals)."""
-    state = TopKState(fraction=fraction, warmup_steps=warmup_steps, process_group=process_group,
-                      ramp_steps=ramp_steps)
+    state = TopKState(fraction=fraction, warmup_steps=warmup_steps, process_group=process_group, ramp_steps=ramp_steps)
     ddp_module.register_comm_hook(state, topk_hook)
     return state

@@ -45,16 +45,31 @@ def torchrun_command(
     if max_restarts < 0:
         raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
     return [
-        python, "-m", "torch.distributed.run",
-        "--nnodes=1", f"--nproc-per-node={world}", f"--max-restarts={max_restarts}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port or free_port()}",
+        python,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc-per-node={world}",
+        f"--max-restarts={max_restarts}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port or free_port()}",
         "--monitor-interval=1",
-        "-m", "kdistill.trainer", "--config", str(config), "--output", str(output),
+        "-m",
+        "kdistill.trainer",
+        "--config",
+        str(config),
+        "--output",
+        str(output),
     ]
 
 
-def launch_env(world: int, *, rendezvous_timeout_s: float | None = None,
-               collective_timeout_s: float | None = None, base: dict[str, str] | None = None) -> dict[str, str]:
+def launch_env(
+    world: int,
+    *,
+    rendezvous_timeout_s: float | None = None,
+    collective_timeout_s: float | None = None,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))

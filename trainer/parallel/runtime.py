@@ -46,8 +46,9 @@ def check_supported(spec: DistillationJobSpec, layout: MeshLayout) -> None:
     # The split teacher delivers logits, hidden states and q/k/v (teacher_pipeline.py); it cuts
     # causal-LM decoders only. The API rejects the same (DistillationJobSpec's CEL rule).
     if layout.teacher_stages > 1 and spec.task != "causal-lm":
-        raise TrainerError(ExitCode.BAD_SPEC,
-                           "teacherPipelineStages > 1 splits causal-LM decoders (GPT2, Llama family) only")
+        raise TrainerError(
+            ExitCode.BAD_SPEC, "teacherPipelineStages > 1 splits causal-LM decoders (GPT2, Llama family) only"
+        )
 
 
 def check_model_parallel(spec: DistillationJobSpec, layout: MeshLayout) -> None:
@@ -58,15 +59,17 @@ def check_model_parallel(spec: DistillationJobSpec, layout: MeshLayout) -> None:
         problems.append(f"task {spec.task} (causal-lm only)")
     extra = sorted({o for s in spec.distillation.stages for o in s.objectives} - {"logits"})
     if extra:
-        problems.append(f"objectives {extra} (logits only: the student's hidden states and attention are "
-                        "split over ranks)")
+        problems.append(
+            f"objectives {extra} (logits only: the student's hidden states and attention are split over ranks)"
+        )
     if spec.distillation.teacher_cache.enabled:
         problems.append("distillation.teacherCache (disable it)")
     if spec.data.uncertainty_weighting.enabled:
         problems.append("data.uncertaintyWeighting (disable it)")
     if spec.quantization.mode == "qat-int8":
-        problems.append("quantization.mode qat-int8 (fake-quant layers cannot wrap sharded Linear layers; "
-                        "use ptq-int8 or none)")
+        problems.append(
+            "quantization.mode qat-int8 (fake-quant layers cannot wrap sharded Linear layers; use ptq-int8 or none)"
+        )
     if spec.parallelism.gradient_compression.top_k > 0:
         problems.append("gradientCompression.topK (data-parallel students only)")
     if problems:
@@ -100,8 +103,14 @@ class ParallelRuntime:
         if env.distributed:
             init_distributed(env, prefer_gpu=device.type == "cuda")
         gc = spec.parallelism.gradient_compression
-        rt = cls(env=env, layout=layout, device=device, top_k=gc.top_k, compression_warmup=gc.warmup_steps,
-                 compression_ramp=gc.ramp_steps)
+        rt = cls(
+            env=env,
+            layout=layout,
+            device=device,
+            top_k=gc.top_k,
+            compression_warmup=gc.warmup_steps,
+            compression_ramp=gc.ramp_steps,
+        )
         if env.distributed and layout.teacher_stages > 1:
             # new_group is collective: every rank creates every teacher group in the same order.
             for first in range(0, layout.world_size, layout.teacher_stages):
@@ -133,8 +142,9 @@ class ParallelRuntime:
         # assert at the next step; find_unused_parameters=True switches that rebuild off.
         ddp_kwargs = {"find_unused_parameters": True} if self.layout.pipeline > 1 else None
         try:
-            return parallelize_student(student, self.layout, self.env.rank, self.mesh, token_loss,
-                                       device=self.device, ddp_kwargs=ddp_kwargs)
+            return parallelize_student(
+                student, self.layout, self.env.rank, self.mesh, token_loss, device=self.device, ddp_kwargs=ddp_kwargs
+            )
         except ValueError as exc:
             raise TrainerError(ExitCode.BAD_SPEC, f"parallelism.student: {exc}") from None
 
@@ -153,12 +163,18 @@ class ParallelRuntime:
         from .teacher_pipeline import SplitTeacher
 
         try:
-            self.teacher = SplitTeacher(teacher, self.layout.teacher_group(self.env.rank), self.env.rank,
-                                        device=self.device)
+            self.teacher = SplitTeacher(
+                teacher, self.layout.teacher_group(self.env.rank), self.env.rank, device=self.device
+            )
         except ValueError as exc:
             raise TrainerError(ExitCode.BAD_SPEC, f"teacherPipelineStages: {exc}") from None
-        log.info("teacher stage %d/%d: layers %s, %.1f MiB of parameters", self.teacher.split.stage + 1,
-                 self.layout.teacher_stages, self.teacher.split.layers, self.teacher.param_bytes / 2**20)
+        log.info(
+            "teacher stage %d/%d: layers %s, %.1f MiB of parameters",
+            self.teacher.split.stage + 1,
+            self.layout.teacher_stages,
+            self.teacher.split.layers,
+            self.teacher.param_bytes / 2**20,
+        )
         return self.teacher.model
 
     def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -185,13 +201,15 @@ class ParallelRuntime:
         # entry; a resumed run (whose first step is a first step again) would then round
         # differently from an uninterrupted one, and Adam amplifies that to visible weight
         # differences. With one fixed layout a restart reproduces the same weights.
-        ddp = DDP(student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                  find_unused_parameters=True)
+        ddp = DDP(
+            student, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
+        )
         if self.top_k > 0:
             from .compression import register_topk
 
-            self.compression = register_topk(ddp, self.top_k, warmup_steps=self.compression_warmup,
-                                             ramp_steps=self.compression_ramp)
+            self.compression = register_topk(
+                ddp, self.top_k, warmup_steps=self.compression_warmup, ramp_steps=self.compression_ramp
+            )
             self.compression.log_every = 10
         return ddp
 

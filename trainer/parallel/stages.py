@@ -157,9 +157,7 @@ def hollow_to_stage(model: nn.Module, layers: range, *, first: bool, last: bool)
     return model
 
 
-def stage_forward(
-    model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def stage_forward(model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run a hollowed stage: token ids into the first stage, activations into later ones.
     Returns the outgoing activation, or the logits on the last stage."""
     _, first, _ = model.kdistill_stage

@@ -59,9 +59,13 @@ class FullLayout:
         if parts is not None and parts.tied:
             embed = next(n for n, p in model.named_parameters() if p is parts.head.weight)
             aliases["lm_head.weight"] = embed
-        return cls(order=tuple(decay + no_decay), n_decay=len(decay),
-                   shapes={n: tuple(p.shape) for n, p in named}, dtypes={n: p.dtype for n, p in named},
-                   aliases=aliases)
+        return cls(
+            order=tuple(decay + no_decay),
+            n_decay=len(decay),
+            shapes={n: tuple(p.shape) for n, p in named},
+            dtypes={n: p.dtype for n, p in named},
+            aliases=aliases,
+        )
 
     def index(self) -> dict[str, int]:
         return {n: i for i, n in enumerate(self.order)}
@@ -169,8 +173,12 @@ def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: Fu
             avg, avg_sq = _full(ps, name, st["exp_avg"]), _full(ps, name, st["exp_avg_sq"])
             step = float(st["step"])
         if canonical is not None:
-            mine[canonical] = (weight.cpu(), None if avg is None else avg.cpu(),
-                               None if avg_sq is None else avg_sq.cpu(), step)
+            mine[canonical] = (
+                weight.cpu(),
+                None if avg is None else avg.cpu(),
+                None if avg_sq is None else avg_sq.cpu(),
+                step,
+            )
     sources = [ps.layout.rank_of(s, 0, 0) for s in range(1, ps.layout.pipeline)]
     device = ps.device
     if rank in sources:
@@ -179,8 +187,9 @@ def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: Fu
         dist.send(torch.tensor([index[n] for n in names], dtype=torch.int64, device=device), 0)
         for n in names:
             w, a, b, step = mine[n]
-            stacked = torch.stack([w, a if a is not None else torch.zeros_like(w),
-                                   b if b is not None else torch.zeros_like(w)]).float()
+            stacked = torch.stack(
+                [w, a if a is not None else torch.zeros_like(w), b if b is not None else torch.zeros_like(w)]
+            ).float()
             dist.send(stacked.to(device), 0)
             dist.send(torch.tensor([step], dtype=torch.float64, device=device), 0)
     if rank != 0:
@@ -199,8 +208,12 @@ def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: Fu
             dist.recv(step, src)
             s = float(step.item())
             dtype = full.dtypes[n]
-            mine[n] = (stacked[0].to(dtype).cpu(), None if s < 0 else stacked[1].cpu(),
-                       None if s < 0 else stacked[2].cpu(), s)
+            mine[n] = (
+                stacked[0].to(dtype).cpu(),
+                None if s < 0 else stacked[1].cpu(),
+                None if s < 0 else stacked[2].cpu(),
+                s,
+            )
     missing = [n for n in full.order if n not in mine]
     if missing:
         raise RuntimeError(f"gathering the split student lost parameters: {missing[:5]}")
@@ -229,14 +242,20 @@ def load_into_template(template: nn.Module, weights: dict[str, torch.Tensor]) ->
 
 
 # ---- load (reshard) on every rank ------------------------------------------------------------
-def load_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: FullLayout,
-               weights: dict[str, torch.Tensor], opt_state: dict[str, Any]) -> None:
+def load_state(
+    ps: ParallelStudent,
+    optimizer: torch.optim.Optimizer,
+    full: FullLayout,
+    weights: dict[str, torch.Tensor],
+    opt_state: dict[str, Any],
+) -> None:
     """Cut this rank's shard out of a whole-student checkpoint (any layout wrote it)."""
     state_by_name: dict[str, dict[str, Any]] = {}
     saved_order = [i for g in opt_state["param_groups"] for i in g["params"]]
     if len(saved_order) != len(full.order):
-        raise ValueError(f"the checkpoint's optimizer holds {len(saved_order)} parameters, the student "
-                         f"{len(full.order)}")
+        raise ValueError(
+            f"the checkpoint's optimizer holds {len(saved_order)} parameters, the student {len(full.order)}"
+        )
     for i, name in enumerate(full.order):
         st = opt_state["state"].get(i, opt_state["state"].get(str(i)))
         if st is not None:

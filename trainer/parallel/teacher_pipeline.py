@@ -122,8 +122,9 @@ class SplitTeacher:
                 x = torch.zeros((1, 4), dtype=torch.int64, device=self.device)
             else:
                 x = torch.zeros((1, 4, self.hidden_size), dtype=self.dtype, device=self.device)
-            _, _, qkv = self._run_stage(x, torch.ones((1, 4), dtype=torch.int64, device=self.device),
-                                        TeacherRequest(logits=False, qkv=(lo,)))
+            _, _, qkv = self._run_stage(
+                x, torch.ones((1, 4), dtype=torch.int64, device=self.device), TeacherRequest(logits=False, qkv=(lo,))
+            )
             q, k, v = qkv[0]
             self._qkv_dims = (int(q.shape[-1]), int(k.shape[-1]), int(v.shape[-1]))
         return self._qkv_dims
@@ -142,8 +143,9 @@ class SplitTeacher:
         return out.logits
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                request: TeacherRequest | None = None) -> TeacherOutputs:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, request: TeacherRequest | None = None
+    ) -> TeacherOutputs:
         """What ``request`` asks for, for this rank's batch; collective over the group (every
         member must pass an equal request)."""
         request = request or TeacherRequest()
@@ -157,7 +159,8 @@ class SplitTeacher:
             return TeacherOutputs(
                 logits=out.float() if request.logits else None,
                 hidden=dict(zip(self.split.owned_hidden(0, request.hidden), hidden, strict=True)),
-                qkv=dict(zip(self.split.owned_qkv(0, request.qkv), qkv, strict=True)))
+                qkv=dict(zip(self.split.owned_qkv(0, request.qkv), qkv, strict=True)),
+            )
         with peer_guard("the teacher pipeline"):
             return self._pipelined(input_ids, attention_mask, request)
 
@@ -169,8 +172,9 @@ class SplitTeacher:
         if bad:
             raise ValueError(f"q/k/v layers {bad} are outside 0..{self.num_layers - 1} of this teacher")
 
-    def _run_stage(self, x: torch.Tensor, mask: torch.Tensor, request: TeacherRequest
-                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    def _run_stage(
+        self, x: torch.Tensor, mask: torch.Tensor, request: TeacherRequest
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
         """This stage on one micro-batch: (outgoing activation or logits, its hidden pieces, its q/k/v)."""
         stage = self.split.stage
         own_hidden = self.split.owned_hidden(stage, request.hidden)
@@ -181,20 +185,22 @@ class SplitTeacher:
 
         key = "input_ids" if stage == 0 else "inputs_embeds"
         with QKVCapture(self.model, own_qkv) as cap:
-            out = self.model(**{key: x}, attention_mask=mask, use_cache=False,
-                             output_hidden_states=bool(own_hidden))
+            out = self.model(**{key: x}, attention_mask=mask, use_cache=False, output_hidden_states=bool(own_hidden))
         lo, hi = self.split.layers.start, self.split.layers.stop
         hidden: list[torch.Tensor] = []
         if own_hidden:
             states = out.hidden_states
             if len(states) != hi - lo + 1:
-                raise RuntimeError(f"teacher stage {stage} reported {len(states)} hidden states for blocks "
-                                   f"[{lo}, {hi}); expected {hi - lo + 1}")
+                raise RuntimeError(
+                    f"teacher stage {stage} reported {len(states)} hidden states for blocks "
+                    f"[{lo}, {hi}); expected {hi - lo + 1}"
+                )
             hidden = [states[i - lo] for i in own_hidden]
         return out.logits, hidden, [cap.qkv[layer] for layer in own_qkv]
 
-    def _pipelined(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   request: TeacherRequest) -> TeacherOutputs:
+    def _pipelined(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: TeacherRequest
+    ) -> TeacherOutputs:
         group = self.split.group
         box = _Mailbox(self.rank, self.device)
         rows, length = input_ids.shape
@@ -217,22 +223,26 @@ class SplitTeacher:
             b = min(step, rows - lo)
             for s, src in enumerate(group):
                 for i in self.split.owned_hidden(s, request.hidden):
-                    hidden.setdefault(i, []).append(box.recv((b, length, self.hidden_size), self.dtype, src,
-                                                             TAG_HIDDEN))
+                    hidden.setdefault(i, []).append(
+                        box.recv((b, length, self.hidden_size), self.dtype, src, TAG_HIDDEN)
+                    )
                 for layer in self.split.owned_qkv(s, request.qkv):
-                    qkv.setdefault(layer, []).append(tuple(box.recv((b, length, d), self.dtype, src, TAG_QKV)
-                                                           for d in dims))
+                    qkv.setdefault(layer, []).append(
+                        tuple(box.recv((b, length, d), self.dtype, src, TAG_QKV) for d in dims)
+                    )
             if request.logits:
                 logits.append(box.recv((b, length, self.vocab_size), torch.float32, group[-1], TAG_LOGITS))
         box.drain()
         return TeacherOutputs(
             logits=torch.cat(logits, 0) if request.logits else None,
             hidden={i: torch.cat(parts, 0) for i, parts in hidden.items()},
-            qkv={layer: tuple(torch.cat([p[j] for p in parts], 0) for j in range(3))  # type: ignore[misc]
-                 for layer, parts in qkv.items()})
+            qkv={
+                layer: tuple(torch.cat([p[j] for p in parts], 0) for j in range(3))  # type: ignore[misc]
+                for layer, parts in qkv.items()
+            },
+        )
 
-    def _emit(self, box: _Mailbox, member: int, x: torch.Tensor, mask: torch.Tensor,
-              request: TeacherRequest) -> None:
+    def _emit(self, box: _Mailbox, member: int, x: torch.Tensor, mask: torch.Tensor, request: TeacherRequest) -> None:
         group, stage = self.split.group, self.split.stage
         h, hidden, qkv = self._run_stage(x, mask, request)
         for piece in hidden:
