@@ -28,7 +28,9 @@ lint: setup
 crds: setup
 	$(VENV)/bin/kdistill crds
 	$(VENV)/bin/kdistill api-docs
-	@echo "now run 'make manifests' to copy the CRD into the chart and manifests/"
+	$(VENV)/bin/kdistill rbac
+	$(VENV)/bin/kdistill chart-version
+	@echo "now run 'make manifests' to copy the CRD and RBAC into the chart and manifests/"
 
 # Plain install YAML rendered from the chart (a test keeps it current).
 manifests: setup cluster-bins

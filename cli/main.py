@@ -55,6 +55,37 @@ def api_docs(
     write_or_check(out, render_reference(), check)
 
 
+@app.command()
+def rbac(
+    out: Path = typer.Option(Path("charts/kdistill/files/rbac"), help="Folder to write the rule files into."),
+    check: bool = typer.Option(False, help="Exit 1 if a file on disk differs instead of writing."),
+) -> None:
+    """Generate the chart's files/rbac/*.yaml from operator/rbac.py."""
+    from .generated import rbac_texts, write_or_check
+
+    for name, text in rbac_texts().items():
+        write_or_check(out / name, text, check)
+
+
+@app.command("chart-version")
+def chart_version(
+    chart: Path = typer.Option(Path("charts/kdistill/Chart.yaml"), help="The chart's Chart.yaml."),
+    check: bool = typer.Option(False, help="Exit 1 if the file on disk differs instead of writing."),
+) -> None:
+    """Set the chart's version and appVersion to kdistill's version (kdistill/__init__.py)."""
+    from .generated import chart_text, write_or_check
+
+    write_or_check(chart, chart_text(chart.read_text()), check)
+
+
+@app.command()
+def version() -> None:
+    """Print kdistill's version."""
+    from kdistill import __version__
+
+    typer.echo(__version__)
+
+
 def main() -> None:
     app(prog_name="kdistill")
 

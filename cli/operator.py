@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from kdistill.operator.settings import DEFAULT_SERVER_IMAGE, DEFAULT_TRAINER_IMAGE
+from kdistill.operator.settings import default
 
 
 def register(app: typer.Typer) -> None:
@@ -18,46 +18,78 @@ def register(app: typer.Typer) -> None:
             help="Namespace to watch (repeat for several); none: cluster-wide.",
         ),
         trainer_image: str = typer.Option(
-            DEFAULT_TRAINER_IMAGE, envvar="KDISTILL_TRAINER_IMAGE", help="Worker image when a job's template sets none."
+            default("trainer_image"),
+            envvar="KDISTILL_TRAINER_IMAGE",
+            help="Worker image when a job's template sets none.",
         ),
         server_image: str = typer.Option(
-            DEFAULT_SERVER_IMAGE, envvar="KDISTILL_SERVER_IMAGE", help="Serving image when a job's serving sets none."
+            default("server_image"),
+            envvar="KDISTILL_SERVER_IMAGE",
+            help="Serving image when a job's serving sets none.",
         ),
         image_pull_policy: str = typer.Option(
-            "",
+            default("image_pull_policy"),
             envvar="KDISTILL_IMAGE_PULL_POLICY",
             help="imagePullPolicy of worker and serving pods: Always, IfNotPresent or Never (empty: the default).",
         ),
         notready_seconds: float = typer.Option(
-            30.0, min=0.0, envvar="KDISTILL_NOTREADY_SECONDS", help="A node NotReady this long counts as lost."
+            default("notready_seconds"),
+            min=0.0,
+            envvar="KDISTILL_NOTREADY_SECONDS",
+            help="A node NotReady this long counts as lost.",
         ),
         resync_seconds: float = typer.Option(
-            30.0, min=1.0, envvar="KDISTILL_RESYNC_SECONDS", help="Look at every job at least this often."
+            default("resync_seconds"),
+            min=1.0,
+            envvar="KDISTILL_RESYNC_SECONDS",
+            help="Look at every job at least this often.",
         ),
         workers: int = typer.Option(
-            16, min=1, max=256, envvar="KDISTILL_WORKERS", help="Reconcile passes in parallel (different jobs)."
+            default("workers"),
+            min=1,
+            max=256,
+            envvar="KDISTILL_WORKERS",
+            help="Reconcile passes in parallel (different jobs).",
         ),
         watch_server_timeout: int = typer.Option(
-            120, min=1, envvar="KDISTILL_WATCH_SERVER_TIMEOUT", help="Seconds before the API server ends a watch."
+            default("watch_server_timeout"),
+            min=1,
+            envvar="KDISTILL_WATCH_SERVER_TIMEOUT",
+            help="Seconds before the API server ends a watch.",
         ),
         watch_client_timeout: int = typer.Option(
-            150, min=1, envvar="KDISTILL_WATCH_CLIENT_TIMEOUT", help="Seconds before a silent watch is dropped."
+            default("watch_client_timeout"),
+            min=1,
+            envvar="KDISTILL_WATCH_CLIENT_TIMEOUT",
+            help="Seconds before a silent watch is dropped.",
         ),
         metrics_port: int = typer.Option(
-            8080, min=0, max=65535, envvar="KDISTILL_METRICS_PORT", help="Prometheus metrics port (0: off)."
+            default("metrics_port"),
+            min=0,
+            max=65535,
+            envvar="KDISTILL_METRICS_PORT",
+            help="Prometheus metrics port (0: off).",
         ),
         health_port: int = typer.Option(
-            8081, min=0, max=65535, envvar="KDISTILL_HEALTH_PORT", help="kopf liveness/probe port, /healthz (0: off)."
+            default("health_port"),
+            min=0,
+            max=65535,
+            envvar="KDISTILL_HEALTH_PORT",
+            help="kopf liveness/probe port, /healthz (0: off).",
         ),
         leader_election: bool = typer.Option(
-            True, envvar="KDISTILL_LEADER_ELECTION", help="Hold a Lease so that only one replica acts."
+            default("leader_election"),
+            envvar="KDISTILL_LEADER_ELECTION",
+            help="Hold a Lease so that only one replica acts.",
         ),
         lease_namespace: str = typer.Option(
-            "kdistill-system", envvar="POD_NAMESPACE", help="Namespace of the leader Lease."
+            default("lease_namespace"), envvar="POD_NAMESPACE", help="Namespace of the leader Lease."
         ),
-        lease_name: str = typer.Option("kdistill-operator", envvar="KDISTILL_LEASE_NAME"),
-        lease_duration: float = typer.Option(15.0, min=1.0, envvar="KDISTILL_LEASE_DURATION"),
-        lease_renew: float = typer.Option(5.0, min=0.2, envvar="KDISTILL_LEASE_RENEW"),
+        lease_name: str = typer.Option(default("lease_name"), envvar="KDISTILL_LEASE_NAME"),
+        lease_duration: float = typer.Option(
+            default("lease_duration_seconds"), min=1.0, envvar="KDISTILL_LEASE_DURATION"
+        ),
+        lease_renew: float = typer.Option(default("lease_renew_seconds"), min=0.2, envvar="KDISTILL_LEASE_RENEW"),
         kubeconfig: str = typer.Option("", envvar="KUBECONFIG", help="Default: in-cluster config."),
         log_level: str = typer.Option("INFO", envvar="KDISTILL_LOG_LEVEL"),
     ) -> None:

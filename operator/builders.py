@@ -16,7 +16,7 @@ import yaml
 
 from kdistill.api import DistillationJob, pvc_claims
 
-from . import names
+from . import names, rbac
 from .settings import Settings
 
 Manifest = dict[str, Any]
@@ -132,14 +132,7 @@ def trainer_rbac(job: DistillationJob) -> list[Manifest]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": _meta(job, names.trainer_account(name), names.ROLE_WORKER),
-            "rules": [
-                {
-                    "apiGroups": [names.GROUP],
-                    "resources": ["distillationjobs/status"],
-                    "resourceNames": [name],
-                    "verbs": ["get", "patch"],
-                }
-            ],
+            "rules": rbac.worker_rules(name),
         }
     )
     objs.append(

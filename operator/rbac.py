@@ -1,61 +1,104 @@
-"""The exact RBAC the operator and the trainer need (no wildcards). The Helm chart renders these.
+"""The exact RBAC the operator and the trainer need (no wildcards): the one source of the chart's rules.
 
-OPERATOR_RULES go in a ClusterRole (or one Role per watched namespace, plus the cluster-scoped
-nodes/CRD/namespaces rules in a ClusterRole). LEADER_RULES go in a Role in the operator's own
-namespace. WORKER_RULES are what each job's trainer ServiceAccount gets (the operator creates
-that Role per job, with resourceNames set to the job's name).
+`kdistill rbac` writes each RuleFile below to charts/kdistill/files/rbac/<name>.yaml, which the
+chart's templates/rbac.yaml reads; `make manifests` renders the chart into manifests/kdistill.yaml.
+  cluster mode:    a ClusterRole with NAMESPACED + CLUSTER, bound cluster-wide;
+  namespaced mode: a Role with NAMESPACED in each watched namespace, and a ClusterRole with
+                   CLUSTER + NAMESPACED_MODE;
+  both:            a Role with LEADER in the release namespace.
+WORKER_RULES are what each job's trainer ServiceAccount gets: the operator creates that Role per
+job, with resourceNames set to the job's name (builders.trainer_rbac).
+
+Every rule is needed by some step of a job's life: tests/integration/test_rbac.py removes each in
+turn, under the chart's ServiceAccount, and sees a request refused.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 PolicyRule = dict[str, Any]
 
-OPERATOR_RULES: list[PolicyRule] = [
-    # Jobs: watched; deleted by ttlSecondsAfterFinished. No finalizers, so no patch/update.
-    {"apiGroups": ["kdistill.io"], "resources": ["distillationjobs"], "verbs": ["get", "list", "watch", "delete"]},
-    {"apiGroups": ["kdistill.io"], "resources": ["distillationjobs/status"], "verbs": ["get", "patch"]},
-    # Worker pods: created once per generation, deleted (force on lost nodes); never updated.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    # Server-side apply is PATCH, and creates through PATCH need create too.
-    {
-        "apiGroups": [""],
-        "resources": ["configmaps", "services", "serviceaccounts"],
-        "verbs": ["get", "create", "patch", "delete"],
-    },
-    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "create"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-    # Lost-node detection.
-    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
-    # The per-job trainer Role/RoleBinding (the operator holds the permissions it grants).
-    {
-        "apiGroups": ["rbac.authorization.k8s.io"],
-        "resources": ["roles", "rolebindings"],
-        "verbs": ["get", "create", "patch"],
-    },
-    # Serving.
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["get", "create", "patch", "delete"]},
-    {
-        "apiGroups": ["autoscaling"],
-        "resources": ["horizontalpodautoscalers"],
-        "verbs": ["get", "create", "patch", "delete"],
-    },
-    # kopf: discovering resources and namespaces.
-    {
-        "apiGroups": ["apiextensions.k8s.io"],
-        "resources": ["customresourcedefinitions"],
-        "verbs": ["get", "list", "watch"],
-    },
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-]
+# The chart replaces this with the Lease's name (values: operator.leaderElection.leaseName).
+LEASE_NAME_PLACEHOLDER = "LEASE_NAME"
 
-LEADER_RULES: list[PolicyRule] = [
-    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
-]
 
-# Per job; the operator adds resourceNames: [<job>] (see builders.trainer_rbac).
+@dataclass(frozen=True)
+class RuleFile:
+    name: str  # charts/kdistill/files/rbac/<name>.yaml
+    comment: str  # the file's header: why these rules exist
+    rules: list[PolicyRule]
+
+
+def _rule(group: str, resources: list[str], verbs: list[str], names: list[str] | None = None) -> PolicyRule:
+    rule: PolicyRule = {"apiGroups": [group], "resources": resources}
+    if names:
+        rule["resourceNames"] = names
+    rule["verbs"] = verbs
+    return rule
+
+
+NAMESPACED = RuleFile(
+    "namespaced",
+    "What the operator does in each namespace it watches. Each rule is needed by some step of\n"
+    "a job's life: tests/integration/test_rbac.py removes each in turn and sees that step fail.",
+    [
+        _rule("kdistill.io", ["distillationjobs"], ["get", "list", "watch"]),
+        # ttlSecondsAfterFinished: the operator deletes a finished job once its TTL has passed.
+        _rule("kdistill.io", ["distillationjobs"], ["delete"]),
+        _rule("kdistill.io", ["distillationjobs/status"], ["get", "patch"]),
+        # Worker pods: created once per gang attempt, deleted (force on lost nodes); never updated.
+        _rule("", ["pods"], ["get", "list", "watch", "create", "delete"]),
+        # Server-side apply is PATCH, and creates through PATCH need create too.
+        _rule("", ["services", "configmaps"], ["get", "list", "create", "patch", "delete"]),
+        _rule("", ["persistentvolumeclaims"], ["get", "create"]),
+        _rule("", ["serviceaccounts"], ["get", "create", "patch"]),
+        # The per-job trainer Role/RoleBinding (the operator holds the permissions it grants).
+        _rule("rbac.authorization.k8s.io", ["roles", "rolebindings"], ["get", "create", "patch"]),
+        # Serving.
+        _rule("apps", ["deployments"], ["get", "list", "watch", "create", "patch", "delete"]),
+        _rule("policy", ["poddisruptionbudgets"], ["get", "create", "patch", "delete"]),
+        _rule("autoscaling", ["horizontalpodautoscalers"], ["get", "create", "patch", "delete"]),
+        _rule("", ["events"], ["create"]),
+    ],
+)
+
+CLUSTER = RuleFile(
+    "cluster",
+    "Cluster-scoped reads the operator needs in both modes: it watches nodes to restart the\n"
+    "gangs of nodes that go NotReady or disappear, and kopf watches CRDs to notice its own\n"
+    "resource (the DistillationJob CRD) appear, change or go.",
+    [
+        _rule("", ["nodes"], ["get", "list", "watch"]),
+        _rule("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"]),
+    ],
+)
+
+NAMESPACED_MODE = RuleFile(
+    "namespaced-mode",
+    "Namespaced mode only: kopf observes namespaces when it is given a list of them.",
+    [_rule("", ["namespaces"], ["list", "watch"])],
+)
+
+LEADER = RuleFile(
+    "leader",
+    "The leader Lease, in the release namespace only. `create` cannot be limited by name\n"
+    "(the object does not exist yet); every other verb is limited to the one Lease.",
+    [
+        _rule("coordination.k8s.io", ["leases"], ["create"]),
+        _rule("coordination.k8s.io", ["leases"], ["get", "update"], [LEASE_NAME_PLACEHOLDER]),
+    ],
+)
+
+RULE_FILES: tuple[RuleFile, ...] = (NAMESPACED, CLUSTER, NAMESPACED_MODE, LEADER)
+
+# Per job; the operator adds resourceNames: [<job>] (builders.trainer_rbac).
 WORKER_RULES: list[PolicyRule] = [
-    {"apiGroups": ["kdistill.io"], "resources": ["distillationjobs/status"], "verbs": ["get", "patch"]},
+    _rule("kdistill.io", ["distillationjobs/status"], ["get", "patch"]),
 ]
+
+
+def worker_rules(job_name: str) -> list[PolicyRule]:
+    """WORKER_RULES limited to one job."""
+    return [{**rule, "resourceNames": [job_name]} for rule in WORKER_RULES]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kdistill/trainer:latest"
 DEFAULT_SERVER_IMAGE = "ghcr.io/kdistill/server:latest"
@@ -45,3 +46,15 @@ class Settings:
     def __post_init__(self) -> None:
         if self.image_pull_policy and self.image_pull_policy not in PULL_POLICIES:
             raise ValueError(f"image pull policy {self.image_pull_policy!r} is not one of {', '.join(PULL_POLICIES)}")
+
+
+def default(name: str) -> Any:
+    """The default of one Settings field: the CLI's flags take their defaults from here."""
+    for f in fields(Settings):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise KeyError(f"Settings.{name} has no default")
+    raise KeyError(f"Settings has no field {name!r}")

@@ -3,7 +3,8 @@
 The chart's RBAC (rendered by helm, applied as admin) is the only thing the operator runs
 with: it authenticates with a token of the chart's ServiceAccount, not as admin. A job then
 lives its whole life: create, Running, rank-0 progress, a gang restart, success, the rollout
-of the serving Deployment, a serving change, and deletion.
+of the serving Deployment, a serving change, and deletion; and a second job, serving off, is
+deleted by the operator when its ttlSecondsAfterFinished expires.
 
 - With the chart's rules, no request is Forbidden: neither the operator's own API calls
   (its `kdistill_api_errors_total` metric counts every failed call by HTTP code) nor kopf's
@@ -54,6 +55,7 @@ FULLNAME = "kdistill-rbac"
 OPERATOR = f"{FULLNAME}-operator"  # the chart's ServiceAccount, ClusterRole and bindings
 LEASE = "kdistill-operator"
 JOB = "life"
+TTL_JOB = "life-ttl"
 
 
 def _rules(file: str) -> list[dict[str, Any]]:
@@ -213,7 +215,8 @@ NCCL_TIMEOUT = {"reason": "NCCL_TIMEOUT", "retryable": True, "message": "watchdo
 
 
 def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fast: bool) -> Life:
-    """Create → Running → progress → restart → Succeeded (rollout) → serving change → delete."""
+    """Create → Running → progress → restart → Succeeded (rollout) → serving change → delete; then a
+    job with serving off succeeds and the operator deletes it when its TTL expires."""
     life = Life()
     jobs = Jobs(cluster, ns)
     apps = client.AppsV1Api(cluster.api_client())
@@ -265,6 +268,13 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
             lambda: not jobs.exists(JOB) and not jobs.pods(JOB)
             and not apps.list_namespaced_deployment(ns).items, "job, pods and serving gone", timeout, op,
             fail_fast))  # fmt: skip
+        jobs.create(job_body(TTL_JOB, nodes=1, gpus=1, serving=False, ttlSecondsAfterFinished=1))
+        (ttl_pod,) = step("ttl-worker", lambda: until(
+            lambda: (p := [x for x in jobs.live_pods(TTL_JOB) if x.status.phase == "Running"]) and p,
+            "the TTL job's worker running", timeout, op, fail_fast))  # fmt: skip
+        cluster.succeed_pod(ns, ttl_pod.metadata.name, SUCCESS)
+        step("ttl-deleted", lambda: until(lambda: not jobs.exists(TTL_JOB), "the TTL job deleted after its TTL",
+                                          timeout, op, fail_fast))  # fmt: skip
     except AssertionError as exc:
         life.failed_step = _next_step(life.steps)
         life.error = str(exc)[:500]
@@ -276,7 +286,7 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
 
 
 STEPS = ["create", "workers", "running", "progress", "progress-seen", "restart", "restarts-counted", "succeeded",
-         "rollout", "scaled", "deleted"]  # fmt: skip
+         "rollout", "scaled", "deleted", "ttl-worker", "ttl-deleted"]  # fmt: skip
 
 
 def _next_step(done: list[str]) -> str:
@@ -352,6 +362,10 @@ def test_the_charts_rules_are_exactly_the_ones_under_test(setup: Setup) -> None:
     assert cluster_role["rules"] == CLUSTER_ROLE_RULES
     (lease_role,) = [o for o in setup.objs if o["kind"] == "Role"]
     assert lease_role["rules"] == LEASE_ROLE_RULES
+    # ttlSecondsAfterFinished: the operator deletes the finished job itself.
+    assert {"apiGroups": ["kdistill.io"], "resources": ["distillationjobs"], "verbs": ["delete"]} in cluster_role[
+        "rules"
+    ]
     for obj in setup.objs:
         for rule in obj.get("rules") or []:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]

@@ -74,14 +74,14 @@ def test_log_lines_are_json_and_name_the_job(capsys: object) -> None:
 
 
 def test_rbac_has_no_wildcards_and_covers_the_trainer_role() -> None:
-    for rule in rbac.OPERATOR_RULES + rbac.LEADER_RULES + rbac.WORKER_RULES:
+    for rule in [r for f in rbac.RULE_FILES for r in f.rules] + rbac.WORKER_RULES:
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key], rule
     # the operator may only grant what it holds itself (RBAC escalation check)
     granted = builders.trainer_rbac(__import__("tests.operator.test_builders", fromlist=["job"]).job())[1]["rules"]
     held = {
         (g, r, v)
-        for rule in rbac.OPERATOR_RULES
+        for rule in rbac.NAMESPACED.rules
         for g in rule["apiGroups"]
         for r in rule["resources"]
         for v in rule["verbs"]
@@ -89,9 +89,10 @@ def test_rbac_has_no_wildcards_and_covers_the_trainer_role() -> None:
     for rule in granted:
         for verb in rule["verbs"]:
             assert ("kdistill.io", "distillationjobs/status", verb) in held
-    assert [r | {"resourceNames": ["intent"]} for r in rbac.WORKER_RULES] == [
-        {k: granted[0][k] for k in ("apiGroups", "resources", "verbs", "resourceNames")}
-    ]
+    assert granted == rbac.worker_rules("intent")
+    assert granted[0]["resourceNames"] == ["intent"]
+    # ttlSecondsAfterFinished: the operator deletes finished jobs.
+    assert ("kdistill.io", "distillationjobs", "delete") in held
 
 
 def _pod_body(name: str, gen: int, **status: object) -> dict[str, object]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from kdistill.api.crd import build_crd
 from kdistill.api.reference import render_reference
-from kdistill.cli.generated import render
+from kdistill.cli.generated import RBAC_DIR, expected, render
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "kdistill.io_distillationjobs.yaml"
+GENERATED = expected(ROOT)
 
 
 def test_committed_crd_is_current() -> None:
@@ -20,6 +22,30 @@ def test_committed_crd_is_current() -> None:
 
 def test_api_reference_is_current() -> None:
     assert (ROOT / "docs" / "api.md").read_text() == render_reference(), "docs/api.md is stale: run `make crds`"
+
+
+@pytest.mark.parametrize("path", sorted(GENERATED), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_generated_file_is_current(path: Path) -> None:
+    assert path.read_text() == GENERATED[path](), f"{path.relative_to(ROOT)} is stale: run `make crds`"
+
+
+def test_every_rbac_file_the_chart_holds_is_generated() -> None:
+    """No hand-written rule file beside the generated ones."""
+    on_disk = set((ROOT / RBAC_DIR).glob("*.yaml"))
+    assert on_disk == {p for p in GENERATED if p.parent == ROOT / RBAC_DIR}
+
+
+def test_the_version_has_one_source() -> None:
+    """pyproject reads kdistill.__version__; the chart's version and appVersion are stamped from it."""
+    import tomllib
+
+    from kdistill import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"] and "version" not in project["project"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "kdistill.__version__"}
+    chart = yaml.safe_load((ROOT / "charts" / "kdistill" / "Chart.yaml").read_text())
+    assert chart["version"] == chart["appVersion"] == __version__
 
 
 def _walk(schema: dict, path: str = "") -> list[tuple[str, dict]]:
