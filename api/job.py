@@ -19,6 +19,7 @@ KIND = "DistillationJob"
 PLURAL = "distillationjobs"
 SINGULAR = "distillationjob"
 SHORT_NAMES = ["dj"]
+DEFAULT_NAMESPACE = "default"
 
 
 class ObjectMeta(ApiModel):
@@ -36,6 +37,11 @@ class DistillationJob(ApiModel):
     metadata: ObjectMeta
     spec: DistillationJobSpec
     status: DistillationJobStatus | None = None
+
+    @property
+    def namespace(self) -> str:
+        """The job's namespace; a job file without one lands in Kubernetes' default namespace."""
+        return self.metadata.namespace or DEFAULT_NAMESPACE
 
 
 class FieldError(ValueError):

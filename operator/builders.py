@@ -14,7 +14,8 @@ from typing import Any
 import kopf
 import yaml
 
-from kdistill.api import DistillationJob, pvc_claims
+from kdistill.api import DistillationJob, metadata, pvc_claims
+from kdistill.api.failures import TERMINATION_LOG
 
 from . import names, rbac
 from .settings import Settings
@@ -35,11 +36,7 @@ def _meta(job: DistillationJob, name: str, role: str, extra_labels: dict[str, st
         names.LABEL_MANAGED_BY: names.MANAGER,
     }
     labels.update(extra_labels or {})
-    return {"name": name, "namespace": _namespace(job), "labels": labels}
-
-
-def _namespace(job: DistillationJob) -> str:
-    return job.metadata.namespace or "default"
+    return {"name": name, "namespace": job.namespace, "labels": labels}
 
 
 def check_buildable(job: DistillationJob) -> None:
@@ -56,7 +53,7 @@ def check_buildable(job: DistillationJob) -> None:
 def job_config(job: DistillationJob) -> str:
     """The resolved job (every default filled in) the trainer reads with --config."""
     wire = job.to_wire()
-    wire["metadata"] = {"name": job.metadata.name, "namespace": _namespace(job)}
+    wire["metadata"] = {"name": job.metadata.name, "namespace": job.namespace}
     wire.pop("status", None)
     return yaml.safe_dump(wire, sort_keys=True)
 
@@ -141,7 +138,7 @@ def trainer_rbac(job: DistillationJob) -> list[Manifest]:
             "kind": "RoleBinding",
             "metadata": _meta(job, names.trainer_account(name), names.ROLE_WORKER),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.trainer_account(name)},
-            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": _namespace(job)}],
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": job.namespace}],
         }
     )
     return objs
@@ -204,7 +201,7 @@ def pod_security_context() -> Manifest:
 
 
 def torchrun_command(job: DistillationJob, index: int) -> list[str]:
-    name, ns = job.metadata.name, _namespace(job)
+    name, ns = job.metadata.name, job.namespace
     par = job.spec.parallelism
     return [
         "torchrun",
@@ -229,12 +226,12 @@ def torchrun_command(job: DistillationJob, index: int) -> list[str]:
 
 
 def _worker_env(job: DistillationJob, index: int) -> list[Manifest]:
-    name, ns = job.metadata.name, _namespace(job)
+    name, ns = job.metadata.name, job.namespace
     par = job.spec.parallelism
     env: list[Manifest] = [
-        {"name": "KDISTILL_JOB_NAME", "value": name},
-        {"name": "KDISTILL_JOB_NAMESPACE", "value": ns},
-        {"name": "KDISTILL_PVC_ROOT", "value": names.PVC_ROOT},
+        {"name": metadata.JOB_NAME_ENV, "value": name},
+        {"name": metadata.JOB_NAMESPACE_ENV, "value": ns},
+        {"name": metadata.PVC_ROOT_ENV, "value": names.PVC_ROOT},
         # torchrun's env conventions, for tools that read them rather than the flags.
         {"name": "MASTER_ADDR", "value": names.master_address(name, ns)},
         {"name": "MASTER_PORT", "value": str(names.RDZV_PORT)},
@@ -278,9 +275,9 @@ def avoid_nodes(affinity: Manifest, nodes: Iterable[str]) -> Manifest:
 
 
 def worker_pod(
-    job: DistillationJob, index: int, generation: int, settings: Settings, unready_nodes: Iterable[str] = ()
+    job: DistillationJob, index: int, attempt: int, settings: Settings, unready_nodes: Iterable[str] = ()
 ) -> Manifest:
-    """Worker `index` of restart generation `generation` (a label, so stale pods are told apart).
+    """Worker `index` of gang attempt `attempt` (a label, so stale pods are told apart).
 
     `unready_nodes` are kept out of reach: after a node is lost, the scheduler could otherwise
     place the new gang on it before the node controller taints it."""
@@ -320,7 +317,7 @@ def worker_pod(
         "ports": [{"name": "rendezvous", "containerPort": names.RDZV_PORT}],
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
     }
     spec: Manifest = {
@@ -348,17 +345,17 @@ def worker_pod(
         names.ROLE_WORKER,
         {
             names.LABEL_INDEX: str(index),
-            names.LABEL_GENERATION: str(generation),
+            names.LABEL_ATTEMPT: str(attempt),
         },
     )
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 
 def worker_pods(
-    job: DistillationJob, generation: int, settings: Settings, unready_nodes: Iterable[str] = ()
+    job: DistillationJob, attempt: int, settings: Settings, unready_nodes: Iterable[str] = ()
 ) -> list[Manifest]:
     nodes = list(unready_nodes)
-    return [worker_pod(job, i, generation, settings, nodes) for i in range(job.spec.parallelism.nodes)]
+    return [worker_pod(job, i, attempt, settings, nodes) for i in range(job.spec.parallelism.nodes)]
 
 
 # -- serving ---------------------------------------------------------------------------------
@@ -374,7 +371,7 @@ def serving_command(job: DistillationJob) -> list[str]:
     return [
         "kdistill",
         "serve",
-        names.model_path(_namespace(job), job.metadata.name),
+        names.model_path(job.namespace, job.metadata.name),
         "--host",
         "0.0.0.0",
         "--port",
@@ -397,7 +394,7 @@ def serving_deployment(job: DistillationJob, settings: Settings, previous_model_
     keeping the model it replaces in an annotation for rollback."""
     srv = job.spec.serving
     name = names.serving(job.metadata.name, srv.name)
-    model = names.model_path(_namespace(job), job.metadata.name)
+    model = names.model_path(job.namespace, job.metadata.name)
     annotations = {names.ANNOTATION_MODEL_PATH: model, names.ANNOTATION_SOURCE_JOB: job.metadata.name}
     if previous_model_path and previous_model_path != model:
         annotations[names.ANNOTATION_PREVIOUS_MODEL_PATH] = previous_model_path
@@ -445,7 +442,7 @@ def serving_deployment(job: DistillationJob, settings: Settings, previous_model_
         spec["replicas"] = srv.replicas
     meta = {
         "name": name,
-        "namespace": _namespace(job),
+        "namespace": job.namespace,
         "labels": {**labels, names.LABEL_MANAGED_BY: names.MANAGER},
         "annotations": annotations,
     }
@@ -460,7 +457,7 @@ def serving_service(job: DistillationJob) -> Manifest:
         "kind": "Service",
         "metadata": {
             "name": name,
-            "namespace": _namespace(job),
+            "namespace": job.namespace,
             "labels": {**serving_labels(name), names.LABEL_MANAGED_BY: names.MANAGER},
         },
         "spec": {
@@ -481,7 +478,7 @@ def serving_pdb(job: DistillationJob) -> Manifest | None:
         "kind": "PodDisruptionBudget",
         "metadata": {
             "name": name,
-            "namespace": _namespace(job),
+            "namespace": job.namespace,
             "labels": {**serving_labels(name), names.LABEL_MANAGED_BY: names.MANAGER},
         },
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": serving_labels(name)}},
@@ -498,7 +495,7 @@ def serving_hpa(job: DistillationJob) -> Manifest | None:
         "kind": "HorizontalPodAutoscaler",
         "metadata": {
             "name": name,
-            "namespace": _namespace(job),
+            "namespace": job.namespace,
             "labels": {**serving_labels(name), names.LABEL_MANAGED_BY: names.MANAGER},
         },
         "spec": {
@@ -517,7 +514,7 @@ def serving_hpa(job: DistillationJob) -> Manifest | None:
 
 def serving_url(job: DistillationJob) -> str:
     srv = job.spec.serving
-    return f"http://{names.serving(job.metadata.name, srv.name)}.{_namespace(job)}.svc:{srv.port}"
+    return f"http://{names.serving(job.metadata.name, srv.name)}.{job.namespace}.svc:{srv.port}"
 
 
 # -- ownership -------------------------------------------------------------------------------

@@ -3,21 +3,39 @@ and handlers agree on them."""
 
 from __future__ import annotations
 
-GROUP = "kdistill.io"
-LABEL_JOB = "kdistill.io/job"
-LABEL_ROLE = "kdistill.io/role"
-LABEL_INDEX = "kdistill.io/replica-index"
-LABEL_GENERATION = "kdistill.io/restart-generation"
-LABEL_SERVING = "kdistill.io/serving"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGER = "kdistill-operator"
+from kdistill.api import GROUP
+from kdistill.api.metadata import (
+    ANNOTATION_MODEL_PATH,
+    ANNOTATION_PREVIOUS_MODEL_PATH,
+    ANNOTATION_SOURCE_JOB,
+    LABEL_ATTEMPT,
+    LABEL_INDEX,
+    LABEL_JOB,
+    LABEL_MANAGED_BY,
+    LABEL_ROLE,
+    LABEL_SERVING,
+    MANAGER,
+    ROLE_SERVER,
+    ROLE_WORKER,
+    STUDENT_INT8_DIR,
+)
 
-ANNOTATION_MODEL_PATH = "kdistill.io/model-path"
-ANNOTATION_PREVIOUS_MODEL_PATH = "kdistill.io/previous-model-path"
-ANNOTATION_SOURCE_JOB = "kdistill.io/source-job"
-
-ROLE_WORKER = "worker"
-ROLE_SERVER = "server"
+# The shared labels and annotations (api/metadata.py), for the operator's modules to use as names.*.
+__all__ = [
+    "ANNOTATION_MODEL_PATH",
+    "ANNOTATION_PREVIOUS_MODEL_PATH",
+    "ANNOTATION_SOURCE_JOB",
+    "GROUP",
+    "LABEL_ATTEMPT",
+    "LABEL_INDEX",
+    "LABEL_JOB",
+    "LABEL_MANAGED_BY",
+    "LABEL_ROLE",
+    "LABEL_SERVING",
+    "MANAGER",
+    "ROLE_SERVER",
+    "ROLE_WORKER",
+]
 
 CONFIG_DIR = "/etc/kdistill"
 CONFIG_FILE = "job.yaml"
@@ -74,7 +92,7 @@ def output_dir(namespace: str, job: str) -> str:
 
 
 def model_path(namespace: str, job: str) -> str:
-    return f"{output_dir(namespace, job)}/student-int8"
+    return f"{output_dir(namespace, job)}/{STUDENT_INT8_DIR}"
 
 
 def worker_selector(job: str) -> str:

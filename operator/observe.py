@@ -47,7 +47,7 @@ class ContainerEnd:
 class PodView:
     name: str
     index: int | None
-    generation: int | None
+    attempt: int | None  # the gang attempt the pod belongs to (LABEL_ATTEMPT)
     phase: str
     node: str | None
     created: datetime | None
@@ -94,7 +94,7 @@ class PodView:
         return cls(
             name=meta.get("name", ""),
             index=_int(labels.get(names.LABEL_INDEX)),
-            generation=_int(labels.get(names.LABEL_GENERATION)),
+            attempt=_int(labels.get(names.LABEL_ATTEMPT)),
             phase=status.get("phase") or "Pending",
             node=spec.get("nodeName") or None,
             created=parse_time(meta.get("creationTimestamp")),

@@ -148,8 +148,8 @@ class Reconciler:
             self.kube.delete("v1", "Pod", namespace, pod, grace_seconds=0)
         for pod in d.delete_pods:
             self.kube.delete("v1", "Pod", namespace, pod)
-        if d.create_generation is not None:
-            self._create_gang(body, job, d.create_generation, existing_pods, jlog)
+        if d.create_attempt is not None:
+            self._create_gang(body, job, d.create_attempt, existing_pods, jlog)
         if d.deploy:
             self._deploy(body, job, jlog)
         if d.delete_training_objects:
@@ -171,7 +171,7 @@ class Reconciler:
         if "phase" in d.status:
             jlog.info("phase %s -> %s", old.get("phase"), d.status["phase"])
 
-    def _create_gang(self, body: dict[str, Any], job: Any, generation: int, existing: set[str], jlog: JobLog) -> None:
+    def _create_gang(self, body: dict[str, Any], job: Any, attempt: int, existing: set[str], jlog: JobLog) -> None:
         if not existing:
             # A whole new gang (first start, restart, resume): make sure its config, rendezvous
             # Service, PVC and RBAC exist first. Re-applying is a no-op when they do.
@@ -182,11 +182,11 @@ class Reconciler:
                     self.kube.apply(obj)
         unready = self._unready_nodes()
         created = 0
-        for pod in builders.adopt(builders.worker_pods(job, generation, self.settings, unready), body):
+        for pod in builders.adopt(builders.worker_pods(job, attempt, self.settings, unready), body):
             if pod["metadata"]["name"] not in existing and self.kube.create(pod):
                 created += 1
         if created:
-            jlog.info("created %d worker pod(s) of restart generation %d", created, generation)
+            jlog.info("created %d worker pod(s) of gang attempt %d", created, attempt)
 
     def prime_nodes(self) -> None:
         """One LIST of the nodes at start; the node watch keeps the cache current from then on."""

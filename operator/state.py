@@ -2,8 +2,8 @@
 
 Phases: Pending → Running → (Restarting → Pending → Running)* → Deploying → Succeeded, or
 Failed; Suspended while `spec.suspend`. Everything the machine needs survives an operator
-restart because it lives in the API: the phase and counters in status, the restart
-generation (restarts + evictions) on the pods' labels, the backoff start in the
+restart because it lives in the API: the phase and counters in status, the gang
+attempt (restarts + evictions) on the pods' labels, the backoff start in the
 `Restarting` condition's lastTransitionTime, and pod creation times for the pending deadline.
 
 The handlers apply a Decision in this order: status patch (with resourceVersion, so a stale
@@ -64,7 +64,7 @@ class Observed:
 @dataclass
 class Decision:
     status: dict[str, Any] = field(default_factory=dict)  # merge patch of operator-owned fields
-    create_generation: int | None = None  # ensure training objects and missing pods of this generation
+    create_attempt: int | None = None  # ensure training objects and missing pods of this gang attempt
     delete_pods: list[str] = field(default_factory=list)
     force_delete_pods: list[str] = field(default_factory=list)  # on lost nodes: grace period 0
     deploy: bool = False
@@ -191,7 +191,8 @@ def _step(obs: Observed, st: _Status, d: Decision, phase: str | None) -> str:
 # -- training -------------------------------------------------------------------------------
 
 
-def _generation(st: _Status) -> int:
+def _attempt(st: _Status) -> int:
+    """The gang attempt: 0 for the first gang, +1 per restart or eviction (the pods' LABEL_ATTEMPT)."""
     return int(st.get("restarts") or 0) + int(st.get("evictions") or 0)
 
 
@@ -235,7 +236,7 @@ def _restarting(obs: Observed, st: _Status, d: Decision) -> str:
         d.requeue(POLL_SECONDS)
         return "Restarting"
     since = st.condition_since(COND_RESTARTING) or obs.now
-    count = _generation(st)
+    count = _attempt(st)
     wait = backoff_seconds(obs.job.spec.failure_policy.backoff_seconds, count, obs.max_backoff_seconds)
     left = wait - (obs.now - since).total_seconds()
     if left > 0:
@@ -285,14 +286,14 @@ def _pod_problem(obs: Observed, pod: PodView) -> _Problem | None:
     return None
 
 
-def _missing_problem(obs: Observed, gen: int, missing: list[int]) -> _Problem | None:
+def _missing_problem(obs: Observed, attempt: int, missing: list[int]) -> _Problem | None:
     """Why running workers are gone, from their last watched state; None: wait for the watch."""
     job = obs.job.metadata.name
     found: list[_Problem] = []
     for i in missing:
         name = names.worker_pod(job, i)
         last = obs.departed.get(name)
-        if last is not None and last.generation == gen:
+        if last is not None and last.attempt == attempt:
             if last.evicted:
                 found.append(_Problem("eviction", "Evicted", f"{name}: {last.disruption}"))
             elif last.disruption == "DeletionByTaintManager":
@@ -317,8 +318,8 @@ def _missing_problem(obs: Observed, gen: int, missing: list[int]) -> _Problem | 
 
 
 def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
-    gen = _generation(st)
-    stale = [p for p in obs.pods if p.generation != gen]
+    attempt = _attempt(st)
+    stale = [p for p in obs.pods if p.attempt != attempt]
     if stale:
         # The previous gang must be gone before its names are reused.
         _delete(obs, d, stale)
@@ -335,7 +336,7 @@ def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
         return _succeeded_training(obs, st, d, rank0)
     missing = [i for i in range(nodes) if i not in gang]
     if missing and phase == "Running":
-        found = _missing_problem(obs, gen, missing)
+        found = _missing_problem(obs, attempt, missing)
         if found is None:
             d.requeue(0.5)  # the watch has not reported the deletion yet; it will, or time out
             return phase
@@ -350,7 +351,7 @@ def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
         if pr.kind == "pending":
             return _fail(obs, st, d, pr.reason, pr.message)
     if missing:
-        d.create_generation = gen
+        d.create_attempt = attempt
         d.requeue(POLL_SECONDS * 2)
     _requeue_deadlines(obs, d, list(gang.values()))
     if not missing and all(p.phase == "Running" for p in gang.values()):
@@ -390,7 +391,7 @@ def _restart(obs: Observed, st: _Status, d: Decision, pr: _Problem) -> str:
                 f"{pr.reason}: {pr.message} (maxRestarts {policy.max_restarts} used up)",
             )
         st.set("restarts", restarts + 1)
-    count = _generation(st)
+    count = _attempt(st)
     wait = backoff_seconds(policy.backoff_seconds, count, obs.max_backoff_seconds)
     st.condition(COND_RESTARTING, True, pr.reason, f"{pr.message}; restart {count}, backoff {wait:g}s")
     st.condition(COND_TRAINING, False, "GangRestart", pr.message)
@@ -461,18 +462,14 @@ def _succeeded_training(obs: Observed, st: _Status, d: Decision, rank0: PodView)
 
 def _ours(obs: Observed) -> bool:
     dep = obs.deployment
-    return dep is not None and dep.model_path == names.model_path(_ns(obs), obs.job.metadata.name)
-
-
-def _ns(obs: Observed) -> str:
-    return obs.job.metadata.namespace or "default"
+    return dep is not None and dep.model_path == names.model_path(obs.job.namespace, obs.job.metadata.name)
 
 
 def _deploying(obs: Observed, st: _Status, d: Decision) -> str:
     d.deploy = True
     srv = obs.job.spec.serving
     if _ours(obs) and obs.deployment is not None and obs.deployment.available:
-        url = f"http://{names.serving(obs.job.metadata.name, srv.name)}.{_ns(obs)}.svc:{srv.port}"
+        url = f"http://{names.serving(obs.job.metadata.name, srv.name)}.{obs.job.namespace}.svc:{srv.port}"
         st.set("endpoint", url)
         st.condition(COND_READY, True, "DeploymentAvailable", f"serving at {url}")
         st.condition(COND_COMPLETE, True, "Deployed", "student rolled out")

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from kdistill.api.failures import TERMINATION_LOG, Termination
+from kdistill.api.metadata import STUDENT_DIR, STUDENT_INT8_DIR
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,11 @@ class OutputLayout:
 
     @property
     def student(self) -> Path:
-        return self.root / "student"
+        return self.root / STUDENT_DIR
 
     @property
     def student_int8(self) -> Path:
-        return self.root / "student-int8"
+        return self.root / STUDENT_INT8_DIR
 
     @property
     def result(self) -> Path:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.api import GROUP, PLURAL, TRAINER_STATUS_FIELDS, VERSION
+from kdistill.api.metadata import JOB_NAME_ENV, JOB_NAMESPACE_ENV
 
 log = logging.getLogger(__name__)
 
-JOB_NAME_ENV = "KDISTILL_JOB_NAME"
-JOB_NAMESPACE_ENV = "KDISTILL_JOB_NAMESPACE"
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 

@@ -7,11 +7,11 @@ import socket
 from pathlib import Path
 
 from kdistill.api.failures import ExitCode
+from kdistill.api.metadata import PVC_ROOT_ENV
 from kdistill.api.uris import parse_source_uri
 
 from .errors import TrainerError
 
-PVC_ROOT_ENV = "KDISTILL_PVC_ROOT"
 DEFAULT_PVC_ROOT = "./pvc"
 HF_HOST = ("huggingface.co", 443)
 # An unreachable hub must fail in seconds, not after a long connect timeout.

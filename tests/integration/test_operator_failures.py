@@ -28,9 +28,9 @@ def test_max_restarts_exhausted(cluster: Cluster, env: Env) -> None:
     name = "exhaust"
     jobs.create(job_body(name, nodes=1, gpus=1, failurePolicy={"maxRestarts": 1, "backoffSeconds": 1}))
     retry = termination_for(ExitCode.PEER_LOST, "gloo timeout").to_json()
-    pod = jobs.wait_running_gang(name, 1, generation=0)[0]
+    pod = jobs.wait_running_gang(name, 1, attempt=0)[0]
     cluster.fail_pod(jobs.ns, pod.metadata.name, exit_code=1, message=retry)
-    pod = jobs.wait_running_gang(name, 1, generation=1, timeout=60)[0]
+    pod = jobs.wait_running_gang(name, 1, attempt=1, timeout=60)[0]
     assert jobs.status(name)["restarts"] == 1
     cluster.fail_pod(jobs.ns, pod.metadata.name, exit_code=1, message=retry)
     status = jobs.wait_phase(name, "Failed", 60)
@@ -45,7 +45,7 @@ def test_permanent_exit_code_fails_at_once(cluster: Cluster, env: Env) -> None:
     jobs, _ = env
     jobs.create(job_body("bad-data", nodes=2, gpus=1))
     jobs.create(job_body("bad-spec", nodes=1, gpus=1))
-    pods = jobs.wait_running_gang("bad-data", 2, generation=0)
+    pods = jobs.wait_running_gang("bad-data", 2, attempt=0)
     cluster.fail_pod(
         jobs.ns,
         pods[1].metadata.name,
@@ -53,14 +53,14 @@ def test_permanent_exit_code_fails_at_once(cluster: Cluster, env: Env) -> None:
         message=termination_for(ExitCode.BAD_DATA, "train.jsonl: 40% bad lines").to_json(),
     )
     # No termination message at all: the exit code alone classifies it.
-    pod = jobs.wait_running_gang("bad-spec", 1, generation=0)[0]
+    pod = jobs.wait_running_gang("bad-spec", 1, attempt=0)[0]
     cluster.fail_pod(jobs.ns, pod.metadata.name, exit_code=int(ExitCode.BAD_SPEC))
     for name, reason in (("bad-data", "BAD_DATA"), ("bad-spec", "BAD_SPEC")):
         status = jobs.wait_phase(name, "Failed", 60)
         assert status["restarts"] == 0
         assert _fail_condition(jobs, name)["reason"] == reason
     assert "40% bad lines" in _fail_condition(jobs, "bad-data")["message"]
-    # the rank that still ran was stopped; no new generation was created
+    # the rank that still ran was stopped; no new gang attempt was created
     eventually(lambda: not jobs.live_pods("bad-data"), "other rank deleted", 30)
     assert all(p.metadata.labels["kdistill.io/restart-generation"] == "0" for p in jobs.pods("bad-data"))
 
@@ -82,13 +82,13 @@ def test_eviction_is_counted_apart(cluster: Cluster, env: Env) -> None:
     jobs, _ = env
     name = "evicted"
     jobs.create(job_body(name, nodes=2, gpus=1))
-    pods = jobs.wait_running_gang(name, 2, generation=0)
+    pods = jobs.wait_running_gang(name, 2, attempt=0)
     jobs.core.create_namespaced_pod_eviction(
         pods[0].metadata.name,
         jobs.ns,
         client.V1Eviction(metadata=client.V1ObjectMeta(name=pods[0].metadata.name, namespace=jobs.ns)),
     )
-    jobs.wait_running_gang(name, 2, generation=1, timeout=180)  # generous: a loaded 2-core API server
+    jobs.wait_running_gang(name, 2, attempt=1, timeout=180)  # generous: a loaded 2-core API server
     status = jobs.wait_phase(name, "Running")
     assert status["evictions"] == 1 and status["restarts"] == 0
 
@@ -102,7 +102,7 @@ def test_quality_gate_and_shared_serving(cluster: Cluster, env: Env) -> None:
         body = job_body(name, nodes=1, gpus=1)
         body["spec"]["serving"] = shared
         jobs.create(body)
-        pod = jobs.wait_running_gang(name, 1, generation=0)[0]
+        pod = jobs.wait_running_gang(name, 1, attempt=0)[0]
         cluster.succeed_pod(ns, pod.metadata.name, message=success_message(retention))
 
     def deployment() -> client.V1Deployment:
@@ -160,7 +160,7 @@ def test_suspend_and_resume(cluster: Cluster, env: Env) -> None:
     jobs, _ = env
     name = "pausable"
     jobs.create(job_body(name, nodes=2, gpus=1))
-    jobs.wait_running_gang(name, 2, generation=0)
+    jobs.wait_running_gang(name, 2, attempt=0)
     jobs.wait_phase(name, "Running")
     jobs.patch_spec(name, {"suspend": True})
     status = jobs.wait_phase(name, "Suspended", 30)
@@ -170,7 +170,7 @@ def test_suspend_and_resume(cluster: Cluster, env: Env) -> None:
     assert jobs.core.read_namespaced_persistent_volume_claim("ckpt", jobs.ns).status.phase == "Bound"
     assert jobs.core.read_namespaced_config_map(f"{name}-config", jobs.ns)
     jobs.patch_spec(name, {"suspend": False})
-    jobs.wait_running_gang(name, 2, generation=0, timeout=60)
+    jobs.wait_running_gang(name, 2, attempt=0, timeout=60)
     status = jobs.wait_phase(name, "Running")
     assert status["restarts"] == 0 and status["evictions"] == 0
     assert jobs.condition(name, "Suspended")["status"] == "False"
@@ -181,7 +181,7 @@ def test_ttl_deletes_finished_job(cluster: Cluster, env: Env) -> None:
     jobs.create(job_body("short-lived", nodes=1, gpus=0, serving=False, ttlSecondsAfterFinished=2))
     jobs.create(job_body("served", nodes=1, gpus=1, ttlSecondsAfterFinished=2))
     for name in ("short-lived", "served"):
-        pod = jobs.wait_running_gang(name, 1, generation=0)[0]
+        pod = jobs.wait_running_gang(name, 1, attempt=0)[0]
         limits = pod.spec.containers[0].resources.limits or {}
         assert ("nvidia.com/gpu" in limits) == (name == "served")
         cluster.succeed_pod(jobs.ns, pod.metadata.name, message=success_message(0.99))

@@ -33,7 +33,7 @@ def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
     jobs.create(job_body(name, nodes=2, gpus=2))
 
     # 2. pods with the right GPU requests and env
-    pods = jobs.wait_running_gang(name, 2, generation=0)
+    pods = jobs.wait_running_gang(name, 2, attempt=0)
     for i, pod in enumerate(pods):
         c = pod.spec.containers[0]
         assert c.resources.requests["nvidia.com/gpu"] == "2" and c.resources.limits["nvidia.com/gpu"] == "2"
@@ -86,7 +86,7 @@ def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
     cluster.stop_node_heartbeats(lost_node)
     try:
         eventually(lambda: jobs.status(name).get("restarts") == 1, "restarts=1 after NotReady", 90)
-        new = jobs.wait_running_gang(name, 2, generation=1, timeout=90)
+        new = jobs.wait_running_gang(name, 2, attempt=1, timeout=90)
         assert all(p.spec.node_name != lost_node for p in new)
         jobs.wait_phase(name, "Running")
         reasons = [e.reason for e in jobs.events(name)]

@@ -111,7 +111,7 @@ def test_crash_recovery_at_several_points(cluster: Cluster, claims: str, ops: Op
     # (a) the job is created while no operator runs
     jobs.create(job_body(name, nodes=2, gpus=1, failurePolicy={"maxRestarts": 5, "backoffSeconds": 6}))
     first = ops.start()
-    jobs.wait_running_gang(name, 2, generation=0)
+    jobs.wait_running_gang(name, 2, attempt=0)
     jobs.wait_phase(name, "Running")
 
     # a steady state: further passes (resync every 5 s) write nothing at all
@@ -141,10 +141,10 @@ def test_crash_recovery_at_several_points(cluster: Cluster, claims: str, ops: Op
         p.metadata.labels["kdistill.io/restart-generation"] == "0" for p in jobs.live_pods(name)
     )
     third = ops.start()
-    jobs.wait_running_gang(name, 2, generation=1, timeout=60)
+    jobs.wait_running_gang(name, 2, attempt=1, timeout=60)
     status = jobs.wait_phase(name, "Running")
     assert status["restarts"] == 1
-    assert len(jobs.pods(name)) == 2  # no duplicates, no leftovers of generation 0
+    assert len(jobs.pods(name)) == 2  # no duplicates, no leftovers of gang attempt 0
 
     # (d) killed while Deploying: the serving pods cannot schedule (too much CPU), so it stays there
     jobs.patch_spec(name, {"serving": {"resources": {"requests": {"cpu": "1000"}}}})

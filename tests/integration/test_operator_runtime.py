@@ -87,7 +87,7 @@ def test_kubeconfig_flag_health_of_every_replica_and_pod_user(
         # the leader reaches the API server through the flag's kubeconfig (kopf's watches included)
         jobs = Jobs(cluster, claims)
         jobs.create(job_body("runtime", nodes=1, gpus=1))
-        (pod,) = jobs.wait_running_gang("runtime", 1, generation=0, timeout=90)
+        (pod,) = jobs.wait_running_gang("runtime", 1, attempt=0, timeout=90)
         jobs.wait_phase("runtime", "Running", 60)
         c = pod.spec.containers[0]
         assert c.image_pull_policy == "Never"

@@ -34,6 +34,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from kdistill.api.metadata import LABEL_ATTEMPT
 from tests.chart.helm import CHART, REPO, helm
 from tests.cluster import Cluster
 from tests.operator.cluster_helpers import (
@@ -226,11 +227,11 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
         life.steps.append(name)
         return value
 
-    def gang(generation: int) -> list[Any]:
+    def gang(attempt: int) -> list[Any]:
         return until(lambda: (p := [x for x in jobs.live_pods(JOB)
-                                    if x.metadata.labels.get("kdistill.io/restart-generation") == str(generation)
+                                    if x.metadata.labels.get(LABEL_ATTEMPT) == str(attempt)
                                     and x.status.phase == "Running"]) and len(p) == 2 and p,
-                     f"2 running pods of generation {generation}", timeout, op, fail_fast)  # fmt: skip
+                     f"2 running pods of gang attempt {attempt}", timeout, op, fail_fast)  # fmt: skip
 
     try:
         # The operator creates the checkpoint claim (storageClassName + size); a PV waits for it.

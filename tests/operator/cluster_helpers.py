@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client
 
+from kdistill.api.metadata import LABEL_ATTEMPT
 from tests.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -243,17 +244,16 @@ class Jobs:
             timeout,
         )
 
-    def wait_running_gang(self, name: str, count: int, generation: int, timeout: float = 60.0) -> list[Any]:
+    def wait_running_gang(self, name: str, count: int, attempt: int, timeout: float = 60.0) -> list[Any]:
         def ready() -> list[Any] | None:
             pods = [
                 p
                 for p in self.live_pods(name)
-                if p.metadata.labels.get("kdistill.io/restart-generation") == str(generation)
-                and p.status.phase == "Running"
+                if p.metadata.labels.get(LABEL_ATTEMPT) == str(attempt) and p.status.phase == "Running"
             ]
             return pods if len(pods) == count else None
 
-        return eventually(ready, f"{count} running pods of {name} generation {generation}", timeout)
+        return eventually(ready, f"{count} running pods of {name} gang attempt {attempt}", timeout)
 
     def events(self, name: str) -> list[client.CoreV1Event]:
         return self.core.list_namespaced_event(

@@ -88,7 +88,7 @@ def test_worker_pod_command_env_resources_and_placement() -> None:
     assert spec["hostname"] == "intent-worker-1" and spec["subdomain"] == "intent-workers"
     assert spec["restartPolicy"] == "Never" and spec["serviceAccountName"] == "intent-trainer"
     labels = pod["metadata"]["labels"]
-    assert labels[names.LABEL_GENERATION] == "3" and labels[names.LABEL_INDEX] == "1"
+    assert labels[names.LABEL_ATTEMPT] == "3" and labels[names.LABEL_INDEX] == "1"
     assert labels[names.LABEL_JOB] == "intent"
     dshm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}

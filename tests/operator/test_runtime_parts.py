@@ -118,9 +118,9 @@ def test_pod_tracker_keeps_the_final_state_and_bounds_the_wait_for_the_watch() -
     )
     t.seen("ml", evicted, deleted=True)
     last = t.departed("ml", ["j-worker-0", "j-worker-1"])
-    assert list(last) == ["j-worker-0"] and last["j-worker-0"].evicted and last["j-worker-0"].generation == 0
+    assert list(last) == ["j-worker-0"] and last["j-worker-0"].evicted and last["j-worker-0"].attempt == 0
     assert t.unconfirmed("ml", ["j-worker-0"]) == frozenset() and t.departed("other", ["j-worker-0"]) == {}
-    t.seen("ml", _pod_body("j-worker-0", 1), deleted=False)  # the next generation took the name
+    t.seen("ml", _pod_body("j-worker-0", 1), deleted=False)  # the next gang attempt took the name
     assert t.departed("ml", ["j-worker-0"]) == {}
     t.seen("ml", _pod_body("j-worker-0", 1), deleted=True)
     clock[0] += 61

@@ -38,11 +38,11 @@ def make_job(**spec: Any):  # type: ignore[no-untyped-def]
     return parse_job(body)
 
 
-def pod(index: int, phase: str = "Running", gen: int = 0, node: str = "n1", **kw: Any) -> PodView:
+def pod(index: int, phase: str = "Running", attempt: int = 0, node: str = "n1", **kw: Any) -> PodView:
     return PodView(
         name=f"j-worker-{index}",
         index=index,
-        generation=gen,
+        attempt=attempt,
         phase=phase,
         node=node,
         created=kw.pop("created", NOW - timedelta(seconds=5)),
@@ -100,16 +100,16 @@ def cond(d: Decision, type_: str) -> dict[str, Any]:
 # -- creation and steady state ----------------------------------------------------------------
 
 
-def test_new_job_goes_pending_and_creates_generation_zero() -> None:
+def test_new_job_goes_pending_and_creates_gang_attempt_zero() -> None:
     d = decide(observe())
-    assert d.phase == "Pending" and d.create_generation == 0
+    assert d.phase == "Pending" and d.create_attempt == 0
     assert d.status["restarts"] == 0 and d.status["evictions"] == 0 and d.status["observedGeneration"] == 4
     assert [e.reason for e in d.events] == ["Pending"]
 
 
 def test_all_pods_running_means_running_with_start_time() -> None:
     d = decide(observe({"phase": "Pending", "restarts": 0, "evictions": 0}, [pod(0), pod(1)]))
-    assert d.phase == "Running" and d.create_generation is None
+    assert d.phase == "Running" and d.create_attempt is None
     assert d.status["startTime"] == fmt_time(NOW)
     assert cond(d, "Training")["status"] == "True"
     assert d.events[0].reason == "Running"
@@ -117,14 +117,14 @@ def test_all_pods_running_means_running_with_start_time() -> None:
 
 def test_partial_gang_while_pending_creates_the_missing_pod() -> None:
     d = decide(observe({"phase": "Pending", "restarts": 0, "evictions": 0}, [pod(0)]))
-    assert d.phase == "Pending" and d.create_generation == 0 and not d.delete_pods
+    assert d.phase == "Pending" and d.create_attempt == 0 and not d.delete_pods
 
 
 def test_second_pass_over_the_same_state_changes_nothing() -> None:
     first = decide(observe({"phase": "Pending", "restarts": 0, "evictions": 0}, [pod(0), pod(1)]))
     status = {"phase": "Pending", "restarts": 0, "evictions": 0, **first.status}
     second = decide(observe(status, [pod(0), pod(1)], now=NOW + timedelta(seconds=30)))
-    assert second.status == {} and second.events == [] and second.create_generation is None
+    assert second.status == {} and second.events == [] and second.create_attempt is None
     assert not second.delete_pods and not second.force_delete_pods and not second.deploy
 
 
@@ -153,7 +153,7 @@ def test_retryable_failure_restarts_the_gang_with_backoff() -> None:
     assert d.events[1].type == "Warning"
 
 
-def test_restarting_waits_for_pods_then_backoff_then_recreates_next_generation() -> None:
+def test_restarting_waits_for_pods_then_backoff_then_recreates_the_next_gang_attempt() -> None:
     restarting = {
         "phase": "Restarting",
         "restarts": 1,
@@ -163,12 +163,12 @@ def test_restarting_waits_for_pods_then_backoff_then_recreates_next_generation()
         ],
     }
     d = decide(observe(restarting, [pod(0, deleting=True)], now=NOW + timedelta(seconds=1)))
-    assert d.phase == "Restarting" and d.create_generation is None and d.requeue_after == 1.0
+    assert d.phase == "Restarting" and d.create_attempt is None and d.requeue_after == 1.0
     d = decide(observe(restarting, [], now=NOW + timedelta(seconds=4)))
-    assert d.phase == "Restarting" and d.create_generation is None
+    assert d.phase == "Restarting" and d.create_attempt is None
     assert d.requeue_after == pytest.approx(6.0)
     d = decide(observe(restarting, [], now=NOW + timedelta(seconds=10)))
-    assert d.phase == "Pending" and d.create_generation == 1
+    assert d.phase == "Pending" and d.create_attempt == 1
     assert cond(d, "Restarting")["status"] == "False"
 
 
@@ -178,15 +178,15 @@ def test_backoff_doubles_and_is_capped() -> None:
     assert backoff_seconds(0, 5, 3600) == 0
 
 
-def test_stale_generation_pods_are_deleted_before_new_ones() -> None:
+def test_pods_of_a_stale_gang_attempt_are_deleted_before_new_ones() -> None:
     status = {"phase": "Pending", "restarts": 1, "evictions": 0}
-    d = decide(observe(status, [pod(0, gen=0)]))
-    assert d.delete_pods == ["j-worker-0"] and d.create_generation is None
+    d = decide(observe(status, [pod(0, attempt=0)]))
+    assert d.delete_pods == ["j-worker-0"] and d.create_attempt is None
 
 
 def test_max_restarts_exhausted_fails_with_the_reason() -> None:
     t = termination_for(ExitCode.RETRYABLE, "flaky")
-    d = decide(observe(running(restarts=2), [pod(0, "Failed", gen=2, terminated=ended(t)), pod(1, gen=2)]))
+    d = decide(observe(running(restarts=2), [pod(0, "Failed", attempt=2, terminated=ended(t)), pod(1, attempt=2)]))
     assert d.phase == "Failed" and "restarts" not in d.status
     c = cond(d, "Failed")
     assert c["reason"] == "MaxRestartsExceeded" and "RETRYABLE" in c["message"]
@@ -226,10 +226,10 @@ def test_permanent_failure_wins_over_a_retryable_one() -> None:
 
 
 def test_eviction_counts_apart_and_does_not_use_max_restarts() -> None:
-    gang = [pod(0, gen=2, deleting=True, disruption="EvictionByEvictionAPI"), pod(1, gen=2)]
+    gang = [pod(0, attempt=2, deleting=True, disruption="EvictionByEvictionAPI"), pod(1, attempt=2)]
     d = decide(observe(running(restarts=2), gang))
     assert d.phase == "Restarting" and d.status["evictions"] == 1 and "restarts" not in d.status
-    d = decide(observe(running(restarts=2), [pod(0, "Failed", gen=2, disruption="Evicted"), pod(1, gen=2)]))
+    d = decide(observe(running(restarts=2), [pod(0, "Failed", attempt=2, disruption="Evicted"), pod(1, attempt=2)]))
     assert d.phase == "Restarting" and d.status["evictions"] == 1
     d = decide(observe(running(), [pod(0, deleting=True, disruption="PreemptionByScheduler"), pod(1)]))
     assert d.status["evictions"] == 1
@@ -349,7 +349,7 @@ def test_suspend_deletes_pods_and_resume_recreates_the_same_generation() -> None
     assert d.phase == "Suspended" and sorted(d.delete_pods) == ["j-worker-0", "j-worker-1"]
     assert cond(d, "Suspended")["status"] == "True" and not d.delete_training_objects
     d = decide(observe({"phase": "Suspended", "restarts": 1, "evictions": 0}, []))
-    assert d.phase == "Pending" and d.create_generation == 1 and "restarts" not in d.status
+    assert d.phase == "Pending" and d.create_attempt == 1 and "restarts" not in d.status
     assert cond(d, "Suspended")["reason"] == "Resumed"
 
 
@@ -404,7 +404,7 @@ def test_pod_view_reads_terminated_state_disruption_and_scheduling() -> None:
         },
     }
     p = PodView.from_dict(body)
-    assert (p.index, p.generation, p.node, p.deleting, p.evicted) == (1, 2, "n2", True, True)
+    assert (p.index, p.attempt, p.node, p.deleting, p.evicted) == (1, 2, "n2", True, True)
     assert p.terminated == ContainerEnd(11, "Error", '{"reason":"PEER_LOST","retryable":true}')
     pending = PodView.from_dict(
         {
@@ -443,18 +443,18 @@ def test_deployment_view_availability() -> None:
 def test_a_worker_gone_after_eviction_counts_as_an_eviction_from_its_watched_final_state() -> None:
     # The LIST no longer shows worker 0; the watch kept its last state with DisruptionTarget.
     last = pod(0, deleting=True, disruption="EvictionByEvictionAPI")
-    obs = observe(running(restarts=1), [pod(1, gen=1)])
-    d = decide(replace(obs, departed={"j-worker-0": replace(last, generation=1)}))
+    obs = observe(running(restarts=1), [pod(1, attempt=1)])
+    d = decide(replace(obs, departed={"j-worker-0": replace(last, attempt=1)}))
     assert d.phase == "Restarting" and d.status["evictions"] == 1 and "restarts" not in d.status
     assert cond(d, "Restarting")["reason"] == "Evicted"
 
 
 def test_a_departed_pod_of_an_older_generation_or_a_plain_deletion_is_a_failure() -> None:
-    old = pod(0, deleting=True, disruption="EvictionByEvictionAPI", gen=0)
-    obs = observe(running(restarts=1), [pod(1, gen=1)])
+    old = pod(0, deleting=True, disruption="EvictionByEvictionAPI", attempt=0)
+    obs = observe(running(restarts=1), [pod(1, attempt=1)])
     d = decide(replace(obs, departed={"j-worker-0": old}))
     assert d.status["restarts"] == 2 and cond(d, "Restarting")["reason"] == "PodDeleted"
-    d = decide(replace(obs, departed={"j-worker-0": pod(0, gen=1, deleting=True)}))
+    d = decide(replace(obs, departed={"j-worker-0": pod(0, attempt=1, deleting=True)}))
     assert d.status["restarts"] == 2 and "evictions" not in d.status
 
 
@@ -469,4 +469,4 @@ def test_a_missing_pod_whose_deletion_the_watch_has_not_reported_waits() -> None
     obs = observe(running(), [pod(1)])
     d = decide(replace(obs, unconfirmed=frozenset({"j-worker-0"})))
     assert d.phase == "Running" and not d.status.get("restarts") and d.requeue_after == 0.5
-    assert not d.delete_pods and d.create_generation is None
+    assert not d.delete_pods and d.create_attempt is None

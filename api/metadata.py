@@ -1,0 +1,39 @@
+"""The names the operator, the trainer and the server share outside the CRD's schema.
+
+Labels and annotations on the objects a job owns, the environment the operator gives worker pods,
+and the layout of a job's output directory that the server and the operator's rollout read. The
+operator writes them; the trainer, the server, tests and tools read them from here.
+"""
+
+from __future__ import annotations
+
+from .job import GROUP
+
+# -- labels and annotations on the objects a job owns -------------------------------------------
+LABEL_JOB = f"{GROUP}/job"
+LABEL_ROLE = f"{GROUP}/role"
+LABEL_INDEX = f"{GROUP}/replica-index"
+# The gang attempt a worker pod belongs to (0 for the first gang, +1 per gang restart).
+LABEL_ATTEMPT = f"{GROUP}/restart-generation"
+LABEL_SERVING = f"{GROUP}/serving"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "kdistill-operator"
+
+# On the serving Deployment: the artifact it serves, the one it served before, and its job.
+ANNOTATION_MODEL_PATH = f"{GROUP}/model-path"
+ANNOTATION_PREVIOUS_MODEL_PATH = f"{GROUP}/previous-model-path"
+ANNOTATION_SOURCE_JOB = f"{GROUP}/source-job"
+
+ROLE_WORKER = "worker"
+ROLE_SERVER = "server"
+
+# -- the environment of worker pods ---------------------------------------------------------------
+JOB_NAME_ENV = "KDISTILL_JOB_NAME"
+JOB_NAMESPACE_ENV = "KDISTILL_JOB_NAMESPACE"
+# Where pvc://<claim>/<path> sources resolve: the operator mounts each claim under it.
+PVC_ROOT_ENV = "KDISTILL_PVC_ROOT"
+
+# -- a job's output directory ---------------------------------------------------------------------
+STUDENT_DIR = "student"  # the full-precision student
+STUDENT_INT8_DIR = "student-int8"  # what the server loads and the rollout points at, for every quantization mode
+ARTIFACT_DIR_NAMES = frozenset({STUDENT_INT8_DIR, STUDENT_DIR})
