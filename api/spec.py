@@ -8,6 +8,8 @@ beside it in ``cel_rules``; tests/spec_table.py holds the table that keeps them 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, model_validator
@@ -495,15 +497,73 @@ class Serving(ApiModel):
 
 # A split student (tensor or pipeline parallel) runs logits KD of a causal LM only: its hidden
 # states and attention live on several ranks, and the features below need the whole model.
+# SPLIT_STUDENT_RULES is the one table of these rules: the CRD's CEL rules are generated from it,
+# DistillationJobSpec's validator checks it, and the trainer's start-up check
+# (trainer/parallel/runtime.check_model_parallel) refuses what it lists for specs that bypassed the API.
 _CEL_SPLIT_STUDENT = "(self.parallelism.student.tensor > 1 || self.parallelism.student.pipeline > 1)"
-_SPLIT_STUDENT = "a split student (parallelism.student tensor > 1 or pipeline > 1)"
-_SPLIT_WHY = {
-    "objectives": "distills with the logits objective only (no hidden or attention)",
-    "teacherCache": "cannot use distillation.teacherCache (disable it)",
-    "uncertaintyWeighting": "cannot use data.uncertaintyWeighting (disable it)",
-    "qat": "cannot use quantization.mode qat-int8 (use ptq-int8 or none)",
-    "topK": "cannot use parallelism.gradientCompression.topK (data-parallel students only; set 0)",
-}
+SPLIT_STUDENT = "a split student (parallelism.student tensor > 1 or pipeline > 1)"
+
+
+@dataclass(frozen=True)
+class SplitStudentRule:
+    cel: str  # true when a split student can run the spec (CEL over the spec object)
+    allows: Callable[[DistillationJobSpec], bool]  # the same test in Python
+    why: str  # what a split student cannot do, and what to do instead
+    found: Callable[[DistillationJobSpec], str] | None = None  # what the spec asked for, for the message
+
+    def problem(self, spec: DistillationJobSpec) -> str | None:
+        if self.allows(spec):
+            return None
+        return f"{self.why} ({self.found(spec)})" if self.found else self.why
+
+
+def _objectives(spec: DistillationJobSpec) -> set[str]:
+    return {o for stage in spec.distillation.stages for o in stage.objectives}
+
+
+SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
+    SplitStudentRule(
+        "self.task == 'causal-lm'",
+        lambda spec: spec.task == "causal-lm",
+        "trains causal-LM students only",
+        lambda spec: f"task {spec.task}",
+    ),
+    SplitStudentRule(
+        "self.distillation.stages.all(s, s.objectives.all(o, o == 'logits'))",
+        lambda spec: _objectives(spec) <= {"logits"},
+        "distills with the logits objective only (no hidden or attention)",
+        lambda spec: f"objectives {sorted(_objectives(spec) - {'logits'})}",
+    ),
+    SplitStudentRule(
+        "!self.distillation.teacherCache.enabled",
+        lambda spec: not spec.distillation.teacher_cache.enabled,
+        "cannot use distillation.teacherCache (disable it)",
+    ),
+    SplitStudentRule(
+        "!self.data.uncertaintyWeighting.enabled",
+        lambda spec: not spec.data.uncertainty_weighting.enabled,
+        "cannot use data.uncertaintyWeighting (disable it)",
+    ),
+    SplitStudentRule(
+        "self.quantization.mode != 'qat-int8'",
+        lambda spec: spec.quantization.mode != "qat-int8",
+        "cannot use quantization.mode qat-int8 (fake-quant layers cannot wrap sharded Linear layers; "
+        "use ptq-int8 or none)",
+    ),
+    SplitStudentRule(
+        "self.parallelism.gradientCompression.topK == 0.0",
+        lambda spec: spec.parallelism.gradient_compression.top_k == 0,
+        "cannot use parallelism.gradientCompression.topK (data-parallel students only; set 0)",
+    ),
+)
+
+
+def split_student_problems(spec: DistillationJobSpec) -> list[str]:
+    """Why a split student cannot run `spec` (empty: it can, or the student is not split)."""
+    st = spec.parallelism.student
+    if st.tensor == 1 and st.pipeline == 1:
+        return []
+    return [p for rule in SPLIT_STUDENT_RULES if (p := rule.problem(spec)) is not None]
 
 
 class DistillationJobSpec(ApiModel):
@@ -555,15 +615,8 @@ class DistillationJobSpec(ApiModel):
             "parallelism.teacherPipelineStages > 1 splits causal-LM decoders only; use 1 for sequence-classification",
         ),
         *(
-            CelRule(f"!{_CEL_SPLIT_STUDENT} || {ok}", f"{_SPLIT_STUDENT} {why}")
-            for ok, why in (
-                ("self.task == 'causal-lm'", "trains causal-LM students only"),
-                ("self.distillation.stages.all(s, s.objectives.all(o, o == 'logits'))", _SPLIT_WHY["objectives"]),
-                ("!self.distillation.teacherCache.enabled", _SPLIT_WHY["teacherCache"]),
-                ("!self.data.uncertaintyWeighting.enabled", _SPLIT_WHY["uncertaintyWeighting"]),
-                ("self.quantization.mode != 'qat-int8'", _SPLIT_WHY["qat"]),
-                ("self.parallelism.gradientCompression.topK == 0.0", _SPLIT_WHY["topK"]),
-            )
+            CelRule(f"!{_CEL_SPLIT_STUDENT} || {rule.cel}", f"{SPLIT_STUDENT} {rule.why}")
+            for rule in SPLIT_STUDENT_RULES
         ),
     )
 
@@ -590,28 +643,13 @@ class DistillationJobSpec(ApiModel):
         return self
 
     def _split_student_rules(self) -> None:
-        """What the loop cannot run with a tensor/pipeline-split student (the trainer refuses the
-        same at start with BAD_SPEC, as a second line): static facts of the spec, so the API
-        rejects them before any pod starts."""
-        st = self.parallelism.student
-        if st.tensor == 1 and st.pipeline == 1:
-            return
-        problems = []
-        if self.task != "causal-lm":
-            problems.append("trains causal-LM students only")
-        if any(o != "logits" for stage in self.distillation.stages for o in stage.objectives):
-            problems.append(_SPLIT_WHY["objectives"])
-        if self.distillation.teacher_cache.enabled:
-            problems.append(_SPLIT_WHY["teacherCache"])
-        if self.data.uncertainty_weighting.enabled:
-            problems.append(_SPLIT_WHY["uncertaintyWeighting"])
-        if self.quantization.mode == "qat-int8":
-            problems.append(_SPLIT_WHY["qat"])
-        if self.parallelism.gradient_compression.top_k > 0:
-            problems.append(_SPLIT_WHY["topK"])
+        """What the loop cannot run with a tensor/pipeline-split student: static facts of the
+        spec, so the API rejects them before any pod starts."""
+        problems = split_student_problems(self)
         if problems:
+            st = self.parallelism.student
             raise ValueError(
-                f"{_SPLIT_STUDENT} (here tensor={st.tensor}, pipeline={st.pipeline}) " + "; ".join(problems)
+                f"{SPLIT_STUDENT} (here tensor={st.tensor}, pipeline={st.pipeline}) " + "; ".join(problems)
             )
 
     @property

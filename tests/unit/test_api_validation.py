@@ -86,3 +86,16 @@ def test_split_student_rows_fail_for_their_own_reason(name: str, job: dict, path
     unsplit = copy.deepcopy(job)
     unsplit["spec"]["parallelism"]["student"] = {"data": 2, "tensor": 1, "pipeline": 1}
     parse_job(unsplit)
+
+
+def test_every_split_student_rule_is_broken_by_a_row_of_the_table() -> None:
+    """The rules (one table for pydantic, the CRD's CEL and the trainer) and tests/spec_table.py stay in step."""
+    from kdistill.api.spec import SPLIT_STUDENT_RULES
+
+    messages = []
+    for _, job, _ in SPLIT_STUDENT_BAD:
+        with pytest.raises(JobValidationError) as info:
+            parse_job(job)
+        messages.append(str(info.value))
+    for rule in SPLIT_STUDENT_RULES:
+        assert any(rule.why in m for m in messages), rule.why

@@ -31,6 +31,7 @@ from torch import nn
 
 from kdistill.api import DistillationJobSpec
 from kdistill.api.failures import ExitCode
+from kdistill.api.spec import SPLIT_STUDENT_RULES
 
 from ..errors import TrainerError
 from .distributed import DistEnv, env_from, init_distributed, peer_guard
@@ -52,26 +53,10 @@ def check_supported(spec: DistillationJobSpec, layout: MeshLayout) -> None:
 
 
 def check_model_parallel(spec: DistillationJobSpec, layout: MeshLayout) -> None:
-    """What a tensor/pipeline-parallel student supports in the loop: logits KD of a causal LM."""
+    """What a tensor/pipeline-parallel student supports in the loop: logits KD of a causal LM. The
+    rules are the API's (api/spec.SPLIT_STUDENT_RULES); this refuses specs that bypassed the API."""
     where = f"parallelism.student tensor={layout.tensor} pipeline={layout.pipeline}"
-    problems = []
-    if spec.task != "causal-lm":
-        problems.append(f"task {spec.task} (causal-lm only)")
-    extra = sorted({o for s in spec.distillation.stages for o in s.objectives} - {"logits"})
-    if extra:
-        problems.append(
-            f"objectives {extra} (logits only: the student's hidden states and attention are split over ranks)"
-        )
-    if spec.distillation.teacher_cache.enabled:
-        problems.append("distillation.teacherCache (disable it)")
-    if spec.data.uncertainty_weighting.enabled:
-        problems.append("data.uncertaintyWeighting (disable it)")
-    if spec.quantization.mode == "qat-int8":
-        problems.append(
-            "quantization.mode qat-int8 (fake-quant layers cannot wrap sharded Linear layers; use ptq-int8 or none)"
-        )
-    if spec.parallelism.gradient_compression.top_k > 0:
-        problems.append("gradientCompression.topK (data-parallel students only)")
+    problems = [p for rule in SPLIT_STUDENT_RULES if (p := rule.problem(spec)) is not None]
     if problems:
         raise TrainerError(ExitCode.BAD_SPEC, f"{where} does not support: " + "; ".join(problems))
 
