@@ -49,7 +49,7 @@ def pvc_root(timer: Timer) -> Path:
     with timer.step("quickstart teacher"):
         if not teacher.exists():
             env = dict(os.environ, OMP_NUM_THREADS="1")
-            subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "kdistill.trainer.teacher_pretrain",
+            subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-P", "-m", "kdistill.trainer.teacher_pretrain",
                             "--pvc", str(root), "--steps", os.environ.get("KDISTILL_E2E_TEACHER_STEPS", "300")],
                            check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)  # fmt: skip
     assert teacher.exists()

@@ -17,8 +17,8 @@ RESULTS = REPO / "e2e" / "results"
 
 
 def image_tag() -> str:
-    match = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
-    assert match is not None, "pyproject.toml has no version"
+    match = re.search(r'^__version__ = "([^"]+)"', (REPO / "kdistill" / "__init__.py").read_text(), re.MULTILINE)
+    assert match is not None, "kdistill/__init__.py has no __version__"
     return match.group(1)
 
 

@@ -1,6 +1,6 @@
 """Measures the test control plane: build times of `make cluster-bins` and fixture start-up.
 
-    .venv/bin/python scripts/cluster-bench.py [--starts 3]
+    .venv/bin/python -P scripts/cluster-bench.py [--starts 3]
 
 The cold build time is the one scripts/cluster-bins.sh recorded the last time it built
 binaries (in ${KDISTILL_CACHE}/cluster-bins-last-build.json); this script times a warm

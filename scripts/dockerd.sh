@@ -36,7 +36,7 @@ needs_caps_shim() {
 write_shim() {
   local shim="${run_dir}/runc-nosysresource"
   cat > "${shim}" <<'SHIM'
-#!/usr/bin/env python3
+#!/usr/bin/env -S python3 -P
 """OCI runtime shim: removes CAP_SYS_RESOURCE, which this VM cannot grant, then runs runc."""
 import json
 import os

@@ -14,4 +14,5 @@ PY="${PY:-${root}/.venv/bin/python}"
 scripts/e2e-prepare.sh
 eval "$(scripts/dockerd.sh env)"
 export DOCKER_HOST
-exec "${PY}" -m e2e.cluster "$@"
+# -P with the repository root appended, not prepended: scripts/run_module.py says why.
+exec "${PY}" -P scripts/run_module.py e2e.cluster "$@"

@@ -32,7 +32,7 @@ kind_version="${KIND_VERSION:-v0.30.0}"
 cluster_name="${KIND_CLUSTER_NAME:-kdistill}"
 namespace="${E2E_NAMESPACE:-default}"
 job="quickstart-cpu"
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' "${root}/pyproject.toml" | head -n1)"
+version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "${root}/kdistill/__init__.py" | head -n1)"
 operator_image="kdistill/operator:${version}"
 trainer_image="kdistill/trainer:${version}"
 mode=kind
@@ -203,5 +203,5 @@ done
 answer="$(curl -fsS "http://127.0.0.1:${port}/v1/completions" -H 'content-type: application/json' \
   -d '{"prompt": "The for statement", "max_tokens": 16}')"
 kill "${forward}" 2>/dev/null || true
-python3 -c 'import json,sys; body=json.loads(sys.argv[1]); print("completion:", repr(body["choices"][0]["text"]))' "${answer}"
+python3 -P -c 'import json,sys; body=json.loads(sys.argv[1]); print("completion:", repr(body["choices"][0]["text"]))' "${answer}"
 log "done in $(( $(date +%s) - started ))s"

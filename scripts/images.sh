@@ -9,13 +9,13 @@
 #   TORCH_SPEC='torch==2.15.*+cpu' PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu \
 #     scripts/images.sh trainer       # a CPU-only trainer, where that index is reachable
 #
-# Tags: kdistill/operator:VERSION and kdistill/trainer:VERSION (VERSION from pyproject.toml,
+# Tags: kdistill/operator:VERSION and kdistill/trainer:VERSION (VERSION from kdistill/__init__.py,
 # or IMAGE_TAG). Sizes and build times go to ${KDISTILL_CACHE}/images-last-build.json.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${KDISTILL_CACHE:-${HOME}/.cache/kdistill}"
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' "${root}/pyproject.toml" | head -n1)"
+version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "${root}/kdistill/__init__.py" | head -n1)"
 tag="${IMAGE_TAG:-${version}}"
 registry="${IMAGE_REPOSITORY_PREFIX:-kdistill}"
 targets=("$@")
@@ -70,7 +70,7 @@ done
 mkdir -p "${cache}"
 (IFS=,; printf '[%s]\n' "${results[*]}") > "${ctx}/results.json"
 # Merge with the last results, so that building one image keeps the other's figures.
-python3 - "${ctx}/results.json" "${cache}/images-last-build.json" <<'PY'
+python3 -P - "${ctx}/results.json" "${cache}/images-last-build.json" <<'PY'
 import json
 import pathlib
 import sys

@@ -15,7 +15,7 @@ TEACHER_STEPS=${TEACHER_STEPS:-300}
 
 started=$(date +%s)
 echo "== 1/4 corpus, tokenizer and teacher (pydoc text -> $KDISTILL_PVC_ROOT)"
-"$PY" -m kdistill.trainer.teacher_pretrain --pvc "$KDISTILL_PVC_ROOT" --steps "$TEACHER_STEPS" \
+"$PY" -P -m kdistill.trainer.teacher_pretrain --pvc "$KDISTILL_PVC_ROOT" --steps "$TEACHER_STEPS" \
     | grep -E '"teacher-ready"|"step": (100|200|300|400|500),' || true
 test -f "$KDISTILL_PVC_ROOT/models/quickstart-teacher/model.safetensors"
 teacher_done=$(date +%s)
@@ -28,7 +28,7 @@ test -f "$OUT/result.json"
 distill_done=$(date +%s)
 
 echo "== 3/4 teacher vs student"
-"$PY" - "$KDISTILL_PVC_ROOT/models/quickstart-teacher" "$OUT" "$started" "$teacher_done" "$distill_done" <<'PYEOF'
+"$PY" -P - "$KDISTILL_PVC_ROOT/models/quickstart-teacher" "$OUT" "$started" "$teacher_done" "$distill_done" <<'PYEOF'
 import json, sys, time
 from pathlib import Path
 
@@ -66,4 +66,4 @@ print(f"time: teacher {teacher_done - started}s, distillation {distill_done - te
 PYEOF
 
 echo "== 4/4 serve the INT8 student, send a real request, stop the server"
-"$PY" scripts/quickstart_serve.py "$OUT/student-int8"
+"$PY" -P scripts/quickstart_serve.py "$OUT/student-int8"

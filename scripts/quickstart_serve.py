@@ -1,7 +1,7 @@
 """The last step of ``make quickstart``: serve the INT8 artifact, send one real request, print the
 answer and its latency, then stop the server (SIGTERM, graceful).
 
-    python scripts/quickstart_serve.py ARTIFACT_DIR [--prompt TEXT] [--port 0]
+    python -P scripts/quickstart_serve.py ARTIFACT_DIR [--prompt TEXT] [--port 0]
 
 A causal LM gets an OpenAI-style ``/v1/completions`` request; a classifier a ``/v1/classify`` one.
 Exit status 0 only if the server became ready and answered 200.
@@ -57,6 +57,7 @@ def main() -> int:
     proc = subprocess.Popen(
         [
             sys.executable,
+            "-P",
             "-m",
             "kdistill.cli.main",
             "serve",

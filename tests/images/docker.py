@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tests.cluster.binaries import REPO
 
-VERSION = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
-               if line.startswith("version = "))  # fmt: skip
+VERSION = next(line.split('"')[1] for line in (REPO / "kdistill" / "__init__.py").read_text().splitlines()
+               if line.startswith("__version__ = "))  # fmt: skip
 
 
 def start_dockerd() -> str:

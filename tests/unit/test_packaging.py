@@ -1,7 +1,10 @@
-"""The import layout promises of DESIGN.md."""
+"""The import layout: kdistill.* maps onto top-level folders, operator/ never shadows the standard
+library's operator, the operator and the light CLI commands never import torch, and every Python
+start in the Makefile and scripts/ uses -P."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +77,54 @@ def test_plain_wheel_maps_every_folder(tmp_path: Path) -> None:
     ):
         assert module in names, module
     assert not any(n.startswith("operator/") for n in names), "operator/ must not install as a top-level package"
+
+
+# A Python interpreter at the start of a shell command: `$(PY)`, `"${PY}"`, `python3`, `.venv/bin/python`...
+_INTERPRETER = r'(?:"?\$\{?PY(?:THON)?\}?"?|\$\((?:PY|PYTHON)\)|(?:[\w.${}()/-]*/)?python3?(?:\.\d+)?)'
+# ... where a command starts: the line's start (after make's `@`, `exec`, VAR=value assignments)
+# or after `&&`, `||`, `|`, `;`, `$(` (a command substitution, not a make variable such as `$(VENV)`).
+_COMMAND_START = r"(?:^[\t ]*@?(?:exec\s+)?(?:\w+=\S*\s+)*|(?:&&|\|\|?|;|\$\((?![A-Z_]+\)))\s*)"
+_PYTHON_START = re.compile(_COMMAND_START + _INTERPRETER + r"(?:\s+(?P<arg>\S+)|$)")
+
+
+def _python_starts(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, line, first argument) of every Python start in a Makefile or shell script."""
+    found = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith("#!"):
+            if "python" in line:
+                found.append((number, line, "-P" if re.search(r"python3?\s+-P\b", line) else line))
+            continue
+        if line.lstrip().startswith("#"):
+            continue
+        for match in _PYTHON_START.finditer(line):
+            found.append((number, line, match.group("arg") or ""))
+    return found
+
+
+def test_every_python_start_in_the_makefile_and_scripts_uses_dash_p() -> None:
+    # -P keeps the working directory (the repository root, which holds operator/) off the front
+    # of sys.path: without it, `python -m ...` from the root could import operator/ as the
+    # standard library's operator. CONTRIBUTING.md states the rule.
+    files = [ROOT / "Makefile", *sorted((ROOT / "scripts").glob("*.sh"))]
+    starts = [(path, *start) for path in files for start in _python_starts(path)]
+    assert len(starts) >= 10, "the scan found too few Python starts: the pattern is broken"
+    missing = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p, n, line, arg in starts if arg != "-P"]
+    assert not missing, "Python started without -P:\n" + "\n".join(missing)
+
+
+def test_the_dash_p_scan_sees_the_forms_the_scripts_use(tmp_path: Path) -> None:
+    script = tmp_path / "s.sh"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        '"$PY" -m kdistill.trainer\n'
+        'exec "${PY}" -P scripts/run_module.py e2e.cluster\n'
+        "\t@test -x $(PY) || $(PYTHON) -m venv .venv\n"
+        "PY := $(VENV)/bin/python\n"
+        "X=1 python3 - <<'EOF'\n"
+        "out=$(.venv/bin/python -c 'print(1)')\n"
+        'ln -sf python3.11 "$work/usr/bin/python"\n'
+        "# python3 -m in a comment\n"
+    )
+    args = [arg for _, _, arg in _python_starts(script)]
+    assert args == ["-m", "-P", "-m", "-", "-c"]
