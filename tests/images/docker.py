@@ -43,13 +43,22 @@ class Docker:
         return proc
 
     def ensure_image(self, name: str) -> str:
-        """kdistill/<name>:VERSION, built by scripts/images.sh if missing."""
+        """kdistill/<name>:VERSION, built by scripts/images.sh if missing.
+
+        `make test` builds the images in a step of its own before pytest, so this builds only
+        when a test runs alone. The whole build log goes to build/logs/images-<name>.log and a
+        failure shows its tail.
+        """
         image = f"kdistill/{name}:{VERSION}"
         if self("image", "inspect", image, check=False).returncode != 0:
-            build = subprocess.run(["bash", str(REPO / "scripts" / "images.sh"), name], capture_output=True,
-                                   text=True, env=self.env(), timeout=3600)  # fmt: skip
+            log = REPO / "build" / "logs" / f"images-{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("w") as fh:
+                build = subprocess.run(["bash", str(REPO / "scripts" / "images.sh"), name], stdout=fh,
+                                       stderr=subprocess.STDOUT, env=self.env(), timeout=3600)  # fmt: skip
             if build.returncode != 0:
-                raise AssertionError(f"scripts/images.sh {name} failed:\n{build.stderr[-4000:]}")
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+                raise AssertionError(f"scripts/images.sh {name} failed; the last 60 lines of {log}:\n{tail}")
         return image
 
     def logs(self, container: str) -> str:
