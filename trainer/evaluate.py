@@ -30,6 +30,18 @@ def retention(metric: str, teacher: float, student: float) -> float:
     return teacher / student if student > 0 else 0.0
 
 
+def score(teacher: EvalResult | None, student: EvalResult | None) -> dict[str, Any]:
+    """The metrics block of result.json and the artifact: both scores and the retention."""
+    if teacher is None or student is None:
+        return {}
+    return {
+        "metric": teacher.metric,
+        "teacher": teacher.value,
+        "student": student.value,
+        "retention": retention(teacher.metric, teacher.value, student.value),
+    }
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,

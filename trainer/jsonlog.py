@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .loop import StepReport
+from .options import StepReport
 
 
 def _is_rank0() -> bool:

@@ -21,22 +21,24 @@ stored [in, out]), which torchao's ``nn.Linear`` filter does not see. During QAT
 place by ``FakeQuantizedConv1D`` (same Parameters, torchao fake quantizers on ``W.T``); at INT8
 conversion they become ``nn.Linear`` first.
 
-Which INT8 kernel runs is decided by the machine that runs the model (``select_int8_kernel``), because
-the artifact is stored backend-neutral (int8 weights + per-channel scales in safetensors):
+Which INT8 kernel runs is decided by the machine that runs the model (``select_int8_kernel``, a table
+per CPU feature set), because the artifact is stored backend-neutral (int8 weights + per-channel
+scales in safetensors):
 
 - ``torchao-dynamic``: torchao's ``Int8Tensor`` with dynamic per-token int8 activations
-  (``torch._int_mm``). Chosen on CUDA with compute capability >= 8.0 (int8 tensor cores) and on CPUs
-  with AMX or VNNI, where oneDNN's int8 GEMM is several times faster than fp32.
-- ``fbgemm-dynamic``: x86 CPUs with AVX2 but no VNNI (this build machine: AMD EPYC, AVX2 only).
-  There ``torch._int_mm`` falls back to a reference loop, measured ~40x slower than an fp32 GEMM, so
-  the torchao path would be ~17x *slower* than fp32. fbgemm's dynamic quantized linear has AVX2 int8
-  kernels (``vpmaddubsw``): same int8 per-channel weights, activations quantized dynamically per
-  tensor to 7-bit range (``reduce_range``, which avoids int16 saturation without VNNI).
-- ``onednn-dynamic``: the same dynamic int8 linear as ``fbgemm-dynamic`` (same per-tensor
-  activation quantization, same numbers), with the weights packed for oneDNN's int8 GEMM. On this
-  AVX2 EPYC a 128x512 @ 512x2048 layer took 2.5 ms with oneDNN, 3.6 ms with fbgemm and 6.8 ms in
-  fp32 sgemm (2048 rows: 63 / 72 / 147 ms). Opt-in through ``KDISTILL_INT8_KERNEL`` for now; see
-  docs/serving.md for the model-level figures.
+  (``torch._int_mm``). Chosen on CUDA with compute capability >= 8.0 (int8 tensor cores). On CPUs it
+  is never the table's choice: on an AVX512-VNNI CPU a BERT student's batch-1 forward took 28.2 ms
+  with it against 13.7 ms with ``fbgemm-dynamic`` and 12.2 ms with ``onednn-dynamic``, and on AVX2
+  without VNNI ``torch._int_mm`` falls back to a reference loop ~40x slower than an fp32 GEMM.
+- ``onednn-dynamic``: torch's dynamic quantized linear (``quantized::linear_dynamic``) with the
+  weights packed for oneDNN's int8 GEMM: activations quantized dynamically per tensor to 7-bit range
+  (``reduce_range``, which avoids int16 saturation without VNNI). The table's choice on CPUs with
+  VNNI or AMX.
+- ``fbgemm-dynamic``: the same dynamic int8 linear (same activation quantization, same numbers)
+  packed for fbgemm's AVX2 int8 kernels (``vpmaddubsw``). The table's choice on x86 CPUs with AVX2
+  and no VNNI. Which of the two is faster depends on the shapes too (on an AVX2 EPYC oneDNN for a
+  BERT student, fbgemm for a GPT2 one), so the server measures them when it loads a model
+  (``serving/kernel_choice.py``) and uses this table only without a measurement.
 - ``weight-only``: anything else (older GPUs, ARM without these engines): int8 weights dequantized
   in the matmul (torchao ``Int8Tensor`` without activation quantization) — 4x smaller weights, no
   int8 arithmetic.
@@ -194,6 +196,31 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     return model
 
 
+def remap_optimizer_state(
+    old_optimizer: torch.optim.Optimizer,
+    old_order: list[str],
+    new_optimizer: torch.optim.Optimizer,
+    new_order: list[str],
+) -> None:
+    """Carry optimizer state across ``prepare_qat`` into ``new_optimizer``, by parameter name.
+
+    Where the fake-quant wrappers hold new Parameter objects the optimizer is rebuilt over them;
+    its state (Adam moments, step counts) is indexed by position, so each entry moves from its
+    name's old position (``old_order``) to its new one (``new_order``). The learning rates stay
+    those the schedule had reached."""
+    old_state = old_optimizer.state_dict()
+    index_of = {n: i for i, n in enumerate(old_order)}
+    remapped: dict[str, Any] = {"param_groups": new_optimizer.state_dict()["param_groups"], "state": {}}
+    for new_i, name in enumerate(new_order):
+        old_i = index_of.get(name)
+        if old_i is not None and old_i in old_state["state"]:
+            remapped["state"][new_i] = old_state["state"][old_i]
+    for group, old_group in zip(remapped["param_groups"], old_state["param_groups"], strict=True):
+        group["lr"] = old_group["lr"]
+        group["initial_lr"] = old_group.get("initial_lr", group.get("initial_lr"))
+    new_optimizer.load_state_dict(remapped)
+
+
 def strip_fake_quant(model: nn.Module) -> nn.Module:
     """Remove the fake quantizers (torchao's convert step), leaving the original float layers."""
     from torchao.quantization import quantize_
@@ -258,8 +285,8 @@ def select_int8_kernel(device: torch.device | None = None) -> Int8Kernel:
     if device.type == "cuda":
         return "torchao-dynamic" if torch.cuda.get_device_capability(device) >= (8, 0) else "weight-only"
     feats = cpu_int8_features()
-    if feats["amx"] or feats["vnni"]:
-        return "torchao-dynamic"
+    if (feats["amx"] or feats["vnni"]) and "onednn" in feats["quantized_engines"]:
+        return "onednn-dynamic"
     if feats["avx2"] and "fbgemm" in feats["quantized_engines"]:
         return "fbgemm-dynamic"
     return "weight-only"

@@ -22,7 +22,9 @@ from kdistill.api import DistillationJob, JobValidationError, load_job
 from kdistill.api.failures import ExitCode, Termination, termination_for
 
 from .errors import TrainerError
-from .loop import RunOptions, StepReport, Trainer, score
+from .evaluate import score
+from .loop import Trainer
+from .options import RunOptions, StepReport
 from .outputs import OutputLayout, save_student, write_json_atomic, write_served_artifact, write_termination
 from .progress import ProgressReporter, status_body
 
@@ -118,16 +120,17 @@ def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start:
     save_student(student_fp, trainer.tokenizer, out.student)
     result["student"] = str(out.student)
     metrics: dict[str, Any] = {}
-    if opts.evaluate and trainer.eval_examples:
-        teacher_eval = trainer.evaluate_model(trainer.teacher_for_eval())
-        student_eval = trainer.evaluate_model(student_fp)
-        metrics = score(teacher_eval, student_eval)
+    evaluating = opts.evaluate and bool(trainer.eval_examples)
+    # The teacher is evaluated once; the float and the INT8 student are both scored against it.
+    teacher_eval = trainer.evaluate_model(trainer.teacher_for_eval()) if evaluating else None
+    if evaluating:
+        metrics = score(teacher_eval, trainer.evaluate_model(student_fp))
         result["fullPrecision"] = dict(metrics)
-        trainer._event("evaluated", **metrics)
+        trainer.event("evaluated", **metrics)
     int8 = trainer.quantized_student()
-    if int8 is not None and opts.evaluate and trainer.eval_examples:
+    if int8 is not None and evaluating:
         int8_eval = trainer.evaluate_model(int8, torch.device("cpu"))
-        int8_metrics = score(trainer.evaluate_model(trainer.teacher_for_eval()), int8_eval) if int8_eval else {}
+        int8_metrics = score(teacher_eval, int8_eval) if int8_eval else {}
         result["int8"] = dict(int8_metrics)
         metrics = int8_metrics  # the quality gate judges the artifact that will be served
     # Every mode writes the served artifact at the one path the rollout reads (mode none: fp32 weights).

@@ -124,7 +124,7 @@ def _run(job: Path, output: Path, world: int) -> tuple[list[dict[str, Any]], dic
 def reference(root: Path) -> tuple[list[float], Path]:
     """The single-process run (in this process: no second interpreter to start): per-step losses
     rounded as rank 0 prints them, and its output folder."""
-    from kdistill.trainer.loop import RunOptions, StepReport
+    from kdistill.trainer.options import RunOptions, StepReport
     from kdistill.trainer.outputs import OutputLayout
     from kdistill.trainer.runner import run_job
 

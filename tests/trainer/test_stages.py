@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kdistill.api import parse_job
-from kdistill.trainer.loop import RunOptions, StepReport, Trainer
+from kdistill.trainer.loop import Trainer
+from kdistill.trainer.options import RunOptions, StepReport
 from kdistill.trainer.outputs import OutputLayout
 from kdistill.trainer.stages import build_plan, phase_at, temperature
 
