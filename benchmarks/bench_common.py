@@ -6,11 +6,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that produced a result, as it is rerun from the repository root. Every results
+    file names it in its top-level "command" field (tests/unit/test_results_files.py)."""
+    argv = sys.argv if argv is None else argv
+    script = Path(argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return shlex.join([".venv/bin/python", "-P", str(shown), *argv[1:]])
 
 
 def machine_state() -> dict[str, Any]:

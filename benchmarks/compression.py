@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import command_line
 from parallel_common import ROOT, ensure_teacher, run_job, write_job
 
 WORLD = 2
@@ -111,6 +112,7 @@ def main() -> None:
             OUT.write_text(
                 json.dumps(
                     {
+                        "command": command_line(),
                         "world": WORLD,
                         "steps": args.steps,
                         "method": "per-tensor top-k with error feedback; 1-D tensors sent whole; bfloat16 values "

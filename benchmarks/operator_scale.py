@@ -35,6 +35,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_common import command_line  # noqa: E402
 from tests.cluster import start_cluster  # noqa: E402
 from tests.cluster.controlplane import Timings  # noqa: E402
 from tests.operator.cluster_helpers import Jobs, OperatorProcess, install_crd, job_body, make_claims  # noqa: E402
@@ -117,6 +118,7 @@ def main() -> int:
     gpus_needed = args.jobs * args.nodes_per_job
     cluster = start_cluster(gpu_nodes=8, gpus_per_node=max(4, -(-gpus_needed // 6)), cpu_nodes=1)
     result: dict[str, Any] = {
+        "command": command_line(),
         "jobs": args.jobs,
         "podsPerJob": args.nodes_per_job,
         "operatorWorkers": args.workers,

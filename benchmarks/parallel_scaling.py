@@ -31,6 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import command_line
 from parallel_common import ROOT, ensure_teacher, run_job, write_job
 
 
@@ -78,6 +79,7 @@ def main() -> None:
     out.write_text(
         json.dumps(
             {
+                "command": command_line(),
                 "cpu_cores": cores,
                 "backend": "gloo",
                 "gpu": "none available in this session",
@@ -163,6 +165,7 @@ def model_parallel(pvc: Path, steps: int) -> None:
     out.write_text(
         json.dumps(
             {
+                "command": command_line(),
                 "cpu_cores": cores,
                 "backend": "gloo",
                 "gpu": "none available in this session",

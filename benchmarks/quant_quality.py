@@ -33,8 +33,11 @@ from typing import Any
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.bench_common
+from benchmarks.bench_common import command_line
+
 RESULTS = Path(__file__).parent / "results"
-KDISTILL = [sys.executable, "-m", "kdistill.cli.main"]
+KDISTILL = [sys.executable, "-P", "-m", "kdistill.cli.main"]
 
 
 def job(
@@ -151,7 +154,7 @@ def prepare(work: Path, teacher: Path | None, data: Path | None, env: dict[str, 
     pvc = work / "pvc"
     if teacher is None:
         subprocess.run(
-            [sys.executable, "-m", "kdistill.trainer.teacher_pretrain", "--pvc", str(pvc)], check=True, env=env
+            [sys.executable, "-P", "-m", "kdistill.trainer.teacher_pretrain", "--pvc", str(pvc)], check=True, env=env
         )
         shutil.copytree(pvc / "models/quickstart-teacher", pvc / "models/teacher", dirs_exist_ok=True)
         return
@@ -210,6 +213,7 @@ def main() -> None:
         if line.strip()
     ]
     report: dict[str, Any] = {
+        "command": command_line(),
         "distill_steps": args.distill_steps,
         "qat_steps": args.qat_steps,
         "eval_texts": len(texts),

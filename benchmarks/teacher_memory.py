@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_common import command_line  # noqa: E402
 from kdistill.trainer.parallel.stages import (  # noqa: E402
     balance_layers,
     hollow_to_stage,
@@ -129,6 +130,7 @@ def main() -> None:
     out.write_text(
         json.dumps(
             {
+                "command": command_line(),
                 "exact_meta_device": exact,
                 "real_processes": real,
                 "note": "parameter bytes; a tied GPT2 head is a second copy of the embedding on the last stage",

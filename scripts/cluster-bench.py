@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # After interpreter start-up, so the repo's operator/ folder cannot shadow the stdlib module.
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_common import command_line  # noqa: E402
 from tests.cluster.binaries import cache_root, versions  # noqa: E402
 from tests.cluster.cluster import start_cluster  # noqa: E402
 
@@ -51,6 +52,7 @@ def main() -> int:
         teardowns.append(time.monotonic() - t0)
 
     result = {
+        "command": command_line(),
         "versions": versions(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "cold_build": cold,
