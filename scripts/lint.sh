@@ -2,7 +2,8 @@
 # make lint: every check runs, failures are listed at the end, and one line counts what was
 # checked (files formatted, modules type-checked, contracts kept).
 #
-#   scripts/lint.sh            # ruff format --check, ruff check, mypy, lint-imports
+#   scripts/lint.sh                # format (ruff format --check), ruff, mypy, imports (lint-imports)
+#   scripts/lint.sh mypy imports   # only these steps (the pre-commit hooks)
 #
 # mypy and import-linter find packages on disk, but the import root kdistill.* maps onto
 # top-level folders (pyproject's package-dir). They read the package from build/lint/kdistill,
@@ -26,8 +27,13 @@ done
 # Paths under the symlink tree back to the files a person edits.
 unmap() { sed -E "s#(${tree}/|build/lint/)kdistill/(api|operator|trainer|serving|cli)/#\2/#g; s#(${tree}/|build/lint/)kdistill/__init__#kdistill/__init__#g"; }
 
+only=("$@")
 step() {
   local name="$1"; shift
+  if (( ${#only[@]} )) && [[ " ${only[*]} " != *" ${name} "* ]]; then
+    return
+  fi
+  touch "${out}/${name}.log"
   printf '== %s\n' "${name}"
   if "$@" > "${out}/${name}.log" 2>&1; then
     tail -n 3 "${out}/${name}.log" | unmap
@@ -44,6 +50,7 @@ step mypy "${venv}/bin/mypy" -p kdistill.api -p kdistill.operator -p kdistill.se
 # repository root holds the one-file kdistill/ folder.
 step imports bash -c "cd '${tree}' && '${venv}/bin/lint-imports' --config '${root}/pyproject.toml' --no-cache"
 
+touch "${out}"/{format,mypy,imports}.log
 formatted=$(grep -oE '[0-9]+ files? already formatted' "${out}/format.log" | grep -oE '^[0-9]+' || echo 0)
 # mypy says "in N source files" on success and "(checked N source files)" on failure.
 checked=$(grep -oE '[0-9]+ source files?' "${out}/mypy.log" | grep -oE '^[0-9]+' | tail -n1 || echo 0)
