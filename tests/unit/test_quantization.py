@@ -137,8 +137,8 @@ def test_bert_classifier_quantizes_pooler_not_classifier() -> None:
 def test_kernel_selection_follows_cpu_features_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     feats = q.cpu_int8_features()
     expected = (
-        "torchao-dynamic"
-        if feats["amx"] or feats["vnni"]
+        "onednn-dynamic"
+        if (feats["amx"] or feats["vnni"]) and "onednn" in feats["quantized_engines"]
         else "fbgemm-dynamic"
         if feats["avx2"] and "fbgemm" in feats["quantized_engines"]
         else "weight-only"
