@@ -7,6 +7,9 @@ Layout::
     model.safetensors        weights; for INT8: ``Int8Linear`` buffers (int8 weights, fp32 scales)
     kdistill.json            task, quantization, kdistill version, metrics, sha256 of every file
 
+``sha256_file`` is the one file checksum the trainer and the server use (the server reaches the
+trainer only through this module).
+
 Weights are safetensors only: plain tensors, no pickle, so nothing in the directory can run code
 when loaded. INT8 layers are stored backend-neutral (int8 + per-channel scale), and the loading
 machine picks its own kernel (``quantization.select_int8_kernel``). ``load_artifact`` verifies every
@@ -15,9 +18,7 @@ checksum before reading anything, and refuses a directory whose files do not mat
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +31,18 @@ from torch import nn
 import kdistill
 
 from . import quantization as q
+from .fsio import replace_dir, sha256_file
+
+__all__ = [
+    "META_FILE",
+    "WEIGHTS_FILE",
+    "Artifact",
+    "ArtifactError",
+    "load_artifact",
+    "read_meta",
+    "save_artifact",
+    "sha256_file",
+]
 
 META_FILE = "kdistill.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -51,14 +64,6 @@ class Artifact:
     @property
     def task(self) -> str:
         return str(self.meta["task"])
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _hash_tree(root: Path) -> dict[str, str]:
@@ -112,14 +117,7 @@ def save_artifact(
         "files": _hash_tree(tmp),
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 

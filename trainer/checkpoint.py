@@ -12,7 +12,6 @@ warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+
+from .fsio import replace_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +44,6 @@ class CheckpointInfo:
     temperature: float
     sampler: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -138,25 +118,18 @@ class CheckpointManager:
         info = {"step": step, "stage": stage, "temperature": temperature, "time": time.time(), "meta": meta or {}}
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1))
         files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            _fsync_file(tmp / name)
-        manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
+        manifest = {"step": step, "files": {name: sha256_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
-        if final.exists():
-            # Re-saving a step (e.g. SIGTERM right after a periodic save): replace the old one.
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
+        # Re-saving a step (e.g. SIGTERM right after a periodic save) replaces the old one.
+        replace_dir(tmp, final)
         self.prune()
         return final
 
     def prune(self) -> None:
         for path in self.candidates()[self.keep :]:
             shutil.rmtree(path, ignore_errors=True)
-        for stale in self.root.glob(f"{TMP_PREFIX}*"):
-            # Left by a writer that died mid-save; never a complete checkpoint.
+        for stale in [*self.root.glob(f"{TMP_PREFIX}*"), *self.root.glob(f"{PREFIX}*.old")]:
+            # Left by a writer that died mid-save or mid-replace; never the newest checkpoint.
             shutil.rmtree(stale, ignore_errors=True)
 
     def candidates(self) -> list[Path]:
@@ -181,7 +154,7 @@ class CheckpointManager:
             target = path / name
             if not target.is_file():
                 return f"{name} is missing"
-            if _sha256(target) != digest:
+            if sha256_file(target) != digest:
                 return f"{name} does not match its checksum"
         return None
 

@@ -16,6 +16,8 @@ from torch import nn
 from kdistill.api.failures import TERMINATION_LOG, Termination
 from kdistill.api.metadata import STUDENT_DIR, STUDENT_INT8_DIR
 
+from .fsio import replace_dir, write_text_atomic
+
 log = logging.getLogger(__name__)
 
 TERMINATION_LOG_ENV = "KDISTILL_TERMINATION_LOG"
@@ -48,17 +50,6 @@ class OutputLayout:
         return self.root / "result.json"
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-
-
 def save_student(model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
     """The full-precision student as safetensors, with its config and the teacher's tokenizer."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -68,7 +59,7 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
     tokenizer.save_pretrained(str(tmp))
     if not (tmp / "model.safetensors").is_file() and not list(tmp.glob("model-*.safetensors")):
         raise RuntimeError(f"save_pretrained wrote no safetensors weights into {tmp}")
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return out_dir
 
 
@@ -88,12 +79,7 @@ def write_served_artifact(
 
 
 def write_json_atomic(path: Path, body: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
 def termination_log_path() -> tuple[Path, bool]:

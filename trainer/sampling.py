@@ -261,14 +261,6 @@ class BatchSampler:
         self._next += 1
         return batch[self.rank :: self.world]
 
-    @property
-    def batches_emitted(self) -> int:
-        return self._next
-
-    @property
-    def epochs_per_batch(self) -> float:
-        return self.batch_size / self.num_examples
-
     # -- exact resume ---------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
         return {

@@ -57,6 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fsio import replace_file
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"KDTCACHE"
@@ -339,12 +341,7 @@ class TeacherCache:
                 f.write(blob)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, final)
-        dir_fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(tmp, final)
         self._known.add(name)
         base = _PREAMBLE.size + len(header)
         for ex_id, off, n, crc in records:

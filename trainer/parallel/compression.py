@@ -145,13 +145,13 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         acc = acc + _flat_residual(state, params, n)
     small = [state.dense_small and p.dim() <= 1 for p in params]
     dense_idx, idx = _split_indices(acc, [p.numel() for p in params], small, state.density(step))
-    d, k = dense_idx.numel(), idx.numel()
+    n_dense, k = dense_idx.numel(), idx.numel()
     values = acc[torch.cat([dense_idx, idx])]
     if state.half_values:
         values = values.to(torch.bfloat16)
         sent = values.to(torch.float32)
         value_bits = values.view(torch.int16)
-        if (d + k) % 2:  # keep the int32 indices after it 4-byte aligned
+        if (n_dense + k) % 2:  # keep the int32 indices after it 4-byte aligned
             value_bits = torch.cat([value_bits, value_bits.new_zeros(1)])
         index_bits = idx.to(torch.int32).view(torch.int16)
     else:
@@ -176,10 +176,10 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         out = torch.zeros(n, dtype=torch.float32, device=buffer.device)
         for part in gathered:
             part = part.view(torch.int16) if state.half_values else part
-            vals = part[: d + k].view(vdtype).to(torch.float32)
+            vals = part[: n_dense + k].view(vdtype).to(torch.float32)
             ids = part[part.numel() - (2 * k if state.half_values else k) :].view(torch.int32).long()
-            out.index_add_(0, dense_idx, vals[:d])
-            out.index_add_(0, ids, vals[d:])
+            out.index_add_(0, dense_idx, vals[:n_dense])
+            out.index_add_(0, ids, vals[n_dense:])
         return out.div_(world).to(buffer.dtype)
 
     return work.get_future().then(combine)

@@ -62,28 +62,10 @@ class MeshLayout:
     def rank_of(self, pipeline: int, data: int, tensor: int) -> int:
         return (pipeline * self.data + data) * self.tensor + tensor
 
-    def groups(self, dim: str) -> list[list[int]]:
-        """All rank groups along ``dim``: ranks that differ only in that coordinate."""
-        if dim not in MESH_DIMS:
-            raise ValueError(f"unknown mesh dimension {dim!r}; expected one of {MESH_DIMS}")
-        out: dict[tuple[int, ...], list[int]] = {}
-        for r in range(self.world_size):
-            c = self.coords(r)
-            key = tuple(c[d] for d in MESH_DIMS if d != dim)
-            out.setdefault(key, []).append(r)
-        return [out[k] for k in sorted(out)]
-
-    def group_of(self, rank: int, dim: str) -> list[int]:
-        return next(g for g in self.groups(dim) if rank in g)
-
     def teacher_group(self, rank: int) -> list[int]:
         self._check_rank(rank)
         first = (rank // self.teacher_stages) * self.teacher_stages
         return list(range(first, first + self.teacher_stages))
-
-    def teacher_stage(self, rank: int) -> int:
-        self._check_rank(rank)
-        return rank % self.teacher_stages
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:

@@ -205,7 +205,7 @@ class ParallelStudent:
 
             # The schedule chunks rows evenly: use the largest count up to the configured one that
             # divides this batch's rows (a short batch runs fewer micro-batches).
-            n_micro = max(d for d in range(1, max(1, min(self.micro_batches, shape[0])) + 1) if shape[0] % d == 0)
+            n_micro = max(n for n in range(1, max(1, min(self.micro_batches, shape[0])) + 1) if shape[0] % n == 0)
             schedule = ScheduleGPipe(stage, n_microbatches=n_micro, loss_fn=loss_fn, scale_grads=False)
             entry = (schedule, holder)
             self._schedules[key] = entry
@@ -254,9 +254,9 @@ def parallelize_student(
     if layout.pipeline > 1 and decoder_parts(model).tied:
         tied_weight = decoder_parts(model).head.weight
         # new_group is collective: every rank creates every pair, in the same order.
-        for d in range(layout.data):
-            for t in range(layout.tensor):
-                pair = [layout.rank_of(0, d, t), layout.rank_of(layout.pipeline - 1, d, t)]
+        for data in range(layout.data):
+            for tensor in range(layout.tensor):
+                pair = [layout.rank_of(0, data, tensor), layout.rank_of(layout.pipeline - 1, data, tensor)]
                 group = dist.new_group(pair)
                 if rank in pair:
                     tied_group = group

@@ -148,10 +148,10 @@ class GatheredState:
 
 
 def _moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, Any] | None:
-    st = optimizer.state.get(p)
-    if not st or "exp_avg" not in st:
+    moments = optimizer.state.get(p)
+    if not moments or "exp_avg" not in moments:
         return None
-    return st
+    return moments
 
 
 def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: FullLayout) -> GatheredState | None:
@@ -164,14 +164,14 @@ def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: Fu
     mine: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]] = {}
     for name, p in ps.named_params.items():
         canonical = _canonical(full, ps, name)
-        st = _moments(optimizer, p)
+        moments = _moments(optimizer, p)
         weight = _full(ps, name, p)
-        if st is None:
+        if moments is None:
             avg = avg_sq = None
             step = -1.0
         else:
-            avg, avg_sq = _full(ps, name, st["exp_avg"]), _full(ps, name, st["exp_avg_sq"])
-            step = float(st["step"])
+            avg, avg_sq = _full(ps, name, moments["exp_avg"]), _full(ps, name, moments["exp_avg_sq"])
+            step = float(moments["step"])
         if canonical is not None:
             mine[canonical] = (
                 weight.cpu(),
@@ -257,9 +257,9 @@ def load_state(
             f"the checkpoint's optimizer holds {len(saved_order)} parameters, the student {len(full.order)}"
         )
     for i, name in enumerate(full.order):
-        st = opt_state["state"].get(i, opt_state["state"].get(str(i)))
-        if st is not None:
-            state_by_name[name] = st
+        saved = opt_state["state"].get(i, opt_state["state"].get(str(i)))
+        if saved is not None:
+            state_by_name[name] = saved
     for name, p in ps.named_params.items():
         source = name if name in full.shapes else full.aliases[name]
         value = weights.get(source)
@@ -271,12 +271,12 @@ def load_state(
             local = _local(ps, name, p, value)
             target = p.to_local() if hasattr(p, "to_local") else p
             target.copy_(local.to_local() if hasattr(local, "to_local") else local)
-        st = state_by_name.get(source)
-        if st is not None:
+        moments = state_by_name.get(source)
+        if moments is not None:
             optimizer.state[p] = {
-                "step": st["step"].clone().float(),
-                "exp_avg": _local(ps, name, p, st["exp_avg"]),
-                "exp_avg_sq": _local(ps, name, p, st["exp_avg_sq"]),
+                "step": moments["step"].clone().float(),
+                "exp_avg": _local(ps, name, p, moments["exp_avg"]),
+                "exp_avg_sq": _local(ps, name, p, moments["exp_avg_sq"]),
             }
     for group, saved in zip(optimizer.param_groups, opt_state["param_groups"], strict=True):
         for key, value in saved.items():
