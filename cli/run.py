@@ -1,8 +1,9 @@
-"""`kdistill run job.yaml [--output DIR]`: the whole job on this machine.
+"""`kdistill run job.yaml [--output DIR] [--log-format auto|rich|json]`: the whole job on this machine.
 
 One process per rank: a world of one runs in this process; a larger one starts torchrun with
-``python -m kdistill.trainer`` per rank. On a terminal a progress bar shows stage, step, loss, T
-and tokens/s; otherwise every step is a JSON line.
+``python -m kdistill.trainer`` per rank. On a terminal every stage gets a progress bar (step,
+loss, tokens/s, ETA) and events are lines above the bars; otherwise, or with
+``--log-format json``, every step and event is a JSON line on stdout (see trainer/console.py).
 """
 
 from __future__ import annotations
@@ -14,29 +15,44 @@ from typing import Any
 import typer
 
 
-def _progress_bar() -> tuple[Any, Any, Any]:
-    from tqdm import tqdm
+def _run_rich(job: Any, job_file: Path, out: Path) -> int:
+    import logging
 
-    bar: dict[str, Any] = {}
+    from rich.logging import RichHandler
 
-    def on_step(r: Any) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=r.total_steps, initial=r.step - 1, unit="step", dynamic_ncols=True)
-        b = bar["bar"]
-        b.set_description(r.stage)
-        b.set_postfix(loss=f"{r.loss:.4f}", T=f"{r.temperature:.2f}", tok_s=f"{r.tokens_per_second:.0f}", refresh=False)
-        b.update(r.step - b.n)
+    from kdistill.trainer.console import ProgressView
 
-    def on_event(name: str, fields: dict[str, Any]) -> None:
-        from tqdm import tqdm as _t
+    world = job.spec.parallelism.world_size
+    with ProgressView() as view:
+        if world > 1:
+            from kdistill.trainer.parallel.launch import run_local
 
-        _t.write(f"{name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+            return run_local(job, job_file, out, on_line=view.handle_line)
+        from kdistill.trainer.jsonlog import step_record
+        from kdistill.trainer.runner import main_entry
 
-    def close() -> None:
-        if "bar" in bar:
-            bar["bar"].close()
+        handler = RichHandler(console=view.console, show_time=False, show_path=False)
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", handlers=[handler])
+        return main_entry(
+            job_file,
+            out,
+            on_step=lambda r: view.handle(step_record(r)),
+            on_event=lambda name, fields: view.handle({"event": name, **fields}),
+        )
 
-    return on_step, on_event, close
+
+def _run_json(job: Any, job_file: Path, out: Path) -> int:
+    import logging
+
+    if job.spec.parallelism.world_size > 1:
+        from kdistill.trainer.parallel.launch import run_local
+
+        return run_local(job, job_file, out)
+    from kdistill.trainer.jsonlog import json_event_printer, json_step_printer
+    from kdistill.trainer.runner import main_entry
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return main_entry(job_file, out, on_step=json_step_printer(), on_event=json_event_printer())
 
 
 def register(app: typer.Typer) -> None:
@@ -44,37 +60,28 @@ def register(app: typer.Typer) -> None:
     def run(
         job_file: Path = typer.Argument(..., help="DistillationJob YAML."),
         output: Path | None = typer.Option(None, "--output", help="Output folder; default ./kdistill-out/NAME."),
+        log_format: str = typer.Option(
+            "auto",
+            "--log-format",
+            help="auto: progress bars on a terminal, JSON lines otherwise; rich: bars; json: JSON lines.",
+        ),
     ) -> None:
         """Run a DistillationJob locally: train, quantize, evaluate, write the outputs."""
-        import logging
-
         from kdistill.api import JobValidationError, load_job
+        from kdistill.trainer.console import LOG_FORMATS, choose_format
 
+        if log_format not in LOG_FORMATS:
+            typer.echo(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}", err=True)
+            raise typer.Exit(2)
         try:
             job = load_job(job_file)
         except JobValidationError as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(20) from None
-        world = job.spec.parallelism.world_size
         out = output or Path("kdistill-out") / job.metadata.name
-        if world > 1:
-            # One process per rank under torchrun, restarted up to failurePolicy.maxRestarts times.
-            from kdistill.trainer.parallel.launch import run_local
-
-            raise typer.Exit(run_local(job, job_file, out))
-        from kdistill.trainer.jsonlog import json_event_printer, json_step_printer
-        from kdistill.trainer.runner import main_entry
-
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        if sys.stdout.isatty():
-            on_step, on_event, close = _progress_bar()
-        else:
-            on_step, on_event, close = json_step_printer(), json_event_printer(), lambda: None
-        try:
-            code = main_entry(job_file, out, on_step=on_step, on_event=on_event)
-        finally:
-            close()
-        if code == 0 and sys.stdout.isatty():
+        fmt = choose_format(log_format, stdout_tty=sys.stdout.isatty(), stderr_tty=sys.stderr.isatty())
+        code = _run_rich(job, job_file, out) if fmt == "rich" else _run_json(job, job_file, out)
+        if code == 0 and fmt == "rich":
             _print_summary(out / "result.json")
         raise typer.Exit(code)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .jsonlog import json_event_printer, json_step_printer
+from .parallel.launch import LOG_LEVEL_ENV
 from .runner import main_entry
 
 
@@ -17,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="DistillationJob YAML")
     parser.add_argument("--output", type=Path, default=None, help="output folder (default ./kdistill-out/NAME)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return main_entry(args.config, args.output, on_step=json_step_printer(), on_event=json_event_printer())
 
 

@@ -301,8 +301,14 @@ class Trainer:
         )
         return StepReport(step + 1, self.total, phase.name, loss, parts, temperature, lr, tps, seconds)
 
+    def _announce_plan(self, start: int) -> None:
+        """The stages ahead, before the first step: progress views draw one bar per stage."""
+        stages = [{"name": p.name, "kind": p.kind, "start": p.start, "steps": p.steps} for p in self.plan]
+        self.event("plan", totalSteps=self.total, startStep=start, stages=stages)
+
     def train(self) -> None:
         start = self._resume()
+        self._announce_plan(start)
         self.student.train()
         every = self.spec.checkpoint.every_steps
         params = [p for _, p in self._named_trainables()]

@@ -120,6 +120,7 @@ def pretrain(pvc: Path, cfg: PretrainConfig, log_every: int = 50) -> PretrainRep
     sampler = BatchSampler(train, cfg.batch_size, strategy="uniform", tiers=None, shares=(1.0, 0.0, 0.0), seed=cfg.seed)
     model.train()
     seen = 0
+    loop_started = time.perf_counter()
     for step in range(cfg.steps):
         batch = collate([train[i] for i in next(sampler)], pad, "causal-lm")
         for group in opt.param_groups:
@@ -131,9 +132,15 @@ def pretrain(pvc: Path, cfg: PretrainConfig, log_every: int = 50) -> PretrainRep
         opt.zero_grad(set_to_none=True)
         seen += int(batch["attention_mask"].sum())
         if log_every and (step + 1) % log_every == 0:
-            print(
-                json.dumps({"event": "teacher-pretrain", "step": step + 1, "loss": round(loss.item(), 4)}), flush=True
-            )
+            record = {
+                "event": "step",
+                "stage": "teacher-pretrain",
+                "step": step + 1,
+                "totalSteps": cfg.steps,
+                "loss": round(loss.item(), 4),
+                "tokensPerSecond": round(seen / (time.perf_counter() - loop_started), 1),
+            }
+            print(json.dumps(record), flush=True)
     eval_batches = [collate(ev[i : i + 32], pad, "causal-lm") for i in range(0, len(ev), 32)]
     result = evaluate(model, eval_batches, "causal-lm", torch.device("cpu"))
     model.save_pretrained(str(out_dir))

@@ -17,11 +17,15 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from kdistill.api import DistillationJob
 
 from .distributed import ENV_COLLECTIVE_TIMEOUT, ENV_RENDEZVOUS_TIMEOUT
+
+# The log level of ``python -m kdistill.trainer`` (default INFO).
+LOG_LEVEL_ENV = "KDISTILL_LOG_LEVEL"
 
 
 def free_port() -> int:
@@ -80,14 +84,33 @@ def launch_env(
     return env
 
 
-def run_local(job: DistillationJob, config: Path, output: Path, *, max_restarts: int | None = None) -> int:
+def run_local(
+    job: DistillationJob,
+    config: Path,
+    output: Path,
+    *,
+    max_restarts: int | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> int:
     """Start the ranks under torchrun and return its exit code.
 
     Local runs let torchrun restart the group up to ``failurePolicy.maxRestarts`` times. torchrun
     collapses its workers' codes into 1; the failing rank's own code and reason are in its
     stderr and in the termination message.
+
+    With ``on_line`` the ranks' stdout and stderr (rank 0's JSON progress lines, warnings, the
+    termination line) go to it line by line instead of to this process's streams, and the ranks
+    log at WARNING rather than INFO.
     """
     world = job.spec.parallelism.world_size
     restarts = job.spec.failure_policy.max_restarts if max_restarts is None else max_restarts
     cmd = torchrun_command(config, output, world, max_restarts=restarts)
-    return subprocess.call(cmd, env=launch_env(world))
+    env = launch_env(world)
+    if on_line is None:
+        return subprocess.call(cmd, env=env)
+    env[LOG_LEVEL_ENV] = "WARNING"
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            on_line(line)
+    return proc.returncode
