@@ -25,7 +25,7 @@ TERMINATION_LOG_ENV = "KDISTILL_TERMINATION_LOG"
 
 @dataclass(frozen=True)
 class OutputLayout:
-    """DESIGN.md's local output layout; in the cluster the same tree lives on the checkpoint volume."""
+    """The local output layout (docs/trainer.md); in the cluster the same tree lives on the checkpoint volume."""
 
     root: Path
 
@@ -70,7 +70,7 @@ def write_served_artifact(
     the server and the operator's rollout read, ``student-int8/``, for *every* quantization mode.
 
     With ``quantization: none`` the model is the full-precision student and ``kdistill.json`` says
-    ``"mode": "none"``; the directory keeps DESIGN.md's fixed name so that a job's Deployment serves
+    ``"mode": "none"``; the directory keeps its fixed name so that a job's Deployment serves
     ``<namespace>/<name>/student-int8`` whatever the mode. ``student/`` stays the plain
     ``save_pretrained`` copy for fine-tuning and other tools."""
     from .artifact import save_artifact
