@@ -13,17 +13,31 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${QUICKSTART_OUT:-./kdistill-out/quickstart}
 TEACHER_STEPS=${TEACHER_STEPS:-300}
 
+# On a terminal every training step shows a progress bar per stage; elsewhere (CI, a pipe, a
+# file) the JSON progress lines are thinned to checkpoints, evaluations and every 10th step.
+ON_TERMINAL=0
+if [ -t 1 ] && [ -t 2 ]; then ON_TERMINAL=1; fi
+
 started=$(date +%s)
 echo "== 1/4 corpus, tokenizer and teacher (pydoc text -> $KDISTILL_PVC_ROOT)"
-"$PY" -P -m kdistill.trainer.teacher_pretrain --pvc "$KDISTILL_PVC_ROOT" --steps "$TEACHER_STEPS" \
-    | grep -E '"teacher-ready"|"step": (100|200|300|400|500),' || true
+if [ "$ON_TERMINAL" = 1 ]; then
+    "$PY" -P -m kdistill.trainer.teacher_pretrain --pvc "$KDISTILL_PVC_ROOT" --steps "$TEACHER_STEPS" \
+        | "$PY" -P -m kdistill.trainer.console --log-format rich
+else
+    "$PY" -P -m kdistill.trainer.teacher_pretrain --pvc "$KDISTILL_PVC_ROOT" --steps "$TEACHER_STEPS" \
+        | grep -E '"teacher-ready"|"step": (100|200|300|400|500),' || true
+fi
 test -f "$KDISTILL_PVC_ROOT/models/quickstart-teacher/model.safetensors"
 teacher_done=$(date +%s)
 
 echo "== 2/4 kdistill run examples/quickstart-cpu.yaml"
 rm -rf "$OUT"
-"$KDISTILL" run examples/quickstart-cpu.yaml --output "$OUT" \
-    | grep -E '"event": "(checkpoint|evaluated|qat-fake-quant|resumed)"|"step": [0-9]*0,' || true
+if [ "$ON_TERMINAL" = 1 ]; then
+    "$KDISTILL" run examples/quickstart-cpu.yaml --output "$OUT" --log-format rich
+else
+    "$KDISTILL" run examples/quickstart-cpu.yaml --output "$OUT" --log-format json \
+        | grep -E '"event": "(checkpoint|evaluated|qat-fake-quant|resumed)"|"step": [0-9]*0,' || true
+fi
 test -f "$OUT/result.json"
 distill_done=$(date +%s)
 
