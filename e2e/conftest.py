@@ -25,10 +25,10 @@ OPERATOR_NS = "kdistill-system"
 
 
 @pytest.fixture(scope="session")
-def timer() -> Iterator[Timer]:
+def timer(request: pytest.FixtureRequest) -> Iterator[Timer]:
     t = Timer()
     yield t
-    t.report()
+    t.report(passed=request.session.testsfailed == 0)
 
 
 @pytest.fixture(scope="session")

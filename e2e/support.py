@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -14,6 +15,19 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "e2e" / "results"
+# Committed: what a user sees in a passing run; the README quotes lines of it (tests/unit/test_docs.py).
+TRANSCRIPT = REPO / "docs" / "e2e-transcript.txt"
+# Committed: the wall-clock seconds of each step of the last passing run.
+TIMINGS_RESULT = REPO / "benchmarks" / "results" / "e2e.json"
+
+
+def write_transcript(watch: str, events: str, namespace: str, job: str) -> None:
+    """docs/e2e-transcript.txt from a passing run: `kubectl get dj -w`, then the job's Events."""
+    TRANSCRIPT.write_text(
+        f"$ kubectl get dj -n {namespace} -w\n{watch.rstrip()}\n\n"
+        f"$ kubectl get events -n {namespace} --field-selector involvedObject.name={job} --sort-by=.lastTimestamp\n"
+        f"{events.rstrip()}\n"
+    )
 
 
 def image_tag() -> str:
@@ -36,11 +50,22 @@ class Timer:
         finally:
             self.steps[name] = round(time.monotonic() - t0, 1)
 
-    def report(self) -> None:
+    def report(self, passed: bool) -> None:
+        """Prints the steps and writes e2e/results/timings.json; a passing run also writes
+        benchmarks/results/e2e.json, the figures docs/benchmarks/e2e.md cites."""
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "timings.json").write_text(json.dumps(self.steps, indent=2) + "\n")
         for name, secs in self.steps.items():
             print(f"{name:<24} {secs:>8.1f}s")
+        if passed:
+            result = {
+                "command": "make e2e",
+                "cpus": os.cpu_count(),
+                "load_average_at_end": list(os.getloadavg()),
+                "images_built_by_the_test": not os.environ.get("KDISTILL_E2E_SKIP_BUILD"),
+                "step_seconds": self.steps,
+            }
+            TIMINGS_RESULT.write_text(json.dumps(result, indent=2) + "\n")
 
 
 @dataclass

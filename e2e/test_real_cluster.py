@@ -18,7 +18,7 @@ from kubernetes import client
 
 from .cluster.cluster import E2ECluster, shared_root
 from .conftest import NAMESPACE, wait
-from .support import REPO, RESULTS, StatusLog, volumes_manifest
+from .support import REPO, RESULTS, StatusLog, volumes_manifest, write_transcript
 
 JOB = "e2e-student"
 JOB_FILE = REPO / "e2e" / "jobs" / "two-node-cpu.yaml"
@@ -139,6 +139,8 @@ def test_two_node_job_survives_node_loss_and_serves(
     subprocess.run(["rm", "-rf", str(ckpt_root / NAMESPACE)], check=True)
     cluster.kubectl("apply", "-f", "-", input_text=manifest)
     watch = _Watch(cluster)
+    events = ""
+    passed = False
     try:
         cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(JOB_FILE))
 
@@ -219,8 +221,12 @@ def test_two_node_job_survives_node_loss_and_serves(
 
         wait(nothing_left, "the job's objects to go", 300)
         print(f"node lost -> training past the checkpoint again in {recovered_in:.0f}s")
+        passed = True
     finally:
         watch.stop()
+        if passed:
+            # After stop(): the watch's file is complete. The README quotes lines of this file.
+            write_transcript(watch.transcript.read_text(), events, NAMESPACE, JOB)
         if not cluster.nodes[0].running() or not all(n.running() for n in cluster.nodes):
             for n in cluster.nodes:
                 if not n.running():
