@@ -32,7 +32,6 @@ class ExitCode(IntEnum):
     INTERNAL = 30  # a bug: permanent, so it does not loop forever
 
 
-PERMANENT_CODES = frozenset(c for c in ExitCode if c >= 20)
 RETRYABLE_CODES = frozenset(c for c in ExitCode if 10 <= c < 20)
 
 

@@ -512,11 +512,6 @@ def serving_hpa(job: DistillationJob) -> Manifest | None:
     }
 
 
-def serving_url(job: DistillationJob) -> str:
-    srv = job.spec.serving
-    return f"http://{names.serving(job.metadata.name, srv.name)}.{job.namespace}.svc:{srv.port}"
-
-
 # -- ownership -------------------------------------------------------------------------------
 
 

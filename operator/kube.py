@@ -67,16 +67,6 @@ class Kube:
         self.timeout = timeout
         self.field_manager = field_manager
 
-    @classmethod
-    def from_environment(cls, timeout: float = 30.0) -> Kube:
-        from kubernetes import config
-
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        return cls(client.ApiClient(), timeout)
-
     def request(
         self,
         method: str,

@@ -82,6 +82,11 @@ def serving(job: str, configured: str = "") -> str:
     return configured or f"{job}-serving"
 
 
+def serving_url(job: str, configured: str, namespace: str, port: int) -> str:
+    """The serving Service's in-cluster URL (status.endpoint)."""
+    return f"http://{serving(job, configured)}.{namespace}.svc:{port}"
+
+
 def master_address(job: str, namespace: str) -> str:
     """worker-0's stable DNS name: its hostname under the headless Service's subdomain."""
     return f"{worker_pod(job, 0)}.{workers_service(job)}.{namespace}.svc"

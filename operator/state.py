@@ -469,7 +469,7 @@ def _deploying(obs: Observed, st: _Status, d: Decision) -> str:
     d.deploy = True
     srv = obs.job.spec.serving
     if _ours(obs) and obs.deployment is not None and obs.deployment.available:
-        url = f"http://{names.serving(obs.job.metadata.name, srv.name)}.{obs.job.namespace}.svc:{srv.port}"
+        url = names.serving_url(obs.job.metadata.name, srv.name, obs.job.namespace, srv.port)
         st.set("endpoint", url)
         st.condition(COND_READY, True, "DeploymentAvailable", f"serving at {url}")
         st.condition(COND_COMPLETE, True, "Deployed", "student rolled out")

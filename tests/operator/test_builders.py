@@ -254,7 +254,9 @@ def test_serving_deployment_service_pdb_hpa() -> None:
     hpa = builders.serving_hpa(auto)
     assert hpa is not None and hpa["spec"]["maxReplicas"] == 5 and hpa["spec"]["minReplicas"] == 2
     assert "replicas" not in builders.serving_deployment(auto, SETTINGS)["spec"]  # the HPA owns it
-    assert builders.serving_url(j) == "http://intent-serving.ml.svc:9000"
+    assert names.serving_url("intent", j.spec.serving.name, j.namespace, j.spec.serving.port) == (
+        "http://intent-serving.ml.svc:9000"
+    )
 
 
 def test_shared_serving_name_keeps_previous_model_for_rollback() -> None:
