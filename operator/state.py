@@ -427,13 +427,22 @@ def result_of(pod: PodView) -> Termination:
     return parse_termination(end.message if end else None, end.exit_code if end else 0)
 
 
+# status.metrics holds this many decimals: `kubectl get dj` prints retention as 0.872, not
+# 0.8721786549256195. The quality gate compares the exact value from the result.
+METRIC_DECIMALS = 3
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, METRIC_DECIMALS) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
 def _succeeded_training(obs: Observed, st: _Status, d: Decision, rank0: PodView) -> str:
     term = result_of(rank0)
     result = term.result or {}
     metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
     clean = {k: metrics[k] for k in ("teacher", "student", "retention", "metric") if metrics.get(k) is not None}
     if clean:
-        st.set("metrics", clean)
+        st.set("metrics", _rounded(clean))
     st.condition(COND_TRAINING, False, "TrainingComplete", f"rank 0 finished: {term.reason}")
     st.condition(COND_RESTARTING, False, "TrainingComplete")
     _delete_all(obs, d)  # training is over: its pods go (failed gangs keep theirs for logs)

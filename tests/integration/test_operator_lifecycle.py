@@ -97,15 +97,18 @@ def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
     finally:
         cluster.resume_node_heartbeats(lost_node)
 
-    # 6. success, with metrics in the termination message
+    # 6. success, with metrics in the termination message (full float precision, as the trainer writes them)
+    retention = 0.9721786549256195
     for pod in new:
         cluster.succeed_pod(
-            ns, pod.metadata.name, message=success_message(0.97) if pod.metadata.name.endswith("-0") else None
+            ns, pod.metadata.name, message=success_message(retention) if pod.metadata.name.endswith("-0") else None
         )
 
     # 7. the serving Deployment becomes available and status.endpoint is set
     status = jobs.wait_phase(name, "Succeeded", 90)
-    assert status["metrics"]["retention"] == pytest.approx(0.97)
+    assert status["metrics"]["retention"] == 0.972 and status["metrics"]["student"] == round(12.0 / retention, 3)
+    (row,) = cluster.kubectl("-n", ns, "get", "dj", name, "--no-headers").stdout.splitlines()
+    assert "0.972" in row.split() and "0.9721786" not in row, row
     assert status["endpoint"] == f"http://{name}-serving.{ns}.svc:8080"
     assert status["completionTime"]
     dep = jobs.apps.read_namespaced_deployment(f"{name}-serving", ns)

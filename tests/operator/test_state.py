@@ -300,6 +300,23 @@ def test_success_without_serving_succeeds_and_cleans_up() -> None:
     assert sorted(d.delete_pods) == ["j-worker-0", "j-worker-1"]
 
 
+def test_status_metrics_are_rounded_for_kubectl_and_the_gate_uses_the_exact_value() -> None:
+    """`kubectl get dj` prints status.metrics.retention as written: 0.872, not 0.8721786549256195."""
+    d = decide(observe(running(), [pod(0, "Succeeded", terminated=success(0.8721786549256195)), pod(1)]))
+    metrics = d.status["metrics"]
+    assert metrics == {"metric": "accuracy", "teacher": 0.9, "student": 0.785, "retention": 0.872}
+    # minRetention 0.8721 is met by the exact retention and not by the rounded 0.872: the gate
+    # compares the exact value.
+    gated = decide(
+        observe(
+            running(),
+            [pod(0, "Succeeded", terminated=success(0.8721786549256195)), pod(1)],
+            serving={"qualityGate": {"minRetention": 0.8721}},
+        )
+    )
+    assert gated.phase == "Deploying" and gated.status["metrics"]["retention"] == 0.872
+
+
 def test_gate_passes_then_deploying_then_succeeded_when_available() -> None:
     d = decide(observe(running(), [pod(0, "Succeeded", terminated=success(0.93)), pod(1)]))
     assert d.phase == "Deploying" and d.deploy and d.status["metrics"]["retention"] == 0.93
