@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -44,7 +44,7 @@ class Pending(Generic[T]):
     length: int
     enqueued: float
     seq: int
-    future: Future = field(default_factory=Future)
+    future: Future[Any] = field(default_factory=Future)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class ShuttingDown(Exception):
 
 
 # ---- pure decisions -----------------------------------------------------------------------------
-def batch_ready(queue: Sequence[Pending], now: float, policy: BatchPolicy) -> bool:
+def batch_ready(queue: Sequence[Pending[Any]], now: float, policy: BatchPolicy) -> bool:
     if not queue:
         return False
     if len(queue) >= policy.max_batch_size or sum(p.length for p in queue) >= policy.max_batch_tokens:
@@ -81,7 +81,7 @@ def batch_ready(queue: Sequence[Pending], now: float, policy: BatchPolicy) -> bo
     return (now - oldest) * 1000.0 >= policy.max_wait_ms
 
 
-def wait_time(queue: Sequence[Pending], now: float, policy: BatchPolicy) -> float | None:
+def wait_time(queue: Sequence[Pending[Any]], now: float, policy: BatchPolicy) -> float | None:
     """Seconds until the oldest request's window closes (None: nothing queued)."""
     if not queue:
         return None
@@ -89,7 +89,7 @@ def wait_time(queue: Sequence[Pending], now: float, policy: BatchPolicy) -> floa
     return max(0.0, oldest + policy.max_wait_ms / 1000.0 - now)
 
 
-def select_batch(queue: Sequence[Pending], policy: BatchPolicy) -> list[Pending]:
+def select_batch(queue: Sequence[Pending[T]], policy: BatchPolicy) -> list[Pending[T]]:
     """The oldest request plus those nearest to it in length, within the size and padded-token
     budgets; returned sorted by length. The oldest goes even if it alone exceeds the token budget
     (the request limits, not the batcher, bound a single request)."""
@@ -181,7 +181,7 @@ class DynamicBatcher(Generic[T, R]):
         batches_ahead = math.ceil((len(self._queue) + 1) / self.policy.max_batch_size)
         return max(1.0, batches_ahead * self._batch_seconds)
 
-    def submit(self, payload: T, length: int, future: Future | None = None) -> Future:
+    def submit(self, payload: T, length: int, future: Future[Any] | None = None) -> Future[Any]:
         """Queue one request. ``future`` lets the caller hand ``run_batch`` a way to answer it before
         the batch ends (a generated sequence that finished early); the worker skips futures already done."""
         with self._cond:

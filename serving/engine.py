@@ -8,15 +8,17 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kdistill.trainer.artifact import Artifact
 
+from . import kernel_choice
 from .batcher import BatchStats, DynamicBatcher, length_groups
 from .generation import DecodeStats, GenRequest, GenResult, generate_batch
 from .metrics import ServerMetrics
-from .runtime import prepare_for_inference
+from .runtime import inference_mode, prepare_for_inference
 
 # Fixed cost of one forward pass in token-equivalents (see batcher.length_groups): measured on this
 # CPU, a 2-layer, 256-wide INT8 student costs ~4 ms per call plus ~0.04 ms per padded token.
@@ -75,6 +77,9 @@ class Engine:
     def __init__(self, artifact: Artifact, metrics: ServerMetrics) -> None:
         self.artifact = artifact
         self.model = artifact.model.eval()
+        # The fastest INT8 kernel on this machine (measured or cached; see serving/kernel_choice.py).
+        self.int8_kernel = kernel_choice.apply(self.model)
+        metrics.set_int8_kernel(self.int8_kernel.kernel, self.int8_kernel.source)
         # Fused kernels for the same function (both FP32 and INT8 artifacts): see serving/runtime.py.
         self.runtime = prepare_for_inference(self.model)
         self.tokenizer = artifact.tokenizer
@@ -89,14 +94,23 @@ class Engine:
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._last_tokens = TokenCount()
-        self._batcher: DynamicBatcher | None = None
+        self._batcher: DynamicBatcher[GenRequest, GenResult] | None = None
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         plain = backend is not None and backend.truncation is None and backend.padding is None
         self._backend = backend if plain else None
         self.batch_threads = batch_threads_from_env()
         self.big_passes = 0  # classification passes run with batch_threads
 
-    def attach(self, batcher: DynamicBatcher) -> None:
+    def info(self) -> dict[str, Any]:
+        """What the server reports about its model (``/v1/models``, ``/v2/models/NAME``)."""
+        return {
+            "task": self.task,
+            "quantization": self.artifact.meta.get("quantization", {}).get("mode", "none"),
+            "int8_kernel": self.int8_kernel.kernel,
+            "int8_kernel_source": self.int8_kernel.source,
+        }
+
+    def attach(self, batcher: DynamicBatcher[GenRequest, GenResult]) -> None:
         """Generation admits waiting requests from ``batcher`` into its running batch."""
         self._batcher = batcher
 
@@ -107,7 +121,7 @@ class Engine:
             return list(self._backend.encode(text, add_special_tokens=True).ids)
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    @torch.inference_mode()
+    @inference_mode
     def run_classification(self, batch: list[list[int]]) -> list[list[float]]:
         """One batch, run as a few padded passes of similar lengths (``length_groups``): the batcher
         gathers whatever waits, and padding a 10-token text to 128 would cost as much as the text."""
@@ -153,7 +167,7 @@ class Engine:
                 return joining
 
             max_rows = policy.max_batch_size
-        results = generate_batch(self.model, self.tokenizer, batch, stats, admit, max_rows)
+        results: list[GenResult] = generate_batch(self.model, self.tokenizer, batch, stats, admit, max_rows)
         self.metrics.decode_steps.inc(stats.steps)
         self.metrics.decode_rows.inc(stats.rows)
         prompt = sum(r.prompt_tokens for r in results)

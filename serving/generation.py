@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .runtime import inference_mode
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -222,7 +224,9 @@ def _mergeable(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None for layer in layers)
+    if not layers:
+        return False
+    return all(type(layer) is DynamicLayer and layer.keys is not None for layer in layers)
 
 
 def _merge(live: _Live, fresh: _Live) -> None:
@@ -241,7 +245,7 @@ def _merge(live: _Live, fresh: _Live) -> None:
     live.active += fresh.active
 
 
-@torch.inference_mode()
+@inference_mode
 def generate_batch(
     model: nn.Module,
     tokenizer: Any,

@@ -50,8 +50,19 @@ class ServerMetrics:
             registry=r,
         )
         self.rejected = Counter("kdistill_rejected", "Requests refused because the queue was full.", registry=r)
+        self.int8_kernel = Gauge(
+            "kdistill_int8_kernel",
+            "1 for the kernel that runs the model's INT8 layers ('none': a float model), and how it was "
+            "chosen (measured, cache, table, forced).",
+            ["kernel", "source"],
+            registry=r,
+        )
         self._real = 0
         self._padded = 0
+
+    def set_int8_kernel(self, kernel: str, source: str) -> None:
+        self.int8_kernel.clear()
+        self.int8_kernel.labels(kernel, source).set(1)
 
     def observe_batch(self, stats: BatchStats, tokens: int) -> None:
         self.batch_size.observe(stats.size)

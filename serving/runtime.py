@@ -25,7 +25,8 @@ import ctypes.util
 import logging
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,15 @@ from torch import nn
 from kdistill.trainer.fused_ops import FusedTanhGELU, fuse_activations
 
 log = logging.getLogger("kdistill.serving")
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def inference_mode(fn: Fn) -> Fn:
+    """``torch.inference_mode()`` as a decorator that keeps ``fn``'s signature for type checkers
+    (mypy reads torch as ``Any``, so the plain decorator would make ``fn`` untyped)."""
+    return cast(Fn, torch.inference_mode()(fn))
+
 
 TUNE_ALLOCATOR_ENV = "KDISTILL_TUNE_ALLOCATOR"
 # What ``kdistill serve`` does without KDISTILL_TUNE_ALLOCATOR (docs/serving.md, "Runtime settings").
@@ -72,8 +82,8 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success, 0 on a rejected value.
-    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-    ok = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
+    ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
+    ok = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1) and ok
     if not ok:
         log.warning("mallopt rejected the allocator settings; freed memory goes back to the kernel")
     return ok
@@ -85,7 +95,7 @@ _TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 SMALL_ACTIVATION = 1 << 15
 
 
-class InferenceTanhGELU(nn.Module):
+class InferenceTanhGELU(nn.Module):  # type: ignore[misc]  # torch is read as Any (pyproject)
     """GELU, tanh approximation, as ``x * sigmoid(2z)``: one temporary updated in place.
 
     In-place updates would break autograd's saved tensors, so with gradients on it computes torch's

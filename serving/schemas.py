@@ -19,15 +19,21 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class CompletionRequest(_Body):
+class SamplingParams(_Body):
+    """What every generation request shares (OpenAI completions and chat): how many tokens, how to
+    sample them, where to stop, and whether to stream."""
+
     model: str | None = None
-    prompt: str | list[str]  # count and sizes checked in the handler, against the server's limits
     max_tokens: int = Field(default=16, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
+
+
+class CompletionRequest(SamplingParams):
+    prompt: str | list[str]  # count and sizes checked in the handler, against the server's limits
 
 
 class ChatMessage(_Body):
@@ -35,15 +41,8 @@ class ChatMessage(_Body):
     content: str = Field(max_length=MAX_TEXT_CHARS)
 
 
-class ChatRequest(_Body):
-    model: str | None = None
+class ChatRequest(SamplingParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stream: bool = False
 
 
 class ClassifyRequest(_Body):

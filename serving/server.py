@@ -14,12 +14,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
-from .app import ServeLimits, ServerState, create_app
+from .app import create_app
 from .batcher import BatchPolicy, DynamicBatcher
+from .state import ServeLimits, ServerState
 
 log = logging.getLogger("kdistill.serving")
 
@@ -62,17 +64,19 @@ def load_into(state: ServerState, model_dir: Path, policy: BatchPolicy, threads:
         engine = Engine(artifact, state.metrics)
         engine.warm_up()
         run = engine.run_generation if engine.task == "causal-lm" else engine.run_classification
-        batcher: DynamicBatcher = DynamicBatcher(run, policy, on_batch=engine.on_batch)  # type: ignore[arg-type]
+        batcher: DynamicBatcher[Any, Any] = DynamicBatcher(run, policy, on_batch=engine.on_batch)
         if engine.task == "causal-lm":
             engine.attach(batcher)  # continuous batching: waiting requests join the running decode
         batcher.start()
         state.engine, state.batcher = engine, batcher
         state.ready = True
         log.info(
-            "model %s (%s, %s) ready; allocator tuned: %s; %s",
+            "model %s (%s, %s) ready; INT8 kernel %s (%s); allocator tuned: %s; %s",
             state.model_name,
             engine.task,
             artifact.meta.get("quantization", {}).get("mode"),
+            engine.int8_kernel.kernel,
+            engine.int8_kernel.source,
             tuned,
             engine.runtime,
         )

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.serving.helpers import ServerProcess, make_artifact, running_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def int8_kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The servers' INT8 kernel choices go to a cache of this session (inherited by the server
+    processes), not the user's home."""
+    from kdistill.serving.kernel_choice import CACHE_DIR_ENV
+
+    path = tmp_path_factory.mktemp("kernel-cache")
+    before = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -90,15 +91,31 @@ def make_artifact(root: Path, task: str, quantization: str = "ptq-int8", seed: i
     )
 
 
-def load_served(model_dir: Path) -> Any:
-    """The artifact as ``kdistill serve`` runs it (load, then the runtime's fused kernels): what a
-    server's answers are compared with."""
+def load_served(model_dir: Path, server: ServerProcess | None = None) -> Any:
+    """The artifact as ``kdistill serve`` runs it (load, the INT8 kernel ``server`` chose, then the
+    runtime's fused kernels): what a server's answers are compared with."""
     from kdistill.serving.runtime import prepare_for_inference
     from kdistill.trainer.artifact import load_artifact
+    from kdistill.trainer.quantization import set_int8_kernel
 
     artifact = load_artifact(model_dir)
+    kernel = served_kernel(server)[0] if server is not None else "none"
+    if kernel != "none":
+        set_int8_kernel(artifact.model, kernel)  # type: ignore[arg-type]  # checked by the server
     prepare_for_inference(artifact.model)
     return artifact
+
+
+def served_kernel(server: ServerProcess) -> tuple[str, str]:
+    """(kernel, how it was chosen) from the server's ``kdistill_int8_kernel`` gauge."""
+    found = re.findall(r'^kdistill_int8_kernel\{kernel="([^"]+)",source="([^"]+)"\} 1\.0$', metrics_text(server), re.M)
+    if len(found) != 1:
+        raise AssertionError(f"expected one kdistill_int8_kernel series, found {found}")
+    return found[0]
+
+
+def metrics_text(server: ServerProcess) -> str:
+    return httpx.get(f"{server.url}/metrics", timeout=10).text
 
 
 def _reload(path: Path) -> Any:
@@ -129,6 +146,7 @@ class ServerProcess:
         self.log_path = log_path or model_dir.parent / f"server-{self.port}.log"
         cmd = [
             sys.executable,
+            "-P",
             "-m",
             "kdistill.cli.main",
             "serve",

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kdistill.serving.app import _answer_early
+from kdistill.serving.front import answer_early
 from kdistill.serving.generation import DecodeStats, GenRequest, GenResult, generate_batch
 from kdistill.trainer.artifact import Artifact
 from tests.serving.helpers import build_tiny_tokenizer, load_served, make_artifact, running_server, tiny_gpt2
@@ -79,13 +79,13 @@ def test_streaming_and_stop_strings_keep_incremental_text(lm: tuple[Any, Any]) -
 def test_answer_early_leaves_a_cancelled_future_alone() -> None:
     result = GenResult("a", [5], "length", 3)
     fut: concurrent.futures.Future = concurrent.futures.Future()
-    _answer_early(fut)(result)
+    answer_early(fut)(result)
     assert fut.result(timeout=0) is result
-    _answer_early(fut)(GenResult("b", [6], "length", 3))  # a second answer is ignored
+    answer_early(fut)(GenResult("b", [6], "length", 3))  # a second answer is ignored
     assert fut.result(timeout=0) is result
     cancelled: concurrent.futures.Future = concurrent.futures.Future()
     cancelled.cancel()
-    _answer_early(cancelled)(result)  # must not raise on the worker thread
+    answer_early(cancelled)(result)  # must not raise on the worker thread
     assert cancelled.cancelled()
 
 

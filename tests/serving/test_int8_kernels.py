@@ -1,18 +1,29 @@
-"""The served INT8 model under each dynamic-activation kernel: the same artifact loaded with the
-oneDNN-packed kernel gives the fbgemm kernel's numbers (same activation quantization), close to
-the float model, and the kernel can be forced for the server's process."""
+"""The served INT8 model under each kernel: the same artifact loaded with the oneDNN-packed kernel
+gives the fbgemm kernel's numbers (same activation quantization), every kernel stays within INT8
+tolerance of the float model and of the others, and the server measures which one is fastest when
+it loads the model, caches the choice, and reports it in ``/metrics`` and its model info."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from torch import nn
 
+from kdistill.serving import kernel_choice
 from kdistill.trainer import quantization as q
 from kdistill.trainer.artifact import load_artifact, save_artifact
-from tests.serving.helpers import build_tiny_tokenizer, tiny_bert_classifier, tiny_gpt2
+from tests.serving.helpers import (
+    ServerProcess,
+    build_tiny_tokenizer,
+    served_kernel,
+    tiny_bert_classifier,
+    tiny_gpt2,
+)
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
@@ -56,3 +67,129 @@ def test_one_layer_is_the_same_on_both_engines() -> None:
 def test_the_onednn_kernel_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(q.KERNEL_ENV, "onednn-dynamic")
     assert q.select_int8_kernel() == "onednn-dynamic"
+
+
+# ---- the kernel the server picks ----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_every_kernel_answers_like_the_others_within_int8_tolerance(tmp_path: Path, family: str) -> None:
+    """The choice changes speed, not answers: each kernel the server may pick gives the float
+    model's logits within INT8 tolerance, and the kernels agree with each other as closely."""
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    build = tiny_bert_classifier if family == "bert" else tiny_gpt2
+    task = "sequence-classification" if family == "bert" else "causal-lm"
+    fp32 = build(len(tok), seed=11)
+    int8 = q.quantize_ptq_int8(build(len(tok), seed=11), "fbgemm-dynamic")
+    out = save_artifact(int8, tok, tmp_path / "a" / "student-int8", task=task, quantization="ptq-int8", metrics={})
+    ids = torch.randint(5, len(tok), (3, 24), generator=torch.Generator().manual_seed(5))
+    kernels = kernel_choice.candidates()
+    assert {"torchao-dynamic", "weight-only"} <= set(kernels) and len(kernels) >= 3
+    with torch.inference_mode():
+        ref = fp32(input_ids=ids).logits
+        by_kernel = {k: load_artifact(out, kernel=k).model(input_ids=ids).logits for k in kernels}
+    for k, logits in by_kernel.items():
+        err = float((logits - ref).norm() / ref.norm())
+        assert 0 < err < 0.05, (k, err)
+    for a in kernels:
+        for b in kernels:
+            apart = float((by_kernel[a] - by_kernel[b]).norm() / ref.norm())
+            assert apart < 0.05, (a, b, apart)
+
+
+def test_fastest_weighs_each_row_count_alike_and_skips_pruned_kernels() -> None:
+    ms = {
+        "fbgemm-dynamic": {"16": 1.0, "128": 10.0},  # (1/1 + 10/6) / 2 = 1.33
+        "onednn-dynamic": {"16": 2.0, "128": 6.0},  # (2/1 + 6/6) / 2 = 1.5
+        "torchao-dynamic": {"16": 0.5},  # fastest at 16 rows, pruned at 128
+    }
+    assert kernel_choice.fastest(ms) == "fbgemm-dynamic"
+    ms["onednn-dynamic"]["128"] = 3.0  # (2/1 + 3/3) / 2 = 1.5 against (1 + 10/3) / 2 = 2.17
+    assert kernel_choice.fastest(ms) == "onednn-dynamic"
+
+
+def quantized_bert(seed: int = 0) -> nn.Module:
+    return q.quantize_ptq_int8(tiny_bert_classifier(300, width=128, seed=seed), "fbgemm-dynamic")
+
+
+def test_the_kernel_is_measured_at_load_then_taken_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(q.KERNEL_ENV, raising=False)
+    monkeypatch.delenv(kernel_choice.PROBE_ENV, raising=False)
+    monkeypatch.setenv(kernel_choice.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    model = quantized_bert()
+    first = kernel_choice.apply(model)
+    assert first.source == "measured"
+    assert first.kernel == kernel_choice.fastest(first.ms)
+    for kernel in kernel_choice.candidates():  # every kernel was timed (pruned ones at fewer rows)
+        assert kernel in first.ms
+    # Every INT8 layer now runs the chosen kernel.
+    assert {m.kernel for m in model.modules() if isinstance(m, q.Int8Linear)} == {first.kernel}
+    cached = json.loads((tmp_path / "cache" / kernel_choice.CACHE_FILE).read_text())
+    assert cached[first.key]["kernel"] == first.kernel
+    again = kernel_choice.choose(quantized_bert(seed=1))  # same shapes, same CPU: no measurement
+    assert (again.source, again.kernel, again.key) == ("cache", first.kernel, first.key)
+    # Other shapes are another entry.
+    wider = q.quantize_ptq_int8(tiny_bert_classifier(300, width=192), "fbgemm-dynamic")
+    assert kernel_choice.cache_key(wider) != first.key
+
+
+def test_forced_table_and_float_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernel_choice.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(q.KERNEL_ENV, "weight-only")
+    assert (kernel_choice.choose(quantized_bert()).kernel, kernel_choice.choose(quantized_bert()).source) == (
+        "weight-only",
+        "forced",
+    )
+    monkeypatch.delenv(q.KERNEL_ENV)
+    monkeypatch.setenv(kernel_choice.PROBE_ENV, "0")
+    table = kernel_choice.choose(quantized_bert())
+    assert (table.kernel, table.source) == (q.select_int8_kernel(), "table")
+    assert not (tmp_path / "cache").exists()  # neither measured nor cached
+    monkeypatch.setenv(kernel_choice.PROBE_ENV, "yes")
+    with pytest.raises(ValueError, match=kernel_choice.PROBE_ENV):
+        kernel_choice.choose(quantized_bert())
+    float_model = tiny_bert_classifier(300)
+    assert kernel_choice.apply(float_model).as_dict()["kernel"] == "none"
+
+
+def test_an_unwritable_cache_still_measures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv(q.KERNEL_ENV, raising=False)
+    monkeypatch.delenv(kernel_choice.PROBE_ENV, raising=False)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv(kernel_choice.CACHE_DIR_ENV, str(blocker))
+    with caplog.at_level(logging.WARNING, logger="kdistill.serving"):
+        choice = kernel_choice.choose(quantized_bert())
+    assert choice.source == "measured" and choice.kernel in kernel_choice.candidates()
+    assert "not cached" in caplog.text
+
+
+def test_the_server_reports_its_kernel_in_metrics_and_model_info(cls_artifact: Path, tmp_path: Path) -> None:
+    env = {kernel_choice.CACHE_DIR_ENV: str(tmp_path / "cache")}
+    seen = []
+    for _ in range(2):  # the second start finds the first one's measurement
+        server = ServerProcess(cls_artifact, env=env)
+        try:
+            server.wait_ready()
+            kernel, source = served_kernel(server)
+            card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["kdistill"]
+            meta = httpx.get(f"{server.url}/v2/models/{card_name(cls_artifact)}", timeout=10).json()
+        finally:
+            server.terminate()
+        assert kernel in kernel_choice.candidates()
+        assert card == {
+            "task": "sequence-classification",
+            "quantization": "ptq-int8",
+            "int8_kernel": kernel,
+            "int8_kernel_source": source,
+        }
+        assert meta["parameters"] == card
+        seen.append((kernel, source))
+    assert [s for _, s in seen] == ["measured", "cache"]
+    assert seen[0][0] == seen[1][0]
+
+
+def card_name(artifact: Path) -> str:
+    return artifact.parent.name  # <job>/student-int8 is served as <job>

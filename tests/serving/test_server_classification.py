@@ -17,8 +17,8 @@ NAME = "cls-ptq-int8"
 
 
 @pytest.fixture(scope="module")
-def local(cls_artifact: Path) -> Artifact:
-    return load_served(cls_artifact)
+def local(cls_artifact: Path, cls_server: ServerProcess) -> Artifact:
+    return load_served(cls_artifact, cls_server)
 
 
 def direct_probs(local: Artifact, text: str) -> list[float]:

@@ -17,9 +17,9 @@ NAME = "lm-ptq-int8"  # the job folder above student-int8
 
 
 @pytest.fixture(scope="module")
-def local(lm_artifact: Path) -> Artifact:
+def local(lm_artifact: Path, lm_server: ServerProcess) -> Artifact:
     """The same artifact loaded in the test process: what the server must answer."""
-    return load_served(lm_artifact)
+    return load_served(lm_artifact, lm_server)
 
 
 def expected_text(local: Artifact, prompt: str, max_tokens: int) -> str:
