@@ -19,8 +19,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from .batching import collate
 from .data import read_jsonl, tokenize_examples
@@ -86,9 +88,28 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(pvc: Path, cfg: PretrainConfig, log_every: int = 50) -> PretrainReport:
+def _gpt2(cfg: PretrainConfig, tokenizer: Any) -> nn.Module:
+    """The teacher's architecture: a small GPT2 without dropout (the corpus is small and clean)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=cfg.max_length,
+            n_embd=cfg.width,
+            n_layer=cfg.layers,
+            n_head=cfg.heads,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=int(tokenizer.pad_token_id),
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
+
+
+def pretrain(pvc: Path, cfg: PretrainConfig, log_every: int = 50) -> PretrainReport:
     from .tokenizer_build import build_tokenizer
 
     started = time.perf_counter()
@@ -101,21 +122,7 @@ def pretrain(pvc: Path, cfg: PretrainConfig, log_every: int = 50) -> PretrainRep
     train = tokenize_examples(train_rows, tokenizer, cfg.max_length)
     ev = tokenize_examples(eval_rows, tokenizer, cfg.max_length)
     pad = int(tokenizer.pad_token_id)
-    model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=cfg.max_length,
-            n_embd=cfg.width,
-            n_layer=cfg.layers,
-            n_head=cfg.heads,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    )
+    model = _gpt2(cfg, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
     sampler = BatchSampler(train, cfg.batch_size, strategy="uniform", tiers=None, shares=(1.0, 0.0, 0.0), seed=cfg.seed)
     model.train()

@@ -154,14 +154,15 @@ def _moments(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, Any
     return moments
 
 
-def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: FullLayout) -> GatheredState | None:
-    """Collective on every rank; returns the whole state on rank 0, None elsewhere."""
-    index = full.index()
-    rank = ps.rank
-    coords = ps.coords
-    # Every rank unshards its tensor-parallel pieces (the all-gathers pair up over the tensor
-    # group: peers hold the same names in the same order).
-    mine: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]] = {}
+# One parameter's gathered state: full weight, Adam's two moments (None before the first step),
+# and the step count (-1 before the first step).
+_Piece = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]
+
+
+def _local_pieces(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: FullLayout) -> dict[str, _Piece]:
+    """This rank's parameters and moments as full tensors on the CPU, by unsplit name (collective
+    over the tensor group: the all-gathers pair up, peers hold the same names in the same order)."""
+    mine: dict[str, _Piece] = {}
     for name, p in ps.named_params.items():
         canonical = _canonical(full, ps, name)
         moments = _moments(optimizer, p)
@@ -179,48 +180,55 @@ def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: Fu
                 None if avg_sq is None else avg_sq.cpu(),
                 step,
             )
-    sources = [ps.layout.rank_of(s, 0, 0) for s in range(1, ps.layout.pipeline)]
-    device = ps.device
-    if rank in sources:
-        names = sorted(mine, key=index.__getitem__)
-        dist.send(torch.tensor([len(names)], dtype=torch.int64, device=device), 0)
-        dist.send(torch.tensor([index[n] for n in names], dtype=torch.int64, device=device), 0)
-        for n in names:
-            w, a, b, step = mine[n]
-            stacked = torch.stack(
-                [w, a if a is not None else torch.zeros_like(w), b if b is not None else torch.zeros_like(w)]
-            ).float()
-            dist.send(stacked.to(device), 0)
-            dist.send(torch.tensor([step], dtype=torch.float64, device=device), 0)
-    if rank != 0:
-        return None
-    assert coords == {"pipeline": 0, "data": 0, "tensor": 0}
-    for src in sources:
-        count = torch.zeros(1, dtype=torch.int64, device=device)
-        dist.recv(count, src)
-        idx = torch.zeros(int(count.item()), dtype=torch.int64, device=device)
-        dist.recv(idx, src)
-        for i in idx.tolist():
-            n = full.order[i]
-            stacked = torch.zeros((3, *full.shapes[n]), dtype=torch.float32, device=device)
-            dist.recv(stacked, src)
-            step = torch.zeros(1, dtype=torch.float64, device=device)
-            dist.recv(step, src)
-            s = float(step.item())
-            dtype = full.dtypes[n]
-            mine[n] = (
-                stacked[0].to(dtype).cpu(),
-                None if s < 0 else stacked[1].cpu(),
-                None if s < 0 else stacked[2].cpu(),
-                s,
-            )
-    missing = [n for n in full.order if n not in mine]
+    return mine
+
+
+def _send_pieces(mine: dict[str, _Piece], index: dict[str, int], device: torch.device) -> None:
+    """To rank 0: the count, the full-order indices, then per parameter [w, m, v] and the step."""
+    names = sorted(mine, key=index.__getitem__)
+    dist.send(torch.tensor([len(names)], dtype=torch.int64, device=device), 0)
+    dist.send(torch.tensor([index[n] for n in names], dtype=torch.int64, device=device), 0)
+    for n in names:
+        w, a, b, step = mine[n]
+        stacked = torch.stack(
+            [w, a if a is not None else torch.zeros_like(w), b if b is not None else torch.zeros_like(w)]
+        ).float()
+        dist.send(stacked.to(device), 0)
+        dist.send(torch.tensor([step], dtype=torch.float64, device=device), 0)
+
+
+def _receive_pieces(src: int, full: FullLayout, device: torch.device) -> dict[str, _Piece]:
+    """What ``_send_pieces`` sent from ``src``; shapes and dtypes come from the full layout."""
+    got: dict[str, _Piece] = {}
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.recv(count, src)
+    idx = torch.zeros(int(count.item()), dtype=torch.int64, device=device)
+    dist.recv(idx, src)
+    for i in idx.tolist():
+        n = full.order[i]
+        stacked = torch.zeros((3, *full.shapes[n]), dtype=torch.float32, device=device)
+        dist.recv(stacked, src)
+        step = torch.zeros(1, dtype=torch.float64, device=device)
+        dist.recv(step, src)
+        s = float(step.item())
+        got[n] = (
+            stacked[0].to(full.dtypes[n]).cpu(),
+            None if s < 0 else stacked[1].cpu(),
+            None if s < 0 else stacked[2].cpu(),
+            s,
+        )
+    return got
+
+
+def _assemble(pieces: dict[str, _Piece], optimizer: torch.optim.Optimizer, full: FullLayout) -> GatheredState:
+    """The whole student's weights and a single-process optimizer state from every piece."""
+    missing = [n for n in full.order if n not in pieces]
     if missing:
         raise RuntimeError(f"gathering the split student lost parameters: {missing[:5]}")
-    weights = {n: mine[n][0] for n in full.order}
+    weights = {n: pieces[n][0] for n in full.order}
     states: dict[int, dict[str, torch.Tensor]] = {}
     for i, n in enumerate(full.order):
-        _, a, b, step = mine[n]
+        _, a, b, step = pieces[n]
         if a is not None and b is not None:
             states[i] = {"step": torch.tensor(step), "exp_avg": a, "exp_avg_sq": b}
     groups = []
@@ -229,6 +237,20 @@ def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: Fu
         hyper = {k: v for k, v in group.items() if k != "params"}
         groups.append({**hyper, "params": list(range(lo, hi))})
     return GatheredState(weights=weights, optimizer={"state": states, "param_groups": groups})
+
+
+def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: FullLayout) -> GatheredState | None:
+    """Collective on every rank; returns the whole state on rank 0, None elsewhere."""
+    mine = _local_pieces(ps, optimizer, full)
+    sources = [ps.layout.rank_of(s, 0, 0) for s in range(1, ps.layout.pipeline)]
+    if ps.rank in sources:
+        _send_pieces(mine, full.index(), ps.device)
+    if ps.rank != 0:
+        return None
+    assert ps.coords == {"pipeline": 0, "data": 0, "tensor": 0}
+    for src in sources:
+        mine.update(_receive_pieces(src, full, ps.device))
+    return _assemble(mine, optimizer, full)
 
 
 def load_into_template(template: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
