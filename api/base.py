@@ -8,7 +8,7 @@ agreement of the two is tested on one table of specs (tests/spec_table.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -37,6 +37,6 @@ class ApiModel(BaseModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = ()
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         """The object as it appears in YAML: camelCase, with every default filled in."""
         return self.model_dump(by_alias=True, mode="json", exclude_none=True)

@@ -135,11 +135,7 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     for name, field in model.model_fields.items():
         key = field.alias or name
         schema = type_schema(
-            field.annotation
-            if not field.metadata
-            else typing.Annotated[
-                field.annotation, *field.metadata  # type: ignore[valid-type]
-            ]
+            field.annotation if not field.metadata else typing.Annotated[field.annotation, *field.metadata]
         )
         if field.description:
             schema = {"description": field.description, **schema}

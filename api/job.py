@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from .base import ApiModel
 from .spec import DistillationJobSpec
 from .status import DistillationJobStatus
 
-GROUP = "kdistill.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "DistillationJob"
+# Final literals: the models' Literal fields take them as defaults.
+API_VERSION: Final = "kdistill.io/v1alpha1"
+GROUP, _, VERSION = API_VERSION.partition("/")
+KIND: Final = "DistillationJob"
 PLURAL = "distillationjobs"
 SINGULAR = "distillationjob"
 SHORT_NAMES = ["dj"]
@@ -75,7 +76,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return path or "(root)"
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: ErrorDetails) -> str:
     msg = str(err["msg"])
     msg = msg.removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":

@@ -36,7 +36,7 @@ class Runtime:
     settings: Settings
     reconciler: Reconciler
     leader: Any = None  # LeaseElector or None
-    queue: WorkQueue | None = None
+    queue: WorkQueue[Key] | None = None
     pool: concurrent.futures.ThreadPoolExecutor | None = None
     jobs: set[Key] = field(default_factory=set)
     node_jobs: dict[str, set[Key]] = field(default_factory=dict)
@@ -73,7 +73,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(None, rt.reconciler.prime_nodes)
     except Exception as exc:  # the passes then LIST nodes themselves: slower, still right
         log.warning("could not list nodes at start: %s", exc)
-    rt.queue = WorkQueue()
+    rt.queue = WorkQueue[Key]()
     rt.pool = concurrent.futures.ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="reconcile")
     for i in range(s.workers):
         rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-worker-{i}"))
@@ -99,19 +99,19 @@ async def _worker(rt: Runtime) -> None:
         metrics.QUEUE_DEPTH.set(len(rt.queue))
         try:
             if key not in rt.jobs:
-                rt.reconciler.forget(key)  # type: ignore[arg-type]
+                rt.reconciler.forget(key)
                 continue
             requeue = await loop.run_in_executor(rt.pool, rt.reconciler.reconcile, key)
-            rt.failures.pop(key, None)  # type: ignore[arg-type]
+            rt.failures.pop(key, None)
             if requeue is not None:
                 rt.queue.add_after(key, requeue)
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
-            n = rt.failures[key] = rt.failures.get(key, 0) + 1  # type: ignore[index]
+            n = rt.failures[key] = rt.failures.get(key, 0) + 1
             delay = min(0.5 * 2 ** (n - 1), 60.0)
             log.exception(
                 "reconcile failed (attempt %d); retrying in %.1fs", n, delay, extra={"job": f"{key[0]}/{key[1]}"}
-            )  # type: ignore[index]
+            )
             rt.queue.add_after(key, delay)
         finally:
             rt.last_pass = time.monotonic()
@@ -134,7 +134,9 @@ def _enqueue(rt: Runtime, key: Key) -> None:
 
 
 @kopf.on.event(names.GROUP, "v1alpha1", "distillationjobs")
-async def job_event(type: str | None, name: str, namespace: str, meta: Any, memo: Any, **_: Any) -> None:
+async def job_event(type: str | None, name: str, namespace: str | None, meta: Any, memo: Any, **_: Any) -> None:
+    if namespace is None:
+        return  # kopf's type allows a cluster-scoped object; the watched kinds are all namespaced
     rt = _runtime(memo)
     key = (namespace, name)
     if type == "DELETED":
@@ -156,7 +158,11 @@ async def job_event(type: str | None, name: str, namespace: str, meta: Any, memo
 
 
 @kopf.on.event("", "v1", "pods", labels={names.LABEL_MANAGED_BY: names.MANAGER, names.LABEL_ROLE: names.ROLE_WORKER})
-async def pod_event(type: str | None, body: Any, name: str, namespace: str, labels: Any, memo: Any, **_: Any) -> None:
+async def pod_event(
+    type: str | None, body: Any, name: str, namespace: str | None, labels: Any, memo: Any, **_: Any
+) -> None:
+    if namespace is None:
+        return
     rt = _runtime(memo)
     job = labels.get(names.LABEL_JOB)
     if not job:
@@ -197,9 +203,9 @@ def _fresh(pod: PodView) -> bool:
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_MANAGED_BY: names.MANAGER})
-async def deployment_event(namespace: str, annotations: Any, memo: Any, **_: Any) -> None:
+async def deployment_event(namespace: str | None, annotations: Any, memo: Any, **_: Any) -> None:
     job = annotations.get(names.ANNOTATION_SOURCE_JOB)
-    if job:
+    if job and namespace is not None:
         _enqueue(_runtime(memo), (namespace, job))
 
 

@@ -218,12 +218,12 @@ class Reconciler:
         objs = [builders.serving_deployment(job, self.settings, previous), builders.serving_service(job)]
         for obj in builders.co_own(objs, body):
             self.kube.apply(obj, manager)
-        for kind, api_version, obj in (
+        for kind, api_version, optional in (
             ("PodDisruptionBudget", "policy/v1", builders.serving_pdb(job)),
             ("HorizontalPodAutoscaler", "autoscaling/v2", builders.serving_hpa(job)),
         ):
-            if obj is not None:
-                self.kube.apply(builders.co_own([obj], body)[0], manager)
+            if optional is not None:
+                self.kube.apply(builders.co_own([optional], body)[0], manager)
             elif self._owned_by(api_version, kind, namespace, serving, body):
                 self.kube.delete(api_version, kind, namespace, serving)
         if current is None or previous != (current["metadata"].get("annotations") or {}).get(

@@ -439,7 +439,8 @@ def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
 def _succeeded_training(obs: Observed, st: _Status, d: Decision, rank0: PodView) -> str:
     term = result_of(rank0)
     result = term.result or {}
-    metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
+    raw = result.get("metrics")
+    metrics: dict[str, Any] = raw if isinstance(raw, dict) else {}
     clean = {k: metrics[k] for k in ("teacher", "student", "retention", "metric") if metrics.get(k) is not None}
     if clean:
         st.set("metrics", _rounded(clean))
