@@ -19,13 +19,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from kdistill.api.metadata import ARTIFACT_DIR_NAMES
+
 from .app import create_app
 from .batcher import BatchPolicy, DynamicBatcher
 from .state import ServeLimits, ServerState
 
 log = logging.getLogger("kdistill.serving")
-
-ARTIFACT_DIR_NAMES = {"student-int8", "student"}
 
 
 @dataclass
