@@ -227,7 +227,7 @@ class ParallelRuntime:
             offset += g.numel()
 
     def agree_stop(self, local: bool) -> bool:
-        """True on every rank when any rank wants to stop after this step (SIGTERM, stop_after).
+        """True on every rank when any rank wants to stop after this step (SIGTERM).
 
         Checkpoint saves are collective (gathers of residuals, shards): if SIGTERM reached ranks
         at different steps, the one that stopped would wait in the gather for peers that went on
