@@ -34,11 +34,9 @@ def crds(
     check: bool = typer.Option(False, help="Exit 1 if the file on disk differs instead of writing."),
 ) -> None:
     """Generate crds/kdistill.io_distillationjobs.yaml from the API models."""
-    from kdistill.api.crd import build_crd
+    from .generated import CRD_PATH, crd_text, write_or_check
 
-    from .generated import write_or_check
-
-    write_or_check(out / "kdistill.io_distillationjobs.yaml", build_crd(), check)
+    write_or_check(out / CRD_PATH.name, crd_text(), check)
 
 
 @app.command("api-docs")
@@ -47,11 +45,9 @@ def api_docs(
     check: bool = typer.Option(False, help="Exit 1 if the file on disk differs instead of writing."),
 ) -> None:
     """Generate docs/api.md, the field reference, from the API models."""
-    from kdistill.api.reference import render_reference
+    from .generated import api_docs_text, write_or_check
 
-    from .generated import write_or_check
-
-    write_or_check(out, render_reference(), check)
+    write_or_check(out, api_docs_text(), check)
 
 
 @app.command()
