@@ -22,6 +22,16 @@ packages="ca-certificates,python3.11,python3.11-venv,python3-venv,libpython3.11,
 
 log() { printf '[base-image %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
+# debootstrap mounts /proc and /sys inside the rootfs while it runs: unmount them, then delete,
+# never through a mount. Under `set -e` a failing command in an EXIT trap becomes the script's
+# exit status, so an umount of what is not mounted (the normal case once debootstrap is done)
+# would fail a finished build with no message: nothing here may fail.
+cleanup_rootfs() {
+  umount -R "${work}/proc" 2>/dev/null || true
+  umount -R "${work}/sys" 2>/dev/null || true
+  rm -rf --one-file-system "${work}" || true
+}
+
 eval "$("${root}/scripts/dockerd.sh" env)"
 "${root}/scripts/dockerd.sh" start >/dev/null
 
@@ -37,8 +47,7 @@ if (( rebuild == 1 )) || [[ ! -s "${tarball}" ]]; then
   command -v debootstrap >/dev/null || { log "debootstrap missing: apt-get install -y debootstrap"; exit 1; }
   t0=$(date +%s)
   work="$(mktemp -d "${cache%/base}/rootfs.XXXXXX")"
-  # debootstrap mounts /proc and /sys inside while it runs; never delete through a mount.
-  trap 'umount -R "${work}"/proc "${work}"/sys 2>/dev/null; rm -rf --one-file-system "${work}"' EXIT
+  trap cleanup_rootfs EXIT
   mkdir -p "${cache}"
   log "debootstrap ${suite} minbase + python3.11 into ${work}"
   debootstrap --variant=minbase --include="${packages}" "${suite}" "${work}" "${mirror}" >"${cache}/debootstrap.log" 2>&1 \

@@ -22,6 +22,8 @@ targets=("$@")
 (( ${#targets[@]} )) || targets=(operator trainer)
 
 log() { printf '[images %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+# A step that fails under `set -e` says which one it was (a silent exit leaves only the last log line).
+trap 'log "failed (exit $?) at line ${LINENO}: ${BASH_COMMAND}"' ERR
 
 if [[ -z "${DOCKER_HOST:-}" ]] || ! docker version >/dev/null 2>&1; then
   DOCKER_HOST="$("${root}/scripts/dockerd.sh" start)"
