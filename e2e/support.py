@@ -21,13 +21,60 @@ TRANSCRIPT = REPO / "docs" / "e2e-transcript.txt"
 TIMINGS_RESULT = REPO / "benchmarks" / "results" / "e2e.json"
 
 
+README = REPO / "README.md"
+README_MARKER = "<!-- e2e-transcript:"
+PHASES = {"Pending", "Queued", "Running", "Restarting", "Deploying", "Succeeded", "Failed", "Suspended"}
+
+
 def write_transcript(watch: str, events: str, namespace: str, job: str) -> None:
-    """docs/e2e-transcript.txt from a passing run: `kubectl get dj -w`, then the job's Events."""
+    """docs/e2e-transcript.txt from a passing run (`kubectl get dj -w`, then the job's Events),
+    and the README's excerpt of it."""
     TRANSCRIPT.write_text(
         f"$ kubectl get dj -n {namespace} -w\n{watch.rstrip()}\n\n"
         f"$ kubectl get events -n {namespace} --field-selector involvedObject.name={job} --sort-by=.lastTimestamp\n"
         f"{events.rstrip()}\n"
     )
+    README.write_text(with_readme_excerpt(README.read_text(), TRANSCRIPT.read_text()))
+
+
+def readme_excerpt(transcript: str) -> list[str]:
+    """The lines of the transcript the README shows: the watch's header, every row where the
+    phase or the stage changes and the row just before a restart; then the Events' header, its
+    warnings, the quality gate and the last event. Lines are quoted as they are (kubectl -w
+    aligns each row on its own)."""
+    watch_part, _, events_part = transcript.partition("\n\n")
+    rows = [line for line in watch_part.splitlines()[1:] if line.strip()]
+    keys = [_phase_and_stage(row) for row in rows]
+    picked = {0}
+    for i in range(1, len(rows)):
+        if keys[i][0] is not None and keys[i] != keys[i - 1]:
+            picked.add(i)
+            if keys[i][0] == "Restarting":
+                picked.add(i - 1)
+    out = [rows[i] for i in sorted(picked)]
+    events = [line for line in events_part.splitlines()[1:] if line.strip()]
+    if events:
+        chosen = [e for e in events[1:] if (" Warning " in e and "GangRestart" in e) or "QualityGate" in e]
+        if events[-1] not in chosen and len(events) > 1:
+            chosen.append(events[-1])
+        out += ["", events[0], *chosen]
+    return out
+
+
+def _phase_and_stage(row: str) -> tuple[str | None, str | None]:
+    """PHASE and STAGE of a `kubectl get dj` row (empty columns leave no word)."""
+    words = row.split()
+    phase = words[1] if len(words) > 1 and words[1] in PHASES else None
+    stage = words[2] if phase and len(words) > 3 and not words[2].endswith("%") and not words[2].isdigit() else None
+    return phase, stage
+
+
+def with_readme_excerpt(readme: str, transcript: str) -> str:
+    """The README with the code block after its e2e-transcript marker replaced by the excerpt."""
+    start = readme.index(README_MARKER)
+    fence = readme.index("```\n", start)
+    end = readme.index("```\n", fence + 4)
+    return readme[: fence + 4] + "\n".join(readme_excerpt(transcript)) + "\n" + readme[end:]
 
 
 def image_tag() -> str:
