@@ -1,0 +1,132 @@
+"""The logits objective on packed micro-batches, through the fused chunked head and loss.
+
+When a job only distils logits (forward KL) of a causal LM whose logits are ``head(backbone(x))``
+in one process, a micro-batch is packed (``packing.py``: several examples a row, no attention
+across them, so no padding inside rows) and:
+- the live teacher runs its backbone in inference mode on the packed rows; its logits at the
+  trained rows are computed chunk by chunk inside the fused loss (``TeacherHead``), never as a
+  whole [N, V] tensor;
+- with the teacher cache, the cached top-k is laid out as the packed rows; on a miss the teacher's
+  logits are computed once, their top-k stored per example and read back, as ``targets.CacheStore``
+  does for padded batches;
+- the student runs its backbone on the packed rows; its head and the loss run fused and chunked
+  (``fused_head_loss.py``).
+The result equals the padded path's loss and gradient up to float rounding (tests/unit/
+test_packing.py, tests/unit/test_fused_head_loss.py). Any other job keeps the padded path.
+``KDISTILL_PACKED_STEP=0`` turns this path off (for measuring it against the padded one).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.api import DistillationJobSpec
+from kdistill.api.failures import ExitCode
+
+from .errors import TrainerError
+from .fused_head_loss import TeacherHead, TopKTeacher, fused_head_kd_loss
+from .objective import trained_rows
+from .packing import to_examples, to_packed
+from .stages import Phase
+from .targets import CacheStore, row_head_parts
+
+# transformers builds the block-diagonal mask of packed rows for these attention kernels.
+PACKABLE_ATTENTION = frozenset({"sdpa", "eager"})
+
+
+def _attention_kind(model: nn.Module) -> str:
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def packed_step_applies(
+    spec: DistillationJobSpec, plan: list[Phase], parallel: Any, student: nn.Module, teacher: nn.Module
+) -> bool:
+    """Whether every micro-batch of this job can run packed through the fused head and loss."""
+    if os.environ.get("KDISTILL_PACKED_STEP", "1") == "0":
+        return False
+    if spec.task != "causal-lm" or spec.quantization.mode == "qat-int8":
+        return False
+    if spec.distillation.loss != "forward-kl" or spec.data.uncertainty_weighting.enabled:
+        return False
+    if parallel.model_parallel or parallel.split_teacher or parallel.distributed:
+        return False
+    if any(set(p.objectives) != {"logits"} for p in plan):
+        return False
+    models = (student, teacher)
+    return all(row_head_parts(m) is not None and _attention_kind(m) in PACKABLE_ATTENTION for m in models)
+
+
+class PackedLogitsStep:
+    """Loss of one packed micro-batch: teacher targets, student backbone, fused head + loss."""
+
+    def __init__(self, spec: DistillationJobSpec, student: nn.Module, teacher: nn.Module, cache: CacheStore | None):
+        s_parts, t_parts = row_head_parts(student), row_head_parts(teacher)
+        assert s_parts is not None and t_parts is not None
+        self.s_backbone, self.s_head = s_parts
+        self.t_backbone, self.t_head = t_parts
+        self.teacher = teacher
+        self.cache = cache
+        self.alpha = spec.distillation.alpha
+
+    def micro_loss(self, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+        labels = batch["labels"]
+        valid = trained_rows(labels)
+        teacher = self._teacher(batch, valid)
+        hidden = self.s_backbone(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state
+        loss, kd, ce = fused_head_kd_loss(
+            hidden[:, :-1][valid],
+            self.s_head.weight,
+            getattr(self.s_head, "bias", None),
+            teacher,
+            labels[:, 1:][valid],
+            alpha=self.alpha,
+            temperature=temperature,
+        )
+        return loss, {"kd": float(kd.mean()), "ce": float(ce.mean()), "logits": float(loss.detach())}
+
+    def _teacher(self, batch: dict[str, torch.Tensor], valid: torch.Tensor) -> TeacherHead | TopKTeacher:
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        if self.cache is None:
+            with torch.inference_mode():
+                hidden = self.t_backbone(**inputs).last_hidden_state[:, :-1][valid]
+            # An inference tensor may not meet autograd; a [N, H] copy is cheap.
+            bias = getattr(self.t_head, "bias", None)
+            return TeacherHead(hidden.clone(), self.t_head.weight.detach(), None if bias is None else bias.detach())
+        ids = batch["example_ids"].tolist()
+        cached = self.cache.lookup(ids)
+        if cached is None:
+            cached = self._fill_cache(batch, ids, inputs)
+        index = batch["pack_index"]
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return to_packed(t, index)[:, :-1][valid]
+
+        return TopKTeacher(rows(cached.values), rows(cached.indices), rows(cached.logsumexp))
+
+    def _fill_cache(self, batch: dict[str, torch.Tensor], ids: list[int], inputs: dict[str, Any]) -> Any:
+        """Teacher logits of the packed rows; their top-k stored per example, then read back."""
+        assert self.cache is not None
+        with torch.inference_mode():
+            logits = self.teacher(**inputs).logits.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            values, indices = logits.topk(self.cache.top_k, dim=-1)
+        index = batch["pack_index"]
+        lengths = batch["lengths"].tolist()
+        longest = max(lengths)
+        self.cache.cache.store(
+            ids,
+            to_examples(values.half(), index, len(ids), longest).cpu(),
+            to_examples(indices, index, len(ids), longest).cpu(),
+            lengths,
+            to_examples(lse, index, len(ids), longest).cpu(),
+        )
+        again = self.cache.lookup(ids)
+        if again is None:
+            raise TrainerError(ExitCode.INTERNAL, "the teacher cache lost an entry it just stored")
+        return again
