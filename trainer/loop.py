@@ -153,6 +153,24 @@ class Trainer:
             is_writer=self.opts.is_writer,
         )
         self.optimizer, self.scheduler = self._build_optimizer()
+        self._train_collate = self._packed_collate()
+
+    def _packed_collate(self) -> Any:
+        """Packed training batches through the fused head and loss where the job allows it
+        (packed_step.py); None keeps padded batches."""
+        from .packed_step import PackedLogitsStep, packed_step_applies
+
+        flow = self.flow
+        if not isinstance(flow, SingleProcessFlow):
+            return None
+        if not packed_step_applies(self.spec, self.plan, self.parallel, self.student, self.teacher):
+            return None
+        from functools import partial
+
+        from .packing import pack_examples
+
+        flow.packed = PackedLogitsStep(self.spec, self.student, self.teacher, self.cache)
+        return partial(pack_examples, max_len=self.spec.data.max_seq_length)
 
     @staticmethod
     def _qat_split() -> Any:
@@ -252,7 +270,8 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, torch.Tensor]:
         positions = next(self._sampler_iter)
-        batch = self._collate([self.train_examples[p] for p in positions], self.pad_id, self.task)
+        collate = self._train_collate or self._collate
+        batch = collate([self.train_examples[p] for p in positions], self.pad_id, self.task)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _accumulate(self, step: int, phase: Phase, temperature: float) -> tuple[float, dict[str, float], int]:

@@ -65,6 +65,8 @@ class SingleProcessFlow:
         self.is_writer = is_writer
         # What runs the student forward: DDP over the data ranks (same parameter objects).
         self.forward_module = parallel.wrap_student(student)
+        # Set by the loop when every micro-batch is packed (packed_step.py); None: padded batches.
+        self.packed: Any = None
 
     # ---- the interface -------------------------------------------------------------------------
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -139,6 +141,8 @@ class SingleProcessFlow:
 
     def micro_loss(self, batch: Batch, phase: Phase, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
         """The stage's loss on one micro-batch (its objectives weigh equally) and its parts."""
+        if self.packed is not None and "pack_index" in batch:
+            return self.packed.micro_loss(batch, temperature)
         objectives = set(phase.objectives)
         targets = self.targets.for_batch(batch, objectives, self._autocast(phase))
         student = self._student_forward(batch, objectives, self._autocast(phase))
