@@ -209,13 +209,18 @@ def test_torchrun_restarts_group_and_resumes_to_the_same_weights(job: Path, tmp_
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+# The wall time includes starting Python and importing torch, tens of seconds on a loaded machine;
+# the bound only has to tell the 3 s the test gives from the 300 s default rendezvous timeout.
+REFUSED_WITHIN_S = 240
+
+
 def test_rank_without_rendezvous_fails_in_bounded_time(tmp_path: Path) -> None:
     # Rank 1 of 2 alone: nobody serves the store at the port it was given.
     started = time.monotonic()
     procs = start_ranks(
         2, "tests.parallel.workers:noop", tmp_path, ranks=[1], extra_env={"KDISTILL_RENDEZVOUS_TIMEOUT_S": "3"}
     )
-    (res,) = wait_ranks(procs, timeout=60)
+    (res,) = wait_ranks(procs, timeout=REFUSED_WITHIN_S)
     assert res.returncode == ExitCode.RENDEZVOUS_TIMEOUT, res.stderr[-2000:]
     assert "could not complete the rendezvous" in res.stderr and "within 3s" in res.stderr
-    assert time.monotonic() - started < 40
+    assert time.monotonic() - started < REFUSED_WITHIN_S
