@@ -20,8 +20,9 @@ def _run_rich(job: Any, job_file: Path, out: Path) -> int:
 
     from rich.logging import RichHandler
 
-    from kdistill.trainer.console import ProgressView
+    from kdistill.trainer.console import ProgressView, quiet_import_notices
 
+    quiet_import_notices()
     world = job.spec.parallelism.world_size
     with ProgressView() as view:
         if world > 1:

@@ -21,7 +21,7 @@ if [ -t 1 ] && [ -t 2 ]; then ON_TERMINAL=1; fi
 started=$(date +%s)
 echo "== 1/4 corpus, tokenizer and teacher (pydoc text -> $KDISTILL_PVC_ROOT)"
 if [ "$ON_TERMINAL" = 1 ]; then
-    "$PY" -P -m kdistill.trainer.teacher_pretrain --pvc "$KDISTILL_PVC_ROOT" --steps "$TEACHER_STEPS" \
+    "$PY" -P -m kdistill.trainer.teacher_pretrain --pvc "$KDISTILL_PVC_ROOT" --steps "$TEACHER_STEPS" 2>&1 \
         | "$PY" -P -m kdistill.trainer.console --log-format rich
 else
     "$PY" -P -m kdistill.trainer.teacher_pretrain --pvc "$KDISTILL_PVC_ROOT" --steps "$TEACHER_STEPS" \

@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="output folder (default ./kdistill-out/NAME)")
     args = parser.parse_args(argv)
     level = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
+    if LOG_LEVEL_ENV in os.environ:  # a progress view reads this rank's output
+        from .console import quiet_import_notices
+
+        quiet_import_notices()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     return main_entry(args.config, args.output, on_step=json_step_printer(), on_event=json_event_printer())
 

@@ -38,6 +38,19 @@ LOG_FORMATS = ("auto", "rich", "json")
 _QUIET_FIELDS = {"event"}
 
 
+# Import-time notices of third-party libraries that say nothing about the run (torch's pytree
+# deprecation notice when torchao registers its enums); shown as lines above the bars they would
+# only push the bars down.
+IMPORT_NOTICE_LOGGERS = ("torch.utils._pytree",)
+
+
+def quiet_import_notices() -> None:
+    import logging
+
+    for name in IMPORT_NOTICE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def choose_format(requested: str, *, stdout_tty: bool, stderr_tty: bool) -> LogFormat:
     """``rich`` or ``json`` for ``--log-format requested`` (auto: bars only on a terminal)."""
     if requested not in LOG_FORMATS:
