@@ -10,7 +10,9 @@
 #     scripts/images.sh trainer       # a CPU-only trainer, where that index is reachable
 #
 # Tags: kdistill/operator:VERSION and kdistill/trainer:VERSION (VERSION from kdistill/__init__.py,
-# or IMAGE_TAG). Sizes and build times go to ${KDISTILL_CACHE}/images-last-build.json.
+# or IMAGE_TAG). Sizes and build times go to ${KDISTILL_CACHE}/images-last-build.json, and with
+# RECORD_RESULTS=1 also to benchmarks/results/images.json (committed; docs/install.md cites it):
+#   RECORD_RESULTS=1 make images
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -87,3 +89,19 @@ print(f"{'IMAGE':<34} {'SIZE_MB':>10} {'BUILD_S':>8}")
 for r in merged:
     print(f"{r['image']:<34} {r['bytes'] / 1e6:>10.0f} {r['build_seconds']:>8}")
 PY
+if [[ "${RECORD_RESULTS:-}" == 1 ]]; then
+  python3 -P - "${cache}/images-last-build.json" "${root}/benchmarks/results/images.json" <<'PY'
+import json
+import os
+import pathlib
+import sys
+
+report = {
+    "command": "RECORD_RESULTS=1 make images",
+    "cpus": os.cpu_count(),
+    "load_average_at_end": list(os.getloadavg()),
+    "images": json.loads(pathlib.Path(sys.argv[1]).read_text()),
+}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(report, indent=2) + "\n")
+PY
+fi
