@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 test: setup system-deps cluster-bins images ## the whole suite (rungs 1-3 and the images), images built first
 	$(PY) -P -m pytest --durations=30
 
-fast: setup ## the pure tests only: no cluster, no docker, no multi-process (about 35 s of CPU)
+fast: setup ## the pure tests only: no cluster, no docker, no multi-process (under 2 minutes)
 	$(PY) -P -m pytest -q -m 'not cluster' $(FAST_PATHS)
 
 unit: setup ## tests/unit only
