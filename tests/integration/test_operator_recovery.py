@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from kdistill.api.failures import ExitCode, termination_for
-from kdistill.operator.rbac import LEADER_RULES, OPERATOR_RULES
+from kdistill.operator import rbac as rules
 from tests.cluster import Cluster
 from tests.operator import cluster_helpers as h
 from tests.operator.cluster_helpers import Jobs, OperatorProcess, eventually, job_body, success_message
@@ -23,7 +23,7 @@ lease_namespace, claims = h.lease_namespace, h.claims
 
 @pytest.fixture
 def operator_kubeconfig(cluster: Cluster, claims: str, lease_namespace: str) -> Iterator[Path]:
-    """A kubeconfig for a ServiceAccount holding OPERATOR_RULES (ClusterRole) and LEADER_RULES."""
+    """A kubeconfig for a ServiceAccount holding the chart's rules (operator/rbac.py) and its leader Role."""
     ns = claims
     rbac = cluster.api_client()
     from kubernetes import client
@@ -31,7 +31,9 @@ def operator_kubeconfig(cluster: Cluster, claims: str, lease_namespace: str) -> 
     core, authz = client.CoreV1Api(rbac), client.RbacAuthorizationV1Api(rbac)
     core.create_namespaced_service_account(ns, {"metadata": {"name": "kdistill-operator"}})
     name = f"kdistill-operator-{ns}"
-    authz.create_cluster_role({"metadata": {"name": name}, "rules": OPERATOR_RULES})
+    # The operator watches one namespace: kopf then also observes namespaces (NAMESPACED_MODE).
+    held = rules.NAMESPACED.rules + rules.CLUSTER.rules + rules.NAMESPACED_MODE.rules
+    authz.create_cluster_role({"metadata": {"name": name}, "rules": held})
     authz.create_cluster_role_binding(
         {
             "metadata": {"name": name},
@@ -39,7 +41,9 @@ def operator_kubeconfig(cluster: Cluster, claims: str, lease_namespace: str) -> 
             "subjects": [{"kind": "ServiceAccount", "name": "kdistill-operator", "namespace": ns}],
         }
     )
-    authz.create_namespaced_role(lease_namespace, {"metadata": {"name": name}, "rules": LEADER_RULES})
+    lease = f"op-{ns}"  # h.operator_for's --lease-name
+    leader = [{**r, "resourceNames": [lease]} if r.get("resourceNames") else r for r in rules.LEADER.rules]
+    authz.create_namespaced_role(lease_namespace, {"metadata": {"name": name}, "rules": leader})
     authz.create_namespaced_role_binding(
         lease_namespace,
         {
