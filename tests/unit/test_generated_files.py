@@ -46,6 +46,11 @@ def test_the_version_has_one_source() -> None:
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "kdistill.__version__"}
     chart = yaml.safe_load((ROOT / "charts" / "kdistill" / "Chart.yaml").read_text())
     assert chart["version"] == chart["appVersion"] == __version__
+    from typer.testing import CliRunner
+
+    from kdistill.cli.main import app
+
+    assert CliRunner().invoke(app, ["version"]).stdout.strip() == __version__
 
 
 def _walk(schema: dict, path: str = "") -> list[tuple[str, dict]]:
