@@ -5,7 +5,9 @@ natural-length data.
 The baseline loop (``run_baseline``):
 - tokenizes the whole corpus once and collates every batch before the timed loop;
 - groups batches by length (a seeded shuffle cut into windows of 32 batches, each window sorted
-  by length and cut into batches, the batches then shuffled), so little is padding;
+  by length and cut into batches, the batches then shuffled), so little is padding; it takes
+  them from kdistill's own sampler with the same seed, so both sides train on exactly the same
+  examples at every step (same tokens a step);
 - runs the teacher under ``torch.inference_mode()``;
 - computes KL(T)·T² + CE over every valid position, mixed with alpha, AdamW (weight decay 0.01),
   gradient clipping at 1.0;
@@ -18,11 +20,16 @@ Variants, each in its own process (so peak RSS and compiled code are its own):
   top-k, store);
 - ``kdistill-cache-seen``: the cache filled beforehand by the same job (not timed), so every
   batch is read from it and the teacher never runs.
+kdistill runs with ``KDISTILL_COMPILE=1`` (``--compile 0`` for eager), which compiles the fused
+loss's chunk function (trainer/compile.py); one inductor cache serves the whole invocation and is
+empty at its start, so the first run that compiles a graph pays the cold compile (in its
+``warmup_seconds``; the untimed cache-filling run before the rounds compiles the top-k graph).
+``step_ms`` times each part of a step (teacher, student forward, head + loss, backward, clip,
+optimizer, data; ``other``: the rest of the loop) with timers around the calls.
+
 Every variant runs ``--warmup`` steps first (compilation happens there); tokens/s counts the
 ``--steps`` steps after them, wall clock from the end of the last warm-up step to the end of the
-last step. The warm-up's seconds are reported beside it (``warmup_seconds``), and the compile
-cache is kept in the work directory, so the first run of each variant is the cold compile and
-later runs read the cache.
+last step. The warm-up's seconds are reported beside it (``warmup_seconds``).
 
 Rounds: every round runs every variant once, in an order rotated by one each round; the load
 average (1, 5, 15 min) is recorded before each variant. Reported: per-variant medians over the
@@ -47,10 +54,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -66,7 +73,6 @@ SEED = 0
 TEACHER = {"layers": 8, "width": 128, "heads": 4}
 STUDENT_LAYERS = 2  # copied from the teacher
 VOCAB = 2048
-WINDOW_BATCHES = 32
 VARIANTS = ("baseline", "kdistill", "kdistill-cache-fill", "kdistill-cache-seen")
 
 
@@ -134,6 +140,49 @@ def job(work: Path, total_steps: int, batch: int, cache: bool, top_k: int) -> di
     }
 
 
+class Sections:
+    """Wall time of a step's parts (ms, summed over the timed steps): where a step's time goes."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = defaultdict(float)
+        self.on = False
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return fn(*args, **kwargs)
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms[name] += (time.perf_counter() - started) * 1000
+
+        return timed
+
+    def per_step(self, steps: int, seconds: float) -> dict[str, float]:
+        out = {k: round(v / steps, 1) for k, v in self.ms.items()}
+        out["total"] = round(seconds * 1000 / steps, 1)
+        out["other"] = round(out["total"] - sum(v for k, v in out.items() if k != "total"), 1)
+        return out
+
+
+def time_kdistill_sections(trainer: Any, sections: Sections) -> None:
+    """Timers around the kdistill step's parts (none of them nests in another)."""
+    import torch
+
+    from kdistill.trainer import packed_step
+
+    trainer._next_batch = sections.wrap("data", trainer._next_batch)
+    step = getattr(trainer.flow, "packed", None)
+    if step is not None:
+        step._teacher = sections.wrap("teacher", step._teacher)
+        step.s_backbone.forward = sections.wrap("student forward", step.s_backbone.forward)
+        packed_step.fused_head_kd_loss = sections.wrap("head + loss", packed_step.fused_head_kd_loss)
+    torch.Tensor.backward = sections.wrap("backward", torch.Tensor.backward)  # type: ignore[method-assign]
+    trainer.flow.clip_grad_norm = sections.wrap("clip", trainer.flow.clip_grad_norm)
+    trainer.optimizer.step = sections.wrap("optimizer", trainer.optimizer.step)
+
+
 # ---- kdistill ------------------------------------------------------------------------------------
 def run_kdistill(work: Path, out: Path, steps: int, warmup: int, batch: int, cache: bool, top_k: int) -> dict[str, Any]:
     from kdistill.api import parse_job
@@ -144,8 +193,11 @@ def run_kdistill(work: Path, out: Path, steps: int, warmup: int, batch: int, cac
     marks: list[tuple[float, int]] = []
     holder: list[Any] = []
 
+    sections = Sections()
+
     def on_step(_report: Any) -> None:
         marks.append((time.perf_counter(), holder[0].tokens_seen))
+        sections.on = len(marks) >= warmup
 
     setup_started = time.perf_counter()
     trainer = Trainer(
@@ -153,6 +205,7 @@ def run_kdistill(work: Path, out: Path, steps: int, warmup: int, batch: int, cac
         RunOptions(output=OutputLayout(out), base_dir=work, evaluate=False, on_step=on_step),
     )
     holder.append(trainer)
+    time_kdistill_sections(trainer, sections)
     started = time.perf_counter()
     trainer.train()
     (t0, n0), (t1, n1) = marks[warmup - 1], marks[-1]
@@ -161,27 +214,12 @@ def run_kdistill(work: Path, out: Path, steps: int, warmup: int, batch: int, cac
         "seconds": t1 - t0,
         "warmup_seconds": t0 - started,
         "setup_seconds": started - setup_started,
+        "packed": getattr(trainer.flow, "packed", None) is not None,
+        "step_ms": sections.per_step(steps, t1 - t0),
     }
 
 
 # ---- the competent hand-written loop -------------------------------------------------------------
-def length_grouped_batches(lengths: list[int], batch: int, count: int, seed: int) -> list[list[int]]:
-    """``count`` batches of example positions, grouped by length: each pass over the data is a
-    seeded shuffle cut into windows of ``WINDOW_BATCHES`` batches; a window is sorted by length
-    and cut into batches, and the batches of a window are shuffled."""
-    rng = np.random.default_rng(seed)
-    lens = np.asarray(lengths)
-    out: list[list[int]] = []
-    while len(out) < count:
-        perm = rng.permutation(len(lens))
-        for w in range(0, len(perm) - batch + 1, batch * WINDOW_BATCHES):
-            window = perm[w : w + batch * WINDOW_BATCHES]
-            window = window[np.argsort(lens[window], kind="stable")]
-            batches = [window[i : i + batch].tolist() for i in range(0, len(window) - batch + 1, batch)]
-            out.extend(batches[i] for i in rng.permutation(len(batches)))
-    return out[:count]
-
-
 def run_baseline(work: Path, steps: int, warmup: int, batch: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -189,24 +227,27 @@ def run_baseline(work: Path, steps: int, warmup: int, batch: int) -> dict[str, A
 
     from kdistill.api import parse_job
     from kdistill.trainer.models import load_models
+    from kdistill.trainer.training_data import load_training_data
 
     setup_started = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(work / "teacher"))
     teacher = AutoModelForCausalLM.from_pretrained(str(work / "teacher")).eval()
     # The same student kdistill starts from (the teacher's layers copied, as load_models does).
     student = load_models(parse_job(job(work, steps, batch, False, 1)).spec, work).student.train()
-    texts = [json.loads(line)["text"] for line in (work / "data" / "train.jsonl").read_text().splitlines()]
-    ids = tok(texts, truncation=True, max_length=MAX_LEN)["input_ids"]
+    # Tokenized once, before the timed loop. The batches are grouped by length with kdistill's own
+    # sampler and seed, so both sides train on exactly the same examples at every step.
+    spec = parse_job(job(work, warmup + steps, batch, False, 1)).spec
+    data = load_training_data(spec, teacher, tok, work, 0)
     pad = tok.pad_token_id
-    order = length_grouped_batches([len(x) for x in ids], batch, warmup + steps, SEED)
     batches = []
-    for positions in order:
-        longest = max(len(ids[p]) for p in positions)
+    for _ in range(warmup + steps):
+        examples = [data.train[p] for p in next(data.sampler)]
+        longest = max(len(ex.input_ids) for ex in examples)
         b_ids = torch.full((batch, longest), pad, dtype=torch.long)
         b_mask = torch.zeros((batch, longest), dtype=torch.long)
-        for row, p in enumerate(positions):
-            b_ids[row, : len(ids[p])] = torch.tensor(ids[p])
-            b_mask[row, : len(ids[p])] = 1
+        for row, ex in enumerate(examples):
+            b_ids[row, : len(ex.input_ids)] = torch.tensor(ex.input_ids)
+            b_mask[row, : len(ex.input_ids)] = 1
         batches.append((b_ids, b_mask))
     decay = [p for p in student.parameters() if p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.ndim < 2]
@@ -214,16 +255,27 @@ def run_baseline(work: Path, steps: int, warmup: int, batch: int) -> dict[str, A
         [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}], lr=LEARNING_RATE
     )
     tokens = slots = 0
+    ms: dict[str, float] = defaultdict(float)
     started = time.perf_counter()
     t0 = started
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        ms[name] += (now - since) * 1000
+        return now
+
     for step, (b_ids, b_mask) in enumerate(batches):
         if step == warmup:
             t0 = time.perf_counter()
             tokens = slots = 0
+            ms.clear()
+        mark = time.perf_counter()
         with torch.inference_mode():
             t_logits = teacher(input_ids=b_ids, attention_mask=b_mask).logits
         t_logits = t_logits.clone()  # inference tensors cannot enter the loss's graph
+        mark = lap("teacher", mark)
         s_logits = student(input_ids=b_ids, attention_mask=b_mask).logits
+        mark = lap("student forward (with head)", mark)
         s, t = s_logits[:, :-1], t_logits[:, :-1]
         valid = b_mask[:, 1:].float()
         kl = (
@@ -237,10 +289,14 @@ def run_baseline(work: Path, steps: int, warmup: int, batch: int) -> dict[str, A
         )
         ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), b_ids[:, 1:].reshape(-1), reduction="none").view_as(kl)
         loss = ((ALPHA * kl + (1 - ALPHA) * ce) * valid).sum() / valid.sum()
+        mark = lap("loss", mark)
         loss.backward()
+        mark = lap("backward", mark)
         torch.nn.utils.clip_grad_norm_(student.parameters(), MAX_GRAD_NORM)
+        mark = lap("clip", mark)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        lap("optimizer", mark)
         tokens += int(b_mask.sum())
         slots += b_mask.numel()
     end = time.perf_counter()
@@ -250,6 +306,10 @@ def run_baseline(work: Path, steps: int, warmup: int, batch: int) -> dict[str, A
         "warmup_seconds": t0 - started,
         "setup_seconds": started - setup_started,
         "padding_fraction": 1 - tokens / slots,
+        "step_ms": {
+            **{k: round(v / steps, 1) for k, v in ms.items()},
+            "total": round((end - t0) * 1000 / steps, 1),
+        },
     }
 
 
@@ -295,7 +355,12 @@ def run_variant(variant: str, work: Path, args: argparse.Namespace) -> dict[str,
         "--threads",
         str(args.threads),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TORCHINDUCTOR_CACHE_DIR=str(work / "inductor-cache"))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        KDISTILL_COMPILE="1" if args.compile else "0",
+        TORCHINDUCTOR_CACHE_DIR=str(args.inductor_cache),
+    )
     load = os.getloadavg()
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -343,6 +408,9 @@ def measure(args: argparse.Namespace, data: str) -> dict[str, Any]:
             "speedup_per_round": [round(x["speedup_in_round"], 3) for x in runs],
             "load_average_1min_per_round": [x["load_average_before"][0] for x in runs],
         }
+        median[v]["step_ms"] = {
+            k: statistics.median(x["step_ms"].get(k, 0.0) for x in runs) for k in runs[0]["step_ms"]
+        }
         if "padding_fraction" in runs[0]:
             median[v]["padding_fraction"] = statistics.median(x["padding_fraction"] for x in runs)
     base = median["baseline"]["tokens_per_second"]
@@ -367,7 +435,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--top-k", type=int, default=1024, help="teacherCache.topK of the cache variants")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and torch threads of every variant")
+    p.add_argument(
+        "--compile", type=int, choices=(0, 1), default=1, help="KDISTILL_COMPILE of the kdistill variants (default 1)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "trainer_throughput.json")
+    p.add_argument("--inductor-cache", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -375,6 +447,9 @@ def main() -> None:
         variant_main(args)
         return
     targets = {"kdistill": 1.3, "kdistill-cache-seen": 2.5}
+    # One inductor cache for the whole invocation, empty at its start: the first compile is cold.
+    cache_dir = Path(tempfile.mkdtemp(prefix="kdistill-inductor-"))
+    args.inductor_cache = cache_dir
     command = "python -P benchmarks/trainer_throughput.py " + shlex.join(sys.argv[1:])
     before = machine_state()
     rows = [measure(args, data) for data in args.data]
@@ -396,12 +471,15 @@ def main() -> None:
             "temperature": TEMPERATURE,
             "alpha": ALPHA,
             "cache_top_k": args.top_k,
+            "kdistill_compile": bool(args.compile),
+            "batches": "the same examples at every step on both sides (kdistill's length-grouped sampler, seed 0)",
         },
         "machine_before": before,
         "machine_after": machine_state(),
         "targets": targets,
         "rows": rows,
     }
+    shutil.rmtree(cache_dir, ignore_errors=True)
     write_report(report, args.out)
     print(f"{'data':<9}{'variant':<22}{'tokens/s':>10}{'speedup':>9}{'per round':>24}{'load 1m':>20}{'warmup s':>10}")
     for row in rows:
