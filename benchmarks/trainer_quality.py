@@ -22,12 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_common import command_line  # noqa: E402
+
 RESULT = ROOT / "benchmarks" / "results" / "trainer_quality.json"
 
 
@@ -189,6 +193,7 @@ def main() -> None:
     hard = [r["eval_perplexity"] for n, r in results.items() if n.endswith("-hard")]
     body = {
         "benchmark": "trainer_quality",
+        "command": command_line(),
         "config": {
             "steps": args.steps,
             "batch": 16,

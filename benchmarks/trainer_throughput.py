@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -61,7 +60,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_common import RESULTS, machine_state, write_report  # noqa: E402
+from bench_common import RESULTS, command_line, machine_state, write_report  # noqa: E402
 
 MAX_LEN = 128
 TEMPERATURE = 2.0
@@ -450,14 +449,13 @@ def main() -> None:
     # One inductor cache for the whole invocation, empty at its start: the first compile is cold.
     cache_dir = Path(tempfile.mkdtemp(prefix="kdistill-inductor-"))
     args.inductor_cache = cache_dir
-    command = "python -P benchmarks/trainer_throughput.py " + shlex.join(sys.argv[1:])
     before = machine_state()
     rows = [measure(args, data) for data in args.data]
     for row in rows:
         row["meets_targets"] = {v: row["median"][v]["speedup"] >= t for v, t in targets.items()}
     report = {
         "benchmark": "trainer_throughput",
-        "command": command.strip(),
+        "command": command_line(),
         "config": {
             "max_len": MAX_LEN,
             "vocab": VOCAB,
