@@ -1,4 +1,5 @@
-"""``kdistill serve``: load the artifact in the background, warm up, then serve on uvicorn.
+"""``kdistill serve``: load the model (a kdistill artifact or a plain Hugging Face directory) in the
+background, warm up, then serve on uvicorn.
 
 Liveness answers at once; readiness only after the model is loaded and warmed up. On SIGTERM the
 server stops taking connections and reports not-ready, finishes the requests in flight (uvicorn's
@@ -38,6 +39,7 @@ class ServeOptions:
     threads: int | None = None
     graceful_timeout: float = 30.0
     log_level: str = "info"
+    trust_remote_code: bool = False  # plain Hugging Face directories only; artifacts never run remote code
 
 
 def default_model_name(model_dir: Path) -> str:
@@ -46,13 +48,14 @@ def default_model_name(model_dir: Path) -> str:
     return model_dir.parent.name if model_dir.name in ARTIFACT_DIR_NAMES and model_dir.parent.name else model_dir.name
 
 
-def load_into(state: ServerState, model_dir: Path, policy: BatchPolicy, threads: int | None) -> None:
+def load_into(
+    state: ServerState, model_dir: Path, policy: BatchPolicy, threads: int | None, trust_remote_code: bool = False
+) -> None:
     """Load, warm up and start the batcher; flip ``ready`` last. Runs on its own thread."""
     import torch
 
-    from kdistill.trainer.artifact import load_artifact
-
     from .engine import Engine
+    from .model_dir import load_model_dir
     from .runtime import allocator_tuning_wanted, tune_allocator
 
     try:
@@ -60,7 +63,7 @@ def load_into(state: ServerState, model_dir: Path, policy: BatchPolicy, threads:
             torch.set_num_threads(threads)
         # Before the model allocates: steady-state forwards stop page-faulting.
         tuned = tune_allocator() if allocator_tuning_wanted() else False
-        artifact = load_artifact(model_dir)
+        artifact = load_model_dir(model_dir, trust_remote_code=trust_remote_code)
         engine = Engine(artifact, state.metrics)
         engine.warm_up()
         run = engine.run_generation if engine.task == "causal-lm" else engine.run_classification
@@ -105,7 +108,7 @@ def build(model_dir: Path, options: ServeOptions) -> tuple[FastAPI, ServerState]
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(
             target=load_into,
-            args=(state, model_dir, options.policy, options.threads),
+            args=(state, model_dir, options.policy, options.threads, options.trust_remote_code),
             name="kdistill-loader",
             daemon=True,
         )
