@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from .batcher import BatchStats, DynamicBatcher, length_groups
 from .generation import DecodeStats, GenRequest, GenResult, generate_batch
 from .metrics import ServerMetrics
 from .runtime import inference_mode, prepare_for_inference
+from .scoring import ScoreRequest, TokenLogprobs, score_batch
 
 # Fixed cost of one forward pass in token-equivalents (see batcher.length_groups): measured on this
 # CPU, a 2-layer, 256-wide INT8 student costs ~4 ms per call plus ~0.04 ms per padded token.
@@ -94,7 +95,7 @@ class Engine:
         self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._last_tokens = TokenCount()
-        self._batcher: DynamicBatcher[GenRequest, GenResult] | None = None
+        self._batcher: DynamicBatcher[Any, Any] | None = None
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         plain = backend is not None and backend.truncation is None and backend.padding is None
         self._backend = backend if plain else None
@@ -110,7 +111,7 @@ class Engine:
             "int8_kernel_source": self.int8_kernel.source,
         }
 
-    def attach(self, batcher: DynamicBatcher[GenRequest, GenResult]) -> None:
+    def attach(self, batcher: DynamicBatcher[Any, Any]) -> None:
         """Generation admits waiting requests from ``batcher`` into its running batch."""
         self._batcher = batcher
 
@@ -149,7 +150,40 @@ class Engine:
         self.metrics.tokens.labels("input").inc(self._last_tokens.value)
         return out
 
-    def run_generation(self, batch: list[GenRequest]) -> list[GenResult]:
+    def run_generation(self, batch: list[GenRequest | ScoreRequest]) -> list[GenResult | TokenLogprobs]:
+        """One causal-LM batch: scoring requests (one forward each group) and generation requests
+        (prefill + decode with continuous batching); results in batch order, then admission order."""
+        order: list[GenRequest | ScoreRequest] = list(batch)
+        scored: dict[int, TokenLogprobs] = {}
+
+        def score(requests: list[GenRequest | ScoreRequest]) -> list[GenRequest]:
+            """Score the scoring requests at once (answering each early); the rest go on to generate."""
+            todo = [r for r in requests if isinstance(r, ScoreRequest)]
+            if todo:
+                for r, lp in zip(
+                    todo, score_batch(self.model, todo, self.pad_id, FORWARD_OVERHEAD_TOKENS), strict=True
+                ):
+                    scored[id(r)] = lp
+                    if r.on_done is not None:
+                        r.on_done(lp)
+                self.metrics.tokens.labels("input").inc(sum(len(r.prompt_ids) for r in todo))
+            return [r for r in requests if isinstance(r, GenRequest)]
+
+        generating = score(order)
+        generated = iter(self._generate(generating, order, score) if generating else [])
+        self._last_tokens.value = sum(len(r.prompt_ids) for r in order if isinstance(r, ScoreRequest)) + (
+            self._last_tokens.value if generating else 0
+        )
+        return [scored[id(r)] if isinstance(r, ScoreRequest) else next(generated) for r in order]
+
+    def _generate(
+        self,
+        batch: list[GenRequest],
+        order: list[GenRequest | ScoreRequest],
+        score: Callable[[list[GenRequest | ScoreRequest]], list[GenRequest]],
+    ) -> list[GenResult]:
+        """Generation with continuous batching; admitted scoring requests are scored at admission
+        (``score``) and only appended to ``order``."""
         stats = DecodeStats()
         batcher, admit, max_rows = self._batcher, None, None
         if batcher is not None:
@@ -161,10 +195,11 @@ class Engine:
                 steps += 1
                 if batcher.depth < min(free, quarter) and steps < ADMIT_EVERY_STEPS:
                     return []
-                joining = batcher.admit(min(free, left), policy.max_batch_tokens - budgeted)
-                left -= len(joining)
-                steps = 0 if joining else steps
-                return joining
+                admitted = batcher.admit(min(free, left), policy.max_batch_tokens - budgeted)
+                left -= len(admitted)
+                steps = 0 if admitted else steps
+                order.extend(admitted)
+                return score(admitted)
 
             max_rows = policy.max_batch_size
         results: list[GenResult] = generate_batch(self.model, self.tokenizer, batch, stats, admit, max_rows)

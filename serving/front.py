@@ -15,17 +15,18 @@ from typing import Any
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .engine import Engine
 from .errors import ApiError
-from .generation import GenRequest, GenResult
+from .generation import GenRequest
 from .schemas import MAX_TEXT_CHARS
+from .scoring import ScoreRequest
 from .state import ServeLimits, ServerState
 
 
-def answer_early(fut: concurrent.futures.Future[Any]) -> Callable[[GenResult], None]:
+def answer_early(fut: concurrent.futures.Future[Any]) -> Callable[[Any], None]:
     """``GenRequest.on_done`` for ``fut``: a sequence that finishes before the rest of its batch is
     answered at once. Runs on the worker thread; a future the client already cancelled is left alone
     (raising there would fail the whole batch)."""
 
-    def done(result: GenResult) -> None:
+    def done(result: Any) -> None:
         try:
             if not fut.done():
                 fut.set_result(result)
@@ -126,7 +127,7 @@ class Front:
         """Queue one unit of work (token ids to classify, or a ``GenRequest``) of ``length`` tokens."""
         batcher = self._batcher()
         early: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        if isinstance(payload, GenRequest) and payload.on_text is None:
+        if (isinstance(payload, GenRequest) and payload.on_text is None) or isinstance(payload, ScoreRequest):
             payload.on_done = answer_early(early)
         try:
             fut = batcher.submit(payload, length, early)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .runtime import inference_mode
+from .scoring import TokenLogprobs, rows_logprobs
 
 FinishReason = Literal["stop", "length"]
 
@@ -31,6 +32,8 @@ class GenRequest:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # Top-K alternatives to return with each generated token's log-prob (None: no log-probs).
+    logprobs: int | None = None
     # Called on the worker thread with each new piece of text, and once with the finish reason.
     on_text: Callable[[str, FinishReason | None], None] | None = None
     # Called on the worker thread as soon as this sequence finishes, while the rest of its batch
@@ -53,6 +56,7 @@ class GenResult:
     token_ids: list[int]
     finish_reason: FinishReason
     prompt_tokens: int
+    logprobs: TokenLogprobs | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -96,6 +100,8 @@ class _Row:
         # Only stop strings and streaming need the text after every token; otherwise decoding once at
         # the end saves a detokenization of the whole prefix per step and row.
         self.incremental = bool(req.stop) or req.on_text is not None
+        # Per generated token (when the request asks for log-probs): own log-prob, top ids, top log-probs.
+        self.lp: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.gen = torch.Generator()
         self.gen.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2**63)))
 
@@ -120,8 +126,23 @@ class _Row:
         if self.finish is not None and self.req.on_done is not None:
             self.req.on_done(self.result())
 
+    def record(self, logits: torch.Tensor, token: int) -> None:
+        """The model's log-prob of ``token`` (before temperature and top-p) and its top-K."""
+        k = self.req.logprobs or 0
+        own, top_ids, top_lp = rows_logprobs(logits[None], torch.tensor([token]), k)
+        self.lp.append((own, top_ids, top_lp))
+
     def result(self) -> GenResult:
-        return GenResult(self.text, self.ids, self.finish or "length", len(self.req.prompt_ids))
+        lp = None
+        if self.req.logprobs is not None:
+            k = self.req.logprobs
+            lp = TokenLogprobs(
+                list(self.ids),
+                torch.cat([o for o, _, _ in self.lp]) if self.lp else torch.zeros(0),
+                torch.cat([t for _, t, _ in self.lp]) if self.lp else torch.zeros((0, k), dtype=torch.int32),
+                torch.cat([v for _, _, v in self.lp]) if self.lp else torch.zeros((0, k)),
+            )
+        return GenResult(self.text, self.ids, self.finish or "length", len(self.req.prompt_ids), lp)
 
     def _emit(self) -> None:
         if self.req.on_text is None:
@@ -194,6 +215,8 @@ def _sample(live: _Live, rows: list[_Row], eos_id: int | None) -> list[int]:
             if row.req.temperature <= 0.0
             else sample_next(live.logits[j], row.req.temperature, row.req.top_p, row.gen)
         )
+        if row.req.logprobs is not None and token != eos_id:  # eos is not a returned token
+            row.record(live.logits[j], token)
         row.push(token, eos_id)
         tokens.append(token)
     return tokens
