@@ -34,6 +34,10 @@ class SamplingParams(_Body):
 
 class CompletionRequest(SamplingParams):
     prompt: str | list[str]  # count and sizes checked in the handler, against the server's limits
+    # 0 only with echo (scoring the prompt); checked in the handler so the error can say so.
+    max_tokens: int = Field(default=16, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0)  # top-K per token; the limit is the server's
 
 
 class ChatMessage(_Body):

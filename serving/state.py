@@ -19,6 +19,10 @@ class ServeLimits:
     max_items: int = 64  # texts per classify/infer request
     max_prompts: int = 16  # prompts per completions request
     max_body_bytes: int = 1 << 20
+    # Top-K alternatives per token (completions ``logprobs``): JSON spells every alternative out as
+    # text (~30 bytes each), the binary frame stores 8 bytes each, so it may ask for more.
+    max_logprobs: int = 20
+    max_logprobs_binary: int = 128
 
 
 @dataclass

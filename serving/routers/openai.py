@@ -10,13 +10,15 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
 
 from ..engine import Engine
 from ..errors import ApiError
 from ..front import Front
 from ..generation import FinishReason, GenRequest, GenResult, chat_prompt
+from ..logprobs_api import completions_with_logprobs
+from ..logprobs_wire import wants_binary
 from ..schemas import MAX_STOP, ChatRequest, CompletionRequest, SamplingParams, stop_list
 
 Chunk = Callable[[int, str, FinishReason | None], dict[str, Any]]
@@ -122,7 +124,7 @@ def router(front: Front) -> APIRouter:
         return {"object": "list", "data": [front.model_card()]}
 
     @api.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
+    async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | Response:
         engine = front.engine_for("causal-lm", "model")
         front.check_model(body.model)
         single = isinstance(body.prompt, str)
@@ -131,11 +133,24 @@ def router(front: Front) -> APIRouter:
             raise ApiError(400, "prompt must not be an empty list", "prompt")
         if len(prompts) > front.limits.max_prompts:
             raise ApiError(400, f"prompt takes at most {front.limits.max_prompts} prompts", "prompt")
-        reqs = generation_requests(front, engine, prompts, "prompt", body, single)
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def head() -> dict[str, Any]:
             return {"id": rid, "object": "text_completion", "created": created, "model": front.model_name}
+
+        binary = wants_binary(request.headers.get("accept"))
+        if body.echo or body.logprobs is not None or binary or body.max_tokens == 0:  # scoring, or log-probs
+            return await completions_with_logprobs(
+                front,
+                engine,
+                body,
+                prompts,
+                single,
+                binary,
+                head(),
+                lambda: generation_requests(front, engine, prompts, "prompt", body, single),
+            )
+        reqs = generation_requests(front, engine, prompts, "prompt", body, single)
 
         def chunk(i: int, text: str, finish: FinishReason | None) -> dict[str, Any]:
             return {**head(), "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": None}]}
