@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from kdistill.serving.logprobs_wire import BINARY_MEDIA_TYPE, read_binary_frame
-from tests.serving.helpers import ServerProcess, build_tiny_tokenizer, metrics_text, running_server, tiny_gpt2
+from tests.serving.helpers import ServerProcess, metrics_text, running_server
+from tests.serving.hf_dirs import save_hf_dir
 
 PROMPTS = [
     "The for statement is used to iterate over the elements of a sequence",
@@ -28,12 +29,7 @@ JSON_K, BINARY_K = 5, 40
 
 @pytest.fixture(scope="module")
 def hf_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hf-lm")
-    tokenizer = build_tiny_tokenizer(root / "tokenizer")
-    model = tiny_gpt2(len(tokenizer), seed=3)
-    out = root / "teacher"
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    out = save_hf_dir(tmp_path_factory.mktemp("hf"))
     assert (out / "model.safetensors").is_file() and not (out / "kdistill.json").exists()
     return out
 
@@ -114,7 +110,9 @@ def test_binary_scoring_equals_the_models_log_softmax(server: ServerProcess, ref
         own, top_ids, top_lp = tensors["token_logprobs"][rows], tensors["top_ids"][rows], tensors["top_logprobs"][rows]
         assert math.isnan(own[0]) and top_ids[0].tolist() == [-1] * BINARY_K
         expected = ref_logprobs(reference, ids)
-        torch.testing.assert_close(own[1:], expected.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            own[1:], expected.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0], atol=1e-4, rtol=0
+        )
         want_lp, want_ids = torch.topk(expected, BINARY_K, dim=-1)
         assert top_ids[1:].tolist() == want_ids.tolist()
         torch.testing.assert_close(top_lp[1:], want_lp, atol=1e-4, rtol=0)
@@ -142,8 +140,6 @@ def test_generated_tokens_carry_their_log_probs(server: ServerProcess, reference
     assert lp["tokens"] == [tokenizer.decode([t]) for t in gen]
     assert lp["text_offset"][0] == len(PROMPTS[1])
     assert all(abs(a - b) < 1e-4 for a, b in zip(lp["token_logprobs"], tensors["token_logprobs"].tolist(), strict=True))
-
-
 
 
 def batch_counts(server: ServerProcess) -> tuple[float, float]:
