@@ -3,9 +3,9 @@ loads, remembered per CPU and layer shapes.
 
 The artifact stores its INT8 layers backend-neutral (``trainer/quantization.py``), so every kernel
 computes the same per-channel int8 weights; they differ in speed, and by CPU: on an AVX2-only CPU
-``torchao-dynamic`` runs a reference loop ~40x slower than an fp32 GEMM, and on an AVX512-VNNI CPU
-it took twice the time of ``fbgemm-dynamic`` and ``onednn-dynamic``. Which of fbgemm and oneDNN wins
-depends on the shapes (on this AVX2 EPYC oneDNN for a BERT student, fbgemm for a GPT2 one).
+``torchao-dynamic`` runs a reference loop far slower than an fp32 GEMM, and on an AVX512-VNNI CPU
+it was slower than ``fbgemm-dynamic`` and ``onednn-dynamic``. Which of fbgemm and oneDNN wins
+depends on the layer shapes and on the number of rows (docs/benchmarks/serving.md).
 
 The measurement: every distinct (in, out) shape of the model's INT8 layers, with that layer's own
 weights, under each kernel this torch build offers, at ``PROBE_ROWS`` rows (a decode step or a short
