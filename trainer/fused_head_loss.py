@@ -66,7 +66,9 @@ class TopKTeacher:
 Teacher = Tensor | TeacherHead | TopKTeacher
 
 
-def _teacher_chunk(teacher: Teacher, lo: int, hi: int, dtype: torch.dtype) -> tuple[str, tuple[Tensor, ...]]:
+def _teacher_chunk(
+    teacher: Teacher, lo: int, hi: int, dtype: torch.dtype, vocab: int
+) -> tuple[str, tuple[Tensor, ...]]:
     if isinstance(teacher, Tensor):
         return "dense", (teacher[lo:hi].to(dtype),)
     if isinstance(teacher, TeacherHead):
@@ -74,7 +76,9 @@ def _teacher_chunk(teacher: Teacher, lo: int, hi: int, dtype: torch.dtype) -> tu
         if teacher.bias is not None:
             logits = logits + teacher.bias.to(dtype)
         return "dense", (logits,)
-    lse = teacher.logsumexp[lo:hi].to(dtype) if teacher.logsumexp is not None else None
+    # k == V leaves no tail: the buckets are the whole vocabulary (as in topk_kd_divergence).
+    with_tail = teacher.logsumexp is not None and teacher.values.shape[-1] < vocab
+    lse = teacher.logsumexp[lo:hi].to(dtype) if with_tail else None
     parts = (teacher.values[lo:hi].to(dtype), teacher.indices[lo:hi])
     return ("topk-tail", (*parts, lse)) if lse is not None else ("topk", parts)  # type: ignore[return-value]
 
@@ -164,7 +168,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             z = h @ w.t()
             if b is not None:
                 z = z + b
-            kind, args = _teacher_chunk(teacher, lo, hi, dtype)
+            kind, args = _teacher_chunk(teacher, lo, hi, dtype, w.shape[0])
             kd, ce, dz = chunk_terms(z, kind, args, labels[lo:hi], c_kd[lo:hi], c_ce[lo:hi], temperature)
             kd_all[lo:hi], ce_all[lo:hi] = kd, ce
             torch.mm(dz, w, out=grad_h[lo:hi])

@@ -74,11 +74,12 @@ def test_dense_teacher_head_equals_plain_loss_and_gradient(temperature: float, c
 
 @pytest.mark.parametrize("tail", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_topk_teacher_equals_plain_topk_loss_and_gradient(tail: bool, temperature: float) -> None:
+@pytest.mark.parametrize("k", [K, V])
+def test_topk_teacher_equals_plain_topk_loss_and_gradient(tail: bool, temperature: float, k: int) -> None:
     x = _inputs(1, bias=False)
     t_logits = x["t_hidden"] @ x["t_weight"].t()
     lse = torch.logsumexp(t_logits, dim=-1) if tail else None
-    values, indices = t_logits.topk(K, dim=-1)
+    values, indices = t_logits.topk(k, dim=-1)  # k == V: no tail bucket even with the log-sum-exp
 
     def kd_fn(s: torch.Tensor) -> torch.Tensor:
         return topk_kd_divergence(s, values, indices, "forward-kl", temperature, teacher_logsumexp=lse)
