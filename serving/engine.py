@@ -224,7 +224,11 @@ class Engine:
         probe = self.encode("warm up") or [self.pad_id]
         if self.task == "causal-lm":
             self.run_generation(
-                [GenRequest(probe, max_tokens=2, temperature=0.0), GenRequest(probe[:1], max_tokens=1, temperature=0.0)]
+                [
+                    GenRequest(probe, max_tokens=2, temperature=0.0),
+                    GenRequest(probe[:1], max_tokens=1, temperature=0.0),
+                    ScoreRequest(probe, top_k=1),  # the scoring pass (padded forward, log-softmax, top-K)
+                ]
             )
         else:
             self.run_classification([probe, probe[:1]])

@@ -17,6 +17,9 @@ from torch import nn
 from .batcher import length_groups
 from .runtime import inference_mode
 
+# Positions per log-softmax in ``score_batch``.
+SCORE_CHUNK = 256
+
 
 @dataclass
 class TokenLogprobs:
@@ -77,12 +80,11 @@ def score_batch(
         for j, (i, r) in enumerate(zip(group, rows, strict=True)):
             n = len(r.prompt_ids)
             first = _first_row(r.top_k)
-            if n > 1:
-                own, top_ids, top_lp = rows_logprobs(logits[j, : n - 1], ids[j, 1:n], r.top_k)
-                first = (
-                    torch.cat([first[0], own]),
-                    torch.cat([first[1], top_ids]),
-                    torch.cat([first[2], top_lp]),
-                )
-            out[i] = TokenLogprobs(list(r.prompt_ids), *first)
+            parts = [first]
+            # A few hundred positions at a time: the FP32 log-softmax of a long prompt over a large
+            # vocabulary would otherwise be one [T, V] temporary beside the logits.
+            for at in range(0, n - 1, SCORE_CHUNK):
+                end = min(n - 1, at + SCORE_CHUNK)
+                parts.append(rows_logprobs(logits[j, at:end], ids[j, at + 1 : end + 1], r.top_k))
+            out[i] = TokenLogprobs(list(r.prompt_ids), *(torch.cat([p[c] for p in parts]) for c in range(3)))
     return [o for o in out if o is not None]

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 
+from kdistill.serving import scoring
 from kdistill.serving.batcher import BatchPolicy
 from kdistill.serving.engine import Engine
 from kdistill.serving.generation import GenRequest, GenResult
@@ -82,7 +83,9 @@ def assert_scored(engine: Engine, lp: Any, ids: list[int], k: int) -> None:
     assert lp.top_ids[1:].tolist() == top.tolist()
 
 
-def test_a_mixed_batch_answers_in_order(engine: Engine) -> None:
+@pytest.mark.parametrize("chunk", [3, 256])  # log-softmax in pieces of 3 positions, or in one
+def test_a_mixed_batch_answers_in_order(engine: Engine, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scoring, "SCORE_CHUNK", chunk)
     short, long = engine.encode("Names refer to objects."), engine.encode("The for statement iterates over a list")
     batch: list[GenRequest | ScoreRequest] = [
         ScoreRequest(long, 4),
