@@ -82,7 +82,7 @@ def main() -> None:
                 "command": command_line(),
                 "cpu_cores": cores,
                 "backend": "gloo",
-                "gpu": "none available in this session",
+                "gpu": "none on this machine",
                 "rows": rows,
                 "load_average_before_after": [load_before, os.getloadavg()],
                 "note": "2 shared CPU cores: 4 ranks oversubscribe them; numbers show DP overhead, "
@@ -168,7 +168,7 @@ def model_parallel(pvc: Path, steps: int) -> None:
                 "command": command_line(),
                 "cpu_cores": cores,
                 "backend": "gloo",
-                "gpu": "none available in this session",
+                "gpu": "none on this machine",
                 "teacher": "Llama, 4 layers, width 128, 4 heads, vocab 2048 (random weights)",
                 "student": "fromTeacher numLayers 2",
                 "global_batch": 16,
