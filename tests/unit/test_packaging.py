@@ -5,6 +5,7 @@ start in the Makefile and scripts/ uses -P."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,20 @@ def test_validate_and_crds_run_without_torch() -> None:
 
 
 def test_plain_wheel_maps_every_folder(tmp_path: Path) -> None:
+    # Build from a copy of the sources: setuptools reuses a checkout's build/lib, whose stale
+    # files would hide a package missing from pyproject.toml.
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("kdistill", "api", "operator", "trainer", "serving", "cli"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, source / name)
+    wheels = tmp_path / "wheels"
     subprocess.run(
         [
             sys.executable,
+            "-P",
             "-m",
             "pip",
             "wheel",
@@ -58,15 +70,15 @@ def test_plain_wheel_maps_every_folder(tmp_path: Path) -> None:
             "--no-deps",
             "--no-build-isolation",
             "-w",
-            str(tmp_path),
-            str(ROOT),
+            str(wheels),
+            str(source),
         ],
         check=True,
         capture_output=True,
     )
     import zipfile
 
-    (wheel,) = tmp_path.glob("kdistill-*.whl")
+    (wheel,) = wheels.glob("kdistill-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     # Every module of every mapped folder, subpackages included: a folder missing from
     # pyproject's package list installs fine in editable mode but not in the images' wheel.
