@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdistill.trainer.artifact import META_FILE, Artifact, ArtifactError, load_artifact
+from kdistill.trainer.artifact import META_FILE, Artifact, ArtifactError, load_artifact, load_config_and_tokenizer
 
 HF_CONFIG = "config.json"
 
@@ -37,17 +37,11 @@ def hf_task(config: Any) -> str:
 
 def load_hf_dir(model_dir: Path, *, trust_remote_code: bool = False) -> Artifact:
     """A plain Hugging Face directory as an ``Artifact`` (FP32 as saved, no quantization)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if not any(model_dir.glob("*.safetensors")):
         raise ArtifactError(f"{model_dir}: no *.safetensors weights (pickled weights are not loaded)")
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{model_dir}: config or tokenizer cannot be loaded: {exc}") from None
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    config, tokenizer = load_config_and_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     task = hf_task(config)
     cls = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
     try:

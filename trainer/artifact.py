@@ -153,20 +153,27 @@ def read_meta(model_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def load_artifact(model_dir: Path, *, kernel: q.Int8Kernel | None = None) -> Artifact:
-    """Load a verified artifact: config → empty model → INT8 layers in place → safetensors weights."""
-    from safetensors.torch import load_model
+def load_config_and_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A model directory's config and tokenizer, with the EOS token as padding where none is set."""
     from transformers import AutoConfig, AutoTokenizer
 
-    model_dir = Path(model_dir)
-    meta = read_meta(model_dir)
     try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{model_dir}: config or tokenizer cannot be loaded: {exc}") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    return config, tokenizer
+
+
+def load_artifact(model_dir: Path, *, kernel: q.Int8Kernel | None = None) -> Artifact:
+    """Load a verified artifact: config → empty model → INT8 layers in place → safetensors weights."""
+    from safetensors.torch import load_model
+
+    model_dir = Path(model_dir)
+    meta = read_meta(model_dir)
+    config, tokenizer = load_config_and_tokenizer(model_dir)
     model = _model_class(meta["task"]).from_config(config)
     quant = meta.get("quantization", {})
     layers = list(quant.get("int8_modules", []))
