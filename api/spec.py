@@ -40,19 +40,76 @@ KubeObject = dict[str, Any]
 
 Task = Literal["causal-lm", "sequence-classification"]
 DType = Literal["float32", "bfloat16", "float16"]
-Objective = Literal["hidden", "attention", "logits"]
+Objective = Literal["hidden", "attention", "logits", "sequence", "on-policy"]
+# Objectives that train on text written at run time (by the teacher or the student); each stands
+# alone in its stage, and only causal-LM jobs run them.
+GENERATIVE_OBJECTIVES = ("sequence", "on-policy")
+# Objectives that need the teacher's inner states, so a teacher behind HTTP cannot serve them.
+FEATURE_OBJECTIVES = ("hidden", "attention")
+
+
+class TeacherBatching(ApiModel):
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Requests per batch.")
+    max_batch_tokens: int = Field(16384, ge=1, le=10_000_000, description="Padded tokens per batch.")
+    max_wait_ms: int = Field(10, ge=0, le=60_000, description="Longest wait of the oldest queued request.")
+
+
+class TeacherServe(ApiModel):
+    enabled: bool = Field(
+        False,
+        description="Run the teacher as its own Deployment and Service (<job>-teacher) running kdistill "
+        "serve; the workers reach it over HTTP and load no teacher weights. Locally, kdistill run "
+        "starts a kdistill serve process.",
+    )
+    replicas: int = Field(1, ge=1, le=1000, description="Teacher server replicas.")
+    gpus_per_replica: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per teacher pod; 0 runs on CPU.")
+    resources: KubeObject = Field(default_factory=dict, description="Teacher container resources.")
+    batching: TeacherBatching = Field(default_factory=TeacherBatching, description="The teacher server's batching.")
 
 
 class Teacher(ApiModel):
-    model: SourceUri = Field(
+    model: SourceUri | None = Field(
+        None,
         description="Teacher model: a path, pvc://CLAIM/PATH or hf://REPO[@REV]. Loaded with "
-        "transformers Auto classes, weights through safetensors."
+        "transformers Auto classes, weights through safetensors. Optional when endpoint is set.",
     )
     dtype: DType = Field("float32", description="Precision the teacher runs in.")
     trust_remote_code: bool = Field(
         False, description="Allow model code shipped with the checkpoint to run. Off unless asked for."
     )
     token_secret: str = Field("", max_length=253, description="Name of a Secret holding HF_TOKEN, for hf:// sources.")
+    endpoint: str = Field(
+        "",
+        max_length=1024,
+        pattern=r"^(https?://[^\s/]+(/[^\s]*)?)?$",
+        description="URL of an OpenAI-compatible server that already runs the teacher (kdistill serve, "
+        "vLLM, TGI), e.g. another job's http://JOB-teacher:8080; the workers load no teacher weights.",
+    )
+    serve: TeacherServe = Field(default_factory=TeacherServe, description="Run the teacher as a service.")
+
+    cel_rules: ClassVar = (
+        CelRule(
+            "has(self.model) || size(self.endpoint) > 0",
+            "teacher.model is required unless teacher.endpoint names a running teacher",
+        ),
+        CelRule(
+            "!self.serve.enabled || (has(self.model) && size(self.endpoint) == 0)",
+            "teacher.serve.enabled serves teacher.model: set model and leave endpoint empty",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> Teacher:
+        if self.model is None and not self.endpoint:
+            raise ValueError("teacher.model is required unless teacher.endpoint names a running teacher")
+        if self.serve.enabled and (self.model is None or self.endpoint):
+            raise ValueError("teacher.serve.enabled serves teacher.model: set model and leave endpoint empty")
+        return self
+
+    @property
+    def remote(self) -> bool:
+        """True when the workers reach the teacher over HTTP instead of loading it."""
+        return bool(self.endpoint) or self.serve.enabled
 
 
 class FromTeacher(ApiModel):
@@ -87,8 +144,9 @@ class FromTeacher(ApiModel):
 class Student(ApiModel):
     model: SourceUri | None = Field(
         None,
-        description="An explicit student checkpoint. It must use the teacher's tokenizer and "
-        "vocabulary (checked at start).",
+        description="An explicit student checkpoint. With another tokenizer than the teacher's, "
+        "distill with sequence or on-policy, or set distillation.crossTokenizer for logits "
+        "(checked at start).",
     )
     from_teacher: FromTeacher | None = Field(
         None, description="Derive the student from the teacher instead of loading one."
@@ -151,6 +209,13 @@ class Data(ApiModel):
         max_length=128,
         description="JSON key of the label; required (non-empty) for sequence-classification.",
     )
+    prompt_field: str = Field(
+        "prompt",
+        min_length=1,
+        max_length=128,
+        description="JSON key of the prompt, for the sequence and on-policy objectives; lines "
+        "without it use the start of their text.",
+    )
     max_seq_length: int = Field(512, ge=8, le=131072, description="Longer texts are truncated.")
     max_bad_fraction: float = Field(
         0.01,
@@ -185,7 +250,9 @@ class Stage(ApiModel):
         min_length=1,
         max_length=3,
         description="hidden: hidden-state MSE through projections; attention: low-rank attention "
-        "transfer; logits: KD loss plus hard-label CE.",
+        "transfer; logits: KD loss plus hard-label CE; sequence: CE on completions the teacher "
+        "writes; on-policy: divergence to the teacher on completions the student samples. "
+        "sequence and on-policy each stand alone in their stage.",
     )
     attention_rank: int = Field(16, ge=1, le=4096, description="Rank of the attention-transfer factors.")
 
@@ -194,12 +261,18 @@ class Stage(ApiModel):
             "self.objectives.all(o, self.objectives.exists_one(p, p == o))",
             "objectives must not repeat",
         ),
+        CelRule(
+            "size(self.objectives) == 1 || !self.objectives.exists(o, o == 'sequence' || o == 'on-policy')",
+            "sequence and on-policy each stand alone in their stage",
+        ),
     )
 
     @model_validator(mode="after")
     def _unique_objectives(self) -> Stage:
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError("objectives must not repeat")
+        if len(self.objectives) > 1 and set(self.objectives) & set(GENERATIVE_OBJECTIVES):
+            raise ValueError(f"sequence and on-policy each stand alone in their stage (got {self.objectives})")
         return self
 
 
@@ -214,6 +287,39 @@ class TeacherCache(ApiModel):
         description="Compute teacher top-k logits once, store them on the checkpoint volume and reuse them.",
     )
     top_k: int = Field(64, ge=1, le=1_000_000, description="Logits kept per token.")
+
+
+class Generation(ApiModel):
+    samples_per_prompt: int = Field(1, ge=1, le=64, description="Completions the teacher writes per prompt.")
+    max_new_tokens: int = Field(256, ge=1, le=131072, description="Longest completion.")
+    temperature: float = Field(0.7, ge=0.0, le=100.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+
+
+class OnPolicy(ApiModel):
+    lambda_: float = Field(
+        1.0,
+        alias="lambda",
+        ge=0.0,
+        le=1.0,
+        description="Fraction of batches whose completions the student samples; the rest use the dataset's text.",
+    )
+    beta: float = Field(
+        1.0, ge=0.0, le=1.0, description="Generalised JSD between teacher and student: 0 forward KL, 1 reverse KL."
+    )
+    max_new_tokens: int = Field(128, ge=1, le=131072, description="Longest completion the student samples.")
+    top_k: int = Field(
+        64, ge=1, le=1024, description="Teacher log-probs per student token; the rest form a tail bucket."
+    )
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="The student's sampling temperature.")
+
+
+class CrossTokenizer(ApiModel):
+    method: Literal["uld", "byte-span"] = Field(
+        description="How logits KD matches a student whose tokenizer differs from the teacher's: uld "
+        "(Universal Logit Distillation: sorted probability vectors) or byte-span (tokens aligned by "
+        "their byte offsets in the text)."
+    )
 
 
 def _default_stages() -> list[Stage]:
@@ -240,6 +346,13 @@ class Distillation(ApiModel):
         description="Student→teacher layer pairs for hidden/attention objectives; empty: evenly spaced.",
     )
     teacher_cache: TeacherCache = Field(default_factory=TeacherCache, description="Teacher logit cache.")
+    generation: Generation = Field(
+        default_factory=Generation, description="How the teacher writes completions (objective sequence)."
+    )
+    on_policy: OnPolicy = Field(default_factory=OnPolicy, description="Objective on-policy (GKD / MiniLLM family).")
+    cross_tokenizer: CrossTokenizer | None = Field(
+        None, description="Used by logits when the student's vocabulary differs from the teacher's."
+    )
     batch_size: int = Field(
         32,
         ge=1,
@@ -531,7 +644,7 @@ SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
     SplitStudentRule(
         "self.distillation.stages.all(s, s.objectives.all(o, o == 'logits'))",
         lambda spec: _objectives(spec) <= {"logits"},
-        "distills with the logits objective only (no hidden or attention)",
+        "distills with the logits objective only (no hidden, attention, sequence or on-policy)",
         lambda spec: f"objectives {sorted(_objectives(spec) - {'logits'})}",
     ),
     SplitStudentRule(
@@ -614,6 +727,22 @@ class DistillationJobSpec(ApiModel):
             "self.task == 'causal-lm' || self.parallelism.teacherPipelineStages == 1",
             "parallelism.teacherPipelineStages > 1 splits causal-LM decoders only; use 1 for sequence-classification",
         ),
+        CelRule(
+            "!has(self.student.fromTeacher) || has(self.teacher.model)",
+            "student.fromTeacher derives the student from teacher.model: set it, or give student.model",
+        ),
+        CelRule(
+            "self.task == 'causal-lm' || !self.distillation.stages.exists(s, s.objectives.exists("
+            "o, o == 'sequence' || o == 'on-policy'))",
+            "the sequence and on-policy objectives train causal-LM students only",
+        ),
+        CelRule(
+            "!(self.teacher.serve.enabled || size(self.teacher.endpoint) > 0) || "
+            "(self.task == 'causal-lm' && self.parallelism.teacherPipelineStages == 1 && "
+            "!self.distillation.stages.exists(s, s.objectives.exists(o, o == 'hidden' || o == 'attention')))",
+            "a served teacher (teacher.endpoint or teacher.serve) scores causal-LM tokens only: no hidden or "
+            "attention objectives, no sequence-classification, parallelism.teacherPipelineStages 1",
+        ),
         *(
             CelRule(f"!{_CEL_SPLIT_STUDENT} || {rule.cel}", f"{SPLIT_STUDENT} {rule.why}")
             for rule in SPLIT_STUDENT_RULES
@@ -639,8 +768,33 @@ class DistillationJobSpec(ApiModel):
                 f"parallelism.teacherPipelineStages ({self.parallelism.teacher_pipeline_stages}) > 1 splits "
                 f"causal-LM decoders only; use 1 for {self.task}"
             )
+        if self.student.from_teacher is not None and self.teacher.model is None:
+            raise ValueError(
+                "student.fromTeacher derives the student from teacher.model: set it, or give student.model"
+            )
+        if self.task != "causal-lm" and _objectives(self) & set(GENERATIVE_OBJECTIVES):
+            raise ValueError(f"the sequence and on-policy objectives train causal-LM students only (task {self.task})")
+        self._served_teacher_rules()
         self._split_student_rules()
         return self
+
+    def _served_teacher_rules(self) -> None:
+        """A teacher behind HTTP returns log-probs of tokens, nothing from inside the model."""
+        if not self.teacher.remote:
+            return
+        problems = []
+        if self.task != "causal-lm":
+            problems.append(f"task {self.task}")
+        if self.parallelism.teacher_pipeline_stages != 1:
+            problems.append(f"parallelism.teacherPipelineStages {self.parallelism.teacher_pipeline_stages}")
+        if features := sorted(_objectives(self) & set(FEATURE_OBJECTIVES)):
+            problems.append(f"objectives {features}")
+        if problems:
+            raise ValueError(
+                "a served teacher (teacher.endpoint or teacher.serve) scores causal-LM tokens only: no hidden "
+                "or attention objectives, no sequence-classification, parallelism.teacherPipelineStages 1 "
+                f"(got {', '.join(problems)})"
+            )
 
     def _split_student_rules(self) -> None:
         """What the loop cannot run with a tensor/pipeline-split student: static facts of the

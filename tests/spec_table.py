@@ -99,6 +99,29 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
     ("created-volume", with_spec(**{"checkpoint.volume": {"storageClassName": "nfs", "size": "10Gi"}})),
     ("ptq", with_spec(quantization={"mode": "ptq-int8", "qatSteps": 0})),
     (
+        "teacher-endpoint-no-model",
+        with_spec(teacher={"endpoint": "http://other-teacher:8080"}, student={"model": "pvc://models/student"}),
+    ),
+    (
+        "served-teacher-generate-then-on-policy",
+        with_spec(
+            **{"teacher.serve": {"enabled": True, "gpusPerReplica": 0}},
+            distillation={
+                "stages": [
+                    {"name": "generate", "steps": 5, "objectives": ["sequence"]},
+                    {"name": "on-policy", "steps": 5, "objectives": ["on-policy"]},
+                    {"name": "output", "steps": 5, "objectives": ["logits"]},
+                ],
+                "generation": {"samplesPerPrompt": 2, "maxNewTokens": 32, "temperature": 0.0},
+                "onPolicy": {"lambda": 0.5, "beta": 0.0, "topK": 16},
+            },
+        ),
+    ),
+    (
+        "cross-tokenizer-uld",
+        with_spec(student={"model": "pvc://models/other"}, **{"distillation.crossTokenizer": {"method": "byte-span"}}),
+    ),
+    (
         "strata-within-tolerance",
         with_spec(**{"data.sampling": {"strategy": "stratified", "head": 0.7, "torso": 0.2, "tail": 0.1000004}}),
     ),
@@ -158,7 +181,7 @@ SPLIT_STUDENT_NEEDLES = {
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("missing-task", with_spec(task=_DELETE), "spec.task"),
     ("unknown-task", with_spec(task="translation"), "spec.task"),
-    ("missing-teacher-model", with_spec(teacher={"dtype": "float32"}), "spec.teacher.model"),
+    ("missing-teacher-model", with_spec(teacher={"dtype": "float32"}), "spec.teacher"),
     ("bad-dtype", with_spec(**{"teacher.dtype": "int4"}), "spec.teacher.dtype"),
     ("student-both", with_spec(student={"model": "/m", "fromTeacher": {"numLayers": 2}}), "spec.student"),
     ("student-neither", with_spec(student={}), "spec.student"),
@@ -279,6 +302,78 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "autoscaling-inverted",
         with_spec(**{"serving.autoscaling": {"minReplicas": 3, "maxReplicas": 2}}),
         "spec.serving.autoscaling",
+    ),
+    (
+        "teacher-neither-model-nor-endpoint",
+        with_spec(teacher={"dtype": "float32"}, student={"model": "pvc://models/student"}),
+        "spec.teacher",
+    ),
+    ("teacher-endpoint-not-url", with_spec(**{"teacher.endpoint": "other-teacher:8080"}), "spec.teacher.endpoint"),
+    (
+        "teacher-serve-and-endpoint",
+        with_spec(**{"teacher.endpoint": "http://t:8080", "teacher.serve": {"enabled": True}}),
+        "spec.teacher",
+    ),
+    (
+        "from-teacher-without-teacher-model",
+        with_spec(teacher={"endpoint": "http://t:8080"}),
+        "spec",
+    ),
+    (
+        "served-teacher-hidden",
+        with_spec(
+            **{
+                "teacher.serve": {"enabled": True},
+                "distillation.stages": [{"name": "a", "steps": 5, "objectives": ["hidden"]}],
+            }
+        ),
+        "spec",
+    ),
+    (
+        "served-teacher-pipeline-stages",
+        with_spec(
+            **{"teacher.endpoint": "http://t:8080", "student": {"model": "pvc://models/s"}},
+            parallelism={"nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 2}},
+        ),
+        "spec",
+    ),
+    (
+        "sequence-with-logits",
+        with_spec(**{"distillation.stages": [{"name": "a", "steps": 5, "objectives": ["sequence", "logits"]}]}),
+        "spec.distillation.stages[0]",
+    ),
+    (
+        "on-policy-classification",
+        with_spec(
+            task="sequence-classification",
+            **{"distillation.stages": [{"name": "a", "steps": 5, "objectives": ["on-policy"]}]},
+        ),
+        "spec",
+    ),
+    (
+        "on-policy-lambda-above-1",
+        with_spec(**{"distillation.onPolicy": {"lambda": 1.5}}),
+        "spec.distillation.onPolicy.lambda",
+    ),
+    (
+        "on-policy-beta-negative",
+        with_spec(**{"distillation.onPolicy": {"beta": -0.1}}),
+        "spec.distillation.onPolicy.beta",
+    ),
+    (
+        "generation-top-p-zero",
+        with_spec(**{"distillation.generation": {"topP": 0}}),
+        "spec.distillation.generation.topP",
+    ),
+    (
+        "cross-tokenizer-unknown",
+        with_spec(**{"distillation.crossTokenizer": {"method": "dskd"}}),
+        "spec.distillation.crossTokenizer.method",
+    ),
+    (
+        "teacher-serve-zero-replicas",
+        with_spec(**{"teacher.serve": {"enabled": True, "replicas": 0}}),
+        "spec.teacher.serve.replicas",
     ),
     *SPLIT_STUDENT_BAD,
     (
