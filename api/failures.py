@@ -23,6 +23,11 @@ class ExitCode(IntEnum):
     PEER_LOST = 11  # a rank vanished / collective timed out (NCCL or gloo)
     RENDEZVOUS_TIMEOUT = 12  # could not reach the rendezvous in time
     PREEMPTED = 13  # SIGTERM: checkpointed and exited cleanly
+    # The served teacher (teacher.endpoint, teacher.serve, KDISTILL_TEACHER_URL) did not answer
+    # within KDISTILL_TEACHER_TIMEOUT_S. Retryable: the gang restarts from its checkpoint and the
+    # restart counts against failurePolicy.maxRestarts, so a teacher that never comes back ends the
+    # job instead of looping.
+    TEACHER_UNAVAILABLE = 14
     # Permanent: restarting cannot help.
     BAD_SPEC = 20  # the job spec cannot run (e.g. student vocabulary differs from the teacher's)
     BAD_DATA = 21  # data missing, or too many bad lines
