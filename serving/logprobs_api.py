@@ -23,6 +23,7 @@ from .errors import ApiError
 from .front import Front
 from .generation import GenRequest, GenResult
 from .logprobs_wire import BINARY_MEDIA_TYPE, TokenStrings, binary_frame, openai_logprobs
+from .prompts import Prompt, encode_prompt, prompt_text
 from .schemas import CompletionRequest
 from .scoring import ScoreRequest, TokenLogprobs
 
@@ -53,8 +54,10 @@ def check_combination(body: CompletionRequest, binary: bool) -> None:
         raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: true, to score the prompt)", "max_tokens")
 
 
-async def score_prompts(front: Front, engine: Engine, prompts: list[str], single: bool, k: int) -> list[TokenLogprobs]:
-    ids = [front.encode_text(engine, text, "prompt" if single else f"prompt[{i}]") for i, text in enumerate(prompts)]
+async def score_prompts(
+    front: Front, engine: Engine, prompts: list[Prompt], single: bool, k: int
+) -> list[TokenLogprobs]:
+    ids = [encode_prompt(front, engine, p, "prompt" if single else f"prompt[{i}]") for i, p in enumerate(prompts)]
     front.check_capacity(len(ids))
     return list(await asyncio.gather(*(front.submit(ScoreRequest(row, k), len(row)) for row in ids)))
 
@@ -63,7 +66,7 @@ async def completions_with_logprobs(
     front: Front,
     engine: Engine,
     body: CompletionRequest,
-    prompts: list[str],
+    prompts: list[Prompt],
     single: bool,
     binary: bool,
     head: dict[str, Any],
@@ -78,7 +81,7 @@ async def completions_with_logprobs(
     starts: list[int]
     if body.echo:
         rows = await score_prompts(front, engine, prompts, single, k or 0)
-        texts, finish, starts = list(prompts), ["length"] * len(prompts), [0] * len(prompts)
+        texts, finish, starts = [prompt_text(engine, p) for p in prompts], ["length"] * len(prompts), [0] * len(prompts)
         prompt_tokens, completion_tokens = sum(len(r.token_ids) for r in rows), 0
     else:
         reqs = generation_requests()
@@ -89,7 +92,11 @@ async def completions_with_logprobs(
             await asyncio.gather(*(front.submit(r, len(r.prompt_ids) + r.max_tokens) for r in reqs))
         )
         rows = [r.logprobs for r in results if r.logprobs is not None]
-        texts, finish, starts = [r.text for r in results], [r.finish_reason for r in results], [len(p) for p in prompts]
+        texts, finish, starts = (
+            [r.text for r in results],
+            [r.finish_reason for r in results],
+            [len(prompt_text(engine, p)) for p in prompts],
+        )
         prompt_tokens = sum(r.prompt_tokens for r in results)
         completion_tokens = sum(r.completion_tokens for r in results)
     if binary:

@@ -32,8 +32,13 @@ class SamplingParams(_Body):
     stream: bool = False
 
 
+# A prompt as text or as token ids of the served model's vocabulary (as the OpenAI API and vLLM
+# take them): a string, a list of strings, a list of ids, or a list of id lists.
+PromptField = str | list[str] | list[int] | list[list[int]]
+
+
 class CompletionRequest(SamplingParams):
-    prompt: str | list[str]  # count and sizes checked in the handler, against the server's limits
+    prompt: PromptField  # count, sizes and ids checked in the handler, against the server's limits
     # 0 only with echo (scoring the prompt); checked in the handler so the error can say so.
     max_tokens: int = Field(default=16, ge=0)
     echo: bool = False

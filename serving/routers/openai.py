@@ -19,13 +19,14 @@ from ..front import Front
 from ..generation import FinishReason, GenRequest, GenResult, chat_prompt
 from ..logprobs_api import completions_with_logprobs
 from ..logprobs_wire import wants_binary
+from ..prompts import Prompt, encode_prompt, split_prompts
 from ..schemas import MAX_STOP, ChatRequest, CompletionRequest, SamplingParams, stop_list
 
 Chunk = Callable[[int, str, FinishReason | None], dict[str, Any]]
 
 
 def generation_requests(
-    front: Front, engine: Engine, prompts: list[str], param: str, params: SamplingParams, single: bool
+    front: Front, engine: Engine, prompts: list[Prompt], param: str, params: SamplingParams, single: bool
 ) -> list[GenRequest]:
     """One ``GenRequest`` per prompt, after checking the sampling parameters against the server's
     limits (``param`` names the prompt field; ``single``: a lone string, not a list)."""
@@ -41,8 +42,8 @@ def generation_requests(
                 400, "stop strings must not be empty", f"stop[{i}]" if isinstance(params.stop, list) else "stop"
             )
     reqs = []
-    for i, text in enumerate(prompts):
-        ids = front.encode_text(engine, text, param if single else f"{param}[{i}]", reserve=params.max_tokens)
+    for i, prompt in enumerate(prompts):
+        ids = encode_prompt(front, engine, prompt, param if single else f"{param}[{i}]", reserve=params.max_tokens)
         reqs.append(GenRequest(ids, params.max_tokens, params.temperature, params.top_p, stops, params.seed))
     return reqs
 
@@ -127,8 +128,7 @@ def router(front: Front) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | Response:
         engine = front.engine_for("causal-lm", "model")
         front.check_model(body.model)
-        single = isinstance(body.prompt, str)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts, single = split_prompts(body.prompt)
         if not prompts:
             raise ApiError(400, "prompt must not be an empty list", "prompt")
         if len(prompts) > front.limits.max_prompts:
