@@ -13,6 +13,7 @@ from kdistill.api.failures import ExitCode
 
 from .data import DataError, TokenizedExample, build_label_map, read_jsonl, tokenize_examples
 from .errors import TrainerError
+from .generated_set import is_generated_set, text_examples
 from .sampling import BatchSampler, assign_tiers
 from .sources import resolve_source
 
@@ -54,6 +55,8 @@ def _read(
     spec: DistillationJobSpec, path: Path, tokenizer: Any, label_field: str | None, label_map: dict[str, int] | None
 ) -> list[TokenizedExample]:
     data_spec = spec.data
+    if is_generated_set(path):  # an earlier job's teacher-written set (generated_set.py)
+        return tokenize_examples(text_examples(path, data_spec.text_field), tokenizer, data_spec.max_seq_length)
     try:
         rows = read_jsonl(
             path,
