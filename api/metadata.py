@@ -26,12 +26,17 @@ ANNOTATION_SOURCE_JOB = f"{GROUP}/source-job"
 
 ROLE_WORKER = "worker"
 ROLE_SERVER = "server"
+# The served teacher's Deployment, its pods and its Service (teacher.serve.enabled).
+ROLE_TEACHER = "teacher"
 
 # -- the environment of worker pods ---------------------------------------------------------------
 JOB_NAME_ENV = "KDISTILL_JOB_NAME"
 JOB_NAMESPACE_ENV = "KDISTILL_JOB_NAMESPACE"
 # Where pvc://<claim>/<path> sources resolve: the operator mounts each claim under it.
 PVC_ROOT_ENV = "KDISTILL_PVC_ROOT"
+# The served teacher's base URL (http://<job>-teacher.<namespace>.svc:<port>, or teacher.endpoint):
+# set on the workers whenever the teacher is remote; the trainer reads the teacher from it.
+TEACHER_URL_ENV = "KDISTILL_TEACHER_URL"
 
 # -- a job's output directory ---------------------------------------------------------------------
 STUDENT_DIR = "student"  # the full-precision student

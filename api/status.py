@@ -35,6 +35,19 @@ class Metrics(ApiModel):
     metric: str | None = Field(None, description="accuracy or perplexity.")
 
 
+TeacherState = Literal["Starting", "Ready", "Unavailable", "Stopped", "External"]
+
+
+class TeacherStatus(ApiModel):
+    state: TeacherState = Field(
+        description="Starting (workers wait for it), Ready, Unavailable (a running gang waits for it to come "
+        "back), Stopped (the job ended or is suspended; its objects are deleted) or External (teacher.endpoint)."
+    )
+    url: str = Field("", description="What the workers get in KDISTILL_TEACHER_URL.")
+    replicas: int | None = Field(None, ge=0, description="Teacher replicas asked for (teacher.serve).")
+    ready_replicas: int | None = Field(None, ge=0, description="Teacher replicas available now (teacher.serve).")
+
+
 class Condition(ApiModel):
     type: str = Field(description="Condition type, e.g. Ready, Training, Failed.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -46,7 +59,11 @@ class Condition(ApiModel):
 
 class DistillationJobStatus(ApiModel):
     phase: Phase | None = Field(None, description="Where the job is in its life.")
-    stage: str | None = Field(None, description="Current stage (trainer).")
+    stage: str | None = Field(
+        None,
+        description="Current stage (trainer); WaitingForTeacher while the operator holds the workers back until "
+        "the served teacher is ready.",
+    )
     step: int | None = Field(None, ge=0, description="Optimizer steps done (trainer).")
     total_steps: int | None = Field(None, ge=0, description="Stage steps plus qatSteps.")
     progress: str | None = Field(None, description='step / totalSteps as a percentage, e.g. "34%".')
@@ -57,6 +74,7 @@ class DistillationJobStatus(ApiModel):
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
     metrics: Metrics | None = Field(None, description="Eval metrics of teacher and served student.")
     endpoint: str | None = Field(None, description="URL of the serving Service.")
+    teacher: TeacherStatus | None = Field(None, description="The served or external teacher the workers use.")
     conditions: list[Condition] = Field(default_factory=list, description="metav1.Condition style.")
     observed_generation: int | None = Field(None, description="Spec generation last acted on.")
     start_time: str | None = Field(None, description="When training first started.")

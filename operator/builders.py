@@ -8,13 +8,15 @@ handlers call with the live job body.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Iterable
 from typing import Any
 
 import kopf
 import yaml
 
-from kdistill.api import DistillationJob, metadata, pvc_claims
+from kdistill.api import DistillationJob, metadata, parse_source_uri, pvc_claims
 from kdistill.api.failures import TERMINATION_LOG
 
 from . import names, rbac
@@ -48,6 +50,12 @@ def check_buildable(job: DistillationJob) -> None:
         )
     if volume is None and job.spec.parallelism.nodes > 1:
         raise BuildError("checkpoint.volume (ReadWriteMany) is required in a cluster when parallelism.nodes > 1")
+    teacher = job.spec.teacher
+    if teacher.serve.enabled and teacher.model is not None and parse_source_uri(teacher.model).kind == "hf":
+        raise BuildError(
+            "teacher.model must be pvc://CLAIM/PATH (or a path inside the trainer image) in a cluster when "
+            "teacher.serve.enabled: the teacher's server reads a model directory and downloads nothing"
+        )
 
 
 def job_config(job: DistillationJob) -> str:
@@ -241,6 +249,9 @@ def _worker_env(job: DistillationJob, index: int) -> list[Manifest]:
         # The root filesystem is read-only: caches go to the writable /tmp.
         *runtime_env(),
     ]
+    url = teacher_url(job)
+    if url:
+        env.append({"name": metadata.TEACHER_URL_ENV, "value": url})
     if job.spec.teacher.token_secret:
         env.append(
             {
@@ -356,6 +367,135 @@ def worker_pods(
 ) -> list[Manifest]:
     nodes = list(unready_nodes)
     return [worker_pod(job, i, attempt, settings, nodes) for i in range(job.spec.parallelism.nodes)]
+
+
+# -- the served teacher ----------------------------------------------------------------------
+
+
+def teacher_url(job: DistillationJob) -> str:
+    """KDISTILL_TEACHER_URL for the workers: the served teacher's Service, or teacher.endpoint
+    (e.g. another job's teacher Service, shared by several students); "" for an in-process teacher."""
+    teacher = job.spec.teacher
+    if teacher.serve.enabled:
+        return names.teacher_url(job.metadata.name, job.namespace)
+    return teacher.endpoint
+
+
+def teacher_model_path(job: DistillationJob) -> str:
+    """Where the teacher's pods see teacher.model: pvc://CLAIM/PATH under the claim's mount, as in the workers."""
+    model = job.spec.teacher.model
+    if model is None:
+        raise BuildError("teacher.serve.enabled serves teacher.model, which is not set")
+    uri = parse_source_uri(model)
+    if uri.kind == "pvc":
+        return f"{names.PVC_ROOT}/{uri.claim}/{uri.path}"
+    if uri.kind == "path":
+        return uri.path
+    raise BuildError("teacher.model must be pvc://CLAIM/PATH or a path when teacher.serve.enabled")
+
+
+def teacher_command(job: DistillationJob) -> list[str]:
+    teacher = job.spec.teacher
+    b = teacher.serve.batching
+    command = [
+        "kdistill",
+        "serve",
+        teacher_model_path(job),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(names.TEACHER_PORT),
+        "--model-name",
+        names.teacher(job.metadata.name),
+        "--max-batch-size",
+        str(b.max_batch_size),
+        "--max-batch-tokens",
+        str(b.max_batch_tokens),
+        "--max-wait-ms",
+        str(b.max_wait_ms),
+    ]
+    if teacher.trust_remote_code:
+        command.append("--trust-remote-code")
+    return command
+
+
+def spec_hash(spec: Manifest) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_deployment(job: DistillationJob, settings: Settings) -> Manifest:
+    """`<job>-teacher`: the trainer image running `kdistill serve` on teacher.model, placed like the
+    workers (GPUs, nodeSelector, tolerations, affinity), non-root with a read-only root filesystem.
+    Ready once the model is loaded and warmed up (the server's readiness endpoint)."""
+    name = job.metadata.name
+    tpl = job.spec.template
+    serve = job.spec.teacher.serve
+    labels = names.teacher_labels(name)
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}]
+    for claim in pvc_claims([job.spec.teacher.model]):
+        volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": f"pvc-{claim}", "mountPath": f"{names.PVC_ROOT}/{claim}", "readOnly": True})
+    container: Manifest = {
+        "name": names.TEACHER_CONTAINER,
+        "image": tpl.image or settings.trainer_image,
+        "command": teacher_command(job),
+        "ports": [{"name": "http", "containerPort": names.TEACHER_PORT}],
+        "env": runtime_env(),
+        "resources": _merge_gpu(serve.resources, serve.gpus_per_replica),
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": names.TEACHER_PORT},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        # Liveness answers as soon as the process listens, while a large teacher still loads.
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": names.TEACHER_PORT},
+            "initialDelaySeconds": 30,
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+    }
+    pod_spec: Manifest = {
+        "securityContext": pod_security_context(),
+        "automountServiceAccountToken": False,
+        "containers": [with_pull_policy(container, settings)],
+        "volumes": volumes,
+    }
+    optional = {
+        "nodeSelector": dict(tpl.node_selector),
+        "tolerations": copy.deepcopy(tpl.tolerations),
+        "affinity": copy.deepcopy(tpl.affinity),
+        "imagePullSecrets": copy.deepcopy(tpl.image_pull_secrets),
+        "priorityClassName": tpl.priority_class_name,
+        "schedulerName": tpl.scheduler_name,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v})
+    spec: Manifest = {
+        "replicas": serve.replicas,
+        "selector": {"matchLabels": labels},
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    meta = _meta(job, names.teacher(name), names.ROLE_TEACHER)
+    # The source-job annotation routes the Deployment's events to this job (handlers.deployment_event).
+    meta["annotations"] = {names.ANNOTATION_SOURCE_JOB: name, names.ANNOTATION_SPEC_HASH: spec_hash(spec)}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": spec}
+
+
+def teacher_service(job: DistillationJob) -> Manifest:
+    """`<job>-teacher`: what KDISTILL_TEACHER_URL names, and what other jobs' teacher.endpoint may name."""
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, names.teacher(name), names.ROLE_TEACHER),
+        "spec": {
+            "selector": names.teacher_labels(name),
+            "ports": [{"name": "http", "port": names.TEACHER_PORT, "targetPort": names.TEACHER_PORT}],
+        },
+    }
 
 
 # -- serving ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from kdistill.api.metadata import (
     LABEL_SERVING,
     MANAGER,
     ROLE_SERVER,
+    ROLE_TEACHER,
     ROLE_WORKER,
     STUDENT_INT8_DIR,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "LABEL_SERVING",
     "MANAGER",
     "ROLE_SERVER",
+    "ROLE_TEACHER",
     "ROLE_WORKER",
 ]
 
@@ -56,6 +58,12 @@ RUNTIME_ENV = (
     ("XDG_CACHE_HOME", "/tmp/.cache"),
 )
 SERVER_CONTAINER = "server"
+TEACHER_CONTAINER = "teacher"
+# The served teacher listens here (in its pods and on its Service).
+TEACHER_PORT = 8080
+# On the teacher Deployment: a digest of the spec the operator built, so a pass re-applies it only
+# when something changed (an operator upgrade), not on every look.
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 
 
 def config_map(job: str) -> str:
@@ -87,6 +95,21 @@ def serving_url(job: str, configured: str, namespace: str, port: int) -> str:
     return f"http://{serving(job, configured)}.{namespace}.svc:{port}"
 
 
+def teacher(job: str) -> str:
+    """The served teacher's Deployment and Service (teacher.serve.enabled)."""
+    return f"{job}-teacher"
+
+
+def teacher_url(job: str, namespace: str) -> str:
+    """What the workers get in KDISTILL_TEACHER_URL for a served teacher."""
+    return f"http://{teacher(job)}.{namespace}.svc:{TEACHER_PORT}"
+
+
+def teacher_labels(job: str) -> dict[str, str]:
+    """The teacher pods' labels: the Deployment's selector and the Service's."""
+    return {LABEL_JOB: job, LABEL_ROLE: ROLE_TEACHER}
+
+
 def master_address(job: str, namespace: str) -> str:
     """worker-0's stable DNS name: its hostname under the headless Service's subdomain."""
     return f"{worker_pod(job, 0)}.{workers_service(job)}.{namespace}.svc"
@@ -102,3 +125,7 @@ def model_path(namespace: str, job: str) -> str:
 
 def worker_selector(job: str) -> str:
     return f"{LABEL_JOB}={job},{LABEL_ROLE}={ROLE_WORKER}"
+
+
+def teacher_selector(job: str) -> str:
+    return f"{LABEL_JOB}={job},{LABEL_ROLE}={ROLE_TEACHER}"

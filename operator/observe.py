@@ -152,3 +152,51 @@ class DeploymentView:
             source_job=ann.get(names.ANNOTATION_SOURCE_JOB, ""),
             available=rolled and updated and ready,
         )
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """The served teacher's Deployment (teacher.serve.enabled), and why its pods are not ready."""
+
+    name: str
+    replicas: int
+    ready_replicas: int  # status.availableReplicas: ready for minReadySeconds
+    spec_hash: str
+    detail: str = ""  # the first teacher pod's stuck reason, when the pass looked at the pods
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_replicas >= 1
+
+    @classmethod
+    def from_dict(cls, dep: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> TeacherView:
+        meta = dep.get("metadata") or {}
+        status = dep.get("status") or {}
+        return cls(
+            name=meta.get("name", ""),
+            replicas=int((dep.get("spec") or {}).get("replicas", 1)),
+            ready_replicas=int(status.get("availableReplicas") or 0),
+            spec_hash=(meta.get("annotations") or {}).get(names.ANNOTATION_SPEC_HASH, ""),
+            detail=_pods_detail(pods or []),
+        )
+
+
+def _pods_detail(pods: list[dict[str, Any]]) -> str:
+    """Why the teacher's pods are not ready, as a user would look it up: unschedulable, an image
+    that does not pull, a container that keeps failing, or a readiness probe not yet passed."""
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        name = (pod.get("metadata") or {}).get("name", "")
+        status = pod.get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return f"{name}: unschedulable: {cond.get('message') or cond.get('reason') or ''}".rstrip(": ")
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason"):
+                return f"{name}: {waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            if last:
+                return f"{name}: restarted after exit code {last.get('exitCode')} ({last.get('reason') or ''})"
+            if not cs.get("ready"):
+                return f"{name}: not ready (readiness probe)"
+    return "no teacher pod yet" if not pods else ""

@@ -19,7 +19,7 @@ from kdistill.api import JobValidationError, parse_job
 from . import builders, metrics, names
 from .departures import PodTracker
 from .kube import JOB, ApiError, Kube
-from .observe import DeploymentView, NodeView, PodView
+from .observe import DeploymentView, NodeView, PodView, TeacherView
 from .settings import Settings
 from .state import Decision, Event, Observed, decide, fmt_time
 
@@ -99,6 +99,7 @@ class Reconciler:
         if job.spec.serving.enabled and (finishing or status.get("phase") in ("Deploying", "Succeeded")):
             dep = self.kube.get("apps/v1", "Deployment", namespace, names.serving(name, job.spec.serving.name))
             deployment = DeploymentView.from_dict(dep) if dep is not None else None
+        teacher = self._observe_teacher(job) if job.spec.teacher.serve.enabled else None
         expected = [names.worker_pod(name, i) for i in range(job.spec.parallelism.nodes)]
         missing = [p for p in expected if p not in {v.name for v in pods}]
         obs = Observed(
@@ -113,10 +114,11 @@ class Reconciler:
             max_backoff_seconds=self.settings.max_backoff_seconds,
             departed=self.pod_tracker.departed(namespace, missing),
             unconfirmed=self.pod_tracker.unconfirmed(namespace, missing),
+            teacher=teacher,
         )
         decision = decide(obs)
         try:
-            self._act(body, job, status, decision, {p.name for p in pods}, jlog)
+            self._act(body, job, status, decision, {p.name for p in pods}, teacher, jlog)
         except ApiError as exc:
             if exc.status == 409 and decision.status:
                 jlog.info("status moved under us; looking again")
@@ -129,7 +131,14 @@ class Reconciler:
     # -- acting ----------------------------------------------------------------------------
 
     def _act(
-        self, body: dict[str, Any], job: Any, old: dict[str, Any], d: Decision, existing_pods: set[str], jlog: JobLog
+        self,
+        body: dict[str, Any],
+        job: Any,
+        old: dict[str, Any],
+        d: Decision,
+        existing_pods: set[str],
+        teacher: TeacherView | None,
+        jlog: JobLog,
     ) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if d.status:
@@ -148,6 +157,14 @@ class Reconciler:
             self.kube.delete("v1", "Pod", namespace, pod, grace_seconds=0)
         for pod in d.delete_pods:
             self.kube.delete("v1", "Pod", namespace, pod)
+        if d.ensure_teacher:
+            self._ensure_teacher(body, job, teacher, jlog)
+        if d.delete_teacher:
+            # The Service first: if this pass stops halfway, the Deployment left behind is seen and
+            # both deletions are tried again; a Service left alone would not be.
+            self.kube.delete("v1", "Service", namespace, names.teacher(name))
+            self.kube.delete("apps/v1", "Deployment", namespace, names.teacher(name))
+            jlog.info("deleted the teacher Deployment and Service %s", names.teacher(name))
         if d.create_attempt is not None:
             self._create_gang(body, job, d.create_attempt, existing_pods, jlog)
         if d.deploy:
@@ -187,6 +204,28 @@ class Reconciler:
                 created += 1
         if created:
             jlog.info("created %d worker pod(s) of gang attempt %d", created, attempt)
+
+    def _observe_teacher(self, job: Any) -> TeacherView | None:
+        """The teacher Deployment; while it has no ready replica, its pods too, to say why."""
+        dep = self.kube.get("apps/v1", "Deployment", job.namespace, names.teacher(job.metadata.name))
+        if dep is None:
+            return None
+        view = TeacherView.from_dict(dep)
+        if view.ready:
+            return view
+        pods = self.kube.list("v1", "Pod", job.namespace, names.teacher_selector(job.metadata.name))
+        return TeacherView.from_dict(dep, pods)
+
+    def _ensure_teacher(self, body: dict[str, Any], job: Any, seen: TeacherView | None, jlog: JobLog) -> None:
+        """Create the teacher's Service and Deployment, or re-apply them when what the operator builds
+        changed (the spec-hash annotation); a pass that finds them current writes nothing. The
+        Service goes first, so an existing Deployment means its Service was applied too."""
+        deployment = builders.teacher_deployment(job, self.settings)
+        if seen is not None and seen.spec_hash == deployment["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH]:
+            return
+        for obj in builders.adopt([builders.teacher_service(job), deployment], body):
+            self.kube.apply(obj)
+        jlog.info("applied the teacher Service and Deployment %s", names.teacher(job.metadata.name))
 
     def prime_nodes(self) -> None:
         """One LIST of the nodes at start; the node watch keeps the cache current from then on."""

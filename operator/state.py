@@ -21,7 +21,7 @@ from kdistill.api.base import FLOAT_TOLERANCE
 from kdistill.api.failures import Termination, parse_termination
 
 from . import names
-from .observe import STUCK_WAITING, DeploymentView, NodeView, PodView, parse_time
+from .observe import STUCK_WAITING, DeploymentView, NodeView, PodView, TeacherView, parse_time
 
 TERMINAL = ("Succeeded", "Failed")
 # While pods are going away, look again this soon.
@@ -34,6 +34,19 @@ COND_COMPLETE = "Complete"
 COND_FAILED = "Failed"
 COND_READY = "Ready"
 COND_CLEANED = "TrainingObjectsDeleted"
+COND_TEACHER_READY = "TeacherReady"
+# Its reasons while False: the teacher is starting (the workers wait, the pending clock runs), it
+# was ready and is not now (a running gang waits), or its objects are deleted (job over/suspended).
+TEACHER_STARTING = "TeacherStarting"
+TEACHER_UNAVAILABLE = "TeacherUnavailable"
+TEACHER_STOPPED = "TeacherStopped"
+# status.stage while the workers wait for the served teacher (the trainer writes it once it runs).
+STAGE_WAITING_FOR_TEACHER = "WaitingForTeacher"
+# The phases in which a served teacher runs; in any other it is deleted.
+TEACHER_PHASES = ("Pending", "Running", "Restarting")
+# While the workers wait for the teacher, look at least this often (the Deployment's own events
+# usually come first).
+TEACHER_POLL_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,8 @@ class Observed:
     departed: dict[str, PodView] = field(default_factory=dict)
     # Pods missing from the LIST whose DELETED event has not arrived yet: wait for it.
     unconfirmed: frozenset[str] = frozenset()
+    # The served teacher's Deployment (teacher.serve.enabled); None when it does not exist.
+    teacher: TeacherView | None = None
 
 
 @dataclass
@@ -68,6 +83,8 @@ class Decision:
     delete_pods: list[str] = field(default_factory=list)
     force_delete_pods: list[str] = field(default_factory=list)  # on lost nodes: grace period 0
     deploy: bool = False
+    ensure_teacher: bool = False  # the teacher Deployment and Service must exist (and be current)
+    delete_teacher: bool = False  # the job no longer needs its teacher: delete its Deployment and Service
     delete_training_objects: bool = False
     delete_job: bool = False
     events: list[Event] = field(default_factory=list)
@@ -105,11 +122,15 @@ class _Status:
     def set(self, key: str, value: Any) -> None:
         self.values[key] = value
 
-    def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+    def condition(
+        self, type_: str, status: bool, reason: str, message: str = "", clock_on_reason: bool = False
+    ) -> None:
+        """Set a condition. lastTransitionTime moves when the status flips, and with
+        `clock_on_reason` also when the reason changes (a clock that restarts, e.g. TeacherReady)."""
         value = "True" if status else "False"
         for cond in self.conditions:
             if cond.get("type") == type_:
-                if cond.get("status") != value:
+                if cond.get("status") != value or (clock_on_reason and cond.get("reason") != reason):
                     cond["lastTransitionTime"] = fmt_time(self.now)
                 cond.update(status=value, reason=reason, message=message, observedGeneration=self.generation)
                 return
@@ -129,6 +150,9 @@ class _Status:
             if cond.get("type") == type_ and cond.get("status") == "True":
                 return parse_time(cond.get("lastTransitionTime"))
         return None
+
+    def find(self, type_: str) -> dict[str, Any] | None:
+        return next((c for c in self.conditions if c.get("type") == type_), None)
 
     def has_condition(self, type_: str) -> bool:
         return any(c.get("type") == type_ and c.get("status") == "True" for c in self.conditions)
@@ -151,6 +175,7 @@ def decide(obs: Observed) -> Decision:
         st.set("evictions", 0)
 
     phase = _step(obs, st, d, old_phase)
+    _teacher(obs, st, d, phase)
     d.phase = phase
     st.set("phase", phase)
     if phase != old_phase:
@@ -350,9 +375,13 @@ def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
     for pr in problems:
         if pr.kind == "pending":
             return _fail(obs, st, d, pr.reason, pr.message)
+    if missing and not gang and obs.job.spec.teacher.serve.enabled and not (obs.teacher and obs.teacher.ready):
+        return _wait_for_teacher(obs, st, d)
     if missing:
         d.create_attempt = attempt
         d.requeue(POLL_SECONDS * 2)
+        if st.get("stage") == STAGE_WAITING_FOR_TEACHER:
+            st.set("stage", None)  # the trainer writes its own stage once it runs
     _requeue_deadlines(obs, d, list(gang.values()))
     if not missing and all(p.phase == "Running" for p in gang.values()):
         if not st.get("startTime"):
@@ -363,6 +392,96 @@ def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
     if phase != "Running":
         st.condition(COND_TRAINING, False, "WaitingForPods", "worker pods are being created or scheduled")
     return "Pending" if phase != "Running" else "Running"
+
+
+def _teacher_clock(st: _Status, now: datetime) -> datetime:
+    """Since when the served teacher has been not ready: starting, or unavailable after it was ready.
+    A teacher (re)created after a suspension starts a fresh clock."""
+    cond = st.find(COND_TEACHER_READY)
+    if (
+        cond is not None
+        and cond.get("status") == "False"
+        and cond.get("reason") in (TEACHER_STARTING, TEACHER_UNAVAILABLE)
+    ):
+        return parse_time(cond.get("lastTransitionTime")) or now
+    return now
+
+
+def _wait_for_teacher(obs: Observed, st: _Status, d: Decision) -> str:
+    """No worker pod before the served teacher is ready; it fails the job after pendingTimeoutSeconds."""
+    timeout = obs.job.spec.failure_policy.pending_timeout_seconds
+    waited = (obs.now - _teacher_clock(st, obs.now)).total_seconds()
+    name = names.teacher(obs.job.metadata.name)
+    view = obs.teacher
+    if waited >= timeout:
+        if view is None:
+            why = "its Deployment does not exist"
+        else:
+            why = f"{view.ready_replicas}/{view.replicas} replicas ready" + (f"; {view.detail}" if view.detail else "")
+        return _fail(obs, st, d, "TeacherNotReady", f"teacher {name} not ready after {timeout}s: {why}")
+    st.set("stage", STAGE_WAITING_FOR_TEACHER)
+    st.condition(COND_TRAINING, False, "WaitingForTeacher", f"worker pods start once {name} is ready")
+    d.requeue(min(timeout - waited + 0.5, TEACHER_POLL_SECONDS))
+    return "Pending"
+
+
+def _teacher(obs: Observed, st: _Status, d: Decision, phase: str) -> None:
+    """The teacher's objects, TeacherReady and status.teacher, after the phase is decided.
+
+    A served teacher runs while the job trains (Pending, Running, Restarting) and is deleted in
+    every other phase: Deploying (training is over), Succeeded, Failed, Suspended. A pod of it that
+    fails is its Deployment's business: the gang is not restarted for it (the trainer's client waits)."""
+    teacher = obs.job.spec.teacher
+    if teacher.endpoint:
+        st.set("teacher", {"state": "External", "url": teacher.endpoint})
+        return
+    if not teacher.serve.enabled:
+        return
+    name = names.teacher(obs.job.metadata.name)
+    url = names.teacher_url(obs.job.metadata.name, obs.job.namespace)
+    replicas = teacher.serve.replicas
+    view = obs.teacher
+    found = st.find(COND_TEACHER_READY)
+    previous = dict(found) if found is not None else None  # as observed: st.condition updates `found`
+    if phase not in TEACHER_PHASES:
+        if view is not None:
+            d.delete_teacher = True
+        if view is not None or previous is not None:
+            st.condition(
+                COND_TEACHER_READY,
+                False,
+                TEACHER_STOPPED,
+                f"{name}: Deployment and Service deleted (job {phase})",
+                clock_on_reason=True,
+            )
+            if previous is not None and previous.get("reason") != TEACHER_STOPPED:
+                d.events.append(Event("Normal", TEACHER_STOPPED, f"deleting {name}: the job is {phase}"))
+            st.set("teacher", {"state": "Stopped", "url": url, "replicas": replicas, "readyReplicas": 0})
+        return
+    d.ensure_teacher = True
+    ready = view.ready_replicas if view is not None else 0
+    detail = f"; {view.detail}" if view is not None and view.detail else ""
+    if view is not None and view.ready:
+        state = "Ready"
+        st.condition(COND_TEACHER_READY, True, "TeacherAvailable", f"{ready}/{replicas} replicas ready at {url}")
+        if previous is None or previous.get("status") != "True":
+            d.events.append(Event("Normal", "TeacherReady", f"{name} ready at {url}"))
+    elif previous is not None and (previous.get("status") == "True" or previous.get("reason") == TEACHER_UNAVAILABLE):
+        # It was ready: the running gang waits for it to come back (no gang restart for this).
+        state = "Unavailable"
+        st.condition(COND_TEACHER_READY, False, TEACHER_UNAVAILABLE, f"0/{replicas} replicas ready{detail}")
+        if previous.get("status") == "True":
+            d.events.append(Event("Warning", TEACHER_UNAVAILABLE, f"{name} has no ready replica{detail}"))
+    else:
+        state = "Starting"
+        st.condition(
+            COND_TEACHER_READY,
+            False,
+            TEACHER_STARTING,
+            f"{ready}/{replicas} replicas ready{detail}",
+            clock_on_reason=True,
+        )
+    st.set("teacher", {"state": state, "url": url, "replicas": replicas, "readyReplicas": ready})
 
 
 def _requeue_deadlines(obs: Observed, d: Decision, gang: list[PodView]) -> None:

@@ -338,3 +338,107 @@ def test_new_gangs_avoid_unready_nodes_in_every_required_term() -> None:
         {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": ["n1"]}]}
     ]
     assert "affinity" not in builders.worker_pod(job(), 0, 1, SETTINGS)["spec"]
+
+
+# -- the served teacher ------------------------------------------------------------------------
+
+SERVED = {"model": "pvc://models/teacher/v3", "serve": {"enabled": True, "replicas": 2, "gpusPerReplica": 2,
+          "resources": {"limits": {"memory": "80Gi"}},
+          "batching": {"maxBatchSize": 32, "maxBatchTokens": 4096, "maxWaitMs": 5}}}  # fmt: skip
+PLACEMENT = {
+    "image": "custom:2",
+    "nodeSelector": {"pool": "a100"},
+    "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+    "imagePullSecrets": [{"name": "reg"}],
+    "priorityClassName": "high",
+}
+
+
+def test_teacher_deployment_serves_the_model_on_gpus_placed_like_the_workers() -> None:
+    j = job(teacher=SERVED, template=PLACEMENT)
+    dep = builders.teacher_deployment(j, SETTINGS)
+    assert dep["metadata"]["name"] == "intent-teacher" and dep["metadata"]["namespace"] == "ml"
+    assert dep["metadata"]["labels"][names.LABEL_ROLE] == names.ROLE_TEACHER
+    assert dep["metadata"]["annotations"][names.ANNOTATION_SOURCE_JOB] == "intent"
+    spec = dep["spec"]
+    assert spec["replicas"] == 2
+    assert spec["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"] == names.teacher_labels("intent")
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "custom:2"  # the trainer image (the template's, like the workers)
+    cmd = c["command"]
+    assert cmd[:3] == ["kdistill", "serve", "/mnt/pvc/models/teacher/v3"]
+    flags = dict(zip(cmd[3::2], cmd[4::2], strict=True))
+    assert flags == {"--host": "0.0.0.0", "--port": "8080", "--model-name": "intent-teacher",
+                     "--max-batch-size": "32", "--max-batch-tokens": "4096", "--max-wait-ms": "5"}  # fmt: skip
+    assert c["resources"]["limits"] == {"memory": "80Gi", "nvidia.com/gpu": "2"}
+    assert c["resources"]["requests"] == {"nvidia.com/gpu": "2"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
+    for key in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets", "priorityClassName"):
+        assert pod[key] == PLACEMENT[key], key
+    worker = builders.worker_pod(j, 0, 0, SETTINGS)["spec"]
+    assert worker["tolerations"] == pod["tolerations"] and worker["nodeSelector"] == pod["nodeSelector"]
+    # The teacher's claim is mounted read-only where the workers mount it.
+    assert {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    assert {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": True} in c["volumeMounts"]
+    worker_mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["mountPath"] == "/mnt/pvc/models")
+    assert worker_mount["readOnly"]
+    # Non-root, read-only root filesystem, no API token: like the serving pods.
+    assert c["securityContext"] == builders.container_security_context()
+    assert pod["securityContext"]["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+
+
+def test_teacher_on_cpu_asks_for_no_gpu_and_trust_remote_code_reaches_the_server() -> None:
+    served = {"model": "/models/teacher", "trustRemoteCode": True, "serve": {"enabled": True, "gpusPerReplica": 0}}
+    dep = builders.teacher_deployment(job(teacher=served), SETTINGS)
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in str(c["resources"])
+    assert c["command"][2] == "/models/teacher" and c["command"][-1] == "--trust-remote-code"
+    assert c["image"] == "reg/trainer:1"
+    assert dep["spec"]["template"]["spec"]["volumes"] == [{"name": "tmp", "emptyDir": {}}]
+
+
+def test_teacher_service_selects_the_teacher_pods_on_the_url_the_workers_get() -> None:
+    j = job(teacher=SERVED)
+    svc = builders.teacher_service(j)
+    assert svc["metadata"]["name"] == "intent-teacher"
+    assert svc["spec"]["selector"] == names.teacher_labels("intent")
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": 8080}]
+    assert "clusterIP" not in svc["spec"]  # a ClusterIP Service: it balances over the replicas
+    for pod in builders.worker_pods(j, 0, SETTINGS):
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["KDISTILL_TEACHER_URL"] == "http://intent-teacher.ml.svc:8080"
+    # The workers' selector and the teacher's never overlap.
+    assert names.teacher_labels("intent")[names.LABEL_ROLE] != names.ROLE_WORKER
+
+
+def test_an_endpoint_teacher_gives_the_workers_its_url_and_a_local_teacher_none() -> None:
+    j = job(teacher={"endpoint": "http://other-teacher:8080"}, student={"model": "pvc://models/student"})
+    env = {e["name"]: e.get("value") for e in builders.worker_pod(j, 0, 0, SETTINGS)["spec"]["containers"][0]["env"]}
+    assert env["KDISTILL_TEACHER_URL"] == "http://other-teacher:8080"
+    env = {e["name"] for e in builders.worker_pod(job(), 0, 0, SETTINGS)["spec"]["containers"][0]["env"]}
+    assert "KDISTILL_TEACHER_URL" not in env
+
+
+def test_teacher_spec_hash_follows_the_spec() -> None:
+    a = builders.teacher_deployment(job(teacher=SERVED), SETTINGS)
+    b = builders.teacher_deployment(job(teacher=SERVED), SETTINGS)
+    assert (
+        a["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH]
+        == b["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH]
+    )
+    other = Settings(trainer_image="reg/trainer:2", server_image="reg/server:1")
+    c = builders.teacher_deployment(job(teacher=SERVED), other)
+    assert (
+        c["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH]
+        != a["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH]
+    )
+
+
+def test_a_served_hf_teacher_is_refused_in_a_cluster() -> None:
+    with pytest.raises(builders.BuildError, match=r"teacher\.model must be pvc://"):
+        builders.check_buildable(job(teacher={"model": "hf://org/teacher", "serve": {"enabled": True}}))
+    builders.check_buildable(job(teacher={"model": "hf://org/teacher"}))
+    builders.check_buildable(job(teacher=SERVED))

@@ -11,7 +11,7 @@ import pytest
 
 from kdistill.api import parse_job
 from kdistill.api.failures import ExitCode, Termination, termination_for
-from kdistill.operator.observe import ContainerEnd, DeploymentView, NodeView, PodView
+from kdistill.operator.observe import ContainerEnd, DeploymentView, NodeView, PodView, TeacherView
 from kdistill.operator.state import Decision, Observed, backoff_seconds, decide, fmt_time
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
@@ -487,3 +487,165 @@ def test_a_missing_pod_whose_deletion_the_watch_has_not_reported_waits() -> None
     d = decide(replace(obs, unconfirmed=frozenset({"j-worker-0"})))
     assert d.phase == "Running" and not d.status.get("restarts") and d.requeue_after == 0.5
     assert not d.delete_pods and d.create_attempt is None
+
+
+# -- the served teacher ------------------------------------------------------------------------
+
+SERVED = {"model": "pvc://m/t", "serve": {"enabled": True, "replicas": 2}}
+TEACHER_URL = "http://j-teacher.ml.svc:8080"
+
+
+def teacher_view(ready: int = 0, detail: str = "") -> TeacherView:
+    return TeacherView("j-teacher", 2, ready, "h", detail)
+
+
+def served(status: dict[str, Any] | None = None, pods: list[PodView] | None = None, *,
+           teacher: TeacherView | None = None, now: datetime = NOW, **spec: Any) -> Observed:  # fmt: skip
+    return replace(observe(status, pods, now=now, teacher=SERVED, **spec), teacher=teacher)
+
+
+def settle(status: dict[str, Any], d: Decision) -> dict[str, Any]:
+    """The status after the decision's merge patch (a None value removes the field)."""
+    out = {**status, **d.status}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def test_a_served_teacher_comes_first_and_the_workers_wait_for_it() -> None:
+    d = decide(served())
+    assert d.phase == "Pending" and d.ensure_teacher and d.create_attempt is None and not d.delete_teacher
+    assert d.status["stage"] == "WaitingForTeacher"
+    assert cond(d, "TeacherReady")["status"] == "False" and cond(d, "TeacherReady")["reason"] == "TeacherStarting"
+    assert cond(d, "Training")["reason"] == "WaitingForTeacher"
+    assert d.status["teacher"] == {"state": "Starting", "url": TEACHER_URL, "replicas": 2, "readyReplicas": 0}
+    assert d.requeue_after is not None and d.requeue_after <= 10
+    # The Deployment exists, its pod not ready yet: still no worker, and nothing new to write.
+    status = settle({}, d)
+    again = decide(served(status, teacher=teacher_view(0, "j-teacher-x: not ready"), now=NOW + timedelta(seconds=5)))
+    assert again.create_attempt is None and again.ensure_teacher and again.phase == "Pending"
+    assert set(again.status) <= {"conditions"} and not again.events
+    assert cond(again, "TeacherReady")["lastTransitionTime"] == fmt_time(NOW)  # the clock did not move
+
+
+def test_the_workers_start_once_the_teacher_is_ready() -> None:
+    waiting = settle({}, decide(served()))
+    d = decide(served(waiting, teacher=teacher_view(1), now=NOW + timedelta(seconds=20)))
+    assert d.phase == "Pending" and d.create_attempt == 0 and d.ensure_teacher
+    assert "stage" in d.status and d.status["stage"] is None  # the merge patch removes WaitingForTeacher
+    assert cond(d, "TeacherReady")["status"] == "True"
+    assert d.status["teacher"]["state"] == "Ready" and d.status["teacher"]["readyReplicas"] == 1
+    assert [e.reason for e in d.events] == ["TeacherReady"]
+
+
+def test_a_teacher_that_never_becomes_ready_fails_the_job_after_the_pending_timeout() -> None:
+    waiting = settle({}, decide(served()))
+    view = teacher_view(0, "j-teacher-x: ImagePullBackOff: no such image")
+    d = decide(served(waiting, teacher=view, now=NOW + timedelta(seconds=59)))
+    assert d.phase == "Pending" and d.requeue_after is not None and d.requeue_after <= 1.5
+    d = decide(served(waiting, teacher=view, now=NOW + timedelta(seconds=60)))
+    assert d.phase == "Failed" and d.create_attempt is None
+    failed = cond(d, "Failed")
+    assert failed["reason"] == "TeacherNotReady"
+    assert "j-teacher not ready after 60s: 0/2 replicas ready; j-teacher-x: ImagePullBackOff" in failed["message"]
+    warnings = [e for e in d.events if e.type == "Warning"]
+    assert [e.reason for e in warnings] == ["Failed", "TeacherNotReady"]
+    assert d.delete_teacher and not d.ensure_teacher
+    assert d.status["teacher"]["state"] == "Stopped" and cond(d, "TeacherReady")["reason"] == "TeacherStopped"
+
+
+def test_a_missing_teacher_deployment_also_times_out() -> None:
+    waiting = settle({}, decide(served()))
+    d = decide(served(waiting, now=NOW + timedelta(seconds=61)))
+    assert d.phase == "Failed" and "its Deployment does not exist" in cond(d, "Failed")["message"]
+    assert not d.delete_teacher  # nothing to delete
+
+
+def test_a_teacher_lost_while_the_gang_runs_restarts_nothing() -> None:
+    status = running(conditions=[{"type": "TeacherReady", "status": "True", "reason": "TeacherAvailable",
+                                  "lastTransitionTime": fmt_time(NOW - timedelta(hours=1))}])  # fmt: skip
+    d = decide(served(status, [pod(0), pod(1)], teacher=teacher_view(0, "j-teacher-y: not ready (readiness probe)")))
+    assert d.phase == "Running" and not d.delete_pods and d.create_attempt is None and "restarts" not in d.status
+    assert d.ensure_teacher and not d.delete_teacher
+    assert cond(d, "TeacherReady")["reason"] == "TeacherUnavailable"
+    assert d.status["teacher"]["state"] == "Unavailable"
+    assert [(e.type, e.reason) for e in d.events] == [("Warning", "TeacherUnavailable")]
+    # Long after, the gang still runs: the trainer's client decides how long it waits.
+    later = settle(status, d)
+    d = decide(served(later, [pod(0), pod(1)], teacher=teacher_view(0), now=NOW + timedelta(hours=2)))
+    assert d.phase == "Running" and not d.delete_pods and not d.events
+    # Back: Ready again, with an Event.
+    d = decide(served(later, [pod(0), pod(1)], teacher=teacher_view(2), now=NOW + timedelta(hours=2)))
+    assert d.status["teacher"]["state"] == "Ready" and [e.reason for e in d.events] == ["TeacherReady"]
+
+
+def test_a_gang_restart_waits_for_the_teacher_again() -> None:
+    since = fmt_time(NOW - timedelta(seconds=30))
+    status = {"phase": "Restarting", "restarts": 1, "evictions": 0, "conditions": [
+        {"type": "Restarting", "status": "True", "reason": "NCCL_TIMEOUT", "lastTransitionTime": since},
+        {"type": "TeacherReady", "status": "False", "reason": "TeacherUnavailable", "lastTransitionTime": since},
+    ]}  # fmt: skip
+    d = decide(served(status, teacher=teacher_view(0)))
+    assert d.phase == "Pending" and d.create_attempt is None and d.status["stage"] == "WaitingForTeacher"
+    d = decide(served(status, teacher=teacher_view(1)))
+    assert d.phase == "Pending" and d.create_attempt == 1
+
+
+def test_a_partly_created_gang_is_completed_even_if_the_teacher_went_away() -> None:
+    d = decide(served({"phase": "Pending", "restarts": 0, "evictions": 0}, [pod(0)], teacher=teacher_view(0)))
+    assert d.create_attempt == 0
+
+
+@pytest.mark.parametrize(
+    "status,pods,spec",
+    [
+        ({"phase": "Running", "restarts": 0, "evictions": 0}, [pod(0, "Succeeded", terminated=success(0.95)), pod(1)],
+         {}),  # training over: Deploying
+        ({"phase": "Running", "restarts": 0, "evictions": 0}, [pod(0, "Succeeded", terminated=success(0.95)), pod(1)],
+         {"serving": {"enabled": False}}),  # Succeeded
+        ({"phase": "Running", "restarts": 2, "evictions": 0},
+         [pod(0, "Failed", 2, terminated=ended()), pod(1, attempt=2)], {}),
+        ({"phase": "Running", "restarts": 0, "evictions": 0}, [pod(0), pod(1)], {"suspend": True}),
+        ({"phase": "Succeeded", "restarts": 0, "evictions": 0, "completionTime": fmt_time(NOW)}, [],
+         {"serving": {"enabled": False}, "ttlSecondsAfterFinished": 0}),
+    ],
+    ids=["deploying", "succeeded", "failed", "suspended", "ttl"],
+)  # fmt: skip
+def test_the_teacher_is_deleted_whenever_the_job_stops_training(
+    status: dict[str, Any], pods: list[PodView], spec: dict[str, Any]
+) -> None:
+    status = {**status, "conditions": [{"type": "TeacherReady", "status": "True", "reason": "TeacherAvailable",
+                                        "lastTransitionTime": fmt_time(NOW)}]}  # fmt: skip
+    d = decide(served(status, pods, teacher=teacher_view(2), **spec))
+    assert d.phase in ("Deploying", "Succeeded", "Failed", "Suspended")
+    assert d.delete_teacher and not d.ensure_teacher
+    assert d.status["teacher"]["state"] == "Stopped"
+    assert cond(d, "TeacherReady")["reason"] == "TeacherStopped"
+    assert "TeacherStopped" in [e.reason for e in d.events]
+    # Once it is gone, later passes neither delete nor write anything about it.
+    after = settle(status, d)
+    again = decide(served(after, [], **spec))
+    assert not again.delete_teacher and not again.ensure_teacher
+    assert "teacher" not in again.status and "TeacherStopped" not in [e.reason for e in again.events]
+
+
+def test_resuming_a_suspended_job_starts_a_fresh_teacher_clock() -> None:
+    long_ago = fmt_time(NOW - timedelta(hours=5))
+    status = {"phase": "Suspended", "restarts": 0, "evictions": 0, "conditions": [
+        {"type": "Suspended", "status": "True", "reason": "SuspendRequested", "lastTransitionTime": long_ago},
+        {"type": "TeacherReady", "status": "False", "reason": "TeacherStopped", "lastTransitionTime": long_ago},
+    ]}  # fmt: skip
+    d = decide(served(status))
+    assert d.phase == "Pending" and d.ensure_teacher and d.create_attempt is None
+    assert cond(d, "TeacherReady")["reason"] == "TeacherStarting"
+    assert cond(d, "TeacherReady")["lastTransitionTime"] == fmt_time(NOW)
+
+
+def test_an_endpoint_teacher_creates_nothing_and_the_gang_starts_at_once() -> None:
+    d = decide(observe(teacher={"endpoint": "http://a-teacher:8080"}, student={"model": "pvc://m/s"}))
+    assert d.create_attempt == 0 and not d.ensure_teacher and not d.delete_teacher
+    assert d.status["teacher"] == {"state": "External", "url": "http://a-teacher:8080"}
+    assert not any(c["type"] == "TeacherReady" for c in d.status["conditions"])
+
+
+def test_a_job_without_a_remote_teacher_has_no_teacher_status() -> None:
+    d = decide(observe())
+    assert "teacher" not in d.status and not d.ensure_teacher and not d.delete_teacher
