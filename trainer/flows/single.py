@@ -20,6 +20,7 @@ from kdistill.api import DistillationJobSpec
 
 from ..checkpoint import CheckpointInfo
 from ..objective import LogitsSettings, logits_objective, trained_rows
+from ..sequence_objective import completion_ce
 from ..stages import Phase
 from ..targets import TeacherTargets, TeacherTargetSource, row_head_parts
 from .base import Batch, CheckpointState
@@ -144,6 +145,10 @@ class SingleProcessFlow:
         if self.packed is not None and "pack_index" in batch:
             return self.packed.micro_loss(batch, temperature)
         objectives = set(phase.objectives)
+        if "sequence" in objectives:  # CE on teacher-written completions: no teacher in the step
+            return completion_ce(
+                self.forward_module(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+            )
         targets = self.targets.for_batch(batch, objectives, self._autocast(phase))
         student = self._student_forward(batch, objectives, self._autocast(phase))
         losses: dict[str, torch.Tensor] = {}

@@ -1,0 +1,237 @@
+"""The sequence objective: the generated set (atomic shards, manifest, resume), a kill -9 during
+generation against a real served teacher, sequence-level runs, and a later job on the set."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kdistill.api.failures import ExitCode
+from kdistill.trainer import generated_set as gs
+from kdistill.trainer.errors import TrainerError
+from kdistill.trainer.fsio import sha256_file
+from kdistill.trainer.prompts import prompt_of, read_prompts, text_prefix
+from kdistill.trainer.sequence_objective import collate_completions, completion_ce, tokenize_completions
+from kdistill.trainer.teacher_service import GenerationParams
+
+from . import helpers
+
+
+class GenerateOnly:
+    """A tiny causal LM that writes completions in this process: the store's tests need a teacher
+    that writes text, counted, and nothing else (the runs below use the project's own teachers)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        self.asked: list[str] = []
+        self.lock = threading.Lock()
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams) -> Future[list[list[str]]]:
+        with self.lock:
+            self.asked.extend(prompts)
+        out: list[list[str]] = []
+        torch.manual_seed(params.seed or 0)
+        for prompt in prompts:
+            ids = self.tok(prompt, return_tensors="pt").input_ids[:, -32:]
+            with torch.inference_mode():
+                gen = self.model.generate(
+                    ids,
+                    do_sample=params.temperature > 0,
+                    temperature=params.temperature or 1.0,
+                    top_p=params.top_p,
+                    max_new_tokens=params.max_new_tokens,
+                    num_return_sequences=params.n,
+                    pad_token_id=self.tok.pad_token_id,
+                )
+            out.append([self.tok.decode(g[ids.shape[1] :], skip_special_tokens=True) for g in gen])
+        done: Future[list[list[str]]] = Future()
+        done.set_result(out)
+        return done
+
+
+def _plan(prompts: list[str], samples: int = 2, **kw: Any) -> gs.GenerationPlan:
+    base = {
+        "samples_per_prompt": samples,
+        "max_new_tokens": 6,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "seed": 3,
+        "teacher": {"model": "tiny"},
+        "shard_prompts": 4,
+    }
+    return gs.GenerationPlan(prompts=prompts, **{**base, **kw})
+
+
+def _count_by_prompt(root: Path) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for r in gs.iter_records(root):
+        counts[r["promptIndex"]] = counts.get(r["promptIndex"], 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    return [p[:60] for _, p in helpers.pydoc_paragraphs(18)]
+
+
+# ---- prompts ----------------------------------------------------------------------------------
+def test_prompt_field_then_the_first_half_of_the_text(tmp_path: Path) -> None:
+    assert prompt_of({"prompt": "Q: why?", "text": "other"}, "prompt", "text") == "Q: why?"
+    assert prompt_of({"text": "one two three four"}, "prompt", "text") == "one two"
+    assert prompt_of({"prompt": "  ", "text": "alpha beta"}, "prompt", "text") == "alpha"
+    assert text_prefix("unbroken") == "unbr"
+    assert prompt_of({"label": 1}, "prompt", "text") is None
+    path = helpers.write_jsonl(tmp_path / "p.jsonl", [{"q": "a b c d"}, {"text": "x y"}, {"nothing": 1}])
+    assert read_prompts(path, prompt_field="q", text_field="text", max_bad_fraction=0.5) == ["a b c d", "x"]
+    with pytest.raises(TrainerError, match="neither a 'q' nor a 'text'"):
+        read_prompts(path, prompt_field="q", text_field="text", max_bad_fraction=0.1)
+
+
+# ---- the store --------------------------------------------------------------------------------
+def test_generated_set_shards_and_manifest(tmp_path: Path, gpt2_teacher: Path, prompts: list[str]) -> None:
+    teacher = GenerateOnly(gpt2_teacher)
+    plan = _plan(prompts)
+    root = tmp_path / "generated"
+    manifest = gs.ensure_generated(root, plan, lambda: teacher)  # type: ignore[arg-type, return-value]
+    assert manifest["complete"] and manifest["records"] == len(prompts) * 2
+    assert [s["file"] for s in manifest["shards"]] == [gs.shard_name(i) for i in range(5)]  # 18 prompts / 4
+    for s in manifest["shards"]:
+        assert sha256_file(root / s["file"]) == s["sha256"]
+    assert manifest["generation"] == {
+        "samplesPerPrompt": 2,
+        "maxNewTokens": 6,
+        "temperature": 0.8,
+        "topP": 0.95,
+        "seed": 3,
+    }
+    assert manifest["teacher"] == {"model": "tiny"} and manifest["prompts"]["count"] == len(prompts)
+    assert _count_by_prompt(root) == dict.fromkeys(range(len(prompts)), 2)
+    assert sorted(teacher.asked) == sorted(prompts)  # each prompt asked once
+    assert not list(root.glob(".*"))  # no temporary files left
+    # Finished: a second call reads the set and asks the teacher nothing.
+    gs.ensure_generated(root, plan, lambda: pytest.fail("a finished set must not call the teacher"))
+    # Changed settings are refused, naming what differs.
+    with pytest.raises(TrainerError, match="maxNewTokens") as err:
+        gs.ensure_generated(root, _plan(prompts, max_new_tokens=7), lambda: teacher)  # type: ignore[arg-type, return-value]
+    assert err.value.code == ExitCode.BAD_SPEC
+
+
+def test_resume_keeps_done_shards_and_redoes_broken_ones(
+    tmp_path: Path, gpt2_teacher: Path, prompts: list[str]
+) -> None:
+    teacher = GenerateOnly(gpt2_teacher)
+    plan = _plan(prompts)
+    root = tmp_path / "generated"
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_three(index: int, records: int) -> None:
+        if len(list(root.glob("shard-*.jsonl"))) == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        gs.ensure_generated(root, plan, lambda: teacher, in_flight=2, on_shard=crash_after_three)  # type: ignore[arg-type, return-value]
+    done = sorted(root.glob("shard-*.jsonl"))
+    assert len(done) == 3 and not gs.read_manifest(root)["complete"]  # type: ignore[index]
+    # What a crash can leave: a truncated shard (a copy that stopped), a temporary file.
+    broken = done[1]
+    broken.write_bytes(broken.read_bytes()[:-20])
+    (root / f".{gs.shard_name(4)}.999.tmp").write_text('{"half": ')
+    kept = {p.name: p.read_bytes() for p in (done[0], done[2])}
+    teacher.asked.clear()
+    gs.ensure_generated(root, plan, lambda: teacher)  # type: ignore[arg-type, return-value]
+
+    # Only the broken shard and the two never written were asked for again.
+    def index(p: Path) -> int:
+        return int(p.stem.split("-")[1])
+
+    redo = (set(range(plan.num_shards)) - {index(p) for p in done}) | {index(broken)}
+    assert len(redo) == 3
+    assert sorted(teacher.asked) == sorted(prompts[p] for i in redo for p in plan.shard_range(i))
+    for name, body in kept.items():
+        assert (root / name).read_bytes() == body  # done shards untouched
+    assert _count_by_prompt(root) == dict.fromkeys(range(len(prompts)), 2)
+    assert not list(root.glob(".*.tmp"))
+    # A finished shard changed on disk afterwards (its checksum no longer matches) is written again.
+    first = root / gs.shard_name(0)
+    first.write_text(first.read_text().replace('"sample": 1', '"sample": 1 '))
+    teacher.asked.clear()
+    gs.ensure_generated(root, plan, lambda: teacher)  # type: ignore[arg-type, return-value]
+    assert sorted(teacher.asked) == sorted(prompts[:4])
+    gs.verify(root)
+
+
+def test_shards_split_over_ranks_and_meet_on_disk(tmp_path: Path, gpt2_teacher: Path, prompts: list[str]) -> None:
+    """Three ranks (threads here; each would be a process with its own teacher) write their own
+    shards; rank 0 finishes the manifest only when every shard is in."""
+    plan = _plan(prompts, samples=1)
+    root = tmp_path / "generated"
+    teachers = [GenerateOnly(gpt2_teacher) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            gs.ensure_generated(root, plan, lambda: teachers[r], rank=r, world=3, stall_timeout_s=120)  # type: ignore[arg-type, return-value]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (2, 1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    for r, t in enumerate(teachers):
+        mine = [prompts[p] for i in range(r, plan.num_shards, 3) for p in plan.shard_range(i)]
+        assert t.asked == mine
+    assert _count_by_prompt(root) == dict.fromkeys(range(len(prompts)), 1)
+
+
+# ---- the objective ----------------------------------------------------------------------------
+def test_completion_tokens_only_are_trained(tokenizer: Any) -> None:
+    records = [
+        {"prompt": "The for statement", "completion": " is used to iterate"},
+        {"prompt": "x" * 400, "completion": " past the end"},  # nothing left within 48 tokens
+    ]
+    examples = tokenize_completions(records, tokenizer, 48)
+    assert len(examples) == 1
+    ex = examples[0]
+    full = tokenizer("The for statement is used to iterate").input_ids
+    assert ex.input_ids == full
+    assert tokenizer.decode(ex.input_ids[ex.prompt_tokens :]) == " is used to iterate"
+    batch = collate_completions([ex, ex], pad_id=0)
+    labels = batch["labels"]
+    assert (labels[:, : ex.prompt_tokens] == -100).all() and (labels[:, ex.prompt_tokens :] >= 0).all()
+    # The loss is the mean CE of the completion tokens, from the definition.
+    logits = torch.randn(2, len(full), len(tokenizer), dtype=torch.float64)
+    loss, parts = completion_ce(logits, labels)
+    logp = torch.log_softmax(logits, -1)
+    want = -torch.stack([logp[b, t - 1, full[t]] for b in (0, 1) for t in range(ex.prompt_tokens, len(full))]).mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-6) and parts["ce"] == pytest.approx(float(want), rel=1e-6)
+
+
+def test_generated_set_is_text_data(tmp_path: Path, gpt2_teacher: Path, prompts: list[str]) -> None:
+    root = tmp_path / "generated"
+    gs.ensure_generated(root, _plan(prompts[:5], samples=1), lambda: GenerateOnly(gpt2_teacher))  # type: ignore[arg-type, return-value]
+    rows = gs.text_examples(root, "text")
+    records = list(gs.iter_records(root))
+    assert [r.text for r in rows] == [r["prompt"] + r["completion"] for r in records]
+    assert [r.text for r in gs.text_examples(root, "completion")] == [r["completion"] for r in records]
+    with pytest.raises(TrainerError, match="textField is 'body'"):
+        gs.text_examples(root, "body")
+    manifest = json.loads((root / gs.MANIFEST).read_text())
+    (root / manifest["shards"][0]["file"]).write_text("changed\n")
+    with pytest.raises(TrainerError, match="sha256 differs") as err:
+        gs.text_examples(root, "text")
+    assert err.value.code == ExitCode.BAD_DATA

@@ -1,0 +1,142 @@
+"""The batches of the ``sequence`` stages: the generated set, tokenized, and its sampler.
+
+Before the first step of a run that has a sequence stage, the teacher writes its completions
+for the prompts of ``data.train`` into ``OUT/generated/`` (generated_set.py; every rank writes
+its share of the shards and resumes what a crash left). When ``data.train`` already *is* a
+generated set (a folder with its manifest, say an earlier job's ``generated/``), it is used as
+it is and nothing is generated.
+
+The sequence stages draw from their own sampler over the generated examples. Its position is
+not checkpointed: it is a pure function of how many sequence steps came before the step a run
+resumes at, so a resumed run continues with exactly the batches an uninterrupted one would
+draw; the text sampler's checkpointed position is untouched by sequence steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdistill.api import DistillationJobSpec
+from kdistill.api.failures import ExitCode
+
+from .data import DataError
+from .errors import TrainerError
+from .generated_set import GenerationPlan, ensure_generated, is_generated_set, iter_records
+from .prompts import read_prompts
+from .sampling import BatchSampler
+from .sequence_objective import CompletionExample, collate_completions, tokenize_completions
+from .sources import resolve_source
+from .stages import Phase
+from .teacher_service import TeacherService
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "sequence"
+
+
+def has_sequence_stage(plan: list[Phase]) -> bool:
+    return any(OBJECTIVE in p.objectives for p in plan)
+
+
+def teacher_identity(spec: DistillationJobSpec) -> dict[str, str]:
+    """What names the teacher in a generated set's manifest: its model source, or its endpoint
+    (the URL of a local ``teacher.serve`` changes from run to run; its model does not)."""
+    if spec.teacher.model:
+        return {"model": spec.teacher.model}
+    return {"endpoint": spec.teacher.endpoint}
+
+
+def generation_plan(spec: DistillationJobSpec, prompts: list[str]) -> GenerationPlan:
+    g = spec.distillation.generation
+    return GenerationPlan(
+        prompts=prompts,
+        samples_per_prompt=g.samples_per_prompt,
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        seed=spec.distillation.seed,
+        teacher=teacher_identity(spec),
+    )
+
+
+class SequenceBatches:
+    def __init__(
+        self,
+        spec: DistillationJobSpec,
+        plan: list[Phase],
+        tokenizer: Any,
+        pad_id: int,
+        *,
+        output: Path,
+        base_dir: Path,
+        rank: int,
+        world: int,
+        data_rank: int,
+        teacher: Callable[[], TeacherService],
+    ) -> None:
+        self.spec = spec
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.pad_id = pad_id
+        self.output = output
+        self.base_dir = base_dir
+        self.rank, self.world, self.data_rank = rank, world, data_rank
+        self.teacher = teacher
+        self.examples: list[CompletionExample] = []
+        self.sampler: BatchSampler | None = None
+
+    def records(self) -> list[dict[str, Any]]:
+        """The (prompt, completion) records: an existing generated set, or this job's own."""
+        data = self.spec.data
+        source = resolve_source(data.train, self.base_dir)
+        if is_generated_set(source):
+            log.info("data.train %s is a generated set: training on it as it is", source)
+            return list(iter_records(source))
+        try:
+            prompts = read_prompts(
+                source,
+                prompt_field=data.prompt_field,
+                text_field=data.text_field,
+                max_bad_fraction=data.max_bad_fraction,
+            )
+        except DataError as exc:
+            raise TrainerError(ExitCode.BAD_DATA, str(exc)) from None
+        ensure_generated(
+            self.output, generation_plan(self.spec, prompts), self.teacher, rank=self.rank, world=self.world
+        )
+        return list(iter_records(self.output))
+
+    def ready(self, start_step: int) -> None:
+        """Generate (or find) the set, tokenize it, and place the sampler for ``start_step``."""
+        examples = tokenize_completions(self.records(), self.tokenizer, self.spec.data.max_seq_length)
+        if not examples:
+            raise TrainerError(
+                ExitCode.BAD_DATA, "no generated example has a completion token within data.maxSeqLength"
+            )
+        d = self.spec.distillation
+        self.examples = examples
+        self.sampler = BatchSampler(
+            examples,
+            d.batch_size // d.gradient_accumulation_steps,
+            strategy="uniform",
+            tiers=None,
+            shares=(1.0, 0.0, 0.0),
+            seed=d.seed,
+            bucket_by_length=True,
+            rank=self.data_rank,
+            world=self.spec.parallelism.student.data,
+        )
+        done = sum(max(0, min(start_step, p.end) - p.start) for p in self.plan if OBJECTIVE in p.objectives)
+        state = self.sampler.state_dict()
+        state["batches"] = done * d.gradient_accumulation_steps
+        self.sampler.load_state_dict(state)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        assert self.sampler is not None, "ready() first"
+        positions = next(self.sampler)
+        return collate_completions([self.examples[p] for p in positions], self.pad_id)
