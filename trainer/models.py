@@ -44,6 +44,13 @@ class Models:
     teacher_dir: Path
     # Teacher layer each student layer was copied from; empty when the student was loaded or fresh.
     copied_layers: list[int] = field(default_factory=list)
+    # The student's own tokenizer when it differs from the teacher's (cross-tokenizer
+    # distillation); None when the student reads the teacher's tokens.
+    student_tokenizer: Any = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.student_tokenizer is not None
 
 
 def auto_model_class(task: str) -> Any:
@@ -168,22 +175,93 @@ def copy_teacher_layers(student: nn.Module, teacher: nn.Module, kept: list[int])
     student.load_state_dict(new_state, strict=True)
 
 
-def check_same_vocabulary(teacher: nn.Module, teacher_tok: Any, student: nn.Module, student_dir: Path) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
+def student_tokenizer_if_different(
+    teacher: nn.Module, teacher_tok: Any, student: nn.Module, student_dir: Path
+) -> Any | None:
+    """The student's own tokenizer when it maps text to ids differently from the teacher's; None
+    when the student uses the teacher's tokenizer (or ships none and has the teacher's vocabulary)."""
     t_vocab, s_vocab = int(teacher.config.vocab_size), int(student.config.vocab_size)
+    if not any((student_dir / f).is_file() for f in TOKENIZER_FILES):
+        if t_vocab != s_vocab:
+            raise TrainerError(
+                ExitCode.BAD_SPEC,
+                f"the student's vocabulary ({s_vocab} ids) differs from the teacher's ({t_vocab}) and "
+                f"{student_dir} holds no tokenizer: save the student's own tokenizer with it",
+            )
+        return None
+    s_tok = load_tokenizer(student_dir, trust_remote_code=False)
+    if s_tok.get_vocab() != teacher_tok.get_vocab():
+        return s_tok
     if t_vocab != s_vocab:
         raise TrainerError(
             ExitCode.BAD_SPEC,
-            f"the student's vocabulary ({s_vocab} ids) differs from the teacher's ({t_vocab}); "
-            "an explicit student must use the teacher's tokenizer",
+            f"the student uses the teacher's tokenizer but its vocabulary has {s_vocab} ids against the "
+            f"teacher's {t_vocab}; logits KD needs equal output widths",
         )
-    has_tokenizer = any((student_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json"))
-    if has_tokenizer:
-        s_tok = load_tokenizer(student_dir, trust_remote_code=False)
-        if s_tok.get_vocab() != teacher_tok.get_vocab():
-            raise TrainerError(
-                ExitCode.BAD_SPEC,
-                f"the student's tokenizer at {student_dir} maps tokens to ids differently from the teacher's",
+    return None
+
+
+def cross_tokenizer_problems(spec: DistillationJobSpec) -> list[str]:
+    """Why this job cannot train a student whose tokenizer differs from the teacher's (empty: it
+    can). ``sequence`` and ``on-policy`` pass text between the models; ``logits`` needs
+    ``distillation.crossTokenizer``; hidden and attention transfer compare positions one for one."""
+    stages = spec.distillation.stages
+    objectives = {o for s in stages for o in s.objectives}
+    if spec.quantization.mode == "qat-int8":
+        objectives.add("logits")  # the QAT phase trains with the logits objective
+    problems: list[str] = []
+    if spec.task != "causal-lm":
+        problems.append(f"task {spec.task} needs the teacher's tokenizer")
+    features = [
+        f"distillation.stages[{i}] ({s.name}) uses {o}"
+        for i, s in enumerate(stages)
+        for o in s.objectives
+        if o in ("hidden", "attention")
+    ]
+    if features:
+        problems.append(
+            "hidden and attention transfer compare the models position by position, which needs one "
+            "tokenizer: " + "; ".join(features)
+        )
+    if "logits" in objectives:
+        if spec.distillation.cross_tokenizer is None:
+            where = "the logits objective" + (
+                " (quantization.mode qat-int8 trains its QAT phase with logits)"
+                if spec.quantization.mode == "qat-int8"
+                else ""
             )
+            problems.append(
+                f"{where} needs distillation.crossTokenizer.method (uld or byte-span); or distil with "
+                "the sequence or on-policy objectives, which pass text between the models"
+            )
+        par = spec.parallelism
+        if par.student.tensor > 1 or par.student.pipeline > 1:
+            problems.append("logits with crossTokenizer runs on a whole student: parallelism.student.tensor/pipeline 1")
+        if par.teacher_pipeline_stages > 1:
+            problems.append("logits with crossTokenizer runs the whole teacher: parallelism.teacherPipelineStages 1")
+        if spec.distillation.teacher_cache.enabled:
+            problems.append(
+                "logits with crossTokenizer reads the live teacher: distillation.teacherCache.enabled false"
+            )
+        if spec.teacher.remote:
+            problems.append(
+                "logits with crossTokenizer runs the teacher in the training process: teacher.model without "
+                "teacher.endpoint or teacher.serve"
+            )
+    return problems
+
+
+def check_cross_tokenizer(spec: DistillationJobSpec, student_dir: Path) -> None:
+    problems = cross_tokenizer_problems(spec)
+    if problems:
+        raise TrainerError(
+            ExitCode.BAD_SPEC,
+            f"the student's tokenizer at {student_dir} maps text to ids differently from the teacher's: "
+            + "; ".join(problems),
+        )
 
 
 def check_same_labels(teacher: nn.Module, student: nn.Module) -> None:
@@ -202,11 +280,14 @@ def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = No
     teacher.eval()
     teacher.requires_grad_(False)
     copied: list[int] = []
+    student_tok = None
     if spec.student.model is not None:
         student_dir = _existing_dir(spec.student.model, base_dir, "student")
         # Student code is never trusted: trustRemoteCode speaks for the teacher only.
         student = _load_pretrained(student_dir, task, torch.float32, False, "student")
-        check_same_vocabulary(teacher, tokenizer, student, student_dir)
+        student_tok = student_tokenizer_if_different(teacher, tokenizer, student, student_dir)
+        if student_tok is not None:
+            check_cross_tokenizer(spec, student_dir)
     else:
         assert spec.student.from_teacher is not None
         cfg, copied = derive_student_config(teacher.config, spec.student.from_teacher)
@@ -224,4 +305,11 @@ def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = No
             )
     if task == "sequence-classification":
         check_same_labels(teacher, student)
-    return Models(teacher=teacher, student=student, tokenizer=tokenizer, teacher_dir=teacher_dir, copied_layers=copied)
+    return Models(
+        teacher=teacher,
+        student=student,
+        tokenizer=tokenizer,
+        teacher_dir=teacher_dir,
+        copied_layers=copied,
+        student_tokenizer=student_tok,
+    )
