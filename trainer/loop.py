@@ -42,9 +42,11 @@ from .models import load_models
 from .optim import build_optimizer, in_group_order
 from .options import RunOptions, StepReport
 from .schedules import temperature_at
+from .sequence_stage import SequenceBatches, has_sequence_stage
 from .stages import Phase, build_plan, phase_at, total_steps
 from .stages import temperature as plan_temperature
 from .targets import CacheStore, TeacherTargetSource
+from .teacher_service import TeacherService
 from .training_data import load_training_data
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,7 @@ class Trainer:
         )
         self.optimizer, self.scheduler = self._build_optimizer()
         self._train_collate = self._packed_collate()
+        self.sequence = self._sequence_batches() if has_sequence_stage(self.plan) else None
 
     def _packed_collate(self) -> Any:
         """Packed training batches through the fused head and loss where the job allows it
@@ -171,6 +174,29 @@ class Trainer:
 
         flow.packed = PackedLogitsStep(self.spec, self.student, self.teacher, self.cache)
         return partial(pack_examples, max_len=self.spec.data.max_seq_length)
+
+    def _sequence_batches(self) -> SequenceBatches:
+        """The sequence stages' data: the teacher's completions, generated in ``train()``."""
+        student_tokenizer = getattr(self.models, "student_tokenizer", None) or self.tokenizer
+        pad = student_tokenizer.pad_token_id
+        return SequenceBatches(
+            self.spec,
+            self.plan,
+            student_tokenizer,
+            int(pad if pad is not None else student_tokenizer.eos_token_id),
+            output=self.opts.output.generated,
+            base_dir=self.opts.base_dir,
+            rank=self.opts.rank,
+            world=self.opts.world,
+            data_rank=self.parallel.data_rank,
+            teacher=self._teacher_service,
+        )
+
+    def _teacher_service(self) -> TeacherService:
+        """The teacher behind the text interface: the in-process one wrapped as LocalTeacher."""
+        from .local_teacher import LocalTeacher
+
+        return LocalTeacher(self.teacher, self.tokenizer)
 
     @staticmethod
     def _qat_split() -> Any:
@@ -268,7 +294,9 @@ class Trainer:
         return str(path)
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _next_batch(self) -> dict[str, torch.Tensor]:
+    def _next_batch(self, phase: Phase) -> dict[str, torch.Tensor]:
+        if self.sequence is not None and "sequence" in phase.objectives:
+            return {k: v.to(self.device) for k, v in self.sequence.next_batch().items()}
         positions = next(self._sampler_iter)
         collate = self._train_collate or self._collate
         batch = collate([self.train_examples[p] for p in positions], self.pad_id, self.task)
@@ -281,7 +309,7 @@ class Trainer:
         parts_sum: dict[str, float] = {}
         loss_sum = 0.0
         for _ in range(accum):
-            batch = self._next_batch()
+            batch = self._next_batch(phase)
             loss_value, parts = self.flow.micro_step(batch, phase, temperature, accum)
             tokens += int(batch["attention_mask"].sum())
             loss_sum += loss_value / accum
@@ -327,6 +355,8 @@ class Trainer:
 
     def train(self) -> None:
         start = self._resume()
+        if self.sequence is not None:  # the teacher writes its completions before any step
+            self.event("generated", **self.sequence.ready(start))
         self._announce_plan(start)
         self.student.train()
         every = self.spec.checkpoint.every_steps

@@ -38,6 +38,11 @@ class OutputLayout:
         return self.root / "teacher-cache"
 
     @property
+    def generated(self) -> Path:
+        """The teacher's completions for the sequence objective (generated_set.py)."""
+        return self.root / "generated"
+
+    @property
     def student(self) -> Path:
         return self.root / STUDENT_DIR
 

@@ -15,6 +15,7 @@ draw; the text sampler's checkpointed position is untouched by sequence steps.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,14 @@ class SequenceBatches:
         self.examples: list[CompletionExample] = []
         self.sampler: BatchSampler | None = None
 
-    def records(self) -> list[dict[str, Any]]:
-        """The (prompt, completion) records: an existing generated set, or this job's own."""
+    def records(self) -> tuple[Path, list[dict[str, Any]]]:
+        """The generated set's folder and its (prompt, completion) records: an existing set
+        named by data.train, or this job's own."""
         data = self.spec.data
         source = resolve_source(data.train, self.base_dir)
         if is_generated_set(source):
             log.info("data.train %s is a generated set: training on it as it is", source)
-            return list(iter_records(source))
+            return source, list(iter_records(source))
         try:
             prompts = read_prompts(
                 source,
@@ -109,11 +111,14 @@ class SequenceBatches:
         ensure_generated(
             self.output, generation_plan(self.spec, prompts), self.teacher, rank=self.rank, world=self.world
         )
-        return list(iter_records(self.output))
+        return self.output, list(iter_records(self.output))
 
-    def ready(self, start_step: int) -> None:
-        """Generate (or find) the set, tokenize it, and place the sampler for ``start_step``."""
-        examples = tokenize_completions(self.records(), self.tokenizer, self.spec.data.max_seq_length)
+    def ready(self, start_step: int) -> dict[str, Any]:
+        """Generate (or find) the set, tokenize it, and place the sampler for ``start_step``;
+        returns what the run's ``generated`` event reports."""
+        started = time.perf_counter()
+        root, records = self.records()
+        examples = tokenize_completions(records, self.tokenizer, self.spec.data.max_seq_length)
         if not examples:
             raise TrainerError(
                 ExitCode.BAD_DATA, "no generated example has a completion token within data.maxSeqLength"
@@ -135,6 +140,12 @@ class SequenceBatches:
         state = self.sampler.state_dict()
         state["batches"] = done * d.gradient_accumulation_steps
         self.sampler.load_state_dict(state)
+        return {
+            "path": str(root),
+            "completions": len(records),
+            "examples": len(examples),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         assert self.sampler is not None, "ready() first"

@@ -235,3 +235,83 @@ def test_generated_set_is_text_data(tmp_path: Path, gpt2_teacher: Path, prompts:
     with pytest.raises(TrainerError, match="sha256 differs") as err:
         gs.text_examples(root, "text")
     assert err.value.code == ExitCode.BAD_DATA
+
+
+# ---- runs -------------------------------------------------------------------------------------
+def _prompt_data(root: Path, n: int = 24) -> Path:
+    """Half the lines carry a prompt field, half only text (their prompt is the text's start)."""
+    paras = [p for _, p in helpers.pydoc_paragraphs(n)]
+    rows = [{"prompt": p[:50], "text": p} if i % 2 else {"text": p[:120]} for i, p in enumerate(paras)]
+    return helpers.write_jsonl(root / "prompts.jsonl", rows)
+
+
+def _sequence_job(name: str, teacher: str, train: str, eval_: str | None, **kw: Any) -> dict[str, Any]:
+    job = helpers.job_dict(
+        name,
+        "causal-lm",
+        teacher,
+        train,
+        eval_,
+        stages=kw.pop("stages", [{"name": "write", "steps": 4, "objectives": ["sequence"]}]),
+        extra_distillation={
+            "generation": {"samplesPerPrompt": 2, "maxNewTokens": 8, "temperature": 0.9, "topP": 0.95},
+            **kw.pop("extra_distillation", {}),
+        },
+        **kw,
+    )
+    return job
+
+
+def test_sequence_run_then_a_later_job_trains_on_the_generated_set(
+    tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdistill.trainer.runner import main_entry
+
+    monkeypatch.setenv("KDISTILL_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    prompts = _prompt_data(tmp_path)
+    _, ev = causal_data
+    job = _sequence_job(
+        "seq",
+        str(gpt2_teacher),
+        str(prompts),
+        str(ev),
+        stages=[
+            {"name": "write", "steps": 4, "objectives": ["sequence"]},
+            {"name": "output", "steps": 2, "objectives": ["logits"]},
+        ],
+    )
+    out = tmp_path / "out"
+    steps: list[Any] = []
+    events: list[tuple[str, dict[str, Any]]] = []
+    code = main_entry(
+        helpers.write_job(tmp_path / "job.yaml", job),
+        out,
+        on_step=steps.append,
+        on_event=lambda n, f: events.append((n, f)),
+    )
+    assert code == 0
+    assert [s.stage for s in steps] == ["write"] * 4 + ["output"] * 2
+    assert set(steps[0].parts) == {"ce", "total"} and steps[0].parts["ce"] > 0
+    assert "kd" in steps[-1].parts
+    generated = out / "generated"
+    manifest = gs.verify(generated)
+    assert manifest["records"] == 2 * 24 and manifest["teacher"] == {"model": str(gpt2_teacher)}
+    assert _count_by_prompt(generated) == dict.fromkeys(range(24), 2)
+    first = next(gs.iter_records(generated))
+    assert first["prompt"] == text_prefix(json.loads(prompts.read_text().splitlines()[0])["text"])
+    ((_, fields),) = [e for e in events if e[0] == "generated"]
+    assert fields["completions"] == 48 and fields["path"] == str(generated)
+
+    # A later job reads the set as text (logits KD on what the teacher wrote) ...
+    later = helpers.job_dict("later", "causal-lm", str(gpt2_teacher), str(generated), None)
+    assert main_entry(helpers.write_job(tmp_path / "later.yaml", later), tmp_path / "later") == 0
+    # ... and a sequence stage on it trains on it as it is, without generating again.
+    again = _sequence_job("again", str(gpt2_teacher), str(generated), None)
+    events.clear()
+    code = main_entry(
+        helpers.write_job(tmp_path / "again.yaml", again),
+        tmp_path / "again",
+        on_event=lambda n, f: events.append((n, f)),
+    )
+    assert code == 0 and not (tmp_path / "again" / "generated").exists()
+    assert [f["path"] for n, f in events if n == "generated"] == [str(generated)]
