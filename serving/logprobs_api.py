@@ -109,7 +109,9 @@ async def completions_with_logprobs(
             "index": i,
             "text": texts[i],
             "finish_reason": finish[i],
-            "logprobs": openai_logprobs(rows[i], strings, starts[i]) if k is not None else None,
+            "logprobs": openai_logprobs(rows[i], strings, starts[i], ids_as_names=body.return_tokens_as_token_ids)
+            if k is not None
+            else None,
         }
         for i in range(len(texts))
     ]

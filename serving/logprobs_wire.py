@@ -51,12 +51,22 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def openai_logprobs(lp: TokenLogprobs, strings: TokenStrings, text_start: int = 0) -> dict[str, Any]:
+def token_id_name(token: int) -> str:
+    """A token named by its id, as vLLM's ``return_tokens_as_token_ids`` names it."""
+    return f"token_id:{token}"
+
+
+def openai_logprobs(
+    lp: TokenLogprobs, strings: TokenStrings, text_start: int = 0, *, ids_as_names: bool = False
+) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object. ``top_logprobs`` maps token text to log-prob, so
-    two ids that decode to the same text share one entry; the binary frame keeps the ids."""
-    tokens = [strings(t) for t in lp.token_ids]
+    two ids that decode to the same text share one entry; the binary frame keeps the ids, and so
+    does ``ids_as_names`` (tokens named ``token_id:N``; offsets still count the decoded text)."""
+    texts = [strings(t) for t in lp.token_ids]
+    name = token_id_name if ids_as_names else strings
+    tokens = [token_id_name(t) for t in lp.token_ids] if ids_as_names else texts
     offsets, at = [], text_start
-    for t in tokens:
+    for t in texts:
         offsets.append(at)
         at += len(t)
     own = lp.token_logprobs.tolist()
@@ -68,7 +78,7 @@ def openai_logprobs(lp: TokenLogprobs, strings: TokenStrings, text_start: int = 
             continue
         row: dict[str, float] = {}
         for t, v in zip(top_ids[i], top_lp[i], strict=True):
-            row.setdefault(strings(t), v)
+            row.setdefault(name(t), v)
         tops.append(row)
     return {"tokens": tokens, "token_logprobs": [_num(x) for x in own], "top_logprobs": tops, "text_offset": offsets}
 

@@ -43,6 +43,8 @@ class CompletionRequest(SamplingParams):
     max_tokens: int = Field(default=16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0)  # top-K per token; the limit is the server's
+    # vLLM's option: tokens in a JSON logprobs answer named "token_id:N", so that no two collide.
+    return_tokens_as_token_ids: bool = False
 
 
 class ChatMessage(_Body):

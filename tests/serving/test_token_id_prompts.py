@@ -84,3 +84,14 @@ def test_bad_ids_are_a_400_naming_the_field(server: ServerProcess, prompt: Any, 
 def test_mixed_ids_and_text_are_refused(server: ServerProcess) -> None:
     r = post(server, {"prompt": [5, "x"], "echo": True, "max_tokens": 0, "logprobs": 1})
     assert 400 <= r.status_code < 500, r.text
+
+
+def test_tokens_named_by_id_on_request(server: ServerProcess, tokenizer: Any) -> None:
+    ids = tokenizer(TEXTS[1])["input_ids"]
+    body = {"prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 3}
+    named = post(server, {**body, "return_tokens_as_token_ids": True}).json()["choices"][0]["logprobs"]
+    plain = post(server, body).json()["choices"][0]["logprobs"]
+    assert named["tokens"] == [f"token_id:{t}" for t in ids]
+    assert named["text_offset"] == plain["text_offset"]  # offsets still count the decoded text
+    assert named["top_logprobs"][0] is None
+    assert all(len(row) == 3 and all(k.startswith("token_id:") for k in row) for row in named["top_logprobs"][1:])
