@@ -79,6 +79,7 @@ class SequenceBatches:
         world: int,
         data_rank: int,
         teacher: Callable[[], TeacherService],
+        teacher_context: tuple[Any, int] | None = None,
     ) -> None:
         self.spec = spec
         self.plan = plan
@@ -88,6 +89,8 @@ class SequenceBatches:
         self.base_dir = base_dir
         self.rank, self.world, self.data_rank = rank, world, data_rank
         self.teacher = teacher
+        # An in-process teacher's tokenizer and context length: prompts are fitted to it.
+        self.teacher_context = teacher_context
         self.examples: list[CompletionExample] = []
         self.sampler: BatchSampler | None = None
 
@@ -108,10 +111,43 @@ class SequenceBatches:
             )
         except DataError as exc:
             raise TrainerError(ExitCode.BAD_DATA, str(exc)) from None
+        prompts = self._fitting(prompts)
         ensure_generated(
             self.output, generation_plan(self.spec, prompts), self.teacher, rank=self.rank, world=self.world
         )
         return self.output, list(iter_records(self.output))
+
+    def _fitting(self, prompts: list[str]) -> list[str]:
+        """The prompts that leave room: at least one completion token within data.maxSeqLength
+        for the student, and maxNewTokens within the context of an in-process teacher (a served
+        one refuses a prompt past its context with a 400 that names it)."""
+        limits = [(self.tokenizer, self.spec.data.max_seq_length - 1, "data.maxSeqLength")]
+        if self.teacher_context is not None:
+            t_tok, context = self.teacher_context
+            room = context - self.spec.distillation.generation.max_new_tokens
+            if room < 1:
+                raise TrainerError(
+                    ExitCode.BAD_SPEC,
+                    f"distillation.generation.maxNewTokens ({self.spec.distillation.generation.max_new_tokens}) "
+                    f"leaves no room for a prompt in the teacher's context of {context} tokens",
+                )
+            limits.append((t_tok, room, f"the teacher's context ({context}) less generation.maxNewTokens"))
+        kept = prompts
+        for tok, limit, why in limits:
+            lengths = [len(ids) for ids in tok(kept, add_special_tokens=True)["input_ids"]]
+            fitting = [p for p, n in zip(kept, lengths, strict=True) if n <= limit]
+            if len(fitting) < len(kept):
+                log.warning(
+                    "%d of %d prompts are longer than %d tokens (%s): left out",
+                    len(kept) - len(fitting),
+                    len(kept),
+                    limit,
+                    why,
+                )
+            kept = fitting
+        if not kept:
+            raise TrainerError(ExitCode.BAD_DATA, f"no prompt of {self.spec.data.train} fits: see the warnings above")
+        return kept
 
     def ready(self, start_step: int) -> dict[str, Any]:
         """Generate (or find) the set, tokenize it, and place the sampler for ``start_step``;
@@ -151,3 +187,14 @@ class SequenceBatches:
         assert self.sampler is not None, "ready() first"
         positions = next(self.sampler)
         return collate_completions([self.examples[p] for p in positions], self.pad_id)
+
+
+def model_context(model: Any) -> int | None:
+    """A causal LM's context length from its config (GPT2: n_positions; most others:
+    max_position_embeddings); None when the config names neither."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -242,6 +242,8 @@ def _prompt_data(root: Path, n: int = 24) -> Path:
     """Half the lines carry a prompt field, half only text (their prompt is the text's start)."""
     paras = [p for _, p in helpers.pydoc_paragraphs(n)]
     rows = [{"prompt": p[:50], "text": p} if i % 2 else {"text": p[:120]} for i, p in enumerate(paras)]
+    # Longer than maxSeqLength: no room for a completion token, so it is left out.
+    rows.append({"prompt": " ".join(paras)[:600], "text": paras[0]})
     return helpers.write_jsonl(root / "prompts.jsonl", rows)
 
 
@@ -295,7 +297,8 @@ def test_sequence_run_then_a_later_job_trains_on_the_generated_set(
     assert "kd" in steps[-1].parts
     generated = out / "generated"
     manifest = gs.verify(generated)
-    assert manifest["records"] == 2 * 24 and manifest["teacher"] == {"model": str(gpt2_teacher)}
+    assert manifest["records"] == 2 * 24 and manifest["prompts"]["count"] == 24
+    assert manifest["teacher"] == {"model": str(gpt2_teacher)}
     assert _count_by_prompt(generated) == dict.fromkeys(range(24), 2)
     first = next(gs.iter_records(generated))
     assert first["prompt"] == text_prefix(json.loads(prompts.read_text().splitlines()[0])["text"])
