@@ -39,6 +39,7 @@ from .flows.single import SingleProcessFlow
 from .fused_ops import fuse_activations
 from .metrics import TrainerMetrics
 from .models import load_models
+from .on_policy import OnPolicyBatches, has_on_policy_stage
 from .optim import build_optimizer, in_group_order
 from .options import RunOptions, StepReport
 from .schedules import temperature_at
@@ -157,6 +158,7 @@ class Trainer:
         self.optimizer, self.scheduler = self._build_optimizer()
         self._train_collate = self._packed_collate()
         self.sequence = self._sequence_batches() if has_sequence_stage(self.plan) else None
+        self.on_policy = self._on_policy_batches() if has_on_policy_stage(self.plan) else None
 
     def _packed_collate(self) -> Any:
         """Packed training batches through the fused head and loss where the job allows it
@@ -191,6 +193,22 @@ class Trainer:
             data_rank=self.parallel.data_rank,
             teacher=self._teacher_service,
             teacher_context=(self.tokenizer, context) if (context := model_context(self.teacher)) else None,
+        )
+
+    def _on_policy_batches(self) -> OnPolicyBatches:
+        """The on-policy stages: the student samples, the teacher scores its tokens."""
+        assert isinstance(self.flow, SingleProcessFlow)  # the API refuses on-policy with a split student
+        return OnPolicyBatches(
+            self.spec,
+            self.plan,
+            student=self.student,
+            forward=self.flow.forward_module,
+            tokenizer=self.tokenizer,
+            pad_id=self.pad_id,
+            device=self.device,
+            base_dir=self.opts.base_dir,
+            data_rank=self.parallel.data_rank,
+            teacher=self._teacher_service,
         )
 
     def _teacher_service(self) -> TeacherService:
@@ -309,13 +327,16 @@ class Trainer:
         tokens = 0
         parts_sum: dict[str, float] = {}
         loss_sum = 0.0
-        for _ in range(accum):
-            batch = self._next_batch(phase)
-            loss_value, parts = self.flow.micro_step(batch, phase, temperature, accum)
-            tokens += int(batch["attention_mask"].sum())
-            loss_sum += loss_value / accum
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
+        if self.on_policy is not None and "on-policy" in phase.objectives:
+            loss_sum, parts_sum, tokens = self.on_policy.accumulate(accum)
+        else:
+            for _ in range(accum):
+                batch = self._next_batch(phase)
+                loss_value, parts = self.flow.micro_step(batch, phase, temperature, accum)
+                tokens += int(batch["attention_mask"].sum())
+                loss_sum += loss_value / accum
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
         if not math.isfinite(loss_sum):
             raise TrainerError(ExitCode.INTERNAL, f"loss is {loss_sum} at step {step + 1} ({phase.name})")
         parts_sum["total"] = loss_sum
@@ -358,6 +379,8 @@ class Trainer:
         start = self._resume()
         if self.sequence is not None:  # the teacher writes its completions before any step
             self.event("generated", **self.sequence.ready(start))
+        if self.on_policy is not None:
+            self.event("on-policy-ready", **self.on_policy.ready(start))
         self._announce_plan(start)
         self.student.train()
         every = self.spec.checkpoint.every_steps
