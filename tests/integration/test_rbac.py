@@ -3,8 +3,10 @@
 The chart's RBAC (rendered by helm, applied as admin) is the only thing the operator runs
 with: it authenticates with a token of the chart's ServiceAccount, not as admin. A job then
 lives its whole life: create, Running, rank-0 progress, a gang restart, success, the rollout
-of the serving Deployment, a serving change, and deletion; and a second job, serving off, is
-deleted by the operator when its ttlSecondsAfterFinished expires.
+of the serving Deployment, a serving change, and deletion; a second job, serving off, is
+deleted by the operator when its ttlSecondsAfterFinished expires; and a third runs its teacher as
+a service: the teacher's Deployment and Service first, the worker after it is ready, a teacher pod
+replaced without a gang restart, and the teacher's objects deleted when the job succeeds.
 
 - With the chart's rules, no request is Forbidden: neither the operator's own API calls
   (its `kdistill_api_errors_total` metric counts every failed call by HTTP code) nor kopf's
@@ -57,6 +59,7 @@ OPERATOR = f"{FULLNAME}-operator"  # the chart's ServiceAccount, ClusterRole and
 LEASE = "kdistill-operator"
 JOB = "life"
 TTL_JOB = "life-ttl"
+TEACHER_JOB = "life-teacher"
 
 
 def _rules(file: str) -> list[dict[str, Any]]:
@@ -276,6 +279,7 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
         cluster.succeed_pod(ns, ttl_pod.metadata.name, SUCCESS)
         step("ttl-deleted", lambda: until(lambda: not jobs.exists(TTL_JOB), "the TTL job deleted after its TTL",
                                           timeout, op, fail_fast))  # fmt: skip
+        teacher_life(cluster, ns, op, step, timeout=timeout, fail_fast=fail_fast)
     except AssertionError as exc:
         life.failed_step = _next_step(life.steps)
         life.error = str(exc)[:500]
@@ -286,8 +290,47 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
     return life
 
 
+def teacher_life(cluster: Cluster, ns: str, op: Operator, step: Callable[[str, Callable[[], Any]], Any], *,
+                 timeout: float, fail_fast: bool) -> None:  # fmt: skip
+    """teacher.serve: the teacher's Deployment and Service, its pod replaced, both deleted at the end."""
+    jobs, apps = Jobs(cluster, ns), client.AppsV1Api(cluster.api_client())
+    teacher = f"{TEACHER_JOB}-teacher"
+    body = job_body(TEACHER_JOB, nodes=1, gpus=1, serving=False)
+    body["spec"]["teacher"] = {"model": "pvc://models/teacher", "serve": {"enabled": True, "gpusPerReplica": 0}}
+    jobs.create(body)
+
+    def teacher_pods() -> list[Any]:
+        return [p for p in jobs.core.list_namespaced_pod(ns, label_selector=f"kdistill.io/job={TEACHER_JOB},"
+                                                         "kdistill.io/role=teacher").items
+                if p.metadata.deletion_timestamp is None and p.status.phase == "Running"]  # fmt: skip
+
+    def available() -> bool:
+        return (apps.read_namespaced_deployment(teacher, ns).status.available_replicas or 0) >= 1
+
+    step("teacher", lambda: until(lambda: available() and jobs.core.read_namespaced_service(teacher, ns),
+                                  "the teacher available, with its Service", timeout, op, fail_fast))  # fmt: skip
+    (worker,) = step("teacher-worker", lambda: until(
+        lambda: (p := [x for x in jobs.live_pods(TEACHER_JOB) if x.status.phase == "Running"
+                       and x.metadata.labels.get("kdistill.io/role") == "worker"]) and p,
+        "the served-teacher job's worker running", timeout, op, fail_fast))  # fmt: skip
+    (victim,) = teacher_pods()
+    jobs.core.delete_namespaced_pod(victim.metadata.name, ns, grace_period_seconds=0)
+    step("teacher-replaced", lambda: until(
+        lambda: [p for p in teacher_pods() if p.metadata.name != victim.metadata.name] and available()
+        and (jobs.status(TEACHER_JOB).get("teacher") or {}).get("state") == "Ready",
+        "a replacement teacher pod, ready", timeout, op, fail_fast))  # fmt: skip
+    assert jobs.status(TEACHER_JOB).get("restarts") == 0, jobs.status(TEACHER_JOB)
+    cluster.succeed_pod(ns, worker.metadata.name, SUCCESS)
+    step("teacher-deleted", lambda: until(
+        lambda: jobs.status(TEACHER_JOB).get("phase") == "Succeeded"
+        and not [d for d in apps.list_namespaced_deployment(ns).items if d.metadata.name == teacher]
+        and not [s for s in jobs.core.list_namespaced_service(ns).items if s.metadata.name == teacher],
+        "the teacher's Deployment and Service deleted after success", timeout, op, fail_fast))  # fmt: skip
+
+
 STEPS = ["create", "workers", "running", "progress", "progress-seen", "restart", "restarts-counted", "succeeded",
-         "rollout", "scaled", "deleted", "ttl-worker", "ttl-deleted"]  # fmt: skip
+         "rollout", "scaled", "deleted", "ttl-worker", "ttl-deleted", "teacher", "teacher-worker", "teacher-replaced",
+         "teacher-deleted"]  # fmt: skip
 
 
 def _next_step(done: list[str]) -> str:
