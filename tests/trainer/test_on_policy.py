@@ -6,6 +6,7 @@ only, and in between each micro-batch's kind is the seeded draw."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,25 @@ def test_prompt_records(tokenizer: Any) -> None:
     assert tokenizer.decode(ex.input_ids[ex.prompt_tokens :]) == " is used to iterate"
     (alone,) = tokenize_prompted([{"prompt": "only a prompt", "completion": ""}], tokenizer, 48)
     assert alone.prompt_tokens == len(alone.input_ids)
+
+
+def test_the_example_runs_on_tiny_data(
+    tmp_path: Path, peaked_teacher: Path, causal_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/on-policy.yaml as it is, but for its model, data and lengths (a few steps)."""
+    import yaml
+
+    monkeypatch.setenv("KDISTILL_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    job = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "on-policy.yaml").read_text())
+    spec = job["spec"]
+    assert [s["objectives"] for s in spec["distillation"]["stages"]] == [["on-policy"]]
+    train, ev = causal_data
+    spec["teacher"]["model"] = str(peaked_teacher)
+    spec["data"].update({"train": str(train), "eval": str(ev), "maxSeqLength": MAX_LEN})
+    spec["distillation"]["stages"][0]["steps"] = 3
+    spec["distillation"].update({"batchSize": 4, "warmupSteps": 1})
+    spec["distillation"]["onPolicy"]["maxNewTokens"] = 8
+    steps, _ = _run(helpers.write_job(tmp_path / "example.yaml", job), tmp_path / "out")
+    assert [s.stage for s in steps] == ["on-policy"] * 3
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["stages"][0]["objectives"] == ["on-policy"] and "fullPrecision" in result
