@@ -50,13 +50,15 @@ NAMESPACED = RuleFile(
         _rule("kdistill.io", ["distillationjobs/status"], ["get", "patch"]),
         # Worker pods: created once per gang attempt, deleted (force on lost nodes); never updated.
         _rule("", ["pods"], ["get", "list", "watch", "create", "delete"]),
-        # Server-side apply is PATCH, and creates through PATCH need create too.
+        # Server-side apply is PATCH, and creates through PATCH need create too. Deleted: the
+        # rendezvous Service and ConfigMap after a served job's TTL, the teacher's Service when
+        # the job stops training.
         _rule("", ["services", "configmaps"], ["get", "list", "create", "patch", "delete"]),
         _rule("", ["persistentvolumeclaims"], ["get", "create"]),
         _rule("", ["serviceaccounts"], ["get", "create", "patch"]),
         # The per-job trainer Role/RoleBinding (the operator holds the permissions it grants).
         _rule("rbac.authorization.k8s.io", ["roles", "rolebindings"], ["get", "create", "patch"]),
-        # Serving.
+        # Serving, and the served teacher (teacher.serve: deleted when the job stops training).
         _rule("apps", ["deployments"], ["get", "list", "watch", "create", "patch", "delete"]),
         _rule("policy", ["poddisruptionbudgets"], ["get", "create", "patch", "delete"]),
         _rule("autoscaling", ["horizontalpodautoscalers"], ["get", "create", "patch", "delete"]),
