@@ -201,6 +201,13 @@ def test_teacher_first_workers_gated_on_readiness_teacher_loss_without_gang_rest
         assert "TeacherStopped" in [e.reason for e in jobs.events(name)]
         assert jobs.exists(name)
     assert op.alive()
+    # Many passes looked at the teacher; only the first wrote it (the spec-hash annotation).
+    applied = [
+        line
+        for line in op.log_lines()
+        if line.get("job") == f"{ns}/{name}" and line.get("message", "").startswith("applied the teacher")
+    ]
+    assert len(applied) == 1, applied
 
 
 def test_two_students_share_one_teacher_through_its_service(
