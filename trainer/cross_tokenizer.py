@@ -370,3 +370,42 @@ def collate_cross(
         "align_student": torch.tensor(s_pos, dtype=torch.long),
         "align_teacher": torch.tensor(t_pos, dtype=torch.long),
     }
+
+
+def cross_examples(
+    examples: Sequence[Any], student_tok: Any, teacher_tok: Any, max_length: int, *, chunk: int = 1024
+) -> dict[int, CrossExample]:
+    """Example index -> its teacher tokens and aligned positions, for examples with ``index``
+    and ``text`` (data.Example), both sides truncated to ``max_length`` tokens."""
+    out: dict[int, CrossExample] = {}
+    for start in range(0, len(examples), chunk):
+        part = examples[start : start + chunk]
+        texts = [e.text for e in part]
+        students = encode_with_offsets(student_tok, texts, max_length)
+        teachers = encode_with_offsets(teacher_tok, texts, max_length)
+        for ex, (_, s_off), (t_ids, t_off) in zip(part, students, teachers, strict=True):
+            s_pos, t_pos = aligned_positions(s_off, t_off, ex.text)
+            out[ex.index] = CrossExample(t_ids, s_pos, t_pos)
+    return out
+
+
+def scored_bytes_by_index(examples: Sequence[Any], tokenizer: Any, max_length: int) -> dict[int, int]:
+    """Example index -> UTF-8 bytes of the tokens a causal LM is scored on (``scored_bytes``);
+    empty when the tokenizer gives no offsets (not a fast tokenizer)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return {}
+    encoded = encode_with_offsets(tokenizer, [e.text for e in examples], max_length)
+    return {
+        ex.index: scored_bytes(byte_offsets(offs, ex.text)) for ex, (_, offs) in zip(examples, encoded, strict=True)
+    }
+
+
+def collate_with_teacher(
+    examples: Sequence[Any], pad_id: int, task: str, *, cross: dict[int, CrossExample], teacher_pad: int
+) -> dict[str, Tensor]:
+    """A padded student batch (batching.collate) plus its teacher's side (``collate_cross``)."""
+    from .batching import collate
+
+    batch = collate(examples, pad_id, task)  # type: ignore[arg-type]
+    batch.update(collate_cross(examples, cross, teacher_pad))
+    return batch

@@ -1,10 +1,17 @@
-"""Evaluation: accuracy for classification, perplexity for causal-lm, and retention."""
+"""Evaluation: accuracy for classification, perplexity and bits per byte for causal-lm, and retention.
+
+Bits per byte is the causal LM's summed negative log-likelihood in bits over the UTF-8 bytes of
+the tokens it was scored on (every token but each text's first, which has no context). Unlike
+perplexity, which is per token, it does not depend on how a tokenizer cuts the text, so models
+with different tokenizers compare on it; a student with its own tokenizer is scored by it
+(metric ``bits-per-byte``).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -13,10 +20,17 @@ from torch import nn
 
 @dataclass(frozen=True)
 class EvalResult:
-    metric: str  # "accuracy" or "perplexity"
+    metric: str  # "accuracy", "perplexity" or "bits-per-byte"
     value: float
     loss: float  # mean cross-entropy per token (causal-lm) or per sample
     count: int  # tokens or samples scored
+    bits_per_byte: float | None = None  # causal-lm, when the batches carry ``scored_bytes``
+
+    def by_bits_per_byte(self) -> EvalResult:
+        """The same evaluation with bits per byte as its metric (models with other tokenizers)."""
+        if self.bits_per_byte is None:
+            raise ValueError("this evaluation has no bits per byte (no scored_bytes in its batches)")
+        return replace(self, metric="bits-per-byte", value=self.bits_per_byte)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -24,7 +38,8 @@ def higher_is_better(metric: str) -> bool:
 
 
 def retention(metric: str, teacher: float, student: float) -> float:
-    """Student score over teacher score; for perplexity (lower is better) teacher / student."""
+    """Student score over teacher score; for perplexity and bits per byte (lower is better)
+    teacher / student."""
     if higher_is_better(metric):
         return student / teacher if teacher > 0 else 0.0
     return teacher / student if student > 0 else 0.0
@@ -34,12 +49,16 @@ def score(teacher: EvalResult | None, student: EvalResult | None) -> dict[str, A
     """The metrics block of result.json and the artifact: both scores and the retention."""
     if teacher is None or student is None:
         return {}
-    return {
+    out: dict[str, Any] = {
         "metric": teacher.metric,
         "teacher": teacher.value,
         "student": student.value,
         "retention": retention(teacher.metric, teacher.value, student.value),
     }
+    if teacher.bits_per_byte is not None and student.bits_per_byte is not None:
+        out["teacherBitsPerByte"] = teacher.bits_per_byte
+        out["studentBitsPerByte"] = student.bits_per_byte
+    return out
 
 
 @torch.no_grad()
@@ -50,12 +69,14 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], Any] | None = None,
 ) -> EvalResult:
-    """Score ``model`` on collated batches (``input_ids``, ``attention_mask``, ``labels``)."""
+    """Score ``model`` on collated batches (``input_ids``, ``attention_mask``, ``labels``, and for
+    bits per byte ``scored_bytes``: [B] bytes each row is scored on)."""
     was_training = model.training
     model.eval()
     total_loss = 0.0
     count = 0
     correct = 0
+    scored_bytes: int | None = 0
     try:
         for batch in batches:
             ids = batch["input_ids"].to(device)
@@ -73,6 +94,8 @@ def evaluate(
                 rows = logits[:, :-1][valid]
                 total_loss += float(nn.functional.cross_entropy(rows, targets[valid], reduction="sum"))
                 count += int(valid.sum())
+                in_batch = batch.get("scored_bytes")
+                scored_bytes = None if in_batch is None or scored_bytes is None else scored_bytes + int(in_batch.sum())
             else:
                 total_loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
                 correct += int((logits.argmax(-1) == labels).sum())
@@ -83,5 +106,6 @@ def evaluate(
         raise ValueError("evaluation data has nothing to score")
     mean = total_loss / count
     if task == "causal-lm":
-        return EvalResult("perplexity", math.exp(min(mean, 700.0)), mean, count)
+        bpb = total_loss / math.log(2) / scored_bytes if scored_bytes else None
+        return EvalResult("perplexity", math.exp(min(mean, 700.0)), mean, count, bpb)
     return EvalResult("accuracy", correct / count, mean, count)

@@ -124,8 +124,10 @@ class Trainer:
         self.models = models
         self.teacher = self.parallel.prepare_teacher(models.teacher).to(self.device)
         self.student = models.student.to(self.device)
-        self.tokenizer = models.tokenizer
-        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.tokenizer = models.tokenizer  # the teacher's
+        # The student's tokenizer: the teacher's, unless the student brought its own.
+        self.student_tokenizer = models.student_tokenizer or models.tokenizer
+        self.pad_id = int(self.student_tokenizer.pad_token_id)
         split_flow = None
         if self.parallel.model_parallel:
             # Splits the student in place (rank 0 keeps an unsplit copy to gather into).
@@ -156,7 +158,7 @@ class Trainer:
             is_writer=self.opts.is_writer,
         )
         self.optimizer, self.scheduler = self._build_optimizer()
-        self._train_collate = self._packed_collate()
+        self._train_collate = self._packed_collate() or self._cross_tokenizer_collate()
         self.sequence = self._sequence_batches() if has_sequence_stage(self.plan) else None
         self.on_policy = self._on_policy_batches() if has_on_policy_stage(self.plan) else None
 
@@ -166,7 +168,7 @@ class Trainer:
         from .packed_step import PackedLogitsStep, packed_step_applies
 
         flow = self.flow
-        if not isinstance(flow, SingleProcessFlow):
+        if not isinstance(flow, SingleProcessFlow) or self.models.cross_tokenizer:
             return None
         if not packed_step_applies(self.spec, self.plan, self.parallel, self.student, self.teacher):
             return None
@@ -217,6 +219,33 @@ class Trainer:
 
         return LocalTeacher(self.teacher, self.tokenizer)
 
+    def _cross_tokenizer_collate(self) -> Any:
+        """Logits KD for a student with its own tokenizer: each batch also carries the teacher's
+        tokens and the aligned positions (cross_tokenizer.py); None when it does not apply."""
+        setting = self.spec.distillation.cross_tokenizer
+        if not self.models.cross_tokenizer or setting is None or self.train_cross is None:
+            return None
+        if not any("logits" in p.objectives for p in self.plan):
+            return None
+        from functools import partial
+
+        from .cross_tokenizer import CrossTokenizerKD, SharedVocabulary, collate_with_teacher
+
+        assert isinstance(self.flow, SingleProcessFlow)  # models.check_cross_tokenizer refuses a split student
+        vocab = None
+        if setting.method == "byte-span":
+            vocab = SharedVocabulary.from_tokenizers(
+                self.student_tokenizer,
+                self.tokenizer,
+                int(self.student.get_output_embeddings().weight.shape[0]),
+                int(self.teacher.get_output_embeddings().weight.shape[0]),
+            ).to(self.device)
+            self.event("cross-tokenizer", method=setting.method, sharedTokens=vocab.size)
+        else:
+            self.event("cross-tokenizer", method=setting.method)
+        self.flow.cross = CrossTokenizerKD(setting.method, self.spec.distillation.loss, vocab)
+        return partial(collate_with_teacher, cross=self.train_cross, teacher_pad=self.teacher_pad)
+
     @staticmethod
     def _qat_split() -> Any:
         from .quantization import qat_phase_split
@@ -224,7 +253,21 @@ class Trainer:
         return qat_phase_split
 
     def _load_data(self) -> None:
-        data = load_training_data(self.spec, self.teacher, self.tokenizer, self.opts.base_dir, self.parallel.data_rank)
+        cross = self.models.cross_tokenizer
+        data = load_training_data(
+            self.spec,
+            self.teacher,
+            self.student_tokenizer,
+            self.opts.base_dir,
+            self.parallel.data_rank,
+            teacher_tokenizer=self.tokenizer if cross else None,
+        )
+        self.eval_bytes = data.eval_bytes
+        # A student with its own tokenizer: the teacher's side of training and eval examples.
+        self.train_cross = data.cross
+        self.teacher_eval_examples = data.teacher_eval if cross else data.eval
+        self.teacher_eval_bytes = data.teacher_eval_bytes if cross else data.eval_bytes
+        self.teacher_pad = int(self.tokenizer.pad_token_id)
         self.label_map = data.label_map
         self.train_examples = data.train
         self.eval_examples = data.eval
@@ -409,12 +452,22 @@ class Trainer:
         self.flow.finish(self.optimizer)
 
     # ---- after training ------------------------------------------------------------------------
-    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
-        examples = sorted(self.eval_examples, key=lambda e: len(e.input_ids))
-        return [
-            self._collate(examples[i : i + EVAL_BATCH_SIZE], self.pad_id, self.task)
-            for i in range(0, len(examples), EVAL_BATCH_SIZE)
-        ]
+    def eval_batches(self, teacher: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Eval batches in the student's tokens, or the teacher's (``teacher``); causal-lm
+        batches carry ``scored_bytes`` for bits per byte."""
+        if teacher:
+            chosen, scored, pad = self.teacher_eval_examples, self.teacher_eval_bytes, self.teacher_pad
+        else:
+            chosen, scored, pad = self.eval_examples, self.eval_bytes, self.pad_id
+        examples = sorted(chosen, key=lambda e: len(e.input_ids))
+        batches = []
+        for i in range(0, len(examples), EVAL_BATCH_SIZE):
+            part = examples[i : i + EVAL_BATCH_SIZE]
+            batch = self._collate(part, pad, self.task)
+            if scored and all(e.index in scored for e in part):
+                batch["scored_bytes"] = torch.tensor([scored[e.index] for e in part], dtype=torch.long)
+            batches.append(batch)
+        return batches
 
     def teacher_for_eval(self) -> nn.Module:
         """The whole teacher: a split teacher holds one stage here, so rank 0 reloads it."""
@@ -425,9 +478,21 @@ class Trainer:
         return self._full_teacher
 
     def evaluate_model(self, model: nn.Module, device: torch.device | None = None) -> EvalResult | None:
+        """A student (float or INT8) on the eval set in the student's tokens."""
         if not self.eval_examples:
             return None
-        return evaluate(model, self.eval_batches(), self.task, device or self.device)
+        return self._comparable(evaluate(model, self.eval_batches(), self.task, device or self.device))
+
+    def evaluate_teacher(self) -> EvalResult | None:
+        """The teacher on the eval set in its own tokens; None for a served teacher (no weights here)."""
+        if not self.teacher_eval_examples or self.teacher is None:
+            return None
+        result = evaluate(self.teacher_for_eval(), self.eval_batches(teacher=True), self.task, self.device)
+        return self._comparable(result)
+
+    def _comparable(self, result: EvalResult) -> EvalResult:
+        """Perplexities of different tokenizers do not compare: such runs are scored in bits per byte."""
+        return result.by_bits_per_byte() if self.models.cross_tokenizer else result
 
     def full_precision_student(self) -> nn.Module:
         """The trained student with any fake-quant wrappers removed (float weights)."""

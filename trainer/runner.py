@@ -117,12 +117,12 @@ def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start:
     if not opts.is_writer:
         return result
     student_fp = trainer.full_precision_student()
-    save_student(student_fp, trainer.tokenizer, out.student)
+    save_student(student_fp, trainer.student_tokenizer, out.student)
     result["student"] = str(out.student)
     metrics: dict[str, Any] = {}
     evaluating = opts.evaluate and bool(trainer.eval_examples)
     # The teacher is evaluated once; the float and the INT8 student are both scored against it.
-    teacher_eval = trainer.evaluate_model(trainer.teacher_for_eval()) if evaluating else None
+    teacher_eval = trainer.evaluate_teacher() if evaluating else None
     if evaluating:
         metrics = score(teacher_eval, trainer.evaluate_model(student_fp))
         result["fullPrecision"] = dict(metrics)
@@ -136,7 +136,7 @@ def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start:
     # Every mode writes the served artifact at the one path the rollout reads (mode none: fp32 weights).
     served = write_served_artifact(
         int8 if int8 is not None else student_fp,
-        trainer.tokenizer,
+        trainer.student_tokenizer,
         out,
         task=spec.task,
         quantization=spec.quantization.mode,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,8 @@ from torch import nn
 from kdistill.api import DistillationJobSpec
 from kdistill.api.failures import ExitCode
 
-from .data import DataError, TokenizedExample, build_label_map, read_jsonl, tokenize_examples
+from .cross_tokenizer import CrossExample, cross_examples, scored_bytes_by_index
+from .data import DataError, Example, TokenizedExample, build_label_map, read_jsonl, tokenize_examples
 from .errors import TrainerError
 from .generated_set import is_generated_set, text_examples
 from .sampling import BatchSampler, assign_tiers
@@ -25,6 +26,13 @@ class TrainingData:
     label_map: dict[str, int] | None
     sampler: BatchSampler
     micro_batch: int  # examples per rank per micro-step
+    # Causal-lm eval: UTF-8 bytes each eval example is scored on, by index (bits per byte).
+    eval_bytes: dict[int, int] = field(default_factory=dict)
+    # A student with its own tokenizer: each training example's teacher tokens and aligned
+    # positions, and the eval set in the teacher's tokens (the teacher is scored on its own).
+    cross: dict[int, CrossExample] | None = None
+    teacher_eval: list[TokenizedExample] = field(default_factory=list)
+    teacher_eval_bytes: dict[int, int] = field(default_factory=dict)
 
 
 def teacher_label_map(teacher: nn.Module) -> dict[str, int] | None:
@@ -51,12 +59,12 @@ def _label_map(spec: DistillationJobSpec, teacher: nn.Module, paths: list[Path],
     return label_map
 
 
-def _read(
-    spec: DistillationJobSpec, path: Path, tokenizer: Any, label_field: str | None, label_map: dict[str, int] | None
-) -> list[TokenizedExample]:
+def _rows(
+    spec: DistillationJobSpec, path: Path, label_field: str | None, label_map: dict[str, int] | None
+) -> list[Example]:
     data_spec = spec.data
     if is_generated_set(path):  # an earlier job's teacher-written set (generated_set.py)
-        return tokenize_examples(text_examples(path, data_spec.text_field), tokenizer, data_spec.max_seq_length)
+        return list(text_examples(path, data_spec.text_field))
     try:
         rows = read_jsonl(
             path,
@@ -69,7 +77,7 @@ def _read(
         raise TrainerError(ExitCode.BAD_DATA, str(exc)) from None
     if not rows:
         raise TrainerError(ExitCode.BAD_DATA, f"{path}: no usable examples")
-    return tokenize_examples(rows, tokenizer, data_spec.max_seq_length)
+    return rows
 
 
 def _sampler(spec: DistillationJobSpec, train: list[TokenizedExample], data_rank: int) -> BatchSampler:
@@ -94,17 +102,39 @@ def _sampler(spec: DistillationJobSpec, train: list[TokenizedExample], data_rank
 
 
 def load_training_data(
-    spec: DistillationJobSpec, teacher: nn.Module, tokenizer: Any, base_dir: Path, data_rank: int
+    spec: DistillationJobSpec,
+    teacher: nn.Module,
+    tokenizer: Any,
+    base_dir: Path,
+    data_rank: int,
+    *,
+    teacher_tokenizer: Any = None,
 ) -> TrainingData:
+    """``tokenizer`` is the student's; ``teacher_tokenizer`` is set only when the teacher's
+    differs (cross-tokenizer logits KD), and the teacher's side of each example is prepared too."""
     data_spec = spec.data
+    max_len = data_spec.max_seq_length
     train_path = resolve_source(data_spec.train, base_dir)
     eval_path = resolve_source(data_spec.eval, base_dir) if data_spec.eval else None
     label_field = data_spec.label_field if spec.task == "sequence-classification" else None
     label_map = None
     if label_field:
         label_map = _label_map(spec, teacher, [p for p in (train_path, eval_path) if p], label_field)
-    train = _read(spec, train_path, tokenizer, label_field, label_map)
-    evaluation = _read(spec, eval_path, tokenizer, label_field, label_map) if eval_path else []
+    train_rows = _rows(spec, train_path, label_field, label_map)
+    train = tokenize_examples(train_rows, tokenizer, max_len)
+    eval_rows = _rows(spec, eval_path, label_field, label_map) if eval_path else []
+    evaluation = tokenize_examples(eval_rows, tokenizer, max_len) if eval_rows else []
     distillation = spec.distillation
     micro_batch = distillation.batch_size // (spec.parallelism.student.data * distillation.gradient_accumulation_steps)
-    return TrainingData(train, evaluation, label_map, _sampler(spec, train, data_rank), micro_batch)
+    data = TrainingData(train, evaluation, label_map, _sampler(spec, train, data_rank), micro_batch)
+    if spec.task == "causal-lm" and eval_rows:
+        data.eval_bytes = scored_bytes_by_index(eval_rows, tokenizer, max_len)
+    if teacher_tokenizer is not None:
+        try:
+            data.cross = cross_examples(train_rows, tokenizer, teacher_tokenizer, max_len)
+        except ValueError as exc:  # a slow tokenizer: no offsets to align by
+            raise TrainerError(ExitCode.BAD_SPEC, f"distillation.crossTokenizer: {exc}") from None
+        if eval_rows:
+            data.teacher_eval = tokenize_examples(eval_rows, teacher_tokenizer, max_len)
+            data.teacher_eval_bytes = scored_bytes_by_index(eval_rows, teacher_tokenizer, max_len)
+    return data

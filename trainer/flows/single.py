@@ -19,6 +19,7 @@ from torch import nn
 from kdistill.api import DistillationJobSpec
 
 from ..checkpoint import CheckpointInfo
+from ..losses import hard_label_ce
 from ..objective import LogitsSettings, logits_objective, trained_rows
 from ..sequence_objective import completion_ce
 from ..stages import Phase
@@ -68,6 +69,8 @@ class SingleProcessFlow:
         self.forward_module = parallel.wrap_student(student)
         # Set by the loop when every micro-batch is packed (packed_step.py); None: padded batches.
         self.packed: Any = None
+        # Set by the loop for a student with its own tokenizer (cross_tokenizer.CrossTokenizerKD).
+        self.cross: Any = None
 
     # ---- the interface -------------------------------------------------------------------------
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -149,6 +152,8 @@ class SingleProcessFlow:
             return completion_ce(
                 self.forward_module(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
             )
+        if self.cross is not None and "logits" in objectives:  # the only objective it allows
+            return self._cross_tokenizer_loss(batch, phase, temperature)
         targets = self.targets.for_batch(batch, objectives, self._autocast(phase))
         student = self._student_forward(batch, objectives, self._autocast(phase))
         losses: dict[str, torch.Tensor] = {}
@@ -207,3 +212,39 @@ class SingleProcessFlow:
         else:
             rows = student.out.logits.float()
         return logits_objective(rows, labels, targets, task=self.task, temperature=temperature, settings=self.settings)
+
+    def _cross_tokenizer_loss(
+        self, batch: Batch, phase: Phase, temperature: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``alpha * KD + (1 - alpha) * CE`` for a student with its own tokenizer: KD (uld or
+        byte-span) at the positions aligned by bytes, CE on the student's own tokens."""
+        labels = batch["labels"]
+        rows, s_pos, t_pos = batch["align_row"], batch["align_student"], batch["align_teacher"]
+        with self._autocast(phase):
+            logits = self.forward_module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits.float()
+        teacher_rows = self._teacher_rows(batch, rows, t_pos, phase)
+        kd = self.cross(logits[rows, s_pos], teacher_rows, temperature)
+        valid = trained_rows(labels)
+        ce = hard_label_ce(logits[:, :-1][valid], labels[:, 1:][valid])
+        # No aligned position in this micro-batch: the KD term is 0 (still attached to the graph).
+        kd_mean = kd.sum() / max(int(kd.numel()), 1)
+        alpha = self.settings.alpha
+        loss = alpha * kd_mean + (1.0 - alpha) * ce.mean()
+        return loss, {"kd": float(kd_mean.detach()), "ce": float(ce.detach().mean()), "logits": float(loss.detach())}
+
+    def _teacher_rows(self, batch: Batch, rows: torch.Tensor, positions: torch.Tensor, phase: Phase) -> torch.Tensor:
+        """The teacher's logits at the aligned positions of its own tokens, in inference mode
+        (through the output head on those rows only where the architecture allows it)."""
+        teacher = self.targets.teacher
+        ids, mask = batch["teacher_input_ids"], batch["teacher_attention_mask"]
+        parts = row_head_parts(teacher)
+        with torch.inference_mode(), self._autocast(phase):
+            if parts is not None:
+                backbone, head = parts
+                hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                out = head(hidden[rows, positions])
+            else:
+                out = teacher(input_ids=ids, attention_mask=mask).logits[rows, positions]
+        # Inference tensors cannot enter autograd graphs.
+        return out.float().clone()
