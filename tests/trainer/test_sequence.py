@@ -318,3 +318,31 @@ def test_sequence_run_then_a_later_job_trains_on_the_generated_set(
     )
     assert code == 0 and not (tmp_path / "again" / "generated").exists()
     assert [f["path"] for n, f in events if n == "generated"] == [str(generated)]
+
+
+def test_sequence_run_with_a_student_of_another_tokenizer(
+    tmp_path: Path, gpt2_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text is the interface: the student reads the teacher's completions in its own tokens (a
+    smaller vocabulary, so a teacher token id would be out of its range)."""
+    from transformers import AutoTokenizer
+
+    from kdistill.trainer.runner import main_entry
+
+    monkeypatch.setenv("KDISTILL_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    student_dir = tmp_path / "student"
+    texts = [p.lower() for _, p in helpers.pydoc_paragraphs(200)]
+    s_tok = helpers.make_tokenizer(student_dir, texts, vocab_size=264)  # bytes, specials, a few merges
+    helpers.save_model(helpers.llama(len(s_tok), layers=2), s_tok, student_dir)
+    t_tok = AutoTokenizer.from_pretrained(str(gpt2_teacher))
+    assert s_tok.get_vocab() != t_tok.get_vocab() and len(s_tok) < len(t_tok)
+    job = _sequence_job(
+        "seq-cross", str(gpt2_teacher), str(_prompt_data(tmp_path)), None, student={"model": str(student_dir)}
+    )
+    steps: list[Any] = []
+    assert main_entry(helpers.write_job(tmp_path / "job.yaml", job), tmp_path / "out", on_step=steps.append) == 0
+    assert len(steps) == 4 and all(0 < s.parts["ce"] < 20 for s in steps)
+    # What the student trained on: the generated text in its own tokens, within its vocabulary.
+    records = list(gs.iter_records(tmp_path / "out" / "generated"))
+    examples = tokenize_completions(records, s_tok, 48)
+    assert examples and max(max(e.input_ids) for e in examples) < len(s_tok)
