@@ -1,9 +1,10 @@
 """`kdistill run job.yaml [--output DIR] [--log-format auto|rich|json]`: the whole job on this machine.
 
 One process per rank: a world of one runs in this process; a larger one starts torchrun with
-``python -m kdistill.trainer`` per rank. On a terminal every stage gets a progress bar (step,
-loss, tokens/s, ETA) and events are lines above the bars; otherwise, or with
-``--log-format json``, every step and event is a JSON line on stdout (see trainer/console.py).
+``python -m kdistill.trainer`` per rank. With ``teacher.serve.enabled`` a local ``kdistill serve``
+runs the teacher beside them for the length of the run (served_teacher.py). On a terminal every
+stage gets a progress bar (step, loss, tokens/s, ETA) and events are lines above the bars;
+otherwise, or with ``--log-format json``, every step and event is a JSON line on stdout (see trainer/console.py).
 """
 
 from __future__ import annotations
@@ -81,10 +82,26 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(20) from None
         out = output or Path("kdistill-out") / job.metadata.name
         fmt = choose_format(log_format, stdout_tty=sys.stdout.isatty(), stderr_tty=sys.stderr.isatty())
-        code = _run_rich(job, job_file, out) if fmt == "rich" else _run_json(job, job_file, out)
+        code = _run_with_teacher(job, job_file, out, fmt)
         if code == 0 and fmt == "rich":
             _print_summary(out / "result.json")
         raise typer.Exit(code)
+
+
+def _run_with_teacher(job: Any, job_file: Path, out: Path, fmt: str) -> int:
+    """The run, beside a local teacher server when ``teacher.serve.enabled`` (served_teacher.py)."""
+    from kdistill.api.failures import ExitCode
+
+    from .served_teacher import TeacherServerFailed, local_teacher_server
+
+    try:
+        with local_teacher_server(job, job_file, out) as url:
+            if url is not None:
+                typer.echo(f"teacher served at {url} (log: {out / 'teacher-server.log'})", err=True)
+            return _run_rich(job, job_file, out) if fmt == "rich" else _run_json(job, job_file, out)
+    except TeacherServerFailed as exc:
+        typer.echo(f"kdistill: {ExitCode.TEACHER_UNAVAILABLE.name}: {exc}", err=True)
+        return int(ExitCode.TEACHER_UNAVAILABLE)
 
 
 def _print_summary(result_path: Path) -> None:

@@ -42,6 +42,7 @@ from .models import load_models
 from .on_policy import OnPolicyBatches, has_on_policy_stage
 from .optim import build_optimizer, in_group_order
 from .options import RunOptions, StepReport
+from .remote_targets import RemoteTargetSource, check_remote_layout, peek_next, teacher_url
 from .schedules import temperature_at
 from .sequence_stage import SequenceBatches, has_sequence_stage, model_context
 from .stages import Phase, build_plan, phase_at, total_steps
@@ -99,6 +100,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.last_checkpoint: tuple[int, float] | None = None
         self._full_teacher: nn.Module | None = None
+        self._served: TeacherService | None = None  # the served teacher's client, opened once
         self._setup()
 
     def event(self, name: str, **fields: Any) -> None:
@@ -116,13 +118,19 @@ class Trainer:
         from .parallel.runtime import ParallelRuntime
 
         self.parallel = ParallelRuntime.create(spec, self.device)
-        models = load_models(spec, self.opts.base_dir)
+        # A served teacher (remote_targets.py): no teacher weights in this process.
+        self.teacher_url = teacher_url(spec)
+        check_remote_layout(self.teacher_url, self.parallel)
+        models = load_models(spec, self.opts.base_dir, remote=self.teacher_url is not None)
         # Fused kernels for Python-composed activations (same function, rounding-level
         # differences; nothing saved changes): see fused_ops.
         for model in (models.teacher, models.student):
-            fuse_activations(model)
+            if model is not None:
+                fuse_activations(model)
         self.models = models
-        self.teacher = self.parallel.prepare_teacher(models.teacher).to(self.device)
+        self.teacher = (
+            self.parallel.prepare_teacher(models.teacher).to(self.device) if models.teacher is not None else None
+        )
         self.student = models.student.to(self.device)
         self.tokenizer = models.tokenizer  # the teacher's
         # The student's tokenizer: the teacher's, unless the student brought its own.
@@ -146,13 +154,15 @@ class Trainer:
         self.aux, self.pairs = build_aux(
             spec, self.plan, self.student, self.teacher, self.parallel, self.pad_id, self.device
         )
-        self.cache = CacheStore.from_spec(spec, self.teacher, self.opts.output.teacher_cache)
+        # A served teacher shares the student's vocabulary (checked at start): its size sizes the cache.
+        vocab_model = self.teacher if self.teacher is not None else self.student
+        self.cache = CacheStore.from_spec(spec, vocab_model, self.opts.output.teacher_cache)
         self.flow: TrainingFlow = split_flow or SingleProcessFlow(
             spec,
             self.student,
             self.aux,
             self.pairs,
-            TeacherTargetSource(self.teacher, self.parallel, self.task, self.pairs, self.cache),
+            self._target_source(),
             self.parallel,
             device=self.device,
             is_writer=self.opts.is_writer,
@@ -165,6 +175,8 @@ class Trainer:
     def _packed_collate(self) -> Any:
         """Packed training batches through the fused head and loss where the job allows it
         (packed_step.py); None keeps padded batches."""
+        if self.teacher is None:  # a served teacher: no teacher head for the packed rows
+            return None
         from .packed_step import PackedLogitsStep, packed_step_applies
 
         flow = self.flow
@@ -214,10 +226,40 @@ class Trainer:
         )
 
     def _teacher_service(self) -> TeacherService:
-        """The teacher behind the text interface: the in-process one wrapped as LocalTeacher."""
+        """The teacher behind the text interface: the served one (one client for the run, checked
+        against the trainer's tokens when it is opened), or the in-process one as LocalTeacher."""
+        if self.teacher_url is not None:
+            if self._served is None:
+                from .remote_targets import check_served_tokens, open_teacher
+
+                self._served = open_teacher(self.teacher_url, self.spec)
+                needs_same = any("logits" in p.objectives for p in self.plan)
+                self.teacher_same_tokens = check_served_tokens(
+                    self._served, self.tokenizer, self.teacher_url, needs_same
+                )
+                self.event("served-teacher", url=self.teacher_url, sameTokens=self.teacher_same_tokens)
+            return self._served
         from .local_teacher import LocalTeacher
 
+        assert self.teacher is not None
         return LocalTeacher(self.teacher, self.tokenizer)
+
+    def _target_source(self) -> Any:
+        """The teacher's targets per micro-batch: from the served teacher, or from the one here."""
+        if self.teacher_url is None:
+            return TeacherTargetSource(self.teacher, self.parallel, self.task, self.pairs, self.cache)
+        from .remote_targets import remote_top_k
+
+        vocab = int(self.student.config.vocab_size)
+        return RemoteTargetSource(self._teacher_service(), remote_top_k(self.spec, vocab), vocab, self.cache)
+
+    def _prefetch_next(self, collate: Any) -> None:
+        """With a served teacher, ask for the next micro-batch's scores now, so that the teacher
+        computes them while the student steps on this one."""
+        source = getattr(self.flow, "targets", None)
+        if isinstance(source, RemoteTargetSource):
+            positions = peek_next(self.sampler)
+            source.prefetch(collate([self.train_examples[p] for p in positions], self.pad_id, self.task))
 
     def _cross_tokenizer_collate(self) -> Any:
         """Logits KD for a student with its own tokenizer: each batch also carries the teacher's
@@ -362,6 +404,7 @@ class Trainer:
         positions = next(self._sampler_iter)
         collate = self._train_collate or self._collate
         batch = collate([self.train_examples[p] for p in positions], self.pad_id, self.task)
+        self._prefetch_next(collate)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _accumulate(self, step: int, phase: Phase, temperature: float) -> tuple[float, dict[str, float], int]:

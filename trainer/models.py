@@ -38,10 +38,10 @@ FFN_WIDTH_KEYS = ("intermediate_size", "n_inner", "hidden_dim")
 
 @dataclass
 class Models:
-    teacher: nn.Module
+    teacher: nn.Module | None  # None: the teacher is served (remote_targets.py), no weights here
     student: nn.Module
     tokenizer: Any
-    teacher_dir: Path
+    teacher_dir: Path | None  # None: only teacher.endpoint names the teacher
     # Teacher layer each student layer was copied from; empty when the student was loaded or fresh.
     copied_layers: list[int] = field(default_factory=list)
     # The student's own tokenizer when it differs from the teacher's (cross-tokenizer
@@ -270,9 +270,13 @@ def check_same_labels(teacher: nn.Module, student: nn.Module) -> None:
         raise TrainerError(ExitCode.BAD_SPEC, f"the student has {s_labels} labels but the teacher has {t_labels}")
 
 
-def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = None) -> Models:
-    """Teacher (eval mode, frozen, in ``teacher.dtype``), tokenizer, and the student in float32."""
+def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = None, *, remote: bool = False) -> Models:
+    """Teacher (eval mode, frozen, in ``teacher.dtype``), tokenizer, and the student in float32;
+    with ``remote`` (a served teacher) no teacher weights stay loaded (``load_for_served_teacher``)."""
+    if remote:
+        return load_for_served_teacher(spec, base_dir, seed)
     task = spec.task
+    assert spec.teacher.model is not None  # the API requires it unless the teacher is served
     trust = spec.teacher.trust_remote_code
     teacher_dir = _existing_dir(spec.teacher.model, base_dir, "teacher")
     tokenizer = load_tokenizer(teacher_dir, trust)
@@ -313,3 +317,49 @@ def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = No
         copied_layers=copied,
         student_tokenizer=student_tok,
     )
+
+
+def load_for_served_teacher(spec: DistillationJobSpec, base_dir: Path, seed: int | None = None) -> Models:
+    """The student and the tokenizer when the teacher is served: the teacher's weights are read
+    only to copy layers into a ``student.fromTeacher`` student, and dropped afterwards. The
+    tokenizer is teacher.model's when it is given, else the student's (checked against the
+    served teacher's tokens at start, remote_targets.check_served_tokens)."""
+    task = spec.task
+    trust = spec.teacher.trust_remote_code
+    teacher_dir = _existing_dir(spec.teacher.model, base_dir, "teacher") if spec.teacher.model else None
+    copied: list[int] = []
+    student_tok = None
+    if spec.student.model is not None:
+        student_dir = _existing_dir(spec.student.model, base_dir, "student")
+        student = _load_pretrained(student_dir, task, torch.float32, False, "student")
+        if teacher_dir is None:
+            return Models(None, student, load_tokenizer(student_dir, False), None)
+        tokenizer = load_tokenizer(teacher_dir, trust)
+        from types import SimpleNamespace
+
+        # Only the teacher's config is compared (its vocabulary): no weights.
+        config_only = SimpleNamespace(config=_teacher_config(teacher_dir, trust))
+        student_tok = student_tokenizer_if_different(config_only, tokenizer, student, student_dir)  # type: ignore[arg-type]
+        if student_tok is not None:
+            check_cross_tokenizer(spec, student_dir)
+        return Models(None, student, tokenizer, teacher_dir, student_tokenizer=student_tok)
+    assert spec.student.from_teacher is not None and teacher_dir is not None  # the API's rule
+    tokenizer = load_tokenizer(teacher_dir, trust)
+    cfg, copied = derive_student_config(_teacher_config(teacher_dir, trust), spec.student.from_teacher)
+    torch.manual_seed(spec.distillation.seed if seed is None else seed)
+    student = auto_model_class(task).from_config(cfg, dtype=torch.float32, trust_remote_code=trust)
+    if copied:
+        teacher = _load_pretrained(teacher_dir, task, torch.float32, trust, "teacher")
+        copy_teacher_layers(student, teacher, copied)
+        del teacher
+        log.info("student: %d layers copied from teacher layers %s (teacher weights dropped)", len(copied), copied)
+    return Models(None, student, tokenizer, teacher_dir, copied_layers=copied)
+
+
+def _teacher_config(teacher_dir: Path, trust: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(teacher_dir), trust_remote_code=trust)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"teacher config at {teacher_dir} cannot be read: {exc}") from None

@@ -193,6 +193,8 @@ class HttpTeacher:
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="teacher-http")
         self._local = threading.local()
         self._down_since: float | None = None
+        self._stopped = threading.Event()
+        self._stop_reason = ""
         self._state_lock = threading.Lock()
         # Counters a benchmark or a log line reads.
         self.requests = 0
@@ -229,6 +231,11 @@ class HttpTeacher:
         return _Gather(parts, combine).future
 
     def close(self) -> None:
+        """Cancel queued requests; requests waiting to retry stop at once."""
+        with self._state_lock:
+            if not self._stopped.is_set():
+                self._stop_reason = f"teacher client for {self.url} closed"
+                self._stopped.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- requests --------------------------------------------------------------------------------
@@ -275,6 +282,8 @@ class HttpTeacher:
         first_failure: float | None = None
         attempt = 0
         while True:
+            if self._stopped.is_set():
+                raise TeacherUnavailable(self._stop_reason)
             try:
                 answer = self._exchange(payload, headers)
                 if answer.status in RETRY_STATUSES:
@@ -295,15 +304,25 @@ class HttpTeacher:
                 self._mark_down(failure.what)
                 waited = now - first_failure
                 if waited >= self.retry.total_s:
-                    raise TeacherUnavailable(
+                    self._give_up(
                         f"teacher at {self.url} did not answer within {self.retry.total_s:g}s "
                         f"({TIMEOUT_ENV}); last error: {failure.what}"
-                    ) from None
+                    )
                 delay = min(self.retry.delay(attempt, failure.retry_after), self.retry.total_s - waited)
                 with self._state_lock:
                     self.retries += 1
                 attempt += 1
-                time.sleep(max(0.0, delay))
+                if self._stopped.wait(max(0.0, delay)):
+                    raise TeacherUnavailable(self._stop_reason) from None
+
+    def _give_up(self, reason: str) -> None:
+        """Fail this request, and every other one still retrying: the run ends anyway, and its
+        exit should not wait for each request's own bound."""
+        with self._state_lock:
+            if not self._stopped.is_set():
+                self._stop_reason = reason
+                self._stopped.set()
+        raise TeacherUnavailable(reason)
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
