@@ -40,6 +40,7 @@ from .fused_ops import fuse_activations
 from .metrics import TrainerMetrics
 from .models import load_models
 from .on_policy import OnPolicyBatches, has_on_policy_stage
+from .on_policy_cross import TokenBridge
 from .optim import build_optimizer, in_group_order
 from .options import RunOptions, StepReport
 from .remote_targets import RemoteTargetSource, check_remote_layout, peek_next, teacher_url
@@ -217,13 +218,21 @@ class Trainer:
             self.plan,
             student=self.student,
             forward=self.flow.forward_module,
-            tokenizer=self.tokenizer,
+            tokenizer=self.student_tokenizer,
             pad_id=self.pad_id,
             device=self.device,
             base_dir=self.opts.base_dir,
             data_rank=self.parallel.data_rank,
             teacher=self._teacher_service,
+            bridge=self._token_bridge() if self.models.cross_tokenizer else None,
         )
+
+    def _token_bridge(self) -> TokenBridge:
+        """A student with its own tokenizer: on-policy sends the teacher text (on_policy_cross.py)."""
+        vocab = int(self.student.get_output_embeddings().weight.shape[0])
+        bridge = TokenBridge(self.student_tokenizer, self.tokenizer, vocab)
+        self.event("on-policy-tokenizers", sharedTokens=bridge.shared_tokens)
+        return bridge
 
     def _teacher_service(self) -> TeacherService:
         """The teacher behind the text interface: the served one (one client for the run, checked
@@ -527,9 +536,13 @@ class Trainer:
         return self._comparable(evaluate(model, self.eval_batches(), self.task, device or self.device))
 
     def evaluate_teacher(self) -> EvalResult | None:
-        """The teacher on the eval set in its own tokens; None for a served teacher (no weights here)."""
-        if not self.teacher_eval_examples or self.teacher is None:
+        """The teacher on the eval set in its own tokens; a served teacher scores them over HTTP."""
+        if not self.teacher_eval_examples:
             return None
+        if self.teacher_url is not None:
+            from .remote_targets import evaluate_remote
+
+            return self._comparable(evaluate_remote(self._teacher_service(), self.eval_batches(teacher=True)))
         result = evaluate(self.teacher_for_eval(), self.eval_batches(teacher=True), self.task, self.device)
         return self._comparable(result)
 

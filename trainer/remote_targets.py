@@ -191,13 +191,17 @@ def evaluate_remote(service: TeacherService, batches: list[Batch]) -> EvalResult
     trained token), as ``evaluate`` scores an in-process model."""
     futures = [service.score_ids(_sequences(b), 1) for b in batches]  # all in flight at once
     total, count = 0.0, 0
+    scored_bytes: int | None = 0
     for batch, future in zip(batches, futures, strict=True):
         for i, row in enumerate(future.result()):
             n = len(row)
             valid = batch["labels"][i, 1:n].cpu() != IGNORE_INDEX
             total -= float(row.logprobs[1:n][valid].double().sum())
             count += int(valid.sum())
+        in_batch = batch.get("scored_bytes")
+        scored_bytes = None if in_batch is None or scored_bytes is None else scored_bytes + int(in_batch.sum())
     if count == 0:
         raise ValueError("evaluation data has nothing to score")
     mean = total / count
-    return EvalResult("perplexity", math.exp(min(mean, 700.0)), mean, count)
+    bpb = total / math.log(2) / scored_bytes if scored_bytes else None
+    return EvalResult("perplexity", math.exp(min(mean, 700.0)), mean, count, bpb)

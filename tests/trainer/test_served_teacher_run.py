@@ -211,3 +211,27 @@ def test_an_endpoint_that_never_answers_fails_with_its_reason(
     term = json.loads(termination_log.read_text())
     assert term["reason"] == "TEACHER_UNAVAILABLE" and term["retryable"] is True
     assert url in term["message"] and "1.5s" in term["message"]
+
+
+def test_served_teacher_eval_equals_the_in_process_one(gpt2_teacher: Path, tokenizer: Any) -> None:
+    """The teacher's eval over its log-probs (as a served teacher is scored) is evaluate()'s."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kdistill.trainer.batching import collate
+    from kdistill.trainer.data import TokenizedExample
+    from kdistill.trainer.evaluate import evaluate
+    from kdistill.trainer.local_teacher import LocalTeacher
+    from kdistill.trainer.remote_targets import evaluate_remote
+
+    model = AutoModelForCausalLM.from_pretrained(str(gpt2_teacher), use_safetensors=True).eval()
+    texts = [p[:120] for _, p in helpers.pydoc_paragraphs(10)]
+    examples = [TokenizedExample(index=i, input_ids=tokenizer(t)["input_ids"], label=None) for i, t in enumerate(texts)]
+    batches = [collate(examples[i : i + 4], int(tokenizer.pad_token_id), "causal-lm") for i in range(0, 10, 4)]
+    for b in batches:
+        b["scored_bytes"] = torch.full((b["input_ids"].shape[0],), 100)
+    remote = evaluate_remote(LocalTeacher(model, tokenizer), batches)
+    local = evaluate(model, batches, "causal-lm", torch.device("cpu"))
+    assert remote.count == local.count and remote.metric == local.metric
+    assert remote.loss == pytest.approx(local.loss, rel=1e-5)
+    assert remote.bits_per_byte == pytest.approx(local.bits_per_byte, rel=1e-5)
