@@ -14,12 +14,14 @@ A micro-batch is one of two kinds, drawn per micro-batch from the job's seed wit
   and a completion stops at ``maxSeqLength`` in all, so a sequence never outgrows the data.
 - *dataset*: the prompt and the dataset's completion, as the data has them.
 
-The teacher scores every sequence (``TeacherService.score_ids``: the same tokenizer, so the
-student's token ids are sent as they are) and returns its top-``onPolicy.topK`` log-probs per
-position. The loss is ``on_policy_loss``: JSD_beta with ``onPolicy.beta`` over those tokens
-and a tail bucket, averaged over the completion tokens. All micro-batches of a step are
-sampled first and their scoring requests sent together; each micro-batch's student forward
-then runs while the teacher (a served one, over HTTP) is still answering.
+The teacher scores every sequence (``TeacherService.score_ids``: with the same tokenizer the
+student's token ids are sent as they are; a student with its own tokenizer sends the text its
+tokens stand for through ``score_texts``, see ``on_policy_cross``) and returns its
+top-``onPolicy.topK`` log-probs per position. The loss is ``on_policy_loss``: JSD_beta with
+``onPolicy.beta`` over those tokens and a tail bucket, averaged over the completion tokens.
+All micro-batches of a step are sampled first and their scoring requests sent together; each
+micro-batch's student forward then runs while the teacher (a served one, over HTTP) is still
+answering.
 
 The stages draw from their own sampler over these examples. Its position is not checkpointed:
 it is a function of how many on-policy steps came before the step a run resumes at (as the
@@ -45,6 +47,7 @@ from kdistill.api.failures import ExitCode
 
 from .data import DataError
 from .errors import TrainerError
+from .on_policy_cross import StudentText, TokenBridge, align_scores, cross_on_policy_loss
 from .on_policy_loss import on_policy_loss
 from .prompts import text_prefix
 from .sampling import BatchSampler
@@ -140,6 +143,7 @@ class PendingBatch:
     prompt_lengths: list[int]
     sampled: bool
     scores: Future[list[ScoredTokens]]
+    texts: list[StudentText] | None = None  # what the teacher scored, when it tokenizes otherwise
 
     @property
     def lengths(self) -> list[int]:
@@ -169,17 +173,49 @@ def check_scores(scored: Sequence[ScoredTokens], sequences: Sequence[Sequence[in
             )
 
 
+def send_to_teacher(
+    teacher: TeacherService, sequences: list[list[int]], top_k: int, bridge: TokenBridge | None
+) -> tuple[Future[list[ScoredTokens]], list[StudentText] | None]:
+    """Ask for the teacher's scores: the token ids as they are (one tokenizer), or the text
+    they stand for (the teacher tokenizes it; ``on_policy_cross``)."""
+    if bridge is None:
+        return teacher.score_ids(sequences, top_k), None
+    texts = [bridge.text_of(s) for s in sequences]
+    return teacher.score_texts([t.text for t in texts], top_k), texts
+
+
+def teacher_top_k(top_k: int, student_vocab: int, bridge: TokenBridge | None) -> int:
+    """K to ask for: at most the vocabulary the teacher ranks over."""
+    return min(top_k, bridge.teacher_vocab if bridge is not None else student_vocab)
+
+
 def batch_loss(
-    forward: nn.Module, pending: PendingBatch, pad_id: int, beta: float, device: torch.device
+    forward: nn.Module,
+    pending: PendingBatch,
+    pad_id: int,
+    beta: float,
+    device: torch.device,
+    bridge: TokenBridge | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The student's forward on the micro-batch (while the teacher may still be scoring), then
-    the mean JSD_beta over its completion tokens and their count."""
+    the mean JSD_beta over its completion tokens (aligned ones, across tokenizers) and their count."""
     ids, mask = right_padded(pending.sequences, pad_id)
     logits = forward(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    return loss_from_scores(logits.float(), pending, beta, bridge)
+
+
+def loss_from_scores(
+    logits: torch.Tensor, pending: PendingBatch, beta: float, bridge: TokenBridge | None = None
+) -> tuple[torch.Tensor, int]:
+    """The mean JSD_beta of the student's ``logits`` [B, L, V] against the teacher's scores of
+    the micro-batch (waited for here), and the number of positions it averages."""
     scored = pending.scores.result()
+    if bridge is not None:
+        assert pending.texts is not None
+        return cross_on_policy_loss(logits, align_scores(bridge, pending.texts, scored, pending.prompt_lengths), beta)
     check_scores(scored, pending.sequences)
     return on_policy_loss(
-        logits.float(),
+        logits,
         [s.top_ids for s in scored],
         [s.top_logprobs for s in scored],
         pending.prompt_lengths,
@@ -205,13 +241,15 @@ class OnPolicyBatches:
         base_dir: Path,
         data_rank: int,
         teacher: Callable[[], TeacherService],
+        bridge: TokenBridge | None = None,
     ) -> None:
         self.spec = spec
         self.plan = plan
         self.settings = spec.distillation.on_policy
         self.student = student  # samples (never DDP-wrapped: no gradients there)
         self.forward = forward  # trains (DDP over data ranks, or the student itself)
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # the student's
+        self.bridge = bridge  # None: the teacher tokenizes as the student does
         self.pad_id = pad_id
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_id = int(eos) if eos is not None else None
@@ -304,8 +342,10 @@ class OnPolicyBatches:
             sequences = [list(e.input_ids) for e in examples]
             prompt_lengths = [e.prompt_tokens for e in examples]
         vocab = int(self.student.get_output_embeddings().weight.shape[0])
-        top_k = min(self.settings.top_k, vocab)
-        return PendingBatch(sequences, prompt_lengths, sampled, self.teacher.score_ids(sequences, top_k))
+        scores, texts = send_to_teacher(
+            self.teacher, sequences, teacher_top_k(self.settings.top_k, vocab, self.bridge), self.bridge
+        )
+        return PendingBatch(sequences, prompt_lengths, sampled, scores, texts)
 
     def accumulate(self, accum: int) -> tuple[float, dict[str, float], int]:
         """Forward and backward of one step's micro-batches: mean loss, mean parts, tokens."""
@@ -313,7 +353,7 @@ class OnPolicyBatches:
         loss_sum, tokens = 0.0, 0
         parts = {OBJECTIVE: 0.0, "completion_length": 0.0, "sampled": 0.0}
         for batch in pending:
-            loss, _ = batch_loss(self.forward, batch, self.pad_id, self.settings.beta, self.device)
+            loss, _ = batch_loss(self.forward, batch, self.pad_id, self.settings.beta, self.device, self.bridge)
             (loss / accum).backward()
             value = float(loss.detach())
             loss_sum += value / accum

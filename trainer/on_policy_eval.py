@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .on_policy import check_scores, right_padded
-from .on_policy_loss import on_policy_loss
+from .on_policy import PendingBatch, loss_from_scores, right_padded, send_to_teacher, teacher_top_k
+from .on_policy_cross import TokenBridge
 from .student_sampling import sample_completions
 from .teacher_service import TeacherService
 
@@ -32,15 +32,17 @@ def held_out_divergence(
     pad_id: int,
     seed: int = 0,
     batch_size: int = 16,
+    bridge: TokenBridge | None = None,
 ) -> dict[str, float]:
-    """``{"divergence": mean JSD_beta per completion token, "tokens": completion tokens,
-    "meanLength": mean completion length}`` of the student's samples on ``prompts``."""
+    """``{"divergence": mean JSD_beta per completion token, "tokens": positions averaged,
+    "meanLength": mean completion length}`` of the student's samples on ``prompts`` (with
+    ``bridge``, a student with its own tokenizer: the aligned positions, ``on_policy_cross``)."""
     device = next(student.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     vocab = int(student.get_output_embeddings().weight.shape[0])
     was_training = student.training
     student.eval()
-    total, tokens, sequences_seen = 0.0, 0, 0
+    total, tokens, sequences_seen, written = 0.0, 0, 0, 0
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[start : start + batch_size]]
@@ -54,25 +56,19 @@ def held_out_divergence(
                 generator=generator,
             )
             sequences = [p + c for p, c in zip(chunk, completions, strict=True)]
-            scored = teacher.score_ids(sequences, min(top_k, vocab)).result()
-            check_scores(scored, sequences)
+            scores, texts = send_to_teacher(teacher, sequences, teacher_top_k(top_k, vocab, bridge), bridge)
+            pending = PendingBatch(sequences, [len(p) for p in chunk], True, scores, texts)
             ids, mask = right_padded(sequences, pad_id)
             logits = student(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            loss, count = on_policy_loss(
-                logits,
-                [s.top_ids for s in scored],
-                [s.top_logprobs for s in scored],
-                [len(p) for p in chunk],
-                [len(s) for s in sequences],
-                beta,
-            )
+            loss, count = loss_from_scores(logits, pending, beta, bridge)
             total += float(loss) * count
             tokens += count
             sequences_seen += len(sequences)
+            written += sum(len(c) for c in completions)
     finally:
         student.train(was_training)
     return {
         "divergence": total / tokens if tokens else 0.0,
         "tokens": float(tokens),
-        "meanLength": tokens / sequences_seen if sequences_seen else 0.0,
+        "meanLength": written / sequences_seen if sequences_seen else 0.0,
     }

@@ -227,3 +227,92 @@ def test_the_example_runs_on_tiny_data(
     assert [s.stage for s in steps] == ["on-policy"] * 3
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["stages"][0]["objectives"] == ["on-policy"] and "fullPrecision" in result
+
+
+def test_a_student_with_its_own_tokenizer_lowers_the_held_out_divergence(
+    tmp_path: Path,
+    peaked_teacher: Path,
+    tokenizer: Any,
+    causal_data: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The teacher scores the text the student's tokens stand for (score_texts), positions are
+    aligned by bytes (on_policy_cross): the student, with a vocabulary of its own, still moves
+    towards the teacher on its own samples."""
+    from transformers import AutoModelForCausalLM
+
+    from kdistill.trainer.local_teacher import LocalTeacher
+    from kdistill.trainer.on_policy_cross import TokenBridge
+
+    monkeypatch.setenv("KDISTILL_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    train, ev = causal_data
+    others = [p for _, p in helpers.pydoc_paragraphs(900)][500:]
+    s_dir = tmp_path / "student"
+    s_tok = helpers.make_tokenizer(s_dir, others, vocab_size=340)
+    helpers.save_model(helpers.gpt2(len(s_tok), layers=2, seed=5), s_tok, s_dir)
+    job = _job("op-cross", peaked_teacher, train, ev, steps=30)
+    job["spec"]["student"] = {"model": str(s_dir)}
+    job_file = helpers.write_job(tmp_path / "job.yaml", job)
+
+    teacher = LocalTeacher(AutoModelForCausalLM.from_pretrained(str(peaked_teacher)).eval(), tokenizer)
+    bridge = TokenBridge(s_tok, tokenizer, len(s_tok))
+    prompts = _held_out_prompts(s_tok, ev)
+
+    def divergence(student: torch.nn.Module) -> float:
+        result = held_out_divergence(
+            student,
+            teacher,
+            prompts,
+            max_new_tokens=MAX_NEW,
+            temperature=1.0,
+            top_k=TOP_K,
+            beta=1.0,
+            eos_id=s_tok.eos_token_id,
+            pad_id=s_tok.pad_token_id,
+            seed=11,
+            bridge=bridge,
+        )
+        assert result["tokens"] > 20
+        return result["divergence"]
+
+    before = divergence(AutoModelForCausalLM.from_pretrained(str(s_dir)))
+    steps, events = _run(job_file, tmp_path / "out")
+    after = divergence(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "student")))
+    assert after < 0.8 * before, (before, after)
+    ((_, fields),) = [e for e in events if e[0] == "on-policy-tokenizers"]
+    assert 0 < fields["sharedTokens"] < len(s_tok)
+    assert all(s.parts["sampled"] == 1.0 for s in steps)
+
+
+def _input_tokens(url: str) -> float:
+    """Tokens the server has read (scoring counts every token of every sequence sent)."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith('kdistill_tokens_total{kind="input"}')
+    )
+
+
+def test_served_teacher_lowers_the_held_out_divergence(
+    tmp_path: Path,
+    peaked_teacher: Path,
+    tokenizer: Any,
+    causal_data: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same job with ``teacher.endpoint`` naming a real ``kdistill serve`` of the teacher on
+    loopback: the workers hold no teacher weights and every score comes over HTTP."""
+    from tests.serving.helpers import running_server
+
+    monkeypatch.setenv("KDISTILL_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    monkeypatch.delenv("KDISTILL_TEACHER_URL", raising=False)
+    train, ev = causal_data
+    with running_server(peaked_teacher, "--max-wait-ms", "2", "--max-logprobs", str(TOP_K)) as server:
+        job = _job("op-served", peaked_teacher, train, ev, steps=30)
+        job["spec"]["teacher"]["endpoint"] = server.url
+        read_before = _input_tokens(server.url)
+        _check_lowers_divergence(tmp_path, job, peaked_teacher, tokenizer, ev)
+        read = _input_tokens(server.url) - read_before
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert read >= result["tokensSeen"] > 0  # every trained sequence was scored by the server
