@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from .data import DataError
+from .data import DataError, Example
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +76,10 @@ def read_prompts(path: Path, *, prompt_field: str, text_field: str, max_bad_frac
     if not prompts:
         raise DataError(f"{path}: no prompts (field {prompt_field!r}, or the start of {text_field!r})")
     return prompts
+
+
+def prompt_examples(path: Path, *, prompt_field: str, text_field: str, max_bad_fraction: float) -> list[Example]:
+    """The prompts of a file as text examples: what a job whose every stage trains on generated
+    completions reads as its training text, so that prompt-only data (no text field) works."""
+    prompts = read_prompts(path, prompt_field=prompt_field, text_field=text_field, max_bad_fraction=max_bad_fraction)
+    return [Example(index=i, text=p, label=None, line=0) for i, p in enumerate(prompts)]

@@ -198,3 +198,10 @@ def model_context(model: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def only_sequence(spec: DistillationJobSpec) -> bool:
+    """Every step trains on generated completions (no QAT phase either, which trains on text):
+    the data's text lines are then not needed, and prompt-only data is enough."""
+    stages = spec.distillation.stages
+    return all(s.objectives == [OBJECTIVE] for s in stages) and spec.quantization.mode != "qat-int8"

@@ -15,7 +15,9 @@ from .cross_tokenizer import CrossExample, cross_examples, scored_bytes_by_index
 from .data import DataError, Example, TokenizedExample, build_label_map, read_jsonl, tokenize_examples
 from .errors import TrainerError
 from .generated_set import is_generated_set, text_examples
+from .prompts import prompt_examples
 from .sampling import BatchSampler, assign_tiers
+from .sequence_stage import only_sequence
 from .sources import resolve_source
 
 
@@ -80,6 +82,19 @@ def _rows(
     return rows
 
 
+def _prompt_rows(spec: DistillationJobSpec, path: Path) -> list[Example]:
+    data_spec = spec.data
+    try:
+        return prompt_examples(
+            path,
+            prompt_field=data_spec.prompt_field,
+            text_field=data_spec.text_field,
+            max_bad_fraction=data_spec.max_bad_fraction,
+        )
+    except DataError as exc:
+        raise TrainerError(ExitCode.BAD_DATA, str(exc)) from None
+
+
 def _sampler(spec: DistillationJobSpec, train: list[TokenizedExample], data_rank: int) -> BatchSampler:
     sampling = spec.data.sampling
     tiers = (
@@ -120,7 +135,11 @@ def load_training_data(
     label_map = None
     if label_field:
         label_map = _label_map(spec, teacher, [p for p in (train_path, eval_path) if p], label_field)
-    train_rows = _rows(spec, train_path, label_field, label_map)
+    if only_sequence(spec) and not is_generated_set(train_path):
+        # Text lines are never trained on: the prompts stand in (prompt-only data works).
+        train_rows = _prompt_rows(spec, train_path)
+    else:
+        train_rows = _rows(spec, train_path, label_field, label_map)
     train = tokenize_examples(train_rows, tokenizer, max_len)
     eval_rows = _rows(spec, eval_path, label_field, label_map) if eval_path else []
     evaluation = tokenize_examples(eval_rows, tokenizer, max_len) if eval_rows else []

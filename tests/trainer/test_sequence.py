@@ -320,6 +320,77 @@ def test_sequence_run_then_a_later_job_trains_on_the_generated_set(
     assert [f["path"] for n, f in events if n == "generated"] == [str(generated)]
 
 
+def test_kill_9_during_generation_from_a_served_teacher_then_resume(
+    tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path]
+) -> None:
+    """The trainer generates from a real ``kdistill serve``; SIGKILL once some shards are written;
+    the restarted trainer keeps them (same files), writes the rest, and trains: every prompt is in
+    the set exactly samplesPerPrompt times."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.serving.helpers import ServerProcess
+
+    paras = [p for _, p in helpers.pydoc_paragraphs(400)]
+    # Two thirds of the lines are only a prompt, the rest give the start of their text (a job of
+    # sequence stages alone needs no text field).
+    rows = [{"prompt": p[: 20 + i % 30]} if i % 3 else {"text": p[:90]} for i, p in enumerate(paras * 2)]
+    prompts = helpers.write_jsonl(tmp_path / "prompts.jsonl", rows)
+    server = ServerProcess(gpt2_teacher, "--max-batch-size", "64", "--max-wait-ms", "5")
+    try:
+        server.wait_ready()
+        job = _sequence_job(
+            "seq-kill",
+            str(gpt2_teacher),
+            str(prompts),
+            None,
+            stages=[{"name": "write", "steps": 2, "objectives": ["sequence"]}],
+        )
+        job["spec"]["teacher"]["endpoint"] = server.url
+        job["spec"]["distillation"]["generation"]["maxNewTokens"] = 24
+        job_file = helpers.write_job(tmp_path / "job.yaml", job)
+        out = tmp_path / "out"
+        generated = out / "generated"
+        cmd = [sys.executable, "-P", "-m", "kdistill.trainer", "--config", str(job_file), "--output", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "KDISTILL_TERMINATION_LOG": str(tmp_path / "termination-log")}
+        log = (tmp_path / "first.log").open("w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 600
+        while len(list(generated.glob("shard-*.jsonl"))) < 2:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no shard written in time"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        log.close()
+        manifest = gs.read_manifest(generated)
+        assert manifest is not None and not manifest["complete"]
+        kept = {p.name: (p.stat().st_ino, p.read_bytes()) for p in generated.glob("shard-*.jsonl")}
+        total = manifest["prompts"]["count"]
+        assert 2 <= len(kept) < -(-total // gs.SHARD_PROMPTS), "the kill came after generation ended"
+
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert second.returncode == 0, second.stderr[-3000:]
+        # The completions came from the server, not from a teacher loaded in the trainer.
+        metrics = httpx.get(f"{server.url}/metrics").text
+        served = [line for line in metrics.splitlines() if line.startswith('kdistill_tokens_total{kind="generated"}')]
+        assert served and float(served[0].split()[-1]) >= total
+    finally:
+        server.terminate()
+    for name, (inode, body) in kept.items():
+        path = generated / name
+        assert path.stat().st_ino == inode and path.read_bytes() == body, f"{name} was written again"
+    manifest = gs.verify(generated)
+    assert manifest["complete"] and manifest["records"] == 2 * total
+    assert _count_by_prompt(generated) == dict.fromkeys(range(total), 2)
+    assert (out / "result.json").is_file()
+
+
 def test_sequence_run_with_a_student_of_another_tokenizer(
     tmp_path: Path, gpt2_teacher: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
