@@ -194,13 +194,11 @@ class Trainer:
 
     def _sequence_batches(self) -> SequenceBatches:
         """The sequence stages' data: the teacher's completions, generated in ``train()``."""
-        student_tokenizer = getattr(self.models, "student_tokenizer", None) or self.tokenizer
-        pad = student_tokenizer.pad_token_id
         return SequenceBatches(
             self.spec,
             self.plan,
-            student_tokenizer,
-            int(pad if pad is not None else student_tokenizer.eos_token_id),
+            self.student_tokenizer,
+            self.pad_id,
             output=self.opts.output.generated,
             base_dir=self.opts.base_dir,
             rank=self.opts.rank,
