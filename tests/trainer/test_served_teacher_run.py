@@ -235,3 +235,41 @@ def test_served_teacher_eval_equals_the_in_process_one(gpt2_teacher: Path, token
     assert remote.count == local.count and remote.metric == local.metric
     assert remote.loss == pytest.approx(local.loss, rel=1e-5)
     assert remote.bits_per_byte == pytest.approx(local.bits_per_byte, rel=1e-5)
+
+
+def test_a_teacher_killed_mid_run_pauses_the_run_until_it_is_back(
+    tmp_path: Path, gpt2_teacher: Path, causal_data: tuple[Path, Path], termination_log: Path
+) -> None:
+    train, _ = causal_data
+    server = ServerProcess(gpt2_teacher, "--max-wait-ms", "2")
+    server.wait_ready()
+    restarted: list[subprocess.Popen[bytes]] = []
+    job = helpers.job_dict(
+        "teacher-killed",
+        "causal-lm",
+        str(gpt2_teacher),
+        str(train),
+        None,
+        stages=[{"name": "output", "steps": 5, "objectives": ["logits"]}],
+        extra_distillation={"teacherCache": {"enabled": False, "topK": 16}},
+    )
+    job["spec"]["teacher"]["endpoint"] = server.url
+    steps: list[int] = []
+
+    def on_step(report: Any) -> None:
+        steps.append(report.step)
+        if report.step == 2:  # the teacher's pod dies, and its Deployment starts a new one
+            server.proc.kill()
+            server.proc.wait()
+            log = server.log_path.open("ab")
+            restarted.append(subprocess.Popen(server.proc.args, stdout=log, stderr=subprocess.STDOUT))
+
+    try:
+        code = main_entry(helpers.write_job(tmp_path / "job.yaml", job), tmp_path / "out", on_step=on_step)
+    finally:
+        server.terminate()
+        for proc in restarted:
+            proc.terminate()
+            proc.wait(60)
+    assert code == 0, termination_log.read_text()
+    assert steps == [1, 2, 3, 4, 5] and restarted
