@@ -316,3 +316,47 @@ def test_served_teacher_lowers_the_held_out_divergence(
         read = _input_tokens(server.url) - read_before
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert read >= result["tokensSeen"] > 0  # every trained sequence was scored by the server
+
+
+def test_two_data_ranks_sample_their_own_prompts(tmp_path: Path) -> None:
+    """`kdistill run` of a 2-process (gloo) job with an on-policy stage: each rank samples its
+    share of the prompts, DDP averages the gradients, the run finishes and reports the parts."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.parallel.harness import REPO
+    from tests.parallel.jobs import make_job
+
+    job_file = make_job(tmp_path / "w", world=2, steps=4, every=2, batch_size=8, name="op-ddp")
+    job = yaml.safe_load(job_file.read_text())
+    job["spec"]["distillation"]["stages"] = [{"name": "on-policy", "steps": 4, "objectives": ["on-policy"]}]
+    job["spec"]["distillation"]["onPolicy"] = {"lambda": 1.0, "beta": 0.5, "maxNewTokens": 8, "topK": 8}
+    helpers.write_job(job_file, job)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "kdistill.cli.main",
+            "run",
+            str(job_file),
+            "--output",
+            str(tmp_path / "out"),
+            "--log-format",
+            "json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    steps = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"event": "step"')]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(s["parts"]["sampled"] == 1.0 and 0 < s["parts"]["completion_length"] <= 8 for s in steps)
+    assert (tmp_path / "out" / "result.json").is_file()
