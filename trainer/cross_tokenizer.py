@@ -18,12 +18,15 @@ padded with zeros to the longer vocabulary, and the loss is their L1 distance
 two. It needs no mapping between vocabularies; it matches the shape of the distributions
 (how sure the teacher is), not which token it favours.
 
-**byte-span**: at each aligned position, the two next-token distributions (softmax at T) are
-compared on the *shared vocabulary*, the tokens that stand for the same bytes in both
-tokenizers, plus one tail bucket per side that holds the probability of every other token;
-the divergence is the job's ``distillation.loss`` (forward KL, reverse KL or JSD) times T²,
-as for ordinary logits KD. With identical tokenizers every position aligns, every token is
-shared, no tail exists, and the loss is ordinary per-token KD.
+**byte-span**: at each aligned position, the teacher's next-token distribution (softmax at
+temperature T) is carried into the student's vocabulary by bytes: each teacher token's
+probability goes to the student token with the same bytes, or else to the longest student
+token its bytes begin with (the student's first piece of that text); teacher tokens with no
+counterpart (special tokens the student lacks) are dropped and the rest renormalised. The loss
+is the job's ``distillation.loss`` (forward KL, reverse KL or JSD) between that distribution
+and the student's, times T², as for ordinary logits KD. A student token that receives no
+teacher mass counts as probability ``PROJECTED_FLOOR``. With identical tokenizers every
+position aligns, every token maps to itself, and the loss is ordinary per-token KD.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ from torch import Tensor
 from .losses import divergence_from_logprobs
 
 Offsets = Sequence[tuple[int, int]] | Sequence[Sequence[int]]
-# A tail bucket with no mass: exp(TAIL_FLOOR) is 0 in float32, so it adds 0·finite, never NaN.
-TAIL_FLOOR = -1.0e4
+# Probability given to a student token that no teacher token maps to (byte-span): a finite
+# log for reverse KL and JSD, and a negligible term in forward KL.
+PROJECTED_FLOOR = 1.0e-8
 
 
 # ---- bytes of a text, boundaries of a tokenization ------------------------------------------------
@@ -258,6 +262,70 @@ class SharedVocabulary:
         )
 
 
+@dataclass(frozen=True)
+class VocabularyProjection:
+    """Where each teacher token's probability goes in the student's vocabulary (byte-span):
+    ``teacher_to_student[t]`` is the student id with the same bytes as teacher token t, else the
+    longest student token its bytes begin with, else -1 (dropped)."""
+
+    teacher_to_student: Tensor  # [Vt] int64
+    student_size: int
+    exact: int = 0  # teacher tokens mapped to a student token of the same bytes
+
+    @property
+    def dropped(self) -> int:
+        return int((self.teacher_to_student < 0).sum())
+
+    @classmethod
+    def from_keys(
+        cls, student: dict[int, TokenKey], teacher: dict[int, TokenKey], student_size: int, teacher_size: int
+    ) -> VocabularyProjection:
+        by_key: dict[TokenKey, int] = {}
+        for idx in sorted(student):
+            if idx < student_size:
+                by_key.setdefault(student[idx], idx)
+        longest = max((len(k[1]) for k in by_key), default=0)
+        mapping = [-1] * teacher_size
+        exact = 0
+        for idx in range(teacher_size):
+            key = teacher.get(idx)
+            if key is None:
+                continue
+            if key in by_key:
+                mapping[idx] = by_key[key]
+                exact += 1
+                continue
+            if key[0] == "special":
+                continue
+            kind, raw = key
+            for cut in range(min(len(raw) - 1, longest), 0, -1):
+                hit = by_key.get((kind, raw[:cut]))
+                if hit is not None:
+                    mapping[idx] = hit
+                    break
+        return cls(torch.tensor(mapping, dtype=torch.long), student_size, exact)
+
+    @classmethod
+    def from_tokenizers(
+        cls, student_tok: Any, teacher_tok: Any, student_size: int, teacher_size: int
+    ) -> VocabularyProjection:
+        """``*_size`` are the models' output widths (a model may have more rows than tokens)."""
+        return cls.from_keys(token_keys(student_tok), token_keys(teacher_tok), student_size, teacher_size)
+
+    def to(self, device: torch.device) -> VocabularyProjection:
+        return VocabularyProjection(self.teacher_to_student.to(device), self.student_size, self.exact)
+
+    def project(self, teacher_logp: Tensor) -> Tensor:
+        """Teacher log-probs [N, Vt] -> log-probs over the student's ids [N, Vs], renormalised
+        over the teacher tokens kept; ids that get no mass hold log(PROJECTED_FLOOR)."""
+        keep = self.teacher_to_student >= 0
+        probs = teacher_logp.exp()[:, keep]
+        out = probs.new_zeros(probs.shape[0], self.student_size).index_add_(1, self.teacher_to_student[keep], probs)
+        out = out / out.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
+        floor = torch.full_like(out, PROJECTED_FLOOR)
+        return torch.where(out > 0, out, floor).log()
+
+
 # ---- the losses ----------------------------------------------------------------------------------
 def uld_distance(student_rows: Tensor, teacher_rows: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-row ULD: ``sum_i |sort(p_s)_i - sort(p_t)_i|`` over probability vectors (softmax at
@@ -275,50 +343,36 @@ def uld_distance(student_rows: Tensor, teacher_rows: Tensor, temperature: float 
     return (p_s - p_t).abs().sum(dim=-1)
 
 
-def bucket_logprobs(rows: Tensor, ids: Tensor, with_tail: bool, has_rest: bool, temperature: float) -> Tensor:
-    """Log-probs (softmax at ``temperature``) of ``ids``, then, when ``with_tail``, one bucket
-    for every other token (``TAIL_FLOOR`` when this side has no other token)."""
-    logp = F.log_softmax(rows / temperature, dim=-1)
-    picked = logp.index_select(-1, ids)
-    if not with_tail:
-        return picked
-    if has_rest:
-        keep = torch.ones(rows.shape[-1], dtype=torch.bool, device=rows.device)
-        keep[ids] = False
-        tail = torch.logsumexp(logp[:, keep], dim=-1, keepdim=True).clamp_min(TAIL_FLOOR)
-    else:
-        tail = picked.new_full((picked.shape[0], 1), TAIL_FLOOR)
-    return torch.cat([picked, tail], dim=-1)
-
-
 def byte_span_divergence(
-    student_rows: Tensor, teacher_rows: Tensor, vocab: SharedVocabulary, kind: str, temperature: float = 1.0
+    student_rows: Tensor, teacher_rows: Tensor, projection: VocabularyProjection, kind: str, temperature: float = 1.0
 ) -> Tensor:
-    """Per-row T²·D(teacher ‖ student) over the shared vocabulary plus tail buckets. Returns [N]."""
+    """Per-row T²·D between the teacher's distribution carried into the student's vocabulary
+    (``VocabularyProjection.project``) and the student's. Returns [N]."""
     if student_rows.shape[0] != teacher_rows.shape[0]:
         raise ValueError(f"row counts differ: {student_rows.shape[0]} and {teacher_rows.shape[0]}")
+    if student_rows.shape[-1] != projection.student_size:
+        raise ValueError(f"student rows have {student_rows.shape[-1]} ids, the projection {projection.student_size}")
     dtype = torch.float64 if student_rows.dtype == torch.float64 else torch.float32
-    with_tail = vocab.student_rest or vocab.teacher_rest
-    log_s = bucket_logprobs(student_rows.to(dtype), vocab.student_ids, with_tail, vocab.student_rest, temperature)
-    log_t = bucket_logprobs(teacher_rows.to(dtype), vocab.teacher_ids, with_tail, vocab.teacher_rest, temperature)
+    log_s = F.log_softmax(student_rows.to(dtype) / temperature, dim=-1)
+    log_t = projection.project(F.log_softmax(teacher_rows.to(dtype) / temperature, dim=-1))
     return divergence_from_logprobs(log_s, log_t, kind) * (temperature * temperature)
 
 
 @dataclass(frozen=True)
 class CrossTokenizerKD:
     """The configured cross-tokenizer KD term: ``method`` uld or byte-span, the divergence of
-    byte-span (``distillation.loss``), and the shared vocabulary (byte-span only)."""
+    byte-span (``distillation.loss``), and its vocabulary projection (byte-span only)."""
 
     method: str
     divergence: str
-    vocab: SharedVocabulary | None = None
+    projection: VocabularyProjection | None = None
 
     def __call__(self, student_rows: Tensor, teacher_rows: Tensor, temperature: float) -> Tensor:
         if self.method == "uld":
             return uld_distance(student_rows, teacher_rows, temperature)
         if self.method == "byte-span":
-            assert self.vocab is not None
-            return byte_span_divergence(student_rows, teacher_rows, self.vocab, self.divergence, temperature)
+            assert self.projection is not None
+            return byte_span_divergence(student_rows, teacher_rows, self.projection, self.divergence, temperature)
         raise ValueError(f"unknown crossTokenizer.method {self.method!r}; expected uld or byte-span")
 
 

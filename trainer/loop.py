@@ -278,21 +278,23 @@ class Trainer:
             return None
         from functools import partial
 
-        from .cross_tokenizer import CrossTokenizerKD, SharedVocabulary, collate_with_teacher
+        from .cross_tokenizer import CrossTokenizerKD, VocabularyProjection, collate_with_teacher
 
         assert isinstance(self.flow, SingleProcessFlow)  # models.check_cross_tokenizer refuses a split student
-        vocab = None
+        projection = None
         if setting.method == "byte-span":
-            vocab = SharedVocabulary.from_tokenizers(
+            projection = VocabularyProjection.from_tokenizers(
                 self.student_tokenizer,
                 self.tokenizer,
                 int(self.student.get_output_embeddings().weight.shape[0]),
                 int(self.teacher.get_output_embeddings().weight.shape[0]),
             ).to(self.device)
-            self.event("cross-tokenizer", method=setting.method, sharedTokens=vocab.size)
+            self.event(
+                "cross-tokenizer", method=setting.method, exactTokens=projection.exact, droppedTokens=projection.dropped
+            )
         else:
             self.event("cross-tokenizer", method=setting.method)
-        self.flow.cross = CrossTokenizerKD(setting.method, self.spec.distillation.loss, vocab)
+        self.flow.cross = CrossTokenizerKD(setting.method, self.spec.distillation.loss, projection)
         return partial(collate_with_teacher, cross=self.train_cross, teacher_pad=self.teacher_pad)
 
     @staticmethod

@@ -26,8 +26,8 @@ from kdistill.trainer.tokenizer_build import build_tokenizer
 from . import helpers
 
 # Little data for the student (32 texts, 200 steps of 8): where a teacher that read far more
-# text helps. Measured on this setting (3 data orders): plain CE 3.85-3.88 bits per byte, uld
-# 3.62-3.66, byte-span 3.36-3.37, teacher 2.64.
+# text helps. Measured here (seed 0): plain CE 3.88 bits per byte, uld 3.66, byte-span 3.33,
+# teacher 2.64; the margins asserted are a quarter of the smaller gap.
 STUDENT_TEXTS = 32
 STUDENT_STEPS = 200
 TEACHER_STEPS = 400

@@ -3,6 +3,7 @@ byte-span against direct definitions, byte-span on one tokenizer is ordinary KD,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from kdistill.trainer.cross_tokenizer import (
+    PROJECTED_FLOOR,
     CrossExample,
     CrossTokenizerKD,
     SharedVocabulary,
     Span,
+    VocabularyProjection,
     align_by_bytes,
     aligned_positions,
     byte_offsets,
@@ -123,6 +126,12 @@ def test_real_tokenizers_align_and_share_byte_tokens(tmp_path: Path) -> None:
     assert all(s_keys[int(s)] == t_keys[int(t)] for s, t in zip(vocab.student_ids, vocab.teacher_ids, strict=True))
     assert vocab.size >= 256 + 5  # every byte and every special token
     assert vocab.student_rest and vocab.teacher_rest
+    projection = VocabularyProjection.from_tokenizers(small, large, len(small), len(large))
+    mapped = projection.teacher_to_student.tolist()
+    for t_id, s_id in enumerate(mapped):
+        if t_keys[t_id][0] == "bytes":  # every byte-level token begins with some student token
+            assert s_id >= 0 and t_keys[t_id][1].startswith(s_keys[s_id][1])
+    assert projection.exact == vocab.size
     same = SharedVocabulary.from_tokenizers(small, small, len(small), len(small))
     assert same.size == len(small) and not same.student_rest and not same.teacher_rest
     assert torch.equal(same.student_ids, same.teacher_ids)
@@ -153,35 +162,56 @@ def test_uld_ignores_which_token_is_likely() -> None:
 def test_byte_span_on_one_tokenizer_is_ordinary_kd(kind: str) -> None:
     torch.manual_seed(2)
     s, t = torch.randn(6, 13), torch.randn(6, 13)
-    ids = torch.arange(13)
-    vocab = SharedVocabulary(ids, ids, student_rest=False, teacher_rest=False)
-    got = byte_span_divergence(s, t, vocab, kind, temperature=2.0)
+    projection = VocabularyProjection(torch.arange(13), 13, exact=13)
+    got = byte_span_divergence(s, t, projection, kind, temperature=2.0)
     want = kd_divergence(s, t, kind, temperature=2.0)  # type: ignore[arg-type]
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_byte_span_buckets_match_a_direct_definition() -> None:
+def test_byte_span_projection_matches_a_direct_definition() -> None:
     torch.manual_seed(3)
-    s, t = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
-    # Student ids 0, 2, 5 are teacher ids 7, 1, 3; the rest of each side goes to its tail.
-    vocab = SharedVocabulary(torch.tensor([0, 2, 5]), torch.tensor([7, 1, 3]), student_rest=True, teacher_rest=True)
+    s, t = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    # Teacher ids 0..5 go to student ids 2, 0, 0, 1, -1 (dropped), 2.
+    projection = VocabularyProjection(torch.tensor([2, 0, 0, 1, -1, 2]), 3)
     temperature = 1.3
-    got = byte_span_divergence(s, t, vocab, "forward-kl", temperature)
+    got = byte_span_divergence(s, t, projection, "forward-kl", temperature)
     p_s, p_t = F.softmax(s / temperature, -1), F.softmax(t / temperature, -1)
     for r in range(4):
-        qs = [p_s[r, 0], p_s[r, 2], p_s[r, 5]]
-        qt = [p_t[r, 7], p_t[r, 1], p_t[r, 3]]
-        qs.append(1 - sum(qs))
-        qt.append(1 - sum(qt))
-        kl = sum(float(a) * float(torch.log(a / b)) for a, b in zip(qt, qs, strict=True))
+        kept = 1 - float(p_t[r, 4])
+        q_t = [float(p_t[r, 1] + p_t[r, 2]) / kept, float(p_t[r, 3]) / kept, float(p_t[r, 0] + p_t[r, 5]) / kept]
+        kl = sum(a * math.log(a / float(b)) for a, b in zip(q_t, p_s[r], strict=True))
         assert float(got[r]) == pytest.approx(kl * temperature**2, rel=1e-9)
 
 
-def test_a_side_without_other_tokens_has_an_empty_tail() -> None:
-    s, t = torch.randn(2, 3), torch.randn(2, 5)
-    vocab = SharedVocabulary(torch.arange(3), torch.tensor([4, 0, 2]), student_rest=False, teacher_rest=True)
-    got = byte_span_divergence(s, t, vocab, "reverse-kl", 1.0)
-    assert bool(torch.isfinite(got).all())
+def test_a_student_token_without_teacher_mass_gets_the_floor() -> None:
+    torch.manual_seed(5)
+    s, t = torch.randn(2, 4), torch.randn(2, 3)
+    projection = VocabularyProjection(torch.tensor([0, 1, 1]), 4)  # student ids 2 and 3 get nothing
+    log_t = projection.project(F.log_softmax(t, -1))
+    assert torch.allclose(log_t[:, 2:].exp(), torch.full((2, 2), PROJECTED_FLOOR))
+    assert torch.allclose(log_t[:, :2].exp().sum(-1), torch.ones(2))
+    for kind in KINDS:
+        assert bool(torch.isfinite(byte_span_divergence(s, t, projection, kind, 1.0)).all())
+
+
+def test_projection_by_bytes_exact_then_longest_prefix() -> None:
+    student = {
+        0: ("special", b"<pad>"),
+        1: ("bytes", b" "),
+        2: ("bytes", b" f"),
+        3: ("bytes", b" fun"),
+        4: ("bytes", b"c"),
+    }
+    teacher = {
+        0: ("special", b"<pad>"),  # same special: itself
+        1: ("bytes", b" func"),  # not in the student: its longest student prefix " fun"
+        2: ("bytes", b"c"),
+        3: ("special", b"<|eos|>"),  # a special the student lacks: dropped
+        4: ("bytes", b"x"),  # no student token begins it: dropped
+    }
+    projection = VocabularyProjection.from_keys(student, teacher, 5, 5)
+    assert projection.teacher_to_student.tolist() == [0, 3, 4, -1, -1]
+    assert projection.exact == 2 and projection.dropped == 2
 
 
 @pytest.mark.parametrize("method", ["uld", "byte-span"])
@@ -189,14 +219,14 @@ def test_gradients_reach_the_student_only(method: str) -> None:
     torch.manual_seed(4)
     s = torch.randn(5, 10, requires_grad=True)
     t = torch.randn(5, 12)
-    vocab = SharedVocabulary(torch.arange(8), torch.arange(8) + 2, student_rest=True, teacher_rest=True)
-    loss = CrossTokenizerKD(method, "forward-kl", vocab)(s, t, 2.0).mean()
+    projection = VocabularyProjection(torch.arange(12) % 10, 10)
+    loss = CrossTokenizerKD(method, "forward-kl", projection)(s, t, 2.0).mean()
     loss.backward()
     assert s.grad is not None and bool(torch.isfinite(s.grad).all()) and float(s.grad.abs().sum()) > 0
     # One plain gradient step lowers the loss: the gradient points the right way.
     with torch.no_grad():
         stepped = s - 0.5 * s.grad
-    assert float(CrossTokenizerKD(method, "forward-kl", vocab)(stepped, t, 2.0).mean()) < float(loss.detach())
+    assert float(CrossTokenizerKD(method, "forward-kl", projection)(stepped, t, 2.0).mean()) < float(loss.detach())
 
 
 def test_collate_cross_lays_out_teacher_tokens_and_positions() -> None:
