@@ -417,3 +417,55 @@ def test_sequence_run_with_a_student_of_another_tokenizer(
     records = list(gs.iter_records(tmp_path / "out" / "generated"))
     examples = tokenize_completions(records, s_tok, 48)
     assert examples and max(max(e.input_ids) for e in examples) < len(s_tok)
+
+
+def test_sequence_sampler_resumes_where_the_uninterrupted_run_is(
+    tmp_path: Path, gpt2_teacher: Path, tokenizer: Any, prompts: list[str]
+) -> None:
+    """The sequence stages' sampler is not checkpointed: its position follows from the sequence
+    steps before the resume step (gradient accumulation included)."""
+    from kdistill.api import load_job
+    from kdistill.trainer.sequence_stage import SequenceBatches
+    from kdistill.trainer.stages import build_plan, phase_at, total_steps
+
+    root = tmp_path / "generated"
+    gs.ensure_generated(root, _plan(prompts, samples=1), lambda: GenerateOnly(gpt2_teacher))  # type: ignore[arg-type, return-value]
+    stages = [
+        {"name": "a", "steps": 3, "objectives": ["sequence"]},
+        {"name": "b", "steps": 2, "objectives": ["logits"]},
+        {"name": "c", "steps": 4, "objectives": ["sequence"]},
+    ]
+    job = helpers.job_dict(
+        "resume",
+        "causal-lm",
+        str(gpt2_teacher),
+        str(root),
+        None,
+        stages=stages,
+        extra_distillation={"gradientAccumulationSteps": 2},
+    )
+    spec = load_job(helpers.write_job(tmp_path / "job.yaml", job)).spec
+    plan = build_plan(spec)
+
+    def batches(start: int) -> list[list[list[int]]]:
+        """Per sequence step from ``start`` on, its two micro-batches' token ids."""
+        seq = SequenceBatches(
+            spec,
+            plan,
+            tokenizer,
+            0,
+            output=tmp_path / "unused",
+            base_dir=tmp_path,
+            rank=0,
+            world=1,
+            data_rank=0,
+            teacher=lambda: pytest.fail("a generated set as data.train needs no teacher"),  # type: ignore[arg-type, return-value]
+        )
+        seq.ready(start)
+        steps = [s for s in range(start, total_steps(plan)) if "sequence" in phase_at(plan, s).objectives]
+        return [[seq.next_batch()["input_ids"].tolist() for _ in range(2)] for _ in steps]
+
+    whole = batches(0)
+    assert len(whole) == 7
+    assert batches(6) == whole[4:]  # 3 + 1 sequence steps before step 6
+    assert batches(4) == whole[3:]  # inside the logits stage: 3 sequence steps done
