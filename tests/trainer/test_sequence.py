@@ -469,3 +469,53 @@ def test_sequence_sampler_resumes_where_the_uninterrupted_run_is(
     assert len(whole) == 7
     assert batches(6) == whole[4:]  # 3 + 1 sequence steps before step 6
     assert batches(4) == whole[3:]  # inside the logits stage: 3 sequence steps done
+
+
+def test_two_ranks_share_generation_by_shard_then_train(tmp_path: Path, gpt2_teacher: Path) -> None:
+    """Two real trainer processes (gloo): each writes its own shards with its own in-process
+    teacher, they meet on the file system, and both train on the whole set."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.parallel.harness import REPO, child_env, free_port
+
+    paras = [p for _, p in helpers.pydoc_paragraphs(80)]
+    data = helpers.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p[:40]} for p in paras])
+    job = _sequence_job(
+        "seq-ranks",
+        str(gpt2_teacher),
+        str(data),
+        None,
+        stages=[{"name": "write", "steps": 3, "objectives": ["sequence"]}],
+    )
+    job["spec"]["parallelism"] = {"nodes": 2, "gpusPerNode": 0, "student": {"data": 2, "tensor": 1, "pipeline": 1}}
+    job_file = helpers.write_job(tmp_path / "job.yaml", job)
+    out = tmp_path / "out"
+    port = free_port()
+    extra = {"KDISTILL_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-P", "-m", "kdistill.trainer", "--config", str(job_file), "--output", str(out)],
+            cwd=REPO,
+            env=child_env(r, 2, port, extra),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    logs = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        logs.append(err)
+        assert p.returncode == 0, err[-3000:]
+    shards = -(-len(paras) // gs.SHARD_PROMPTS)
+    written = []
+    for rank, err in enumerate(logs):
+        found = re.search(rf"rank {rank} wrote (\d+) shards", err)
+        assert found, err[-2000:]
+        written.append(int(found.group(1)))
+    assert written == [len(range(0, shards, 2)), len(range(1, shards, 2))]
+    assert _count_by_prompt(out / "generated") == dict.fromkeys(range(len(paras)), 2)
+    assert (out / "result.json").is_file()
