@@ -240,7 +240,9 @@ class Trainer:
                 from .remote_targets import check_served_tokens, open_teacher
 
                 self._served = open_teacher(self.teacher_url, self.spec)
-                needs_same = any("logits" in p.objectives for p in self.plan)
+                # On-policy reads the teacher's scores by token id too (teacher ids mapped through
+                # this tokenizer when the student has its own, on_policy_cross.py).
+                needs_same = any({"logits", "on-policy"} & set(p.objectives) for p in self.plan)
                 self.teacher_same_tokens = check_served_tokens(
                     self._served, self.tokenizer, self.teacher_url, needs_same
                 )

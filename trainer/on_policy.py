@@ -363,7 +363,3 @@ class OnPolicyBatches:
             parts["sampled"] += float(batch.sampled) / accum
             tokens += sum(batch.lengths)
         return loss_sum, parts, tokens
-
-    def close(self) -> None:
-        if self._teacher is not None:
-            self._teacher.close()

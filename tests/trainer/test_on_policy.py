@@ -393,3 +393,28 @@ def test_kill_9_then_resume_is_bit_exact(tmp_path: Path, peaked_teacher: Path, c
     again = [e for e in events if e.get("event") == "step"]
     assert [s["parts"] for s in again] == [s["parts"] for s in ref_steps[3:]]
     assert_bit_equal(final_weights(tmp_path / "ref"), final_weights(out))
+
+
+def test_a_served_teacher_with_other_token_ids_is_refused(
+    tmp_path: Path, peaked_teacher: Path, causal_data: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only teacher.endpoint, and a student with a tokenizer of its own: the trainer has no
+    tokenizer of the teacher's to read its token ids with, so the job stops before any step."""
+    from kdistill.api.failures import ExitCode
+    from kdistill.trainer.runner import main_entry
+    from tests.serving.helpers import running_server
+
+    monkeypatch.setenv("KDISTILL_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    monkeypatch.delenv("KDISTILL_TEACHER_URL", raising=False)
+    train, ev = causal_data
+    s_dir = tmp_path / "student"
+    s_tok = helpers.make_tokenizer(s_dir, [p for _, p in helpers.pydoc_paragraphs(900)][500:], vocab_size=340)
+    helpers.save_model(helpers.gpt2(len(s_tok), layers=2, seed=5), s_tok, s_dir)
+    with running_server(peaked_teacher, "--max-wait-ms", "2", "--max-logprobs", str(TOP_K)) as server:
+        job = _job("op-other-ids", peaked_teacher, train, ev, steps=2)
+        job["spec"]["teacher"] = {"endpoint": server.url}
+        job["spec"]["student"] = {"model": str(s_dir)}
+        code = main_entry(helpers.write_job(tmp_path / "job.yaml", job), tmp_path / "out")
+    assert code == ExitCode.BAD_SPEC
+    term = json.loads((tmp_path / "termination-log").read_text())
+    assert "tokenizes text differently" in term["message"]
