@@ -519,3 +519,49 @@ def test_two_ranks_share_generation_by_shard_then_train(tmp_path: Path, gpt2_tea
     assert written == [len(range(0, shards, 2)), len(range(1, shards, 2))]
     assert _count_by_prompt(out / "generated") == dict.fromkeys(range(len(paras)), 2)
     assert (out / "result.json").is_file()
+
+
+def test_kdistill_run_with_a_served_teacher_writes_and_trains(tmp_path: Path, gpt2_teacher: Path) -> None:
+    """The same YAML on a laptop: ``kdistill run`` serves the teacher itself (teacher.serve) and
+    the sequence stage generates through it, prompts only in the data."""
+    import os
+    import subprocess
+    import sys
+
+    data = helpers.write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": p[:40]} for _, p in helpers.pydoc_paragraphs(40)]
+    )
+    job = _sequence_job("seq-served", str(gpt2_teacher), str(data), None)
+    job["spec"]["teacher"]["serve"] = {"enabled": True, "batching": {"maxBatchSize": 32, "maxWaitMs": 5}}
+    job_file = helpers.write_job(tmp_path / "job.yaml", job)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "KDISTILL_TEACHER_URL"}
+    env["KDISTILL_TERMINATION_LOG"] = str(tmp_path / "termination-log")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "kdistill.cli.main",
+            "run",
+            str(job_file),
+            "--output",
+            str(out),
+            "--log-format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    served = [e for e in events if e.get("event") == "served-teacher"]
+    assert served and served[0]["url"].startswith("http://127.0.0.1:")
+    (generated,) = [e for e in events if e.get("event") == "generated"]
+    assert generated["completions"] == 80
+    manifest = gs.verify(out / "generated")
+    assert manifest["teacher"] == {"model": str(gpt2_teacher)}  # not the local server's passing URL
+    assert _count_by_prompt(out / "generated") == dict.fromkeys(range(40), 2)
+    assert [e["step"] for e in events if e.get("event") == "step"] == [1, 2, 3, 4]
