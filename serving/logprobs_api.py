@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from fastapi.responses import Response
 
 from .engine import Engine
@@ -52,6 +53,23 @@ def check_combination(body: CompletionRequest, binary: bool) -> None:
         raise ApiError(400, "echo scores the prompt and needs max_tokens 0", "max_tokens")
     if not body.echo and body.max_tokens == 0:
         raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: true, to score the prompt)", "max_tokens")
+
+
+def text_offsets(engine: Engine, prompts: list[Prompt], rows: list[TokenLogprobs]) -> list[torch.Tensor] | None:
+    """Each scored text's token spans (characters), from the tokenizer's offset mapping; None when
+    a prompt was ids or the tokenizer gives no offsets that match the scored tokens."""
+    if not all(isinstance(p, str) for p in prompts):
+        return None
+    spans = []
+    for prompt, row in zip(prompts, rows, strict=True):
+        try:
+            enc = engine.tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError):  # a slow tokenizer has no offset mapping
+            return None
+        if list(enc["input_ids"]) != list(row.token_ids):
+            return None
+        spans.append(torch.tensor(enc["offset_mapping"], dtype=torch.int32).reshape(-1, 2))
+    return spans
 
 
 async def score_prompts(
@@ -101,7 +119,8 @@ async def completions_with_logprobs(
         completion_tokens = sum(r.completion_tokens for r in results)
     if binary:
         assert k is not None  # checked_k refuses a binary answer without logprobs
-        blob = binary_frame(rows, model=front.model_name, k=k, echo=body.echo)
+        offsets = text_offsets(engine, prompts, rows) if body.echo else None
+        blob = binary_frame(rows, model=front.model_name, k=k, echo=body.echo, text_offsets=offsets)
         return Response(blob, media_type=BINARY_MEDIA_TYPE)
     strings = TokenStrings(engine.tokenizer)
     choices = [

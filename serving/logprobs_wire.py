@@ -9,6 +9,9 @@ concatenated in choice order, ``lengths`` saying how many rows each choice has.
 - ``top_ids`` int32 [N, K] (-1 where no prediction), ``top_logprobs`` float32 [N, K], most likely
   first;
 - ``lengths`` int32 [choices];
+- ``text_offsets`` int32 [N, 2], only when every prompt of an echo request was text: each token's
+  character span in its prompt, from the tokenizer's offset mapping (what aligns the tokens of
+  two tokenizers by their text);
 - metadata: ``format`` (``kdistill.logprobs/1``), ``model``, ``k``, ``echo``.
 """
 
@@ -83,8 +86,16 @@ def openai_logprobs(
     return {"tokens": tokens, "token_logprobs": [_num(x) for x in own], "top_logprobs": tops, "text_offset": offsets}
 
 
-def binary_frame(choices: Sequence[TokenLogprobs], *, model: str, k: int, echo: bool) -> bytes:
-    """The safetensors blob of ``choices`` (module docstring)."""
+def binary_frame(
+    choices: Sequence[TokenLogprobs],
+    *,
+    model: str,
+    k: int,
+    echo: bool,
+    text_offsets: Sequence[torch.Tensor] | None = None,
+) -> bytes:
+    """The safetensors blob of ``choices`` (module docstring); ``text_offsets``: each choice's
+    [T, 2] character spans, for scored texts."""
     from safetensors.torch import save
 
     tensors = {
@@ -94,6 +105,8 @@ def binary_frame(choices: Sequence[TokenLogprobs], *, model: str, k: int, echo: 
         "top_logprobs": torch.cat([c.top_logprobs.float() for c in choices]).reshape(-1, k).contiguous(),
         "lengths": torch.tensor([len(c.token_ids) for c in choices], dtype=torch.int32),
     }
+    if text_offsets is not None:
+        tensors["text_offsets"] = torch.cat([o.to(torch.int32).reshape(-1, 2) for o in text_offsets]).contiguous()
     metadata = {"format": BINARY_FORMAT, "model": model, "k": str(k), "echo": "true" if echo else "false"}
     return bytes(save(tensors, metadata=metadata))
 

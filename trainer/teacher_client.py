@@ -440,7 +440,7 @@ def _rows_from_frame(blob: bytes, count: int, top_k: int, url: str) -> list[Scor
     lengths = t["lengths"].tolist()
     if len(lengths) != count:
         raise TrainerError(ExitCode.INTERNAL, f"teacher at {url}: {len(lengths)} rows for {count} prompts")
-    offsets = t.get("text_offset")
+    offsets = t.get("text_offsets")
     rows, at = [], 0
     for n in lengths:
         span = slice(at, at + n)

@@ -89,7 +89,13 @@ def test_local_and_served_teacher_agree(server: ServerProcess, local: LocalTeach
         assert_same_rows(binary.score_ids(ids, K).result(timeout=60), expected)
         assert_same_rows(plain.score_ids(ids, K).result(timeout=60), expected)
         by_text = local.score_texts(TEXTS, K).result()
-        assert_same_rows(binary.score_texts(TEXTS, K).result(timeout=60), by_text)
+        binary_rows = binary.score_texts(TEXTS, K).result(timeout=60)
+        assert_same_rows(binary_rows, by_text)
+        # The binary frame carries the tokenizer's character spans, as the in-process teacher has them.
+        for mine, theirs in zip(binary_rows, by_text, strict=True):
+            assert mine.offsets is not None and theirs.offsets is not None
+            assert mine.offsets.tolist() == theirs.offsets.tolist()
+        assert binary.score_ids(ids[:1], K).result(timeout=60)[0].offsets is None  # ids: no text
         json_rows = plain.score_texts(TEXTS, K).result(timeout=60)
         assert_same_rows(json_rows, by_text)
         assert json_rows[0].offsets is not None and int(json_rows[0].offsets[-1, 1]) == len(TEXTS[0])
