@@ -1,4 +1,4 @@
-"""Generate the CustomResourceDefinition from the pydantic models.
+"""Generate the CustomResourceDefinitions (DistillationJob, DistillationSchedule) from the pydantic models.
 
 The schema is built by walking the models, not from pydantic's JSON schema, because a CRD
 must be structural: no $ref, no anyOf for optionals, a type on every node. Defaults, enums,
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import annotated_types as at
@@ -18,6 +20,15 @@ from pydantic_core import PydanticUndefined
 
 from .base import ApiModel
 from .job import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from .schedule import (
+    MAX_NAME_LENGTH,
+    SCHEDULE_KIND,
+    SCHEDULE_PLURAL,
+    SCHEDULE_SHORT_NAMES,
+    SCHEDULE_SINGULAR,
+    DistillationScheduleSpec,
+    DistillationScheduleStatus,
+)
 from .spec import Cel, DistillationJobSpec
 from .status import DistillationJobStatus
 
@@ -167,22 +178,126 @@ def spec_schema() -> dict[str, Any]:
     return schema
 
 
-def build_crd() -> dict[str, Any]:
+# What the CEL rule on a template's data.train and data.eval says (pydantic says the same).
+TEMPLATE_DATA_MESSAGE = (
+    "leave data.train and data.eval out of a schedule's job template; each run fills them from data.partitions"
+)
+# The DistillationJob rule a template does not need: a run always has eval data.
+_EVAL_FOR_SERVING = "!self.serving.enabled || has(self.data.eval)"
+
+
+def job_template_spec_schema() -> dict[str, Any]:
+    """The DistillationJob spec schema as a schedule's jobTemplate.spec: data.train and data.eval
+    left out (each run fills them), data itself optional, and no immutable fields (a template
+    changes for the runs to come)."""
+    schema = model_schema(DistillationJobSpec)
+    schema["required"] = [k for k in schema["required"] if k != "data"]
+    schema["x-kubernetes-validations"] = [
+        r for r in schema["x-kubernetes-validations"] if r["rule"] != _EVAL_FOR_SERVING
+    ]
+    data = schema["properties"]["data"]
+    data["description"] = "Training and evaluation settings; data.train and data.eval are filled per run."
+    # An absent data section is defaulted, so the job's rules that read data.* can run on it.
+    data["default"] = {}
+    data["required"] = [k for k in data.get("required", []) if k not in ("train", "eval")]
+    if not data["required"]:
+        del data["required"]
+    for key in ("train", "eval"):
+        data["properties"][key] = {
+            "description": "Filled per run from the schedule's partitions; leave out.",
+            "type": "string",
+            "x-kubernetes-validations": [{"rule": "size(self) == 0", "message": TEMPLATE_DATA_MESSAGE}],
+        }
+    return schema
+
+
+@dataclass(frozen=True)
+class CrdKind:
+    """One custom resource: its names, columns, description and schemas."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    description: str
+    printer_columns: list[dict[str, Any]]
+    spec: Callable[[], dict[str, Any]]
+    status: type[BaseModel]
+    # CEL rules on the whole object (they can read metadata.name).
+    root_rules: tuple[dict[str, str], ...] = ()
+
+    @property
+    def file_name(self) -> str:
+        return f"{GROUP}_{self.plural}.yaml"
+
+
+SCHEDULE_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Schedule", "type": "string", "jsonPath": ".spec.schedule"},
+    {"name": "Suspend", "type": "boolean", "jsonPath": ".spec.suspend"},
+    {"name": "Last run", "type": "date", "jsonPath": ".status.lastScheduleTime"},
+    {"name": "Promoted", "type": "string", "jsonPath": ".status.promoted.job"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def schedule_spec_schema() -> dict[str, Any]:
+    schema = model_schema(DistillationScheduleSpec)
+    schema["properties"]["jobTemplate"]["properties"]["spec"] = {
+        "description": schema["properties"]["jobTemplate"]["properties"]["spec"]["description"],
+        **job_template_spec_schema(),
+    }
+    return schema
+
+
+JOB = CrdKind(
+    kind=KIND,
+    plural=PLURAL,
+    singular=SINGULAR,
+    short_names=tuple(SHORT_NAMES),
+    description="A knowledge-distillation job: teacher, student, data and how to distill; the operator trains, "
+    "quantizes and serves the student.",
+    printer_columns=PRINTER_COLUMNS,
+    spec=spec_schema,
+    status=DistillationJobStatus,
+)
+SCHEDULE = CrdKind(
+    kind=SCHEDULE_KIND,
+    plural=SCHEDULE_PLURAL,
+    singular=SCHEDULE_SINGULAR,
+    short_names=tuple(SCHEDULE_SHORT_NAMES),
+    description="DistillationJobs on a cron over fresh data partitions, with replay against forgetting and a "
+    "gate that promotes a run's student only if it beats the served one.",
+    printer_columns=SCHEDULE_PRINTER_COLUMNS,
+    spec=schedule_spec_schema,
+    status=DistillationScheduleStatus,
+    root_rules=(
+        {
+            "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+            "message": f"metadata.name: a schedule's name has at most {MAX_NAME_LENGTH} characters, "
+            "so that its jobs' names (<name>-<unix minutes>) fit in 63",
+        },
+    ),
+)
+KINDS: tuple[CrdKind, ...] = (JOB, SCHEDULE)
+
+
+def build_crd(resource: CrdKind = JOB) -> dict[str, Any]:
+    """The CustomResourceDefinition of one kind (the DistillationJob's by default)."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{PLURAL}.{GROUP}",
+            "name": f"{resource.plural}.{GROUP}",
             "annotations": {"kdistill.io/generated-by": "kdistill crds"},
         },
         "spec": {
             "group": GROUP,
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
+                "kind": resource.kind,
+                "listKind": f"{resource.kind}List",
+                "plural": resource.plural,
+                "singular": resource.singular,
+                "shortNames": list(resource.short_names),
                 "categories": ["all", "kdistill"],
             },
             "scope": "Namespaced",
@@ -192,20 +307,24 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": resource.printer_columns,
                     "schema": {
                         "openAPIV3Schema": {
-                            "description": "A knowledge-distillation job: teacher, student, data and how "
-                            "to distill; the operator trains, quantizes and serves the student.",
+                            "description": resource.description,
                             "type": "object",
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": spec_schema(),
-                                "status": model_schema(DistillationJobStatus),
+                                "spec": resource.spec(),
+                                "status": model_schema(resource.status),
                             },
+                            **(
+                                {"x-kubernetes-validations": [dict(r) for r in resource.root_rules]}
+                                if resource.root_rules
+                                else {}
+                            ),
                         }
                     },
                 }

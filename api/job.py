@@ -102,8 +102,8 @@ def parse_job(obj: Any, source: str = "<job>") -> DistillationJob:
         raise JobValidationError(source, errors_from_validation(exc)) from None
 
 
-def load_job(path: str | Path) -> DistillationJob:
-    """Read and validate a job YAML file."""
+def read_document(path: str | Path) -> Any:
+    """The one YAML document of a file; JobValidationError if it cannot be read or is not one."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -115,4 +115,9 @@ def load_job(path: str | Path) -> DistillationJob:
         raise JobValidationError(str(path), [FieldError("(file)", f"not valid YAML: {exc}")]) from None
     if len(docs) != 1:
         raise JobValidationError(str(path), [FieldError("(file)", f"expected one YAML document, found {len(docs)}")])
-    return parse_job(docs[0], str(path))
+    return docs[0]
+
+
+def load_job(path: str | Path) -> DistillationJob:
+    """Read and validate a job YAML file."""
+    return parse_job(read_document(path), str(path))

@@ -30,13 +30,14 @@ register_operator(app)
 
 @app.command()
 def crds(
-    out: Path = typer.Option(Path("crds"), help="Folder to write the CRD into."),
-    check: bool = typer.Option(False, help="Exit 1 if the file on disk differs instead of writing."),
+    out: Path = typer.Option(Path("crds"), help="Folder to write the CRDs into."),
+    check: bool = typer.Option(False, help="Exit 1 if a file on disk differs instead of writing."),
 ) -> None:
-    """Generate crds/kdistill.io_distillationjobs.yaml from the API models."""
-    from .generated import CRD_PATH, crd_text, write_or_check
+    """Generate the CRDs in crds/ (DistillationJob, DistillationSchedule) from the API models."""
+    from .generated import crd_texts, write_or_check
 
-    write_or_check(out / CRD_PATH.name, crd_text(), check)
+    for name, text in crd_texts().items():
+        write_or_check(out / name, text, check)
 
 
 @app.command("api-docs")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make manifests`: copies the generated CRD into the chart and renders the plain install YAML:
-#   charts/kdistill/files/crds/   a byte-identical copy of crds/ (the chart's CRD template reads it)
+# `make manifests`: copies the generated CRDs into the chart and renders the plain install YAML:
+#   charts/kdistill/files/crds/   byte-identical copies of crds/*.yaml (the chart's CRD template reads them)
 #   manifests/kdistill.yaml       namespace kdistill-system, cluster mode, default values
 # `kubectl apply --server-side -f manifests/kdistill.yaml` then installs what `helm install` would.
 #
@@ -11,8 +11,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 namespace="kdistill-system"
 out="${root}/manifests/kdistill.yaml"
-crd="crds/kdistill.io_distillationjobs.yaml"
-chart_crd="charts/kdistill/files/${crd}"
+chart_crds="charts/kdistill/files/crds"
 # The Kubernetes version the manifests are rendered for; kept in step with the test clusters.
 kube_version="${KUBE_VERSION:-1.34.0}"
 
@@ -42,8 +41,8 @@ YAML
 }
 
 if [[ "${1:-}" == "--check" ]]; then
-  if ! cmp -s "${root}/${crd}" "${root}/${chart_crd}"; then
-    echo "render-manifests: ${chart_crd} differs from ${crd}; run \`make manifests\`" >&2
+  if ! diff -r "${root}/crds" "${root}/${chart_crds}" >/dev/null; then
+    echo "render-manifests: ${chart_crds} differs from crds/; run \`make manifests\`" >&2
     exit 1
   fi
   if ! diff -u "${out}" <(render) >/dev/null; then
@@ -52,7 +51,8 @@ if [[ "${1:-}" == "--check" ]]; then
   fi
   exit 0
 fi
-cp "${root}/${crd}" "${root}/${chart_crd}"
+rm -f "${root}/${chart_crds}"/*.yaml
+cp "${root}"/crds/*.yaml "${root}/${chart_crds}/"
 mkdir -p "$(dirname "${out}")"
 render > "${out}.tmp"
 mv -f "${out}.tmp" "${out}"

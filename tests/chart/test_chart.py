@@ -1,4 +1,4 @@
-"""The Helm chart: lint, the CRD kept identical to crds/, and what renders for the default
+"""The Helm chart: lint, the CRDs kept identical to crds/, and what renders for the default
 values and for variants (namespaced mode, replicas with leader election, monitoring)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import yaml
 
 from .helm import CHART, REPO, find, helm, one, read_yaml, render, render_error
 
-CRD_FILE = REPO / "crds" / "kdistill.io_distillationjobs.yaml"
+CRD_FILES = sorted((REPO / "crds").glob("*.yaml"))
 
 
 def rules_of(obj: dict[str, Any]) -> list[dict[str, Any]]:
@@ -27,27 +27,34 @@ def test_helm_lint_is_clean() -> None:
         assert "[WARNING]" not in out and "[ERROR]" not in out, out
 
 
-def test_chart_crd_copy_is_byte_identical_to_the_generated_crd() -> None:
-    assert (CHART / "files" / "crds" / CRD_FILE.name).read_bytes() == CRD_FILE.read_bytes(), (
-        "charts/kdistill/files/crds/ is stale: run `make manifests`"
-    )
+def test_chart_crd_copies_are_byte_identical_to_the_generated_crds() -> None:
+    names = [p.name for p in CRD_FILES]
+    assert names == ["kdistill.io_distillationjobs.yaml", "kdistill.io_distillationschedules.yaml"]
+    assert sorted(p.name for p in (CHART / "files" / "crds").glob("*.yaml")) == names
+    for crd_file in CRD_FILES:
+        assert (CHART / "files" / "crds" / crd_file.name).read_bytes() == crd_file.read_bytes(), (
+            "charts/kdistill/files/crds/ is stale: run `make manifests`"
+        )
 
 
-def test_rendered_crd_equals_the_generated_one_and_is_kept_on_uninstall() -> None:
-    crd = one(render(), "CustomResourceDefinition")
-    generated = read_yaml(CRD_FILE)
-    assert crd["spec"] == generated["spec"]
-    assert crd["metadata"]["name"] == generated["metadata"]["name"]
-    annotations = crd["metadata"]["annotations"]
-    assert annotations["helm.sh/resource-policy"] == "keep"
-    # The generator's own annotations survive.
-    assert all(annotations[k] == v for k, v in generated["metadata"]["annotations"].items())
+def test_rendered_crds_equal_the_generated_ones_and_are_kept_on_uninstall() -> None:
+    rendered = {c["metadata"]["name"]: c for c in find(render(), "CustomResourceDefinition")}
+    assert len(rendered) == len(CRD_FILES)
+    for crd_file in CRD_FILES:
+        generated = read_yaml(crd_file)
+        crd = rendered[generated["metadata"]["name"]]
+        assert crd["spec"] == generated["spec"]
+        annotations = crd["metadata"]["annotations"]
+        assert annotations["helm.sh/resource-policy"] == "keep"
+        # The generator's own annotations survive.
+        assert all(annotations[k] == v for k, v in generated["metadata"]["annotations"].items())
 
 
-def test_crd_can_be_left_out_or_not_kept() -> None:
+def test_crds_can_be_left_out_or_not_kept() -> None:
     assert not find(render({"crds.install": False}), "CustomResourceDefinition")
-    crd = one(render({"crds.keep": False}), "CustomResourceDefinition")
-    assert "helm.sh/resource-policy" not in crd["metadata"]["annotations"]
+    crds = find(render({"crds.keep": False}), "CustomResourceDefinition")
+    assert len(crds) == len(CRD_FILES)
+    assert all("helm.sh/resource-policy" not in crd["metadata"]["annotations"] for crd in crds)
 
 
 def test_default_operator_deployment_is_hardened_and_probed() -> None:

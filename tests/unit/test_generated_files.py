@@ -119,3 +119,77 @@ def test_every_model_rule_is_in_the_crd() -> None:
     for model in models:
         for rule in model.cel_rules:
             assert rule.rule in crd_rules, f"{model.__name__}: {rule.rule}"
+
+
+SCHEDULE_CRD_FILE = ROOT / "crds" / "kdistill.io_distillationschedules.yaml"
+
+
+def test_schedule_crd_is_structural_and_complete() -> None:
+    crd = yaml.safe_load(SCHEDULE_CRD_FILE.read_text())
+    names = crd["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "DistillationSchedule",
+        "distillationschedules",
+        ["dsch"],
+    )
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Schedule",
+        "Suspend",
+        "Last run",
+        "Promoted",
+        "Age",
+    ]
+    schema = version["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"untyped node {path}"
+        for forbidden in ("$ref", "anyOf", "oneOf", "allOf"):
+            assert forbidden not in node, f"{path} uses {forbidden}: not structural"
+    spec = schema["properties"]["spec"]
+    assert spec["required"] == ["schedule", "data", "jobTemplate"]
+    fraction = spec["properties"]["data"]["properties"]["replay"]["properties"]["fraction"]
+    assert (fraction["minimum"], fraction["maximum"], fraction["exclusiveMaximum"]) == (0.0, 1.0, True)
+
+
+def test_schedule_template_is_the_job_spec_without_its_data_files() -> None:
+    """jobTemplate.spec embeds the job's schema: every job rule but the eval-for-serving one,
+    data.train not required, data.train/eval refused, and nothing immutable."""
+    job_spec = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    job_spec = job_spec["properties"]["spec"]
+    schema = yaml.safe_load(SCHEDULE_CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    template = schema["properties"]["spec"]["properties"]["jobTemplate"]["properties"]["spec"]
+    assert set(template["properties"]) == set(job_spec["properties"])
+    assert "data" not in template["required"] and template["properties"]["data"]["default"] == {}
+    assert "required" not in template["properties"]["data"]
+    job_rules = {r["rule"] for r in job_spec["x-kubernetes-validations"]}
+    template_rules = {r["rule"] for r in template["x-kubernetes-validations"]}
+    assert job_rules - template_rules == {"!self.serving.enabled || has(self.data.eval)"}
+    for key in ("train", "eval"):
+        assert template["properties"]["data"]["properties"][key]["x-kubernetes-validations"][0]["rule"] == (
+            "size(self) == 0"
+        )
+    rules = [r["rule"] for _, n in _walk(template) for r in n.get("x-kubernetes-validations", [])]
+    assert "self == oldSelf" not in rules
+
+
+def test_every_schedule_model_rule_is_in_its_crd() -> None:
+    from kdistill.api import schedule as schedule_module
+    from kdistill.api.base import ApiModel
+
+    crd_rules = {
+        r["rule"]
+        for _, n in _walk(
+            yaml.safe_load(SCHEDULE_CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        )
+        for r in n.get("x-kubernetes-validations", [])
+    }
+    models = [
+        v
+        for v in vars(schedule_module).values()
+        if isinstance(v, type) and issubclass(v, ApiModel) and v.__module__ == schedule_module.__name__
+    ]
+    for model in models:
+        for rule in model.cel_rules:
+            assert rule.rule in crd_rules, f"{model.__name__}: {rule.rule}"
+    assert any(r.startswith("self.matches(r'^(@yearly") for r in crd_rules), "the cron pattern rule"
