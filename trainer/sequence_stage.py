@@ -27,7 +27,14 @@ from kdistill.api.failures import ExitCode
 
 from .data import DataError
 from .errors import TrainerError
-from .generated_set import GenerationPlan, ensure_generated, is_generated_set, iter_records
+from .generated_set import (
+    IN_FLIGHT_SHARDS,
+    SHARD_PROMPTS,
+    GenerationPlan,
+    ensure_generated,
+    is_generated_set,
+    iter_records,
+)
 from .prompts import read_prompts
 from .sampling import BatchSampler
 from .sequence_objective import CompletionExample, collate_completions, tokenize_completions
@@ -50,6 +57,14 @@ def teacher_identity(spec: DistillationJobSpec) -> dict[str, str]:
     if spec.teacher.model:
         return {"model": spec.teacher.model}
     return {"endpoint": spec.teacher.endpoint}
+
+
+def in_flight_shards(spec: DistillationJobSpec) -> int:
+    """Shards asked of the teacher at once: enough prompts to fill every replica's batch (the
+    spec's teacher.serve.batching, also the default shape of a teacher.endpoint server)."""
+    serve = spec.teacher.serve
+    prompts = serve.batching.max_batch_size * max(1, serve.replicas)
+    return max(IN_FLIGHT_SHARDS, -(-prompts // SHARD_PROMPTS))
 
 
 def generation_plan(spec: DistillationJobSpec, prompts: list[str]) -> GenerationPlan:
@@ -113,7 +128,12 @@ class SequenceBatches:
             raise TrainerError(ExitCode.BAD_DATA, str(exc)) from None
         prompts = self._fitting(prompts)
         ensure_generated(
-            self.output, generation_plan(self.spec, prompts), self.teacher, rank=self.rank, world=self.world
+            self.output,
+            generation_plan(self.spec, prompts),
+            self.teacher,
+            rank=self.rank,
+            world=self.world,
+            in_flight=in_flight_shards(self.spec),
         )
         return self.output, list(iter_records(self.output))
 
