@@ -233,12 +233,14 @@ def last_at_or_before(cron: Cron, at: datetime, tz: tzinfo) -> datetime | None:
 
 
 def runs_between(cron: Cron, after: datetime, until: datetime, tz: tzinfo, limit: int = 1000) -> list[datetime]:
-    """Runs in (after, until], oldest first, at most `limit` of them."""
-    out: list[datetime] = []
-    t = after
-    while len(out) < limit:
-        t = next_after(cron, t, tz)
-        if t > until:
+    """Runs in (after, until], oldest first, at most `limit` of them (walked day by day)."""
+    out: set[datetime] = set()
+    day = after.astimezone(tz).date() - timedelta(days=1)
+    last_day = until.astimezone(tz).date() + timedelta(days=1)
+    while day <= last_day:
+        out.update(t for t in _day_times(cron, day, tz) if after < t <= until)
+        # A skipped wall time can move a run into the next day: go one day past the limit.
+        if len(out) > limit and datetime(day.year, day.month, day.day, tzinfo=tz) > max(sorted(out)[:limit]):
             break
-        out.append(t)
-    return out
+        day += timedelta(days=1)
+    return sorted(out)[:limit]
