@@ -7,7 +7,7 @@ from pathlib import Path
 from .job import KIND, DistillationJob, FieldError, JobValidationError, parse_job, read_document
 from .schedule import SCHEDULE_KIND, DistillationSchedule, parse_schedule
 
-PARSERS = {KIND: parse_job, SCHEDULE_KIND: parse_schedule}
+KINDS = (KIND, SCHEDULE_KIND)
 
 
 def load_resource(path: str | Path) -> DistillationJob | DistillationSchedule:
@@ -17,9 +17,10 @@ def load_resource(path: str | Path) -> DistillationJob | DistillationSchedule:
     kind = doc.get("kind", KIND) if isinstance(doc, dict) else None
     if not isinstance(doc, dict):
         return parse_job(doc, str(path))
-    parser = PARSERS.get(kind) if isinstance(kind, str) else None
-    if parser is None:
-        raise JobValidationError(
-            str(path), [FieldError("kind", f"got {kind!r}; expected one of {', '.join(map(repr, PARSERS))}")]
-        )
-    return parser(doc, str(path))
+    if kind == KIND:
+        return parse_job(doc, str(path))
+    if kind == SCHEDULE_KIND:
+        return parse_schedule(doc, str(path))
+    raise JobValidationError(
+        str(path), [FieldError("kind", f"got {kind!r}; expected one of {', '.join(map(repr, KINDS))}")]
+    )
