@@ -9,6 +9,7 @@ import typer
 
 from .operator import register as register_operator
 from .run import register as register_run
+from .schedule import register as register_schedule
 from .serve import register as register_serve
 from .train import register as register_train
 from .validate import register as register_validate
@@ -26,6 +27,7 @@ register_train(app)
 register_run(app)
 register_serve(app)
 register_operator(app)
+register_schedule(app)
 
 
 @app.command()
