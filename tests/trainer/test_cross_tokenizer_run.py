@@ -196,3 +196,20 @@ def test_a_student_with_the_teachers_tokenizer_takes_the_ordinary_path(setting: 
     job["spec"]["student"] = {"model": str(same)}
     models = load_models(DistillationJob.model_validate(job).spec, setting["root"])
     assert not models.cross_tokenizer and models.student_tokenizer is None
+
+
+def test_the_example_runs_on_tiny_models(setting: dict[str, Path]) -> None:
+    """examples/cross-tokenizer.yaml as it is, on this module's models and data, a few steps."""
+    import yaml
+
+    job = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "cross-tokenizer.yaml").read_text())
+    spec = job["spec"]
+    spec["teacher"]["model"] = str(setting["teacher"])
+    spec["student"]["model"] = str(setting["student"])
+    spec["data"].update(train=str(setting["train"]), eval=str(setting["eval"]), maxSeqLength=64)
+    spec["distillation"]["stages"][0]["steps"] = 4
+    spec["distillation"]["batchSize"] = 4
+    result, steps = _run(setting, job)
+    assert len(steps) == 4 and steps[-1].parts["kd"] > 0
+    assert result["metrics"]["metric"] == "bits-per-byte" and result["int8"] == result["metrics"]
+    assert result["fullPrecision"]["metric"] == "bits-per-byte"
