@@ -31,8 +31,13 @@ class CheckpointRef(ApiModel):
 class Metrics(ApiModel):
     teacher: float | None = Field(None, description="Teacher's eval metric.")
     student: float | None = Field(None, description="Served student's eval metric.")
-    retention: float | None = Field(None, description="student / teacher (teacher/student for perplexity).")
-    metric: str | None = Field(None, description="accuracy or perplexity.")
+    retention: float | None = Field(
+        None, description="student / teacher (teacher / student for perplexity and bits-per-byte)."
+    )
+    metric: str | None = Field(
+        None,
+        description="accuracy, perplexity, or bits-per-byte (a causal-LM student with its own tokenizer).",
+    )
 
 
 TeacherState = Literal["Starting", "Ready", "Unavailable", "Stopped", "External"]
