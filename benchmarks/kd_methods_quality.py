@@ -32,8 +32,7 @@ vocabulary on the held-out text. ``start`` is the student before training.
         [--variants a,b] [--merge]
 
 The teacher is the quickstart teacher (``make quickstart``); it is trained here
-(``--teacher-steps``, 300 as the quickstart does) when ``--pvc`` has none: a stronger teacher is
-``--pvc pvc/strong --teacher-steps 1000``.
+(``--teacher-steps``, 300 as the quickstart does) when ``--pvc`` has none.
 """
 
 from __future__ import annotations
