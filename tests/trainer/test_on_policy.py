@@ -418,3 +418,37 @@ def test_a_served_teacher_with_other_token_ids_is_refused(
     assert code == ExitCode.BAD_SPEC
     term = json.loads((tmp_path / "termination-log").read_text())
     assert "tokenizes text differently" in term["message"]
+
+
+def test_the_example_with_teacher_serve_under_kdistill_run(
+    tmp_path: Path, peaked_teacher: Path, causal_data: tuple[Path, Path]
+) -> None:
+    """The example's comment holds: with ``teacher.serve: {enabled: true}``, ``kdistill run``
+    starts a local ``kdistill serve`` of the teacher, the on-policy steps score over HTTP, and the
+    server stops with the run."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    job = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "on-policy.yaml").read_text())
+    spec = job["spec"]
+    train, ev = causal_data
+    spec["teacher"]["model"] = str(peaked_teacher)
+    spec["teacher"]["serve"] = {"enabled": True, "batching": {"maxBatchSize": 8, "maxWaitMs": 2}}
+    spec["data"].update({"train": str(train), "eval": str(ev), "maxSeqLength": MAX_LEN})
+    spec["distillation"]["stages"][0]["steps"] = 3
+    spec["distillation"].update({"batchSize": 4, "warmupSteps": 1})
+    spec["distillation"]["onPolicy"]["maxNewTokens"] = 8
+    job_file = helpers.write_job(tmp_path / "example.yaml", job)
+    env = {k: v for k, v in os.environ.items() if k != "KDISTILL_TEACHER_URL"}
+    env.update(OMP_NUM_THREADS="1", KDISTILL_TERMINATION_LOG=str(tmp_path / "termination-log"))
+    command = [sys.executable, "-P", "-m", "kdistill.cli.main", "run", str(job_file), "--output", str(tmp_path / "out")]
+    proc = subprocess.run([*command, "--log-format", "json"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    served = [line for line in lines if line.get("event") == "served-teacher"]
+    assert served and served[0]["url"].startswith("http://127.0.0.1:") and served[0]["sameTokens"] is True
+    steps = [line for line in lines if line.get("event") == "step"]
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(s["parts"]["sampled"] == 1.0 for s in steps)
