@@ -70,6 +70,7 @@ def test_served_teacher_job_survives_teacher_loss_and_serves(
     workers = f"kdistill.io/job={JOB},kdistill.io/role=worker"
     cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(JOB_FILE))
     samples: list[dict[str, Any]] = []
+    RESULTS.mkdir(parents=True, exist_ok=True)
     passed = False
     try:
         # 1. The teacher comes first; no worker pod exists until it is ready.
@@ -96,6 +97,10 @@ def test_served_teacher_job_survives_teacher_loss_and_serves(
                                                   for p in _pods(core, _teacher_selector(apps))),
              "a replacement teacher pod", 600)  # fmt: skip
         wait(lambda: (_status(api).get("step") or 0) > before["step"], "training past the step of the kill", 900)
+        # The workers' own account of the outage, read while they still run.
+        logs = "".join(cluster.kubectl("logs", "-n", NAMESPACE, p.metadata.name, check=False).stdout
+                       for p in _pods(core, workers))  # fmt: skip
+        (RESULTS / "served-teacher-workers.log").write_text(logs)
 
         # 4. Success without a gang restart; the INT8 student serves; the teacher is gone.
         wait(lambda: _status(api).get("phase") == "Succeeded", "the job to succeed", 1800)
@@ -106,13 +111,9 @@ def test_served_teacher_job_survives_teacher_loss_and_serves(
         wait(lambda: not _teacher_ready(apps) and not cluster.kubectl(
             "get", "deployments,services", "-n", NAMESPACE, "-o", "name", "--ignore-not-found",
             TEACHER).stdout.strip(), "the teacher's objects to go", 300)  # fmt: skip
-        logs = "".join(cluster.kubectl("logs", "-n", NAMESPACE, p.metadata.name, check=False).stdout
-                       for p in _pods(core, workers))  # fmt: skip
-        (RESULTS / "served-teacher-workers.log").write_text(logs)
         cluster.kubectl("delete", "dj", JOB, "-n", NAMESPACE, "--wait=true", timeout=300)
         passed = True
     finally:
-        RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "served-teacher-samples.json").write_text(json.dumps(samples[-50:], indent=1) + "\n")
         if not passed:
             events = cluster.kubectl("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp", check=False)
