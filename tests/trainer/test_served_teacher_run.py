@@ -273,3 +273,30 @@ def test_a_teacher_killed_mid_run_pauses_the_run_until_it_is_back(
             proc.wait(60)
     assert code == 0, termination_log.read_text()
     assert steps == [1, 2, 3, 4, 5] and restarted
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_look_ahead_takes_no_batch_from_the_sampler(rank: int) -> None:
+    """peek_next names the batch the sampler hands out next, at every step and across windows,
+    and leaves its state alone: a checkpoint counts only the batches trained on."""
+    from kdistill.trainer.data import TokenizedExample
+    from kdistill.trainer.remote_targets import peek_next
+    from kdistill.trainer.sampling import BatchSampler
+
+    examples = [TokenizedExample(index=i, input_ids=[1] * (1 + i % 7), label=None) for i in range(50)]
+    sampler = BatchSampler(
+        examples,
+        8,
+        strategy="uniform",
+        tiers=None,
+        shares=(1.0, 0.0, 0.0),
+        seed=3,
+        rank=rank,
+        world=2,
+        window_batches=4,
+    )
+    for _ in range(20):  # five windows
+        state = sampler.state_dict()
+        ahead = peek_next(sampler)
+        assert sampler.state_dict() == state
+        assert next(sampler) == ahead
