@@ -128,6 +128,11 @@ def run_rounds(
     quiet_import_notices()
     spec = schedule.spec
     template = spec.job_template
+    if template.spec.distillation.cross_tokenizer is not None:
+        raise ScheduleRunError(
+            "kdistill schedule run compares students in perplexity; a student with its own tokenizer "
+            "(distillation.crossTokenizer) is scored in bits per byte"
+        )
     if template.spec.task != "causal-lm":
         raise ScheduleRunError(
             f"kdistill schedule run compares students across runs for causal-lm jobs; the template's task is "
@@ -179,6 +184,7 @@ def run_rounds(
         )
         status.last_schedule_time = _now()
         code = _run_job(job_file, run_out)
+        metrics = json.loads((run_out / "result.json").read_text())["metrics"] if code == 0 else {}
         if code != 0:
             entry = HistoryEntry(
                 job=name,
@@ -186,8 +192,17 @@ def run_rounds(
                 promoted=False,
                 reason=f"refused: the run failed (exit {code}); see {run_out / 'run.log'}",
             )
+        elif metrics.get("metric") != "perplexity":
+            # Students are scored outside the run in perplexity (trainer/model_scoring.py).
+            status.last_successful_time = _now()
+            entry = HistoryEntry(
+                job=name,
+                time=_now(),
+                promoted=False,
+                reason=f"refused: the run reports {metrics.get('metric')}, and students are compared across "
+                "rounds in perplexity (causal-LM students with the teacher's tokenizer)",
+            )
         else:
-            metrics = json.loads((run_out / "result.json").read_text())["metrics"]
             status.last_successful_time = _now()
             scores = Scores(
                 metric=metrics["metric"],

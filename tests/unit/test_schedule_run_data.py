@@ -71,6 +71,11 @@ def test_runs_are_refused_before_training(tmp_path: Path) -> None:
     body["spec"]["jobTemplate"]["spec"]["task"] = "sequence-classification"
     with pytest.raises(ScheduleRunError, match="causal-lm jobs"):
         run_rounds(parse_schedule(body), folder, 1, tmp_path / "out", print, tmp_path)
+    body = base_schedule()
+    body["spec"]["jobTemplate"]["spec"]["distillation"] = {"crossTokenizer": {"method": "uld"}}
+    body["spec"]["jobTemplate"]["spec"]["student"] = {"model": "pvc://models/other-student"}
+    with pytest.raises(ScheduleRunError, match="bits per byte"):
+        run_rounds(parse_schedule(body), folder, 1, tmp_path / "out", print, tmp_path)
 
 
 def test_kdistill_validate_reads_schedules(tmp_path: Path) -> None:
