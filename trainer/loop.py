@@ -505,6 +505,11 @@ class Trainer:
                     )
         self.flow.finish(self.optimizer)
 
+    def close(self) -> None:
+        """Release the served teacher's client (its connections and threads); the run is over."""
+        if self._served is not None:
+            self._served.close()
+
     # ---- after training ------------------------------------------------------------------------
     def eval_batches(self, teacher: bool = False) -> list[dict[str, torch.Tensor]]:
         """Eval batches in the student's tokens, or the teacher's (``teacher``); causal-lm

@@ -93,6 +93,8 @@ def run_job(job: DistillationJob, opts: RunOptions) -> dict[str, Any]:
         trainer.train()
         result = finish(job, trainer, opts, wall_start)
     finally:
+        for trainer in trainer_ref:
+            trainer.close()
         if reporter is not None:
             reporter.close()
     return result
