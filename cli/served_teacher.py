@@ -23,7 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TEACHER_URL_ENV = "KDISTILL_TEACHER_URL"  # trainer/remote_targets.py reads it
+from kdistill.api.metadata import TEACHER_URL_ENV
+from kdistill.api.teacher_serve import teacher_serve_options
+
 READY_TIMEOUT_ENV = "KDISTILL_TEACHER_READY_TIMEOUT_S"
 READY_TIMEOUT_S = 600.0
 
@@ -39,13 +41,9 @@ def _free_port() -> int:
 
 
 def serve_command(spec: Any, model_dir: Path, port: int) -> list[str]:
-    """``kdistill serve`` for the job's teacher: its batching, and limits that fit what the trainer
-    asks (top-K of the teacher cache and on-policy scoring, the generation lengths)."""
-    b = spec.teacher.serve.batching
-    dist = spec.distillation
-    top_k = max(dist.teacher_cache.top_k, dist.on_policy.top_k)
-    longest = max(dist.generation.max_new_tokens, dist.on_policy.max_new_tokens)
-    command = [
+    """``kdistill serve`` for the job's teacher on a loopback port, with the options the
+    operator's teacher Deployment uses too."""
+    return [
         sys.executable,
         "-P",
         "-m",
@@ -56,22 +54,10 @@ def serve_command(spec: Any, model_dir: Path, port: int) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
-        "--max-batch-size",
-        str(b.max_batch_size),
-        "--max-batch-tokens",
-        str(b.max_batch_tokens),
-        "--max-wait-ms",
-        str(b.max_wait_ms),
-        "--max-logprobs-binary",
-        str(max(128, top_k)),
-        "--max-tokens-limit",
-        str(max(512, longest)),
+        *teacher_serve_options(spec),
         "--log-level",
         "warning",
     ]
-    if spec.teacher.trust_remote_code:
-        command.append("--trust-remote-code")
-    return command
 
 
 def _ready(url: str) -> bool:

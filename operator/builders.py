@@ -18,6 +18,7 @@ import yaml
 
 from kdistill.api import DistillationJob, metadata, parse_source_uri, pvc_claims
 from kdistill.api.failures import TERMINATION_LOG
+from kdistill.api.teacher_serve import teacher_serve_options
 
 from . import names, rbac
 from .settings import Settings
@@ -395,9 +396,7 @@ def teacher_model_path(job: DistillationJob) -> str:
 
 
 def teacher_command(job: DistillationJob) -> list[str]:
-    teacher = job.spec.teacher
-    b = teacher.serve.batching
-    command = [
+    return [
         "kdistill",
         "serve",
         teacher_model_path(job),
@@ -407,16 +406,8 @@ def teacher_command(job: DistillationJob) -> list[str]:
         str(names.TEACHER_PORT),
         "--model-name",
         names.teacher(job.metadata.name),
-        "--max-batch-size",
-        str(b.max_batch_size),
-        "--max-batch-tokens",
-        str(b.max_batch_tokens),
-        "--max-wait-ms",
-        str(b.max_wait_ms),
+        *teacher_serve_options(job.spec),
     ]
-    if teacher.trust_remote_code:
-        command.append("--trust-remote-code")
-    return command
 
 
 def spec_hash(spec: Manifest) -> str:

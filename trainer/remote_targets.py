@@ -29,6 +29,7 @@ import torch
 
 from kdistill.api import DistillationJobSpec
 from kdistill.api.failures import ExitCode
+from kdistill.api.metadata import TEACHER_URL_ENV
 
 from .errors import TrainerError
 from .evaluate import EvalResult
@@ -39,7 +40,6 @@ from .teacher_service import ScoredTokens, TeacherService
 
 log = logging.getLogger(__name__)
 
-TEACHER_URL_ENV = "KDISTILL_TEACHER_URL"
 # Text the startup check scores to compare the served teacher's tokens with the trainer's.
 PROBE_TEXT = "Knowledge distillation: the student learns from the teacher's answers, 42 times over."
 

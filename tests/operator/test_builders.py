@@ -371,7 +371,8 @@ def test_teacher_deployment_serves_the_model_on_gpus_placed_like_the_workers() -
     assert cmd[:3] == ["kdistill", "serve", "/mnt/pvc/models/teacher/v3"]
     flags = dict(zip(cmd[3::2], cmd[4::2], strict=True))
     assert flags == {"--host": "0.0.0.0", "--port": "8080", "--model-name": "intent-teacher",
-                     "--max-batch-size": "32", "--max-batch-tokens": "4096", "--max-wait-ms": "5"}  # fmt: skip
+                     "--max-batch-size": "32", "--max-batch-tokens": "4096", "--max-wait-ms": "5",
+                     "--max-logprobs-binary": "128", "--max-tokens-limit": "512"}  # fmt: skip
     assert c["resources"]["limits"] == {"memory": "80Gi", "nvidia.com/gpu": "2"}
     assert c["resources"]["requests"] == {"nvidia.com/gpu": "2"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
