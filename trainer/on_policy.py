@@ -50,7 +50,7 @@ from .errors import TrainerError
 from .on_policy_cross import StudentText, TokenBridge, align_scores, cross_on_policy_loss
 from .on_policy_loss import on_policy_loss
 from .prompts import text_prefix
-from .sampling import BatchSampler
+from .sampling import BatchSampler, stage_sampler
 from .sequence_objective import CompletionExample, _prompt_tokens
 from .sources import resolve_source
 from .stages import Phase
@@ -286,24 +286,10 @@ class OnPolicyBatches:
         examples = tokenize_prompted(records, self.tokenizer, data.max_seq_length)
         if not examples:
             raise TrainerError(ExitCode.BAD_DATA, f"{source}: no prompt has a token")
-        d = self.spec.distillation
         self.examples = examples
-        self.sampler = BatchSampler(
-            examples,
-            d.batch_size // d.gradient_accumulation_steps,
-            strategy="uniform",
-            tiers=None,
-            shares=(1.0, 0.0, 0.0),
-            seed=d.seed,
-            bucket_by_length=True,
-            rank=self.data_rank,
-            world=self.spec.parallelism.student.data,
+        self.sampler, self._batches = stage_sampler(
+            examples, self.spec, data_rank=self.data_rank, plan=self.plan, objective=OBJECTIVE, start_step=start_step
         )
-        done = sum(max(0, min(start_step, p.end) - p.start) for p in self.plan if OBJECTIVE in p.objectives)
-        self._batches = done * d.gradient_accumulation_steps
-        state = self.sampler.state_dict()
-        state["batches"] = self._batches
-        self.sampler.load_state_dict(state)
         self._iter = iter(self.sampler)
         return {"prompts": len(examples), "lambda": self.settings.lambda_, "beta": self.settings.beta}
 

@@ -289,3 +289,36 @@ class BatchSampler:
         if not isinstance(batches, int) or batches < 0:
             raise ValueError(f"sampler state has a bad batch count {batches!r}")
         self._next = batches
+
+
+def stage_sampler(
+    examples: Sequence[Any],
+    spec: Any,
+    *,
+    data_rank: int,
+    plan: Sequence[Any],
+    objective: str,
+    start_step: int,
+) -> tuple[BatchSampler, int]:
+    """The sampler of an objective that draws from its own examples (sequence, on-policy):
+    uniform and length-bucketed over this data rank's share, positioned where a run that starts
+    at ``start_step`` stands (after the micro-batches of that objective's steps already taken,
+    so a resume draws the batches an uninterrupted run would). Returns it and that count."""
+    d = spec.distillation
+    sampler = BatchSampler(
+        examples,
+        d.batch_size // d.gradient_accumulation_steps,
+        strategy="uniform",
+        tiers=None,
+        shares=(1.0, 0.0, 0.0),
+        seed=d.seed,
+        bucket_by_length=True,
+        rank=data_rank,
+        world=spec.parallelism.student.data,
+    )
+    done = sum(max(0, min(start_step, p.end) - p.start) for p in plan if objective in p.objectives)
+    batches = done * d.gradient_accumulation_steps
+    state = sampler.state_dict()
+    state["batches"] = batches
+    sampler.load_state_dict(state)
+    return sampler, batches

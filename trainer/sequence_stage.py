@@ -36,7 +36,7 @@ from .generated_set import (
     iter_records,
 )
 from .prompts import read_prompts
-from .sampling import BatchSampler
+from .sampling import BatchSampler, stage_sampler
 from .sequence_objective import CompletionExample, collate_completions, tokenize_completions
 from .sources import resolve_source
 from .stages import Phase
@@ -179,23 +179,10 @@ class SequenceBatches:
             raise TrainerError(
                 ExitCode.BAD_DATA, "no generated example has a completion token within data.maxSeqLength"
             )
-        d = self.spec.distillation
         self.examples = examples
-        self.sampler = BatchSampler(
-            examples,
-            d.batch_size // d.gradient_accumulation_steps,
-            strategy="uniform",
-            tiers=None,
-            shares=(1.0, 0.0, 0.0),
-            seed=d.seed,
-            bucket_by_length=True,
-            rank=self.data_rank,
-            world=self.spec.parallelism.student.data,
+        self.sampler, _ = stage_sampler(
+            examples, self.spec, data_rank=self.data_rank, plan=self.plan, objective=OBJECTIVE, start_step=start_step
         )
-        done = sum(max(0, min(start_step, p.end) - p.start) for p in self.plan if OBJECTIVE in p.objectives)
-        state = self.sampler.state_dict()
-        state["batches"] = done * d.gradient_accumulation_steps
-        self.sampler.load_state_dict(state)
         return {
             "path": str(root),
             "completions": len(records),
