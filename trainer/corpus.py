@@ -13,7 +13,12 @@ Nothing is downloaded: ``pydoc_data.topics.topics`` maps ~80 help topics ("compo
   labelled with the most specific (smallest) one and appears once. The eval split is stratified
   by label so every kept label appears in both files.
 
-Both are deterministic for a given ``seed`` and Python version.
+- ``build_docstring_corpus``: causal-lm JSON lines of the docstrings of the standard library's
+  own ``.py`` sources (~1.8 MB, parsed, not imported): more text of the same kind for a
+  stronger teacher. Paragraphs sharing an 8-word run with a given held-out text are dropped,
+  so that held-out split stays disjoint from it.
+
+All are deterministic for a given ``seed`` and Python version.
 """
 
 from __future__ import annotations
@@ -152,3 +157,88 @@ def build_pydoc_topic_classification(
     _write_jsonl(train_path, train)
     _write_jsonl(eval_path, evals)
     return train_path, eval_path
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _shingles(text: str, words: int) -> set[tuple[str, ...]]:
+    tokens = _normalized(text).lower().split()
+    return {tuple(tokens[i : i + words]) for i in range(len(tokens) - words + 1)}
+
+
+def stdlib_docstrings(stdlib: Path | None = None) -> list[str]:
+    """The docstrings (module, class, function) of the standard library's own ``.py`` sources.
+
+    The sources are parsed, never imported (importing every module has side effects). Test
+    packages and ``site-packages`` are skipped; files are read in path order, so the list is the
+    same for a given Python version.
+    """
+    import ast
+    import sysconfig
+
+    root = Path(stdlib) if stdlib is not None else Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"site-packages", "test", "tests", "idle_test"}
+    docs: list[str] = []
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        if skipped & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            # A few stdlib files are deliberately not valid Python 3 (lib2to3's test data).
+            continue
+        for node in ast.walk(tree):
+            documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+            if isinstance(node, documented) and (doc := ast.get_docstring(node)):
+                docs.append(doc)
+    return docs
+
+
+def build_docstring_corpus(
+    out_path: Path,
+    held_out: Iterable[str],
+    *,
+    stdlib: Path | None = None,
+    max_chars: int = 600,
+    min_chars: int = 20,
+    shingle_words: int = 8,
+) -> tuple[Path, int]:
+    """Write causal-lm JSON lines of the stdlib's docstrings to ``out_path``: extra training text
+    for a teacher whose eval split is ``held_out`` (texts, e.g. the pydoc eval lines).
+
+    Each line is a run of consecutive paragraphs of one docstring, up to ``max_chars``; a
+    paragraph (whitespace-normalised) is used once. A paragraph that shares any run of
+    ``shingle_words`` words (case-insensitive) with the held-out text is dropped, so the eval
+    split stays disjoint from everything trained on. Returns the path and the number of
+    paragraphs dropped for overlap.
+    """
+    if max_chars < min_chars:
+        raise ValueError(f"max_chars ({max_chars}) must be >= min_chars ({min_chars})")
+    if shingle_words < 1:
+        raise ValueError(f"shingle_words must be >= 1, got {shingle_words}")
+    banned: set[tuple[str, ...]] = set()
+    for text in held_out:
+        banned |= _shingles(text, shingle_words)
+    chunks: list[str] = []
+    seen: set[str] = set()
+    dropped = 0
+    for doc in stdlib_docstrings(stdlib):
+        current = ""
+        for para in topic_paragraphs(doc, min_chars):
+            key = _normalized(para)
+            if key in seen:
+                continue
+            seen.add(key)
+            if _shingles(para, shingle_words) & banned:
+                dropped += 1
+                continue
+            if current and len(current) + 2 + len(para) > max_chars:
+                chunks.append(current)
+                current = ""
+            current = f"{current}\n\n{para}" if current else para
+        if current:
+            chunks.append(current)
+    _write_jsonl(Path(out_path), ({"text": c} for c in chunks))
+    return Path(out_path), dropped
