@@ -1,5 +1,5 @@
 """Quality at equal teacher cost: plain CE, live logits KD, sequence-level KD and on-policy
-distillation of the quickstart teacher into a 2-layer student, each given a budget of teacher
+distillation of a teacher (the quickstart's, or ``--teacher``) into a 2-layer student, each given a budget of teacher
 tokens (the tokens the teacher reads or writes for the student).
 
 Variants (same student shape and init: 2 layers copied from the teacher; batch 16; LR 1e-3):
@@ -29,10 +29,16 @@ sampling seed), and ``kl_eval_text``, KL(teacher ‖ student) per token over the
 vocabulary on the held-out text. ``start`` is the student before training.
 
     .venv/bin/python -P benchmarks/kd_methods_quality.py [--steps 60] [--seeds 0,1,2] [--pvc ./pvc]
-        [--variants a,b] [--merge]
+        [--variants a,b] [--merge] [--teacher quickstart|stronger|DIR]
 
-The teacher is the quickstart teacher (``make quickstart``); it is trained here
-(``--teacher-steps``, 300 as the quickstart does) when ``--pvc`` has none.
+``--teacher quickstart`` (the default) is the quickstart teacher (``make quickstart``); it is
+trained here (``--teacher-steps``, 300 as the quickstart does) when ``--pvc`` has none.
+``--teacher stronger`` is the teacher of benchmarks/stronger_teacher.py (same shape and
+tokenizer, trained longer on more text: lower eval perplexity on the same held-out lines),
+built with its default recipe when ``PVC/models/stronger-teacher`` is missing; its results go
+to ``kd_methods_quality_stronger.json`` unless ``--out`` says otherwise. A directory is any
+causal-LM teacher with the quickstart tokenizer and a ``pretrain-report.json`` that names its
+``eval_perplexity``. The student, data and held-out measurements are the same for all.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_common import command_line, machine_state, write_report  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "kd_methods_quality.json"
+RESULT_STRONGER = ROOT / "benchmarks" / "results" / "kd_methods_quality_stronger.json"
 VARIANTS = ("ce", "logits", "on-policy", "on-policy-half", "sequence")
 ANALYSIS = ("on-policy-short", "on-policy-short-half", "logits+on-policy")
 SHORT_PROMPT_CHARS = 96
@@ -273,16 +280,36 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def teacher_dir(choice: str, pvc: Path) -> Path:
+    """The teacher's directory for ``--teacher``; the stronger teacher is built when missing."""
+    if choice == "quickstart":
+        return pvc / "models" / "quickstart-teacher"
+    if choice == "stronger":
+        from stronger_teacher import NAME, StrongerConfig, build
+
+        path = pvc / "models" / NAME
+        if not (path / "pretrain-report.json").is_file():
+            build(pvc, StrongerConfig())
+        return path
+    path = Path(choice)
+    if not (path / "pretrain-report.json").is_file():
+        raise SystemExit(f"--teacher {choice}: not quickstart, stronger, or a directory with pretrain-report.json")
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="steps of logits KD (it sets the budget) and of CE")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--pvc", type=Path, default=ROOT / "pvc")
     p.add_argument("--teacher-steps", type=int, default=300, help="steps of the teacher trained when --pvc has none")
-    p.add_argument("--out", type=Path, default=RESULT)
+    p.add_argument("--out", type=Path, default=None, help="default: kd_methods_quality[_stronger].json")
+    p.add_argument("--teacher", default="quickstart", help="quickstart, stronger, or a teacher directory")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS + ANALYSIS)}")
     p.add_argument("--merge", action="store_true", help="keep the other variants' runs already in --out")
     args = p.parse_args()
+    if args.out is None:
+        args.out = RESULT_STRONGER if args.teacher == "stronger" else RESULT
     variants = tuple(args.variants.split(","))
     if unknown := set(variants) - set(VARIANTS + ANALYSIS):
         raise SystemExit(f"unknown variants {sorted(unknown)}")
@@ -294,12 +321,15 @@ def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    teacher = args.pvc / "models" / "quickstart-teacher"
+    quickstart = args.pvc / "models" / "quickstart-teacher"
     data = args.pvc / "data"
-    if not (teacher / "model.safetensors").is_file() or not (data / "pydoc-eval.jsonl").is_file():
+    if not (quickstart / "model.safetensors").is_file() or not (data / "pydoc-eval.jsonl").is_file():
         from kdistill.trainer.teacher_pretrain import PretrainConfig, pretrain
 
         pretrain(args.pvc, PretrainConfig(steps=args.teacher_steps))
+    teacher = teacher_dir(args.teacher, args.pvc)
+    if previous and previous.get("teacher", {}).get("name", "quickstart") != args.teacher:
+        raise SystemExit(f"--merge: {args.out} was measured with another --teacher")
     train, evaluation = data / "pydoc-train.jsonl", data / "pydoc-eval.jsonl"
     seeds = [int(s) for s in args.seeds.split(",")]
     state_before = machine_state()
@@ -392,7 +422,15 @@ def main() -> None:
         },
         "machine_before": [*as_list(previous.get("machine_before")), state_before],
         "machine_after": [*as_list(previous.get("machine_after")), machine_state()],
-        "teacher": {"eval_perplexity": teacher_ppl},
+        "teacher": {
+            "name": args.teacher,
+            "path": str(teacher.relative_to(ROOT)) if teacher.is_relative_to(ROOT) else str(teacher),
+            "eval_perplexity": teacher_ppl,
+            # The same held-out lines, the same tokenizer: the two teachers compare directly.
+            "quickstart_eval_perplexity": json.loads((quickstart / "pretrain-report.json").read_text())[
+                "eval_perplexity"
+            ],
+        },
         "start": start,
         "medians": medians,
         "runs": runs,
