@@ -1,6 +1,6 @@
 """Quality at equal teacher cost: plain CE, live logits KD, sequence-level KD and on-policy
-distillation of a teacher (the quickstart's, or ``--teacher``) into a 2-layer student, each given a budget of teacher
-tokens (the tokens the teacher reads or writes for the student).
+distillation of a teacher (the quickstart's, or ``--teacher``) into a 2-layer student, each
+given a budget of teacher tokens (the tokens the teacher reads or writes for the student).
 
 Variants (same student shape and init: 2 layers copied from the teacher; batch 16; LR 1e-3):
 - ``ce``: hard-label CE on the dataset's text (alpha 0): no teacher signal, 0 teacher tokens;
