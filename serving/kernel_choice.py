@@ -169,12 +169,18 @@ def measure(model: nn.Module, kernels: list[q.Int8Kernel] | None = None) -> dict
 
 
 def fastest(ms: dict[str, dict[str, float]]) -> str:
-    """The kernel with the least model time relative to the fastest, averaged over the row counts;
-    a kernel pruned at any row count does not qualify."""
+    """The kernel with the least model time relative to the fastest, averaged over the row counts.
+    A kernel pruned at any row count does not qualify while another ran at every one; when each
+    was pruned somewhere (close timings on a busy machine), a pruned row counts PRUNE_FACTOR, the
+    least it lost by."""
     rows = [str(r) for r in PROBE_ROWS]
-    complete = {k: v for k, v in ms.items() if all(r in v for r in rows)}
-    best_at = {r: min(v[r] for v in complete.values()) for r in rows}
-    return min(complete, key=lambda k: sum(complete[k][r] / best_at[r] for r in rows) / len(rows))
+    best_at = {r: min(v[r] for v in ms.values() if r in v) for r in rows}
+
+    def relative(k: str) -> float:
+        return sum(ms[k][r] / best_at[r] if r in ms[k] else PRUNE_FACTOR for r in rows) / len(rows)
+
+    complete = [k for k, v in ms.items() if all(r in v for r in rows)]
+    return min(complete or list(ms), key=relative)
 
 
 def _read_cache(path: Path) -> dict[str, Any]:

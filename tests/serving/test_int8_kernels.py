@@ -106,6 +106,18 @@ def test_fastest_weighs_each_row_count_alike_and_skips_pruned_kernels() -> None:
     assert kernel_choice.fastest(ms) == "onednn-dynamic"
 
 
+def test_fastest_when_every_kernel_was_pruned_at_some_row_count() -> None:
+    # Close timings on a busy machine: each kernel lost one row count (and counts PRUNE_FACTOR there).
+    ms = {
+        "torchao-dynamic": {"16": 1.2},  # (1.2 + F) / 2
+        "fbgemm-dynamic": {"16": 1.0},  # (1 + F) / 2
+        "onednn-dynamic": {"128": 1.0},  # (F + 1) / 2
+    }
+    assert kernel_choice.fastest(ms) == "fbgemm-dynamic"  # the first of the two best
+    ms["onednn-dynamic"]["16"] = 1.4  # onednn ran at every row count: it qualifies alone
+    assert kernel_choice.fastest(ms) == "onednn-dynamic"
+
+
 def quantized_bert(seed: int = 0) -> nn.Module:
     return q.quantize_ptq_int8(tiny_bert_classifier(300, width=128, seed=seed), "fbgemm-dynamic")
 
