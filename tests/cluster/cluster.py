@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client, config
 
 from . import kwok
@@ -110,7 +111,17 @@ class Cluster:
         """Applies a CRD (by default the project's generated one) and waits until it is served."""
         crd = path or REPO / "crds" / "kdistill.io_distillationjobs.yaml"
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-        self.kubectl("wait", "--for=condition=Established", "-f", str(crd), "--timeout=60s")
+        # Polled here, not with `kubectl wait`: that fails at once ("accessor error") when it reads
+        # the CRD before the API server has written any status condition, which a loaded machine
+        # makes likely.
+        name = yaml.safe_load(crd.read_text())["metadata"]["name"]
+        api = client.ApiextensionsV1Api(self.api_client())
+
+        def established() -> bool:
+            conditions = api.read_custom_resource_definition(name).status.conditions or []
+            return any(c.type == "Established" and c.status == "True" for c in conditions)
+
+        wait_for(established, f"CRD {name} Established", 60)
 
     def create_namespace(self, prefix: str = "test") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
