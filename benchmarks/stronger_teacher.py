@@ -2,15 +2,20 @@
 architecture (GPT2, 4 layers, width 128) and the same tokenizer, trained longer on more text
 with dropout, so that its eval perplexity on the same held-out pydoc lines is lower.
 
-Training more steps on the quickstart's small pydoc corpus alone overfits (1000 steps: eval
-perplexity 171.8 against 152.3 at 300), so the recipe adds text that ships with Python: the
-docstrings of the standard library's own sources (``trainer.corpus.build_docstring_corpus``,
-~1.8 MB against the pydoc split's 0.35 MB), with every paragraph that shares an 8-word run with
-the held-out split dropped. The pydoc training lines are repeated ``--pydoc-repeats`` times in
-the mix so the held-out domain keeps a fair share. The last step's weights are the teacher: the
-eval split is only measured (every ``--eval-every`` steps, for the curve), never used to pick.
+Training longer on the quickstart's small pydoc corpus alone overfits (without dropout its eval
+perplexity passes a low at a few hundred steps and is far above it by 1000), so the recipe adds
+text that ships with Python: the docstrings of the standard library's own sources
+(``trainer.corpus.build_docstring_corpus``, ~1.8 MB against the pydoc split's 0.35 MB), with
+every paragraph that shares an 8-word run with the held-out split dropped, and dropout. The
+pydoc training lines are repeated ``--pydoc-repeats`` times in the mix so the held-out domain
+keeps a fair share. The last step's weights are the teacher: the eval split is only measured
+(every ``--eval-every`` steps, for the curve), never used to pick.
 
-    .venv/bin/python -P benchmarks/stronger_teacher.py [--pvc ./pvc] [--steps 2500]
+    .venv/bin/python -P benchmarks/stronger_teacher.py [--pvc ./pvc] [--steps 2500] [--out FILE]
+        [--no-docstrings] [--pydoc-repeats 3] [--dropout 0.1] [--weight-decay 0.1] [--name DIR]
+
+The flags change the recipe for ablations (``--name`` keeps their model apart); ``--out``
+also writes the report as a results file.
 
 Needs the quickstart teacher and its corpus in ``--pvc`` (``make quickstart`` or
 benchmarks/kd_methods_quality.py build them). Writes ``PVC/models/stronger-teacher`` (weights,
@@ -48,6 +53,7 @@ class StrongerConfig:
     weight_decay: float = 0.1
     dropout: float = 0.1
     pydoc_repeats: int = 3
+    docstrings: bool = True
     seed: int = 0
 
 
@@ -71,7 +77,7 @@ def model_for(cfg: StrongerConfig, tokenizer: Any) -> Any:
     )
 
 
-def build(pvc: Path, cfg: StrongerConfig, eval_every: int = 250) -> dict[str, Any]:
+def build(pvc: Path, cfg: StrongerConfig, eval_every: int = 250, name: str = NAME) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
@@ -93,10 +99,12 @@ def build(pvc: Path, cfg: StrongerConfig, eval_every: int = 250) -> dict[str, An
         return read_jsonl(path, text_field="text", label_field=None, label_to_id=None, max_bad_fraction=0.0)
 
     eval_rows = rows(pydoc_eval)
-    docstrings, dropped = build_docstring_corpus(data / "stdlib-docstrings.jsonl", [r.text for r in eval_rows])
     tokenizer = AutoTokenizer.from_pretrained(str(quickstart))
     pydoc = tokenize_examples(rows(pydoc_train), tokenizer, cfg.max_length)
-    extra = tokenize_examples(rows(docstrings), tokenizer, cfg.max_length)
+    extra, dropped = [], 0
+    if cfg.docstrings:
+        docstrings, dropped = build_docstring_corpus(data / "stdlib-docstrings.jsonl", [r.text for r in eval_rows])
+        extra = tokenize_examples(rows(docstrings), tokenizer, cfg.max_length)
     train = pydoc * cfg.pydoc_repeats + extra
     ev = tokenize_examples(eval_rows, tokenizer, cfg.max_length)
     pad = int(tokenizer.pad_token_id)
@@ -128,7 +136,7 @@ def build(pvc: Path, cfg: StrongerConfig, eval_every: int = 250) -> dict[str, An
             print(
                 json.dumps({"event": "step", **point, "seconds": round(time.perf_counter() - started, 1)}), flush=True
             )
-    out = pvc / "models" / NAME
+    out = pvc / "models" / name
     if out.exists():
         shutil.rmtree(out)
     model.eval()
@@ -158,8 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=StrongerConfig.steps)
     p.add_argument("--pydoc-repeats", type=int, default=StrongerConfig.pydoc_repeats)
     p.add_argument("--dropout", type=float, default=StrongerConfig.dropout)
+    p.add_argument("--weight-decay", type=float, default=StrongerConfig.weight_decay)
+    p.add_argument(
+        "--docstrings", action=argparse.BooleanOptionalAction, default=True, help="add the stdlib's docstrings"
+    )
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--name", default=NAME, help="the model directory under PVC/models (another name for ablations)")
+    p.add_argument("--out", type=Path, default=None, help="also write the report as a results file")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_common import command_line, machine_state, write_report
+
+    state_before = machine_state()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     from transformers.utils import logging as hf_logging
@@ -167,8 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    cfg = StrongerConfig(steps=args.steps, pydoc_repeats=args.pydoc_repeats, dropout=args.dropout)
-    report = build(args.pvc, cfg, args.eval_every)
+    cfg = StrongerConfig(
+        steps=args.steps,
+        pydoc_repeats=args.pydoc_repeats,
+        dropout=args.dropout,
+        weight_decay=args.weight_decay,
+        docstrings=args.docstrings,
+    )
+    report = build(args.pvc, cfg, args.eval_every, args.name)
+    if args.out is not None:
+        result = {"benchmark": "stronger_teacher", "command": command_line(), "machine_before": state_before}
+        write_report({**result, "machine_after": machine_state(), **report}, args.out)
     print(json.dumps({"event": "teacher-ready", **{k: v for k, v in report.items() if k != "curve"}}), flush=True)
     if report["eval_perplexity"] >= report["quickstart_eval_perplexity"]:
         print("the stronger teacher is not better than the quickstart teacher on the eval split", file=sys.stderr)
