@@ -167,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pydoc-repeats", type=int, default=StrongerConfig.pydoc_repeats)
     p.add_argument("--dropout", type=float, default=StrongerConfig.dropout)
     p.add_argument("--weight-decay", type=float, default=StrongerConfig.weight_decay)
-    p.add_argument(
-        "--docstrings", action=argparse.BooleanOptionalAction, default=True, help="add the stdlib's docstrings"
-    )
+    p.add_argument("--no-docstrings", dest="docstrings", action="store_false", help="leave out the stdlib's docstrings")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--name", default=NAME, help="the model directory under PVC/models (another name for ablations)")
     p.add_argument("--out", type=Path, default=None, help="also write the report as a results file")
