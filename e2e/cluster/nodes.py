@@ -176,6 +176,15 @@ class Node:
         marker = f"{LOADED_MARKERS}/{image_id.replace(':', '-')}"
         docker("exec", self.name, "sh", "-c", f"mkdir -p {LOADED_MARKERS} && touch {marker}")
 
+    def drop_image(self, image: str) -> None:
+        """Removes the earlier build held under `image`'s tag and lets containerd collect its
+        layers at once: the volume keeps every build otherwise, and two builds of the multi-GB
+        trainer image per node do not fit on the disk. The markers go too (one of them may name
+        a build that docker's cache gives back later)."""
+        ref = image if "." in image.split("/", 1)[0] else f"docker.io/{image}"
+        docker("exec", self.name, "ctr", "-n", "k8s.io", "images", "rm", "--sync", ref, check=False)
+        docker("exec", self.name, "rm", "-rf", LOADED_MARKERS, check=False)
+
     def exec(self, *argv: str, input_bytes: bytes | None = None) -> str:
         return docker("exec", "-i", self.name, *argv, input_bytes=input_bytes).stdout
 
@@ -202,6 +211,8 @@ def load_image(nodes: list[Node], image: str) -> float:
     nodes = [n for n in nodes if not n.has_image(image_id)]
     if not nodes:
         return 0.0
+    for node in nodes:
+        node.drop_image(image)
     errors = _stream_import(image, nodes)
     if errors:
         raise RuntimeError(f"loading {image} failed: " + "; ".join(errors))
