@@ -596,6 +596,57 @@ class Batching(ApiModel):
     )
 
 
+# An http(s) URL with a host; the server appends the protocol's path (/v1/completions, ...).
+ENDPOINT_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+
+
+class Fallback(ApiModel):
+    """Cascade serving: the student answers what it is confident about, the teacher the rest."""
+
+    endpoint: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=ENDPOINT_PATTERN,
+        description="Base URL of the teacher's server, e.g. http://JOB-teacher:8080: kdistill serve, or for "
+        "causal LMs any OpenAI-compatible server (vLLM, TGI). The student's server appends the request's "
+        "own path (/v1/completions, /v1/chat/completions, /v1/classify), so give it without /v1.",
+    )
+    min_confidence: float = Field(
+        0.6,
+        ge=0.0,
+        le=1.0,
+        description="The student answers when its confidence reaches this, else the request goes to the "
+        "teacher. Classification: the top class probability. Causal LM: exp(mean log-prob of the generated "
+        "tokens), the per-token geometric-mean probability (0.6 means a mean log-prob >= ln 0.6 = -0.51). "
+        "0 never forwards.",
+    )
+    timeout_seconds: float = Field(
+        30.0,
+        gt=0.0,
+        le=600.0,
+        description="The whole teacher call, connection included; past it the request gets 504 (or the "
+        "student's answer, with onTeacherError student).",
+    )
+    model: str = Field(
+        "",
+        max_length=256,
+        description="The model field sent to the teacher (vLLM and hosted APIs require their served name); "
+        "empty sends none, which kdistill serve accepts.",
+    )
+    on_teacher_error: Literal["fail", "student"] = Field(
+        "fail",
+        description="When the teacher fails or times out: fail answers 502 / 504; student answers with the "
+        "student's own answer, marked as a fallback error.",
+    )
+    max_in_flight: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Teacher requests open at once per server replica; more wait for a connection, "
+        "within timeoutSeconds.",
+    )
+
+
 class Serving(ApiModel):
     enabled: bool = Field(True, description="Roll the INT8 student out as a Deployment.")
     name: DnsName = Field("", description="Default <job>-serving; jobs that share a name roll into one Deployment.")
@@ -606,6 +657,11 @@ class Serving(ApiModel):
     resources: KubeObject = Field(default_factory=dict, description="Server container resources.")
     quality_gate: QualityGate = Field(default_factory=QualityGate, description="Rollout gate.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching.")
+    fallback: Fallback | None = Field(
+        None,
+        description="Cascade serving: forward what the student is not confident about to the teacher's "
+        "endpoint. Absent: the student answers everything.",
+    )
 
 
 # A split student (tensor or pipeline parallel) runs logits KD of a causal LM only: its hidden

@@ -499,7 +499,7 @@ def serving_labels(serving_name: str) -> dict[str, str]:
 def serving_command(job: DistillationJob) -> list[str]:
     srv = job.spec.serving
     b = srv.batching
-    return [
+    command = [
         "kdistill",
         "serve",
         names.model_path(job.namespace, job.metadata.name),
@@ -518,6 +518,22 @@ def serving_command(job: DistillationJob) -> list[str]:
         "--max-queue",
         str(b.max_queue),
     ]
+    if (fb := srv.fallback) is not None:  # cascade serving: the teacher answers what the student is unsure of
+        command += [
+            "--fallback-url",
+            fb.endpoint,
+            "--min-confidence",
+            repr(fb.min_confidence),
+            "--fallback-timeout",
+            repr(fb.timeout_seconds),
+            "--fallback-on-error",
+            fb.on_teacher_error,
+            "--fallback-max-in-flight",
+            str(fb.max_in_flight),
+        ]
+        if fb.model:
+            command += ["--fallback-model", fb.model]
+    return command
 
 
 def serving_deployment(job: DistillationJob, settings: Settings, previous_model_path: str | None = None) -> Manifest:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
+from .cascade import HOP_HEADER, Cascade
 from .engine import Engine
 from .errors import ApiError
 from .generation import GenRequest
@@ -54,6 +55,14 @@ class Front:
     def serving(self) -> bool:
         """Ready, and not shutting down."""
         return self.state.ready and not self.state.draining
+
+    def cascade_for(self, headers: Mapping[str, str]) -> Cascade | None:
+        """The fallback teacher for a request, unless there is none or the request was itself
+        forwarded by a cascade (``HOP_HEADER``): that one this server's model answers."""
+        cascade = self.state.cascade
+        if cascade is None or headers.get(HOP_HEADER) is not None:
+            return None
+        return cascade
 
     def model_info(self) -> dict[str, Any]:
         """The model's task, quantization and INT8 kernel, once loaded (empty before)."""

@@ -9,6 +9,7 @@ from .batcher import BatchStats
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 EFFICIENCY_BUCKETS = (0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 class ServerMetrics:
@@ -55,6 +56,43 @@ class ServerMetrics:
             "1 for the kernel that runs the model's INT8 layers ('none': a float model), and how it was "
             "chosen (measured, cache, table, forced).",
             ["kernel", "source"],
+            registry=r,
+        )
+        # Cascade serving (serving/cascade.py); empty unless the server has a fallback teacher.
+        self.cascade_items = Counter(
+            "kdistill_cascade_items",
+            "Items (texts, prompts, chats) by who was asked last: the student alone, or forwarded to the "
+            "teacher (forwarded / all: the forwarded share).",
+            ["endpoint", "path"],
+            registry=r,
+        )
+        self.cascade_latency = Histogram(
+            "kdistill_cascade_latency_seconds",
+            "Request latency by path: student (every item answered by the student) or teacher (at least one "
+            "item forwarded; the student's attempt included).",
+            ["endpoint", "path"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cascade_teacher_latency = Histogram(
+            "kdistill_cascade_teacher_latency_seconds",
+            "Duration of the teacher calls that answered.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cascade_teacher_errors = Counter(
+            "kdistill_cascade_teacher_errors",
+            "Teacher calls that failed, by reason (timeout, connect, status, answer).",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.cascade_confidence = Histogram(
+            "kdistill_cascade_confidence",
+            "The student's confidence per item (classification: top probability; causal LM: exp of the mean "
+            "token log-prob), what minConfidence is compared with.",
+            ["endpoint"],
+            buckets=CONFIDENCE_BUCKETS,
             registry=r,
         )
         self._real = 0

@@ -24,6 +24,7 @@ from kdistill.api.metadata import ARTIFACT_DIR_NAMES
 
 from .app import create_app
 from .batcher import BatchPolicy, DynamicBatcher
+from .cascade import Cascade, FallbackOptions
 from .state import ServeLimits, ServerState
 
 log = logging.getLogger("kdistill.serving")
@@ -40,6 +41,7 @@ class ServeOptions:
     graceful_timeout: float = 30.0
     log_level: str = "info"
     trust_remote_code: bool = False  # plain Hugging Face directories only; artifacts never run remote code
+    fallback: FallbackOptions | None = None  # cascade serving: the teacher for what the student is unsure of
 
 
 def default_model_name(model_dir: Path) -> str:
@@ -102,6 +104,17 @@ class DrainingServer(uvicorn.Server):
 
 def build(model_dir: Path, options: ServeOptions) -> tuple[FastAPI, ServerState]:
     state = ServerState(model_name=options.model_name or default_model_name(model_dir), limits=options.limits)
+    if options.fallback is not None:
+        state.cascade = Cascade(options.fallback, state.metrics)
+        fb = options.fallback
+        log.info(
+            "cascade: teacher %s, min confidence %g, timeout %g s, on teacher error %s, max in flight %d",
+            fb.base_url,
+            fb.min_confidence,
+            fb.timeout_s,
+            fb.on_teacher_error,
+            fb.max_in_flight,
+        )
     app = create_app(state)
 
     @asynccontextmanager
@@ -117,6 +130,8 @@ def build(model_dir: Path, options: ServeOptions) -> tuple[FastAPI, ServerState]
         state.draining = True
         if state.batcher is not None:
             state.batcher.stop(timeout=options.graceful_timeout)
+        if state.cascade is not None:
+            await state.cascade.aclose()
 
     app.router.lifespan_context = lifespan
     return app, state

@@ -10,6 +10,7 @@ from .metrics import ServerMetrics
 
 if TYPE_CHECKING:  # the engine imports torch; the state is built before the model loads
     from .batcher import DynamicBatcher
+    from .cascade import Cascade
     from .engine import Engine
 
 
@@ -35,4 +36,5 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
+    cascade: Cascade | None = None  # the fallback teacher, when the server has one
     started: float = field(default_factory=time.time)

@@ -148,6 +148,24 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
         ),
         "spec",
     ),
+    ("cascade-endpoint-only", with_spec(**{"serving.fallback": {"endpoint": "http://intents-teacher:8080"}})),
+    (
+        "cascade-every-option",
+        with_spec(
+            task="sequence-classification",
+            **{
+                "data.labelField": "label",
+                "serving.fallback": {
+                    "endpoint": "https://teacher.example.com/base",
+                    "minConfidence": 0.75,
+                    "timeoutSeconds": 2.5,
+                    "model": "teacher-7b",
+                    "onTeacherError": "student",
+                    "maxInFlight": 8,
+                },
+            },
+        ),
+    ),
     (
         "split-student-attention-pipeline",
         _split_student(
@@ -374,6 +392,31 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "teacher-serve-zero-replicas",
         with_spec(**{"teacher.serve": {"enabled": True, "replicas": 0}}),
         "spec.teacher.serve.replicas",
+    ),
+    (
+        "cascade-no-endpoint",
+        with_spec(**{"serving.fallback": {"minConfidence": 0.5}}),
+        "spec.serving.fallback.endpoint",
+    ),
+    (
+        "cascade-endpoint-not-url",
+        with_spec(**{"serving.fallback": {"endpoint": "teacher:8080"}}),
+        "spec.serving.fallback.endpoint",
+    ),
+    (
+        "cascade-confidence-above-1",
+        with_spec(**{"serving.fallback": {"endpoint": "http://t:8080", "minConfidence": 1.5}}),
+        "spec.serving.fallback.minConfidence",
+    ),
+    (
+        "cascade-timeout-zero",
+        with_spec(**{"serving.fallback": {"endpoint": "http://t:8080", "timeoutSeconds": 0}}),
+        "spec.serving.fallback.timeoutSeconds",
+    ),
+    (
+        "cascade-unknown-on-error",
+        with_spec(**{"serving.fallback": {"endpoint": "http://t:8080", "onTeacherError": "retry"}}),
+        "spec.serving.fallback.onTeacherError",
     ),
     *SPLIT_STUDENT_BAD,
     (

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from ..cascade import ANSWERED_BY_HEADER, answered_by, result_confidence, teacher_params
 from ..engine import Engine
 from ..errors import ApiError
 from ..front import Front
@@ -125,7 +126,8 @@ def router(front: Front) -> APIRouter:
         return {"object": "list", "data": [front.model_card()]}
 
     @api.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | Response:
+    async def completions(body: CompletionRequest, request: Request, response: Response) -> dict[str, Any] | Response:
+        started = time.perf_counter()
         engine = front.engine_for("causal-lm", "model")
         front.check_model(body.model)
         prompts, single = split_prompts(body.prompt)
@@ -157,18 +159,38 @@ def router(front: Front) -> APIRouter:
 
         if body.stream:
             return stream(front, reqs, chunk)
+        cascade = front.cascade_for(request.headers)
+        if cascade is not None:
+            for r in reqs:
+                r.logprobs = 0  # the generated tokens' own log-probs: the student's confidence
         results = await run_all(front, reqs)
         choices = [
             {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
             for i, r in enumerate(results)
         ]
-        return {**head(), "choices": choices, "usage": usage(results)}
+        out = {**head(), "choices": choices, "usage": usage(results)}
+        if cascade is not None:  # the teacher completes the prompts the student is unsure of
+            verdicts = await cascade.complete(
+                "/v1/completions",
+                prompts,
+                single,
+                teacher_params(body),
+                choices,
+                [result_confidence(r) for r in results],
+                [r.completion_tokens for r in results],
+                out["usage"],
+                started,
+            )
+            response.headers[ANSWERED_BY_HEADER] = answered_by(verdicts)
+        return out
 
     @api.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
+    async def chat(body: ChatRequest, request: Request, response: Response) -> dict[str, Any] | StreamingResponse:
+        started = time.perf_counter()
         engine = front.engine_for("causal-lm", "model")
         front.check_model(body.model)
-        prompt = chat_prompt(engine.tokenizer, [m.model_dump() for m in body.messages])
+        messages = [m.model_dump() for m in body.messages]
+        prompt = chat_prompt(engine.tokenizer, messages)
         reqs = generation_requests(front, engine, [prompt], "messages", body, single=True)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -185,9 +207,25 @@ def router(front: Front) -> APIRouter:
 
         if body.stream:
             return stream(front, reqs, chunk, first)
+        cascade = front.cascade_for(request.headers)
+        if cascade is not None:
+            reqs[0].logprobs = 0
         (result,) = await run_all(front, reqs)
         message = {"role": "assistant", "content": result.text}
         choices = [{"index": 0, "message": message, "finish_reason": result.finish_reason}]
-        return {**head("chat.completion"), "choices": choices, "usage": usage([result])}
+        out = {**head("chat.completion"), "choices": choices, "usage": usage([result])}
+        if cascade is not None:
+            verdicts = await cascade.chat(
+                "/v1/chat/completions",
+                messages,
+                teacher_params(body),
+                choices[0],
+                result_confidence(result),
+                result.completion_tokens,
+                out["usage"],
+                started,
+            )
+            response.headers[ANSWERED_BY_HEADER] = answered_by(verdicts)
+        return out
 
     return api
