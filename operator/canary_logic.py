@@ -216,6 +216,7 @@ class WindowStats:
     server_errors: float  # 429 and 5xx
     client_errors: float  # other 4xx
     counted_client_errors: float  # the client errors that count as failures
+    champion_client_rate: float | None  # the champion's client-error rate, when its window was given
     p99_seconds: float  # NaN without requests
     p99_above_top: bool  # the p99 lies in +Inf: above the highest finite bucket
     top_bound_seconds: float  # the highest finite bucket bound
@@ -235,16 +236,17 @@ def stats(canary: Scrape, champion: Scrape | None = None) -> WindowStats:
     server = sum(n for s, n in canary.errors.items() if is_server_error(s))
     client = sum(n for s, n in canary.errors.items() if not is_server_error(s))
     counted = client
+    champion_rate = None
     if champion is not None and champion.requests > 0:
-        champion_client = sum(n for s, n in champion.errors.items() if not is_server_error(s))
-        expected = champion_client / champion.requests * canary.requests
-        counted = max(0.0, client - expected)
+        champion_rate = sum(n for s, n in champion.errors.items() if not is_server_error(s)) / champion.requests
+        counted = max(0.0, client - champion_rate * canary.requests)
     finite = [le for le, _ in canary.buckets if not math.isinf(le)]
     return WindowStats(
         requests=canary.requests,
         server_errors=server,
         client_errors=client,
         counted_client_errors=counted,
+        champion_client_rate=champion_rate,
         p99_seconds=histogram_quantile(0.99, canary.buckets),
         p99_above_top=quantile_above_top(0.99, canary.buckets),
         top_bound_seconds=max(finite) if finite else math.nan,
@@ -305,9 +307,12 @@ def verdict(
             "rollback",
             f"not enough traffic to judge the challenger: {what} in {elapsed_seconds:.0f} s, {need} needed",
         )
-    counted = f"{st.failed:g} failed of {n:g} requests"
-    if st.counted_client_errors != st.client_errors:
-        counted += f", client errors counted above the champion's rate: {st.counted_client_errors:.1f}"
+    counted = f"{st.failed:.4g} failed of {n:g} requests"
+    if st.client_errors and st.champion_client_rate is not None:
+        counted += (
+            f", of which {st.counted_client_errors:.4g} of its {st.client_errors:g} client errors above "
+            f"the champion's rate of {st.champion_client_rate:.2%}"
+        )
     if rate > canary.max_error_rate:
         return done(
             "rollback",
