@@ -23,6 +23,9 @@ MANAGER = "kdistill-operator"
 ANNOTATION_MODEL_PATH = f"{GROUP}/model-path"
 ANNOTATION_PREVIOUS_MODEL_PATH = f"{GROUP}/previous-model-path"
 ANNOTATION_SOURCE_JOB = f"{GROUP}/source-job"
+# On a schedule's jobs: the schedule that created the job, and the run time it was created for.
+LABEL_SCHEDULE = f"{GROUP}/schedule"
+ANNOTATION_SCHEDULED_TIME = f"{GROUP}/scheduled-time"
 
 ROLE_WORKER = "worker"
 ROLE_SERVER = "server"

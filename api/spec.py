@@ -200,6 +200,33 @@ class UncertaintyWeighting(ApiModel):
     beta: float = Field(0.5, gt=0.0, le=100.0, description="Exponent of the normalised entropy.")
 
 
+class RunData(ApiModel):
+    """What a DistillationSchedule writes into each run's job: where the run's data comes from.
+
+    Before training, the trainer writes the run's fresh and replayed training examples to
+    data.train, the newest partitions' eval examples to data.eval, and eval-old.jsonl (the older
+    partitions' eval examples) and plan.json beside data.train (trainer/run_data.py). A gang
+    restart finds plan.json and trains on the same examples, even after newer partitions arrive.
+    """
+
+    partitions: SourceUri = Field(
+        description="The schedule's partition folder: one subfolder each with train.jsonl and eval.jsonl, "
+        "newest last by name."
+    )
+    window: int = Field(1, ge=1, le=10_000, description="The newest partitions that form the fresh data.")
+    replay_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of the training examples drawn from older partitions."
+    )
+    replay_partitions: int = Field(7, ge=1, le=10_000, description="How many older partitions the replay draws from.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the replay draw, with run.")
+    run: str = Field(min_length=1, max_length=253, description="The run's name; seeds the replay draw.")
+    champion: SourceUri | None = Field(
+        None,
+        description="The served student's output folder (holding student-int8/): the trainer scores it on the "
+        "same eval data, for the schedule's promotion gate.",
+    )
+
+
 class Data(ApiModel):
     train: SourceUri = Field(description='Training data: JSON lines {"text": ..., "label": ...}.')
     eval: SourceUri | None = Field(None, description="Evaluation data, same format. Required when serving is enabled.")
@@ -228,6 +255,24 @@ class Data(ApiModel):
     uncertainty_weighting: UncertaintyWeighting = Field(
         default_factory=UncertaintyWeighting, description="Per-sample weights from teacher entropy."
     )
+    run_data: RunData | None = Field(
+        None,
+        description="Set by a DistillationSchedule: the trainer writes data.train and data.eval (plain paths in "
+        "its file system) from the schedule's partitions before training.",
+    )
+
+    cel_rules: ClassVar = (
+        CelRule(
+            "!has(self.runData) || (has(self.eval) && !self.train.contains('://') && !self.eval.contains('://'))",
+            "with runData, data.train and data.eval must be plain paths: the trainer writes both",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _run_data_paths(self) -> Data:
+        if self.run_data is not None and (self.eval is None or "://" in self.train or "://" in self.eval):
+            raise ValueError("with runData, data.train and data.eval must be plain paths: the trainer writes both")
+        return self
 
 
 class Temperature(ApiModel):

@@ -38,6 +38,17 @@ class Metrics(ApiModel):
         None,
         description="accuracy, perplexity, or bits-per-byte (a causal-LM student with its own tokenizer).",
     )
+    # A scheduled run (data.runData) also scores the served student (the champion) and the older
+    # partitions' eval data, for its schedule's promotion gate.
+    champion: float | None = Field(
+        None, description="Scheduled runs: the served student's metric on the same eval data (the newest partitions)."
+    )
+    student_older: float | None = Field(
+        None, description="Scheduled runs: this student's metric on the older partitions' eval data."
+    )
+    champion_older: float | None = Field(
+        None, description="Scheduled runs: the served student's metric on the older partitions' eval data."
+    )
 
 
 TeacherState = Literal["Starting", "Ready", "Unavailable", "Stopped", "External"]

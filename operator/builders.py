@@ -164,7 +164,9 @@ def training_objects(job: DistillationJob) -> list[Manifest]:
 
 def _source_claims(job: DistillationJob) -> list[str]:
     spec = job.spec
-    return pvc_claims([spec.teacher.model, spec.student.model, spec.data.train, spec.data.eval])
+    run = spec.data.run_data  # a scheduled run also reads its partitions and the champion
+    extra = [run.partitions, run.champion] if run is not None else []
+    return pvc_claims([spec.teacher.model, spec.student.model, spec.data.train, spec.data.eval, *extra])
 
 
 def _merge_gpu(resources: Manifest, gpus: int) -> Manifest:

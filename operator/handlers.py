@@ -23,6 +23,7 @@ from . import metrics, names
 from .login import connection_info
 from .observe import NodeView, PodView
 from .reconciler import Key, Reconciler
+from .scheduler import ScheduleReconciler
 from .settings import Settings
 from .workqueue import WorkQueue
 
@@ -47,6 +48,13 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     failures: dict[Key, int] = field(default_factory=dict)
     last_pass: float = field(default_factory=time.monotonic)
+    # DistillationSchedules: their own queue and one worker (a pass per run time, not per event).
+    scheduler: ScheduleReconciler | None = None
+    schedules: set[Key] = field(default_factory=set)
+    schedule_queue: WorkQueue[Key] | None = None
+    schedule_generations: dict[Key, Any] = field(default_factory=dict)
+    # The phase each scheduled job was last seen in: a change wakes its schedule.
+    scheduled_job_phases: dict[Key, str] = field(default_factory=dict)
 
 
 def _runtime(memo: Any) -> Runtime:
@@ -78,6 +86,9 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     for i in range(s.workers):
         rt.tasks.append(asyncio.create_task(_worker(rt), name=f"reconcile-worker-{i}"))
     rt.tasks.append(asyncio.create_task(_resync(rt), name="resync"))
+    if rt.scheduler is not None:
+        rt.schedule_queue = WorkQueue[Key]()
+        rt.tasks.append(asyncio.create_task(_schedule_worker(rt), name="schedule-worker"))
     log.info("operator started: %s", "cluster-wide" if not s.namespaces else ",".join(s.namespaces))
 
 
@@ -125,6 +136,44 @@ async def _resync(rt: Runtime) -> None:
         await asyncio.sleep(rt.settings.resync_seconds)
         for key in list(rt.jobs):
             rt.queue.add(key)
+        if rt.schedule_queue is not None:
+            for key in list(rt.schedules):
+                rt.schedule_queue.add(key)
+
+
+async def _schedule_worker(rt: Runtime) -> None:
+    """Schedule passes, one at a time; each asks when to look again (the next run time)."""
+    assert rt.schedule_queue is not None and rt.scheduler is not None
+    loop = asyncio.get_running_loop()
+    failures: dict[Key, int] = {}
+    while True:
+        key = await rt.schedule_queue.get()
+        try:
+            if key not in rt.schedules:
+                rt.scheduler.forget(key)
+                continue
+            again = await loop.run_in_executor(rt.pool, rt.scheduler.reconcile, key)
+            failures.pop(key, None)
+            if again is not None:
+                rt.schedule_queue.add_after(key, again)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            n = failures[key] = failures.get(key, 0) + 1
+            delay = min(0.5 * 2 ** (n - 1), 60.0)
+            log.exception(
+                "schedule pass failed (attempt %d); retrying in %.1fs",
+                n,
+                delay,
+                extra={"schedule": f"{key[0]}/{key[1]}"},
+            )
+            rt.schedule_queue.add_after(key, delay)
+        finally:
+            rt.schedule_queue.done(key)
+
+
+def _enqueue_schedule(rt: Runtime, key: Key) -> None:
+    if rt.schedule_queue is not None:
+        rt.schedule_queue.add(key)
 
 
 def _enqueue(rt: Runtime, key: Key) -> None:
@@ -134,11 +183,22 @@ def _enqueue(rt: Runtime, key: Key) -> None:
 
 
 @kopf.on.event(names.GROUP, "v1alpha1", "distillationjobs")
-async def job_event(type: str | None, name: str, namespace: str | None, meta: Any, memo: Any, **_: Any) -> None:
+async def job_event(
+    type: str | None, name: str, namespace: str | None, meta: Any, labels: Any, status: Any, memo: Any, **_: Any
+) -> None:
     if namespace is None:
         return  # kopf's type allows a cluster-scoped object; the watched kinds are all namespaced
     rt = _runtime(memo)
     key = (namespace, name)
+    schedule = labels.get(names.LABEL_SCHEDULE)
+    if schedule:
+        # A scheduled run that changes phase (or goes) wakes its schedule: it judges finished runs.
+        phase = "Deleted" if type == "DELETED" else str((status or {}).get("phase") or "")
+        if rt.scheduled_job_phases.get(key) != phase:
+            rt.scheduled_job_phases[key] = phase
+            _enqueue_schedule(rt, (namespace, schedule))
+        if type == "DELETED":
+            rt.scheduled_job_phases.pop(key, None)
     if type == "DELETED":
         rt.jobs.discard(key)
         rt.job_signatures.pop(key, None)
@@ -155,6 +215,27 @@ async def job_event(type: str | None, name: str, namespace: str | None, meta: An
     rt.jobs.add(key)
     rt.job_signatures[key] = signature
     _enqueue(rt, key)
+
+
+@kopf.on.event(names.GROUP, "v1alpha1", "distillationschedules")
+async def schedule_event(type: str | None, name: str, namespace: str | None, meta: Any, memo: Any, **_: Any) -> None:
+    if namespace is None:
+        return
+    rt = _runtime(memo)
+    key = (namespace, name)
+    if type == "DELETED":
+        rt.schedules.discard(key)
+        rt.schedule_generations.pop(key, None)
+        if rt.scheduler is not None:
+            rt.scheduler.forget(key)
+        return
+    # Only the spec matters (our own status writes would echo each pass); run times are requeues.
+    generation = meta.get("generation")
+    if key in rt.schedules and rt.schedule_generations.get(key) == generation:
+        return
+    rt.schedules.add(key)
+    rt.schedule_generations[key] = generation
+    _enqueue_schedule(rt, key)
 
 
 @kopf.on.event("", "v1", "pods", labels={names.LABEL_MANAGED_BY: names.MANAGER, names.LABEL_ROLE: names.ROLE_WORKER})

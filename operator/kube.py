@@ -29,6 +29,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets", True),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers", True),
     ("kdistill.io/v1alpha1", "DistillationJob"): ("/apis/kdistill.io/v1alpha1", "distillationjobs", True),
+    ("kdistill.io/v1alpha1", "DistillationSchedule"): ("/apis/kdistill.io/v1alpha1", "distillationschedules", True),
     ("coordination.k8s.io/v1", "Lease"): ("/apis/coordination.k8s.io/v1", "leases", True),
 }
 JOB = ("kdistill.io/v1alpha1", "DistillationJob")

@@ -15,6 +15,7 @@ from . import logs, metrics
 from .kube import Kube
 from .leader import LeaseElector
 from .reconciler import Reconciler
+from .scheduler import ScheduleReconciler
 from .settings import Settings
 from .standby import StandbyHealth
 
@@ -64,7 +65,12 @@ def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INF
                     return 0
         finally:
             signal.signal(signal.SIGTERM, previous)
-    runtime = handlers.Runtime(settings=settings, reconciler=Reconciler(kube, settings), leader=elector)
+    runtime = handlers.Runtime(
+        settings=settings,
+        reconciler=Reconciler(kube, settings),
+        leader=elector,
+        scheduler=ScheduleReconciler(kube, settings),
+    )
     liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
 
     async def operate() -> None:

@@ -33,6 +33,25 @@ API_ERRORS = Counter(
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge("kdistill_queue_depth", "Jobs waiting for a reconcile.", registry=REGISTRY)
+SCHEDULE_RECONCILE = Histogram(
+    "kdistill_schedule_reconcile_duration_seconds",
+    "Time of one reconcile pass of one DistillationSchedule.",
+    registry=REGISTRY,
+    buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
+)
+SCHEDULE_RUNS = Counter(
+    "kdistill_schedule_runs_total",
+    "Scheduled runs, by what the schedule did at a run time: start, replace (the active run deleted "
+    "first) or too-late (past startingDeadlineSeconds).",
+    ["action"],
+    registry=REGISTRY,
+)
+SCHEDULE_DECISIONS = Counter(
+    "kdistill_schedule_decisions_total",
+    "Finished scheduled runs, by the promotion decision: promoted, refused (the gate) or failed (the run).",
+    ["decision"],
+    registry=REGISTRY,
+)
 LEADER = Gauge("kdistill_leader", "1 while this replica holds the leader lease.", registry=REGISTRY)
 
 

@@ -7,12 +7,14 @@ from kdistill.api import GROUP
 from kdistill.api.metadata import (
     ANNOTATION_MODEL_PATH,
     ANNOTATION_PREVIOUS_MODEL_PATH,
+    ANNOTATION_SCHEDULED_TIME,
     ANNOTATION_SOURCE_JOB,
     LABEL_ATTEMPT,
     LABEL_INDEX,
     LABEL_JOB,
     LABEL_MANAGED_BY,
     LABEL_ROLE,
+    LABEL_SCHEDULE,
     LABEL_SERVING,
     MANAGER,
     ROLE_SERVER,
@@ -25,6 +27,7 @@ from kdistill.api.metadata import (
 __all__ = [
     "ANNOTATION_MODEL_PATH",
     "ANNOTATION_PREVIOUS_MODEL_PATH",
+    "ANNOTATION_SCHEDULED_TIME",
     "ANNOTATION_SOURCE_JOB",
     "GROUP",
     "LABEL_ATTEMPT",
@@ -32,6 +35,7 @@ __all__ = [
     "LABEL_JOB",
     "LABEL_MANAGED_BY",
     "LABEL_ROLE",
+    "LABEL_SCHEDULE",
     "LABEL_SERVING",
     "MANAGER",
     "ROLE_SERVER",
@@ -129,3 +133,13 @@ def worker_selector(job: str) -> str:
 
 def teacher_selector(job: str) -> str:
     return f"{LABEL_JOB}={job},{LABEL_ROLE}={ROLE_TEACHER}"
+
+
+def schedule_selector(schedule: str) -> str:
+    """The label selector of a schedule's jobs."""
+    return f"{LABEL_SCHEDULE}={schedule}"
+
+
+def schedule_serving(schedule: str, configured: str = "") -> str:
+    """The Deployment and Service that serve a schedule's promoted student."""
+    return configured or f"{schedule}-serving"

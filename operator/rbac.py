@@ -48,6 +48,11 @@ NAMESPACED = RuleFile(
         # ttlSecondsAfterFinished: the operator deletes a finished job once its TTL has passed.
         _rule("kdistill.io", ["distillationjobs"], ["delete"]),
         _rule("kdistill.io", ["distillationjobs/status"], ["get", "patch"]),
+        # DistillationSchedules: the operator creates each run's job and writes the schedule's
+        # status (lastScheduleTime, the promotion history); it never changes a schedule's spec.
+        _rule("kdistill.io", ["distillationjobs"], ["create"]),
+        _rule("kdistill.io", ["distillationschedules"], ["get", "list", "watch"]),
+        _rule("kdistill.io", ["distillationschedules/status"], ["patch"]),
         # Worker pods: created once per gang attempt, deleted (force on lost nodes); never updated.
         _rule("", ["pods"], ["get", "list", "watch", "create", "delete"]),
         # Server-side apply is PATCH, and creates through PATCH need create too. Deleted: the
@@ -70,7 +75,7 @@ CLUSTER = RuleFile(
     "cluster",
     "Cluster-scoped reads the operator needs in both modes: it watches nodes to restart the\n"
     "gangs of nodes that go NotReady or disappear, and kopf watches CRDs to notice its own\n"
-    "resource (the DistillationJob CRD) appear, change or go.",
+    "resources (the DistillationJob and DistillationSchedule CRDs) appear, change or go.",
     [
         _rule("", ["nodes"], ["get", "list", "watch"]),
         _rule("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"]),

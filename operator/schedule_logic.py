@@ -220,3 +220,24 @@ def gate_decision(gate: Gate, scores: Scores) -> GateDecision:
         challenger_metric=scores.challenger_new,
         failed=failed,
     )
+
+
+def scores_from_metrics(metrics: dict[str, object]) -> Scores | None:
+    """A finished run's Scores from its metrics (result.json's, or status.metrics in wire names);
+    None when the run reports no teacher and student figures to compare."""
+
+    def number(key: str) -> float | None:
+        value = metrics.get(key)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    metric, teacher, student = metrics.get("metric"), number("teacher"), number("student")
+    if not isinstance(metric, str) or teacher is None or student is None:
+        return None
+    return Scores(
+        metric=metric,
+        teacher_new=teacher,
+        challenger_new=student,
+        champion_new=number("champion"),
+        challenger_old=number("studentOlder"),
+        champion_old=number("championOlder"),
+    )

@@ -551,6 +551,10 @@ def result_of(pod: PodView) -> Termination:
 METRIC_DECIMALS = 3
 
 
+# What status.metrics takes from the trainer's summary (api/status.Metrics, in its wire names).
+METRIC_KEYS = ("teacher", "student", "retention", "metric", "champion", "studentOlder", "championOlder")
+
+
 def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, METRIC_DECIMALS) if isinstance(v, float) else v for k, v in metrics.items()}
 
@@ -560,7 +564,7 @@ def _succeeded_training(obs: Observed, st: _Status, d: Decision, rank0: PodView)
     result = term.result or {}
     raw = result.get("metrics")
     metrics: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    clean = {k: metrics[k] for k in ("teacher", "student", "retention", "metric") if metrics.get(k) is not None}
+    clean = {k: metrics[k] for k in METRIC_KEYS if metrics.get(k) is not None}
     if clean:
         st.set("metrics", _rounded(clean))
     st.condition(COND_TRAINING, False, "TrainingComplete", f"rank 0 finished: {term.reason}")

@@ -46,6 +46,21 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
     ("explicit-student", with_spec(student={"model": "hf://org/student@main"})),
     ("no-serving-no-eval", with_spec(**{"serving.enabled": False, "data.eval": _DELETE})),
     (
+        "scheduled-run",
+        with_spec(
+            **{
+                "data.train": "/mnt/checkpoints/default/nightly-29000000/data/train.jsonl",
+                "data.eval": "/mnt/checkpoints/default/nightly-29000000/data/eval-new.jsonl",
+                "data.runData": {
+                    "partitions": "pvc://data/drift/",
+                    "run": "nightly-29000000",
+                    "replayFraction": 0.2,
+                    "champion": "pvc://ckpt/default/nightly-28999000",
+                },
+            }
+        ),
+    ),
+    (
         "classification-stratified",
         with_spec(
             task="sequence-classification",
@@ -121,6 +136,24 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         "cross-tokenizer-uld",
         with_spec(student={"model": "pvc://models/other"}, **{"distillation.crossTokenizer": {"method": "byte-span"}}),
     ),
+    ("cascade-endpoint-only", with_spec(**{"serving.fallback": {"endpoint": "http://intents-teacher:8080"}})),
+    (
+        "cascade-every-option",
+        with_spec(
+            task="sequence-classification",
+            **{
+                "data.labelField": "label",
+                "serving.fallback": {
+                    "endpoint": "https://teacher.example.com/base",
+                    "minConfidence": 0.75,
+                    "timeoutSeconds": 2.5,
+                    "model": "teacher-7b",
+                    "onTeacherError": "student",
+                    "maxInFlight": 8,
+                },
+            },
+        ),
+    ),
     (
         "strata-within-tolerance",
         with_spec(**{"data.sampling": {"strategy": "stratified", "head": 0.7, "torso": 0.2, "tail": 0.1000004}}),
@@ -147,24 +180,6 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
             **{"distillation.stages": [{"name": "features", "steps": 5, "objectives": ["hidden", "logits"]}]}
         ),
         "spec",
-    ),
-    ("cascade-endpoint-only", with_spec(**{"serving.fallback": {"endpoint": "http://intents-teacher:8080"}})),
-    (
-        "cascade-every-option",
-        with_spec(
-            task="sequence-classification",
-            **{
-                "data.labelField": "label",
-                "serving.fallback": {
-                    "endpoint": "https://teacher.example.com/base",
-                    "minConfidence": 0.75,
-                    "timeoutSeconds": 2.5,
-                    "model": "teacher-7b",
-                    "onTeacherError": "student",
-                    "maxInFlight": 8,
-                },
-            },
-        ),
     ),
     (
         "split-student-attention-pipeline",
@@ -210,6 +225,22 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "spec.student.fromTeacher",
     ),
     ("missing-train", with_spec(**{"data.train": _DELETE}), "spec.data.train"),
+    (
+        "run-data-with-pvc-train",
+        with_spec(**{"data.runData": {"partitions": "pvc://data/drift/", "run": "r1"}}),
+        "spec.data",
+    ),
+    (
+        "run-data-replay-fraction-1",
+        with_spec(
+            **{
+                "data.train": "/out/train.jsonl",
+                "data.eval": "/out/eval-new.jsonl",
+                "data.runData": {"partitions": "pvc://data/drift/", "run": "r1", "replayFraction": 1.0},
+            }
+        ),
+        "spec.data.runData.replayFraction",
+    ),
     ("serving-needs-eval", with_spec(**{"data.eval": _DELETE}), "spec"),
     ("pvc-without-path", with_spec(**{"teacher.model": "pvc://models"}), "spec.teacher.model"),
     ("pvc-bad-claim", with_spec(**{"data.train": "pvc://Bad_Claim/x.jsonl"}), "spec.data.train"),

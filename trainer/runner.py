@@ -27,6 +27,7 @@ from .loop import Trainer
 from .options import RunOptions, StepReport
 from .outputs import OutputLayout, save_student, write_json_atomic, write_served_artifact, write_termination
 from .progress import ProgressReporter, status_body
+from .run_data import RunFiles, ensure_run_data, plan_summary
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,15 @@ def run_job(job: DistillationJob, opts: RunOptions) -> dict[str, Any]:
     trainer_ref: list[Trainer] = []
     opts.on_step = _with_status(opts, reporter, trainer_ref)
     try:
+        run_files = ensure_run_data(job.spec, opts.base_dir)
+        if run_files is not None:
+            log.info("scheduled run data: %s", plan_summary(run_files.plan))
         trainer = Trainer(job, opts)
         trainer_ref.append(trainer)
         if opts.is_writer and trainer.metrics.serve_from_env():
             log.info("metrics served on port %s", os.environ.get("KDISTILL_METRICS_PORT"))
         trainer.train()
-        result = finish(job, trainer, opts, wall_start)
+        result = finish(job, trainer, opts, wall_start, run_files)
     finally:
         for trainer in trainer_ref:
             trainer.close()
@@ -100,7 +104,9 @@ def run_job(job: DistillationJob, opts: RunOptions) -> dict[str, Any]:
     return result
 
 
-def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start: float) -> dict[str, Any]:
+def finish(
+    job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start: float, run_files: RunFiles | None = None
+) -> dict[str, Any]:
     spec = job.spec
     out = opts.output
     result: dict[str, Any] = {
@@ -135,6 +141,14 @@ def finish(job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start:
         int8_metrics = score(teacher_eval, int8_eval) if int8_eval else {}
         result["int8"] = dict(int8_metrics)
         metrics = int8_metrics  # the quality gate judges the artifact that will be served
+    if run_files is not None:
+        result["runData"] = plan_summary(run_files.plan)
+        if metrics:
+            from .run_scores import scheduled_scores
+
+            served_device = torch.device("cpu") if int8 is not None else trainer.device
+            served_model = int8 if int8 is not None else student_fp
+            metrics.update(scheduled_scores(trainer, served_model, served_device, run_files, opts.base_dir))
     # Every mode writes the served artifact at the one path the rollout reads (mode none: fp32 weights).
     served = write_served_artifact(
         int8 if int8 is not None else student_fp,

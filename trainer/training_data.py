@@ -157,3 +157,16 @@ def load_training_data(
             data.teacher_eval = tokenize_examples(eval_rows, teacher_tokenizer, max_len)
             data.teacher_eval_bytes = scored_bytes_by_index(eval_rows, teacher_tokenizer, max_len)
     return data
+
+
+def eval_examples_from(
+    spec: DistillationJobSpec, path: Path, tokenizer: Any, label_map: dict[str, int] | None
+) -> tuple[list[TokenizedExample], dict[int, int]]:
+    """Eval examples of another file in the run's own way (a scheduled run's older eval data):
+    the tokenized examples and, for causal LMs, the bytes each is scored on."""
+    label_field = spec.data.label_field if spec.task == "sequence-classification" else None
+    rows = _rows(spec, path, label_field, label_map)
+    max_len = spec.data.max_seq_length
+    examples = tokenize_examples(rows, tokenizer, max_len) if rows else []
+    scored = scored_bytes_by_index(rows, tokenizer, max_len) if spec.task == "causal-lm" and rows else {}
+    return examples, scored

@@ -22,12 +22,14 @@ from tests.cluster import Cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "kdistill.io_distillationjobs.yaml"
+SCHEDULE_CRD = REPO / "crds" / "kdistill.io_distillationschedules.yaml"
 GROUP, VERSION, PLURAL = "kdistill.io", "v1alpha1", "distillationjobs"
 T = TypeVar("T")
 
 
 def install_crd(cluster: Cluster, workdir: Path) -> None:
-    """Install the generated CRD exactly as committed."""
+    """Install the generated CRDs exactly as committed (the operator watches both kinds)."""
+    cluster.install_crd(SCHEDULE_CRD)
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
     # Polled here, not `kubectl wait`: right after the apply the CRD may have no status.conditions
     # yet, and kubectl wait then fails at once instead of waiting (seen on a loaded machine).

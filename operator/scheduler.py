@@ -1,0 +1,323 @@
+"""One reconcile pass of one DistillationSchedule: observe through the API, decide, act.
+
+Like reconciler.py for jobs: synchronous, every fact read fresh from the API server (the
+schedule, then its jobs by label), the decisions made by pure functions
+(schedule_logic.decide, schedule_logic.gate_decision, schedule_logic.jobs_to_delete,
+schedule_jobs.run_job). A pass:
+
+1. judges each finished run not yet in status.history, oldest first: a Succeeded run goes
+   through the promotion gate on its metrics; a promoted run rolls out as the schedule's serving
+   Deployment; a Failed run is recorded as refused. Each decision is an entry in
+   status.history, an Event on the schedule and a count in kdistill_schedule_decisions_total;
+2. starts the run that is due, if any (deleting the active ones first under Replace);
+3. writes the status;
+4. deletes finished runs beyond the history limits (never the promoted one), and asks to look
+   again at the next run time.
+
+A run's job name comes from its run time, so an operator that restarts between creating a job
+and writing lastScheduleTime finds the job (AlreadyExists) instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kdistill.api import JobValidationError
+from kdistill.api.cron import parse_cron
+from kdistill.api.schedule import (
+    SCHEDULE_KIND,
+    DistillationSchedule,
+    HistoryEntry,
+    PromotedRef,
+    parse_schedule,
+)
+
+from . import builders, metrics, names
+from .kube import JOB, ApiError, Kube, path_for
+from .observe import parse_time
+from .schedule_jobs import ScheduleBuildError, adopt_by_schedule, check_runnable, run_job, serving_job
+from .schedule_logic import FinishedJob, decide, gate_decision, jobs_to_delete, scores_from_metrics
+from .settings import Settings
+from .state import fmt_time
+
+log = logging.getLogger("kdistill.operator")
+
+SCHEDULE = ("kdistill.io/v1alpha1", SCHEDULE_KIND)
+Key = tuple[str, str]
+# status.history keeps this many newest decisions (the Events and the metric keep counting).
+HISTORY_LIMIT = 50
+# A schedule with running jobs is looked at again at least this often (job events also wake it).
+ACTIVE_RECHECK_SECONDS = 30.0
+# Longest wait between two looks at an idle schedule (a clock jump or a missed event heals by then).
+IDLE_RECHECK_SECONDS = 300.0
+FINISHED = ("Succeeded", "Failed")
+
+
+class ScheduleLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Every line names its schedule (namespace/name) as a structured field."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs.setdefault("extra", {}).update(self.extra or {})
+        return msg, kwargs
+
+
+@dataclass(frozen=True)
+class RunView:
+    """One of the schedule's jobs, as a pass needs it."""
+
+    name: str
+    phase: str
+    finished: datetime | None
+    metrics: dict[str, Any]
+    reason: str  # the Failed condition's reason and message, for a failed run
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> RunView:
+        status = body.get("status") or {}
+        failed: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
+        return cls(
+            name=body["metadata"]["name"],
+            phase=str(status.get("phase") or "Pending"),
+            finished=parse_time(status.get("completionTime")),
+            metrics=dict(status.get("metrics") or {}),
+            reason=f"{failed.get('reason', '')}: {failed.get('message', '')}".strip(": "),
+        )
+
+
+class ScheduleReconciler:
+    def __init__(self, kube: Kube, settings: Settings) -> None:
+        self.kube = kube
+        self.settings = settings
+        # Run times already reported as too late (one Event each, not one per pass).
+        self._reported_late: dict[Key, datetime] = {}
+
+    def forget(self, key: Key) -> None:
+        self._reported_late.pop(key, None)
+
+    def reconcile(self, key: Key, now: datetime | None = None) -> float | None:
+        """One pass; returns seconds until the schedule wants another look."""
+        started = time.monotonic()
+        try:
+            return self._reconcile(key, now or datetime.now(UTC))
+        finally:
+            metrics.SCHEDULE_RECONCILE.observe(time.monotonic() - started)
+
+    def _reconcile(self, key: Key, now: datetime) -> float | None:
+        namespace, name = key
+        slog = ScheduleLog(log, {"schedule": f"{namespace}/{name}"})
+        body = self.kube.get(*SCHEDULE, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.forget(key)
+            return None  # its jobs and serving objects go with it (ownerReferences)
+        try:
+            schedule = parse_schedule({k: v for k, v in body.items() if k != "status"}, f"{namespace}/{name}")
+            schedule.metadata.namespace = namespace
+            check_runnable(schedule)
+        except (JobValidationError, ScheduleBuildError) as exc:
+            slog.error("schedule cannot run: %s", exc)
+            self._event(body, "Warning", "InvalidSpec", str(exc), slog)
+            return None
+        status = dict(body.get("status") or {})
+        uid = body["metadata"]["uid"]
+        runs = [
+            RunView.from_dict(j)
+            for j in self.kube.list(*JOB, namespace, names.schedule_selector(name))
+            if any(ref.get("uid") == uid for ref in j["metadata"].get("ownerReferences") or [])
+        ]
+        patch: dict[str, Any] = {}
+        history = list(status.get("history") or [])
+        promoted = status.get("promoted")
+        judged = {entry.get("job") for entry in history}
+
+        # 1. Judge the runs that finished since the last pass, oldest first.
+        for run in sorted((r for r in runs if r.phase in FINISHED and r.name not in judged), key=_finish_order):
+            entry = self._judge(schedule, body, run, promoted, now, slog)
+            history.append(entry.to_wire())
+            if entry.promoted:
+                promoted = PromotedRef(job=run.name, version=entry.version or 1, retention=entry.retention).to_wire()
+                patch["promoted"] = promoted
+            if run.phase == "Succeeded":
+                patch["lastSuccessfulTime"] = fmt_time(run.finished or now)
+        if len(history) != len(status.get("history") or []):
+            patch["history"] = history[-HISTORY_LIMIT:]
+
+        # 2. Start the run that is due.
+        active = sorted(r.name for r in runs if r.phase not in FINISHED)
+        since = parse_time(status.get("lastScheduleTime")) or parse_time(body["metadata"]["creationTimestamp"])
+        assert since is not None
+        spec = schedule.spec
+        decision = decide(
+            name=name,
+            cron=parse_cron(spec.schedule),
+            time_zone=spec.time_zone,
+            now=now,
+            since=since,
+            active=active,
+            concurrency_policy=spec.concurrency_policy,
+            suspend=spec.suspend,
+            starting_deadline_seconds=spec.starting_deadline_seconds,
+        )
+        if decision.action in ("start", "replace") and decision.run_time is not None:
+            for job in decision.delete:
+                slog.info("concurrencyPolicy Replace: deleting the active run %s", job)
+                self.kube.delete(*JOB, namespace, job)
+                active.remove(job)
+            champion = (promoted or {}).get("job")
+            created = self.kube.create(run_job(schedule, body, decision.run_time, champion))
+            if created:
+                missed = f" ({decision.missed} earlier run time(s) missed, not started)" if decision.missed else ""
+                slog.info("started run %s for %s%s", decision.job, decision.run_time.isoformat(), missed)
+                self._event(body, "Normal", "RunStarted", f"created {decision.job}{missed}", slog)
+                metrics.SCHEDULE_RUNS.labels(action=decision.action).inc()
+            else:
+                slog.info("run %s exists already (an earlier pass created it)", decision.job)
+            if decision.job is not None:
+                active.append(decision.job)
+            patch["lastScheduleTime"] = fmt_time(decision.run_time)
+        elif decision.action == "too-late" and decision.run_time is not None:
+            if self._reported_late.get(key) != decision.run_time:
+                self._reported_late[key] = decision.run_time
+                self._event(body, "Warning", "MissedRun", decision.reason, slog)
+                metrics.SCHEDULE_RUNS.labels(action="too-late").inc()
+        elif (
+            decision.action == "forbid"
+            and decision.run_time is not None
+            and self._reported_late.get(key) != decision.run_time
+        ):
+            self._reported_late[key] = decision.run_time
+            slog.info("run of %s waits: %s", decision.run_time.isoformat(), decision.reason)
+        if sorted(active) != sorted(status.get("active") or []):
+            patch["active"] = sorted(active)
+
+        # 3. Status, before any deletion: a decision is recorded before its run can go.
+        generation = body["metadata"].get("generation")
+        if status.get("observedGeneration") != generation:
+            patch["observedGeneration"] = generation
+        if patch:
+            self._patch_status(namespace, name, patch)
+
+        # 4. History limits: the promoted run stays.
+        finished = [FinishedJob(r.name, r.finished or now, r.phase == "Succeeded") for r in runs if r.phase in FINISHED]
+        keep = [promoted["job"]] if promoted else []
+        for job in jobs_to_delete(finished, spec.successful_jobs_history_limit, spec.failed_jobs_history_limit, keep):
+            slog.info("history limit: deleting %s", job)
+            self.kube.delete(*JOB, namespace, job)
+        wait = (decision.next_time - now).total_seconds()
+        if active:
+            wait = min(wait, ACTIVE_RECHECK_SECONDS)
+        return max(0.5, min(wait + 0.5, IDLE_RECHECK_SECONDS))
+
+    # -- judging a finished run ------------------------------------------------------------
+
+    def _judge(
+        self,
+        schedule: DistillationSchedule,
+        body: dict[str, Any],
+        run: RunView,
+        promoted: dict[str, Any] | None,
+        now: datetime,
+        slog: ScheduleLog,
+    ) -> HistoryEntry:
+        at = fmt_time(now)
+        if run.phase == "Failed":
+            entry = HistoryEntry(
+                job=run.name, time=at, promoted=False, reason=f"refused: the run failed ({run.reason})"
+            )
+            self._event(body, "Warning", "RunFailed", f"{run.name}: {entry.reason}", slog)
+            metrics.SCHEDULE_DECISIONS.labels(decision="failed").inc()
+            return entry
+        scores = scores_from_metrics(run.metrics)
+        if scores is None:
+            entry = HistoryEntry(
+                job=run.name,
+                time=at,
+                promoted=False,
+                reason="refused: the run reports no eval metrics to compare (status.metrics)",
+            )
+            self._event(body, "Warning", "NotPromoted", f"{run.name}: {entry.reason}", slog)
+            metrics.SCHEDULE_DECISIONS.labels(decision="refused").inc()
+            return entry
+        decision = gate_decision(schedule.spec.promotion.gate, scores)
+        version = (int((promoted or {}).get("version") or 0) + 1) if decision.promote else None
+        entry = HistoryEntry(
+            job=run.name,
+            time=at,
+            version=version,
+            retention=decision.retention,
+            serving_metric=decision.serving_metric,
+            challenger_metric=decision.challenger_metric,
+            forgetting=decision.forgetting,
+            promoted=decision.promote,
+            reason=decision.reason,
+        )
+        if decision.promote:
+            self._roll_out(schedule, body, run.name, slog)
+            self._event(body, "Normal", "Promoted", f"{run.name} is version {version}: {decision.reason}", slog)
+        else:
+            self._event(body, "Normal", "NotPromoted", f"{run.name}: {decision.reason}", slog)
+        metrics.SCHEDULE_DECISIONS.labels(decision="promoted" if decision.promote else "refused").inc()
+        slog.info("%s: %s", run.name, decision.reason)
+        return entry
+
+    def _roll_out(self, schedule: DistillationSchedule, body: dict[str, Any], job_name: str, slog: ScheduleLog) -> None:
+        """The promoted run becomes the schedule's serving Deployment (a rolling update), keeping
+        the model it replaces in an annotation for a manual rollback."""
+        job = serving_job(schedule, job_name)
+        serving = names.serving(job_name, job.spec.serving.name)
+        current = self.kube.get("apps/v1", "Deployment", schedule.namespace, serving)
+        previous = None
+        if current is not None:
+            previous = (current["metadata"].get("annotations") or {}).get(names.ANNOTATION_MODEL_PATH)
+        objs = [builders.serving_deployment(job, self.settings, previous), builders.serving_service(job)]
+        for obj in adopt_by_schedule(objs, body):
+            self.kube.apply(obj)
+        slog.info("serving %s now runs %s", serving, names.model_path(schedule.namespace, job_name))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.kube.request(
+            "PATCH",
+            path_for(*SCHEDULE, namespace, name, "status"),
+            {"status": patch},
+            content_type="application/merge-patch+json",
+            verb="patch_status",
+        )
+
+    def _event(self, body: dict[str, Any], type_: str, reason: str, message: str, slog: ScheduleLog) -> None:
+        meta = body["metadata"]
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        obj = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": body["apiVersion"],
+                "kind": body["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "source": {"component": names.MANAGER},
+            "reportingComponent": names.MANAGER,
+            "reportingInstance": self.settings.identity,
+        }
+        try:
+            self.kube.create(obj)
+        except ApiError as exc:  # an Event is best effort
+            slog.warning("could not post event %s: %s", reason, exc)
+
+
+def _finish_order(run: RunView) -> tuple[datetime, str]:
+    return (run.finished or datetime.max.replace(tzinfo=UTC), run.name)
