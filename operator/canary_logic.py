@@ -272,7 +272,7 @@ class Verdict:
 
 
 def _errors_text(canary: Scrape) -> str:
-    parts = [f"{s}x{n:g}" for s, n in sorted(canary.errors.items()) if n > 0]
+    parts = [f"{s}: {n:g}" for s, n in sorted(canary.errors.items()) if n > 0]
     return ", ".join(parts) if parts else "none"
 
 

@@ -156,9 +156,9 @@ SLOW_TAIL = [0.02] * 190 + [0.45] * 10  # 5% of requests at 450 ms: p99 in (0.3,
         # rank 198 of 200, 8 into the 10 of (0.3, 0.5]: 300 + 200 * 8 / 10 = 460 ms
         ("slow tail", window(SLOW_TAIL), 30, "rollback", "p99 latency 460 ms above maxP99Ms 300"),
         ("slow tail after the window", window(SLOW_TAIL), 600, "rollback", "p99 latency"),
-        ("5xx", window(FAST, {"500": 5}), 30, "rollback", "500x5"),
+        ("5xx", window(FAST, {"500": 5}), 30, "rollback", "by status: 500: 5"),
         ("queue full", window(FAST, {"429": 40}), 30, "rollback", "error rate 16.67%"),
-        ("client errors count without a champion", window(FAST, {"400": 3}), 30, "rollback", "400x3"),
+        ("client errors count without a champion", window(FAST, {"400": 3}), 30, "rollback", "by status: 400: 3"),
         ("one error in 200 is within 1%", window(FAST, {"500": 1}), 600, "promote", "error rate 0.50%"),
         ("two in 200 are not above 1%", window(FAST, {"503": 2}), 600, "promote", "error rate 0.99%"),
         ("three in 200 are", window(FAST, {"503": 3}), 600, "rollback", "error rate 1.48%"),
@@ -246,3 +246,12 @@ def test_scrape_reports_unreachable_servers() -> None:
     assert out.scrapes == {} and "GET /metrics failed" in out.failed[f"http://127.0.0.1:{port}"]
     with pytest.raises(sm.ScrapeError, match="http:// or https://"):
         sm.scrape("file:///etc/passwd")
+
+
+def test_the_docs_examples_are_the_verdicts_own_words() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "canary.md").read_text()
+    for win, elapsed in ((window(SLOW_TAIL), 30), (window(FAST, {"503": 3}), 600), (cl.Scrape(), 900)):
+        reason = cl.verdict(win, CANARY, elapsed).reason
+        assert f"\n{reason}\n" in doc, reason
