@@ -97,7 +97,13 @@ def service_pods(champion: ServerProcess, canary: ServerProcess, weight: int) ->
 class Analysis:
     verdict: cl.Verdict
     canary_window: cl.Scrape  # after the load stopped: every request of the analysis
-    sent_to_canary: Counter[int]
+    both_window: cl.Scrape  # the same, summed over the champion's and the canary's pods
+    sent: dict[str, Counter[int]]  # what each pod answered, as the clients saw it
+    canary_url: str
+
+    @property
+    def sent_to_canary(self) -> Counter[int]:
+        return self.sent[self.canary_url]
 
 
 def analyse(
@@ -124,8 +130,15 @@ def analyse(
                 break
             assert time.monotonic() - began < deadline_s, f"still waiting after {deadline_s:.0f} s: {result.reason}"
             time.sleep(0.5)  # the analysis interval; the loop ends on the verdict, not on the time
-    end = sm.scrape(canary.url)
-    return Analysis(result, cl.delta(start.scrapes[canary.url], end), load.answered.get(canary.url, Counter()))
+    end = sm.scrape_all(urls)
+    assert not end.failed, end.failed
+    return Analysis(
+        verdict=result,
+        canary_window=cl.delta(start.scrapes[canary.url], end.scrapes[canary.url]),
+        both_window=cl.window(start.scrapes, end.scrapes),
+        sent={url: load.answered.get(url, Counter()) for url in urls},
+        canary_url=canary.url,
+    )
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
@@ -179,7 +192,7 @@ def baseline(champion: ServerProcess, texts: dict[str, list[str]]) -> Baseline:
 def rules_for(baseline: Baseline, weight: int = 50) -> Canary:
     """Canary rules this machine can meet with a healthy challenger: a p99 limit well above the
     champion's, and a window long enough for the canary's share of 4x the requests it needs."""
-    max_p99 = max(300.0, 4 * baseline.p99_ms)
+    max_p99 = max(300.0, 6 * baseline.p99_ms)  # two servers share the CPU during the analysis
     split = cl.canary_replicas(1, weight)
     needed_total = cl.MIN_REQUESTS / split.share
     return Canary(
@@ -222,6 +235,9 @@ def judged(champion: ServerProcess, challenger: ServerProcess, rules: Canary, te
     assert -1 not in sent, sent
     assert out.canary_window.requests == sum(sent.values()), (out.canary_window, sent)
     assert dict(out.canary_window.errors) == {str(s): n for s, n in sent.items() if s >= 400}
+    # Summed over both pods, the window holds every request the clients sent to the Service.
+    assert out.both_window.requests == sum(sum(c.values()) for c in out.sent.values())
+    assert dict(out.both_window.buckets)[math.inf] == out.both_window.requests
     return out
 
 
