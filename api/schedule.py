@@ -235,12 +235,32 @@ class HistoryEntry(ApiModel):
     reason: str = Field(description="Why, with the figures.")
 
 
+class CanaryStatus(ApiModel):
+    job: str = Field(description="The challenger's run.")
+    version: int = Field(ge=1, description="The version it is promoted as if the canary passes.")
+    state: Literal["Starting", "Analysing", "Promoting"] = Field(
+        description="Starting (its pods not ready yet), Analysing (judged on its servers' metrics), "
+        "Promoting (the stable Deployment rolls to its model)."
+    )
+    start_time: str = Field(description="When the canary Deployment was created (RFC 3339).")
+    analysis_start_time: str | None = Field(None, description="When its pods were all ready (RFC 3339).")
+    replicas: int = Field(ge=1, description="Canary pods beside the champion's.")
+    share: float = Field(ge=0.0, le=1.0, description="The canary's share of the pods, hence of the traffic.")
+    gate: str = Field(description="The promotion gate's reason, with its figures.")
+    retention: float | None = Field(None, description="The gate's retention of the challenger.")
+    serving_metric: float | None = Field(None, description="The champion's metric on the newest eval data.")
+    challenger_metric: float | None = Field(None, description="The challenger's metric on the newest eval data.")
+    forgetting: float | None = Field(None, description="The gate's forgetting figure.")
+    verdict: str | None = Field(None, description="The latest analysis, with its figures.")
+
+
 class DistillationScheduleStatus(ApiModel):
     last_schedule_time: str | None = Field(None, description="The run time of the newest job created (RFC 3339).")
     last_successful_time: str | None = Field(None, description="When the newest succeeded job finished.")
     active: list[str] = Field(default_factory=list, description="Names of the running jobs.")
     promoted: PromotedRef | None = Field(None, description="The student being served.")
     history: list[HistoryEntry] = Field(default_factory=list, description="Each finished run's decision, newest last.")
+    canary: CanaryStatus | None = Field(None, description="The challenger being judged beside the champion.")
     observed_generation: int | None = Field(None, description="Spec generation last acted on.")
 
 

@@ -538,6 +538,12 @@ def serving_command(job: DistillationJob) -> list[str]:
     return command
 
 
+# Long enough for the endpoint change to reach every node's kube-proxy before the server stops
+# taking connections; then the server's own graceful drain (kdistill serve, 30 s).
+SERVING_PRE_STOP_SECONDS = 5
+SERVING_TERMINATION_GRACE_SECONDS = SERVING_PRE_STOP_SECONDS + 35
+
+
 def serving_deployment(job: DistillationJob, settings: Settings, previous_model_path: str | None = None) -> Manifest:
     """The server Deployment. A job sharing `serving.name` with an earlier one rolls into it,
     keeping the model it replaces in an annotation for rollback."""
@@ -572,6 +578,9 @@ def serving_deployment(job: DistillationJob, settings: Settings, previous_model_
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         "securityContext": container_security_context(),
+        # A pod being replaced keeps serving until the Service has stopped sending it
+        # connections, so a rollout (or a canary's end) fails no request.
+        "lifecycle": {"preStop": {"sleep": {"seconds": SERVING_PRE_STOP_SECONDS}}},
     }
     spec: Manifest = {
         "selector": {"matchLabels": labels},
@@ -581,6 +590,7 @@ def serving_deployment(job: DistillationJob, settings: Settings, previous_model_
             "spec": {
                 "securityContext": pod_security_context(),
                 "automountServiceAccountToken": False,
+                "terminationGracePeriodSeconds": SERVING_TERMINATION_GRACE_SECONDS,
                 "containers": [with_pull_policy(container, settings)],
                 "volumes": [_checkpoint_volume(job, read_only=True), {"name": "tmp", "emptyDir": {}}],
             },

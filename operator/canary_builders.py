@@ -41,9 +41,9 @@ ANNOTATION_CANARY_OF = f"{names.GROUP}/canary-of"
 CANARY_SUFFIX = "-canary"
 # Long enough for the endpoint change to reach every node's kube-proxy before the server stops
 # taking connections.
-PRE_STOP_SECONDS = 5
+PRE_STOP_SECONDS = builders.SERVING_PRE_STOP_SECONDS
 # The server's own graceful drain (kdistill serve --graceful-timeout, 30 s) after the preStop wait.
-TERMINATION_GRACE_SECONDS = PRE_STOP_SECONDS + 35
+TERMINATION_GRACE_SECONDS = builders.SERVING_TERMINATION_GRACE_SECONDS
 
 
 def canary_name(stable_name: str) -> str:
@@ -96,7 +96,8 @@ def _container_port(deployment: Manifest) -> int | None:
     return None
 
 
-def _set_model_name(deployment: Manifest, model_name: str | None) -> None:
+def set_model_name(deployment: Manifest, model_name: str | None) -> None:
+    """The server's ``--model-name`` set to ``model_name`` (left as it is when None)."""
     if model_name is None:
         return
     for c in deployment["spec"]["template"]["spec"]["containers"]:
@@ -153,7 +154,7 @@ def canary_deployment(challenger: DistillationJob, settings: Settings, stable: M
     for c in pod["containers"]:
         if c.get("name") == names.SERVER_CONTAINER:
             c["lifecycle"] = {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}}
-    _set_model_name(dep, served_model_name(stable))
+    set_model_name(dep, served_model_name(stable))
     return dep
 
 
@@ -174,7 +175,7 @@ def promoted_deployment(challenger: DistillationJob, settings: Settings, stable:
     spec = dep["spec"]
     spec["selector"] = copy.deepcopy(stable["spec"]["selector"])  # immutable
     spec["template"]["metadata"]["labels"] = dict(stable["spec"]["template"]["metadata"]["labels"])
-    _set_model_name(dep, served_model_name(stable))
+    set_model_name(dep, served_model_name(stable))
     return dep
 
 

@@ -38,8 +38,10 @@ from kdistill.api.schedule import (
 )
 
 from . import builders, metrics, names
+from .canary_builders import set_model_name
 from .kube import JOB, ApiError, Kube, path_for
 from .observe import parse_time
+from .schedule_canary import CANARY_RECHECK_SECONDS, CanaryRunner
 from .schedule_jobs import ScheduleBuildError, adopt_by_schedule, check_runnable, run_job, serving_job
 from .schedule_logic import FinishedJob, decide, gate_decision, jobs_to_delete, scores_from_metrics
 from .settings import Settings
@@ -93,11 +95,13 @@ class ScheduleReconciler:
     def __init__(self, kube: Kube, settings: Settings) -> None:
         self.kube = kube
         self.settings = settings
+        self.canaries = CanaryRunner(kube, settings, self._event)
         # Run times already reported as too late (one Event each, not one per pass).
         self._reported_late: dict[Key, datetime] = {}
 
     def forget(self, key: Key) -> None:
         self._reported_late.pop(key, None)
+        self.canaries.forget(key)
 
     def reconcile(self, key: Key, now: datetime | None = None) -> float | None:
         """One pass; returns seconds until the schedule wants another look."""
@@ -132,21 +136,41 @@ class ScheduleReconciler:
         patch: dict[str, Any] = {}
         history = list(status.get("history") or [])
         promoted = status.get("promoted")
-        judged = {entry.get("job") for entry in history}
+        canary = status.get("canary")
 
-        # 1. Judge the runs that finished since the last pass, oldest first.
+        # 1. A canary in progress goes on: judged on its servers, then promoted or rolled back.
+        if canary is not None:
+            outcome = self.canaries.advance(key, schedule, body, canary, promoted, now, slog)
+            if outcome.entry is not None:
+                history.append(outcome.entry.to_wire())
+            if outcome.promoted != promoted:
+                promoted = patch["promoted"] = outcome.promoted
+            if outcome.canary != canary:
+                patch["canary"] = outcome.canary  # None (JSON null) removes it
+            canary = outcome.canary
+
+        # 2. Judge the runs that finished since the last pass, oldest first; one canary at a time,
+        #    so a run finishing while a canary runs waits for it.
+        judged = {entry.get("job") for entry in history} | ({canary["job"]} if canary else set())
         for run in sorted((r for r in runs if r.phase in FINISHED and r.name not in judged), key=_finish_order):
-            entry = self._judge(schedule, body, run, promoted, now, slog)
-            history.append(entry.to_wire())
-            if entry.promoted:
-                promoted = PromotedRef(job=run.name, version=entry.version or 1, retention=entry.retention).to_wire()
-                patch["promoted"] = promoted
+            if canary is not None and run.phase == "Succeeded":
+                break
+            judgement = self._judge(schedule, body, run, promoted, now, slog)
             if run.phase == "Succeeded":
                 patch["lastSuccessfulTime"] = fmt_time(run.finished or now)
+            if isinstance(judgement, dict):  # a canary started
+                canary = patch["canary"] = judgement
+                continue
+            history.append(judgement.to_wire())
+            if judgement.promoted:
+                promoted = PromotedRef(
+                    job=run.name, version=judgement.version or 1, retention=judgement.retention
+                ).to_wire()
+                patch["promoted"] = promoted
         if len(history) != len(status.get("history") or []):
             patch["history"] = history[-HISTORY_LIMIT:]
 
-        # 2. Start the run that is due.
+        # 3. Start the run that is due.
         active = sorted(r.name for r in runs if r.phase not in FINISHED)
         since = parse_time(status.get("lastScheduleTime")) or parse_time(body["metadata"]["creationTimestamp"])
         assert since is not None
@@ -194,22 +218,24 @@ class ScheduleReconciler:
         if sorted(active) != sorted(status.get("active") or []):
             patch["active"] = sorted(active)
 
-        # 3. Status, before any deletion: a decision is recorded before its run can go.
+        # 4. Status, before any deletion: a decision is recorded before its run can go.
         generation = body["metadata"].get("generation")
         if status.get("observedGeneration") != generation:
             patch["observedGeneration"] = generation
         if patch:
             self._patch_status(namespace, name, patch)
 
-        # 4. History limits: the promoted run stays.
+        # 5. History limits: the promoted run and the canary's stay.
         finished = [FinishedJob(r.name, r.finished or now, r.phase == "Succeeded") for r in runs if r.phase in FINISHED]
-        keep = [promoted["job"]] if promoted else []
+        keep = ([promoted["job"]] if promoted else []) + ([canary["job"]] if canary else [])
         for job in jobs_to_delete(finished, spec.successful_jobs_history_limit, spec.failed_jobs_history_limit, keep):
             slog.info("history limit: deleting %s", job)
             self.kube.delete(*JOB, namespace, job)
         wait = (decision.next_time - now).total_seconds()
         if active:
             wait = min(wait, ACTIVE_RECHECK_SECONDS)
+        if canary is not None:
+            wait = min(wait, CANARY_RECHECK_SECONDS)
         return max(0.5, min(wait + 0.5, IDLE_RECHECK_SECONDS))
 
     # -- judging a finished run ------------------------------------------------------------
@@ -222,7 +248,8 @@ class ScheduleReconciler:
         promoted: dict[str, Any] | None,
         now: datetime,
         slog: ScheduleLog,
-    ) -> HistoryEntry:
+    ) -> HistoryEntry | dict[str, Any]:
+        """The run's history entry, or the status of the canary it starts (status.canary)."""
         at = fmt_time(now)
         if run.phase == "Failed":
             entry = HistoryEntry(
@@ -255,6 +282,11 @@ class ScheduleReconciler:
             promoted=decision.promote,
             reason=decision.reason,
         )
+        if decision.promote and version is not None and promoted is not None:
+            stable = self.kube.get("apps/v1", "Deployment", schedule.namespace, self._serving_name(schedule))
+            if stable is not None:
+                # A student is served: the challenger earns its place beside it first.
+                return self.canaries.start(schedule, body, run.name, version, decision, stable, now, slog)
         if decision.promote:
             self._roll_out(schedule, body, run.name, slog)
             self._event(body, "Normal", "Promoted", f"{run.name} is version {version}: {decision.reason}", slog)
@@ -263,6 +295,10 @@ class ScheduleReconciler:
         metrics.SCHEDULE_DECISIONS.labels(decision="promoted" if decision.promote else "refused").inc()
         slog.info("%s: %s", run.name, decision.reason)
         return entry
+
+    @staticmethod
+    def _serving_name(schedule: DistillationSchedule) -> str:
+        return names.schedule_serving(schedule.metadata.name, schedule.spec.job_template.spec.serving.name)
 
     def _roll_out(self, schedule: DistillationSchedule, body: dict[str, Any], job_name: str, slog: ScheduleLog) -> None:
         """The promoted run becomes the schedule's serving Deployment (a rolling update), keeping
@@ -273,7 +309,10 @@ class ScheduleReconciler:
         previous = None
         if current is not None:
             previous = (current["metadata"].get("annotations") or {}).get(names.ANNOTATION_MODEL_PATH)
-        objs = [builders.serving_deployment(job, self.settings, previous), builders.serving_service(job)]
+        deployment = builders.serving_deployment(job, self.settings, previous)
+        # Clients name the schedule's model, whichever run serves it (canaries and promotions keep it).
+        set_model_name(deployment, schedule.metadata.name)
+        objs = [deployment, builders.serving_service(job)]
         for obj in adopt_by_schedule(objs, body):
             self.kube.apply(obj)
         slog.info("serving %s now runs %s", serving, names.model_path(schedule.namespace, job_name))

@@ -7,7 +7,8 @@ schedule as owner; Forbid holding the next tick while a run is active, and start
 run ends; the first run promoted (the schedule's serving Deployment); an operator killed and
 restarted without a duplicate run; Replace deleting the active run at the next tick; a worse
 run refused with the serving Deployment untouched; the history limits deleting finished runs
-but never the promoted one. A second schedule, created with a lastScheduleTime long past,
+but never the promoted one; a better run served as a canary beside the champion and rolled back
+when its servers show no traffic within analysisSeconds. A second schedule, created with a lastScheduleTime long past,
 starts one run for its missed ticks, not one per tick.
 """
 
@@ -75,7 +76,10 @@ def schedule_body(name: str, **spec: Any) -> dict[str, Any]:
             "failedJobsHistoryLimit": 1,
             "data": {"partitions": "pvc://data/parts/", "replay": {"fraction": 0.2}},
             "warmStart": "lastPromoted",
-            "promotion": {"gate": {"minRetention": 0.8, "tolerance": 0.01, "maxForgetting": 0.05}},
+            "promotion": {
+                "gate": {"minRetention": 0.8, "tolerance": 0.01, "maxForgetting": 0.05},
+                "canary": {"weight": 10, "analysisSeconds": 5},
+            },
             "jobTemplate": {"metadata": {"labels": {"team": "nlp"}}, "spec": template},
         },
     }
@@ -104,8 +108,8 @@ def tick(name: str, job: str) -> datetime:
 
 def finish(cluster: Cluster, jobs: Jobs, job: str, message: dict[str, Any]) -> None:
     (pod,) = jobs.wait_running_gang(job, 1, attempt=0)
+    # Not waited for here: with successfulJobsHistoryLimit 0 the job goes as soon as it is judged.
     cluster.succeed_pod(jobs.ns, pod.metadata.name, message)
-    jobs.wait_phase(job, "Succeeded", timeout=60)
 
 
 def wait_until(when: datetime) -> None:
@@ -206,6 +210,40 @@ def test_a_schedule_runs_on_its_ticks_gates_promotes_and_keeps_its_history(
     # 7. successfulJobsHistoryLimit 0: C is deleted; A, promoted, stays.
     eventually(lambda: not jobs.exists(c_name), "C deleted by the history limit", 30)
     assert jobs.exists(a_name)
+
+    # 8. The next run, D, beats the champion: it serves beside it as a canary first. Its servers
+    #    answer no /metrics here (kwok pods), so after analysisSeconds without traffic it is
+    #    rolled back: the canary Deployment goes, the champion's is untouched.
+    d = eventually(
+        lambda: [j for j in scheduled_jobs(jobs, name) if j["metadata"]["name"] not in (a_name, c_name)],
+        "run D at the next tick",
+        90,
+    )[0]
+    d_name = d["metadata"]["name"]
+    finish(cluster, jobs, d_name, run_metrics(10.5, champion=11.0, older=11.0))
+    canary = eventually(lambda: schedules.status(name).get("canary"), "D's canary started", 60)
+    assert canary["job"] == d_name and canary["version"] == 2 and canary["replicas"] == 1 and canary["share"] == 0.5
+    dep = jobs.apps.read_namespaced_deployment(f"{name}-serving-canary", ns)
+    assert dep.spec.template.metadata.labels["kdistill.io/track"] == "canary"
+    assert dep.metadata.annotations[names.ANNOTATION_MODEL_PATH].endswith(f"/{d_name}/student-int8")
+    status = eventually(
+        lambda: (s := schedules.status(name)) and any(e["job"] == d_name for e in s.get("history", [])) and s,
+        "D's canary judged",
+        90,
+    )
+    rolled = next(e for e in status["history"] if e["job"] == d_name)
+    assert not rolled["promoted"] and "canary rolled back: not enough traffic" in rolled["reason"], rolled
+    assert "canary" not in status and status["promoted"]["job"] == a_name
+    eventually(
+        lambda: (
+            f"{name}-serving-canary" not in {x.metadata.name for x in jobs.apps.list_namespaced_deployment(ns).items}
+        ),
+        "the canary Deployment deleted",
+        30,
+    )
+    serving = jobs.apps.read_namespaced_deployment(f"{name}-serving", ns)
+    assert serving.metadata.annotations[names.ANNOTATION_MODEL_PATH].endswith(f"/{a_name}/student-int8")
+    assert any(e.reason == "RolledBack" and d_name in e.message for e in schedules.events(name))
 
 
 def test_missed_ticks_start_one_run_not_one_per_tick(

@@ -6,7 +6,8 @@ lives its whole life: create, Running, rank-0 progress, a gang restart, success,
 of the serving Deployment, a serving change, and deletion; a second job, serving off, is
 deleted by the operator when its ttlSecondsAfterFinished expires; and a third runs its teacher as
 a service: the teacher's Deployment and Service first, the worker after it is ready, a teacher pod
-replaced without a gang restart, and the teacher's objects deleted when the job succeeds.
+replaced without a gang restart, and the teacher's objects deleted when the job succeeds; last, a
+DistillationSchedule starts a run, which succeeds, is promoted and rolled out.
 
 - With the chart's rules, no request is Forbidden: neither the operator's own API calls
   (its `kdistill_api_errors_total` metric counts every failed call by HTTP code) nor kopf's
@@ -60,6 +61,7 @@ LEASE = "kdistill-operator"
 JOB = "life"
 TTL_JOB = "life-ttl"
 TEACHER_JOB = "life-teacher"
+SCHEDULE = "life-schedule"
 
 
 def _rules(file: str) -> list[dict[str, Any]]:
@@ -280,6 +282,7 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
         step("ttl-deleted", lambda: until(lambda: not jobs.exists(TTL_JOB), "the TTL job deleted after its TTL",
                                           timeout, op, fail_fast))  # fmt: skip
         teacher_life(cluster, ns, op, step, timeout=timeout, fail_fast=fail_fast)
+        schedule_life(cluster, ns, op, step, timeout=timeout, fail_fast=fail_fast)
     except AssertionError as exc:
         life.failed_step = _next_step(life.steps)
         life.error = str(exc)[:500]
@@ -328,9 +331,47 @@ def teacher_life(cluster: Cluster, ns: str, op: Operator, step: Callable[[str, C
         "the teacher's Deployment and Service deleted after success", timeout, op, fail_fast))  # fmt: skip
 
 
+def schedule_life(cluster: Cluster, ns: str, op: Operator, step: Callable[[str, Callable[[], Any]], Any], *,
+                  timeout: float, fail_fast: bool) -> None:  # fmt: skip
+    """A schedule whose last run was long ago starts a run at once; the run succeeds, is judged
+    (the schedule's status), promoted and rolled out as the schedule's serving Deployment."""
+    jobs, apps = Jobs(cluster, ns), client.AppsV1Api(cluster.api_client())
+    api = client.CustomObjectsApi(cluster.api_client())
+    template = job_body("x", nodes=1, gpus=1)["spec"]
+    del template["data"]
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DistillationSchedule", "metadata": {"name": SCHEDULE},
+            "spec": {"schedule": "* * * * *", "suspend": True, "data": {"partitions": "pvc://data/parts/"},
+                     "jobTemplate": {"spec": template}}}  # fmt: skip
+    api.create_namespaced_custom_object(GROUP, VERSION, ns, "distillationschedules", body)
+    # As admin, as if its last run were long past; then resumed: a run is due at once.
+    long_ago = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 600))
+    api.patch_namespaced_custom_object_status(GROUP, VERSION, ns, "distillationschedules", SCHEDULE,
+                                              {"status": {"lastScheduleTime": long_ago}})  # fmt: skip
+    api.patch_namespaced_custom_object(GROUP, VERSION, ns, "distillationschedules", SCHEDULE,
+                                       {"spec": {"suspend": False}})  # fmt: skip
+
+    def runs() -> list[str]:
+        selector = f"kdistill.io/schedule={SCHEDULE}"
+        items = api.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, label_selector=selector)["items"]
+        return [j["metadata"]["name"] for j in items]
+
+    (run,) = step("schedule-run", lambda: until(runs, "the schedule's run created", timeout, op, fail_fast))
+    (worker,) = until(lambda: (p := [x for x in jobs.live_pods(run) if x.status.phase == "Running"]) and p,
+                      "the scheduled run's worker running", timeout, op, fail_fast)  # fmt: skip
+    cluster.succeed_pod(ns, worker.metadata.name, SUCCESS)
+
+    def promoted() -> bool:
+        status = api.get_namespaced_custom_object(GROUP, VERSION, ns, "distillationschedules", SCHEDULE).get("status")
+        return bool((status or {}).get("promoted"))
+
+    step("schedule-promoted", lambda: until(
+        lambda: promoted() and apps.read_namespaced_deployment(f"{SCHEDULE}-serving", ns),
+        "the run promoted and rolled out", timeout, op, fail_fast))  # fmt: skip
+
+
 STEPS = ["create", "workers", "running", "progress", "progress-seen", "restart", "restarts-counted", "succeeded",
          "rollout", "scaled", "deleted", "ttl-worker", "ttl-deleted", "teacher", "teacher-worker", "teacher-replaced",
-         "teacher-deleted"]  # fmt: skip
+         "teacher-deleted", "schedule-run", "schedule-promoted"]  # fmt: skip
 
 
 def _next_step(done: list[str]) -> str:
