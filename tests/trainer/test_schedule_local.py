@@ -126,3 +126,31 @@ def test_a_student_below_min_retention_is_refused(tmp_path: Path, tokenizer: Any
     (entry,) = status.history
     assert not entry.promoted and entry.version is None and status.promoted is None, entry.reason
     assert entry.reason.startswith("refused: retention") and "< minRetention 0.99" in entry.reason
+
+
+def test_classifier_rounds_compare_the_champion_on_the_same_labels(
+    tmp_path: Path, bert_teacher: Path, cls_data: tuple[Path, Path]
+) -> None:
+    """A sequence-classification schedule: round 2's trainer scores the champion (round 1's INT8
+    classifier) in accuracy on the same eval examples, with the same label numbering."""
+    train, ev = cls_data
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    evals = [json.loads(line) for line in ev.read_text().splitlines()]
+    for i in range(2):  # two partitions, each with every label
+        part = tmp_path / "partitions" / f"2026-11-0{i + 1}"
+        helpers.write_jsonl(part / "train.jsonl", rows[i::2])
+        helpers.write_jsonl(part / "eval.jsonl", evals[i::2])
+    body = schedule(bert_teacher, tmp_path / "partitions", {"minRetention": 0.01, "mustBeatServing": False,
+                                                            "maxForgetting": 1.0})  # fmt: skip
+    spec = body["spec"]["jobTemplate"]["spec"]
+    spec["task"] = "sequence-classification"
+    spec["quantization"] = {"mode": "ptq-int8"}
+    proc = run_schedule(tmp_path, body, runs=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = DistillationScheduleStatus.model_validate(json.loads((tmp_path / "out" / "status.json").read_text()))
+    first, second = status.history
+    assert first.promoted and second.promoted, (first.reason, second.reason)
+    result = json.loads((tmp_path / "out" / "drift-2" / "result.json").read_text())
+    metrics = result["metrics"]
+    assert metrics["metric"] == "accuracy" and 0.0 <= metrics["champion"] <= 1.0
+    assert second.serving_metric == metrics["champion"] and second.forgetting is not None
