@@ -16,13 +16,20 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         job = getattr(record, "job", None)
-        if job is None:
+        schedule = getattr(record, "schedule", None)
+        if job is None and schedule is None:
             # kopf names the object it is handling in its own records.
             k8s = getattr(record, "k8s_ref", None)
             if isinstance(k8s, dict) and k8s.get("name"):
-                job = f"{k8s.get('namespace') or ''}/{k8s['name']}"
+                ref = f"{k8s.get('namespace') or ''}/{k8s['name']}"
+                if k8s.get("kind") == "DistillationSchedule":
+                    schedule = ref
+                else:
+                    job = ref
         if job is not None:
             out["job"] = job
+        if schedule is not None:
+            out["schedule"] = schedule
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info)
         return json.dumps(out)

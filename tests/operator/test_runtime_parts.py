@@ -71,6 +71,13 @@ def test_log_lines_are_json_and_name_the_job(capsys: object) -> None:
     adapter = JobLog(logging.getLogger("x"), {"job": "ml/j"})
     _, kwargs = adapter.process("m", {})
     assert kwargs["extra"]["job"] == "ml/j"
+    record.job = None
+    record.schedule = "ml/nightly"
+    out = json.loads(JsonFormatter().format(record))
+    assert out["schedule"] == "ml/nightly" and "job" not in out
+    kopf_record = logging.LogRecord("kopf.objects", logging.WARNING, __file__, 1, "retrying", (), None)
+    kopf_record.k8s_ref = {"kind": "DistillationSchedule", "namespace": "ml", "name": "nightly"}
+    assert json.loads(JsonFormatter().format(kopf_record))["schedule"] == "ml/nightly"
 
 
 def test_rbac_has_no_wildcards_and_covers_the_trainer_role() -> None:
