@@ -34,6 +34,17 @@ Nodes are managed by kwok while they carry the label ``kwok.x-k8s.io/node=fake``
 node-lifecycle controller marks the node ``Ready=Unknown`` after its grace period and
 taints it ``node.kubernetes.io/unreachable:NoExecute``, and the taint-eviction
 controller then deletes its pods. :func:`resume_heartbeats` brings it back.
+
+Pod IPs
+=======
+kwok gives each pod an address from its node's ``spec.podCIDR``, or from kwok's default
+range (``--cidr``, 10.0.0.1/24) when the node has none. Nothing listens there: the pods are
+fake. :func:`set_pod_cidr` with :func:`loopback_pod_cidr` gives a node a range inside
+127.0.0.0/8, so that its pods' IPs are loopback addresses of this machine and a real process
+(a ``kdistill serve`` bound to the pod's IP) can play the pod's server, reached at the pod's IP
+as the operator reaches it. It is opt-in, per node: the API server refuses loopback addresses
+in EndpointSlices ("may not be in the loopback range"), so Services that select such pods get
+no endpoints; the default range keeps EndpointSlices working for the tests that read them.
 """
 
 from __future__ import annotations
@@ -235,6 +246,8 @@ class NodeSpec:
     # The GPU taint relies on the ExtendedResourceToleration admission plugin (on in the local
     # control plane, as on GKE); clusters without it would leave GPU pods Pending.
     gpu_taint: bool = True
+    # spec.podCIDR: where kwok takes this node's pod IPs from ("" = kwok's default range).
+    pod_cidr: str = ""
 
 
 def node_body(spec: NodeSpec) -> dict[str, Any]:
@@ -267,9 +280,26 @@ def node_body(spec: NodeSpec) -> dict[str, Any]:
             "labels": labels,
             "annotations": {"node.alpha.kubernetes.io/ttl": "0", MANAGED_LABEL: MANAGED_VALUE},
         },
-        "spec": {"taints": taints},
+        "spec": {"taints": taints, **_pod_cidr_spec(spec.pod_cidr)},
         "status": {"capacity": capacity, "allocatable": capacity},
     }
+
+
+def _pod_cidr_spec(cidr: str) -> dict[str, Any]:
+    return {"podCIDR": cidr, "podCIDRs": [cidr]} if cidr else {}
+
+
+def loopback_pod_cidr(index: int) -> str:
+    """A /24 inside 127.0.0.0/8 (127.1.<index>.0/24), one per node: pod IPs this machine answers on."""
+    if not 0 <= index <= 255:
+        raise ValueError(f"index must be in 0..255, got {index}")
+    return f"127.1.{index}.0/24"
+
+
+def set_pod_cidr(core: client.CoreV1Api, name: str, cidr: str) -> None:
+    """Gives an existing node its pod range (once: the API server refuses to change a set
+    podCIDR). kwok uses it for the pods that get their IP afterwards."""
+    core.patch_node(name, {"spec": _pod_cidr_spec(cidr)})
 
 
 def create_nodes(core: client.CoreV1Api, specs: list[NodeSpec]) -> None:
