@@ -210,9 +210,9 @@ class Cascade:
                 ),
             ) from None
         except httpx.HTTPError as exc:
+            what = "is unreachable" if isinstance(exc, httpx.ConnectError) else "dropped the connection"
             raise self._failed(
-                endpoint,
-                TeacherFailure(502, "connect", f"the teacher at {url} is unreachable: {type(exc).__name__}: {exc}"),
+                endpoint, TeacherFailure(502, "connect", f"the teacher at {url} {what}: {type(exc).__name__}: {exc}")
             ) from None
         if response.status_code != 200:
             retry = response.headers.get("retry-after")
