@@ -27,7 +27,9 @@ Times, from the first failed response the clients see (429 or 5xx from the canar
 `deploymentGoneSeconds` (the canary Deployment is gone from the API: the figure),
 `historySeconds` (status.history holds the rollback), `podsGoneSeconds` (no canary pod left:
 the Service selects the champion alone), `decisionSeconds` (the operator's "rolled back" log
-line) and, for `cold`, `minRequestsSeconds` (the canary has answered the fewest requests to
+line, which it writes once it has deleted the canary Deployment and posted the Event; read from
+the operator's log clock, so it can differ from the API poll's by tens of milliseconds) and, for
+`cold`, `minRequestsSeconds` (the canary has answered the fewest requests to
 judge). After the rollback the clients go on against the champion alone; every one of its
 answers must be a success.
 
