@@ -37,7 +37,8 @@ log = logging.getLogger("kdistill.operator")
 
 # A canary whose pods are not all ready this long after analysisSeconds would have ended is rolled back.
 READY_GRACE_SECONDS = 300.0
-# How often a running canary is looked at (and its servers scraped).
+# How often a running canary is looked at (and its servers scraped); the scheduler waits half a
+# second more, as after every pass (2.5 s between the end of one pass and the next).
 CANARY_RECHECK_SECONDS = 2.0
 # Each server's /metrics must answer within this, or the pod counts as unread for the pass.
 SCRAPE_TIMEOUT_SECONDS = 2.0
