@@ -61,10 +61,15 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
+def server(model_dir: Path, *extra: str) -> ServerProcess:
+    return ServerProcess(model_dir, "--max-wait-ms", "5", *extra)
+
+
 @contextlib.contextmanager
-def servers(*specs: tuple[Path, tuple[str, ...]]) -> Iterator[list[ServerProcess]]:
-    """Start every server at once (loads overlap), wait for all, stop all."""
-    started = [ServerProcess(model_dir, "--max-wait-ms", "5", *extra) for model_dir, extra in specs]
+def servers(*specs: tuple[Path, tuple[str, ...]] | ServerProcess) -> Iterator[list[ServerProcess]]:
+    """Start every server at once (loads overlap; a spec may be a server started already), wait
+    for all, stop all."""
+    started = [s if isinstance(s, ServerProcess) else server(s[0], *s[1]) for s in specs]
     try:
         for s in started:
             s.wait_ready()
@@ -111,14 +116,17 @@ def metric(text: str, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def cls_servers(models: dict[str, Path], black_hole: str) -> Iterator[dict[str, ServerProcess]]:
     student = models["cls-student"]
+    teacher = server(models["cls-teacher"])
     with servers(
-        (models["cls-teacher"], ()),
+        teacher,
         # The teacher is down; the student's answers stand, marked.
         (student, fallback(dead_url(), "--min-confidence", "1.0", "--fallback-on-error", "student")),
         # The teacher hangs: 504 after the timeout.
         (student, fallback(black_hole, "--min-confidence", "1.0", "--fallback-timeout", "0.5")),
-    ) as (teacher, down, hung):
-        yield {"teacher": teacher, "down": down, "hung": hung}
+        # A base URL with a path the teacher does not serve: it answers 404.
+        (student, fallback(f"{teacher.url}/no-such-base/", "--min-confidence", "1.0")),
+    ) as (_, down, hung, wrong):
+        yield {"teacher": teacher, "down": down, "hung": hung, "wrong": wrong}
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +250,17 @@ def test_teacher_that_hangs_gives_504_within_the_timeout(cls_servers: dict[str, 
     assert metric(metrics_text(hung), "kdistill_cascade_teacher_errors_total", endpoint=CLASSIFY, reason="timeout") >= 1
     # Requests the student answers alone do not wait for the teacher.
     assert post(hung, CLASSIFY, {"texts": TEXTS[:2]}, HOP).status_code == 200
+
+
+def test_teacher_answering_an_error_gives_502_quoting_it(cls_servers: dict[str, ServerProcess]) -> None:
+    wrong = cls_servers["wrong"]
+    r = post(wrong, CLASSIFY, {"texts": TEXTS[:2]})
+    assert r.status_code == 502, r.text
+    error = r.json()["error"]
+    assert error["type"] == "teacher_error"
+    # The base URL's path is kept: the teacher was asked at <base>/v1/classify, and said 404.
+    assert f"{cls_servers['teacher'].url}/no-such-base/v1/classify answered 404" in error["message"]
+    assert metric(metrics_text(wrong), "kdistill_cascade_teacher_errors_total", endpoint=CLASSIFY, reason="status") >= 1
 
 
 # -- causal LM ----------------------------------------------------------------------------------
