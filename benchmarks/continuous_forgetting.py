@@ -13,7 +13,7 @@ is the last round's student: the gate would otherwise refuse forgetful rounds an
 student, which hides forgetting rather than measuring it.
 
 Measured per run, on the FIRST partition's eval data (its eval.jsonl, never trained on): the
-served (INT8) student's mean token loss (ln perplexity, scored as the gate scores:
+served (INT8) student's mean token loss (ln perplexity of its student-int8/ artifact,
 trainer/model_scoring.score_artifact) after every round. **Forgetting** is the loss after the
 last round minus the loss after round 1, in nats per token. The cost of each variant: the
 training steps, the examples drawn (steps x batch), the lines in the rounds' training sets
