@@ -33,7 +33,7 @@ from kdistill.api import DistillationJob, DistillationSchedule
 from kdistill.api.metadata import STUDENT_DIR
 from kdistill.api.schedule import DistillationScheduleStatus, HistoryEntry, PromotedRef
 from kdistill.api.spec import DistillationJobSpec, RunData, Student
-from kdistill.operator.schedule_logic import gate_decision, scores_from_metrics
+from kdistill.operator.schedule_logic import gate_decision, history_entry, scores_from_metrics
 
 TRAIN = "train.jsonl"
 RUN_COMMAND = (sys.executable, "-P", "-m", "kdistill.cli.main", "run")
@@ -152,17 +152,7 @@ def run_rounds(
             status.last_successful_time = _now()
             decision = gate_decision(spec.promotion.gate, scores)
             version = (champion.version + 1 if champion else 1) if decision.promote else None
-            entry = HistoryEntry(
-                job=name,
-                time=_now(),
-                version=version,
-                retention=decision.retention,
-                serving_metric=decision.serving_metric,
-                challenger_metric=decision.challenger_metric,
-                forgetting=decision.forgetting,
-                promoted=decision.promote,
-                reason=decision.reason,
-            )
+            entry = history_entry(name, _now(), decision, version)
             if decision.promote and version is not None:
                 champion = Champion(name, version, decision.retention, run_out)
                 status.promoted = PromotedRef(job=name, version=version, retention=decision.retention)

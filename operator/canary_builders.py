@@ -89,7 +89,8 @@ def served_model_name(deployment: Manifest) -> str | None:
     return None
 
 
-def _container_port(deployment: Manifest) -> int | None:
+def container_port(deployment: Manifest) -> int | None:
+    """The server container's http port."""
     for port in _server(deployment).get("ports") or []:
         if port.get("name") == "http":
             return int(port["containerPort"])
@@ -118,7 +119,7 @@ def _check_beside(challenger: DistillationJob, stable: Manifest, built: Manifest
             f"the challenger {challenger.metadata.name!r} is in namespace {challenger.namespace!r}, "
             f"the stable deployment in {namespace!r}: one Service cannot spread over both"
         )
-    ours, theirs = _container_port(built), _container_port(stable)
+    ours, theirs = container_port(built), container_port(stable)
     if ours != theirs:
         raise ValueError(
             f"the challenger serves on port {ours}, the stable deployment on {theirs}: "

@@ -161,15 +161,22 @@ class Kube:
             raise
 
     def patch_status(
-        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None = None
+        self,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        resource_version: str | None = None,
+        *,
+        resource: tuple[str, str] = JOB,
     ) -> dict[str, Any]:
-        """JSON merge patch of the job's status; with resource_version, 409 if anything moved since."""
+        """JSON merge patch of the status of a job (or another `resource`, as (apiVersion, kind));
+        with resource_version, 409 if anything moved since."""
         body: dict[str, Any] = {"status": patch}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         return self.request(
             "PATCH",
-            path_for(*JOB, namespace, name, "status"),
+            path_for(*resource, namespace, name, "status"),
             body,
             content_type="application/merge-patch+json",
             verb="patch_status",

@@ -1,10 +1,11 @@
-"""Structured (JSON) logs; lines about a job carry it in a `job` field."""
+"""Structured (JSON) logs; lines about a job carry it in a `job` field, about a schedule in `schedule`."""
 
 from __future__ import annotations
 
 import json
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,3 +47,11 @@ def configure(level: str = "INFO") -> None:
     # about a decision. Warnings and errors still come through; the reconciler logs what it does.
     for noisy in ("urllib3", "kubernetes", "aiohttp.access", "kopf.objects", "kopf.activities.probe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class ObjectLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Every line names its object as a structured field: {"job": "ns/name"} or {"schedule": "ns/name"}."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs.setdefault("extra", {}).update(self.extra or {})
+        return msg, kwargs

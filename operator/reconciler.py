@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +17,9 @@ from kdistill.api import JobValidationError, parse_job
 
 from . import builders, metrics, names
 from .departures import PodTracker
+from .events import post_event
 from .kube import JOB, ApiError, Kube
+from .logs import ObjectLog
 from .observe import DeploymentView, NodeView, PodView, TeacherView
 from .settings import Settings
 from .state import Decision, Event, Observed, decide, fmt_time
@@ -26,14 +27,6 @@ from .state import Decision, Event, Observed, decide, fmt_time
 log = logging.getLogger("kdistill.operator")
 
 Key = tuple[str, str]  # (namespace, name)
-
-
-class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Every line names its job (namespace/name) as a structured field."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        kwargs.setdefault("extra", {}).update(self.extra or {})
-        return msg, kwargs
 
 
 class Reconciler:
@@ -69,7 +62,7 @@ class Reconciler:
 
     def _reconcile(self, key: Key, now: datetime) -> float | None:
         namespace, name = key
-        jlog = JobLog(log, {"job": f"{namespace}/{name}"})
+        jlog = ObjectLog(log, {"job": f"{namespace}/{name}"})
         body = self.kube.get(*JOB, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.forget(key)
@@ -138,7 +131,7 @@ class Reconciler:
         d: Decision,
         existing_pods: set[str],
         teacher: TeacherView | None,
-        jlog: JobLog,
+        jlog: ObjectLog,
     ) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if d.status:
@@ -176,7 +169,7 @@ class Reconciler:
             jlog.info("ttlSecondsAfterFinished expired: deleting the job")
             self.kube.delete(*JOB, namespace, name)
 
-    def _count(self, old: dict[str, Any], d: Decision, jlog: JobLog) -> None:
+    def _count(self, old: dict[str, Any], d: Decision, jlog: ObjectLog) -> None:
         for field, kind in (("restarts", "failure"), ("evictions", "eviction")):
             if field in d.status and int(d.status[field]) > int(old.get(field) or 0):
                 metrics.RESTARTS.labels(kind=kind).inc()
@@ -188,7 +181,7 @@ class Reconciler:
         if "phase" in d.status:
             jlog.info("phase %s -> %s", old.get("phase"), d.status["phase"])
 
-    def _create_gang(self, body: dict[str, Any], job: Any, attempt: int, existing: set[str], jlog: JobLog) -> None:
+    def _create_gang(self, body: dict[str, Any], job: Any, attempt: int, existing: set[str], jlog: ObjectLog) -> None:
         if not existing:
             # A whole new gang (first start, restart, resume): make sure its config, rendezvous
             # Service, PVC and RBAC exist first. Re-applying is a no-op when they do.
@@ -216,7 +209,7 @@ class Reconciler:
         pods = self.kube.list("v1", "Pod", job.namespace, names.teacher_selector(job.metadata.name))
         return TeacherView.from_dict(dep, pods)
 
-    def _ensure_teacher(self, body: dict[str, Any], job: Any, seen: TeacherView | None, jlog: JobLog) -> None:
+    def _ensure_teacher(self, body: dict[str, Any], job: Any, seen: TeacherView | None, jlog: ObjectLog) -> None:
         """Create the teacher's Service and Deployment, or re-apply them when what the operator builds
         changed (the spec-hash annotation); a pass that finds them current writes nothing. The
         Service goes first, so an existing Deployment means its Service was applied too."""
@@ -243,7 +236,7 @@ class Reconciler:
             n["metadata"]["name"] for n in self.kube.list("v1", "Node", None) if NodeView.from_dict(n).ready != "True"
         ]
 
-    def _deploy(self, body: dict[str, Any], job: Any, jlog: JobLog) -> None:
+    def _deploy(self, body: dict[str, Any], job: Any, jlog: ObjectLog) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         serving = names.serving(name, job.spec.serving.name)
         current = self.kube.get("apps/v1", "Deployment", namespace, serving)
@@ -300,31 +293,5 @@ class Reconciler:
         )
         self._event(body, Event("Warning", "InvalidSpec", message[:1000]), None)
 
-    def _event(self, body: dict[str, Any], event: Event, jlog: JobLog | None) -> None:
-        meta = body["metadata"]
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        obj = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": body["apiVersion"],
-                "kind": body["kind"],
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta["uid"],
-            },
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "type": event.type,
-            "firstTimestamp": now[:19] + "Z",
-            "lastTimestamp": now[:19] + "Z",
-            "count": 1,
-            "source": {"component": names.MANAGER},
-            "reportingComponent": names.MANAGER,
-            "reportingInstance": self.settings.identity,
-        }
-        try:
-            self.kube.create(obj)
-        except ApiError as exc:  # an Event is best effort: never fail a reconcile for one
-            (jlog or log).warning("could not post event %s: %s", event.reason, exc)
+    def _event(self, body: dict[str, Any], event: Event, jlog: ObjectLog | None) -> None:
+        post_event(self.kube, body, event.type, event.reason, event.message, self.settings.identity, jlog or log)

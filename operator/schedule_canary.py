@@ -184,7 +184,7 @@ class CanaryRunner:
     # -- helpers ---------------------------------------------------------------------------
 
     def _scrape(self, ns: str, selector: str, stable: Manifest) -> server_metrics.PodScrapes:
-        port = _port(stable)
+        port = canary_builders.container_port(stable) or 8080
         urls = []
         for pod in self.kube.list("v1", "Pod", ns, selector):
             ip = (pod.get("status") or {}).get("podIP")
@@ -226,10 +226,3 @@ class CanaryRunner:
             promoted=promoted,
             reason=reason,
         )
-
-
-def _port(stable: Manifest) -> int:
-    for container in stable["spec"]["template"]["spec"]["containers"]:
-        for port in container.get("ports") or []:
-            return int(port["containerPort"])
-    return 8080

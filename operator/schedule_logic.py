@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from kdistill.api.cron import Cron, last_at_or_before, next_after, runs_between, zone
-from kdistill.api.schedule import Gate
+from kdistill.api.schedule import Gate, HistoryEntry
 
 # Cap on the missed run times counted in one decision (counting walks them one by one).
 MISSED_COUNT_LIMIT = 10_000
@@ -240,4 +240,19 @@ def scores_from_metrics(metrics: dict[str, object]) -> Scores | None:
         champion_new=number("champion"),
         challenger_old=number("studentOlder"),
         champion_old=number("championOlder"),
+    )
+
+
+def history_entry(job: str, time: str, decision: GateDecision, version: int | None) -> HistoryEntry:
+    """The status.history entry of a gate decision (`version` when promoted)."""
+    return HistoryEntry(
+        job=job,
+        time=time,
+        version=version,
+        retention=decision.retention,
+        serving_metric=decision.serving_metric,
+        challenger_metric=decision.challenger_metric,
+        forgetting=decision.forgetting,
+        promoted=decision.promote,
+        reason=decision.reason,
     )

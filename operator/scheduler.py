@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,11 +38,20 @@ from kdistill.api.schedule import (
 
 from . import builders, metrics, names
 from .canary_builders import set_model_name
-from .kube import JOB, ApiError, Kube, path_for
+from .events import post_event
+from .kube import JOB, Kube
+from .logs import ObjectLog
 from .observe import parse_time
 from .schedule_canary import CANARY_RECHECK_SECONDS, CanaryRunner
 from .schedule_jobs import ScheduleBuildError, adopt_by_schedule, check_runnable, run_job, serving_job
-from .schedule_logic import FinishedJob, decide, gate_decision, jobs_to_delete, scores_from_metrics
+from .schedule_logic import (
+    FinishedJob,
+    decide,
+    gate_decision,
+    history_entry,
+    jobs_to_delete,
+    scores_from_metrics,
+)
 from .settings import Settings
 from .state import fmt_time
 
@@ -58,14 +66,6 @@ ACTIVE_RECHECK_SECONDS = 30.0
 # Longest wait between two looks at an idle schedule (a clock jump or a missed event heals by then).
 IDLE_RECHECK_SECONDS = 300.0
 FINISHED = ("Succeeded", "Failed")
-
-
-class ScheduleLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Every line names its schedule (namespace/name) as a structured field."""
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        kwargs.setdefault("extra", {}).update(self.extra or {})
-        return msg, kwargs
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class ScheduleReconciler:
 
     def _reconcile(self, key: Key, now: datetime) -> float | None:
         namespace, name = key
-        slog = ScheduleLog(log, {"schedule": f"{namespace}/{name}"})
+        slog = ObjectLog(log, {"schedule": f"{namespace}/{name}"})
         body = self.kube.get(*SCHEDULE, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.forget(key)
@@ -223,7 +223,7 @@ class ScheduleReconciler:
         if status.get("observedGeneration") != generation:
             patch["observedGeneration"] = generation
         if patch:
-            self._patch_status(namespace, name, patch)
+            self.kube.patch_status(namespace, name, patch, resource=SCHEDULE)
 
         # 5. History limits: the promoted run and the canary's stay.
         finished = [FinishedJob(r.name, r.finished or now, r.phase == "Succeeded") for r in runs if r.phase in FINISHED]
@@ -247,7 +247,7 @@ class ScheduleReconciler:
         run: RunView,
         promoted: dict[str, Any] | None,
         now: datetime,
-        slog: ScheduleLog,
+        slog: ObjectLog,
     ) -> HistoryEntry | dict[str, Any]:
         """The run's history entry, or the status of the canary it starts (status.canary)."""
         at = fmt_time(now)
@@ -271,17 +271,7 @@ class ScheduleReconciler:
             return entry
         decision = gate_decision(schedule.spec.promotion.gate, scores)
         version = (int((promoted or {}).get("version") or 0) + 1) if decision.promote else None
-        entry = HistoryEntry(
-            job=run.name,
-            time=at,
-            version=version,
-            retention=decision.retention,
-            serving_metric=decision.serving_metric,
-            challenger_metric=decision.challenger_metric,
-            forgetting=decision.forgetting,
-            promoted=decision.promote,
-            reason=decision.reason,
-        )
+        entry = history_entry(run.name, at, decision, version)
         if decision.promote and version is not None and promoted is not None:
             stable = self.kube.get("apps/v1", "Deployment", schedule.namespace, self._serving_name(schedule))
             if stable is not None:
@@ -300,7 +290,7 @@ class ScheduleReconciler:
     def _serving_name(schedule: DistillationSchedule) -> str:
         return names.schedule_serving(schedule.metadata.name, schedule.spec.job_template.spec.serving.name)
 
-    def _roll_out(self, schedule: DistillationSchedule, body: dict[str, Any], job_name: str, slog: ScheduleLog) -> None:
+    def _roll_out(self, schedule: DistillationSchedule, body: dict[str, Any], job_name: str, slog: ObjectLog) -> None:
         """The promoted run becomes the schedule's serving Deployment (a rolling update), keeping
         the model it replaces in an annotation for a manual rollback."""
         job = serving_job(schedule, job_name)
@@ -319,43 +309,8 @@ class ScheduleReconciler:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        self.kube.request(
-            "PATCH",
-            path_for(*SCHEDULE, namespace, name, "status"),
-            {"status": patch},
-            content_type="application/merge-patch+json",
-            verb="patch_status",
-        )
-
-    def _event(self, body: dict[str, Any], type_: str, reason: str, message: str, slog: ScheduleLog) -> None:
-        meta = body["metadata"]
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        obj = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": body["apiVersion"],
-                "kind": body["kind"],
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta["uid"],
-            },
-            "reason": reason,
-            "message": message[:1024],
-            "type": type_,
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-            "source": {"component": names.MANAGER},
-            "reportingComponent": names.MANAGER,
-            "reportingInstance": self.settings.identity,
-        }
-        try:
-            self.kube.create(obj)
-        except ApiError as exc:  # an Event is best effort
-            slog.warning("could not post event %s: %s", reason, exc)
+    def _event(self, body: dict[str, Any], type_: str, reason: str, message: str, slog: ObjectLog) -> None:
+        post_event(self.kube, body, type_, reason, message, self.settings.identity, slog)
 
 
 def _finish_order(run: RunView) -> tuple[datetime, str]:

@@ -12,8 +12,7 @@ from kdistill.operator import builders, rbac
 from kdistill.operator.departures import PodTracker
 from kdistill.operator.leader import may_take, micro_time
 from kdistill.operator.login import connection_info
-from kdistill.operator.logs import JsonFormatter
-from kdistill.operator.reconciler import JobLog
+from kdistill.operator.logs import JsonFormatter, ObjectLog
 from kdistill.operator.workqueue import WorkQueue
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
@@ -68,7 +67,7 @@ def test_log_lines_are_json_and_name_the_job(capsys: object) -> None:
     record.job = "ml/intent"
     out = json.loads(JsonFormatter().format(record))
     assert out["job"] == "ml/intent" and out["message"] == "phase Running" and out["level"] == "info"
-    adapter = JobLog(logging.getLogger("x"), {"job": "ml/j"})
+    adapter = ObjectLog(logging.getLogger("x"), {"job": "ml/j"})
     _, kwargs = adapter.process("m", {})
     assert kwargs["extra"]["job"] == "ml/j"
     record.job = None
