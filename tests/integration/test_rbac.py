@@ -414,6 +414,14 @@ class Setup:
 
 @pytest.fixture
 def setup(cluster: Cluster, crd: None) -> Iterator[Setup]:
+    # A cluster-mode operator sees every namespace. In one that an earlier test is still deleting,
+    # the API server refuses new objects (Events too) with 403 "being terminated", which this
+    # file would count as an RBAC denial: start only once no namespace is terminating.
+    core = cluster.core()
+    until_quiet = time.monotonic() + 180
+    while any(ns.status.phase == "Terminating" for ns in core.list_namespace().items):
+        assert time.monotonic() < until_quiet, "namespaces of earlier tests still terminating after 180 s"
+        time.sleep(1)
     release_ns = cluster.create_namespace("kd-system")
     job_ns = cluster.create_namespace("kd-jobs")
     make_claims(cluster, job_ns, CLAIMS)
