@@ -180,9 +180,15 @@ class Node:
         """Removes the earlier build held under `image`'s tag and lets containerd collect its
         layers at once: the volume keeps every build otherwise, and two builds of the multi-GB
         trainer image per node do not fit on the disk. The markers go too (one of them may name
-        a build that docker's cache gives back later)."""
+        a build that docker's cache gives back later).
+
+        The CRI plugin adds a `sha256:<image id>` reference beside every tag it sees, and that
+        reference alone keeps all the layers; so every reference to the tag's manifest goes,
+        and so does any ID reference left without a name by an earlier run."""
         ref = image if "." in image.split("/", 1)[0] else f"docker.io/{image}"
-        docker("exec", self.name, "ctr", "-n", "k8s.io", "images", "rm", "--sync", ref, check=False)
+        listing = docker("exec", self.name, "ctr", "-n", "k8s.io", "images", "ls", check=False).stdout
+        for stale in refs_to_drop(listing, ref):
+            docker("exec", self.name, "ctr", "-n", "k8s.io", "images", "rm", "--sync", stale, check=False)
         docker("exec", self.name, "rm", "-rf", LOADED_MARKERS, check=False)
 
     def exec(self, *argv: str, input_bytes: bytes | None = None) -> str:
@@ -199,6 +205,37 @@ class Node:
         raise TimeoutError(f"containerd did not answer on {self.name} within {timeout:.0f}s")
 
 
+def refs_to_drop(listing: str, ref: str) -> list[str]:
+    """The references of a `ctr images ls` listing to remove before `ref` is imported again.
+
+    Those are `ref`, every reference to the same manifest (the CRI plugin's `sha256:<id>` one),
+    and every `sha256:` reference whose manifest no named reference shares: an earlier build's,
+    which nothing can use and which holds its layers on the disk.
+    """
+    rows = [line.split() for line in listing.splitlines()[1:] if line.strip()]
+    digest_of = {row[0]: row[2] for row in rows if len(row) >= 3}
+    named = {digest for name, digest in digest_of.items() if not name.startswith("sha256:")}
+    drop_digest = digest_of.get(ref)
+    return [
+        name
+        for name, digest in digest_of.items()
+        if name == ref or digest == drop_digest or (name.startswith("sha256:") and digest not in named)
+    ]
+
+
+def free_bytes_for_images() -> int | None:
+    """Free bytes where docker keeps the nodes' containerd volumes; None when it cannot be read."""
+    root = docker("info", "-f", "{{.DockerRootDir}}", check=False).stdout.strip()
+    if not root or not Path(root).exists():
+        return None
+    stat = os.statvfs(root)
+    return stat.f_bavail * stat.f_frsize
+
+
+def image_bytes(image: str) -> int:
+    return int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout.strip())
+
+
 def load_image(nodes: list[Node], image: str) -> float:
     """`ctr import` of `image` into every node that lacks it, from one `docker save` stream. Returns seconds.
 
@@ -213,6 +250,14 @@ def load_image(nodes: list[Node], image: str) -> float:
         return 0.0
     for node in nodes:
         node.drop_image(image)
+    # Each node holds the layers twice (the archive's blobs and the unpacked snapshots).
+    needed, free = 2 * image_bytes(image) * len(nodes), free_bytes_for_images()
+    if free is not None and free < needed:
+        raise RuntimeError(
+            f"loading {image} into {len(nodes)} nodes needs about {needed / 1e9:.1f} GB free in docker's "
+            f"data root and {free / 1e9:.1f} GB is free; `docker volume rm` old kdistill-e2e-node*-containerd "
+            "volumes or `docker image prune` to make room"
+        )
     errors = _stream_import(image, nodes)
     if errors:
         raise RuntimeError(f"loading {image} failed: " + "; ".join(errors))
