@@ -20,6 +20,7 @@ TRAINER_STATUS_FIELDS: tuple[str, ...] = (
     "loss",
     "tokensPerSecond",
     "lastCheckpoint",
+    "productiveSeconds",
 )
 
 
@@ -88,6 +89,23 @@ class DistillationJobStatus(ApiModel):
     restarts: int | None = Field(None, ge=0, description="Gang restarts counted against maxRestarts.")
     evictions: int | None = Field(None, ge=0, description="Restarts caused by evictions/preemptions.")
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
+    attempt: int | None = Field(
+        None,
+        ge=0,
+        description="The current gang attempt (restarts + evictions; KDISTILL_ATTEMPT of its workers): a rank of an "
+        "older attempt cannot write a checkpoint, a status patch or a result.",
+    )
+    productive_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="Training seconds that count (trainer): the steps kept in the newest checkpoint and those "
+        "since; work lost to a restart is not counted.",
+    )
+    goodput: float | None = Field(
+        None,
+        ge=0,
+        description="productiveSeconds over the wall seconds since startTime (until completionTime once finished).",
+    )
     metrics: Metrics | None = Field(None, description="Eval metrics of teacher and served student.")
     endpoint: str | None = Field(None, description="URL of the serving Service.")
     teacher: TeacherStatus | None = Field(None, description="The served or external teacher the workers use.")

@@ -7,6 +7,7 @@ LIST its pods), never from a watch cache, so a restarted operator acts on the sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -20,9 +21,9 @@ from .departures import PodTracker
 from .events import post_event
 from .kube import JOB, ApiError, Kube
 from .logs import ObjectLog
-from .observe import DeploymentView, NodeView, PodView, TeacherView
+from .observe import DeploymentView, NodeView, PodView, TeacherView, parse_time
 from .settings import Settings
-from .state import Decision, Event, Observed, decide, fmt_time
+from .state import Decision, Event, Observed, decide, fmt_time, goodput
 
 log = logging.getLogger("kdistill.operator")
 
@@ -44,6 +45,8 @@ class Reconciler:
 
     def forget(self, key: Key) -> None:
         self.phases.pop(key, None)
+        with contextlib.suppress(KeyError):
+            metrics.GOODPUT.remove(*key)
         metrics.set_phases(self.phase_counts())
 
     def phase_counts(self) -> dict[str, int]:
@@ -119,7 +122,15 @@ class Reconciler:
             raise
         self.phases[key] = decision.phase or status.get("phase") or "Pending"
         metrics.set_phases(self.phase_counts())
+        self._observe_goodput(key, status, now)
         return decision.requeue_after
+
+    def _observe_goodput(self, key: Key, status: dict[str, Any], now: datetime) -> None:
+        """The per-job goodput gauge, to the second (status.goodput is rounded to two decimals)."""
+        end = parse_time(status.get("completionTime")) or now
+        value = goodput(status.get("productiveSeconds"), parse_time(status.get("startTime")), end)
+        if value is not None:
+            metrics.GOODPUT.labels(*key).set(value)
 
     # -- acting ----------------------------------------------------------------------------
 
@@ -137,7 +148,7 @@ class Reconciler:
         if d.status:
             # Counting a restart or changing phase must be based on what we saw: a stale view
             # (another pass, a restarted operator) gets 409 instead of counting twice.
-            guarded = {"phase", "restarts", "evictions"} & d.status.keys()
+            guarded = {"phase", "restarts", "evictions", "attempt"} & d.status.keys()
             rv = body["metadata"].get("resourceVersion") if guarded else None
             self.kube.patch_status(namespace, name, d.status, rv)
             self._count(old, d, jlog)
