@@ -65,6 +65,17 @@ class TeacherStatus(ApiModel):
     ready_replicas: int | None = Field(None, ge=0, description="Teacher replicas available now (teacher.serve).")
 
 
+class DepartedWorker(ApiModel):
+    attempt: int = Field(ge=0, description="The gang attempt the worker pod belonged to.")
+    reason: str = Field(
+        description="Why it went: its DisruptionTarget reason (e.g. EvictionByEvictionAPI, PreemptionByScheduler, "
+        "DeletionByTaintManager) or status.reason (Evicted)."
+    )
+    phase: str = Field("", description="The pod's last phase.")
+    exit_code: int | None = Field(None, description="The trainer container's exit code, if it had ended.")
+    message: str = Field("", description="The trainer's termination message (shortened), if any.")
+
+
 class Condition(ApiModel):
     type: str = Field(description="Condition type, e.g. Ready, Training, Failed.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -100,6 +111,11 @@ class DistillationJobStatus(ApiModel):
         ge=0,
         description="Training seconds that count (trainer): the steps kept in the newest checkpoint and those "
         "since; work lost to a restart is not counted.",
+    )
+    departed_workers: dict[str, DepartedWorker] | None = Field(
+        None,
+        description="Operator memory of disrupted worker pods by replica index, written when the pod watch sees "
+        "one evicted or preempted, so that a restarted operator still counts it as an eviction once the pod is gone.",
     )
     goodput: float | None = Field(
         None,

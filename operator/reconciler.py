@@ -17,7 +17,7 @@ from typing import Any
 from kdistill.api import JobValidationError, parse_job
 
 from . import builders, metrics, names
-from .departures import PodTracker
+from .departures import STATUS_FIELD, PodTracker, departed_from_status
 from .events import post_event
 from .kube import JOB, ApiError, Kube
 from .logs import ObjectLog
@@ -96,8 +96,12 @@ class Reconciler:
             dep = self.kube.get("apps/v1", "Deployment", namespace, names.serving(name, job.spec.serving.name))
             deployment = DeploymentView.from_dict(dep) if dep is not None else None
         teacher = self._observe_teacher(job) if job.spec.teacher.serve.enabled else None
-        expected = [names.worker_pod(name, i) for i in range(job.spec.parallelism.nodes)]
-        missing = [p for p in expected if p not in {v.name for v in pods}]
+        expected = {i: names.worker_pod(name, i) for i in range(job.spec.parallelism.nodes)}
+        missing = [p for p in expected.values() if p not in {v.name for v in pods}]
+        # What this process's watch saw, else what a watch (maybe a previous operator's) recorded.
+        departed = self.pod_tracker.departed(namespace, missing)
+        recorded = departed_from_status(status, {i: p for i, p in expected.items() if p in missing})
+        departed = {**recorded, **departed}
         obs = Observed(
             job=job,
             generation=int(body["metadata"].get("generation") or 0),
@@ -108,7 +112,7 @@ class Reconciler:
             now=now,
             notready_seconds=self.settings.notready_seconds,
             max_backoff_seconds=self.settings.max_backoff_seconds,
-            departed=self.pod_tracker.departed(namespace, missing),
+            departed=departed,
             unconfirmed=self.pod_tracker.unconfirmed(namespace, missing),
             teacher=teacher,
         )
@@ -124,6 +128,23 @@ class Reconciler:
         metrics.set_phases(self.phase_counts())
         self._observe_goodput(key, status, now)
         return decision.requeue_after
+
+    def record_departure(self, namespace: str, job: str, index: int, record: dict[str, Any]) -> bool:
+        """Write a disrupted worker's final state into its job's status (departures.py); True if written.
+        A job that is gone needs no record."""
+        try:
+            self.kube.patch_status(namespace, job, {STATUS_FIELD: {str(index): record}})
+        except ApiError as exc:
+            if exc.status == 404:
+                return True
+            ObjectLog(log, {"job": f"{namespace}/{job}"}).warning(
+                "cannot record the departure of worker %d: %s", index, exc
+            )
+            return False
+        ObjectLog(log, {"job": f"{namespace}/{job}"}).info(
+            "recorded the departure of worker %d (attempt %s): %s", index, record["attempt"], record["reason"]
+        )
+        return True
 
     def _observe_goodput(self, key: Key, status: dict[str, Any], now: datetime) -> None:
         """The per-job goodput gauge, to the second (status.goodput is rounded to two decimals)."""
