@@ -695,3 +695,30 @@ def test_goodput_is_productive_seconds_over_wall_seconds_since_start() -> None:
     ] == pytest.approx(0.5)
     # No productive seconds reported yet: no goodput.
     assert "goodput" not in decide(observe(running(attempt=0), [pod(0), pod(1)])).status
+
+
+def test_a_recorded_departure_classifies_a_missing_worker_after_a_restart() -> None:
+    from dataclasses import replace as dc_replace
+
+    from kdistill.operator.departures import departed_from_status, departure_record
+
+    evicted = pod(1, "Failed", attempt=1, disruption="EvictionByEvictionAPI", terminated=ended(code=137))
+    record = departure_record(evicted)
+    assert record == {
+        "attempt": 1,
+        "reason": "EvictionByEvictionAPI",
+        "phase": "Failed",
+        "exitCode": 137,
+        "message": "",
+    }
+    assert departure_record(pod(1, "Failed", attempt=1, terminated=ended())) is None  # not disrupted: not kept
+    status = running(restarts=1, attempt=1, departedWorkers={"1": record})
+    departed = departed_from_status(status, {1: "j-worker-1"})
+    assert departed["j-worker-1"].evicted and departed["j-worker-1"].attempt == 1
+    obs = dc_replace(observe(status, [pod(0, attempt=1)]), departed=departed)
+    d = decide(obs)
+    assert d.phase == "Restarting" and d.status["evictions"] == 1 and "restarts" not in d.status
+    # A record of an older attempt says nothing about the current gang's missing worker.
+    stale = departed_from_status(running(departedWorkers={"1": {**record, "attempt": 0}}), {1: "j-worker-1"})
+    d = decide(dc_replace(observe(status, [pod(0, attempt=1)]), departed=stale))
+    assert d.status["restarts"] == 2 and "evictions" not in d.status
