@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -14,6 +19,7 @@ from kdistill.api import GROUP, PLURAL, VERSION
 from kdistill.trainer.metrics import TrainerMetrics
 from kdistill.trainer.progress import ProgressReporter, fenced_patch, status_body
 from tests.cluster.cluster import Cluster
+from tests.parallel.harness import REPO
 
 from . import helpers
 
@@ -195,3 +201,67 @@ def test_a_status_patch_of_an_older_attempt_is_refused_by_the_api_server(
     current = status()
     assert current["step"] == 6 and current["lastCheckpoint"]["step"] == 6  # type: ignore[index]
     assert current["attempt"] == 2 and current["restarts"] == 2 and current["phase"] == "Running"
+
+
+@pytest.mark.cluster
+def test_a_trainer_run_reports_only_complete_checkpoints_and_its_productive_seconds(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """A real trainer process (attempt 0) patches a real job's status through the per-job Role:
+    status.lastCheckpoint names a checkpoint whose manifest verifies, productiveSeconds is set."""
+    from kdistill.api import parse_job
+    from kdistill.operator import builders
+    from kdistill.trainer.checkpoint import CheckpointManager
+    from tests.parallel.jobs import make_job
+
+    cluster.install_crd()
+    body = helpers.job_dict("reports", "causal-lm", "pvc://models/t", "pvc://data/train.jsonl", "pvc://data/eval.jsonl")
+    body["metadata"]["namespace"] = namespace
+    api = client.CustomObjectsApi(cluster.api_client())
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    job = parse_job(body)
+    job.metadata.namespace = namespace
+    rbac = client.RbacAuthorizationV1Api(cluster.api_client())
+    for obj in builders.trainer_rbac(job):
+        kind = obj["kind"]
+        if kind == "ServiceAccount":
+            cluster.core().create_namespaced_service_account(namespace, obj)
+        elif kind == "Role":
+            rbac.create_namespaced_role(namespace, obj)
+        else:
+            rbac.create_namespaced_role_binding(namespace, obj)
+    account = builders.trainer_service_account_name(job)
+    api.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "reports", {"status": {"phase": "Running", "attempt": 0}},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
+    job_file = make_job(tmp_path / "job", world=1, steps=8, every=4, batch_size=4, layers=2, name="reports")
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TRANSFORMERS_VERBOSITY="error",
+        KUBECONFIG=str(cluster.serviceaccount_kubeconfig(namespace, account)),
+        KDISTILL_JOB_NAME="reports",
+        KDISTILL_JOB_NAMESPACE=namespace,
+        KDISTILL_ATTEMPT="0",
+        KDISTILL_TERMINATION_LOG=str(tmp_path / "termination.log"),
+    )
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    run = subprocess.run(
+        [sys.executable, "-P", "-m", "kdistill.trainer", "--config", str(job_file), "--output", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "status patch" not in run.stderr, run.stderr[-3000:]  # no patch failed
+    status = api.get_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "reports")["status"]
+    assert status["step"] == 8 and status["attempt"] == 0
+    named = out / "checkpoints" / f"step-{status['lastCheckpoint']['step']:09d}"
+    assert status["lastCheckpoint"]["step"] == 8 and CheckpointManager.verify(named) is None
+    result = json.loads((out / "result.json").read_text())
+    assert 0 < status["productiveSeconds"] <= result["trainSeconds"] + 0.1
