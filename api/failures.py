@@ -28,6 +28,10 @@ class ExitCode(IntEnum):
     # restart counts against failurePolicy.maxRestarts, so a teacher that never comes back ends the
     # job instead of looping.
     TEACHER_UNAVAILABLE = 14
+    # A newer gang attempt took over (this rank outlived its gang, e.g. on a partitioned node): its
+    # checkpoint, status patch or result was refused and it stopped. Retryable only so that the
+    # operator, which never reads a stale attempt's pods, restarts rather than fails if it ever sees one.
+    FENCED = 15
     # Permanent: restarting cannot help.
     BAD_SPEC = 20  # the job spec cannot run (e.g. student vocabulary differs from the teacher's)
     BAD_DATA = 21  # data missing, or too many bad lines

@@ -40,6 +40,9 @@ PVC_ROOT_ENV = "KDISTILL_PVC_ROOT"
 # The served teacher's base URL (http://<job>-teacher.<namespace>.svc:<port>, or teacher.endpoint):
 # set on the workers whenever the teacher is remote; the trainer reads the teacher from it.
 TEACHER_URL_ENV = "KDISTILL_TEACHER_URL"
+# The gang attempt the worker belongs to (its pod's LABEL_ATTEMPT, and status.attempt while it is
+# current): the trainer fences its checkpoints, status patches and results with it.
+ATTEMPT_ENV = "KDISTILL_ATTEMPT"
 
 # -- a job's output directory ---------------------------------------------------------------------
 STUDENT_DIR = "student"  # the full-precision student

@@ -20,6 +20,7 @@ TRAINER_STATUS_FIELDS: tuple[str, ...] = (
     "loss",
     "tokensPerSecond",
     "lastCheckpoint",
+    "productiveSeconds",
 )
 
 
@@ -64,6 +65,17 @@ class TeacherStatus(ApiModel):
     ready_replicas: int | None = Field(None, ge=0, description="Teacher replicas available now (teacher.serve).")
 
 
+class DepartedWorker(ApiModel):
+    attempt: int = Field(ge=0, description="The gang attempt the worker pod belonged to.")
+    reason: str = Field(
+        description="Why it went: its DisruptionTarget reason (e.g. EvictionByEvictionAPI, PreemptionByScheduler, "
+        "DeletionByTaintManager) or status.reason (Evicted)."
+    )
+    phase: str = Field("", description="The pod's last phase.")
+    exit_code: int | None = Field(None, description="The trainer container's exit code, if it had ended.")
+    message: str = Field("", description="The trainer's termination message (shortened), if any.")
+
+
 class Condition(ApiModel):
     type: str = Field(description="Condition type, e.g. Ready, Training, Failed.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -88,6 +100,28 @@ class DistillationJobStatus(ApiModel):
     restarts: int | None = Field(None, ge=0, description="Gang restarts counted against maxRestarts.")
     evictions: int | None = Field(None, ge=0, description="Restarts caused by evictions/preemptions.")
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
+    attempt: int | None = Field(
+        None,
+        ge=0,
+        description="The current gang attempt (restarts + evictions; KDISTILL_ATTEMPT of its workers): a rank of an "
+        "older attempt cannot write a checkpoint, a status patch or a result.",
+    )
+    productive_seconds: float | None = Field(
+        None,
+        ge=0,
+        description="Training seconds that count (trainer): the steps kept in the newest checkpoint and those "
+        "since; work lost to a restart is not counted.",
+    )
+    departed_workers: dict[str, DepartedWorker] | None = Field(
+        None,
+        description="Operator memory of disrupted worker pods by replica index, written when the pod watch sees "
+        "one evicted or preempted, so that a restarted operator still counts it as an eviction once the pod is gone.",
+    )
+    goodput: float | None = Field(
+        None,
+        ge=0,
+        description="productiveSeconds over the wall seconds since startTime (until completionTime once finished).",
+    )
     metrics: Metrics | None = Field(None, description="Eval metrics of teacher and served student.")
     endpoint: str | None = Field(None, description="URL of the serving Service.")
     teacher: TeacherStatus | None = Field(None, description="The served or external teacher the workers use.")

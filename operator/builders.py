@@ -236,13 +236,15 @@ def torchrun_command(job: DistillationJob, index: int) -> list[str]:
     ]
 
 
-def _worker_env(job: DistillationJob, index: int) -> list[Manifest]:
+def _worker_env(job: DistillationJob, index: int, attempt: int) -> list[Manifest]:
     name, ns = job.metadata.name, job.namespace
     par = job.spec.parallelism
     env: list[Manifest] = [
         {"name": metadata.JOB_NAME_ENV, "value": name},
         {"name": metadata.JOB_NAMESPACE_ENV, "value": ns},
         {"name": metadata.PVC_ROOT_ENV, "value": names.PVC_ROOT},
+        # The gang attempt (the pod's LABEL_ATTEMPT): the trainer's fence against older attempts.
+        {"name": metadata.ATTEMPT_ENV, "value": str(attempt)},
         # torchrun's env conventions, for tools that read them rather than the flags.
         {"name": "MASTER_ADDR", "value": names.master_address(name, ns)},
         {"name": "MASTER_PORT", "value": str(names.RDZV_PORT)},
@@ -326,7 +328,7 @@ def worker_pod(
         "name": names.TRAINER_CONTAINER,
         "image": tpl.image or settings.trainer_image,
         "command": torchrun_command(job, index),
-        "env": _worker_env(job, index),
+        "env": _worker_env(job, index, attempt),
         "resources": _merge_gpu(tpl.resources, gpus),
         "ports": [{"name": "rendezvous", "containerPort": names.RDZV_PORT}],
         "volumeMounts": mounts,

@@ -251,6 +251,13 @@ async def pod_event(
     key = (namespace, job)
     pod_key = (namespace, name)
     view = rt.reconciler.pod_tracker.seen(namespace, dict(body), deleted=type == "DELETED")
+    if rt.queue is not None and view.index is not None:
+        # A disrupted pod goes into the job's status at once: the memory survives an operator restart.
+        record = rt.reconciler.pod_tracker.to_record(namespace, view)
+        if record is not None and not await asyncio.to_thread(
+            rt.reconciler.record_departure, namespace, job, view.index, record
+        ):
+            rt.reconciler.pod_tracker.forget_record(namespace, view)
     old = rt.pod_nodes.pop(pod_key, None)
     if old is not None:
         rt.node_jobs.get(old[0], set()).discard(key)

@@ -52,6 +52,13 @@ SCHEDULE_DECISIONS = Counter(
     ["decision"],
     registry=REGISTRY,
 )
+GOODPUT = Gauge(
+    "kdistill_job_goodput",
+    "Productive training seconds (status.productiveSeconds, reported by rank 0) over the wall seconds since the "
+    "job's startTime, per job; work lost to a restart does not count.",
+    ["namespace", "job"],
+    registry=REGISTRY,
+)
 LEADER = Gauge("kdistill_leader", "1 while this replica holds the leader lease.", registry=REGISTRY)
 
 

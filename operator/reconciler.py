@@ -7,6 +7,7 @@ LIST its pods), never from a watch cache, so a restarted operator acts on the sa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,13 +17,13 @@ from typing import Any
 from kdistill.api import JobValidationError, parse_job
 
 from . import builders, metrics, names
-from .departures import PodTracker
+from .departures import STATUS_FIELD, PodTracker, departed_from_status
 from .events import post_event
 from .kube import JOB, ApiError, Kube
 from .logs import ObjectLog
-from .observe import DeploymentView, NodeView, PodView, TeacherView
+from .observe import DeploymentView, NodeView, PodView, TeacherView, parse_time
 from .settings import Settings
-from .state import Decision, Event, Observed, decide, fmt_time
+from .state import Decision, Event, Observed, decide, fmt_time, goodput
 
 log = logging.getLogger("kdistill.operator")
 
@@ -44,6 +45,8 @@ class Reconciler:
 
     def forget(self, key: Key) -> None:
         self.phases.pop(key, None)
+        with contextlib.suppress(KeyError):
+            metrics.GOODPUT.remove(*key)
         metrics.set_phases(self.phase_counts())
 
     def phase_counts(self) -> dict[str, int]:
@@ -93,8 +96,12 @@ class Reconciler:
             dep = self.kube.get("apps/v1", "Deployment", namespace, names.serving(name, job.spec.serving.name))
             deployment = DeploymentView.from_dict(dep) if dep is not None else None
         teacher = self._observe_teacher(job) if job.spec.teacher.serve.enabled else None
-        expected = [names.worker_pod(name, i) for i in range(job.spec.parallelism.nodes)]
-        missing = [p for p in expected if p not in {v.name for v in pods}]
+        expected = {i: names.worker_pod(name, i) for i in range(job.spec.parallelism.nodes)}
+        missing = [p for p in expected.values() if p not in {v.name for v in pods}]
+        # What this process's watch saw, else what a watch (maybe a previous operator's) recorded.
+        departed = self.pod_tracker.departed(namespace, missing)
+        recorded = departed_from_status(status, {i: p for i, p in expected.items() if p in missing})
+        departed = {**recorded, **departed}
         obs = Observed(
             job=job,
             generation=int(body["metadata"].get("generation") or 0),
@@ -105,7 +112,7 @@ class Reconciler:
             now=now,
             notready_seconds=self.settings.notready_seconds,
             max_backoff_seconds=self.settings.max_backoff_seconds,
-            departed=self.pod_tracker.departed(namespace, missing),
+            departed=departed,
             unconfirmed=self.pod_tracker.unconfirmed(namespace, missing),
             teacher=teacher,
         )
@@ -119,7 +126,32 @@ class Reconciler:
             raise
         self.phases[key] = decision.phase or status.get("phase") or "Pending"
         metrics.set_phases(self.phase_counts())
+        self._observe_goodput(key, status, now)
         return decision.requeue_after
+
+    def record_departure(self, namespace: str, job: str, index: int, record: dict[str, Any]) -> bool:
+        """Write a disrupted worker's final state into its job's status (departures.py); True if written.
+        A job that is gone needs no record."""
+        try:
+            self.kube.patch_status(namespace, job, {STATUS_FIELD: {str(index): record}})
+        except ApiError as exc:
+            if exc.status == 404:
+                return True
+            ObjectLog(log, {"job": f"{namespace}/{job}"}).warning(
+                "cannot record the departure of worker %d: %s", index, exc
+            )
+            return False
+        ObjectLog(log, {"job": f"{namespace}/{job}"}).info(
+            "recorded the departure of worker %d (attempt %s): %s", index, record["attempt"], record["reason"]
+        )
+        return True
+
+    def _observe_goodput(self, key: Key, status: dict[str, Any], now: datetime) -> None:
+        """The per-job goodput gauge, to the second (status.goodput is rounded to two decimals)."""
+        end = parse_time(status.get("completionTime")) or now
+        value = goodput(status.get("productiveSeconds"), parse_time(status.get("startTime")), end)
+        if value is not None:
+            metrics.GOODPUT.labels(*key).set(value)
 
     # -- acting ----------------------------------------------------------------------------
 
@@ -137,7 +169,7 @@ class Reconciler:
         if d.status:
             # Counting a restart or changing phase must be based on what we saw: a stale view
             # (another pass, a restarted operator) gets 409 instead of counting twice.
-            guarded = {"phase", "restarts", "evictions"} & d.status.keys()
+            guarded = {"phase", "restarts", "evictions", "attempt"} & d.status.keys()
             rv = body["metadata"].get("resourceVersion") if guarded else None
             self.kube.patch_status(namespace, name, d.status, rv)
             self._count(old, d, jlog)

@@ -175,6 +175,10 @@ def decide(obs: Observed) -> Decision:
         st.set("evictions", 0)
 
     phase = _step(obs, st, d, old_phase)
+    # The attempt moves in the same patch as the restart that starts it, before the new gang's pods
+    # exist: the old gang's fenced status patches (test /status/attempt) are refused from then on.
+    if phase not in TERMINAL:
+        st.set("attempt", _attempt(st))
     _teacher(obs, st, d, phase)
     d.phase = phase
     st.set("phase", phase)
@@ -183,8 +187,30 @@ def decide(obs: Observed) -> Decision:
         d.events.insert(0, Event("Warning" if warn else "Normal", phase, f"phase {old_phase or '(new)'} -> {phase}"))
     if phase in TERMINAL and not st.get("completionTime"):
         st.set("completionTime", fmt_time(obs.now))
+    _goodput(obs, st)
     d.status = st.patch()
     return d
+
+
+# status.goodput holds this many decimals: it is written only when the rounded value moves.
+GOODPUT_DECIMALS = 2
+
+
+def goodput(productive_seconds: Any, start: datetime | None, end: datetime) -> float | None:
+    """Productive training seconds (the trainer's) over the wall seconds from start to end; at most 1."""
+    if not isinstance(productive_seconds, int | float) or start is None:
+        return None
+    wall = (end - start).total_seconds()
+    if wall <= 0:
+        return None
+    return min(max(float(productive_seconds), 0.0) / wall, 1.0)
+
+
+def _goodput(obs: Observed, st: _Status) -> None:
+    end = parse_time(st.get("completionTime")) or obs.now
+    value = goodput(obs.status.get("productiveSeconds"), parse_time(st.get("startTime")), end)
+    if value is not None:
+        st.set("goodput", round(value, GOODPUT_DECIMALS))
 
 
 def _step(obs: Observed, st: _Status, d: Decision, phase: str | None) -> str:

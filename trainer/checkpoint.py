@@ -7,7 +7,9 @@ sampler position), plus named extra safetensors files a caller adds (the top-k c
 residuals of every rank, gathered to rank 0). It is written into a temporary directory, every
 file fsync'ed, a manifest of sha256 checksums written last, then renamed into place: a reader never sees a partial one.
 On start, the newest checkpoint whose manifest verifies wins; a corrupt one is skipped with a
-warning.
+warning. With a gang attempt (``fence.py``) the rename and the pruning happen under the attempt
+fence: a rank of an older attempt has its save refused (``ExitCode.FENCED``), so it never becomes
+the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from .fence import Fence
 from .fsio import replace_dir, sha256_file
 
 log = logging.getLogger(__name__)
@@ -76,9 +79,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, keep: int) -> None:
+    def __init__(self, root: Path, keep: int, fence: Fence | None = None) -> None:
         self.root = root
         self.keep = keep
+        self.fence = fence or Fence(root, None)
 
     def _final_path(self, step: int) -> Path:
         return self.root / f"{PREFIX}{step:09d}"
@@ -115,14 +119,26 @@ class CheckpointManager:
             if not name.endswith(".safetensors") or "/" in name or name.startswith("."):
                 raise ValueError(f"extra checkpoint file {name!r}: expected a plain NAME.safetensors")
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
-        info = {"step": step, "stage": stage, "temperature": temperature, "time": time.time(), "meta": meta or {}}
+        info = {
+            "step": step,
+            "stage": stage,
+            "temperature": temperature,
+            "time": time.time(),
+            "meta": meta or {},
+            "attempt": self.fence.attempt,
+        }
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1))
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"step": step, "files": {name: sha256_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        # Re-saving a step (e.g. SIGTERM right after a periodic save) replaces the old one.
-        replace_dir(tmp, final)
-        self.prune()
+        try:
+            with self.fence.holding(f"checkpoint of step {step}"):
+                # Re-saving a step (e.g. SIGTERM right after a periodic save) replaces the old one.
+                replace_dir(tmp, final)
+                self.prune()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return final
 
     def prune(self) -> None:

@@ -33,6 +33,7 @@ from .batching import collate
 from .checkpoint import CheckpointInfo, CheckpointManager
 from .errors import TrainerError
 from .evaluate import EvalResult, evaluate
+from .fence import Fence
 from .flows import CheckpointState, TrainingFlow
 from .flows.model_parallel import ModelParallelFlow
 from .flows.single import SingleProcessFlow
@@ -94,7 +95,11 @@ class Trainer:
         self.device = opts.device
         self.task = self.spec.task
         self.metrics = TrainerMetrics()
-        self.ckpt = CheckpointManager(opts.output.checkpoints, self.spec.checkpoint.keep)
+        # The gang attempt's fence: raised before anything is read, so that an older attempt's later
+        # saves and outputs are refused (fence.py).
+        self.fence = Fence.from_env(opts.output.checkpoints)
+        self.fence.raise_to_mine()
+        self.ckpt = CheckpointManager(opts.output.checkpoints, self.spec.checkpoint.keep, self.fence)
         self.qat_prepared = False
         self.tokens_seen = 0
         self.train_seconds = 0.0

@@ -3,6 +3,13 @@
 Only the fields in ``kdistill.api.TRAINER_STATUS_FIELDS`` are patched (the operator owns the
 rest), at most every ``min_interval`` seconds, from a background thread so a slow API server
 never stalls a step. A failed patch is logged and forgotten: progress is advisory.
+
+With a gang attempt (``KDISTILL_ATTEMPT``) each patch is a JSON patch whose first operation
+tests ``/status/attempt``: the API server applies it only while this rank's attempt is the
+job's current one, in the same write, so a rank of an older gang (e.g. on a partitioned node)
+cannot move the progress fields and there is no check-then-write race. A refused patch whose
+job names a newer attempt marks the reporter ``fenced``; the trainer then stops with
+``ExitCode.FENCED``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from typing import Any
 
 from kdistill.api import GROUP, PLURAL, TRAINER_STATUS_FIELDS, VERSION
 from kdistill.api.metadata import JOB_NAME_ENV, JOB_NAMESPACE_ENV
+
+from .fence import attempt_from_env
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,7 @@ def status_body(
     loss: float | None,
     tokens_per_second: float | None,
     last_checkpoint: tuple[int, float] | None,
+    productive_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The merge-patch body for the progress fields (pure)."""
     fields: dict[str, Any] = {
@@ -47,11 +57,21 @@ def status_body(
         fields["loss"] = round(float(loss), 6)
     if tokens_per_second is not None:
         fields["tokensPerSecond"] = round(float(tokens_per_second), 1)
+    if productive_seconds is not None:
+        fields["productiveSeconds"] = round(float(productive_seconds), 1)
     if last_checkpoint is not None:
         fields["lastCheckpoint"] = {"step": last_checkpoint[0], "time": rfc3339(last_checkpoint[1])}
     unknown = set(fields) - set(TRAINER_STATUS_FIELDS)
     assert not unknown, f"not trainer-owned status fields: {unknown}"
     return {"status": fields}
+
+
+def fenced_patch(body: dict[str, Any], attempt: int) -> list[dict[str, Any]]:
+    """The JSON patch of ``status_body``'s fields that applies only while ``status.attempt`` is
+    ``attempt`` (pure)."""
+    ops: list[dict[str, Any]] = [{"op": "test", "path": "/status/attempt", "value": attempt}]
+    ops += [{"op": "add", "path": f"/status/{k}", "value": v} for k, v in body["status"].items()]
+    return ops
 
 
 def _load_kube_config() -> bool:
@@ -71,12 +91,15 @@ def _load_kube_config() -> bool:
 
 
 class ProgressReporter:
-    def __init__(self, name: str, namespace: str, min_interval: float = 5.0) -> None:
+    def __init__(self, name: str, namespace: str, min_interval: float = 5.0, attempt: int | None = None) -> None:
         from kubernetes import client
 
         self.name = name
         self.namespace = namespace
         self.min_interval = min_interval
+        self.attempt = attempt
+        # Set once the API server refused a patch because the job runs a newer attempt.
+        self.fenced: int | None = None
         self._api = client.CustomObjectsApi()
         self._pending: dict[str, Any] | None = None
         self._last_sent = 0.0
@@ -91,7 +114,7 @@ class ProgressReporter:
         name, namespace = os.environ.get(JOB_NAME_ENV), os.environ.get(JOB_NAMESPACE_ENV)
         if not name or not namespace or not _load_kube_config():
             return None
-        return cls(name, namespace, min_interval)
+        return cls(name, namespace, min_interval, attempt_from_env())
 
     def update(self, body: dict[str, Any], *, force: bool = False) -> None:
         """Queue ``body``; only the newest pending body is sent. ``force`` skips the rate limit."""
@@ -102,6 +125,12 @@ class ProgressReporter:
             self._cond.notify()
 
     def _send(self, body: dict[str, Any]) -> None:
+        if self.fenced is not None:
+            return
+        patch: Any = body
+        content_type = "application/merge-patch+json"
+        if self.attempt is not None:
+            patch, content_type = fenced_patch(body, self.attempt), "application/json-patch+json"
         try:
             self._api.patch_namespaced_custom_object_status(
                 GROUP,
@@ -109,13 +138,37 @@ class ProgressReporter:
                 self.namespace,
                 PLURAL,
                 self.name,
-                body,
-                _content_type="application/merge-patch+json",
+                patch,
+                _content_type=content_type,
                 _request_timeout=10,
             )
             self.patches_sent += 1
         except Exception as exc:  # ApiException, connection errors: never fatal
+            if self.attempt is not None and getattr(exc, "status", None) == 422 and self._superseded():
+                return
             log.warning("status patch of %s/%s failed: %s", self.namespace, self.name, exc)
+
+    def _superseded(self) -> bool:
+        """After a refused fenced patch: does the job run a newer attempt than ours?"""
+        try:
+            job = self._api.get_namespaced_custom_object_status(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=10
+            )
+        except Exception as exc:
+            log.warning("cannot read the attempt of %s/%s: %s", self.namespace, self.name, exc)
+            return False
+        current = (job.get("status") or {}).get("attempt")
+        if isinstance(current, int) and self.attempt is not None and current > self.attempt:
+            self.fenced = current
+            log.error(
+                "fenced: status patch of %s/%s refused: gang attempt %d was superseded by attempt %d",
+                self.namespace,
+                self.name,
+                self.attempt,
+                current,
+            )
+            return True
+        return False
 
     def _run(self) -> None:
         while True:

@@ -23,6 +23,7 @@ from kdistill.api.failures import ExitCode, Termination, termination_for
 
 from .errors import TrainerError
 from .evaluate import score
+from .fence import fenced_error
 from .loop import Trainer
 from .options import RunOptions, StepReport
 from .outputs import OutputLayout, save_student, write_json_atomic, write_served_artifact, write_termination
@@ -59,6 +60,8 @@ def _with_status(
         return user
 
     def on_step(r: StepReport) -> None:
+        if reporter.fenced is not None and trainer_ref:
+            raise fenced_error(trainer_ref[0].fence.attempt or 0, reporter.fenced, f"progress at step {r.step}")
         last = trainer_ref[0].last_checkpoint if trainer_ref else None
         reporter.update(
             status_body(
@@ -68,6 +71,7 @@ def _with_status(
                 loss=r.loss,
                 tokens_per_second=r.tokens_per_second,
                 last_checkpoint=last,
+                productive_seconds=trainer_ref[0].train_seconds if trainer_ref else None,
             ),
             force=r.checkpoint is not None or r.step == r.total_steps,
         )
@@ -124,8 +128,12 @@ def finish(
     }
     if not opts.is_writer:
         return result
+    # A rank of a superseded gang attempt publishes nothing: each output is written under the fence.
+    fence = trainer.fence
+    fence.check("the final student")
     student_fp = trainer.full_precision_student()
-    save_student(student_fp, trainer.student_tokenizer, out.student)
+    with fence.holding("the final student"):
+        save_student(student_fp, trainer.student_tokenizer, out.student)
     result["student"] = str(out.student)
     metrics: dict[str, Any] = {}
     evaluating = opts.evaluate and bool(trainer.eval_examples)
@@ -150,18 +158,23 @@ def finish(
             served_model = int8 if int8 is not None else student_fp
             metrics.update(scheduled_scores(trainer, served_model, served_device, run_files, opts.base_dir))
     # Every mode writes the served artifact at the one path the rollout reads (mode none: fp32 weights).
-    served = write_served_artifact(
-        int8 if int8 is not None else student_fp,
-        trainer.student_tokenizer,
-        out,
-        task=spec.task,
-        quantization=spec.quantization.mode,
-        metrics=metrics,
-    )
+    fence.check("the served artifact")
+    with fence.holding("the served artifact"):
+        served = write_served_artifact(
+            int8 if int8 is not None else student_fp,
+            trainer.student_tokenizer,
+            out,
+            task=spec.task,
+            quantization=spec.quantization.mode,
+            metrics=metrics,
+        )
     result["artifact"] = str(served)
     result["metrics"] = metrics
     result["wallSeconds"] = round(time.time() - wall_start, 3)
-    write_json_atomic(out.result, result)
+    if fence.attempt is not None:
+        result["attempt"] = fence.attempt
+    with fence.holding("the result"):
+        write_json_atomic(out.result, result)
     return result
 
 
@@ -220,6 +233,8 @@ def main_entry(
             code, message = classify(exc)
         if code == ExitCode.INTERNAL:
             traceback.print_exc()
+        elif code == ExitCode.FENCED:
+            log.error("%s; exiting without writing anything more", message)
         print(f"kdistill: {code.name}: {message}", file=sys.stderr, flush=True)
         write_termination(termination_for(code, message))
         return int(code)

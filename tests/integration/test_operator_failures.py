@@ -90,7 +90,11 @@ def test_eviction_is_counted_apart(cluster: Cluster, env: Env) -> None:
     )
     jobs.wait_running_gang(name, 2, attempt=1, timeout=180)  # generous: a loaded 2-core API server
     status = jobs.wait_phase(name, "Running")
-    assert status["evictions"] == 1 and status["restarts"] == 0
+    assert status["evictions"] == 1 and status["restarts"] == 0 and status["attempt"] == 1
+    # The pod watch recorded the eviction in the API (an operator restart would still see it).
+    index = pods[0].metadata.labels["kdistill.io/replica-index"]
+    departed = status["departedWorkers"][index]
+    assert departed["attempt"] == 0 and departed["reason"] in ("EvictionByEvictionAPI", "Evicted")
 
 
 def test_quality_gate_and_shared_serving(cluster: Cluster, env: Env) -> None:

@@ -167,3 +167,78 @@ def test_crash_recovery_at_several_points(cluster: Cluster, claims: str, ops: Op
     restart_events = [e for e in jobs.events(name) if e.reason == "GangRestart"]
     assert len(restart_events) == 1
     assert fourth.alive()
+
+
+def _evict_and_watch(jobs: Jobs, pod: str) -> dict[str, Any]:
+    """Evict `pod` and return its last state as a pod watch delivers it (the DELETED event)."""
+    from kubernetes import client, watch
+
+    listed = jobs.core.list_namespaced_pod(jobs.ns)
+    stream = watch.Watch()
+    jobs.core.create_namespaced_pod_eviction(
+        pod, jobs.ns, client.V1Eviction(metadata=client.V1ObjectMeta(name=pod, namespace=jobs.ns))
+    )
+    last: dict[str, Any] | None = None
+    for event in stream.stream(
+        jobs.core.list_namespaced_pod,
+        jobs.ns,
+        field_selector=f"metadata.name={pod}",
+        resource_version=listed.metadata.resource_version,
+        timeout_seconds=60,
+    ):
+        last = client.ApiClient().sanitize_for_serialization(event["object"])
+        if event["type"] == "DELETED":
+            stream.stop()
+            break
+    assert last is not None, f"no watch event of {pod} after its eviction"
+    return last
+
+
+def test_an_eviction_the_watch_recorded_stays_an_eviction_across_an_operator_restart(
+    cluster: Cluster, claims: str, ops: Ops, operator_kubeconfig: Path
+) -> None:
+    """Two jobs with maxRestarts 0 each lose a worker to an eviction while their operator is down
+    (killed right after its pod watch saw the eviction, before a pass acted on it). For one job
+    the watch's record reached status.departedWorkers, written as the operator's watch handler
+    writes it (PodTracker.to_record, Reconciler.record_departure, with the operator's own
+    RBAC); for the other it did not. The restarted operator, whose memory is empty, counts the
+    first as an eviction (no restart used) and can only count the second as a failure."""
+    from kubernetes import config
+
+    from kdistill.operator.departures import PodTracker
+    from kdistill.operator.kube import Kube
+    from kdistill.operator.reconciler import Reconciler
+    from kdistill.operator.settings import Settings
+
+    jobs = Jobs(cluster, claims)
+    policy = {"maxRestarts": 0, "backoffSeconds": 1, "pendingTimeoutSeconds": 600}
+    for name in ("recorded", "unrecorded"):
+        jobs.create(job_body(name, nodes=2, gpus=1, serving=False, failurePolicy=policy))
+    first = ops.start()
+    for name in ("recorded", "unrecorded"):
+        jobs.wait_running_gang(name, 2, attempt=0, timeout=120)
+        jobs.wait_phase(name, "Running")
+        eventually(lambda n=name: jobs.status(n).get("attempt") == 0, f"{name} status.attempt", 30)
+    first.kill()
+
+    tracker = PodTracker()
+    final = _evict_and_watch(jobs, "recorded-worker-1")
+    view = tracker.seen(claims, final, deleted=True)
+    assert view.evicted and view.attempt == 0, view
+    record = tracker.to_record(claims, view)
+    assert record is not None and tracker.to_record(claims, view) is None  # written once
+    reconciler = Reconciler(Kube(config.new_client_from_config(config_file=str(operator_kubeconfig))), Settings())
+    assert reconciler.record_departure(claims, "recorded", 1, record)
+    assert jobs.status("recorded")["departedWorkers"]["1"]["attempt"] == 0
+    _evict_and_watch(jobs, "unrecorded-worker-1")  # nothing records this one
+
+    ops.start()
+    recorded = eventually(
+        lambda: (s := jobs.status("recorded")).get("evictions") == 1 and s, "the eviction counted after restart", 60
+    )
+    assert recorded["restarts"] == 0 and recorded["attempt"] == 1 and recorded["phase"] != "Failed"
+    jobs.wait_running_gang("recorded", 2, attempt=1, timeout=120)
+    unrecorded = jobs.wait_phase("unrecorded", "Failed", 60)
+    assert unrecorded["evictions"] == 0
+    failed = next(c for c in unrecorded["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "MaxRestartsExceeded" and "PodDeleted" in failed["message"]

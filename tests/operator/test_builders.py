@@ -89,6 +89,8 @@ def test_worker_pod_command_env_resources_and_placement() -> None:
     assert spec["restartPolicy"] == "Never" and spec["serviceAccountName"] == "intent-trainer"
     labels = pod["metadata"]["labels"]
     assert labels[names.LABEL_ATTEMPT] == "3" and labels[names.LABEL_INDEX] == "1"
+    # The trainer's fence carries the same attempt as the label.
+    assert env["KDISTILL_ATTEMPT"] == "3"
     assert labels[names.LABEL_JOB] == "intent"
     dshm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}

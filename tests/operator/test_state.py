@@ -649,3 +649,76 @@ def test_an_endpoint_teacher_creates_nothing_and_the_gang_starts_at_once() -> No
 def test_a_job_without_a_remote_teacher_has_no_teacher_status() -> None:
     d = decide(observe())
     assert "teacher" not in d.status and not d.ensure_teacher and not d.delete_teacher
+
+
+# -- fenced restarts ----------------------------------------------------------------------------
+
+
+def test_status_attempt_moves_with_the_restart_that_starts_it() -> None:
+    assert decide(observe()).status["attempt"] == 0
+    t = termination_for(ExitCode.PEER_LOST, "nccl timeout")
+    d = decide(observe(running(attempt=0), [pod(0), pod(1, "Failed", terminated=ended(t))]))
+    # The same patch counts the restart and raises the attempt: the old gang is fenced before its
+    # successor exists.
+    assert d.status["restarts"] == 1 and d.status["attempt"] == 1
+    d = decide(
+        observe(
+            running(restarts=1, attempt=1),
+            [pod(0, attempt=1), pod(1, "Failed", attempt=1, disruption="Evicted")],
+        )
+    )
+    assert d.status["evictions"] == 1 and d.status["attempt"] == 2
+
+
+def test_a_result_from_an_older_gang_attempt_is_never_read() -> None:
+    # Attempt 0's rank 0 (a partitioned node that came back) finished with a result; the job runs
+    # attempt 1. The stale pod is deleted and its result ignored: no success, no metrics.
+    status = running(restarts=1, attempt=1)
+    d = decide(observe(status, [pod(0, "Succeeded", attempt=0, terminated=success(0.99)), pod(1, attempt=1)]))
+    assert d.phase == "Running" and "metrics" not in d.status
+    assert d.delete_pods == ["j-worker-0"] and not d.deploy
+    assert not any(c.get("type") == "Complete" for c in d.status.get("conditions", []))
+
+
+def test_goodput_is_productive_seconds_over_wall_seconds_since_start() -> None:
+    start = NOW - timedelta(seconds=200)
+    status = running(startTime=fmt_time(start), productiveSeconds=150.0, attempt=0)
+    d = decide(observe(status, [pod(0), pod(1)]))
+    assert d.status["goodput"] == 0.75
+    # Unchanged to two decimals: nothing is written.
+    again = decide(observe({**status, "goodput": 0.75}, [pod(0), pod(1)], now=NOW + timedelta(seconds=1)))
+    assert "goodput" not in again.status
+    # Finished: the wall clock stops at completionTime.
+    done = {**status, "phase": "Succeeded", "completionTime": fmt_time(start + timedelta(seconds=300))}
+    assert decide(observe(done, [], serving={"enabled": False}, now=NOW + timedelta(hours=1))).status[
+        "goodput"
+    ] == pytest.approx(0.5)
+    # No productive seconds reported yet: no goodput.
+    assert "goodput" not in decide(observe(running(attempt=0), [pod(0), pod(1)])).status
+
+
+def test_a_recorded_departure_classifies_a_missing_worker_after_a_restart() -> None:
+    from dataclasses import replace as dc_replace
+
+    from kdistill.operator.departures import departed_from_status, departure_record
+
+    evicted = pod(1, "Failed", attempt=1, disruption="EvictionByEvictionAPI", terminated=ended(code=137))
+    record = departure_record(evicted)
+    assert record == {
+        "attempt": 1,
+        "reason": "EvictionByEvictionAPI",
+        "phase": "Failed",
+        "exitCode": 137,
+        "message": "",
+    }
+    assert departure_record(pod(1, "Failed", attempt=1, terminated=ended())) is None  # not disrupted: not kept
+    status = running(restarts=1, attempt=1, departedWorkers={"1": record})
+    departed = departed_from_status(status, {1: "j-worker-1"})
+    assert departed["j-worker-1"].evicted and departed["j-worker-1"].attempt == 1
+    obs = dc_replace(observe(status, [pod(0, attempt=1)]), departed=departed)
+    d = decide(obs)
+    assert d.phase == "Restarting" and d.status["evictions"] == 1 and "restarts" not in d.status
+    # A record of an older attempt says nothing about the current gang's missing worker.
+    stale = departed_from_status(running(departedWorkers={"1": {**record, "attempt": 0}}), {1: "j-worker-1"})
+    d = decide(dc_replace(observe(status, [pod(0, attempt=1)]), departed=stale))
+    assert d.status["restarts"] == 2 and "evictions" not in d.status

@@ -146,3 +146,35 @@ def test_tied_weights_survive(tmp_path: Path, gpt2_teacher: Path) -> None:
     )
     assert torch.equal(model2.transformer.wte.weight, model.transformer.wte.weight)
     assert model2.lm_head.weight.data_ptr() == model2.transformer.wte.weight.data_ptr()
+
+
+def test_a_save_of_a_superseded_attempt_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    from kdistill.api.failures import ExitCode
+    from kdistill.trainer.errors import TrainerError
+    from kdistill.trainer.fence import Fence
+
+    old = Fence(tmp_path, 1)
+    old.raise_to_mine()
+    old_mgr = CheckpointManager(tmp_path, keep=3, fence=old)
+    model, aux, opt, sched = make_state(0)
+    save(old_mgr, 2, model, aux, opt, sched)
+    new = Fence(tmp_path, 2)
+    new.raise_to_mine()
+    new_mgr = CheckpointManager(tmp_path, keep=3, fence=new)
+    with pytest.raises(TrainerError) as refused:
+        save(old_mgr, 4, model, aux, opt, sched)
+    assert refused.value.code == ExitCode.FENCED
+    assert "attempt 1 was superseded by attempt 2" in refused.value.message
+    # Neither the refused checkpoint nor its temporary directory exists; the newest is still step 2.
+    assert [p.name for p in old_mgr.candidates()] == ["step-000000002"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    info = new_mgr.latest()
+    assert info is not None and info.step == 2
+    path = save(new_mgr, 4, model, aux, opt, sched)
+    assert new_mgr.latest() is not None and new_mgr.latest().path == path  # type: ignore[union-attr]
+    # The fence never goes down, and an older attempt that starts late is refused at once.
+    with pytest.raises(TrainerError) as late:
+        old.raise_to_mine()
+    assert late.value.code == ExitCode.FENCED and Fence(tmp_path, None).current() == 2
+    # Without an attempt (a local run) there is no fence.
+    save(CheckpointManager(tmp_path, keep=3), 6, model, aux, opt, sched)
