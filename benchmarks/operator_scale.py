@@ -1,12 +1,13 @@
-"""100 DistillationJobs applied at once to the real control plane with kwok GPU nodes, and the
-real operator (`kdistill operator`, a subprocess) reconciling them.
+"""DistillationJobs applied at once to the real control plane with kwok GPU nodes, and the
+real operator (`kdistill operator`, a subprocess) reconciling them: 100 and 500 jobs of 2 pods,
+each size on a fresh cluster, the sizes interleaved, 3 runs each, medians reported.
 
-Measures: time from each job's creation until all its worker pods exist (p50, max), the
+Measures per run: time from each job's creation until all its worker pods exist (p50, max), the
 operator's peak RSS, reconcile latency p50/p99 (from its Prometheus histogram), and the time
 from a node going NotReady until the replacement pods of every affected job exist.
 
-    flock /tmp/kdistill-bench.lock .venv/bin/python -P benchmarks/operator_scale.py [--jobs 100] \
-        [--notready-seconds 2] [--resync-seconds 30] [--workers 32]
+    flock /tmp/kdistill-bench.lock .venv/bin/python -P benchmarks/operator_scale.py \
+        [--sizes 100 500] [--repeats 3] [--notready-seconds 2] [--resync-seconds 30] [--workers 32]
 
 The harness's node-failure timings (tests/cluster Timings: node-monitor-period 1 s, grace 15 s)
 are the "test eviction settings"; the NotReady figure is grace + --notready-seconds + the
@@ -35,10 +36,17 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_common import command_line  # noqa: E402
-from tests.cluster import start_cluster  # noqa: E402
+from benchmarks.bench_common import command_line, machine_state  # noqa: E402
+from benchmarks.bench_common import main as bench_main  # noqa: E402
 from tests.cluster.controlplane import Timings  # noqa: E402
-from tests.operator.cluster_helpers import Jobs, OperatorProcess, install_crd, job_body, make_claims  # noqa: E402
+from tests.operator.cluster_helpers import (  # noqa: E402
+    Jobs,
+    OperatorProcess,
+    install_crd,
+    job_body,
+    make_claims,
+    start_sized_cluster,
+)
 
 
 def free_port() -> int:
@@ -99,32 +107,34 @@ def api_calls(text: str) -> dict[str, int]:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--jobs", type=int, default=100)
-    parser.add_argument("--nodes-per-job", type=int, default=2)
-    parser.add_argument("--notready-seconds", type=float, default=2.0)
-    parser.add_argument("--workers", type=int, default=32, help="the operator's --workers")
-    parser.add_argument(
-        "--resync-seconds",
-        type=float,
-        default=30.0,
-        help="the operator's --resync-seconds (its default; the tests use 5)",
-    )
-    parser.add_argument("--poll-seconds", type=float, default=0.5)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "operator_scale.json")
-    args = parser.parse_args()
+# Targets: all pods and NotReady replacement at 100 jobs, RSS at 500.
+TARGETS = {"allPodsWithinSeconds": (100, 30), "notReadyReplacementSeconds": (100, 60), "peakRssMB": (500, 250)}
+# The figures whose median over the runs of one size is reported.
+MEDIAN_KEYS = (
+    "applySeconds",
+    "podsExistSecondsP50",
+    "podsExistSecondsMax",
+    "allPodsWithinSeconds",
+    "allRunningSeconds",
+    "operatorCpuSecondsUntilRunning",
+    "apiCallsPerJobUntilRunning",
+    "reconcileSecondsP50",
+    "reconcileSecondsP99",
+    "operatorIdleRssMB",
+    "operatorPeakRssMB",
+)
 
-    gpus_needed = args.jobs * args.nodes_per_job
-    cluster = start_cluster(gpu_nodes=8, gpus_per_node=max(4, -(-gpus_needed // 6)), cpu_nodes=1)
+
+def measure(args: argparse.Namespace, n_jobs: int) -> dict[str, Any]:
+    """One run: a fresh cluster and operator, `n_jobs` jobs applied at once, then a node lost."""
+    cluster = start_sized_cluster(n_jobs * args.nodes_per_job)
     result: dict[str, Any] = {
-        "command": command_line(),
-        "jobs": args.jobs,
+        "jobs": n_jobs,
         "podsPerJob": args.nodes_per_job,
         "operatorWorkers": args.workers,
         "operatorResyncSeconds": args.resync_seconds,
         "clusterStartSeconds": round(cluster.startup_seconds, 1),
-        "loadAverageAtStart": round(psutil.getloadavg()[0], 1),
+        "loadAverageAtStart": [round(x, 2) for x in psutil.getloadavg()],
     }
     op: OperatorProcess | None = None
     try:
@@ -163,7 +173,7 @@ def main() -> int:
         idle_rss = proc.memory_info().rss
 
         jobs = Jobs(cluster, ns)
-        names = [f"bench-{i:03d}" for i in range(args.jobs)]
+        names = [f"bench-{i:03d}" for i in range(n_jobs)]
         created: dict[str, float] = {}
 
         def create(name: str) -> None:
@@ -177,7 +187,7 @@ def main() -> int:
             list(pool.map(create, names))
         apply_seconds = time.monotonic() - t0
         all_pods: dict[str, float] = {}
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + max(300, 2 * n_jobs)
         while len(all_pods) < len(names) and time.monotonic() < deadline:
             counts: dict[str, int] = {}
             for pod in worker_pods(jobs, ns):
@@ -196,7 +206,7 @@ def main() -> int:
         result["allPodsWithinSeconds"] = round(max(all_pods.values()) - t0, 2)
 
         # Everything Running, then a node goes silent.
-        running_deadline = time.monotonic() + 300
+        running_deadline = time.monotonic() + max(300, 2 * n_jobs)
         while time.monotonic() < running_deadline:
             listed = jobs.api.list_namespaced_custom_object("kdistill.io", "v1alpha1", ns, "distillationjobs")
             phases = [(j.get("status") or {}).get("phase") for j in listed["items"]]
@@ -218,7 +228,7 @@ def main() -> int:
         t_lost = time.monotonic()
         cluster.stop_node_heartbeats(victim)
         replaced: dict[str, float] = {}
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + max(300, 2 * n_jobs)
         while len(replaced) < len(affected) and time.monotonic() < deadline:
             counts = {}
             for pod in worker_pods(jobs, ns):
@@ -257,40 +267,86 @@ def main() -> int:
         sampling.set()
         result["operatorIdleRssMB"] = round(idle_rss / 2**20, 1)
         result["operatorPeakRssMB"] = round(peak["rss"] / 2**20, 1)
-        result["targets"] = {"allPodsWithinSeconds": 30, "peakRssMB": 250, "notReadyReplacementSeconds": 60}
-        result["loadAverage1m"] = round(psutil.getloadavg()[0], 1)
-        result["cpus"] = psutil.cpu_count()
+        result["loadAverageAtEnd"] = [round(x, 2) for x in psutil.getloadavg()]
     finally:
         if op is not None:
             op.stop()
         cluster.stop()
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    rows = [
-        ("jobs applied at once", f"{result['jobs']} x {result['podsPerJob']} pods"),
-        ("pods exist per job p50 / max", f"{result['podsExistSecondsP50']} s / {result['podsExistSecondsMax']} s"),
-        ("all worker pods exist after", f"{result['allPodsWithinSeconds']} s (target 30 s)"),
-        (
-            "operator peak RSS",
-            f"{result['operatorPeakRssMB']} MB (idle {result['operatorIdleRssMB']} MB; target 250 MB)",
-        ),
-        (
-            "reconcile p50 / p99",
-            f"{result['reconcileSecondsP50'] * 1000:.1f} ms / "
-            f"{result['reconcileSecondsP99'] * 1000:.1f} ms ({result['reconcilePasses']} passes)",
-        ),
-        (
-            "NotReady -> replacement p50 / max",
-            f"{result['notReady']['replacementSecondsP50']} s / {result['notReady']['replacementSecondsMax']} s "
-            f"({result['notReady']['replacedJobs']}/{result['notReady']['affectedJobs']} jobs; target 60 s)",
-        ),
-    ]
-    width = max(len(r[0]) for r in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    return 0
+    return result
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the runs of one size, and each run's load average beside them."""
+    out: dict[str, Any] = {"runs": len(runs)}
+    for key in MEDIAN_KEYS:
+        out[key] = round(statistics.median(r[key] for r in runs), 4)
+    replaced = [r["notReady"]["replacementSecondsMax"] for r in runs if r["notReady"]["replacementSecondsMax"]]
+    out["notReadyReplacementSecondsMax"] = round(statistics.median(replaced), 2) if replaced else None
+    out["notReadyReplacedAll"] = all(r["notReady"]["replacedJobs"] == r["notReady"]["affectedJobs"] for r in runs)
+    out["jobsWithAllPodsMin"] = min(r["jobsWithAllPods"] for r in runs)
+    out["apiErrorsMax"] = max(r["apiErrors"] for r in runs)
+    out["loadAverage1mPerRun"] = [r["loadAverageAtEnd"][0] for r in runs]
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in args.sizes}
+    for repeat in range(args.repeats):
+        for n in args.sizes if repeat % 2 == 0 else list(reversed(args.sizes)):
+            print(f"run {repeat + 1}/{args.repeats}: {n} jobs", flush=True)
+            runs[n].append(measure(args, n))
+    medians = {str(n): summarize(r) for n, r in runs.items()}
+    met = {}
+    for key, (size, limit) in TARGETS.items():
+        figure_key = "notReadyReplacementSecondsMax" if key == "notReadyReplacementSeconds" else key
+        value = medians.get(str(size), {}).get(figure_key)
+        met[key] = {"jobs": size, "target": limit, "median": value, "met": value is not None and value <= limit}
+    return {
+        "command": command_line(),
+        "podsPerJob": args.nodes_per_job,
+        "operatorWorkers": args.workers,
+        "operatorResyncSeconds": args.resync_seconds,
+        "machine": machine_state(),
+        "targets": met,
+        "medians": medians,
+        "runs": {str(n): r for n, r in runs.items()},
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"{'jobs':>5}  {'all pods s':>10}  {'pods p50 s':>10}  {'NotReady max s':>14}  {'peak RSS MB':>11}  "
+          f"{'reconcile p99 ms':>16}  load per run")  # fmt: skip
+    for n, m in report["medians"].items():
+        print(
+            f"{n:>5}  {m['allPodsWithinSeconds']:>10}  {m['podsExistSecondsP50']:>10}  "
+            f"{m['notReadyReplacementSecondsMax']!s:>14}  {m['operatorPeakRssMB']:>11}  "
+            f"{m['reconcileSecondsP99'] * 1000:>16.0f}  {m['loadAverage1mPerRun']}"
+        )
+    for key, t in report["targets"].items():
+        print(
+            f"target {key} at {t['jobs']} jobs: median {t['median']} <= {t['target']}: "
+            f"{'met' if t['met'] else 'MISSED'}"
+        )
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500], help="jobs applied at once")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per size (sizes interleaved)")
+    parser.add_argument("--nodes-per-job", type=int, default=2)
+    parser.add_argument("--notready-seconds", type=float, default=2.0)
+    parser.add_argument("--workers", type=int, default=32, help="the operator's --workers")
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=30.0,
+        help="the operator's --resync-seconds (its default; the tests use 5)",
+    )
+    parser.add_argument("--poll-seconds", type=float, default=0.5)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "operator_scale.json")
+    return parser
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    bench_main(parser(), run, print_table)

@@ -18,7 +18,7 @@ import pytest
 from kubernetes import client
 
 from kdistill.api.metadata import LABEL_ATTEMPT
-from tests.cluster import Cluster
+from tests.cluster import Cluster, start_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "kdistill.io_distillationjobs.yaml"
@@ -165,6 +165,13 @@ class OperatorProcess:
             except ValueError:
                 continue
         return out
+
+
+def start_sized_cluster(pods: int) -> Cluster:
+    """A cluster whose kwok GPU nodes hold `pods` one-GPU worker pods with room to spare after
+    one node is lost: a kwok node takes 110 pods, like a kubelet's default."""
+    nodes = max(8, -(-pods // 100) + 2)
+    return start_cluster(gpu_nodes=nodes, gpus_per_node=max(4, -(-pods // (nodes - 2))), cpu_nodes=1)
 
 
 def job_body(name: str, *, nodes: int = 2, gpus: int = 2, serving: bool = True, **spec: Any) -> dict[str, Any]:
