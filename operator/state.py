@@ -142,12 +142,11 @@ class _Status:
     def set(self, key: str, value: Any) -> None:
         self.values[key] = value
 
-    def condition(
-        self, type_: str, status: bool, reason: str, message: str = "", clock_on_reason: bool = False
-    ) -> None:
+    def condition(self, type_: str, status: bool, reason: str, message: str, clock_on_reason: bool = False) -> None:
         """Set a condition. lastTransitionTime moves when the status flips, and with
         `clock_on_reason` also when the reason changes (a clock that restarts, e.g. TeacherReady)."""
         value = "True" if status else "False"
+        message = message or reason  # every condition carries a message (`kubectl describe`, `kubectl wait`)
         for cond in self.conditions:
             if cond.get("type") == type_:
                 if cond.get("status") != value or (clock_on_reason and cond.get("reason") != reason):
@@ -232,7 +231,7 @@ def _step(obs: Observed, st: _Status, d: Decision, phase: str | None) -> str:
             st.condition(COND_ADMITTED, False, "Suspended", "the Workload is deleted while the job is suspended")
         if phase != "Suspended":
             st.condition(COND_SUSPENDED, True, "SuspendRequested", "worker pods deleted; checkpoints kept")
-            st.condition(COND_TRAINING, False, "Suspended")
+            st.condition(COND_TRAINING, False, "Suspended", "spec.suspend is set: no worker runs")
         if any(not p.finished for p in obs.pods):
             d.requeue(POLL_SECONDS)
         return "Suspended"
@@ -474,7 +473,7 @@ def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
         if not st.get("startTime"):
             st.set("startTime", fmt_time(obs.now))
         st.condition(COND_TRAINING, True, "AllWorkersRunning", f"{nodes} worker pod(s) running")
-        st.condition(COND_RESTARTING, False, "GangRunning")
+        st.condition(COND_RESTARTING, False, "GangRunning", f"gang attempt {attempt} running")
         return "Running"
     if phase != "Running":
         st.condition(COND_TRAINING, False, "WaitingForPods", "worker pods are being created or scheduled")
@@ -617,7 +616,7 @@ def _restart(obs: Observed, st: _Status, d: Decision, pr: _Problem) -> str:
 def _fail(obs: Observed, st: _Status, d: Decision, reason: str, message: str) -> str:
     st.condition(COND_FAILED, True, reason, message)
     st.condition(COND_TRAINING, False, reason, message)
-    st.condition(COND_RESTARTING, False, reason)
+    st.condition(COND_RESTARTING, False, reason, "the job failed: no further restart")
     d.events.append(Event("Warning", reason, message))
     _cleanup_workers(obs, d)
     return "Failed"
@@ -655,7 +654,7 @@ def _succeeded_training(obs: Observed, st: _Status, d: Decision, rank0: PodView)
     if clean:
         st.set("metrics", _rounded(clean))
     st.condition(COND_TRAINING, False, "TrainingComplete", f"rank 0 finished: {term.reason}")
-    st.condition(COND_RESTARTING, False, "TrainingComplete")
+    st.condition(COND_RESTARTING, False, "TrainingComplete", "training is over")
     _delete_all(obs, d)  # training is over: its pods go (failed gangs keep theirs for logs)
     serving = obs.job.spec.serving
     if not serving.enabled:

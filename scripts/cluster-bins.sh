@@ -20,7 +20,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "${root}/scripts/cluster-env.sh"
 
 if [[ "${1:-}" == "--print" ]]; then
-  printf '%s\n' "${K8S_BIN_DIR}" "${ETCD_BIN_DIR}" "${KWOK_BIN_DIR}" "${HELM_BIN_DIR}" "${KUEUE_BIN_DIR}"
+  printf '%s\n' "${K8S_BIN_DIR}" "${ETCD_BIN_DIR}" "${KWOK_BIN_DIR}" "${KUEUE_BIN_DIR}" "${HELM_BIN_DIR}"
   exit 0
 fi
 
