@@ -15,6 +15,17 @@ import pytest
 from kdistill.api.metadata import LABEL_ATTEMPT
 from tests.cluster import Cluster, MissingBinariesError
 from tests.cluster.kueue import GPU_NODE_LABEL, Kueue, start_kueue
+from tests.integration.test_rbac import (
+    Forbidden,
+    _rule_id,
+    _rules,
+    apply,
+    chart_rbac,
+    delete_cluster_scoped,
+    start_operator,
+    until,
+    without,
+)
 from tests.operator import cluster_helpers as h
 from tests.operator.cluster_helpers import Jobs, OperatorProcess, eventually, job_body, success_message
 
@@ -200,3 +211,80 @@ def test_preemption_checkpoints_requeues_and_runs_again_without_using_restarts(
     cluster.kubectl("-n", ns, "wait", "--for=condition=Complete", "dj/low", "--timeout=90s", timeout=100)
     assert json.loads(cluster.kubectl("-n", ns, "get", "dj", "low", "-o", "json").stdout)["status"]["restarts"] == 0
     assert op.alive()
+
+
+# -- the chart's RBAC with kueue.enabled -------------------------------------------------------------
+
+KUEUE_RULES = [("Role", r) for r in _rules("kueue.yaml")] + [("ClusterRole", r) for r in _rules("kueue-cluster.yaml")]
+
+
+@pytest.fixture
+def rbac_env(
+    cluster: Cluster, kueue: Kueue, claims: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, str, list[dict[str, Any]]]]:
+    """The chart's namespaced-mode RBAC rendered with kueue.enabled, the job namespace's queues, and
+    --kueue for the operator (start_operator passes the environment on)."""
+    release_ns = cluster.create_namespace("kd-system")
+    kueue.queues(claims, gpus=4)
+    kueue.priority_class(f"rbac-{claims}", 5)
+    monkeypatch.setenv("KDISTILL_KUEUE", "true")
+    objs = chart_rbac(release_ns, {"watch.mode": "namespaced", "watch.namespaces": [claims], "kueue.enabled": True})
+    try:
+        yield release_ns, claims, objs
+    finally:
+        delete_cluster_scoped(cluster)
+        cluster.core().delete_namespace(release_ns)
+        kueue.cleanup()
+
+
+def kueue_life(cluster: Cluster, kueue: Kueue, release_ns: str, ns: str, objs: list[dict[str, Any]], tmp_path: Path,
+               *, fail_fast: bool) -> list[str]:  # fmt: skip
+    """A queued job's life as the chart's ServiceAccount: its Workload (with the priority of its class),
+    admission onto the flavor, the gang, success, the Workload Finished. Returns the Forbidden requests."""
+    apply(cluster, objs)
+    op = start_operator(cluster, release_ns, tmp_path, watch=[ns])
+    jobs = Jobs(cluster, ns)
+    try:
+        jobs.create(queued_job("rbac", **{"kueue.x-k8s.io/priority-class": f"rbac-{ns}"}))
+        gang = until(lambda: len(jobs.live_pods("rbac")) == 2 and jobs.live_pods("rbac"), "the admitted gang", 90,
+                     op, fail_fast)  # fmt: skip
+        for pod in gang:
+            assert pod.spec.node_selector.items() >= GPU_NODE_LABEL.items()
+        assert workload(kueue, ns, "rbac")["spec"]["priority"] == 5
+        finish(cluster, jobs, "rbac", attempt=0)
+        until(lambda: (c := jobs.condition("rbac", "Complete")) and c["status"] == "True", "Complete", 60, op,
+              fail_fast)  # fmt: skip
+        until(lambda: wl_condition(workload(kueue, ns, "rbac"), "Finished"), "the Workload Finished", 30, op,
+              fail_fast)  # fmt: skip
+    except Forbidden:
+        pass
+    finally:
+        op.proc.stop()
+    return op.forbidden()
+
+
+def test_a_queued_jobs_life_with_the_charts_kueue_rbac_is_never_forbidden(
+    cluster: Cluster, kueue: Kueue, rbac_env: tuple[str, str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    release_ns, ns, objs = rbac_env
+    rules = [r for o in objs if o["kind"] in ("Role", "ClusterRole") for r in o.get("rules") or []]
+    for _, rule in KUEUE_RULES:
+        assert rule in rules, rule
+    without_kueue = chart_rbac(release_ns, {"watch.mode": "namespaced", "watch.namespaces": [ns]})
+    plain = [r for o in without_kueue if o["kind"] in ("Role", "ClusterRole") for r in o.get("rules") or []]
+    assert not [r for r in plain if "kueue.x-k8s.io" in r["apiGroups"]], "Kueue rules without kueue.enabled"
+    assert kueue_life(cluster, kueue, release_ns, ns, objs, tmp_path, fail_fast=False) == []
+
+
+@pytest.mark.parametrize(("kind", "rule"), KUEUE_RULES, ids=[_rule_id(r) for _, r in KUEUE_RULES])
+def test_without_any_single_kueue_rule_a_request_is_forbidden(
+    cluster: Cluster,
+    kueue: Kueue,
+    rbac_env: tuple[str, str, list[dict[str, Any]]],
+    tmp_path: Path,
+    kind: str,
+    rule: dict[str, Any],
+) -> None:
+    release_ns, ns, objs = rbac_env
+    forbidden = kueue_life(cluster, kueue, release_ns, ns, without(objs, kind, rule), tmp_path, fail_fast=True)
+    assert forbidden, f"without {_rule_id(rule)} no request was Forbidden: the rule is more than the operator needs"
