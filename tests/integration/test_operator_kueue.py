@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client
 
 from kdistill.api.metadata import LABEL_ATTEMPT
 from tests.cluster import Cluster, MissingBinariesError
@@ -210,6 +211,36 @@ def test_preemption_checkpoints_requeues_and_runs_again_without_using_restarts(
     finish(cluster, jobs, "low", attempt=1)
     cluster.kubectl("-n", ns, "wait", "--for=condition=Complete", "dj/low", "--timeout=90s", timeout=100)
     assert json.loads(cluster.kubectl("-n", ns, "get", "dj", "low", "-o", "json").stdout)["status"]["restarts"] == 0
+    assert op.alive()
+
+
+def test_suspend_withdraws_the_workload_and_resume_queues_again(
+    cluster: Cluster, env: tuple[Jobs, OperatorProcess, Kueue]
+) -> None:
+    jobs, op, kueue = env
+    ns = jobs.ns
+    jobs.create(queued_job("pause"))
+    jobs.wait_running_gang("pause", 2, attempt=0, timeout=90)
+    uid = workload(kueue, ns, "pause")["metadata"]["uid"]
+    jobs.patch_spec("pause", {"suspend": True})
+    jobs.wait_phase("pause", "Suspended", 60)
+
+    def workload_gone() -> bool:
+        try:
+            workload(kueue, ns, "pause")
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    eventually(workload_gone, "the suspended job's Workload deleted", 60)
+    eventually(lambda: not jobs.live_pods("pause"), "the suspended gang gone", 60)
+    assert jobs.condition("pause", "Admitted")["reason"] == "Suspended"
+    jobs.patch_spec("pause", {"suspend": False})
+    jobs.wait_running_gang("pause", 2, attempt=0, timeout=90)
+    assert workload(kueue, ns, "pause")["metadata"]["uid"] != uid  # queued again with a new Workload
+    status = jobs.wait_phase("pause", "Running", 60)
+    assert status["restarts"] == 0 and status["evictions"] == 0
+    assert jobs.condition("pause", "Admitted")["status"] == "True"
     assert op.alive()
 
 
