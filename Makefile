@@ -55,7 +55,7 @@ system-deps: ## Debian packages the tests need (docker.io, debootstrap, openssl,
 quickstart: setup ## train a small teacher, distill it, quantize to INT8 and serve it, on this machine
 	bash scripts/quickstart.sh
 
-cluster-bins: ## Kubernetes, etcd, kwok and helm built from Go modules, cached under ~/.cache/kdistill
+cluster-bins: ## Kubernetes, etcd, kwok, helm and Kueue built from Go modules, cached under ~/.cache/kdistill
 	bash scripts/cluster-bins.sh
 
 cluster: setup cluster-bins ## a real control plane with kwok GPU nodes, for a person to poke at

@@ -39,6 +39,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Retention", "type": "number", "jsonPath": ".status.metrics.retention"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
+    # The Kueue LocalQueue a job waits in (phase Queued until its Workload is admitted).
+    {"name": "Queue", "type": "string", "jsonPath": ".metadata.labels.kueue\\.x-k8s\\.io/queue-name"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

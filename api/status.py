@@ -8,7 +8,7 @@ from pydantic import Field
 
 from .base import ApiModel
 
-Phase = Literal["Pending", "Running", "Restarting", "Deploying", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Queued", "Pending", "Running", "Restarting", "Deploying", "Succeeded", "Failed", "Suspended"]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 
 # Fields rank 0 patches through the status subresource; the operator owns every other field.

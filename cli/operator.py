@@ -90,6 +90,11 @@ def register(app: typer.Typer) -> None:
             default("lease_duration_seconds"), min=1.0, envvar="KDISTILL_LEASE_DURATION"
         ),
         lease_renew: float = typer.Option(default("lease_renew_seconds"), min=0.2, envvar="KDISTILL_LEASE_RENEW"),
+        kueue: bool = typer.Option(
+            default("kueue"),
+            envvar="KDISTILL_KUEUE",
+            help="Admit jobs labelled kueue.x-k8s.io/queue-name through Kueue Workloads.",
+        ),
         kubeconfig: str = typer.Option("", envvar="KUBECONFIG", help="Default: in-cluster config."),
         log_level: str = typer.Option("INFO", envvar="KDISTILL_LOG_LEVEL"),
     ) -> None:
@@ -115,6 +120,7 @@ def register(app: typer.Typer) -> None:
                 lease_name=lease_name,
                 lease_duration_seconds=lease_duration,
                 lease_renew_seconds=lease_renew,
+                kueue=kueue,
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None

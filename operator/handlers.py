@@ -297,6 +297,22 @@ async def deployment_event(namespace: str | None, annotations: Any, memo: Any, *
         _enqueue(_runtime(memo), (namespace, job))
 
 
+async def workload_event(namespace: str | None, labels: Any, memo: Any, **_: Any) -> None:
+    """A Kueue Workload of a job changed (admitted, evicted): look at its job. Registered by
+    main.run only with --kueue, so an operator without Kueue needs no RBAC on workloads."""
+    job = labels.get(names.LABEL_JOB)
+    if job and namespace is not None:
+        _enqueue(_runtime(memo), (namespace, job))
+
+
+def register_kueue() -> None:
+    from . import kueue
+
+    kopf.on.event(kueue.GROUP, kueue.VERSION, "workloads", labels={names.LABEL_MANAGED_BY: names.MANAGER})(
+        workload_event
+    )
+
+
 @kopf.on.event("", "v1", "nodes")
 async def node_event(type: str | None, name: str, body: Any, memo: Any, **_: Any) -> None:
     """A node's Ready flipped, or it is gone: look at the jobs with pods there."""

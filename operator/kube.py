@@ -31,6 +31,13 @@ RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("kdistill.io/v1alpha1", "DistillationJob"): ("/apis/kdistill.io/v1alpha1", "distillationjobs", True),
     ("kdistill.io/v1alpha1", "DistillationSchedule"): ("/apis/kdistill.io/v1alpha1", "distillationschedules", True),
     ("coordination.k8s.io/v1", "Lease"): ("/apis/coordination.k8s.io/v1", "leases", True),
+    ("kueue.x-k8s.io/v1beta2", "Workload"): ("/apis/kueue.x-k8s.io/v1beta2", "workloads", True),
+    ("kueue.x-k8s.io/v1beta2", "ResourceFlavor"): ("/apis/kueue.x-k8s.io/v1beta2", "resourceflavors", False),
+    ("kueue.x-k8s.io/v1beta2", "WorkloadPriorityClass"): (
+        "/apis/kueue.x-k8s.io/v1beta2",
+        "workloadpriorityclasses",
+        False,
+    ),
 }
 JOB = ("kdistill.io/v1alpha1", "DistillationJob")
 

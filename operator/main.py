@@ -43,6 +43,9 @@ def run(settings: Settings, kubeconfig: str | None = None, log_level: str = "INF
 
     from . import handlers  # registers the kopf handlers
 
+    if settings.kueue:
+        handlers.register_kueue()  # the Workloads of queued jobs
+
     waiting = threading.Event()
     lost = threading.Event()
     elector = None

@@ -78,6 +78,11 @@ def workers_service(job: str) -> str:
     return f"{job}-workers"
 
 
+def workload(job: str) -> str:
+    """The job's Kueue Workload (a job labelled kueue.x-k8s.io/queue-name)."""
+    return f"{job}-kueue"
+
+
 def worker_pod(job: str, index: int) -> str:
     return f"{job}-worker-{index}"
 

@@ -5,7 +5,8 @@ chart's templates/rbac.yaml reads; `make manifests` renders the chart into manif
   cluster mode:    a ClusterRole with NAMESPACED + CLUSTER, bound cluster-wide;
   namespaced mode: a Role with NAMESPACED in each watched namespace, and a ClusterRole with
                    CLUSTER + NAMESPACED_MODE;
-  both:            a Role with LEADER in the release namespace.
+  both:            a Role with LEADER in the release namespace;
+  kueue.enabled:   KUEUE joins NAMESPACED, KUEUE_CLUSTER joins CLUSTER.
 WORKER_RULES are what each job's trainer ServiceAccount gets: the operator creates that Role per
 job, with resourceNames set to the job's name (builders.trainer_rbac).
 
@@ -98,7 +99,26 @@ LEADER = RuleFile(
     ],
 )
 
-RULE_FILES: tuple[RuleFile, ...] = (NAMESPACED, CLUSTER, NAMESPACED_MODE, LEADER)
+KUEUE = RuleFile(
+    "kueue",
+    "Only with the chart's kueue.enabled (the operator's --kueue): each job labelled\n"
+    "kueue.x-k8s.io/queue-name gets a Kueue Workload that the operator creates, watches, deletes\n"
+    "while the job is suspended, and whose status it patches (the reservation cleared after an\n"
+    "eviction once the gang is gone; Finished once training is over).",
+    [
+        _rule("kueue.x-k8s.io", ["workloads"], ["get", "list", "watch", "create", "delete"]),
+        _rule("kueue.x-k8s.io", ["workloads/status"], ["patch"]),
+    ],
+)
+
+KUEUE_CLUSTER = RuleFile(
+    "kueue-cluster",
+    "Only with the chart's kueue.enabled: the admitted flavors' node labels and tolerations go on\n"
+    "the gang's pods, and a job's kueue.x-k8s.io/priority-class sets its Workload's priority.",
+    [_rule("kueue.x-k8s.io", ["resourceflavors", "workloadpriorityclasses"], ["get"])],
+)
+
+RULE_FILES: tuple[RuleFile, ...] = (NAMESPACED, CLUSTER, NAMESPACED_MODE, LEADER, KUEUE, KUEUE_CLUSTER)
 
 # Per job; the operator adds resourceNames: [<job>] (builders.trainer_rbac).
 WORKER_RULES: list[PolicyRule] = [

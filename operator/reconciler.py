@@ -16,7 +16,7 @@ from typing import Any
 
 from kdistill.api import JobValidationError, parse_job
 
-from . import builders, metrics, names
+from . import builders, kueue, metrics, names
 from .departures import STATUS_FIELD, PodTracker, departed_from_status
 from .events import post_event
 from .kube import JOB, ApiError, Kube
@@ -96,6 +96,10 @@ class Reconciler:
             dep = self.kube.get("apps/v1", "Deployment", namespace, names.serving(name, job.spec.serving.name))
             deployment = DeploymentView.from_dict(dep) if dep is not None else None
         teacher = self._observe_teacher(job) if job.spec.teacher.serve.enabled else None
+        queue = kueue.queue_name(body["metadata"].get("labels"))
+        workload = None
+        if queue and self.settings.kueue:
+            workload = self.kube.get(*kueue.WORKLOAD, namespace, names.workload(name))
         expected = {i: names.worker_pod(name, i) for i in range(job.spec.parallelism.nodes)}
         missing = [p for p in expected.values() if p not in {v.name for v in pods}]
         # What this process's watch saw, else what a watch (maybe a previous operator's) recorded.
@@ -115,10 +119,13 @@ class Reconciler:
             departed=departed,
             unconfirmed=self.pod_tracker.unconfirmed(namespace, missing),
             teacher=teacher,
+            queue=queue,
+            kueue_enabled=self.settings.kueue,
+            workload=kueue.WorkloadView.from_dict(workload) if workload is not None else None,
         )
         decision = decide(obs)
         try:
-            self._act(body, job, status, decision, {p.name for p in pods}, teacher, jlog)
+            self._act(body, job, status, decision, {p.name for p in pods}, teacher, jlog, workload)
         except ApiError as exc:
             if exc.status == 409 and decision.status:
                 jlog.info("status moved under us; looking again")
@@ -164,6 +171,7 @@ class Reconciler:
         existing_pods: set[str],
         teacher: TeacherView | None,
         jlog: ObjectLog,
+        workload: dict[str, Any] | None = None,
     ) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if d.status:
@@ -182,6 +190,7 @@ class Reconciler:
             self.kube.delete("v1", "Pod", namespace, pod, grace_seconds=0)
         for pod in d.delete_pods:
             self.kube.delete("v1", "Pod", namespace, pod)
+        self._kueue(body, job, d, workload, jlog)
         if d.ensure_teacher:
             self._ensure_teacher(body, job, teacher, jlog)
         if d.delete_teacher:
@@ -191,7 +200,7 @@ class Reconciler:
             self.kube.delete("apps/v1", "Deployment", namespace, names.teacher(name))
             jlog.info("deleted the teacher Deployment and Service %s", names.teacher(name))
         if d.create_attempt is not None:
-            self._create_gang(body, job, d.create_attempt, existing_pods, jlog)
+            self._create_gang(body, job, d.create_attempt, existing_pods, jlog, workload)
         if d.deploy:
             self._deploy(body, job, jlog)
         if d.delete_training_objects:
@@ -213,7 +222,62 @@ class Reconciler:
         if "phase" in d.status:
             jlog.info("phase %s -> %s", old.get("phase"), d.status["phase"])
 
-    def _create_gang(self, body: dict[str, Any], job: Any, attempt: int, existing: set[str], jlog: ObjectLog) -> None:
+    def _kueue(self, body: dict[str, Any], job: Any, d: Decision, wl: dict[str, Any] | None, jlog: ObjectLog) -> None:
+        """The job's Workload: created while it is missing, its reservation cleared after an eviction
+        once the gang is gone, Finished once training is over, deleted while the job is suspended."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        wl_name = names.workload(name)
+        now = fmt_time(datetime.now(UTC))
+        if d.delete_workload:
+            self.kube.delete(*kueue.WORKLOAD, namespace, wl_name)
+            jlog.info("deleted Workload %s: the job is suspended", wl_name)
+        if wl is not None and d.release_workload:
+            gen = int(wl["metadata"].get("generation") or 0)
+            patch = kueue.release_patch(wl, now, gen)["status"]
+            self.kube.patch_status(namespace, wl_name, patch, wl["metadata"].get("resourceVersion"),
+                                   resource=kueue.WORKLOAD)  # fmt: skip
+            jlog.info("the evicted gang is gone: cleared the reservation of Workload %s (Kueue requeues it)", wl_name)
+        if wl is not None and d.finish_workload:
+            gen = int(wl["metadata"].get("generation") or 0)
+            reason = "Succeeded" if d.phase in ("Succeeded", "Deploying") else "Failed"
+            patch = kueue.finish_patch(wl, now, gen, reason, f"the job is {d.phase}: training is over")["status"]
+            self.kube.patch_status(namespace, wl_name, patch, wl["metadata"].get("resourceVersion"),
+                                   resource=kueue.WORKLOAD)  # fmt: skip
+            jlog.info("Workload %s finished: its quota is released", wl_name)
+        if d.ensure_workload and wl is None:
+            priority = None
+            pc = kueue.priority_class_name(body["metadata"].get("labels"))
+            if pc:
+                found = self.kube.get(*kueue.PRIORITY_CLASS, None, pc)
+                if found is None:
+                    message = f"WorkloadPriorityClass {pc} (label {kueue.LABEL_PRIORITY_CLASS}) does not exist"
+                    jlog.warning("not queueing: %s", message)
+                    self._event(body, Event("Warning", "PriorityClassNotFound", message), jlog)
+                    return
+                priority = (pc, int(found.get("value") or 0))
+            pod = builders.worker_pods(job, 0, self.settings)[0]
+            obj = kueue.workload(name, namespace, kueue.queue_name(body["metadata"].get("labels")), pod,
+                                 job.spec.parallelism.nodes, priority)  # fmt: skip
+            if self.kube.create(builders.adopt([obj], body)[0]):
+                jlog.info("created Workload %s in queue %s", wl_name, obj["spec"]["queueName"])
+
+    def _placement(self, wl: dict[str, Any] | None) -> kueue.Placement | None:
+        """The node labels and tolerations of the flavors Kueue admitted the gang to."""
+        if wl is None:
+            return None
+        view = kueue.WorkloadView.from_dict(wl)
+        flavors = [f for name in view.flavors if (f := self.kube.get(*kueue.RESOURCE_FLAVOR, None, name))]
+        return kueue.Placement.from_flavors(flavors)
+
+    def _create_gang(
+        self,
+        body: dict[str, Any],
+        job: Any,
+        attempt: int,
+        existing: set[str],
+        jlog: ObjectLog,
+        workload: dict[str, Any] | None = None,
+    ) -> None:
         if not existing:
             # A whole new gang (first start, restart, resume): make sure its config, rendezvous
             # Service, PVC and RBAC exist first. Re-applying is a no-op when they do.
@@ -223,8 +287,12 @@ class Reconciler:
                 else:
                     self.kube.apply(obj)
         unready = self._unready_nodes()
+        placement = self._placement(workload)
+        pods = builders.worker_pods(job, attempt, self.settings, unready)
+        if placement is not None:
+            pods = [placement.apply(p) for p in pods]
         created = 0
-        for pod in builders.adopt(builders.worker_pods(job, attempt, self.settings, unready), body):
+        for pod in builders.adopt(pods, body):
             if pod["metadata"]["name"] not in existing and self.kube.create(pod):
                 created += 1
         if created:

@@ -42,6 +42,9 @@ class Settings:
     identity: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
     # imagePullPolicy of worker and serving containers; "" leaves Kubernetes' default.
     image_pull_policy: str = field(default_factory=_env_pull_policy)
+    # Jobs labelled kueue.x-k8s.io/queue-name wait for a Kueue Workload's admission (the chart's
+    # kueue.enabled: it also grants the RBAC on workloads). Off, such a job fails with a clear message.
+    kueue: bool = False
 
     def __post_init__(self) -> None:
         if self.image_pull_policy and self.image_pull_policy not in PULL_POLICIES:

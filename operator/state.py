@@ -1,8 +1,9 @@
 """The job state machine: what is observed in, what to do out. Pure: no I/O, no clock.
 
 Phases: Pending → Running → (Restarting → Pending → Running)* → Deploying → Succeeded, or
-Failed; Suspended while `spec.suspend`. Everything the machine needs survives an operator
-restart because it lives in the API: the phase and counters in status, the gang
+Failed; Suspended while `spec.suspend`; Queued while a job labelled `kueue.x-k8s.io/queue-name`
+waits for Kueue to admit its Workload (first, and again after a preemption). Everything the
+machine needs survives an operator restart because it lives in the API: the phase and counters in status, the gang
 attempt (restarts + evictions) on the pods' labels, the backoff start in the
 `Restarting` condition's lastTransitionTime, and pod creation times for the pending deadline.
 
@@ -21,6 +22,7 @@ from kdistill.api.base import FLOAT_TOLERANCE
 from kdistill.api.failures import Termination, parse_termination
 
 from . import names
+from .kueue import WorkloadView
 from .observe import STUCK_WAITING, DeploymentView, NodeView, PodView, TeacherView, parse_time
 
 TERMINAL = ("Succeeded", "Failed")
@@ -34,6 +36,12 @@ COND_COMPLETE = "Complete"
 COND_FAILED = "Failed"
 COND_READY = "Ready"
 COND_CLEANED = "TrainingObjectsDeleted"
+# Kueue (a job labelled kueue.x-k8s.io/queue-name): True while its Workload is admitted.
+COND_ADMITTED = "Admitted"
+# While queued, look again at least this often (the Workload watch usually comes first).
+KUEUE_POLL_SECONDS = 10.0
+# The phases in which a gang may exist: an eviction in one of them is counted once.
+GANG_PHASES = ("Pending", "Running", "Restarting")
 COND_TEACHER_READY = "TeacherReady"
 # Its reasons while False: the teacher is starting (the workers wait, the pending clock runs), it
 # was ready and is not now (a running gang waits), or its objects are deleted (job over/suspended).
@@ -74,6 +82,11 @@ class Observed:
     unconfirmed: frozenset[str] = frozenset()
     # The served teacher's Deployment (teacher.serve.enabled); None when it does not exist.
     teacher: TeacherView | None = None
+    # Kueue: the job's queue (its kueue.x-k8s.io/queue-name label, "" for none), whether the
+    # operator runs with Kueue on, and the job's Workload (None while none exists).
+    queue: str = ""
+    kueue_enabled: bool = False
+    workload: WorkloadView | None = None
 
 
 @dataclass
@@ -90,6 +103,13 @@ class Decision:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     phase: str | None = None  # the phase after this decision
+    # Kueue: create the Workload if it is missing; clear its reservation once an evicted gang is
+    # gone (Kueue queues it again); mark it Finished once training is over (the quota is freed);
+    # delete it while the job is suspended.
+    ensure_workload: bool = False
+    release_workload: bool = False
+    finish_workload: bool = False
+    delete_workload: bool = False
 
     def requeue(self, seconds: float) -> None:
         seconds = max(seconds, 0.1)
@@ -122,12 +142,11 @@ class _Status:
     def set(self, key: str, value: Any) -> None:
         self.values[key] = value
 
-    def condition(
-        self, type_: str, status: bool, reason: str, message: str = "", clock_on_reason: bool = False
-    ) -> None:
+    def condition(self, type_: str, status: bool, reason: str, message: str, clock_on_reason: bool = False) -> None:
         """Set a condition. lastTransitionTime moves when the status flips, and with
         `clock_on_reason` also when the reason changes (a clock that restarts, e.g. TeacherReady)."""
         value = "True" if status else "False"
+        message = message or reason  # every condition carries a message (`kubectl describe`, `kubectl wait`)
         for cond in self.conditions:
             if cond.get("type") == type_:
                 if cond.get("status") != value or (clock_on_reason and cond.get("reason") != reason):
@@ -179,6 +198,8 @@ def decide(obs: Observed) -> Decision:
     # exist: the old gang's fenced status patches (test /status/attempt) are refused from then on.
     if phase not in TERMINAL:
         st.set("attempt", _attempt(st))
+    if phase in (*TERMINAL, "Deploying"):
+        _training_over(obs, d)
     _teacher(obs, st, d, phase)
     d.phase = phase
     st.set("phase", phase)
@@ -220,11 +241,23 @@ def _step(obs: Observed, st: _Status, d: Decision, phase: str | None) -> str:
     if phase == "Deploying":
         _delete_all(obs, d)
         return _deploying(obs, st, d)
+    if obs.queue and not obs.kueue_enabled:
+        return _fail(
+            obs,
+            st,
+            d,
+            "KueueNotEnabled",
+            f"the job is labelled kueue.x-k8s.io/queue-name={obs.queue}, but the operator runs without --kueue "
+            "(the chart's kueue.enabled)",
+        )
     if spec.suspend:
         _delete_all(obs, d)
+        if obs.queue and obs.workload is not None:
+            d.delete_workload = True  # out of the queue while suspended; a new Workload on resume
+            st.condition(COND_ADMITTED, False, "Suspended", "the Workload is deleted while the job is suspended")
         if phase != "Suspended":
             st.condition(COND_SUSPENDED, True, "SuspendRequested", "worker pods deleted; checkpoints kept")
-            st.condition(COND_TRAINING, False, "Suspended")
+            st.condition(COND_TRAINING, False, "Suspended", "spec.suspend is set: no worker runs")
         if any(not p.finished for p in obs.pods):
             d.requeue(POLL_SECONDS)
         return "Suspended"
@@ -234,9 +267,62 @@ def _step(obs: Observed, st: _Status, d: Decision, phase: str | None) -> str:
     if phase is None:
         st.condition(COND_TRAINING, False, "Created", "creating the worker gang")
         phase = "Pending"
+    if obs.queue:
+        waiting = _admission(obs, st, d, phase)
+        if waiting is not None:
+            return waiting
+        if phase == "Queued":
+            phase = "Pending"
     if phase == "Restarting":
         return _restarting(obs, st, d)
     return _training(obs, st, d, phase)
+
+
+# -- Kueue admission ------------------------------------------------------------------------
+
+
+def _training_over(obs: Observed, d: Decision) -> None:
+    """Training is over (Deploying, Succeeded, Failed): Finished frees the Workload's quota."""
+    if obs.queue and obs.workload is not None and not obs.workload.finished:
+        d.finish_workload = True
+
+
+def _admission(obs: Observed, st: _Status, d: Decision, phase: str) -> str | None:
+    """ "Queued" while the job's Workload is not admitted (no gang runs then); None once it is.
+
+    An evicted Workload (preempted, deactivated) stops the gang as a suspend does: the pods get
+    SIGTERM and the trainer checkpoints and exits. The eviction is counted in `evictions`, never
+    in `restarts`; once the pods are gone the reservation is cleared and Kueue queues it again."""
+    wl = obs.workload
+    live = any(not p.finished for p in obs.pods)
+    if wl is not None and wl.admitted and not wl.evicted:
+        if not st.has_condition(COND_ADMITTED):
+            where = f"ClusterQueue {wl.cluster_queue}" + (f", flavors {', '.join(wl.flavors)}" if wl.flavors else "")
+            st.condition(COND_ADMITTED, True, "Admitted", f"Workload {wl.name} admitted by {where}")
+            d.events.append(Event("Normal", "Admitted", f"Workload {wl.name} admitted by {where}"))
+        return None
+    if wl is None:
+        d.ensure_workload = True
+        reason, message = "Pending", f"waiting for Kueue to admit the job in queue {obs.queue}"
+    elif wl.evicted:
+        reason = wl.evicted_reason or "Evicted"
+        message = f"Workload {wl.name} evicted: {wl.evicted_message or reason}; the gang stops and the job requeues"
+    else:
+        reason = "Pending"
+        message = wl.pending_message or f"Workload {wl.name} waits for quota in queue {obs.queue}"
+    if phase in GANG_PHASES and (live or phase == "Running"):
+        # A gang ran on this admission: its stop is an eviction (counted apart from maxRestarts).
+        st.set("evictions", int(st.get("evictions") or 0) + 1)
+        d.events.append(Event("Warning", "Evicted", message))
+    st.condition(COND_ADMITTED, False, reason, message)
+    st.condition(COND_TRAINING, False, "Queued", message)
+    _delete_all(obs, d)
+    if obs.pods:
+        d.requeue(POLL_SECONDS)
+    elif wl is not None and wl.evicted and wl.reserved:
+        d.release_workload = True
+    d.requeue(KUEUE_POLL_SECONDS)
+    return "Queued"
 
 
 # -- training -------------------------------------------------------------------------------
@@ -413,7 +499,7 @@ def _training(obs: Observed, st: _Status, d: Decision, phase: str) -> str:
         if not st.get("startTime"):
             st.set("startTime", fmt_time(obs.now))
         st.condition(COND_TRAINING, True, "AllWorkersRunning", f"{nodes} worker pod(s) running")
-        st.condition(COND_RESTARTING, False, "GangRunning")
+        st.condition(COND_RESTARTING, False, "GangRunning", f"gang attempt {attempt} running")
         return "Running"
     if phase != "Running":
         st.condition(COND_TRAINING, False, "WaitingForPods", "worker pods are being created or scheduled")
@@ -556,7 +642,7 @@ def _restart(obs: Observed, st: _Status, d: Decision, pr: _Problem) -> str:
 def _fail(obs: Observed, st: _Status, d: Decision, reason: str, message: str) -> str:
     st.condition(COND_FAILED, True, reason, message)
     st.condition(COND_TRAINING, False, reason, message)
-    st.condition(COND_RESTARTING, False, reason)
+    st.condition(COND_RESTARTING, False, reason, "the job failed: no further restart")
     d.events.append(Event("Warning", reason, message))
     _cleanup_workers(obs, d)
     return "Failed"
@@ -594,7 +680,7 @@ def _succeeded_training(obs: Observed, st: _Status, d: Decision, rank0: PodView)
     if clean:
         st.set("metrics", _rounded(clean))
     st.condition(COND_TRAINING, False, "TrainingComplete", f"rank 0 finished: {term.reason}")
-    st.condition(COND_RESTARTING, False, "TrainingComplete")
+    st.condition(COND_RESTARTING, False, "TrainingComplete", "training is over")
     _delete_all(obs, d)  # training is over: its pods go (failed gangs keep theirs for logs)
     serving = obs.job.spec.serving
     if not serving.enabled:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the control-plane binaries for the integration tests from their Go
 # modules (no image or envtest registry is reachable): kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubelet, kubectl, etcd, kwok, helm.
+# kube-controller-manager, kube-scheduler, kubelet, kubectl, etcd, kwok, helm, and
+# the Kueue controller (with its CRDs and webhook configurations from the module).
 #
 # Each tool is pinned by its own module under hack/ (their dependency versions
 # clash) and cached by version under ${KDISTILL_CACHE:-~/.cache/kdistill}.
@@ -19,7 +20,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "${root}/scripts/cluster-env.sh"
 
 if [[ "${1:-}" == "--print" ]]; then
-  printf '%s\n' "${K8S_BIN_DIR}" "${ETCD_BIN_DIR}" "${KWOK_BIN_DIR}" "${HELM_BIN_DIR}"
+  printf '%s\n' "${K8S_BIN_DIR}" "${ETCD_BIN_DIR}" "${KWOK_BIN_DIR}" "${KUEUE_BIN_DIR}" "${HELM_BIN_DIR}"
   exit 0
 fi
 
@@ -83,6 +84,18 @@ for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
   helm_ldflags+=" -X ${pkg}.k8sVersionMajor=1 -X ${pkg}.k8sVersionMinor=${k8s_minor}"
 done
 build helm helm.sh/helm/v3/cmd/helm "${HELM_BIN_DIR}/helm" "${helm_ldflags}"
+# Kueue's controller for the rung-3 admission tests. Its CRDs and webhook configurations come
+# from the same module's config/ (in the module cache once the build has downloaded it).
+build kueue sigs.k8s.io/kueue/cmd/kueue "${KUEUE_BIN_DIR}/kueue" \
+  "-X sigs.k8s.io/kueue/pkg/version.GitVersion=${KUEUE_VERSION}"
+if [[ ! -f "${KUEUE_DIR}/config/webhook/manifests.yaml" ]]; then
+  kueue_src="$(cd "${root}/hack/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)"
+  mkdir -p "${KUEUE_DIR}/config/crd" "${KUEUE_DIR}/config/webhook"
+  cp "${kueue_src}"/config/components/crd/bases/*.yaml "${KUEUE_DIR}/config/crd/"
+  cp "${kueue_src}/config/components/webhook/manifests.yaml" "${KUEUE_DIR}/config/webhook/"
+  chmod -R u+w "${KUEUE_DIR}/config"
+  log "kueue: CRDs and webhook configurations copied to ${KUEUE_DIR}/config"
+fi
 # The kubelet is only for the real-pods rung; build it last.
 build k8s-bins k8s.io/kubernetes/cmd/kubelet "${K8S_BIN_DIR}/kubelet" "${k8s_ldflags}"
 # kube-proxy serves ClusterIP Services on the real-pods rung (e2e/); built after the kubelet.
@@ -94,13 +107,14 @@ log "all binaries ready in ${total}s (built: ${built[*]:-none})"
 "${ETCD_BIN_DIR}/etcd" --version | sed -n 1p
 "${KWOK_BIN_DIR}/kwok" --version | sed -n 1p
 "${HELM_BIN_DIR}/helm" version --short
+echo "kueue ${KUEUE_VERSION} ($(du -h "${KUEUE_BIN_DIR}/kueue" | cut -f1))"
 
 times_json() {
   printf '{"total_seconds": %d, "built": [' "${total}"
   local sep="" n
   for n in "${built[@]}"; do printf '%s{"name": "%s", "seconds": %d}' "${sep}" "${n}" "${seconds[${n}]}"; sep=", "; done
-  printf '], "k8s": "%s", "etcd": "%s", "kwok": "%s", "helm": "%s", "cpus": %d, "go": "%s", "date": "%s"}\n' \
-    "${K8S_VERSION}" "${ETCD_VERSION}" "${KWOK_VERSION}" "${HELM_VERSION}" "$(nproc)" "$(go env GOVERSION)" \
+  printf '], "k8s": "%s", "etcd": "%s", "kwok": "%s", "helm": "%s", "kueue": "%s", "cpus": %d, "go": "%s", "date": "%s"}\n' \
+    "${K8S_VERSION}" "${ETCD_VERSION}" "${KWOK_VERSION}" "${HELM_VERSION}" "${KUEUE_VERSION}" "$(nproc)" "$(go env GOVERSION)" \
     "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 }
 mkdir -p "${KDISTILL_CACHE}"

@@ -19,6 +19,7 @@ K8S_VERSION="$(_kd_mod_version k8s-bins k8s.io/kubernetes)"
 ETCD_VERSION="$(_kd_mod_version etcd go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(_kd_mod_version kwok sigs.k8s.io/kwok)"
 HELM_VERSION="$(_kd_mod_version helm helm.sh/helm/v3)"
+KUEUE_VERSION="$(_kd_mod_version kueue sigs.k8s.io/kueue)"
 
 K8S_BIN_DIR="${KDISTILL_CACHE}/k8s-${K8S_VERSION}/bin"
 ETCD_BIN_DIR="${KDISTILL_CACHE}/etcd-${ETCD_VERSION}/bin"
@@ -27,5 +28,10 @@ KWOK_BIN_DIR="${KDISTILL_CACHE}/kwok-${KWOK_VERSION}/bin"
 # deprecation checks) in its ldflags: a new K8S_VERSION means a new helm build.
 HELM_BIN_DIR="${KDISTILL_CACHE}/helm-${HELM_VERSION}-k8s-${K8S_VERSION}/bin"
 
-export KDISTILL_CACHE K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION
-export K8S_BIN_DIR ETCD_BIN_DIR KWOK_BIN_DIR HELM_BIN_DIR
+# Kueue: its binary in bin/, and in config/ the CRDs and webhook configurations copied from the
+# module's config/components (the rung-3 harness, tests/cluster/kueue.py, installs them).
+KUEUE_DIR="${KDISTILL_CACHE}/kueue-${KUEUE_VERSION}"
+KUEUE_BIN_DIR="${KUEUE_DIR}/bin"
+
+export KDISTILL_CACHE K8S_VERSION ETCD_VERSION KWOK_VERSION HELM_VERSION KUEUE_VERSION
+export K8S_BIN_DIR ETCD_BIN_DIR KWOK_BIN_DIR HELM_BIN_DIR KUEUE_DIR KUEUE_BIN_DIR

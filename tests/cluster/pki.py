@@ -110,3 +110,20 @@ def make_pki(folder: Path, extra_sans: Sequence[str] = (), extra_users: Mapping[
     token_file.write_text("\n".join(lines) + "\n")
     token_file.chmod(0o600)
     return Pki(ca_cert, ca_key, server_cert, server_key, sa_key, sa_pub, proxy_cert, proxy_key, tokens, token_file)
+
+
+def serving_cert(pki: Pki, folder: Path, sans: Sequence[str] = ("IP:127.0.0.1", "DNS:localhost")) -> tuple[Path, Path]:
+    """A serving certificate signed by the cluster's CA (tls.crt, tls.key in `folder`): for a webhook
+    server the API server calls at https://127.0.0.1:<port> with the CA as its caBundle."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key, cert = folder / "tls.key", folder / "tls.crt"
+    _ec_key(key)
+    _openssl(
+        "req", "-x509", "-new", "-key", str(key), "-out", str(cert), "-days", "7",
+        "-CA", str(pki.ca_cert), "-CAkey", str(pki.ca_key), "-subj", "/CN=webhook",
+        "-addext", "subjectAltName=" + ",".join(sans),
+        "-addext", "basicConstraints=critical,CA:FALSE",
+        "-addext", "keyUsage=critical,digitalSignature,keyEncipherment",
+        "-addext", "extendedKeyUsage=serverAuth",
+    )  # fmt: skip
+    return cert, key

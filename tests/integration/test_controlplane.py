@@ -170,7 +170,7 @@ def test_kubectl_get_dj_shows_the_printer_columns(cluster: Cluster, crd: None, n
     api.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, "columns", {"status": status})
 
     out = cluster.kubectl("get", "dj", "columns", "-n", namespace).stdout.splitlines()
-    assert out[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "RESTARTS", "RETENTION", "ENDPOINT", "AGE"]
+    assert out[0].split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "RESTARTS", "RETENTION", "ENDPOINT", "QUEUE", "AGE"]
     row = out[1].split()
     assert row[:7] == ["columns", "Running", "output", "34%", "1", "0.974", status["endpoint"]]
 

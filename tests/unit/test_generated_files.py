@@ -76,6 +76,7 @@ def test_crd_is_structural_and_complete() -> None:
         "Restarts",
         "Retention",
         "Endpoint",
+        "Queue",
         "Age",
     ]
     schema = version["schema"]["openAPIV3Schema"]
