@@ -34,15 +34,25 @@ PLAN = [
 ]
 
 
-def _write_job(root: Path, name: str, *, pipeline: int = 1, data: int = 1, tensor: int = 1, **spec: Any) -> Path:
+def _write_job(
+    root: Path,
+    name: str,
+    *,
+    pipeline: int = 1,
+    data: int = 1,
+    tensor: int = 1,
+    family: str = "llama",
+    **spec: Any,
+) -> Path:
     world = pipeline * data * tensor
+    prefix = "" if family == "llama" else f"{family}-"
     job = helpers.job_dict(
         name,
         "causal-lm",
-        str(root / "teacher"),
+        str(root / f"{prefix}teacher"),
         str(root / "data" / "train.jsonl"),
         None,
-        student={"model": str(root / "student")},
+        student={"model": str(root / f"{prefix}student")},
         stages=PLAN,
         batch_size=8,
         every_steps=EVERY,
@@ -68,18 +78,50 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     helpers.save_model(helpers.llama(len(tok), layers=4, width=32, heads=4, kv_heads=2), tok, root / "teacher")
     helpers.save_model(helpers.llama(len(tok), layers=2, width=16, heads=4, kv_heads=2, seed=1), tok, root / "student")
     helpers.causal_data(root / "data", n_train=96, n_eval=16)
+    # GPT2 without dropout (the split and the single run draw dropout masks differently).
+    helpers.save_model(_gpt2(len(tok), layers=4, width=32, seed=0), tok, root / "gpt2-teacher")
+    helpers.save_model(_gpt2(len(tok), layers=2, width=16, seed=1), tok, root / "gpt2-student")
     return root
+
+
+def _gpt2(vocab: int, *, layers: int, width: int, seed: int) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=128,
+        n_embd=width,
+        n_layer=layers,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg)
 
 
 @pytest.fixture(scope="module")
 def reference(root: Path) -> tuple[list[dict[str, float]], Path]:
+    return _single_process(root, "llama")
+
+
+@pytest.fixture(scope="module")
+def gpt2_reference(root: Path) -> tuple[list[dict[str, float]], Path]:
+    return _single_process(root, "gpt2")
+
+
+def _single_process(root: Path, family: str) -> tuple[list[dict[str, float]], Path]:
     """The single-process run, in this process: per-step loss and parts as rank 0 prints them."""
     from kdistill.trainer.options import RunOptions, StepReport
     from kdistill.trainer.outputs import OutputLayout
     from kdistill.trainer.runner import run_job
 
     assert os.environ.get("WORLD_SIZE", "1") == "1"
-    path, out = _write_job(root, "one"), root / "out-one"
+    path, out = _write_job(root, f"one-{family}", family=family), root / f"out-one-{family}"
     reports: list[StepReport] = []
     run_job(load_job(path), RunOptions(output=OutputLayout(out), base_dir=root, on_step=reports.append))
     assert [r.step for r in reports] == list(range(1, STEPS + 1))
@@ -162,5 +204,23 @@ def test_split_teacher_delivers_the_pairs_to_a_split_student(
     ref, ref_out = reference
     out = root / "out-teacher2-pipeline2"
     steps, _ = _run(_write_job(root, "teacher2-pipeline2", pipeline=2, teacherPipelineStages=2), out, 2)
+    _assert_follows(steps, ref)
+    _assert_same_outputs(out, ref_out)
+
+
+@pytest.mark.parametrize(
+    ("layout", "world"), [({"tensor": 2}, 2), ({"pipeline": 2, "tensor": 2}, 4)], ids=["tensor2", "pipeline2xtensor2"]
+)
+def test_gpt2_tensor_parallel_follows_the_single_process(
+    root: Path, gpt2_reference: tuple[list[dict[str, float]], Path], layout: dict[str, int], world: int
+) -> None:
+    """GPT2 under tensor parallelism: the fused c_attn cut into each rank's q/k/v columns, c_fc by
+    columns, both c_proj by rows (tied embedding and head replicated); with hidden and attention
+    transfer in the plan, the run follows the single process and ends at its weights, and the
+    checkpoints hold the unsplit Conv1D layout."""
+    ref, ref_out = gpt2_reference
+    name = "gpt2-" + "x".join(f"{k}{v}" for k, v in layout.items())
+    out = root / f"out-{name}"
+    steps, _ = _run(_write_job(root, name, family="gpt2", **layout), out, world)
     _assert_follows(steps, ref)
     _assert_same_outputs(out, ref_out)
