@@ -50,13 +50,13 @@ class _AttachLoss(torch.autograd.Function):
     """Returns ``x``; its backward also sends a gradient of 1 into ``term``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, term: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, term: Tensor) -> Tensor:
         ctx.term_shape = term.shape
         ctx.term_dtype = term.dtype
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
         return grad, torch.ones(ctx.term_shape, dtype=ctx.term_dtype, device=grad.device)
 
 
@@ -64,14 +64,14 @@ class _GatherColumns(torch.autograd.Function):
     """All-gather column shards along the last axis; the backward keeps this rank's columns."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: Any, world: int, rank: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, group: Any, world: int, rank: int) -> Tensor:
         ctx.world, ctx.rank = world, rank
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=-1)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         return grad.chunk(ctx.world, dim=-1)[ctx.rank].contiguous(), None, None, None
 
 
@@ -159,7 +159,7 @@ class StageFeatures:
         sums = torch.zeros(2, dtype=torch.float64)
         n = len(self.pairs)
         if self.step.hidden:
-            proj = self.aux["hidden"].projections  # type: ignore[union-attr]
+            proj = self.aux["hidden"].projections
             hidden_sum = total
             for p in own:
                 s, t = self.pairs[p]
@@ -172,16 +172,16 @@ class StageFeatures:
             total = total + hidden_sum
         if self.step.attention:
             module = self.aux[self.step.attention_key]
-            s_scale = 1.0 / math.sqrt(module.rank)  # type: ignore[arg-type]
+            s_scale = 1.0 / math.sqrt(module.rank)
             attn_sum = states[0].new_zeros((), dtype=torch.float32)
             for p in own:
                 s, t = self.pairs[p]
                 for x in range(3):
                     sx = self._full_columns(qkv[s][x])
                     tx = targets[qkv_key(t, x)].to(sx.device).detach()
-                    s_low = module.student_proj[p][x](upcast(sx))  # type: ignore[index]
-                    t_low = tx @ module.teacher_projection(p, x).to(tx.dtype)  # type: ignore[operator]
-                    t_scale = 1.0 / math.sqrt(module.teacher_dims[x])  # type: ignore[index]
+                    s_low = module.student_proj[p][x](upcast(sx))
+                    t_low = tx @ module.teacher_projection(p, x).to(tx.dtype)
+                    t_scale = 1.0 / math.sqrt(module.teacher_dims[x])
                     attn_sum = attn_sum + (relation_kl(s_low, t_low, s_scale, t_scale, mask) * m).sum()
             attn_sum = attn_sum / (3 * n)
             sums[1] = attn_sum.detach().double().cpu()
@@ -192,7 +192,7 @@ class StageFeatures:
     def _full_columns(self, x: Tensor) -> Tensor:
         if self.tensor_size == 1:
             return x
-        return _GatherColumns.apply(x, self.tensor_group, self.tensor_size, self.tensor_rank)  # type: ignore[no-any-return]
+        return _GatherColumns.apply(x, self.tensor_group, self.tensor_size, self.tensor_rank)
 
     def run(
         self, model: nn.Module, key: str, x: Tensor, targets: dict[str, Tensor], **kwargs: Any
@@ -213,4 +213,4 @@ class StageFeatures:
         return out.logits, term
 
     def attach(self, output: Tensor, term: Tensor) -> Tensor:
-        return _AttachLoss.apply(output, term)  # type: ignore[no-any-return]
+        return _AttachLoss.apply(output, term)
