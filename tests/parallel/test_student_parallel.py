@@ -36,6 +36,7 @@ def reference(family: str) -> tuple[float, dict[str, torch.Tensor]]:
         ("llama", 2, 2, 1),
         ("gpt2", 1, 1, 2),
         ("gpt2", 2, 1, 2),
+        ("gpt2", 1, 2, 2),
     ],
     ids=[
         "data2",
@@ -45,6 +46,7 @@ def reference(family: str) -> tuple[float, dict[str, torch.Tensor]]:
         "pipeline2xdata2",
         "tensor2-gpt2",
         "pipeline2xtensor2-gpt2",
+        "data2xtensor2-gpt2",
     ],
 )
 def test_parallel_step_equals_single_process(
