@@ -92,6 +92,15 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "split-student-classification-tensor",
+        with_spec(
+            task="sequence-classification",
+            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "tensor": 2}},
+            quantization={"mode": "ptq-int8"},
+            **{"data.labelField": "label"},
+        ),
+    ),
+    (
         "split-student-hidden",
         with_spec(
             parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "tensor": 2}},
@@ -201,8 +210,12 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
     ("split-student-default-qat", _split_student(quantization=_DELETE), "spec"),
     ("split-student-top-k", _split_student(**{"parallelism.gradientCompression": {"topK": 0.01}}), "spec"),
     (
-        "split-student-classification",
-        _split_student(task="sequence-classification", **{"data.labelField": "label"}),
+        "split-student-classification-pipeline",
+        _split_student(
+            task="sequence-classification",
+            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
+            **{"data.labelField": "label"},
+        ),
         "spec",
     ),
 ]
@@ -213,7 +226,7 @@ SPLIT_STUDENT_NEEDLES = {
     "split-student-qat": "qat-int8",
     "split-student-default-qat": "qat-int8",
     "split-student-top-k": "gradientCompression.topK",
-    "split-student-classification": "causal-LM students only",
+    "split-student-classification-pipeline": "not by pipeline",
 }
 
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [

@@ -227,7 +227,7 @@ _TRAINER_NEEDLES = {
     "split-student-qat": "qat-int8",
     "split-student-default-qat": "qat-int8",
     "split-student-top-k": "gradientCompression.topK",
-    "split-student-classification": "task sequence-classification",
+    "split-student-classification-pipeline": "task sequence-classification, pipeline 2",
 }
 
 

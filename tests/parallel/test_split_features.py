@@ -224,3 +224,50 @@ def test_gpt2_tensor_parallel_follows_the_single_process(
     steps, _ = _run(_write_job(root, name, family="gpt2", **layout), out, world)
     _assert_follows(steps, ref)
     _assert_same_outputs(out, ref_out)
+
+
+def test_sequence_classifier_split_by_tensor_follows_the_single_process(root: Path) -> None:
+    """A Llama sequence classifier split by tensor parallelism: the class logits are scored as a
+    one-position sequence (KD + CE per sample, normalised over the global batch); with a hidden +
+    attention stage and a logits stage it follows the single process and ends at its weights."""
+    from kdistill.trainer.options import RunOptions, StepReport
+    from kdistill.trainer.outputs import OutputLayout
+    from kdistill.trainer.runner import run_job
+
+    texts = [p for _, p in helpers.pydoc_paragraphs(300)]
+    tok = helpers.make_tokenizer(root / "cls-tok", texts)
+    teacher = helpers.llama(
+        len(tok), layers=4, width=32, heads=4, kv_heads=2, task="sequence-classification", num_labels=3
+    )
+    helpers.save_model(teacher, tok, root / "cls-teacher")
+    helpers.classification_data(root / "cls-data")
+
+    def job(name: str, tensor: int) -> Path:
+        spec = helpers.job_dict(
+            name,
+            "sequence-classification",
+            str(root / "cls-teacher"),
+            str(root / "cls-data" / "train.jsonl"),
+            None,
+            stages=[
+                {"name": "features", "steps": 2, "objectives": ["hidden", "attention"], "attentionRank": 8},
+                {"name": "output", "steps": 4, "objectives": ["logits"]},
+            ],
+            batch_size=8,
+            every_steps=EVERY,
+            extra_data={"labelField": "label"},
+        )
+        spec["spec"]["distillation"]["learningRate"] = 1e-3
+        spec["spec"]["parallelism"] = {"nodes": tensor, "gpusPerNode": 0, "student": {"tensor": tensor}}
+        return helpers.write_job(root / f"{name}.yaml", spec)
+
+    ref_out = root / "out-cls-one"
+    reports: list[StepReport] = []
+    run_job(
+        load_job(job("cls-one", 1)), RunOptions(output=OutputLayout(ref_out), base_dir=root, on_step=reports.append)
+    )
+    ref = [{"loss": r.loss, **r.parts} for r in reports]
+    out = root / "out-cls-tensor2"
+    steps, _ = _run(job("cls-tensor2", 2), out, 2)
+    _assert_follows(steps, ref)
+    _assert_same_outputs(out, ref_out)

@@ -1,7 +1,8 @@
 """The model-parallel flow: the student split over ranks by tensor and/or pipeline parallelism
 (``parallel/student.py``), replicated over the data ranks.
 
-It trains the logits, hidden and attention objectives of causal LMs (what
+It trains the logits, hidden and attention objectives of causal LMs, and of sequence classifiers
+split by tensor parallelism (class logits scored as a one-position sequence; what
 ``parallel.runtime.check_model_parallel`` admits); the hidden/attention terms are computed on the
 stage that owns each mapped student block (``parallel/split_features.py``). Rank 0 keeps an
 unsplit copy of the student: checkpoints and the final student are gathered into it
@@ -50,6 +51,7 @@ class ModelParallelFlow:
         from ..parallel.student_state import FullLayout
 
         self.settings = logits_settings(spec)
+        self.task = spec.task
         self.teacher = teacher
         self.parallel = parallel
         self.pad_id = pad_id
@@ -91,7 +93,10 @@ class ModelParallelFlow:
         """Forward and backward of one micro-batch through the split student; returns the global
         mean loss and its KD/CE parts (the same numbers a single process reports)."""
         ids, mask, labels = self._padded(batch)
-        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        if self.task == "causal-lm":
+            shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        else:  # one label per sample, scored as a one-position sequence
+            shifted = labels.reshape(-1, 1)
         objectives = set(phase.objectives)
         use_logits = "logits" in objectives
         features = self._set_objectives(phase, objectives, mask, accum)
@@ -232,6 +237,8 @@ class ModelParallelFlow:
         else:
             return None, {}
         targets = features.targets(mask, hidden, qkv) if features is not None else {}
+        if need_logits and logits is not None and logits.dim() == 2:  # a classifier's [B, C]
+            logits = logits.unsqueeze(1)
         return (logits if need_logits else None), targets
 
     def _local_teacher(

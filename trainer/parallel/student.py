@@ -36,7 +36,7 @@ from kdistill.api.failures import ExitCode
 from ..errors import TrainerError
 from .distributed import peer_guard
 from .mesh import MeshLayout
-from .stages import balance_layers, decoder_parts, hollow_to_stage, stage_costs, stage_forward
+from .stages import balance_layers, decoder_blocks, decoder_parts, hollow_to_stage, stage_costs, stage_forward
 
 # token_loss(student_logits [b,L,V], teacher_logits [b,L,V], labels [b,L]) -> per-token loss [b,L]
 # (positions whose label is -100 are masked afterwards, whatever the function returns there).
@@ -174,9 +174,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
     """Shard attention and MLP of every (owned) block over ``tp_mesh`` in place."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    parts = decoder_parts(model)
-    if parts.family == "gpt2":
-        _gpt2_tensor_parallel(model, parts.layers, tp_mesh)
+    try:
+        family, layers = decoder_blocks(model)
+    except ValueError as exc:
+        raise TrainerError(ExitCode.BAD_SPEC, str(exc)) from None
+    if family == "gpt2":
+        _gpt2_tensor_parallel(model, layers, tp_mesh)
         return
     tp = tp_mesh.size()
     cfg = model.config
@@ -186,7 +189,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
             raise TrainerError(ExitCode.BAD_SPEC, f"student {name}={value} is not divisible by tensor={tp}")
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     plan = {k: styles[v]() for k, v in LLAMA_TP_PLAN.items()}
-    for layer in parts.layers:
+    for layer in layers:
         if hasattr(layer, "self_attn"):  # pass-through blocks of other pipeline stages have none
             parallelize_module(layer, tp_mesh, plan)
 
@@ -238,7 +241,7 @@ class ParallelStudent:
         from .split_features import StageFeatures
 
         blocks = getattr(self.model, "kdistill_stage", None)
-        layers = blocks[0] if blocks is not None else range(len(decoder_parts(self.model).layers))
+        layers = blocks[0] if blocks is not None else range(len(decoder_blocks(self.model)[1]))
         tensor = self.mesh["tensor"] if self.layout.tensor > 1 else None
         self.features = StageFeatures(
             aux,
@@ -291,6 +294,8 @@ class ParallelStudent:
                 else:
                     logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
                     term = None
+                if logits.dim() == 2:  # a classifier: one row of class logits per sample
+                    logits = logits.unsqueeze(1)
                 if self.logits_weight > 0:
                     loss = self._masked_sum(logits, teacher_logits, labels) * scale
                     local = loss.detach()
