@@ -709,8 +709,9 @@ class Serving(ApiModel):
     )
 
 
-# A split student (tensor or pipeline parallel) runs logits KD of a causal LM only: its hidden
-# states and attention live on several ranks, and the features below need the whole model.
+# A split student (tensor or pipeline parallel) runs logits KD and hidden/attention transfer of a
+# causal LM (each mapped layer's term is computed on the stage that holds it), and of a sequence
+# classifier split by tensor only; the features below need the whole model.
 # SPLIT_STUDENT_RULES is the one table of these rules: the CRD's CEL rules are generated from it,
 # DistillationJobSpec's validator checks it, and the trainer's start-up check
 # (trainer/parallel/runtime.check_model_parallel) refuses what it lists for specs that bypassed the API.
@@ -731,22 +732,26 @@ class SplitStudentRule:
         return f"{self.why} ({self.found(spec)})" if self.found else self.why
 
 
+_SPLIT_OBJECTIVES = {"logits", "hidden", "attention"}
+
+
 def _objectives(spec: DistillationJobSpec) -> set[str]:
     return {o for stage in spec.distillation.stages for o in stage.objectives}
 
 
 SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
     SplitStudentRule(
-        "self.task == 'causal-lm'",
-        lambda spec: spec.task == "causal-lm",
-        "trains causal-LM students only",
-        lambda spec: f"task {spec.task}",
+        "self.task == 'causal-lm' || self.parallelism.student.pipeline == 1",
+        lambda spec: spec.task == "causal-lm" or spec.parallelism.student.pipeline == 1,
+        "splits sequence-classification students by tensor (and data) only, not by pipeline "
+        "(set parallelism.student.pipeline 1)",
+        lambda spec: f"task {spec.task}, pipeline {spec.parallelism.student.pipeline}",
     ),
     SplitStudentRule(
-        "self.distillation.stages.all(s, s.objectives.all(o, o == 'logits'))",
-        lambda spec: _objectives(spec) <= {"logits"},
-        "distills with the logits objective only (no hidden, attention, sequence or on-policy)",
-        lambda spec: f"objectives {sorted(_objectives(spec) - {'logits'})}",
+        "self.distillation.stages.all(s, s.objectives.all(o, o == 'logits' || o == 'hidden' || o == 'attention'))",
+        lambda spec: _objectives(spec) <= _SPLIT_OBJECTIVES,
+        "distills with the logits, hidden and attention objectives only (no sequence or on-policy)",
+        lambda spec: f"objectives {sorted(_objectives(spec) - _SPLIT_OBJECTIVES)}",
     ),
     SplitStudentRule(
         "!self.distillation.teacherCache.enabled",

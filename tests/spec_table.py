@@ -92,6 +92,31 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "split-student-classification-tensor",
+        with_spec(
+            task="sequence-classification",
+            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "tensor": 2}},
+            quantization={"mode": "ptq-int8"},
+            **{"data.labelField": "label"},
+        ),
+    ),
+    (
+        "split-student-hidden",
+        with_spec(
+            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "tensor": 2}},
+            quantization={"mode": "ptq-int8"},
+            **{"distillation.stages": [{"name": "features", "steps": 5, "objectives": ["hidden", "logits"]}]},
+        ),
+    ),
+    (
+        "split-student-attention-pipeline",
+        with_spec(
+            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
+            quantization={"mode": "none"},
+            **{"distillation.stages": [{"name": "a", "steps": 5, "objectives": ["attention"]}]},
+        ),
+    ),
+    (
         "pipeline-split-logits-only",
         with_spec(
             parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
@@ -175,18 +200,8 @@ def _split_student(**changes: Any) -> dict[str, Any]:
 # SPLIT_STUDENT_NEEDLES names what each message must mention.
 SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
     (
-        "split-student-hidden",
-        _split_student(
-            **{"distillation.stages": [{"name": "features", "steps": 5, "objectives": ["hidden", "logits"]}]}
-        ),
-        "spec",
-    ),
-    (
-        "split-student-attention-pipeline",
-        _split_student(
-            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
-            **{"distillation.stages": [{"name": "a", "steps": 5, "objectives": ["attention"]}]},
-        ),
+        "split-student-sequence",
+        _split_student(**{"distillation.stages": [{"name": "seq", "steps": 5, "objectives": ["sequence"]}]}),
         "spec",
     ),
     ("split-student-teacher-cache", _split_student(**{"distillation.teacherCache": {"enabled": True}}), "spec"),
@@ -195,20 +210,23 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
     ("split-student-default-qat", _split_student(quantization=_DELETE), "spec"),
     ("split-student-top-k", _split_student(**{"parallelism.gradientCompression": {"topK": 0.01}}), "spec"),
     (
-        "split-student-classification",
-        _split_student(task="sequence-classification", **{"data.labelField": "label"}),
+        "split-student-classification-pipeline",
+        _split_student(
+            task="sequence-classification",
+            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
+            **{"data.labelField": "label"},
+        ),
         "spec",
     ),
 ]
 SPLIT_STUDENT_NEEDLES = {
-    "split-student-hidden": "logits objective only",
-    "split-student-attention-pipeline": "logits objective only",
+    "split-student-sequence": "no sequence or on-policy",
     "split-student-teacher-cache": "teacherCache",
     "split-student-uncertainty-weighting": "uncertaintyWeighting",
     "split-student-qat": "qat-int8",
     "split-student-default-qat": "qat-int8",
     "split-student-top-k": "gradientCompression.topK",
-    "split-student-classification": "causal-LM students only",
+    "split-student-classification-pipeline": "not by pipeline",
 }
 
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [

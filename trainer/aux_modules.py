@@ -57,8 +57,11 @@ def build_aux(
     parallel: Any,  # ParallelRuntime
     pad_id: int,
     device: torch.device,
+    student_qkv_dims: tuple[int, int, int] | None = None,
 ) -> tuple[nn.ModuleDict, list[tuple[int, int]]]:
-    """The aux modules every stage of ``plan`` needs, on ``device``, and the layer pairs they use."""
+    """The aux modules every stage of ``plan`` needs, on ``device``, and the layer pairs they use.
+    ``student_qkv_dims``: the student's q/k/v widths when the student can no longer be probed
+    (split over ranks; the model-parallel flow probed it before the split)."""
     aux = nn.ModuleDict()
     objectives = {o for p in plan for o in p.objectives}
     if not objectives & {"hidden", "attention"}:
@@ -73,7 +76,7 @@ def build_aux(
     if "attention" in objectives:
         from .attention_transfer import LowRankAttentionTransfer
 
-        s_dims = probe_qkv_dims(student, [s for s, _ in pairs], pad_id, device)
+        s_dims = student_qkv_dims or probe_qkv_dims(student, [s for s, _ in pairs], pad_id, device)
         # A split teacher holds one stage: it knows its q/k/v widths without the other blocks.
         t_dims = (
             parallel.teacher.qkv_dims

@@ -158,8 +158,17 @@ class Trainer:
         self.plan = build_plan(spec, self._qat_split() if spec.quantization.mode == "qat-int8" else None)
         self.total = total_steps(self.plan)
         self.aux, self.pairs = build_aux(
-            spec, self.plan, self.student, self.teacher, self.parallel, self.pad_id, self.device
+            spec,
+            self.plan,
+            self.student,
+            self.teacher,
+            self.parallel,
+            self.pad_id,
+            self.device,
+            student_qkv_dims=split_flow.student_qkv_dims if split_flow is not None else None,
         )
+        if split_flow is not None:
+            split_flow.use_aux(self.aux, self.pairs)
         # A served teacher shares the student's vocabulary (checked at start): its size sizes the cache.
         vocab_model = self.teacher if self.teacher is not None else self.student
         self.cache = CacheStore.from_spec(spec, vocab_model, self.opts.output.teacher_cache)

@@ -221,14 +221,13 @@ def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, refere
 
 # What the trainer's own message names for each of the API's split-student rows.
 _TRAINER_NEEDLES = {
-    "split-student-hidden": "objectives ['hidden']",
-    "split-student-attention-pipeline": "objectives ['attention']",
+    "split-student-sequence": "objectives ['sequence']",
     "split-student-teacher-cache": "distillation.teacherCache",
     "split-student-uncertainty-weighting": "data.uncertaintyWeighting",
     "split-student-qat": "qat-int8",
     "split-student-default-qat": "qat-int8",
     "split-student-top-k": "gradientCompression.topK",
-    "split-student-classification": "task sequence-classification",
+    "split-student-classification-pipeline": "task sequence-classification, pipeline 2",
 }
 
 
@@ -254,7 +253,7 @@ def test_trainer_refuses_what_the_api_rejects_for_split_students(name: str, job:
 
 def test_model_parallel_bad_spec_exits_20_before_any_peer_joins(root: Path) -> None:
     """The spec check runs before the rendezvous: one rank alone exits BAD_SPEC at once."""
-    path = _write_job(root, "bad-hidden", tensor=2, objectives=("hidden", "logits"))
+    path = _write_job(root, "bad-sequence", tensor=2, objectives=("sequence",))
     env = dict(
         _env(2),
         RANK="0",
@@ -274,7 +273,7 @@ def test_model_parallel_bad_spec_exits_20_before_any_peer_joins(root: Path) -> N
     )
     assert proc.returncode == int(ExitCode.BAD_SPEC), proc.stderr[-3000:]
     message = json.loads((root / "bad-termination.log").read_text())
-    assert message["retryable"] is False and "hidden" in message["message"]
+    assert message["retryable"] is False and "sequence" in message["message"]
 
 
 def test_pipeline2_x_data2_trains_like_one_process(root: Path, reference: tuple[list[float], Path]) -> None:

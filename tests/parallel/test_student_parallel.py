@@ -34,8 +34,20 @@ def reference(family: str) -> tuple[float, dict[str, torch.Tensor]]:
         ("gpt2", 2, 1, 1),
         ("llama", 1, 2, 2),
         ("llama", 2, 2, 1),
+        ("gpt2", 1, 1, 2),
+        ("gpt2", 2, 1, 2),
+        ("gpt2", 1, 2, 2),
     ],
-    ids=["data2", "tensor2", "pipeline2-gpt2", "data2xtensor2", "pipeline2xdata2"],
+    ids=[
+        "data2",
+        "tensor2",
+        "pipeline2-gpt2",
+        "data2xtensor2",
+        "pipeline2xdata2",
+        "tensor2-gpt2",
+        "pipeline2xtensor2-gpt2",
+        "data2xtensor2-gpt2",
+    ],
 )
 def test_parallel_step_equals_single_process(
     tmp_path: Path, family: str, pipeline: int, data: int, tensor: int

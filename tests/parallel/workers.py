@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -51,27 +52,15 @@ def student_batch(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor, t
     return ids, mask, labels, teacher
 
 
-def full_grads(named: dict[str, torch.nn.Parameter], layout: MeshLayout, mesh: object) -> dict[str, torch.Tensor]:
-    """Every gradient this rank holds, re-assembled over tensor-parallel peers where sharded."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    from kdistill.trainer.parallel.student import LLAMA_TP_PLAN
+def full_grads(student: Any) -> dict[str, torch.Tensor]:
+    """Every gradient this rank holds, re-assembled over tensor-parallel peers where sharded
+    (DTensor shards, or plain shards of the Llama plan and GPT2's Conv1D layers)."""
+    from kdistill.trainer.parallel.student_state import _full
 
     out = {}
-    for name, p in named.items():
-        g = p.grad
-        if g is None:
-            continue
-        if isinstance(g, DTensor):
-            g = g.full_tensor()
-        elif layout.tensor > 1:
-            style = next((v for k, v in LLAMA_TP_PLAN.items() if name.endswith(k + ".weight")), None)
-            if style is not None:
-                parts = [torch.empty_like(g) for _ in range(layout.tensor)]
-                dist.all_gather(parts, g.contiguous(), group=mesh["tensor"].get_group())  # type: ignore[index]
-                g = torch.cat(parts, 0 if style == "colwise" else 1)
-        out[name] = g.detach().clone()
+    for name, p in student.named_params.items():
+        if p.grad is not None:
+            out[name] = _full(student, name, p.grad).clone()
     return out
 
 
@@ -88,7 +77,7 @@ def student_step(env: DistEnv, workdir: Path, args: dict) -> None:
     per = args["rows"] // layout.data
     rows = slice(d * per, (d + 1) * per)
     loss = student.forward_backward(ids[rows], labels[rows], teacher[rows], mask[rows])
-    grads = full_grads(student.named_params, layout, mesh)
+    grads = full_grads(student)
     grads["__loss__"] = torch.tensor([loss], dtype=torch.float64)
     save_file(grads, str(workdir / f"rank{env.rank}.safetensors"))
 

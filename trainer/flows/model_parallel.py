@@ -1,10 +1,14 @@
 """The model-parallel flow: the student split over ranks by tensor and/or pipeline parallelism
 (``parallel/student.py``), replicated over the data ranks.
 
-It trains the logits objective of causal LMs (what ``parallel.runtime.check_model_parallel``
-admits). Rank 0 keeps an unsplit copy of the student: checkpoints and the final student are
-gathered into it (``parallel/student_state.py``), so a checkpoint is the whole student whatever
-the layout, and any layout can resume it.
+It trains the logits, hidden and attention objectives of causal LMs, and of sequence classifiers
+split by tensor parallelism (class logits scored as a one-position sequence; what
+``parallel.runtime.check_model_parallel`` admits); the hidden/attention terms are computed on the
+stage that owns each mapped student block (``parallel/split_features.py``). Rank 0 keeps an
+unsplit copy of the student: checkpoints and the final student are gathered into it
+(``parallel/student_state.py``), with the aux modules and their optimizer state in the
+single-process layout, so a checkpoint is the whole run whatever the layout, and any layout can
+resume it.
 """
 
 from __future__ import annotations
@@ -47,16 +51,34 @@ class ModelParallelFlow:
         from ..parallel.student_state import FullLayout
 
         self.settings = logits_settings(spec)
+        self.task = spec.task
         self.teacher = teacher
         self.parallel = parallel
         self.pad_id = pad_id
         self.device = device
         self.is_writer = is_writer
         self.full_layout = FullLayout.of(student)
+        # Attention transfer sizes its student projections by the q/k/v widths of a block, which
+        # only the unsplit student can be probed for (a stage may not own the mapped blocks).
+        self.student_qkv_dims: tuple[int, int, int] | None = None
+        if any("attention" in stage.objectives for stage in spec.distillation.stages):
+            from ..aux_modules import probe_qkv_dims
+
+            self.student_qkv_dims = probe_qkv_dims(student, [0], pad_id, device)
         self.template: nn.Module | None = copy.deepcopy(student) if is_writer else None
+        self.aux: nn.ModuleDict = nn.ModuleDict()
+        self.pairs: list[tuple[int, int]] = []
+        self.features: Any = None
+        self._mask_count = torch.zeros(())  # the global attention-mask count of the micro-step
         self.temperature = 1.0  # the current step's, read by the token loss
         self.loss_sums: list[torch.Tensor] = []  # per loss call: [KD sum, CE sum, valid tokens]
         self.split_student = parallel.parallelize_student(student, self._token_loss)
+
+    def use_aux(self, aux: nn.ModuleDict, pairs: list[tuple[int, int]]) -> None:
+        """The run's aux modules (hidden projections, attention factors), replicated on every rank."""
+        self.aux, self.pairs = aux, pairs
+        if len(aux) > 0:
+            self.features = self.split_student.use_features(aux, pairs)
 
     # ---- the interface -------------------------------------------------------------------------
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -71,24 +93,45 @@ class ModelParallelFlow:
         """Forward and backward of one micro-batch through the split student; returns the global
         mean loss and its KD/CE parts (the same numbers a single process reports)."""
         ids, mask, labels = self._padded(batch)
-        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        teacher = self._teacher_logits(ids, mask)
+        if self.task == "causal-lm":
+            shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+        else:  # one label per sample, scored as a one-position sequence
+            shifted = labels.reshape(-1, 1)
+        objectives = set(phase.objectives)
+        use_logits = "logits" in objectives
+        features = self._set_objectives(phase, objectives, mask, accum)
+        teacher, targets = self._teacher_targets(ids, mask, use_logits, features)
         self.temperature = temperature
         self.loss_sums.clear()
-        loss = self.split_student.forward_backward(ids, shifted, teacher, mask, grad_scale=1.0 / accum)
+        ps = self.split_student
+        ps.logits_weight = 1.0 / len(objectives) if use_logits else 0.0
+        logits_loss = ps.forward_backward(ids, shifted, teacher, mask, grad_scale=1.0 / accum, targets=targets)
         sums = self._reported_sums()
-        count = max(float(sums[2]), 1.0)
-        return loss, {"kd": float(sums[0]) / count, "ce": float(sums[1]) / count, "logits": loss}
+        values: dict[str, float] = {}
+        parts: dict[str, float] = {}
+        if use_logits:
+            count = max(float(sums[2]), 1.0)
+            parts = {"kd": float(sums[0]) / count, "ce": float(sums[1]) / count}
+            values["logits"] = logits_loss
+        tokens = max(float(sums[5]), 1.0)
+        if "hidden" in objectives:
+            values["hidden"] = float(sums[3]) / tokens
+        if "attention" in objectives:
+            values["attention"] = float(sums[4]) / tokens
+        parts.update(values)
+        # The single-process loss: the mean of the phase's objectives.
+        return sum(values.values()) / len(values), parts
 
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> None:
         from ..parallel.student_state import clip_grad_norm
 
         with self.parallel.guard("the gradient norm"):
-            clip_grad_norm(self.split_student, self.full_layout, max_norm)
+            aux_grads = [p.grad for p in self.aux.parameters() if p.grad is not None]
+            clip_grad_norm(self.split_student, self.full_layout, max_norm, extra=aux_grads)
 
     def save(self, step: int, phase: Phase, temperature: float, state: CheckpointState) -> Path | None:
         # Every rank takes part in the gather; rank 0 writes the whole student.
-        gathered = self._gather(state.optimizer)
+        gathered = self._gather(state.optimizer, self._aux_params())
         if gathered is None:
             return None
         assert self.template is not None
@@ -98,7 +141,7 @@ class ModelParallelFlow:
 
     def restore(self, info: CheckpointInfo, state: CheckpointState) -> None:
         """Every rank reads the whole-student checkpoint and keeps its own shard of it."""
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file, load_model
 
         from ..checkpoint import restore_rng
         from ..parallel.student_state import load_state
@@ -106,7 +149,8 @@ class ModelParallelFlow:
         weights = load_file(str(info.path / "model.safetensors"))
         opt_state = torch.load(info.path / "optimizer.pt", weights_only=True)
         try:
-            load_state(self.split_student, state.optimizer, self.full_layout, weights, opt_state)
+            load_model(state.aux, str(info.path / "aux.safetensors"))
+            load_state(self.split_student, state.optimizer, self.full_layout, weights, opt_state, self._aux_params())
         except (KeyError, ValueError, RuntimeError) as exc:
             raise TrainerError(
                 ExitCode.CHECKPOINT_INCOMPATIBLE, f"checkpoint {info.path} does not fit this student: {exc}"
@@ -142,39 +186,106 @@ class ModelParallelFlow:
                 labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
         return ids, mask, labels
 
-    def _teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """The ranks that compute the loss (the last pipeline stage, every tensor peer there) run
-        the teacher on their own rows; earlier stages never run it. A split teacher's forward is
-        collective, so then every rank takes part."""
-        if self.parallel.split_teacher:
-            return self.parallel.teacher_logits(ids, mask)
-        if not self.split_student.is_last_stage:
+    def _set_objectives(self, phase: Phase, objectives: set[str], mask: torch.Tensor, accum: int) -> Any:
+        """Tell this rank's hidden/attention terms what the micro-step trains and how to scale it
+        (the data degree over the global attention-mask count, as the logits' token count);
+        returns them, or None when the phase trains neither."""
+        features = self.features
+        if features is None or not objectives & {"hidden", "attention"}:
+            if features is not None:
+                features.step.hidden = features.step.attention = False
+            self._mask_count = torch.zeros(())
             return None
-        with torch.inference_mode():
-            logits = self.teacher(input_ids=ids, attention_mask=mask).logits.float()
-        return logits.clone()
+        import torch.distributed as dist
+
+        count = mask.sum().to(torch.float64).to(self.device)
+        layout = self.parallel.layout
+        if layout.data > 1:
+            with self.parallel.guard("the mask count"):
+                dist.all_reduce(count, group=self.parallel.mesh["data"].get_group())
+        self._mask_count = count.cpu()
+        step = features.step
+        step.hidden = "hidden" in objectives
+        step.attention = "attention" in objectives
+        step.attention_key = f"attention_r{phase.attention_rank}"
+        step.weight = 1.0 / len(objectives)
+        step.scale = float(layout.data) / max(float(count.item()), 1.0) / accum
+        return features
+
+    def _teacher_targets(
+        self, ids: torch.Tensor, mask: torch.Tensor, use_logits: bool, features: Any
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Teacher logits where the loss is computed (the last pipeline stage, every tensor peer
+        there) and the teacher pieces of this rank's hidden/attention terms (the stage owning each
+        mapped block). A rank that needs nothing never runs the teacher. A split teacher's forward
+        is collective, so then every rank takes part with the same request."""
+        want_hidden, want_qkv = features.wanted() if features is not None else ([], [])
+        need_logits = use_logits and self.split_student.is_last_stage
+        if self.parallel.split_teacher:
+            from ..parallel.teacher_pipeline import TeacherRequest
+
+            step = features.step if features is not None else None
+            request = TeacherRequest(
+                logits=use_logits,
+                hidden=tuple(sorted({t + 1 for _, t in self.pairs})) if step is not None and step.hidden else (),
+                qkv=tuple(sorted({t for _, t in self.pairs})) if step is not None and step.attention else (),
+            )
+            got = self.parallel.teacher.forward(ids, mask, request)
+            logits, hidden, qkv = got.logits, got.hidden, got.qkv
+        elif need_logits or want_hidden or want_qkv:
+            logits, hidden, qkv = self._local_teacher(ids, mask, need_logits, want_hidden, want_qkv)
+        else:
+            return None, {}
+        targets = features.targets(mask, hidden, qkv) if features is not None else {}
+        if need_logits and logits is not None and logits.dim() == 2:  # a classifier's [B, C]
+            logits = logits.unsqueeze(1)
+        return (logits if need_logits else None), targets
+
+    def _local_teacher(
+        self, ids: torch.Tensor, mask: torch.Tensor, logits: bool, hidden: list[int], qkv: list[int]
+    ) -> tuple[
+        torch.Tensor | None, dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    ]:
+        from ..qkv_capture import QKVCapture
+
+        with torch.inference_mode(), QKVCapture(self.teacher, qkv) as cap:
+            out = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=bool(hidden))
+        # Inference tensors cannot enter autograd graphs: clone what the losses keep.
+        return (
+            out.logits.float().clone() if logits else None,
+            {i: out.hidden_states[i].float().clone() for i in hidden},
+            {layer: (q.float().clone(), k.float().clone(), v.float().clone()) for layer, (q, k, v) in cap.qkv.items()},
+        )
 
     def _reported_sums(self) -> torch.Tensor:
         """KD/CE sums and token count summed over the data ranks' loss ranks (tensor 0 only),
         from the real micro-batches (the last calls; shape inference calls come first)."""
         import torch.distributed as dist
 
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(6, dtype=torch.float64)
         ps = self.split_student
         if ps.is_last_stage and ps.coords["tensor"] == 0 and ps.last_loss_calls:
-            sums = torch.stack(self.loss_sums[-ps.last_loss_calls :]).sum(0)
+            sums[:3] = torch.stack(self.loss_sums[-ps.last_loss_calls :]).sum(0)
+        if self.features is not None and ps.coords["tensor"] == 0 and self.features.reported:
+            sums[3:5] = torch.stack(self.features.reported).sum(0)
+        # The global mask count is known on every rank: counted once, on rank 0.
+        if self.parallel.env.rank == 0:
+            sums[5] = float(self._mask_count)
         if self.parallel.distributed:
             with self.parallel.guard("the loss report"):
                 sums = sums.to(self.device)
                 dist.all_reduce(sums)
         return sums
 
-    def _gather(self, optimizer: torch.optim.Optimizer) -> Any:
+    def _aux_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.aux.named_parameters() if p.requires_grad]
+
+    def _gather(self, optimizer: torch.optim.Optimizer, aux: list[tuple[str, nn.Parameter]] | None = None) -> Any:
         """Collective: the whole student's state on rank 0 (GatheredState), None elsewhere."""
         from ..parallel.student_state import gather_state, load_into_template
 
         with self.parallel.guard("gathering the student"):
-            state = gather_state(self.split_student, optimizer, self.full_layout)
+            state = gather_state(self.split_student, optimizer, self.full_layout, aux or [])
         if state is not None:
             load_into_template(self.template, state.weights)
         return state

@@ -14,9 +14,8 @@ A world of one makes every method a pass-through, so the single-process loop is 
 With ``student.tensor > 1`` or ``student.pipeline > 1`` the loop runs a model-parallel student
 (``parallelize_student``: ``student.py`` cuts, shards and wraps it over the device mesh, and
 ``student_state.py`` gathers and reshards its checkpoints). That path trains the logits objective
-(KD + hard-label CE) of causal LMs; ``check_supported`` rejects at start, with BAD_SPEC, what it
-does not cover: hidden/attention objectives, the teacher cache, uncertainty weighting, QAT and
-gradient compression.
+(KD + hard-label CE) and the hidden/attention objectives of causal LMs; ``check_supported``
+rejects at start, with BAD_SPEC, what it does not cover (the API's SPLIT_STUDENT_RULES).
 """
 
 from __future__ import annotations
@@ -214,6 +213,9 @@ class ParallelRuntime:
 
     def average_grads(self, params: list[nn.Parameter]) -> None:
         """Average gradients of modules outside DDP (the loop's small aux projections)."""
+        if self.model_parallel and self.distributed:
+            self._reduce_split_aux_grads(params)
+            return
         grads = [p.grad for p in params if p.grad is not None]
         if not self.distributed or not grads:
             return
@@ -224,6 +226,30 @@ class ParallelRuntime:
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _reduce_split_aux_grads(self, params: list[nn.Parameter]) -> None:
+        """Aux gradients of a split student (split_features.py): a pair's projection gets its
+        gradient only on the pipeline stage owning the pair's student block, identical on each
+        tensor peer there, each data rank's scaled by the data degree (as DDP averages). So the
+        world's sum divided by ``data * tensor`` is the single-process gradient. A parameter no
+        rank produced a gradient for keeps None (AdamW then skips it, as in one process)."""
+        if not params:
+            return
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
+        with peer_guard("the aux gradient flags"):
+            dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        used = [p for p, flag in zip(params, has.tolist(), strict=True) if flag]
+        if not used:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in used]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        with peer_guard("the aux gradient all-reduce"):
+            dist.all_reduce(flat)
+        flat.div_(self.layout.data * self.layout.tensor)
+        offset = 0
+        for p, g in zip(used, grads, strict=True):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
             offset += g.numel()
 
     def agree_stop(self, local: bool) -> bool:

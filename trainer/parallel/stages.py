@@ -70,6 +70,18 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     )
 
 
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(family, blocks) of a GPT2 or Llama-family decoder, with any head (LM or classifier)."""
+    if hasattr(model, "transformer") and hasattr(model.transformer, "h"):
+        return "gpt2", model.transformer.h
+    if hasattr(model, "model") and hasattr(model.model, "layers"):
+        return "llama", model.model.layers
+    raise ValueError(
+        f"{type(model).__name__}: unsupported architecture for tensor parallelism; supported are GPT2 and the "
+        "Llama family (Llama, Qwen2, Mistral)"
+    )
+
+
 def _tied(head: nn.Module, embedding: nn.Module | None) -> bool:
     weight = getattr(head, "weight", None)
     return weight is not None and embedding is not None and weight is getattr(embedding, "weight", None)

@@ -1,10 +1,12 @@
 """The student over the (pipeline, data, tensor) mesh: DDP, DTensor tensor parallelism, pipelining.
 
-- **tensor**: Megatron-style sharding through ``parallelize_module``: q/k/v and gate/up are
-  ``ColwiseParallel`` (each rank computes its heads / its slice of the MLP), o and down are
-  ``RowwiseParallel`` (one all-reduce per block half). Embeddings, norms and the head stay
-  replicated. Llama-family layer names only: GPT2's fused ``c_attn`` Conv1D cannot be cut by
-  columns without re-ordering q/k/v, which would change checkpoint layouts.
+- **tensor**: Megatron-style sharding. Llama family through ``parallelize_module``: q/k/v and
+  gate/up are ``ColwiseParallel`` (each rank computes its heads / its slice of the MLP), o and
+  down are ``RowwiseParallel`` (one all-reduce per block half). GPT2 (``Conv1D`` layers, weights
+  stored [in, out]) through ``ShardedConv1D``: the fused ``c_attn`` is cut per q/k/v section so
+  each rank holds its heads' q, k and v columns, ``c_fc`` by columns, both ``c_proj`` by rows;
+  checkpoints keep the unsplit layout (``student_state`` re-joins the sections). Embeddings,
+  norms and the head stay replicated.
 - **data**: ``DistributedDataParallel`` over the mesh's data dimension (with TP, DDP's
   ``device_mesh`` path localises the DTensor parameters). A gradient-compression hook plugs in
   here (``compression.py``).
@@ -34,7 +36,7 @@ from kdistill.api.failures import ExitCode
 from ..errors import TrainerError
 from .distributed import peer_guard
 from .mesh import MeshLayout
-from .stages import balance_layers, decoder_parts, hollow_to_stage, stage_costs, stage_forward
+from .stages import balance_layers, decoder_blocks, decoder_parts, hollow_to_stage, stage_costs, stage_forward
 
 # token_loss(student_logits [b,L,V], teacher_logits [b,L,V], labels [b,L]) -> per-token loss [b,L]
 # (positions whose label is -100 are masked afterwards, whatever the function returns there).
@@ -52,17 +54,133 @@ LLAMA_TP_PLAN = {
 }
 
 
+# GPT2's Conv1D layers (weight [in, out], y = x @ W + b) under tensor parallelism, by name suffix:
+# (dimension of the weight/bias the shards cut, number of concatenated sections). The fused
+# ``c_attn`` holds [q | k | v] along its output: each rank keeps its heads' columns of each
+# section, so its local output is [q_t | k_t | v_t] and the attention splits it into thirds as
+# the library does. ``c_proj`` layers are row-parallel (their biases stay whole, added once).
+GPT2_TP_SHARDS: dict[str, tuple[int, int]] = {
+    "attn.c_attn.weight": (1, 3),
+    "attn.c_attn.bias": (0, 3),
+    "attn.c_proj.weight": (0, 1),
+    "mlp.c_fc.weight": (1, 1),
+    "mlp.c_fc.bias": (0, 1),
+    "mlp.c_proj.weight": (0, 1),
+}
+
+
+def tp_shard_of(name: str) -> tuple[int, int] | None:
+    """(sharded dimension, sections) of a plain tensor-parallel parameter, None when replicated."""
+    for suffix, shard in GPT2_TP_SHARDS.items():
+        if name.endswith("." + suffix):
+            return shard
+    for prefix, style in LLAMA_TP_PLAN.items():
+        if name.endswith(prefix + ".weight"):
+            return (0 if style == "colwise" else 1), 1
+        if name.endswith(prefix + ".bias"):
+            return (0, 1) if style == "colwise" else None
+    return None
+
+
+def shard_piece(full: torch.Tensor, dim: int, sections: int, size: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s piece of ``full``: its slice of each of the ``sections`` along ``dim``."""
+    return torch.cat([sec.chunk(size, dim)[rank] for sec in full.chunk(sections, dim)], dim)
+
+
+def join_pieces(pieces: list[torch.Tensor], dim: int, sections: int) -> torch.Tensor:
+    """The inverse of ``shard_piece`` over every rank's piece, in rank order."""
+    cut = [p.chunk(sections, dim) for p in pieces]
+    return torch.cat([torch.cat([c[s] for c in cut], dim) for s in range(sections)], dim)
+
+
+class _ToTensorRegion(torch.autograd.Function):
+    """Identity forward; the backward sums the input's gradient over the tensor group (each
+    rank's column shard contributes its part of it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _FromTensorRegion(torch.autograd.Function):
+    """Sums the row shards' partial outputs over the tensor group; identity backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class ShardedConv1D(nn.Module):
+    """One rank's shard of a GPT2 ``Conv1D``: column-parallel (its output columns; the input's
+    gradient is summed over the group) or row-parallel (its input rows; outputs summed over the
+    group, then the whole bias). Parameters keep the names ``weight`` and ``bias``."""
+
+    def __init__(self, conv: nn.Module, kind: str, sections: int, group: Any, size: int, rank: int) -> None:
+        super().__init__()
+        self.kind, self.group = kind, group
+        with torch.no_grad():
+            if kind == "column":
+                weight = shard_piece(conv.weight, 1, sections, size, rank)
+                bias = shard_piece(conv.bias, 0, sections, size, rank)
+            else:
+                weight = conv.weight.chunk(size, 0)[rank]
+                bias = conv.bias
+        self.weight = nn.Parameter(weight.clone().contiguous(), requires_grad=conv.weight.requires_grad)
+        self.bias = nn.Parameter(bias.clone().contiguous(), requires_grad=conv.bias.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.weight.shape[1])
+        if self.kind == "column":
+            x = _ToTensorRegion.apply(x, self.group)
+            return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
+        partial = torch.mm(x.reshape(-1, x.shape[-1]), self.weight)
+        return (_FromTensorRegion.apply(partial, self.group) + self.bias).view(shape)
+
+
+def _gpt2_tensor_parallel(model: nn.Module, layers: nn.ModuleList, tp_mesh: Any) -> None:
+    """Megatron's layout on GPT2 blocks: c_attn (cut per q/k/v) and c_fc column-parallel, both
+    c_proj row-parallel, each rank with ``n_head / tensor`` heads."""
+    size, rank, group = tp_mesh.size(), tp_mesh.get_local_rank(), tp_mesh.get_group()
+    cfg = model.config
+    inner = int(cfg.n_inner or 4 * cfg.hidden_size)
+    for name, value in (("n_head", int(cfg.n_head)), ("n_inner", inner)):
+        if value % size:
+            raise TrainerError(ExitCode.BAD_SPEC, f"student {name}={value} is not divisible by tensor={size}")
+    for layer in layers:
+        if not hasattr(layer, "attn"):  # pass-through blocks of other pipeline stages
+            continue
+        attn, mlp = layer.attn, layer.mlp
+        attn.c_attn = ShardedConv1D(attn.c_attn, "column", 3, group, size, rank)
+        attn.c_proj = ShardedConv1D(attn.c_proj, "row", 1, group, size, rank)
+        attn.split_size = attn.embed_dim // size  # q, k, v of this rank's heads
+        mlp.c_fc = ShardedConv1D(mlp.c_fc, "column", 1, group, size, rank)
+        mlp.c_proj = ShardedConv1D(mlp.c_proj, "row", 1, group, size, rank)
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
     """Shard attention and MLP of every (owned) block over ``tp_mesh`` in place."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    parts = decoder_parts(model)
-    if parts.family != "llama":
-        raise TrainerError(
-            ExitCode.BAD_SPEC,
-            f"parallelism.student.tensor > 1 supports Llama-family students (q/k/v/o, gate/up/down "
-            f"projections); {type(model).__name__} has fused attention projections",
-        )
+    try:
+        family, layers = decoder_blocks(model)
+    except ValueError as exc:
+        raise TrainerError(ExitCode.BAD_SPEC, str(exc)) from None
+    if family == "gpt2":
+        _gpt2_tensor_parallel(model, layers, tp_mesh)
+        return
     tp = tp_mesh.size()
     cfg = model.config
     for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
@@ -71,7 +189,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
             raise TrainerError(ExitCode.BAD_SPEC, f"student {name}={value} is not divisible by tensor={tp}")
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     plan = {k: styles[v]() for k, v in LLAMA_TP_PLAN.items()}
-    for layer in parts.layers:
+    for layer in layers:
         if hasattr(layer, "self_attn"):  # pass-through blocks of other pipeline stages have none
             parallelize_module(layer, tp_mesh, plan)
 
@@ -96,10 +214,16 @@ class ParallelStudent:
     # attributes around every forward, but these objects are the ones DDP reduces and the
     # optimizer must update.
     named_params: dict[str, nn.Parameter] = field(default_factory=dict)
-    _schedules: dict[tuple[int, ...], Any] = field(default_factory=dict)
+    _schedules: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    _logit_losses: list[torch.Tensor] = field(default_factory=list)  # per loss_fn call: the logits part
     # How many times the last step called ``token_loss`` for real. A new schedule also calls it
     # while inferring shapes (on placeholder values), before the real micro-batches.
     last_loss_calls: int = 0
+    # Hidden/attention terms of this rank's blocks (split_features.py); None: logits only.
+    features: Any = None
+    stage: Any = None  # the pipeline stage module (_Stage), None without pipelining
+    # The logits objective's weight in the phase's loss (1 / number of objectives; 0: not trained).
+    logits_weight: float = 1.0
 
     @property
     def coords(self) -> dict[str, int]:
@@ -112,6 +236,26 @@ class ParallelStudent:
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.named_params.values() if p.requires_grad]
 
+    def use_features(self, aux: nn.ModuleDict, pairs: list[tuple[int, int]]) -> Any:
+        """Train hidden/attention terms of this rank's blocks with ``aux`` (split_features.py)."""
+        from .split_features import StageFeatures
+
+        blocks = getattr(self.model, "kdistill_stage", None)
+        layers = blocks[0] if blocks is not None else range(len(decoder_blocks(self.model)[1]))
+        tensor = self.mesh["tensor"] if self.layout.tensor > 1 else None
+        self.features = StageFeatures(
+            aux,
+            pairs,
+            layers.start,
+            layers.stop,
+            tensor_group=None if tensor is None else tensor.get_group(),
+            tensor_size=self.layout.tensor,
+            tensor_rank=self.coords["tensor"],
+        )
+        if self.stage is not None:
+            self.stage.features[:] = [self.features]
+        return self.features
+
     def forward_backward(
         self,
         input_ids: torch.Tensor,
@@ -119,6 +263,7 @@ class ParallelStudent:
         teacher_logits: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         grad_scale: float = 1.0,
+        targets: dict[str, torch.Tensor] | None = None,
     ) -> float:
         """Forward and backward of this rank's share of the global micro-batch.
 
@@ -126,6 +271,8 @@ class ParallelStudent:
         peer); ``teacher_logits`` is needed on the last pipeline stage only. Gradients are left on
         the parameters, reduced over data ranks, multiplied by ``grad_scale`` (1/accumulation
         steps in the training loop); returns the global mean loss (unscaled) on every rank.
+        ``targets`` are this rank's keyword tensors for its hidden/attention terms (``features``),
+        whole-batch; the returned loss is the logits part only (the flow reports the others).
         """
         with peer_guard("the student step"):
             input_ids = input_ids.to(self.device)
@@ -135,15 +282,31 @@ class ParallelStudent:
                 dist.all_reduce(valid, group=self.mesh["data"].get_group())
             # DDP averages over data ranks; the extra factor makes the result a global token mean.
             scale = float(self.layout.data) / max(float(valid.item()), 1.0) * grad_scale
-            self.last_loss_calls = 1
+            self.last_loss_calls = 1 if self.logits_weight > 0 else 0
+            targets = targets or {}
+            if self.features is not None:
+                self.features.reported.clear()
+                self.features.pending.clear()
             if self.layout.pipeline == 1:
                 mask = None if attention_mask is None else attention_mask.to(self.device)
-                logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-                loss = self._masked_sum(logits, teacher_logits, labels) * scale
+                if targets:
+                    logits, term = self.features.run(self.module, "input_ids", input_ids, targets, attention_mask=mask)
+                else:
+                    logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+                    term = None
+                if logits.dim() == 2:  # a classifier: one row of class logits per sample
+                    logits = logits.unsqueeze(1)
+                if self.logits_weight > 0:
+                    loss = self._masked_sum(logits, teacher_logits, labels) * scale
+                    local = loss.detach()
+                    loss = loss * self.logits_weight
+                    loss = loss if term is None else loss + term
+                else:
+                    local = torch.zeros((), device=self.device)
+                    loss = term if term is not None else logits.sum() * 0.0
                 loss.backward()
-                local = loss.detach()
             else:
-                local = self._pipeline_step(input_ids, labels, teacher_logits, scale)
+                local = self._pipeline_step(input_ids, labels, teacher_logits, scale, targets)
                 self._sum_tied_grads()
             return self._global_loss(local) / grad_scale
 
@@ -162,31 +325,47 @@ class ParallelStudent:
         return per_token.masked_fill(labels == IGNORE, 0.0).sum()
 
     def _pipeline_step(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None, scale: float
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        teacher: torch.Tensor | None,
+        scale: float,
+        targets: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        schedule = self._schedule_for(tuple(input_ids.shape), scale)
-        self.last_loss_calls = schedule._n_microbatches if self.is_last_stage else 0
+        active = self.logits_weight > 0
+        signature = (tuple(input_ids.shape), active, tuple(sorted(targets)))
+        schedule = self._schedule_for(signature, scale)
+        self.last_loss_calls = schedule._n_microbatches if self.is_last_stage and active else 0
         stage = self.coords["pipeline"]
         losses: list[torch.Tensor] = []
+        # Keyword tensors are split into micro-batches like the inputs, on every stage.
+        targets = {k: v.to(self.device) for k, v in targets.items()}
+        self._logit_losses = []
         if stage == 0:
-            schedule.step(input_ids)
+            schedule.step(input_ids, **targets)
         elif self.is_last_stage:
-            if teacher is None:
+            if active and teacher is None:
                 raise ValueError("the last pipeline stage needs the teacher logits")
             # The schedule splits one target tensor into micro-batches: pack labels as a last
             # channel (exact in float32 for any vocabulary below 2**24).
-            packed = torch.cat([teacher.to(self.device).float(), labels.unsqueeze(-1).float()], dim=-1)
-            schedule.step(target=packed, losses=losses)
+            parts = [teacher.to(self.device).float()] if active and teacher is not None else []
+            packed = torch.cat([*parts, labels.unsqueeze(-1).float()], dim=-1)
+            schedule.step(target=packed, losses=losses, **targets)
         else:
-            schedule.step()
-        if self.is_last_stage:
-            return torch.stack([x.detach() for x in losses]).sum()
+            schedule.step(**targets)
+        if self.features is not None:
+            # Shape inference of a new schedule ran the stage once before the real micro-batches.
+            calls = schedule._n_microbatches
+            del self.features.reported[: max(0, len(self.features.reported) - calls)]
+        if self.is_last_stage and active:
+            return torch.stack(self._logit_losses[-schedule._n_microbatches :]).sum()
         return torch.zeros((), device=self.device)
 
-    def _schedule_for(self, shape: tuple[int, ...], scale: float) -> Any:
+    def _schedule_for(self, signature: tuple[Any, ...], scale: float) -> Any:
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-        key = shape
+        key = signature
+        shape = signature[0]
         entry = self._schedules.get(key)
         if entry is None:
             # A stage infers the shapes it exchanges on its first step, so one per batch shape.
@@ -200,8 +379,19 @@ class ParallelStudent:
             holder: dict[str, float] = {}
 
             def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+                # This micro-batch's hidden/attention term of the last stage's own blocks.
+                features = self.features
+                term = features.pending.pop(0) if features is not None and features.pending else None
+                if self.logits_weight == 0:
+                    if term is None:  # nothing of this stage is trained in this phase
+                        return output.sum() * 0.0
+                    self._logit_losses.append(term.detach() * 0.0)
+                    return term
                 labels = target[..., -1].round().long()
-                return self._masked_sum(output, target[..., :-1], labels) * holder["scale"]
+                logit_loss = self._masked_sum(output, target[..., :-1], labels) * holder["scale"]
+                self._logit_losses.append(logit_loss.detach())
+                loss = logit_loss * self.logits_weight
+                return loss if term is None else loss + term
 
             # The schedule chunks rows evenly: use the largest count up to the configured one that
             # divides this batch's rows (a short batch runs fewer micro-batches).
@@ -225,14 +415,25 @@ class ParallelStudent:
 
 
 class _Stage(nn.Module):
-    """A hollowed model as a pipeline stage: one tensor in, one tensor out."""
+    """A hollowed model as a pipeline stage: one tensor in, one tensor out. Keyword tensors, when
+    given, are the teacher targets of the stage's hidden/attention terms (split_features.py)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        # Kept out of the module tree: the aux modules are not the stage's (nor DDP's) parameters.
+        self.features: list[Any] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return stage_forward(self.model, x)
+    def forward(self, x: torch.Tensor, **targets: torch.Tensor) -> torch.Tensor:
+        if not targets or not self.features:
+            return stage_forward(self.model, x)
+        features = self.features[0]
+        _, first, last = self.model.kdistill_stage
+        out, term = features.run(self.model, "input_ids" if first else "inputs_embeds", x, targets, attention_mask=None)
+        if last:
+            features.pending.append(term)  # the loss function adds it
+            return out
+        return features.attach(out, term)
 
 
 def parallelize_student(
@@ -251,6 +452,7 @@ def parallelize_student(
     model.to(device)
     module: nn.Module = model
     tied_group = tied_weight = None
+    stage: _Stage | None = None
     if layout.pipeline > 1 and decoder_parts(model).tied:
         tied_weight = decoder_parts(model).head.weight
         # new_group is collective: every rank creates every pair, in the same order.
@@ -269,7 +471,7 @@ def parallelize_student(
             raise TrainerError(ExitCode.BAD_SPEC, f"student pipeline split: {exc}") from None
         p = coords["pipeline"]
         hollow_to_stage(model, ranges[p], first=p == 0, last=p == layout.pipeline - 1)
-        module = _Stage(model)
+        module = stage = _Stage(model)
     if layout.tensor > 1:
         apply_tensor_parallel(model, mesh["tensor"])
     if layout.data > 1:
@@ -293,4 +495,5 @@ def parallelize_student(
         micro_batches=micro_batches or max(1, layout.pipeline),
         tied_group=tied_group,
         tied_weight=tied_weight,
+        stage=stage,
     )

@@ -24,6 +24,7 @@ pipeline stages; every rank scales by the same factor, so replicated weights sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .stages import decoder_parts
-from .student import LLAMA_TP_PLAN, ParallelStudent
+from .student import ParallelStudent, join_pieces, shard_piece, tp_shard_of
 
 
 @dataclass(frozen=True)
@@ -72,14 +73,9 @@ class FullLayout:
 
 
 # ---- tensor-parallel shards ------------------------------------------------------------------
-def _plain_shard_dim(name: str) -> int | None:
-    """Dimension a plain local tensor is sharded on under the Llama TP plan (None: replicated)."""
-    for prefix, style in LLAMA_TP_PLAN.items():
-        if name.endswith(prefix + ".weight"):
-            return 0 if style == "colwise" else 1
-        if name.endswith(prefix + ".bias"):
-            return 0 if style == "colwise" else None
-    return None
+def _plain_shard(ps: ParallelStudent, name: str) -> tuple[int, int] | None:
+    """(dimension, sections) a plain local tensor is sharded on under tensor parallelism."""
+    return tp_shard_of(name) if ps.layout.tensor > 1 else None
 
 
 def _shard_dim(ps: ParallelStudent, name: str, value: torch.Tensor) -> int | None:
@@ -88,7 +84,8 @@ def _shard_dim(ps: ParallelStudent, name: str, value: torch.Tensor) -> int | Non
     if isinstance(value, DTensor):
         dims = [pl.dim for pl in value.placements if isinstance(pl, Shard)]
         return dims[0] if dims else None
-    return _plain_shard_dim(name) if ps.layout.tensor > 1 else None
+    shard = _plain_shard(ps, name)
+    return None if shard is None else shard[0]
 
 
 def _full(ps: ParallelStudent, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -97,20 +94,24 @@ def _full(ps: ParallelStudent, name: str, value: torch.Tensor) -> torch.Tensor:
 
     if isinstance(value, DTensor):
         return value.full_tensor().detach()
-    dim = _shard_dim(ps, name, value)
-    if dim is None:
+    shard = _plain_shard(ps, name)
+    if shard is None:
         return value.detach()
     parts = [torch.empty_like(value) for _ in range(ps.layout.tensor)]
     dist.all_gather(parts, value.detach().contiguous(), group=ps.mesh["tensor"].get_group())
-    return torch.cat(parts, dim)
+    return join_pieces(parts, *shard)
 
 
 def _local(ps: ParallelStudent, name: str, like: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's piece of ``full`` in the form of ``like`` (a DTensor when ``like`` is one)."""
     from torch.distributed.tensor import DTensor
 
-    dim = _shard_dim(ps, name, like)
-    piece = full if dim is None else full.chunk(ps.layout.tensor, dim)[ps.coords["tensor"]]
+    if isinstance(like, DTensor):
+        dim = _shard_dim(ps, name, like)
+        shard = None if dim is None else (dim, 1)
+    else:
+        shard = _plain_shard(ps, name)
+    piece = full if shard is None else shard_piece(full, shard[0], shard[1], ps.layout.tensor, ps.coords["tensor"])
     ref = like.to_local() if isinstance(like, DTensor) else like
     piece = piece.to(device=ref.device, dtype=ref.dtype).contiguous()
     if isinstance(like, DTensor):
@@ -220,27 +221,65 @@ def _receive_pieces(src: int, full: FullLayout, device: torch.device) -> dict[st
     return got
 
 
-def _assemble(pieces: dict[str, _Piece], optimizer: torch.optim.Optimizer, full: FullLayout) -> GatheredState:
+AuxParams = Sequence[tuple[str, nn.Parameter]]
+
+
+def optimizer_order(full: FullLayout, aux: AuxParams) -> tuple[list[str], int]:
+    """The single-process optimizer's parameter order over student and aux parameters (the loop
+    names them ``student.*`` then ``aux.*``; each group keeps that order): student matrices, aux
+    matrices, student vectors, aux vectors. Aux names carry an ``aux.`` prefix. Returns the order
+    and the size of the decay group."""
+    aux_decay = [f"aux.{n}" for n, p in aux if p.ndim >= 2]
+    aux_rest = [f"aux.{n}" for n, p in aux if p.ndim < 2]
+    order = [*full.order[: full.n_decay], *aux_decay, *full.order[full.n_decay :], *aux_rest]
+    return order, full.n_decay + len(aux_decay)
+
+
+def _aux_pieces(optimizer: torch.optim.Optimizer, aux: AuxParams) -> dict[str, _Piece]:
+    """The aux parameters and moments of this rank (replicated: every rank holds the same)."""
+    mine: dict[str, _Piece] = {}
+    for name, p in aux:
+        moments = _moments(optimizer, p)
+        if moments is None:
+            mine[f"aux.{name}"] = (p.detach().cpu(), None, None, -1.0)
+        else:
+            mine[f"aux.{name}"] = (
+                p.detach().cpu(),
+                moments["exp_avg"].detach().cpu(),
+                moments["exp_avg_sq"].detach().cpu(),
+                float(moments["step"]),
+            )
+    return mine
+
+
+def _assemble(
+    pieces: dict[str, _Piece], optimizer: torch.optim.Optimizer, full: FullLayout, aux: AuxParams = ()
+) -> GatheredState:
     """The whole student's weights and a single-process optimizer state from every piece."""
     missing = [n for n in full.order if n not in pieces]
     if missing:
         raise RuntimeError(f"gathering the split student lost parameters: {missing[:5]}")
     weights = {n: pieces[n][0] for n in full.order}
+    pieces = {**pieces, **_aux_pieces(optimizer, aux)}
+    order, n_decay = optimizer_order(full, aux)
     states: dict[int, dict[str, torch.Tensor]] = {}
-    for i, n in enumerate(full.order):
+    for i, n in enumerate(order):
         _, a, b, step = pieces[n]
         if a is not None and b is not None:
             states[i] = {"step": torch.tensor(step), "exp_avg": a, "exp_avg_sq": b}
     groups = []
-    bounds = [(0, full.n_decay), (full.n_decay, len(full.order))]
+    bounds = [(0, n_decay), (n_decay, len(order))]
     for group, (lo, hi) in zip(optimizer.param_groups, bounds, strict=True):
         hyper = {k: v for k, v in group.items() if k != "params"}
         groups.append({**hyper, "params": list(range(lo, hi))})
     return GatheredState(weights=weights, optimizer={"state": states, "param_groups": groups})
 
 
-def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: FullLayout) -> GatheredState | None:
-    """Collective on every rank; returns the whole state on rank 0, None elsewhere."""
+def gather_state(
+    ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: FullLayout, aux: AuxParams = ()
+) -> GatheredState | None:
+    """Collective on every rank; returns the whole state on rank 0, None elsewhere. ``aux``: the
+    replicated aux parameters (by name), written from rank 0's own copy."""
     mine = _local_pieces(ps, optimizer, full)
     sources = [ps.layout.rank_of(s, 0, 0) for s in range(1, ps.layout.pipeline)]
     if ps.rank in sources:
@@ -250,7 +289,7 @@ def gather_state(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: Fu
     assert ps.coords == {"pipeline": 0, "data": 0, "tensor": 0}
     for src in sources:
         mine.update(_receive_pieces(src, full, ps.device))
-    return _assemble(mine, optimizer, full)
+    return _assemble(mine, optimizer, full, aux)
 
 
 def load_into_template(template: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
@@ -270,18 +309,29 @@ def load_state(
     full: FullLayout,
     weights: dict[str, torch.Tensor],
     opt_state: dict[str, Any],
+    aux: AuxParams = (),
 ) -> None:
-    """Cut this rank's shard out of a whole-student checkpoint (any layout wrote it)."""
+    """Cut this rank's shard out of a whole-student checkpoint (any layout wrote it); the aux
+    parameters' optimizer state is restored whole (their weights come from aux.safetensors)."""
     state_by_name: dict[str, dict[str, Any]] = {}
     saved_order = [i for g in opt_state["param_groups"] for i in g["params"]]
-    if len(saved_order) != len(full.order):
+    order, _ = optimizer_order(full, aux)
+    if len(saved_order) != len(order):
         raise ValueError(
-            f"the checkpoint's optimizer holds {len(saved_order)} parameters, the student {len(full.order)}"
+            f"the checkpoint's optimizer holds {len(saved_order)} parameters, the student and aux modules {len(order)}"
         )
-    for i, name in enumerate(full.order):
+    for i, name in enumerate(order):
         saved = opt_state["state"].get(i, opt_state["state"].get(str(i)))
         if saved is not None:
             state_by_name[name] = saved
+    for name, p in aux:
+        moments = state_by_name.get(f"aux.{name}")
+        if moments is not None:
+            optimizer.state[p] = {
+                "step": moments["step"].clone().float(),
+                "exp_avg": moments["exp_avg"].to(device=p.device, dtype=p.dtype).clone(),
+                "exp_avg_sq": moments["exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
+            }
     for name, p in ps.named_params.items():
         source = name if name in full.shapes else full.aliases[name]
         value = weights.get(source)
@@ -307,8 +357,10 @@ def load_state(
 
 
 # ---- gradient norm of the whole student ------------------------------------------------------
-def clip_grad_norm(ps: ParallelStudent, full: FullLayout, max_norm: float) -> float:
-    """Clip by the norm of the whole student's gradient (as a single process would); returns it."""
+def clip_grad_norm(ps: ParallelStudent, full: FullLayout, max_norm: float, extra: Sequence[torch.Tensor] = ()) -> float:
+    """Clip by the norm of the whole student's gradient (as a single process would); returns it.
+    ``extra``: gradients replicated on every rank (the aux modules', already reduced), counted once
+    and clipped with the rest."""
     from torch.distributed.tensor import DTensor
 
     device = ps.device
@@ -333,6 +385,9 @@ def clip_grad_norm(ps: ParallelStudent, full: FullLayout, max_norm: float) -> fl
     total = sharded + replicated
     if ps.layout.pipeline > 1:
         dist.all_reduce(total, group=ps.mesh["pipeline"].get_group())
+    for g in extra:
+        total += g.detach().double().pow(2).sum().to(device)
+        grads.append(g)
     norm = float(total.sqrt())
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
