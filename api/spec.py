@@ -709,8 +709,9 @@ class Serving(ApiModel):
     )
 
 
-# A split student (tensor or pipeline parallel) runs logits KD of a causal LM only: its hidden
-# states and attention live on several ranks, and the features below need the whole model.
+# A split student (tensor or pipeline parallel) runs logits KD of a causal LM only (with QAT, the
+# teacher cache and entropy weighting): its hidden states and attention live on several ranks,
+# and the features below need the whole model.
 # SPLIT_STUDENT_RULES is the one table of these rules: the CRD's CEL rules are generated from it,
 # DistillationJobSpec's validator checks it, and the trainer's start-up check
 # (trainer/parallel/runtime.check_model_parallel) refuses what it lists for specs that bypassed the API.
@@ -747,22 +748,6 @@ SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
         lambda spec: _objectives(spec) <= {"logits"},
         "distills with the logits objective only (no hidden, attention, sequence or on-policy)",
         lambda spec: f"objectives {sorted(_objectives(spec) - {'logits'})}",
-    ),
-    SplitStudentRule(
-        "!self.distillation.teacherCache.enabled",
-        lambda spec: not spec.distillation.teacher_cache.enabled,
-        "cannot use distillation.teacherCache (disable it)",
-    ),
-    SplitStudentRule(
-        "!self.data.uncertaintyWeighting.enabled",
-        lambda spec: not spec.data.uncertainty_weighting.enabled,
-        "cannot use data.uncertaintyWeighting (disable it)",
-    ),
-    SplitStudentRule(
-        "self.quantization.mode != 'qat-int8'",
-        lambda spec: spec.quantization.mode != "qat-int8",
-        "cannot use quantization.mode qat-int8 (fake-quant layers cannot wrap sharded Linear layers; "
-        "use ptq-int8 or none)",
     ),
     SplitStudentRule(
         "self.parallelism.gradientCompression.topK == 0.0",

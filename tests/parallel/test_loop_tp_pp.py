@@ -223,10 +223,6 @@ def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, refere
 _TRAINER_NEEDLES = {
     "split-student-hidden": "objectives ['hidden']",
     "split-student-attention-pipeline": "objectives ['attention']",
-    "split-student-teacher-cache": "distillation.teacherCache",
-    "split-student-uncertainty-weighting": "data.uncertaintyWeighting",
-    "split-student-qat": "qat-int8",
-    "split-student-default-qat": "qat-int8",
     "split-student-top-k": "gradientCompression.topK",
     "split-student-classification": "task sequence-classification",
 }

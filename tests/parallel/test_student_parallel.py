@@ -16,8 +16,12 @@ from .workers import student_batch, token_loss
 ROWS, LENGTH = 4, 12
 
 
-def reference(family: str) -> tuple[float, dict[str, torch.Tensor]]:
+def reference(family: str, qat: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     model = tiny_model(family, layers=4)
+    if qat:
+        from kdistill.trainer.quantization import prepare_qat
+
+        prepare_qat(model)
     ids, mask, labels, teacher = student_batch(ROWS, LENGTH)
     logits = model(input_ids=ids, attention_mask=mask).logits
     per_token = token_loss(logits, teacher, labels).masked_fill(labels == -100, 0.0)
@@ -58,4 +62,40 @@ def test_parallel_step_equals_single_process(
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
             seen.add(name)
     # Together the ranks hold a gradient for every parameter (tied weights appear once by name).
+    assert seen == set(ref_grads)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "data", "tensor"),
+    [(1, 1, 2), (2, 1, 1), (1, 2, 2), (2, 1, 2)],
+    ids=["tensor2", "pipeline2", "data2xtensor2", "pipeline2xtensor2"],
+)
+def test_fake_quant_step_equals_single_process_qat(tmp_path: Path, pipeline: int, data: int, tensor: int) -> None:
+    """INT8 fake quantization of the split student (row-parallel shards with the whole layer's
+    scales) gives torchao's unsplit QAT step: the same loss and gradients."""
+    world = pipeline * data * tensor
+    run_ranks(
+        world,
+        "tests.parallel.workers:student_step",
+        tmp_path,
+        {
+            "family": "llama",
+            "pipeline": pipeline,
+            "data": data,
+            "tensor": tensor,
+            "rows": ROWS,
+            "length": LENGTH,
+            "qat": True,
+        },
+    )
+    ref_loss, ref_grads = reference("llama", qat=True)
+    plain_loss, _ = reference("llama")
+    assert abs(ref_loss - plain_loss) > 1e-6  # fake quantization changes the numbers
+    seen: set[str] = set()
+    for rank in range(world):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert float(got.pop("__loss__")) == pytest.approx(ref_loss, rel=1e-5)
+        for name, grad in got.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+            seen.add(name)
     assert seen == set(ref_grads)

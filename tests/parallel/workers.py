@@ -83,6 +83,10 @@ def student_step(env: DistEnv, workdir: Path, args: dict) -> None:
     mesh = build_device_mesh(layout, "cpu")
     model = tiny_model(args["family"], layers=4)
     student = parallelize_student(model, layout, env.rank, mesh, token_loss, device=torch.device("cpu"))
+    if args.get("qat"):
+        from kdistill.trainer.parallel.student_qat import prepare_split_qat
+
+        assert prepare_split_qat(student.model, tensor_parallel=layout.tensor > 1)
     ids, mask, labels, teacher = student_batch(args["rows"], args["length"])
     d = layout.coords(env.rank)["data"]
     per = args["rows"] // layout.data

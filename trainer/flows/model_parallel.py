@@ -9,6 +9,7 @@ the layout, and any layout can resume it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ class ModelParallelFlow:
         self.template: nn.Module | None = copy.deepcopy(student) if is_writer else None
         self.temperature = 1.0  # the current step's, read by the token loss
         self.loss_sums: list[torch.Tensor] = []  # per loss call: [KD sum, CE sum, valid tokens]
+        # The teacher cache (targets.CacheStore), set by the loop once it exists; None: off.
+        self.cache: Any = None
         self.split_student = parallel.parallelize_student(student, self._token_loss)
 
     # ---- the interface -------------------------------------------------------------------------
@@ -72,10 +75,24 @@ class ModelParallelFlow:
         mean loss and its KD/CE parts (the same numbers a single process reports)."""
         ids, mask, labels = self._padded(batch)
         shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        teacher = self._teacher_logits(ids, mask)
+        with self._autocast(phase):
+            teacher = self._teacher_targets(batch["example_ids"].tolist(), ids, mask)
+        weights = None
+        if teacher is not None and self.settings.entropy_beta is not None:
+            # The token's sample weight travels as one more channel of the teacher's side.
+            weights = self._token_weights(teacher, shifted)
+            teacher = torch.cat([teacher, weights.unsqueeze(-1).to(teacher.dtype)], dim=-1)
         self.temperature = temperature
         self.loss_sums.clear()
-        loss = self.split_student.forward_backward(ids, shifted, teacher, mask, grad_scale=1.0 / accum)
+        loss = self.split_student.forward_backward(
+            ids,
+            shifted,
+            teacher,
+            mask,
+            grad_scale=1.0 / accum,
+            autocast=lambda: self._autocast(phase),
+            token_weights=weights,
+        )
         sums = self._reported_sums()
         count = max(float(sums[2]), 1.0)
         return loss, {"kd": float(sums[0]) / count, "ce": float(sums[1]) / count, "logits": loss}
@@ -120,16 +137,44 @@ class ModelParallelFlow:
         self._gather(optimizer)
 
     def final_student(self) -> nn.Module:
+        """The writer's unsplit copy: plain float layers (the fake quantizers live in the split
+        student only), which INT8 conversion quantizes as it does the unsplit QAT student."""
         assert self.template is not None, "only the writer holds the whole student"
         return self.template
+
+    # ---- QAT -----------------------------------------------------------------------------------
+    def enter_fake_quant(self) -> None:
+        """INT8 fake quantization of every rank's shard of the backbone Linear layers, in place
+        (``parallel/student_qat.py``): the same Parameters, so the optimizer and DDP carry on."""
+        from ..parallel.student_qat import prepare_split_qat
+
+        prepare_split_qat(self.split_student.model, tensor_parallel=self.parallel.layout.tensor > 1)
+
+    def _autocast(self, phase: Phase) -> contextlib.AbstractContextManager[Any]:
+        """QAT's reduced-precision part runs the teacher and the student under autocast, as the
+        single-process flow does."""
+        if phase.kind != "qat-reduced":
+            return contextlib.nullcontext()
+        from ..quantization import reduced_precision_autocast
+
+        return reduced_precision_autocast(self.device)
 
     # ---- internals -----------------------------------------------------------------------------
     def _token_loss(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """ParallelStudent's TokenLoss: runs on the ranks that hold the LM head (the last
         pipeline stage), at the step's temperature; keeps the KD/CE sums for the report."""
-        loss, sums = token_objective(student, teacher, labels, temperature=self.temperature, settings=self.settings)
+        weighted = self.settings.entropy_beta is not None
+        top_k = self.cache.top_k if self.cache is not None else None
+        loss, sums = token_objective(
+            student,
+            teacher[..., :-1] if weighted else teacher,
+            labels,
+            temperature=self.temperature,
+            settings=self.settings,
+            top_k=top_k,
+        )
         self.loss_sums.append(sums)
-        return loss
+        return loss * teacher[..., -1] if weighted else loss
 
     def _padded(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -141,6 +186,77 @@ class ModelParallelFlow:
                 mask = torch.nn.functional.pad(mask, (0, pad), value=0)
                 labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
         return ids, mask, labels
+
+    def _teacher_targets(self, example_ids: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The teacher's side of every token on the ranks that compute the loss (None elsewhere):
+        its logits, or with the teacher cache the packed top-k entry (``token_objective``).
+
+        With the cache, tensor rank 0 of each loss rank's tensor group looks the batch up, runs
+        the teacher on a miss and stores its top-k, then hands the entry to its tensor peers:
+        one writer per batch, and every peer trains on exactly what the cache gives back."""
+        if self.cache is None:
+            return self._teacher_logits(ids, mask)
+        ps = self.split_student
+        loss_rank = ps.is_last_stage
+        keeper = loss_rank and ps.coords["tensor"] == 0
+        cached = self.cache.lookup(example_ids) if keeper else None
+        need = keeper and cached is None
+        logits = None
+        if self.parallel.split_teacher:
+            # The split teacher's forward is collective: its group runs it if any member misses.
+            if self.parallel.any_needs_teacher(need):
+                logits = self.parallel.teacher_logits(ids, mask)
+        elif need:
+            with torch.inference_mode():
+                logits = self.teacher(input_ids=ids, attention_mask=mask).logits.float().clone()
+        if need:
+            assert logits is not None
+            cached = self.cache.store(example_ids, logits.float(), mask)
+        if not loss_rank:
+            return None
+        k = self.cache.top_k
+        packed = torch.zeros(*ids.shape, 2 * k + 1, device=self.device)
+        if keeper:
+            assert cached is not None
+            length = min(cached.values.shape[1], ids.shape[1])
+            packed[:, :length, :k] = cached.values[:, :length].to(self.device)
+            packed[:, :length, k : 2 * k] = cached.indices[:, :length].to(self.device).float()
+            packed[:, :length, 2 * k] = cached.logsumexp[:, :length].to(self.device)
+        if self.parallel.layout.tensor > 1:
+            import torch.distributed as dist
+
+            group = self.parallel.mesh["tensor"].get_group()
+            c = ps.coords
+            source = self.parallel.layout.rank_of(c["pipeline"], c["data"], 0)
+            with self.parallel.guard("the teacher-cache entry broadcast"):
+                dist.broadcast(packed, src=source, group=group)
+        return packed
+
+    def _token_weights(self, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token entropy weights [b, L] (``weighting.py``): each sample's weight at its
+        predicted tokens, normalised over the global micro-batch (every data rank's rows), so a
+        token weighs what it weighs in the single-process step."""
+        from ..objective import bucket_logits
+        from ..weighting import normalise_weights, raw_entropy_weights
+
+        beta = self.settings.entropy_beta
+        assert beta is not None
+        valid = labels.to(teacher.device) != IGNORE_INDEX
+        if self.cache is None:
+            source = teacher
+        else:
+            k = self.cache.top_k
+            source = bucket_logits(teacher[..., :k], teacher[..., 2 * k])
+        raw, present = raw_entropy_weights(source, beta, valid.float())
+        totals = torch.tensor([float(present.sum()), float(raw.double().sum())], dtype=torch.float64)
+        if self.parallel.layout.data > 1:
+            import torch.distributed as dist
+
+            with self.parallel.guard("the entropy-weight totals"):
+                totals = totals.to(self.device)
+                dist.all_reduce(totals, group=self.parallel.mesh["data"].get_group())
+        weights = normalise_weights(raw, present, int(totals[0].item()), float(totals[1].item()))
+        return weights[:, None].expand_as(valid) * valid
 
     def _teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """The ranks that compute the loss (the last pipeline stage, every tensor peer there) run

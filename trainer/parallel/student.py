@@ -22,6 +22,7 @@ averages. One step therefore equals a single-process step on the concatenated ba
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,8 @@ class ParallelStudent:
     # optimizer must update.
     named_params: dict[str, nn.Parameter] = field(default_factory=dict)
     _schedules: dict[tuple[int, ...], Any] = field(default_factory=dict)
+    # The pipeline stage module (pipeline > 1): its forward runs under the step's autocast.
+    stage: _Stage | None = None
     # How many times the last step called ``token_loss`` for real. A new schedule also calls it
     # while inferring shapes (on placeholder values), before the real micro-batches.
     last_loss_calls: int = 0
@@ -119,6 +122,8 @@ class ParallelStudent:
         teacher_logits: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         grad_scale: float = 1.0,
+        autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        token_weights: torch.Tensor | None = None,
     ) -> float:
         """Forward and backward of this rank's share of the global micro-batch.
 
@@ -126,11 +131,17 @@ class ParallelStudent:
         peer); ``teacher_logits`` is needed on the last pipeline stage only. Gradients are left on
         the parameters, reduced over data ranks, multiplied by ``grad_scale`` (1/accumulation
         steps in the training loop); returns the global mean loss (unscaled) on every rank.
+        ``autocast`` makes the context the student's forward runs in (QAT's reduced precision);
+        the loss and the backward run outside it. ``token_weights`` [b, L] (the loss ranks'
+        entropy weights, which ``token_loss`` applies) make the loss a weighted token mean: the
+        normalisation divides by their global sum instead of the token count.
         """
         with peer_guard("the student step"):
             input_ids = input_ids.to(self.device)
             labels = labels.to(self.device)
             valid = (labels != IGNORE).sum().to(torch.float64)
+            if token_weights is not None:
+                valid = (token_weights.to(self.device).double() * (labels != IGNORE)).sum()
             if self.layout.data > 1:
                 dist.all_reduce(valid, group=self.mesh["data"].get_group())
             # DDP averages over data ranks; the extra factor makes the result a global token mean.
@@ -138,11 +149,14 @@ class ParallelStudent:
             self.last_loss_calls = 1
             if self.layout.pipeline == 1:
                 mask = None if attention_mask is None else attention_mask.to(self.device)
-                logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+                with autocast():
+                    logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
                 loss = self._masked_sum(logits, teacher_logits, labels) * scale
                 loss.backward()
                 local = loss.detach()
             else:
+                assert self.stage is not None
+                self.stage.autocast = autocast
                 local = self._pipeline_step(input_ids, labels, teacher_logits, scale)
                 self._sum_tied_grads()
             return self._global_loss(local) / grad_scale
@@ -230,9 +244,14 @@ class _Stage(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return stage_forward(self.model, x)
+        with self.autocast():
+            out = stage_forward(self.model, x)
+        # One dtype between stages whatever the precision: a schedule keeps the shapes and dtypes
+        # of its first step.
+        return out.float()
 
 
 def parallelize_student(
@@ -251,6 +270,7 @@ def parallelize_student(
     model.to(device)
     module: nn.Module = model
     tied_group = tied_weight = None
+    stage: _Stage | None = None
     if layout.pipeline > 1 and decoder_parts(model).tied:
         tied_weight = decoder_parts(model).head.weight
         # new_group is collective: every rank creates every pair, in the same order.
@@ -269,7 +289,7 @@ def parallelize_student(
             raise TrainerError(ExitCode.BAD_SPEC, f"student pipeline split: {exc}") from None
         p = coords["pipeline"]
         hollow_to_stage(model, ranges[p], first=p == 0, last=p == layout.pipeline - 1)
-        module = _Stage(model)
+        module = stage = _Stage(model)
     if layout.tensor > 1:
         apply_tensor_parallel(model, mesh["tensor"])
     if layout.data > 1:
@@ -293,4 +313,5 @@ def parallelize_student(
         micro_batches=micro_batches or max(1, layout.pipeline),
         tied_group=tied_group,
         tied_weight=tied_weight,
+        stage=stage,
     )
