@@ -144,24 +144,48 @@ def _world(parts: dict[str, int]) -> int:
     return parts.get("tensor", 1) * parts.get("pipeline", 1) * parts.get("data", 1)
 
 
-WEIGHTING = {"data": {"uncertaintyWeighting": {"enabled": True, "beta": 0.5}}}
 # k = 8 of a ~200-token vocabulary: KD over 8 buckets and the tail.
 CACHE = {"distillation": {"teacherCache": {"enabled": True, "topK": 8}, "learningRate": 5e-3}}
 
 
 @pytest.fixture(scope="module")
-def plain_losses(root: Path) -> list[float]:
-    return _reference(root, "plain-one", {})[0]
+def sharp_teacher(root: Path) -> dict[str, Any]:
+    """The teacher with its output layer scaled up: confident predictions (entropy ~40% of log V).
+    The random teacher is nearly uniform (99.9% of log V), where every weight 1 - (H/log V)^beta
+    is a difference of nearly equal numbers, as sensitive to the last bits of the teacher's logits
+    as the weights of a real corpus are not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = root / "teacher-sharp"
+    if not (path / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(root / "teacher")
+        with torch.no_grad():
+            model.lm_head.weight.mul_(30.0)
+        helpers.save_model(model, AutoTokenizer.from_pretrained(root / "teacher"), path)
+    return {"teacher": {"model": str(path), "dtype": "float32"}}
+
+
+def _weighting(sharp_teacher: dict[str, Any]) -> dict[str, Any]:
+    return {**sharp_teacher, "data": {"uncertaintyWeighting": {"enabled": True, "beta": 0.5}}}
 
 
 @pytest.fixture(scope="module")
-def weighting_reference(root: Path) -> tuple[list[float], Path]:
-    return _reference(root, "weighting-one", WEIGHTING)
+def plain_losses(root: Path, sharp_teacher: dict[str, Any]) -> list[float]:
+    return _reference(root, "plain-one", sharp_teacher)[0]
+
+
+@pytest.fixture(scope="module")
+def weighting_reference(root: Path, sharp_teacher: dict[str, Any]) -> tuple[list[float], Path]:
+    return _reference(root, "weighting-one", _weighting(sharp_teacher))
 
 
 @pytest.mark.parametrize("layout", ["tensor2", "pipeline2", "pipeline2xdata2"])
 def test_entropy_weighting_split_student_trains_like_one_process(
-    root: Path, weighting_reference: tuple[list[float], Path], plain_losses: list[float], layout: str
+    root: Path,
+    weighting_reference: tuple[list[float], Path],
+    plain_losses: list[float],
+    sharp_teacher: dict[str, Any],
+    layout: str,
 ) -> None:
     """Per-sample entropy weights, normalised over the global micro-batch (every data rank's
     rows) and carried with the teacher's side of each token through the pipeline: the weighted
@@ -170,7 +194,8 @@ def test_entropy_weighting_split_student_trains_like_one_process(
     assert ref[1:] != pytest.approx(plain_losses[1:], rel=1e-4)  # the weights change the training
     parts = LAYOUTS[layout]
     out = root / f"out-weighting-{layout}"
-    steps, _ = _run(_write_job(root, f"weighting-{layout}", **parts, spec=WEIGHTING), out, _world(parts))
+    job = _write_job(root, f"weighting-{layout}", **parts, spec=_weighting(sharp_teacher))
+    steps, _ = _run(job, out, _world(parts))
     _assert_steps(steps, ref)
     _assert_same_student(out, ref_out)
 
@@ -205,5 +230,31 @@ def test_teacher_cache_split_student_trains_like_one_process(
     if filled:
         assert not written  # every batch was a hit: the teacher never ran
     else:
-        # One writer per loss rank's tensor group: one shard per micro-batch of each data rank.
-        assert len(written) == STEPS * parts.get("data", 1)
+        # One writer per loss rank's tensor group: a shard per micro-batch of each data rank, where
+        # the single process wrote one per micro-batch.
+        assert len(written) == len(list((ref_out / "teacher-cache").glob("*.kdtc"))) * parts.get("data", 1)
+
+
+QAT_BF16 = {"quantization": {"mode": "qat-int8", "qatSteps": QAT_STEPS, "reducedPrecisionFraction": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(root: Path) -> tuple[list[float], Path]:
+    return _reference(root, "qat-bf16-one", QAT_BF16)
+
+
+@pytest.mark.parametrize("layout", ["tensor2", "pipeline2"])
+def test_qat_reduced_precision_part_runs_under_autocast_on_a_split_student(
+    root: Path, bf16_reference: tuple[list[float], Path], layout: str
+) -> None:
+    """The bf16 part of the QAT phase (half of it here) runs the split student's forward under
+    autocast, as the single-process flow does: the losses follow the unsplit run to bf16's
+    precision, and the INT8 artifact is the conversion of the gathered student."""
+    ref, _ = bf16_reference
+    parts = LAYOUTS[layout]
+    out = root / f"out-qat-bf16-{layout}"
+    steps, _ = _run(_write_job(root, f"qat-bf16-{layout}", **parts, spec=QAT_BF16), out, _world(parts))
+    assert [s["step"] for s in steps] == list(range(1, len(ref) + 1))
+    assert [s["stage"] for s in steps][STEPS : STEPS + 2] == ["qat-reduced-precision"] * 2
+    assert [s["loss"] for s in steps] == pytest.approx(ref, rel=2e-2)
+    _assert_converted(out)

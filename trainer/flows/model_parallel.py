@@ -2,9 +2,11 @@
 (``parallel/student.py``), replicated over the data ranks.
 
 It trains the logits objective of causal LMs (what ``parallel.runtime.check_model_parallel``
-admits). Rank 0 keeps an unsplit copy of the student: checkpoints and the final student are
-gathered into it (``parallel/student_state.py``), so a checkpoint is the whole student whatever
-the layout, and any layout can resume it.
+admits): from the live teacher or the teacher cache, optionally entropy-weighted, through QAT's
+reduced-precision and fake-quant phases (``parallel/student_qat.py``). Rank 0 keeps an unsplit
+copy of the student: checkpoints and the final student are gathered into it
+(``parallel/student_state.py``), so a checkpoint is the whole student whatever the layout, and
+any layout can resume it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ once it knows those extrema:
   every token's features, so the per-token and per-row minimum and maximum are all-reduced over
   the tensor group (MIN/MAX: exact) before the scales are chosen; each rank then fake-quantizes
   its own slice with the whole layer's scales and zero points;
-- **pipeline only**: a stage holds whole layers; the quantizers run locally.
+- **pipeline only**: a stage holds whole layers; the quantizers run locally (GPT2's Conv1D
+  layers too, on ``W.T`` as ``quantization.FakeQuantizedConv1D`` does).
 
 Scales and zero points come from torchao's own functions (``choose_qparams_affine`` through
 the same entry points ``IntxFakeQuantizer`` uses) applied to a ``[..., 2]`` tensor of the
@@ -92,7 +93,7 @@ def fake_quant_weight(w: torch.Tensor, group: Any = None) -> torch.Tensor:
     return _fake_quantize_per_channel_group(w, scale, zero_point, qmin, qmax, w.shape[-1], config.zero_point_domain)
 
 
-class SplitFakeQuantLinear(nn.Linear):
+class SplitFakeQuantLinear(nn.Linear):  # type: ignore[misc]
     """A backbone Linear of the split student with INT8 fake quantization. ``tp_style`` is
     "colwise", "rowwise" (tensor-parallel shards) or None (a whole layer)."""
 
@@ -123,12 +124,37 @@ class SplitFakeQuantLinear(nn.Linear):
         return out
 
 
+_CONV1D_CLASS: dict[str, type[nn.Module]] = {}
+
+
+def _fake_quant_conv1d_class() -> type[nn.Module]:
+    """GPT2's Conv1D (``x @ W + b``, W [in, out]) with the fake quantizers of
+    ``quantization.FakeQuantizedConv1D``: weights per output channel, on ``W.T``."""
+    if "class" not in _CONV1D_CLASS:
+        from transformers.pytorch_utils import Conv1D
+
+        class SplitFakeQuantConv1D(Conv1D):  # type: ignore[misc]
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return F.linear(fake_quant_activation(x), fake_quant_weight(self.weight.t()), self.bias)
+
+        _CONV1D_CLASS["class"] = SplitFakeQuantConv1D
+    return _CONV1D_CLASS["class"]
+
+
 def prepare_split_qat(model: nn.Module, tensor_parallel: bool) -> list[str]:
-    """Switch the (hollowed, possibly TP-sharded) student's backbone Linear layers to
-    ``SplitFakeQuantLinear`` in place, the layers torchao's QAT swaps in the unsplit student.
-    Returns their names."""
-    keep = is_quantizable(model)
+    """Switch the (hollowed, possibly TP-sharded) student's backbone Linear layers (and GPT2's
+    Conv1D ones) to their fake-quantized forms in place: the layers torchao's QAT swaps in the
+    unsplit student (``quantization.prepare_qat``). Returns their names."""
+    from ..quantization import _named_conv1d
+
     names = []
+    for name, _ in list(_named_conv1d(model)):
+        if tensor_parallel:
+            raise ValueError(f"{name}: a Conv1D layer cannot be fake-quantized under tensor parallelism")
+        module = model.get_submodule(name)
+        module.__class__ = _fake_quant_conv1d_class()
+        names.append(name)
+    keep = is_quantizable(model)
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or not keep(module, name):
             continue
@@ -138,6 +164,6 @@ def prepare_split_qat(model: nn.Module, tensor_parallel: bool) -> list[str]:
             if style is None:
                 raise ValueError(f"{name}: a Linear layer outside the tensor-parallel plan cannot be fake-quantized")
         module.__class__ = SplitFakeQuantLinear
-        module.tp_style = style  # type: ignore[attr-defined]
+        module.tp_style = style
         names.append(name)
     return names
