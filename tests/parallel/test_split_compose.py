@@ -258,3 +258,17 @@ def test_qat_reduced_precision_part_runs_under_autocast_on_a_split_student(
     assert [s["stage"] for s in steps][STEPS : STEPS + 2] == ["qat-reduced-precision"] * 2
     assert [s["loss"] for s in steps] == pytest.approx(ref, rel=2e-2)
     _assert_converted(out)
+
+
+def test_teacher_cache_with_entropy_weighting_split_student_trains_like_one_process(
+    root: Path, sharp_teacher: dict[str, Any]
+) -> None:
+    """Both at once on a pipeline x data mesh: the weights come from the cache's top-k buckets
+    and tail, as the single-process flow computes them from cached entries."""
+    spec = {**_weighting(sharp_teacher), **CACHE}
+    ref, ref_out = _reference(root, "cache-weighting-one", spec)
+    parts = LAYOUTS["pipeline2xdata2"]
+    out = root / "out-cache-weighting-pipeline2xdata2"
+    steps, _ = _run(_write_job(root, "cache-weighting-pipeline2xdata2", **parts, spec=spec), out, _world(parts))
+    _assert_steps(steps, ref)
+    _assert_same_student(out, ref_out)
