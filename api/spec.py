@@ -711,7 +711,8 @@ class Serving(ApiModel):
 
 # A split student (tensor or pipeline parallel) runs logits KD and hidden/attention transfer of a
 # causal LM (each mapped layer's term is computed on the stage that holds it), and of a sequence
-# classifier split by tensor only; the features below need the whole model.
+# classifier split by tensor only, with QAT, the teacher cache and entropy weighting; the
+# features below need the whole model.
 # SPLIT_STUDENT_RULES is the one table of these rules: the CRD's CEL rules are generated from it,
 # DistillationJobSpec's validator checks it, and the trainer's start-up check
 # (trainer/parallel/runtime.check_model_parallel) refuses what it lists for specs that bypassed the API.
@@ -752,22 +753,6 @@ SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
         lambda spec: _objectives(spec) <= _SPLIT_OBJECTIVES,
         "distills with the logits, hidden and attention objectives only (no sequence or on-policy)",
         lambda spec: f"objectives {sorted(_objectives(spec) - _SPLIT_OBJECTIVES)}",
-    ),
-    SplitStudentRule(
-        "!self.distillation.teacherCache.enabled",
-        lambda spec: not spec.distillation.teacher_cache.enabled,
-        "cannot use distillation.teacherCache (disable it)",
-    ),
-    SplitStudentRule(
-        "!self.data.uncertaintyWeighting.enabled",
-        lambda spec: not spec.data.uncertainty_weighting.enabled,
-        "cannot use data.uncertaintyWeighting (disable it)",
-    ),
-    SplitStudentRule(
-        "self.quantization.mode != 'qat-int8'",
-        lambda spec: spec.quantization.mode != "qat-int8",
-        "cannot use quantization.mode qat-int8 (fake-quant layers cannot wrap sharded Linear layers; "
-        "use ptq-int8 or none)",
     ),
     SplitStudentRule(
         "self.parallelism.gradientCompression.topK == 0.0",

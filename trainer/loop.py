@@ -172,6 +172,8 @@ class Trainer:
         # A served teacher shares the student's vocabulary (checked at start): its size sizes the cache.
         vocab_model = self.teacher if self.teacher is not None else self.student
         self.cache = CacheStore.from_spec(spec, vocab_model, self.opts.output.teacher_cache)
+        if split_flow is not None:
+            split_flow.cache = self.cache
         self.flow: TrainingFlow = split_flow or SingleProcessFlow(
             spec,
             self.student,
@@ -369,8 +371,6 @@ class Trainer:
         """Swap the student's Linear layers for fake-quantized ones, keeping optimizer state."""
         from .quantization import remap_optimizer_state
 
-        # The model-parallel flow never gets here: check_model_parallel rejects qat-int8.
-        assert isinstance(self.flow, SingleProcessFlow)
         before = dict(self._named_trainables())
         self.flow.enter_fake_quant()
         self.qat_prepared = True

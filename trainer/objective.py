@@ -152,17 +152,37 @@ def token_objective(
     *,
     temperature: float,
     settings: LogitsSettings,
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``alpha * KD + (1 - alpha) * CE`` shaped like ``labels``, and the float64 sums
     ``[KD over valid tokens, CE over valid tokens, valid tokens]`` for the step's report.
 
     ``labels`` are already shifted (position i is scored against token i+1) and -100 where
-    nothing is predicted.
+    nothing is predicted. ``teacher`` holds the teacher's logits per token, or with ``top_k``
+    the teacher cache's entry per token packed as ``[k values, k vocabulary ids, log-sum-exp]``
+    (ids as floats: exact below 2**24); then KD is taken over the top-k buckets and the tail, as
+    the single-process objective does from the cache, on the predicted positions only.
     """
     vocab = student.shape[-1]
-    s_rows, t_rows, y = student.float().reshape(-1, vocab), teacher.float().reshape(-1, vocab), labels.reshape(-1)
+    s_rows, y = student.float().reshape(-1, vocab), labels.reshape(-1)
     chunk = loss_chunk_rows(vocab)
-    kd = kd_divergence(s_rows, t_rows, settings.divergence, temperature, chunk_rows=chunk)
+    if top_k is None:
+        t_rows = teacher.float().reshape(-1, vocab)
+        kd = kd_divergence(s_rows, t_rows, settings.divergence, temperature, chunk_rows=chunk)
+    else:
+        packed = teacher.float().reshape(-1, 2 * top_k + 1)
+        rows = y != IGNORE_INDEX
+        # Padded positions hold no cache entry (zeros): KD is computed where a token is predicted.
+        kd_rows = topk_kd_divergence(
+            s_rows[rows],
+            packed[rows, :top_k],
+            packed[rows, top_k : 2 * top_k].round().long(),
+            settings.divergence,
+            temperature,
+            chunk_rows=chunk,
+            teacher_logsumexp=packed[rows, 2 * top_k],
+        )
+        kd = torch.zeros(y.shape[0], dtype=kd_rows.dtype, device=kd_rows.device).masked_scatter(rows, kd_rows)
     ce = hard_label_ce(s_rows, y, chunk_rows=chunk)
     valid = (y != IGNORE_INDEX).to(torch.float64)
     sums = torch.stack([(kd.detach().double() * valid).sum(), (ce.detach().double() * valid).sum(), valid.sum()])

@@ -29,6 +29,15 @@ def sample_entropy_weights(teacher_logits: Tensor, beta: float, mask: Tensor | N
     over the samples that have at least one valid token is 1. If every sample has weight 0 (a
     uniform teacher everywhere) the weights fall back to 1.
     """
+    w, present = raw_entropy_weights(teacher_logits, beta, mask)
+    return normalise_weights(w, present, int(present.sum()), float(w.sum()))
+
+
+@torch.no_grad()
+def raw_entropy_weights(teacher_logits: Tensor, beta: float, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(1 - (H / log V)^beta`` per sample, 0 for samples without a valid token; which samples
+    have one)``, before the normalisation (``normalise_weights``). A batch split over data ranks
+    sums the counts and totals over them first."""
     if not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a positive finite number, got {beta}")
     if teacher_logits.dim() not in (2, 3):
@@ -54,8 +63,12 @@ def sample_entropy_weights(teacher_logits: Tensor, beta: float, mask: Tensor | N
         entropy = (per_token * m).sum(dim=1) / counts.clamp(min=1)
     ratio = (entropy / math.log(vocab)).clamp(0.0, 1.0)
     w = torch.where(present, 1.0 - ratio.pow(beta), torch.zeros_like(ratio))
-    n_present = int(present.sum())
-    total = float(w.sum())
+    return w, present
+
+
+def normalise_weights(w: Tensor, present: Tensor, n_present: int, total: float) -> Tensor:
+    """Scale raw weights so that their mean over the ``n_present`` samples with a valid token
+    (whose raw weights sum to ``total``) is 1; all-zero weights fall back to 1."""
     if n_present == 0 or total <= 0:
         return present.float() if n_present else torch.ones_like(w)
     return w * (n_present / total)

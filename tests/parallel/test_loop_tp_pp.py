@@ -222,10 +222,6 @@ def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, refere
 # What the trainer's own message names for each of the API's split-student rows.
 _TRAINER_NEEDLES = {
     "split-student-sequence": "objectives ['sequence']",
-    "split-student-teacher-cache": "distillation.teacherCache",
-    "split-student-uncertainty-weighting": "data.uncertaintyWeighting",
-    "split-student-qat": "qat-int8",
-    "split-student-default-qat": "qat-int8",
     "split-student-top-k": "gradientCompression.topK",
     "split-student-classification-pipeline": "task sequence-classification, pipeline 2",
 }

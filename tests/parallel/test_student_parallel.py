@@ -11,13 +11,17 @@ from safetensors.torch import load_file
 
 from .harness import run_ranks
 from .models import tiny_model
-from .workers import student_batch, token_loss
+from .workers import sample_weights, student_batch, token_loss
 
 ROWS, LENGTH = 4, 12
 
 
-def reference(family: str) -> tuple[float, dict[str, torch.Tensor]]:
+def reference(family: str, qat: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     model = tiny_model(family, layers=4)
+    if qat:
+        from kdistill.trainer.quantization import prepare_qat
+
+        prepare_qat(model)
     ids, mask, labels, teacher = student_batch(ROWS, LENGTH)
     logits = model(input_ids=ids, attention_mask=mask).logits
     per_token = token_loss(logits, teacher, labels).masked_fill(labels == -100, 0.0)
@@ -71,3 +75,61 @@ def test_parallel_step_equals_single_process(
             seen.add(name)
     # Together the ranks hold a gradient for every parameter (tied weights appear once by name).
     assert seen == set(ref_grads)
+
+
+@pytest.mark.parametrize(
+    ("family", "pipeline", "data", "tensor"),
+    [("llama", 1, 1, 2), ("gpt2", 2, 1, 1), ("llama", 1, 2, 2), ("llama", 2, 1, 2)],
+    ids=["tensor2", "pipeline2-gpt2", "data2xtensor2", "pipeline2xtensor2"],
+)
+def test_fake_quant_step_equals_single_process_qat(
+    tmp_path: Path, family: str, pipeline: int, data: int, tensor: int
+) -> None:
+    """INT8 fake quantization of the split student (row-parallel shards with the whole layer's
+    scales; GPT2's Conv1D layers in pipeline stages) gives torchao's unsplit QAT step: the same
+    loss and gradients."""
+    world = pipeline * data * tensor
+    args = {"family": family, "pipeline": pipeline, "data": data, "tensor": tensor, "rows": ROWS, "length": LENGTH}
+    run_ranks(world, "tests.parallel.workers:student_step", tmp_path, {**args, "qat": True})
+    ref_loss, ref_grads = reference(family, qat=True)
+    plain_loss, _ = reference(family)
+    assert abs(ref_loss - plain_loss) > 1e-6  # fake quantization changes the numbers
+    seen: set[str] = set()
+    for rank in range(world):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert float(got.pop("__loss__")) == pytest.approx(ref_loss, rel=1e-5)
+        for name, grad in got.items():
+            if name == "lm_head.weight" and name not in ref_grads:
+                name = "transformer.wte.weight"  # GPT2's head is tied to the input embedding
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+            seen.add(name)
+    assert seen == set(ref_grads)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "data", "tensor"),
+    [(1, 1, 2), (2, 1, 1), (2, 2, 1)],
+    ids=["tensor2", "pipeline2", "pipeline2xdata2"],
+)
+def test_weighted_step_equals_single_process_weighted_mean(
+    tmp_path: Path, pipeline: int, data: int, tensor: int
+) -> None:
+    """Per-token weights carried with the teacher's side of each token (as entropy weighting
+    carries them) and the global sum of the weights as the normaliser: the single-process
+    weighted token mean, its loss and gradients."""
+    world = pipeline * data * tensor
+    args = {"family": "llama", "pipeline": pipeline, "data": data, "tensor": tensor, "rows": ROWS, "length": LENGTH}
+    run_ranks(world, "tests.parallel.workers:student_step", tmp_path, {**args, "weighted": True})
+    model = tiny_model("llama", layers=4)
+    ids, mask, labels, teacher = student_batch(ROWS, LENGTH)
+    weights = sample_weights(ROWS, LENGTH)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    per_token = (token_loss(logits, teacher, labels) * weights).masked_fill(labels == -100, 0.0)
+    loss = per_token.sum() / (weights * (labels != -100)).sum()
+    loss.backward()
+    for rank in range(world):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert float(got.pop("__loss__")) == pytest.approx(float(loss), rel=1e-5)
+        for name, grad in got.items():
+            ref = dict(model.named_parameters())[name].grad
+            torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")

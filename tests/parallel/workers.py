@@ -52,6 +52,16 @@ def student_batch(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor, t
     return ids, mask, labels, teacher
 
 
+def sample_weights(rows: int, length: int) -> torch.Tensor:
+    """Per-token weights [rows, length]: one weight per sample, as entropy weighting gives."""
+    return (torch.arange(rows, dtype=torch.float32) * 0.5 + 0.25)[:, None].expand(rows, length).contiguous()
+
+
+def weighted_token_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``token_loss`` times the weight carried as the teacher's last channel."""
+    return token_loss(student, teacher[..., :-1], labels) * teacher[..., -1]
+
+
 def full_grads(student: Any) -> dict[str, torch.Tensor]:
     """Every gradient this rank holds, re-assembled over tensor-parallel peers where sharded
     (DTensor shards, or plain shards of the Llama plan and GPT2's Conv1D layers)."""
@@ -71,12 +81,22 @@ def student_step(env: DistEnv, workdir: Path, args: dict) -> None:
     layout = MeshLayout(env.world_size, args["pipeline"], args["data"], args["tensor"], 1)
     mesh = build_device_mesh(layout, "cpu")
     model = tiny_model(args["family"], layers=4)
-    student = parallelize_student(model, layout, env.rank, mesh, token_loss, device=torch.device("cpu"))
+    loss_fn = weighted_token_loss if args.get("weighted") else token_loss
+    student = parallelize_student(model, layout, env.rank, mesh, loss_fn, device=torch.device("cpu"))
+    if args.get("qat"):
+        from kdistill.trainer.parallel.student_qat import prepare_split_qat
+
+        assert prepare_split_qat(student.model, tensor_parallel=layout.tensor > 1)
     ids, mask, labels, teacher = student_batch(args["rows"], args["length"])
     d = layout.coords(env.rank)["data"]
     per = args["rows"] // layout.data
     rows = slice(d * per, (d + 1) * per)
-    loss = student.forward_backward(ids[rows], labels[rows], teacher[rows], mask[rows])
+    weights = None
+    if args.get("weighted"):
+        weights = sample_weights(args["rows"], args["length"])
+        teacher = torch.cat([teacher, weights.unsqueeze(-1)], dim=-1)
+        weights = weights[rows]
+    loss = student.forward_backward(ids[rows], labels[rows], teacher[rows], mask[rows], token_weights=weights)
     grads = full_grads(student)
     grads["__loss__"] = torch.tensor([loss], dtype=torch.float64)
     save_file(grads, str(workdir / f"rank{env.rank}.safetensors"))

@@ -81,6 +81,11 @@ class TrainingFlow(Protocol):
 
     def restore(self, info: CheckpointInfo, state: CheckpointState) -> None: ...
 
+    def enter_fake_quant(self) -> None:
+        """Start QAT's fake-quant phase: INT8 fake quantization of the student's backbone Linear
+        layers, in place (the loop moves the optimizer state when Parameters change)."""
+        ...
+
     def finish(self, optimizer: torch.optim.Optimizer) -> None:
         """Collective end of training: after it ``final_student`` is complete on the writer."""
         ...

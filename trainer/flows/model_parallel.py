@@ -3,16 +3,18 @@
 
 It trains the logits, hidden and attention objectives of causal LMs, and of sequence classifiers
 split by tensor parallelism (class logits scored as a one-position sequence; what
-``parallel.runtime.check_model_parallel`` admits); the hidden/attention terms are computed on the
-stage that owns each mapped student block (``parallel/split_features.py``). Rank 0 keeps an
-unsplit copy of the student: checkpoints and the final student are gathered into it
-(``parallel/student_state.py``), with the aux modules and their optimizer state in the
-single-process layout, so a checkpoint is the whole run whatever the layout, and any layout can
-resume it.
+``parallel.runtime.check_model_parallel`` admits), from the live teacher or the teacher cache,
+optionally entropy-weighted, through QAT's reduced-precision and fake-quant phases
+(``parallel/student_qat.py``); the hidden/attention terms are computed on the stage that owns
+each mapped student block (``parallel/split_features.py``). Rank 0 keeps an unsplit copy of the
+student: checkpoints and the final student are gathered into it (``parallel/student_state.py``),
+with the aux modules and their optimizer state in the single-process layout, so a checkpoint is
+the whole run whatever the layout, and any layout can resume it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,21 @@ from .single import logits_settings
 PIPELINE_LENGTH_MULTIPLE = 16
 
 
+def check_split_qat(spec: DistillationJobSpec, student: nn.Module, tensor: int) -> None:
+    """Refuses, before the first step, QAT on a tensor-split student with GPT2's Conv1D layers:
+    they have no tensor-parallel fake quantizer (``parallel/student_qat.py``), and the run would
+    otherwise fail only when its fake-quant phase starts."""
+    from ..quantization import _named_conv1d
+
+    if spec.quantization.mode == "qat-int8" and tensor > 1 and next(iter(_named_conv1d(student)), None):
+        raise TrainerError(
+            ExitCode.BAD_SPEC,
+            f"quantization.mode qat-int8 with parallelism.student.tensor={tensor} needs a Llama-family "
+            "student: GPT2's Conv1D layers have no tensor-parallel fake quantizer (use ptq-int8 or none, "
+            "or split the student by pipeline)",
+        )
+
+
 class ModelParallelFlow:
     def __init__(
         self,
@@ -50,6 +67,7 @@ class ModelParallelFlow:
         ``student`` in place."""
         from ..parallel.student_state import FullLayout
 
+        check_split_qat(spec, student, parallel.layout.tensor)
         self.settings = logits_settings(spec)
         self.task = spec.task
         self.teacher = teacher
@@ -72,6 +90,8 @@ class ModelParallelFlow:
         self._mask_count = torch.zeros(())  # the global attention-mask count of the micro-step
         self.temperature = 1.0  # the current step's, read by the token loss
         self.loss_sums: list[torch.Tensor] = []  # per loss call: [KD sum, CE sum, valid tokens]
+        # The teacher cache (targets.CacheStore), set by the loop once it exists; None: off.
+        self.cache: Any = None
         self.split_student = parallel.parallelize_student(student, self._token_loss)
 
     def use_aux(self, aux: nn.ModuleDict, pairs: list[tuple[int, int]]) -> None:
@@ -100,12 +120,32 @@ class ModelParallelFlow:
         objectives = set(phase.objectives)
         use_logits = "logits" in objectives
         features = self._set_objectives(phase, objectives, mask, accum)
-        teacher, targets = self._teacher_targets(ids, mask, use_logits, features)
+        with self._autocast(phase):
+            if self.cache is not None and use_logits:
+                # The cache holds the logits' top-k; hidden/attention pieces still come live.
+                teacher = self._cached_teacher(batch["example_ids"].tolist(), ids, mask)
+                targets = self._teacher_targets(ids, mask, False, features)[1] if features is not None else {}
+            else:
+                teacher, targets = self._teacher_targets(ids, mask, use_logits, features)
+        weights = None
+        if teacher is not None and self.settings.entropy_beta is not None:
+            # The token's sample weight travels as one more channel of the teacher's side.
+            weights = self._token_weights(teacher, shifted)
+            teacher = torch.cat([teacher, weights.unsqueeze(-1).to(teacher.dtype)], dim=-1)
         self.temperature = temperature
         self.loss_sums.clear()
         ps = self.split_student
         ps.logits_weight = 1.0 / len(objectives) if use_logits else 0.0
-        logits_loss = ps.forward_backward(ids, shifted, teacher, mask, grad_scale=1.0 / accum, targets=targets)
+        logits_loss = ps.forward_backward(
+            ids,
+            shifted,
+            teacher,
+            mask,
+            grad_scale=1.0 / accum,
+            targets=targets,
+            autocast=lambda: self._autocast(phase),
+            token_weights=weights,
+        )
         sums = self._reported_sums()
         values: dict[str, float] = {}
         parts: dict[str, float] = {}
@@ -164,16 +204,44 @@ class ModelParallelFlow:
         self._gather(optimizer)
 
     def final_student(self) -> nn.Module:
+        """The writer's unsplit copy: plain float layers (the fake quantizers live in the split
+        student only), which INT8 conversion quantizes as it does the unsplit QAT student."""
         assert self.template is not None, "only the writer holds the whole student"
         return self.template
+
+    # ---- QAT -----------------------------------------------------------------------------------
+    def enter_fake_quant(self) -> None:
+        """INT8 fake quantization of every rank's shard of the backbone Linear layers, in place
+        (``parallel/student_qat.py``): the same Parameters, so the optimizer and DDP carry on."""
+        from ..parallel.student_qat import prepare_split_qat
+
+        prepare_split_qat(self.split_student.model, tensor_parallel=self.parallel.layout.tensor > 1)
+
+    def _autocast(self, phase: Phase) -> contextlib.AbstractContextManager[Any]:
+        """QAT's reduced-precision part runs the teacher and the student under autocast, as the
+        single-process flow does."""
+        if phase.kind != "qat-reduced":
+            return contextlib.nullcontext()
+        from ..quantization import reduced_precision_autocast
+
+        return reduced_precision_autocast(self.device)
 
     # ---- internals -----------------------------------------------------------------------------
     def _token_loss(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """ParallelStudent's TokenLoss: runs on the ranks that hold the LM head (the last
         pipeline stage), at the step's temperature; keeps the KD/CE sums for the report."""
-        loss, sums = token_objective(student, teacher, labels, temperature=self.temperature, settings=self.settings)
+        weighted = self.settings.entropy_beta is not None
+        top_k = self.cache.top_k if self.cache is not None else None
+        loss, sums = token_objective(
+            student,
+            teacher[..., :-1] if weighted else teacher,
+            labels,
+            temperature=self.temperature,
+            settings=self.settings,
+            top_k=top_k,
+        )
         self.loss_sums.append(sums)
-        return loss
+        return loss * teacher[..., -1] if weighted else loss
 
     def _padded(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -185,6 +253,77 @@ class ModelParallelFlow:
                 mask = torch.nn.functional.pad(mask, (0, pad), value=0)
                 labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
         return ids, mask, labels
+
+    def _cached_teacher(self, example_ids: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """With the teacher cache, the packed top-k entry (``token_objective``) of every token on the
+        ranks that compute the loss (None elsewhere).
+
+        tensor rank 0 of each loss rank's tensor group looks the batch up, runs
+        the teacher on a miss and stores its top-k, then hands the entry to its tensor peers:
+        one writer per batch, and every peer trains on exactly what the cache gives back."""
+        ps = self.split_student
+        loss_rank = ps.is_last_stage
+        keeper = loss_rank and ps.coords["tensor"] == 0
+        cached = self.cache.lookup(example_ids) if keeper else None
+        need = keeper and cached is None
+        logits = None
+        if self.parallel.split_teacher:
+            # The split teacher's forward is collective: its group runs it if any member misses.
+            if self.parallel.any_needs_teacher(need):
+                logits = self.parallel.teacher_logits(ids, mask)
+        elif need:
+            with torch.inference_mode():
+                logits = self.teacher(input_ids=ids, attention_mask=mask).logits.float().clone()
+        if need:
+            assert logits is not None
+            cached = self.cache.store(example_ids, logits.float(), mask)
+        if not loss_rank:
+            return None
+        k = self.cache.top_k
+        # A classifier's entry is one position per sample, as its labels are.
+        positions = ids.shape[1] if self.task == "causal-lm" else 1
+        packed = torch.zeros(ids.shape[0], positions, 2 * k + 1, device=self.device)
+        if keeper:
+            assert cached is not None
+            length = min(cached.values.shape[1], positions)
+            packed[:, :length, :k] = cached.values[:, :length].to(self.device)
+            packed[:, :length, k : 2 * k] = cached.indices[:, :length].to(self.device).float()
+            packed[:, :length, 2 * k] = cached.logsumexp[:, :length].to(self.device)
+        if self.parallel.layout.tensor > 1:
+            import torch.distributed as dist
+
+            group = self.parallel.mesh["tensor"].get_group()
+            c = ps.coords
+            source = self.parallel.layout.rank_of(c["pipeline"], c["data"], 0)
+            with self.parallel.guard("the teacher-cache entry broadcast"):
+                dist.broadcast(packed, src=source, group=group)
+        return packed
+
+    def _token_weights(self, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token entropy weights [b, L] (``weighting.py``): each sample's weight at its
+        predicted tokens, normalised over the global micro-batch (every data rank's rows), so a
+        token weighs what it weighs in the single-process step."""
+        from ..objective import bucket_logits
+        from ..weighting import normalise_weights, raw_entropy_weights
+
+        beta = self.settings.entropy_beta
+        assert beta is not None
+        valid = labels.to(teacher.device) != IGNORE_INDEX
+        if self.cache is None:
+            source = teacher
+        else:
+            k = self.cache.top_k
+            source = bucket_logits(teacher[..., :k], teacher[..., 2 * k])
+        raw, present = raw_entropy_weights(source, beta, valid.float())
+        totals = torch.tensor([float(present.sum()), float(raw.double().sum())], dtype=torch.float64)
+        if self.parallel.layout.data > 1:
+            import torch.distributed as dist
+
+            with self.parallel.guard("the entropy-weight totals"):
+                totals = totals.to(self.device)
+                dist.all_reduce(totals, group=self.parallel.mesh["data"].get_group())
+        weights = normalise_weights(raw, present, int(totals[0].item()), float(totals[1].item()))
+        return weights[:, None].expand_as(valid) * valid
 
     def _set_objectives(self, phase: Phase, objectives: set[str], mask: torch.Tensor, accum: int) -> Any:
         """Tell this rank's hidden/attention terms what the micro-step trains and how to scale it

@@ -14,8 +14,10 @@ A world of one makes every method a pass-through, so the single-process loop is 
 With ``student.tensor > 1`` or ``student.pipeline > 1`` the loop runs a model-parallel student
 (``parallelize_student``: ``student.py`` cuts, shards and wraps it over the device mesh, and
 ``student_state.py`` gathers and reshards its checkpoints). That path trains the logits objective
-(KD + hard-label CE) and the hidden/attention objectives of causal LMs; ``check_supported``
-rejects at start, with BAD_SPEC, what it does not cover (the API's SPLIT_STUDENT_RULES).
+(KD + hard-label CE) and the hidden/attention objectives of causal LMs (and of tensor-split
+classifiers), with QAT (``student_qat.py``), the teacher cache and entropy weighting;
+``check_supported`` rejects at start, with BAD_SPEC, what it does not cover (the API's
+SPLIT_STUDENT_RULES).
 """
 
 from __future__ import annotations

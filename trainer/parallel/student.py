@@ -24,6 +24,7 @@ averages. One step therefore equals a single-process step on the concatenated ba
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,6 +265,8 @@ class ParallelStudent:
         attention_mask: torch.Tensor | None = None,
         grad_scale: float = 1.0,
         targets: dict[str, torch.Tensor] | None = None,
+        autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        token_weights: torch.Tensor | None = None,
     ) -> float:
         """Forward and backward of this rank's share of the global micro-batch.
 
@@ -273,11 +276,17 @@ class ParallelStudent:
         steps in the training loop); returns the global mean loss (unscaled) on every rank.
         ``targets`` are this rank's keyword tensors for its hidden/attention terms (``features``),
         whole-batch; the returned loss is the logits part only (the flow reports the others).
+        ``autocast`` makes the context the student's forward runs in (QAT's reduced precision);
+        the loss and the backward run outside it. ``token_weights`` [b, L] (the loss ranks'
+        entropy weights, which ``token_loss`` applies) make the loss a weighted token mean: the
+        normalisation divides by their global sum instead of the token count.
         """
         with peer_guard("the student step"):
             input_ids = input_ids.to(self.device)
             labels = labels.to(self.device)
             valid = (labels != IGNORE).sum().to(torch.float64)
+            if token_weights is not None:
+                valid = (token_weights.to(self.device).double() * (labels != IGNORE)).sum()
             if self.layout.data > 1:
                 dist.all_reduce(valid, group=self.mesh["data"].get_group())
             # DDP averages over data ranks; the extra factor makes the result a global token mean.
@@ -289,11 +298,14 @@ class ParallelStudent:
                 self.features.pending.clear()
             if self.layout.pipeline == 1:
                 mask = None if attention_mask is None else attention_mask.to(self.device)
-                if targets:
-                    logits, term = self.features.run(self.module, "input_ids", input_ids, targets, attention_mask=mask)
-                else:
-                    logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-                    term = None
+                with autocast():
+                    if targets:
+                        logits, term = self.features.run(
+                            self.module, "input_ids", input_ids, targets, attention_mask=mask
+                        )
+                    else:
+                        logits = self.module(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+                        term = None
                 if logits.dim() == 2:  # a classifier: one row of class logits per sample
                     logits = logits.unsqueeze(1)
                 if self.logits_weight > 0:
@@ -306,6 +318,8 @@ class ParallelStudent:
                     loss = term if term is not None else logits.sum() * 0.0
                 loss.backward()
             else:
+                assert self.stage is not None
+                self.stage.autocast = autocast
                 local = self._pipeline_step(input_ids, labels, teacher_logits, scale, targets)
                 self._sum_tied_grads()
             return self._global_loss(local) / grad_scale
@@ -423,13 +437,21 @@ class _Stage(nn.Module):
         self.model = model
         # Kept out of the module tree: the aux modules are not the stage's (nor DDP's) parameters.
         self.features: list[Any] = []
+        self.autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
 
     def forward(self, x: torch.Tensor, **targets: torch.Tensor) -> torch.Tensor:
+        # One dtype between stages whatever the precision: a schedule keeps the shapes and dtypes
+        # of its first step.
         if not targets or not self.features:
-            return stage_forward(self.model, x)
+            with self.autocast():
+                return stage_forward(self.model, x).float()
         features = self.features[0]
         _, first, last = self.model.kdistill_stage
-        out, term = features.run(self.model, "input_ids" if first else "inputs_embeds", x, targets, attention_mask=None)
+        with self.autocast():
+            out, term = features.run(
+                self.model, "input_ids" if first else "inputs_embeds", x, targets, attention_mask=None
+            )
+        out = out.float()
         if last:
             features.pending.append(term)  # the loss function adds it
             return out
