@@ -473,13 +473,23 @@ class GradientCompression(ApiModel):
         description="Fraction of gradient entries sent per step (0.01 = 99% compression), with "
         "error feedback; 0 turns compression off.",
     )
-    warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Uncompressed steps first.")
-    ramp_steps: int | None = Field(
-        None,
+    warmup_steps: int = Field(
+        10,
+        ge=0,
+        le=10_000_000,
+        description="Uncompressed steps first; with freezeVariance they estimate AdamW's second moment.",
+    )
+    ramp_steps: int = Field(
+        0,
         ge=0,
         le=10_000_000,
         description="Steps after the warm-up over which the kept fraction decays exponentially from "
-        "all entries to topK; default: as many as warmupSteps.",
+        "all entries to topK.",
+    )
+    freeze_variance: bool = Field(
+        True,
+        description="Freeze AdamW's second moment of matrices when compression starts (1-bit Adam): "
+        "compressed, error-fed gradients arrive as spikes that would otherwise shrink every update.",
     )
 
 
@@ -763,11 +773,6 @@ SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
         lambda spec: spec.quantization.mode != "qat-int8",
         "cannot use quantization.mode qat-int8 (fake-quant layers cannot wrap sharded Linear layers; "
         "use ptq-int8 or none)",
-    ),
-    SplitStudentRule(
-        "self.parallelism.gradientCompression.topK == 0.0",
-        lambda spec: spec.parallelism.gradient_compression.top_k == 0,
-        "cannot use parallelism.gradientCompression.topK (data-parallel students only; set 0)",
     ),
 )
 

@@ -92,6 +92,18 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "split-student-top-k-on-the-data-axis",
+        with_spec(
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 2,
+                "student": {"data": 2, "tensor": 2},
+                "gradientCompression": {"topK": 0.01},
+            },
+            quantization={"mode": "ptq-int8"},
+        ),
+    ),
+    (
         "pipeline-split-logits-only",
         with_spec(
             parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
@@ -193,7 +205,6 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
     ("split-student-uncertainty-weighting", _split_student(**{"data.uncertaintyWeighting": {"enabled": True}}), "spec"),
     ("split-student-qat", _split_student(quantization={"mode": "qat-int8", "qatSteps": 10}), "spec"),
     ("split-student-default-qat", _split_student(quantization=_DELETE), "spec"),
-    ("split-student-top-k", _split_student(**{"parallelism.gradientCompression": {"topK": 0.01}}), "spec"),
     (
         "split-student-classification",
         _split_student(task="sequence-classification", **{"data.labelField": "label"}),
@@ -207,7 +218,6 @@ SPLIT_STUDENT_NEEDLES = {
     "split-student-uncertainty-weighting": "uncertaintyWeighting",
     "split-student-qat": "qat-int8",
     "split-student-default-qat": "qat-int8",
-    "split-student-top-k": "gradientCompression.topK",
     "split-student-classification": "causal-LM students only",
 }
 

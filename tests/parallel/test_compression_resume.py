@@ -42,8 +42,9 @@ def _resume_from_step4(ref: Path, out: Path, *, drop_residuals: bool) -> None:
 def test_resumed_compressed_run_equals_uninterrupted(tmp_path: Path) -> None:
     job = make_job(tmp_path / "w", world=2, steps=STEPS, every=EVERY, batch_size=8, top_k=0.01)
     spec = yaml.safe_load(job.read_text())
-    # Warm-up 2 and ramp 2: the resumed hook must also know where it is in that schedule.
-    spec["spec"]["parallelism"]["gradientCompression"]["warmupSteps"] = 2
+    # Warm-up 2 and ramp 2: the resumed hook must also know where it is in that schedule, and the
+    # optimizer's variance (frozen from step 2 on) must come back as it was.
+    spec["spec"]["parallelism"]["gradientCompression"].update({"warmupSteps": 2, "rampSteps": 2})
     job.write_text(yaml.safe_dump(spec, sort_keys=False))
     ref = tmp_path / "ref"
     _run(job, ref, tmp_path)

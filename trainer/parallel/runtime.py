@@ -15,8 +15,8 @@ With ``student.tensor > 1`` or ``student.pipeline > 1`` the loop runs a model-pa
 (``parallelize_student``: ``student.py`` cuts, shards and wraps it over the device mesh, and
 ``student_state.py`` gathers and reshards its checkpoints). That path trains the logits objective
 (KD + hard-label CE) of causal LMs; ``check_supported`` rejects at start, with BAD_SPEC, what it
-does not cover: hidden/attention objectives, the teacher cache, uncertainty weighting, QAT and
-gradient compression.
+does not cover (api/spec.SPLIT_STUDENT_RULES). Top-k gradient compression then runs on the data
+axis of the mesh only.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class ParallelRuntime:
     top_k: float = 0.0
     compression_warmup: int = 0
     compression_ramp: int | None = None  # None: as long as the warm-up
+    compression_clip: float = 0.0  # local clipping on compressed steps (distillation.maxGradNorm)
     teacher: Any = None  # SplitTeacher when the teacher is split
     teacher_group: Any = None  # process group of this rank's teacher stages
     compression: Any = None  # TopKState once the hook is installed
@@ -95,6 +96,7 @@ class ParallelRuntime:
             top_k=gc.top_k,
             compression_warmup=gc.warmup_steps,
             compression_ramp=gc.ramp_steps,
+            compression_clip=spec.distillation.max_grad_norm,
         )
         if env.distributed and layout.teacher_stages > 1:
             # new_group is collective: every rank creates every teacher group in the same order.
@@ -127,11 +129,26 @@ class ParallelRuntime:
         # assert at the next step; find_unused_parameters=True switches that rebuild off.
         ddp_kwargs = {"find_unused_parameters": True} if self.layout.pipeline > 1 else None
         try:
-            return parallelize_student(
+            split = parallelize_student(
                 student, self.layout, self.env.rank, self.mesh, token_loss, device=self.device, ddp_kwargs=ddp_kwargs
             )
         except ValueError as exc:
             raise TrainerError(ExitCode.BAD_SPEC, f"parallelism.student: {exc}") from None
+        if self.top_k > 0 and self.layout.data > 1:
+            # Top-k over the data axis only: DDP reduces each rank's own shard over its data
+            # peers; tensor and pipeline traffic (activations) is not compressed.
+            from .compression import register_topk
+
+            self.compression = register_topk(
+                split.module,
+                self.top_k,
+                warmup_steps=self.compression_warmup,
+                ramp_steps=self.compression_ramp,
+                process_group=self.mesh["data"].get_group(),
+                clip_norm=self.compression_clip,
+            )
+            self.compression.log_every = 10
+        return split
 
     @property
     def distributed(self) -> bool:
@@ -193,7 +210,11 @@ class ParallelRuntime:
             from .compression import register_topk
 
             self.compression = register_topk(
-                ddp, self.top_k, warmup_steps=self.compression_warmup, ramp_steps=self.compression_ramp
+                ddp,
+                self.top_k,
+                warmup_steps=self.compression_warmup,
+                ramp_steps=self.compression_ramp,
+                clip_norm=self.compression_clip,
             )
             self.compression.log_every = 10
         return ddp
