@@ -774,6 +774,11 @@ SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
         "cannot use quantization.mode qat-int8 (fake-quant layers cannot wrap sharded Linear layers; "
         "use ptq-int8 or none)",
     ),
+    SplitStudentRule(
+        "self.parallelism.student.pipeline == 1 || self.parallelism.gradientCompression.topK == 0.0",
+        lambda spec: spec.parallelism.student.pipeline == 1 or spec.parallelism.gradient_compression.top_k == 0,
+        "cannot use parallelism.gradientCompression.topK with pipeline stages (tensor x data only; set 0)",
+    ),
 )
 
 

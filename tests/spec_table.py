@@ -206,6 +206,18 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
     ("split-student-qat", _split_student(quantization={"mode": "qat-int8", "qatSteps": 10}), "spec"),
     ("split-student-default-qat", _split_student(quantization=_DELETE), "spec"),
     (
+        "split-student-top-k-pipeline",
+        _split_student(
+            parallelism={
+                "nodes": 1,
+                "gpusPerNode": 2,
+                "student": {"data": 1, "pipeline": 2},
+                "gradientCompression": {"topK": 0.01},
+            }
+        ),
+        "spec",
+    ),
+    (
         "split-student-classification",
         _split_student(task="sequence-classification", **{"data.labelField": "label"}),
         "spec",
@@ -218,6 +230,7 @@ SPLIT_STUDENT_NEEDLES = {
     "split-student-uncertainty-weighting": "uncertaintyWeighting",
     "split-student-qat": "qat-int8",
     "split-student-default-qat": "qat-int8",
+    "split-student-top-k-pipeline": "gradientCompression.topK with pipeline stages",
     "split-student-classification": "causal-LM students only",
 }
 

@@ -227,7 +227,7 @@ _TRAINER_NEEDLES = {
     "split-student-uncertainty-weighting": "data.uncertaintyWeighting",
     "split-student-qat": "qat-int8",
     "split-student-default-qat": "qat-int8",
-    "split-student-top-k": "gradientCompression.topK",
+    "split-student-top-k-pipeline": "gradientCompression.topK with pipeline stages",
     "split-student-classification": "task sequence-classification",
 }
 

@@ -26,8 +26,9 @@ residual, so its norm is no measure of the step. ``last_compressed`` tells the l
 step just ran. The optimizer side (AdamW's variance frozen when compression starts) is
 ``trainer/optim.FrozenVarianceAdamW``.
 
-In a model-parallel student (tensor/pipeline split) the hook sits on the DDP of the mesh's data
-axis: each rank compresses its own shard's gradient over its data peers only.
+In a tensor-parallel student the hook sits on the DDP of the mesh's data axis: each rank
+compresses its own shard's gradient over its data peers only (the API refuses compression with
+pipeline stages).
 
 Residuals are part of a checkpoint (``residual_vector`` / ``load_residual_vector``): a resumed run
 continues with the unsent gradient mass it had, so its trajectory equals the uninterrupted one.

@@ -15,8 +15,8 @@ With ``student.tensor > 1`` or ``student.pipeline > 1`` the loop runs a model-pa
 (``parallelize_student``: ``student.py`` cuts, shards and wraps it over the device mesh, and
 ``student_state.py`` gathers and reshards its checkpoints). That path trains the logits objective
 (KD + hard-label CE) of causal LMs; ``check_supported`` rejects at start, with BAD_SPEC, what it
-does not cover (api/spec.SPLIT_STUDENT_RULES). Top-k gradient compression then runs on the data
-axis of the mesh only.
+does not cover (api/spec.SPLIT_STUDENT_RULES). Top-k gradient compression runs on the data axis
+of a tensor-parallel mesh only.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class ParallelRuntime:
             raise TrainerError(ExitCode.BAD_SPEC, f"parallelism.student: {exc}") from None
         if self.top_k > 0 and self.layout.data > 1:
             # Top-k over the data axis only: DDP reduces each rank's own shard over its data
-            # peers; tensor and pipeline traffic (activations) is not compressed.
+            # peers; tensor-parallel traffic is not compressed. (Pipeline stages are refused by
+            # SPLIT_STUDENT_RULES: pipelining's per-micro-batch backward would drive the hook.)
             from .compression import register_topk
 
             self.compression = register_topk(
