@@ -106,6 +106,13 @@ def test_one_dimensional_tensors_go_whole_and_the_rest_by_top_k() -> None:
     assert sorted(sparse.tolist()) == [*range(990, 1000), 1030, 1031, 1032]
 
 
+def test_spec_defaults_are_the_measured_ones() -> None:
+    from kdistill.api.spec import GradientCompression
+
+    gc = GradientCompression(top_k=0.01)
+    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance) == (10, 0, True)
+
+
 def test_state_rejects_bad_fraction() -> None:
     with pytest.raises(ValueError, match="fraction"):
         TopKState(fraction=0.0)
@@ -128,5 +135,6 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     ).spec
     rt = ParallelRuntime.create(spec, torch.device("cpu"), env=DistEnv(0, 1, 0, "127.0.0.1", 29500))
     assert (rt.top_k, rt.compression_warmup, rt.compression_ramp) == (0.01, 3, 40)
+    assert rt.compression_clip == spec.distillation.max_grad_norm > 0  # local clipping, the job's norm
     state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)
     assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps

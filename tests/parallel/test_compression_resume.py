@@ -49,7 +49,7 @@ def test_resumed_compressed_run_equals_uninterrupted(tmp_path: Path) -> None:
     ref = tmp_path / "ref"
     _run(job, ref, tmp_path)
     saved = load_file(str(ref / "checkpoints" / f"step-{EVERY:09d}" / "compression.safetensors"))
-    assert sorted(saved) == ["hook_step", "rank0", "rank1"]
+    assert sorted(saved) == ["hook_step", "rank0", "rank1", "world"]
     assert int(saved["hook_step"][0]) == EVERY
     # Each rank kept its own, non-trivial residual (99% of its accumulated gradient is unsent).
     assert float(saved["rank0"].abs().sum()) > 0 and not torch.equal(saved["rank0"], saved["rank1"])
