@@ -153,31 +153,11 @@ def main() -> None:
     ap.add_argument("--corpora", nargs="+", default=["pydoc", "docstrings"])
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="LABEL:P:WARMUP:RAMP:FREEZE, '-' = default")
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument(
-        "--baseline",
-        type=Path,
-        help="a results file of this benchmark (same steps, batch, length, seeds): its uncompressed runs "
-        "are reused (they are deterministic per seed) instead of run again",
-    )
     args = ap.parse_args()
     ensure_teacher(args.pvc)
     configs = [parse_config(c) for c in args.configs]
     load_before = os.getloadavg()
     runs: list[dict] = []
-    if args.baseline is not None:
-        earlier = json.loads(args.baseline.read_text())
-        if (earlier["steps"], earlier["batch_size"], earlier["max_seq_length"]) != (
-            args.steps,
-            args.batch_size,
-            args.max_len,
-        ):
-            raise SystemExit(f"{args.baseline} ran another setting")
-        runs += [
-            {**r, "reused_from": str(args.baseline)}
-            for r in earlier["runs"]
-            if r["top_k"] == 0.0 and r["seed"] < args.seeds and r["corpus"] in args.corpora
-        ]
-        configs = [c for c in configs if c["top_k"] != 0.0]
     with tempfile.TemporaryDirectory() as work:
         data = corpora(args.pvc, Path(work))
         for seed in range(args.seeds):
