@@ -473,13 +473,23 @@ class GradientCompression(ApiModel):
         description="Fraction of gradient entries sent per step (0.01 = 99% compression), with "
         "error feedback; 0 turns compression off.",
     )
-    warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Uncompressed steps first.")
-    ramp_steps: int | None = Field(
-        None,
+    warmup_steps: int = Field(
+        10,
+        ge=0,
+        le=10_000_000,
+        description="Uncompressed steps first; with freezeVariance they estimate AdamW's second moment.",
+    )
+    ramp_steps: int = Field(
+        0,
         ge=0,
         le=10_000_000,
         description="Steps after the warm-up over which the kept fraction decays exponentially from "
-        "all entries to topK; default: as many as warmupSteps.",
+        "all entries to topK.",
+    )
+    freeze_variance: bool = Field(
+        True,
+        description="Freeze AdamW's second moment of matrices when compression starts (1-bit Adam): "
+        "compressed, error-fed gradients arrive as spikes that would otherwise shrink every update.",
     )
 
 
@@ -755,9 +765,9 @@ SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
         lambda spec: f"objectives {sorted(_objectives(spec) - _SPLIT_OBJECTIVES)}",
     ),
     SplitStudentRule(
-        "self.parallelism.gradientCompression.topK == 0.0",
-        lambda spec: spec.parallelism.gradient_compression.top_k == 0,
-        "cannot use parallelism.gradientCompression.topK (data-parallel students only; set 0)",
+        "self.parallelism.student.pipeline == 1 || self.parallelism.gradientCompression.topK == 0.0",
+        lambda spec: spec.parallelism.student.pipeline == 1 or spec.parallelism.gradient_compression.top_k == 0,
+        "cannot use parallelism.gradientCompression.topK with pipeline stages (tensor x data only; set 0)",
     ),
 )
 

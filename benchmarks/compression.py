@@ -1,17 +1,24 @@
-"""Top-k gradient compression in the real trainer: traffic and loss at p = 0.01 and 0.1.
+"""Top-k gradient compression in the real trainer: loss, held-out perplexity and bytes over the run.
 
-Two data-parallel ranks (gloo) run the same quickstart-like job for N steps (default 200, the
-quickstart's length) without compression and with top-k at p = 0.1 and 0.01, for several seeds
-(the seed sets the student's init, data order and dropout). The hook: per-tensor top-k with error
-feedback, 1-D tensors sent whole, bfloat16 values, ``--warmup`` uncompressed steps then a density
-ramp of as many steps down to p (p = 0.01 with a 5- and a 20-step warm-up). Reported per
-configuration (medians over seeds):
-- the loss gap: mean training loss of the last 5 steps against the same seed's uncompressed run;
-- bytes the hook sent against what plain all-reduce would have, counted by the hook itself over
-  the whole run (warm-up and ramp included) and over the last logged interval only (steady
-  state, past warm-up and ramp), and the ring-traffic estimate for the same world size.
+Two data-parallel ranks (gloo) run a quickstart-like job (the quickstart teacher, a 2-layer
+student cut from it, AdamW, ``distillation.warmupSteps`` 5, global batch 8 of at most 32 tokens:
+tiny, so that medians of 3 fit on two shared cores) for ``--steps`` steps on two corpora
+that ship with Python: the pydoc topics (``pvc/data/pydoc-{train,eval}.jsonl``) and the standard
+library's docstrings (``trainer/corpus.build_docstring_corpus``, its own held-out 5%). Each
+configuration runs once per seed (the seed sets the student's init, data order and dropout); seeds,
+corpora and configurations are interleaved, so load drifts hit every configuration alike.
 
-    python benchmarks/compression.py [--pvc DIR] [--steps N] [--seeds S] [--configs P:WARMUP ...]
+A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE``: top-k fraction P (0: plain all-reduce), WARMUP
+dense steps, a RAMP of steps from dense down to P, and FREEZE (1/0) AdamW's variance of matrices
+when compression starts. ``default`` rows use the spec's defaults (``topK`` only). Reported per
+corpus and configuration (medians over seeds), against the same seed's uncompressed run:
+- loss gap: mean training loss over the last 20 steps;
+- held-out perplexity gap: the student's perplexity on the corpus's eval split at the end;
+- bytes the hook sent against plain all-reduce, counted by the hook over the whole run (warm-up
+  and ramp included).
+The load average (1 min) is recorded beside every run.
+
+    python benchmarks/compression.py [--pvc DIR] [--steps N] [--seeds S] [--configs ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,110 +39,161 @@ from parallel_common import ROOT, ensure_teacher, run_job, write_job
 
 WORLD = 2
 OUT = ROOT / "benchmarks" / "results" / "compression.json"
+LAST = 20  # training-loss window at the end of a run
+DEFAULT_CONFIGS = ["dense:0:0:0:0", "default-p0.01:0.01:-:-:-", "default-p0.1:0.1:-:-:-"]
 
 
-def one_run(pvc: Path, p: float, steps: int, warmup: int, seed: int) -> dict:
-    warmup = warmup if p else 0
+def corpora(pvc: Path, work: Path) -> dict[str, tuple[Path, Path]]:
+    """name -> (train, eval) JSON lines."""
+    from kdistill.trainer.corpus import build_docstring_corpus
+
+    pydoc = (pvc / "data" / "pydoc-train.jsonl", pvc / "data" / "pydoc-eval.jsonl")
+    held_out = [json.loads(line)["text"] for line in pydoc[1].read_text().splitlines() if line.strip()]
+    everything, _ = build_docstring_corpus(work / "docstrings-all.jsonl", held_out)
+    lines = [line for line in everything.read_text().splitlines() if line.strip()]
+    n_eval = max(50, len(lines) // 20)
+    train, evaluation = work / "docstrings-train.jsonl", work / "docstrings-eval.jsonl"
+    # Every 20th line is held out: the eval split spans the whole library, not its last modules.
+    evaluation.write_text("\n".join(lines[:: len(lines) // n_eval]) + "\n")
+    kept = set(range(0, len(lines), len(lines) // n_eval))
+    train.write_text("\n".join(line for i, line in enumerate(lines) if i not in kept) + "\n")
+    return {"pydoc": pydoc, "docstrings": (train, evaluation)}
+
+
+def parse_config(text: str) -> dict:
+    label, p, warmup, ramp, freeze = text.split(":")
+    return {
+        "label": label,
+        "top_k": float(p),
+        "warmup": None if warmup == "-" else int(warmup),
+        "ramp": None if ramp == "-" else int(ramp),
+        "freeze": None if freeze == "-" else freeze == "1",
+    }
+
+
+def one_run(
+    pvc: Path, data: tuple[Path, Path], config: dict, steps: int, seed: int, max_len: int, batch_size: int
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         job = write_job(
-            Path(tmp) / "job.yaml", pvc, world=WORLD, steps=steps, batch_size=16, top_k=p, warmup=warmup, seed=seed
+            Path(tmp) / "job.yaml",
+            pvc,
+            world=WORLD,
+            steps=steps,
+            batch_size=batch_size,
+            max_len=max_len,
+            top_k=config["top_k"],
+            seed=seed,
+            train=data[0],
+            eval_data=data[1],
+            **{k: v for k, v in (("warmup", config["warmup"]), ("ramp", config["ramp"])) if v is not None},
+            **({"freeze_variance": config["freeze"]} if config["freeze"] is not None else {}),
+            spec_defaults=config["warmup"] is None,
         )
+        started = time.time()
         records, comp = run_job(job, Path(tmp) / "out", WORLD, 1)
+        metrics = json.loads((Path(tmp) / "out" / "result.json").read_text())["fullPrecision"]
+    if metrics["metric"] != "perplexity":
+        raise RuntimeError(f"expected a perplexity evaluation, got {metrics['metric']}")
     run = {
-        "top_k": p,
-        "warmup_steps": warmup,
+        "config": config["label"],
+        "top_k": config["top_k"],
         "seed": seed,
         "steps": len(records),
-        "final_loss_mean_last5": round(statistics.fmean(s["loss"] for s in records[-5:]), 5),
+        "loss_last": round(statistics.fmean(s["loss"] for s in records[-LAST:]), 5),
+        "eval_perplexity": round(metrics["student"], 4),
+        "seconds": round(time.time() - started, 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
     if comp:
-        run.update(
-            {
-                "hook_bytes_ratio": comp[-1]["ratio"],
-                "ring_wire_ratio": comp[-1]["wire_ratio"],
-                "bytes_sent": comp[-1]["bytes_sent"],
-                "bytes_dense": comp[-1]["bytes_dense"],
-            }
-        )
-        by_step: dict[int, dict] = {}
-        for c in comp:  # every rank logs its counters: keep one log per step
-            by_step.setdefault(c["step"], c)
-        logs = [by_step[k] for k in sorted(by_step)]
-        if len(logs) >= 2:
-            a, b = logs[-2], logs[-1]
-            run["steady_bytes_ratio"] = round(
-                (b["bytes_dense"] - a["bytes_dense"]) / max(1, b["bytes_sent"] - a["bytes_sent"]), 3
-            )
+        run.update({"hook_bytes_ratio": comp[-1]["ratio"], "bytes_sent": comp[-1]["bytes_sent"]})
     return run
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    base = {r["seed"]: r["final_loss_mean_last5"] for r in runs if r["top_k"] == 0.0}
     rows = []
-    for p, warmup in sorted({(r["top_k"], r["warmup_steps"]) for r in runs}):
-        mine = [r for r in runs if (r["top_k"], r["warmup_steps"]) == (p, warmup) and r["seed"] in base]
-        if not mine:
-            continue
-        gaps = [100 * (r["final_loss_mean_last5"] - base[r["seed"]]) / base[r["seed"]] for r in mine]
-        row = {
-            "top_k": p,
-            "warmup_steps": warmup,
-            "ramp_steps": warmup,
-            "seeds": [r["seed"] for r in mine],
-            "loss_gap_pct_median": round(statistics.median(gaps), 3),
-            "loss_gap_pct_per_seed": [round(g, 3) for g in gaps],
-            "final_loss_median": round(statistics.median(r["final_loss_mean_last5"] for r in mine), 5),
-        }
-        for key in ("hook_bytes_ratio", "steady_bytes_ratio", "ring_wire_ratio"):
-            vals = [r[key] for r in mine if key in r]
-            if vals:
-                row[key] = round(statistics.median(vals), 3)
-        rows.append(row)
+    for corpus in sorted({r["corpus"] for r in runs}):
+        mine = [r for r in runs if r["corpus"] == corpus]
+        base = {r["seed"]: r for r in mine if r["top_k"] == 0.0}
+        for label in dict.fromkeys(r["config"] for r in mine):
+            group = [r for r in mine if r["config"] == label and r["seed"] in base]
+            if not group:
+                continue
+
+            def gap(key: str, group: list[dict] = group, base: dict = base) -> list[float]:
+                return [round(100 * (r[key] - base[r["seed"]][key]) / base[r["seed"]][key], 2) for r in group]
+
+            row = {
+                "corpus": corpus,
+                "config": label,
+                "top_k": group[0]["top_k"],
+                "seeds": [r["seed"] for r in group],
+                "loss_gap_pct_median": statistics.median(gap("loss_last")),
+                "loss_gap_pct_per_seed": gap("loss_last"),
+                "perplexity_gap_pct_median": statistics.median(gap("eval_perplexity")),
+                "perplexity_gap_pct_per_seed": gap("eval_perplexity"),
+                "loss_last_median": statistics.median(r["loss_last"] for r in group),
+                "eval_perplexity_median": statistics.median(r["eval_perplexity"] for r in group),
+                "load_average_1m": [r["load_average_1m"] for r in group],
+            }
+            ratios = [r["hook_bytes_ratio"] for r in group if "hook_bytes_ratio" in r]
+            if ratios:
+                row["bytes_fewer_x_median"] = statistics.median(ratios)
+            rows.append(row)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pvc", type=Path, default=ROOT / "pvc")
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, default=3)
-    # (p, dense warm-up steps; the ramp is as long): p = 0.01 with a short and a long warm-up.
-    ap.add_argument("--configs", nargs="+", default=["0:0", "0.01:5", "0.1:5", "0.01:20"], help="p:warmup pairs")
+    ap.add_argument("--max-len", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--corpora", nargs="+", default=["pydoc", "docstrings"])
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="LABEL:P:WARMUP:RAMP:FREEZE, '-' = default")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     ensure_teacher(args.pvc)
+    configs = [parse_config(c) for c in args.configs]
     load_before = os.getloadavg()
     runs: list[dict] = []
-    for seed in range(args.seeds):
-        for config in args.configs:
-            p, warmup = config.split(":")
-            runs.append(one_run(args.pvc, float(p), args.steps, int(warmup), seed))
-            # Written after every run: a partial result survives an interrupted benchmark.
-            OUT.write_text(
-                json.dumps(
-                    {
-                        "command": command_line(),
-                        "world": WORLD,
-                        "steps": args.steps,
-                        "method": "per-tensor top-k with error feedback; 1-D tensors sent whole; bfloat16 values "
-                        "(rounding error kept in the residual); dense warm-up, then exponential density ramp",
-                        "rows": summarize(runs),
-                        "runs": runs,
-                        "load_average_before": load_before,
-                        "load_average_at_end": os.getloadavg(),
-                    },
-                    indent=1,
-                )
-            )
-    print(
-        f"{'top-k':>6} {'warm-up':>7} {'loss(last5)':>12} {'gap % (median)':>14} {'bytes x fewer':>13} "
-        f"{'steady x fewer':>14}"
-    )
+    with tempfile.TemporaryDirectory() as work:
+        data = corpora(args.pvc, Path(work))
+        for seed in range(args.seeds):
+            for corpus in args.corpora:
+                for config in configs:
+                    run = one_run(args.pvc, data[corpus], config, args.steps, seed, args.max_len, args.batch_size)
+                    runs.append({"corpus": corpus, **run})
+                    print(json.dumps(runs[-1]), flush=True)
+                    # Written after every run: a partial result survives an interrupted benchmark.
+                    args.out.write_text(
+                        json.dumps(
+                            {
+                                "command": command_line(),
+                                "world": WORLD,
+                                "steps": args.steps,
+                                "max_seq_length": args.max_len,
+                                "batch_size": args.batch_size,
+                                "configs": args.configs,
+                                "method": "per-tensor top-k with error feedback; 1-D tensors sent whole; bfloat16 "
+                                "values; dense warm-up (optional density ramp); AdamW's variance of matrices frozen "
+                                "when compression starts (freezeVariance)",
+                                "rows": summarize(runs),
+                                "runs": runs,
+                                "load_average_before": load_before,
+                                "load_average_at_end": os.getloadavg(),
+                            },
+                            indent=1,
+                        )
+                    )
+    print(f"{'corpus':>10} {'config':>16} {'loss gap %':>10} {'ppl gap %':>9} {'bytes x fewer':>13}")
     for r in summarize(runs):
         print(
-            f"{r['top_k']:>6} {r['warmup_steps']:>7} {r['final_loss_median']:>12} {r['loss_gap_pct_median']:>14} "
-            f"{r.get('hook_bytes_ratio', 1.0):>13} {r.get('steady_bytes_ratio', 1.0):>14}"
+            f"{r['corpus']:>10} {r['config']:>16} {r['loss_gap_pct_median']:>10} {r['perplexity_gap_pct_median']:>9} "
+            f"{r.get('bytes_fewer_x_median', 1.0):>13}"
         )
-    print(f"wrote {OUT}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

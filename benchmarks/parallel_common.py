@@ -51,7 +51,14 @@ def write_job(
     every: int = 1000,
     name: str = "bench",
     seed: int = 0,
+    ramp: int = 0,
+    freeze_variance: bool = True,
+    teacher_stages: int = 1,
+    train: Path | None = None,
+    eval_data: Path | None = None,
+    spec_defaults: bool = False,
 ) -> Path:
+    """A job file; with ``spec_defaults`` the compression block names only topK (the spec's defaults)."""
     job: dict[str, Any] = {
         "apiVersion": "kdistill.io/v1alpha1",
         "kind": "DistillationJob",
@@ -60,7 +67,11 @@ def write_job(
             "task": "causal-lm",
             "teacher": {"model": str(pvc / "models" / "quickstart-teacher"), "dtype": "float32"},
             "student": {"fromTeacher": {"numLayers": 2}},
-            "data": {"train": str(pvc / "data" / "pydoc-train.jsonl"), "maxSeqLength": max_len},
+            "data": {
+                "train": str(train or pvc / "data" / "pydoc-train.jsonl"),
+                "maxSeqLength": max_len,
+                **({"eval": str(eval_data)} if eval_data else {}),
+            },
             "distillation": {
                 "stages": [{"name": "output", "steps": steps, "objectives": ["logits"]}],
                 "batchSize": batch_size,
@@ -73,12 +84,20 @@ def write_job(
                 "nodes": world,
                 "gpusPerNode": 0,
                 "student": {"data": world, "tensor": 1, "pipeline": 1},
-                "gradientCompression": {"topK": top_k, "warmupSteps": warmup},
+                "teacherPipelineStages": teacher_stages,
+                "gradientCompression": {
+                    "topK": top_k,
+                    "warmupSteps": warmup,
+                    "rampSteps": ramp,
+                    "freezeVariance": freeze_variance,
+                },
             },
             "checkpoint": {"everySteps": every, "keep": 1},
             "serving": {"enabled": False},
         },
     }
+    if spec_defaults:
+        job["spec"]["parallelism"]["gradientCompression"] = {"topK": top_k}
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
 

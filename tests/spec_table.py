@@ -115,6 +115,18 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "split-student-top-k-on-the-data-axis",
+        with_spec(
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 2,
+                "student": {"data": 2, "tensor": 2},
+                "gradientCompression": {"topK": 0.01},
+            },
+            quantization={"mode": "ptq-int8"},
+        ),
+    ),
+    (
         "pipeline-split-logits-only",
         with_spec(
             parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
@@ -202,7 +214,18 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
         _split_student(**{"distillation.stages": [{"name": "seq", "steps": 5, "objectives": ["sequence"]}]}),
         "spec",
     ),
-    ("split-student-top-k", _split_student(**{"parallelism.gradientCompression": {"topK": 0.01}}), "spec"),
+    (
+        "split-student-top-k-pipeline",
+        _split_student(
+            parallelism={
+                "nodes": 1,
+                "gpusPerNode": 2,
+                "student": {"data": 1, "pipeline": 2},
+                "gradientCompression": {"topK": 0.01},
+            }
+        ),
+        "spec",
+    ),
     (
         "split-student-classification-pipeline",
         _split_student(
@@ -215,7 +238,7 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
 ]
 SPLIT_STUDENT_NEEDLES = {
     "split-student-sequence": "no sequence or on-policy",
-    "split-student-top-k": "gradientCompression.topK",
+    "split-student-top-k-pipeline": "gradientCompression.topK with pipeline stages",
     "split-student-classification-pipeline": "not by pipeline",
 }
 

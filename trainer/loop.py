@@ -42,7 +42,7 @@ from .metrics import TrainerMetrics
 from .models import load_models
 from .on_policy import OnPolicyBatches, has_on_policy_stage
 from .on_policy_cross import TokenBridge
-from .optim import build_optimizer, in_group_order
+from .optim import build_optimizer, freeze_variance_step, in_group_order
 from .options import RunOptions, StepReport
 from .remote_targets import RemoteTargetSource, check_remote_layout, peek_next, teacher_url
 from .schedules import temperature_at
@@ -353,8 +353,20 @@ class Trainer:
 
     def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         return build_optimizer(
-            self._named_trainables(), self.spec.distillation, self.total, foreach=self.flow.foreach_optimizer
+            self._named_trainables(),
+            self.spec.distillation,
+            self.total,
+            foreach=self.flow.foreach_optimizer,
+            freeze_variance_at=self._freeze_variance_at(),
         )
+
+    def _freeze_variance_at(self) -> int | None:
+        """With top-k compression (and freezeVariance), the optimizer step from which the hook
+        compresses: AdamW's second moment is frozen there (optim.FrozenVarianceAdamW)."""
+        hook = self.parallel.compression
+        if hook is None or not self.spec.parallelism.gradient_compression.freeze_variance:
+            return None
+        return freeze_variance_step(hook.warmup_steps, self.spec.distillation.gradient_accumulation_steps)
 
     def _checkpoint_state(self) -> CheckpointState:
         return CheckpointState(
@@ -461,7 +473,11 @@ class Trainer:
         # DDP reduced the student's gradients; the aux modules are reduced here.
         self.parallel.average_grads(list(self.aux.parameters()))
         max_norm = self.spec.distillation.max_grad_norm
-        if max_norm > 0:
+        hook = self.parallel.compression
+        # A top-k step's reduced gradient is sparse, with entries carrying many steps of residual:
+        # its norm says nothing about this step's size. The hook clipped each rank's local
+        # gradient before compressing it instead (DGC's local clipping).
+        if max_norm > 0 and not (hook is not None and hook.last_compressed):
             self.flow.clip_grad_norm(params, max_norm)
         self.optimizer.step()
         self.scheduler.step()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -12,6 +15,65 @@ from .schedules import lr_multiplier
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
+# Frozen second moments are floored at this share of their tensor's mean: an entry whose gradient
+# was (nearly) zero through the dense warm-up would otherwise divide its later updates by eps.
+FROZEN_VARIANCE_FLOOR = 1e-4
+
+
+class FrozenVarianceAdamW(AdamW):
+    """AdamW whose second moment stops moving after ``freeze_at`` optimizer steps (1-bit Adam's
+    recipe), for matrices only; 1-D tensors (biases, norms) keep plain AdamW.
+
+    Why: under top-k compression with error feedback an entry's gradient arrives as a spike, the
+    sum of about 1/p steps at once. Adam's variance then sees squared spikes (p * (g/p)^2 = g^2/p
+    per step) and divides the whole update by ~sqrt(1/p): 10x too small at p = 0.01. With the
+    variance frozen after a dense warm-up the update is linear in the applied gradients, so error
+    feedback delays gradient mass but no longer shrinks it. The compression hook sends 1-D tensors
+    whole every step, so their variance stays exact and keeps adapting.
+
+    Before ``freeze_at`` it is AdamW. At and after it, for a matrix: ``m = b1 m + (1-b1) g`` and
+    ``p -= lr (m / (1-b1^t)) / (sqrt(max(v / (1-b2^freeze_at), floor)) + eps)`` with the weight
+    decay applied as AdamW does; ``v`` is the state's ``exp_avg_sq``, left as it was at the
+    freeze, so checkpoints keep AdamW's layout and any resume continues exactly.
+    """
+
+    def __init__(self, params: Any, *, freeze_at: int, **kwargs: Any) -> None:
+        if freeze_at < 1:
+            raise ValueError(f"freeze_at must be >= 1 (a dense step estimates the variance), got {freeze_at}")
+        super().__init__(params, **kwargs)
+        self.freeze_at = freeze_at
+
+    def step(self, closure: Any = None) -> Any:
+        with torch.no_grad():
+            return self._step(closure)
+
+    def _step(self, closure: Any) -> Any:
+        first = next((self.state[p] for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        if first is None or "step" not in first or int(first["step"]) < self.freeze_at:
+            return super().step(closure)
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, st = p.grad, self.state[p]
+                st["step"] += 1
+                t = float(st["step"])
+                p.mul_(1 - lr * wd)
+                exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1 - beta1)
+                if p.ndim < 2:
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    v_hat = exp_avg_sq / (1 - beta2**t)
+                else:
+                    v_hat = exp_avg_sq / (1 - beta2**self.freeze_at)
+                    v_hat = v_hat.clamp_min(float(v_hat.mean()) * FROZEN_VARIANCE_FLOOR)
+                denom = v_hat.sqrt().add_(eps)
+                p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
+        return loss
+
 
 def in_group_order(named: NamedParams) -> NamedParams:
     """``named`` in the optimizer's parameter order: the decayed group (matrices) first, then the
@@ -20,19 +82,31 @@ def in_group_order(named: NamedParams) -> NamedParams:
 
 
 def build_optimizer(
-    named: NamedParams, distillation: Distillation, total_steps: int, *, foreach: bool | None = None
+    named: NamedParams,
+    distillation: Distillation,
+    total_steps: int,
+    *,
+    foreach: bool | None = None,
+    freeze_variance_at: int | None = None,
 ) -> tuple[Optimizer, LambdaLR]:
     """AdamW with no weight decay on biases and norms (as usual for transformers), and the
-    warm-up/decay schedule over ``total_steps``."""
+    warm-up/decay schedule over ``total_steps``. With ``freeze_variance_at`` (top-k gradient
+    compression), a FrozenVarianceAdamW that freezes the matrices' variance after that many steps."""
     decay = [p for _, p in named if p.ndim >= 2]
     no_decay = [p for _, p in named if p.ndim < 2]
-    optimizer = AdamW(
-        [{"params": decay, "weight_decay": distillation.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=distillation.learning_rate,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        foreach=foreach,
-    )
+    groups = [{"params": decay, "weight_decay": distillation.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    settings: dict[str, Any] = {"lr": distillation.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8}
+    optimizer: Optimizer
+    if freeze_variance_at is not None:
+        optimizer = FrozenVarianceAdamW(groups, freeze_at=freeze_variance_at, foreach=False, **settings)
+    else:
+        optimizer = AdamW(groups, foreach=foreach, **settings)
     warmup = distillation.warmup_steps
     scheduler = LambdaLR(optimizer, lambda s: lr_multiplier(s, warmup, total_steps))
     return optimizer, scheduler
+
+
+def freeze_variance_step(hook_warmup_steps: int, accumulation: int) -> int:
+    """How many optimizer steps see only dense gradients (the hook counts micro-batches); the
+    variance is frozen from the next one. At least 1: the variance needs one step to exist."""
+    return max(1, hook_warmup_steps // accumulation)

@@ -26,10 +26,11 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
     ddp = DDP(model, bucket_cap_mb=0.02)  # several buckets, so the per-parameter residuals are exercised
     state = register_topk(ddp, args["fraction"], warmup_steps=args["warmup"])
     state.error_feedback = args.get("error_feedback", True)
+    state.clip_norm = args.get("clip", 0.0)
     state.track_totals = True
     opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
     gen = torch.Generator().manual_seed(100 + env.rank)
-    step_ratios = []
+    step_ratios, update_norms, compressed = [], [], []
     for _ in range(args["steps"]):
         before = (state.bytes_sent, state.bytes_dense)
         x = torch.randn(16, 64, generator=gen)
@@ -37,7 +38,16 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
         opt.zero_grad()
         loss = ((ddp(x) - y) ** 2).mean() * 0.01  # small steps keep SGD(lr=1) stable
         loss.backward()
+        before_step = [p.detach().clone() for p in model.parameters()]
         opt.step()
+        update_norms.append(
+            float(
+                torch.cat(
+                    [(b - p.detach()).flatten() for b, p in zip(before_step, model.parameters(), strict=True)]
+                ).norm()
+            )
+        )
+        compressed.append(state.last_compressed)
         step_ratios.append((state.bytes_dense - before[1]) / (state.bytes_sent - before[0]))
     # Identity under error feedback: applied updates + mean residual == sum of true mean grads.
     applied = [s - p.detach() for s, p in zip(start, model.parameters(), strict=True)]
@@ -53,6 +63,8 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
         json.dumps(
             {
                 "step_ratios": step_ratios,
+                "update_norms": update_norms,
+                "compressed": compressed,
                 "ratio": state.ratio,
                 "gap": gap,
                 "gap_without_residual": gap_without_residual,

@@ -52,6 +52,26 @@ def test_without_error_feedback_the_update_is_biased(tmp_path: Path) -> None:
         assert r["gap"] > 1e-4
 
 
+def test_local_clipping_bounds_each_compressed_step(tmp_path: Path) -> None:
+    """DGC's local clipping: on compressed steps each rank clips its own gradient (per bucket, to
+    its share of the norm) before compressing; SGD(lr=1) moves by the mean sent gradient, so with
+    error feedback off every compressed step moves by at most clip_norm."""
+    clip = 1e-4
+    for name, args in (("clipped", {"clip": clip}), ("free", {})):
+        run_ranks(
+            2,
+            "tests.parallel.compression_workers:topk_run",
+            tmp_path / name,
+            {"fraction": 0.1, "warmup": 1, "steps": 4, "error_feedback": False, **args},
+            timeout=180,
+        )
+    clipped, free = _results(tmp_path / "clipped", 2)[0], _results(tmp_path / "free", 2)[0]
+    assert clipped["compressed"] == [False, True, True, True]
+    assert max(clipped["update_norms"][1:]) <= clip * (1 + 1e-4)
+    assert min(free["update_norms"][1:]) > 10 * clip  # the control: unclipped steps are larger
+    assert clipped["update_norms"][0] == pytest.approx(free["update_norms"][0])  # dense step: the loop's job
+
+
 def test_density_warm_up_then_exponential_ramp_then_fraction() -> None:
     state = TopKState(fraction=0.01, warmup_steps=2, ramp_steps=3)
     got = [state.density(s) for s in range(7)]
@@ -86,6 +106,13 @@ def test_one_dimensional_tensors_go_whole_and_the_rest_by_top_k() -> None:
     assert sorted(sparse.tolist()) == [*range(990, 1000), 1030, 1031, 1032]
 
 
+def test_spec_defaults_are_the_measured_ones() -> None:
+    from kdistill.api.spec import GradientCompression
+
+    gc = GradientCompression(top_k=0.01)
+    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance) == (10, 0, True)
+
+
 def test_state_rejects_bad_fraction() -> None:
     with pytest.raises(ValueError, match="fraction"):
         TopKState(fraction=0.0)
@@ -108,5 +135,6 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     ).spec
     rt = ParallelRuntime.create(spec, torch.device("cpu"), env=DistEnv(0, 1, 0, "127.0.0.1", 29500))
     assert (rt.top_k, rt.compression_warmup, rt.compression_ramp) == (0.01, 3, 40)
+    assert rt.compression_clip == spec.distillation.max_grad_norm > 0  # local clipping, the job's norm
     state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)
     assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps

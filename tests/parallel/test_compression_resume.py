@@ -42,13 +42,14 @@ def _resume_from_step4(ref: Path, out: Path, *, drop_residuals: bool) -> None:
 def test_resumed_compressed_run_equals_uninterrupted(tmp_path: Path) -> None:
     job = make_job(tmp_path / "w", world=2, steps=STEPS, every=EVERY, batch_size=8, top_k=0.01)
     spec = yaml.safe_load(job.read_text())
-    # Warm-up 2 and ramp 2: the resumed hook must also know where it is in that schedule.
-    spec["spec"]["parallelism"]["gradientCompression"]["warmupSteps"] = 2
+    # Warm-up 2 and ramp 2: the resumed hook must also know where it is in that schedule, and the
+    # optimizer's variance (frozen from step 2 on) must come back as it was.
+    spec["spec"]["parallelism"]["gradientCompression"].update({"warmupSteps": 2, "rampSteps": 2})
     job.write_text(yaml.safe_dump(spec, sort_keys=False))
     ref = tmp_path / "ref"
     _run(job, ref, tmp_path)
     saved = load_file(str(ref / "checkpoints" / f"step-{EVERY:09d}" / "compression.safetensors"))
-    assert sorted(saved) == ["hook_step", "rank0", "rank1"]
+    assert sorted(saved) == ["hook_step", "rank0", "rank1", "world"]
     assert int(saved["hook_step"][0]) == EVERY
     # Each rank kept its own, non-trivial residual (99% of its accumulated gradient is unsent).
     assert float(saved["rank0"].abs().sum()) > 0 and not torch.equal(saved["rank0"], saved["rank1"])

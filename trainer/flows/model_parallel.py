@@ -170,13 +170,24 @@ class ModelParallelFlow:
             clip_grad_norm(self.split_student, self.full_layout, max_norm, extra=aux_grads)
 
     def save(self, step: int, phase: Phase, temperature: float, state: CheckpointState) -> Path | None:
-        # Every rank takes part in the gather; rank 0 writes the whole student.
+        # Every rank takes part in the gathers; rank 0 writes the whole student.
+        residuals = None
+        if self.parallel.compression is not None:
+            # Every rank's error-feedback residuals (of its own shard), by world rank.
+            from ..parallel.compression import gather_residuals
+
+            residuals = gather_residuals(self.parallel.compression, self._compressed_params())
         gathered = self._gather(state.optimizer, self._aux_params())
         if gathered is None:
             return None
         assert self.template is not None
         return state.write(
-            step=step, phase=phase, temperature=temperature, model=self.template, optimizer=gathered.optimizer_view()
+            step=step,
+            phase=phase,
+            temperature=temperature,
+            model=self.template,
+            optimizer=gathered.optimizer_view(),
+            extra={"compression.safetensors": residuals} if residuals is not None else None,
         )
 
     def restore(self, info: CheckpointInfo, state: CheckpointState) -> None:
@@ -197,6 +208,14 @@ class ModelParallelFlow:
             ) from None
         state.scheduler.load_state_dict(torch.load(info.path / "scheduler.pt", weights_only=True))
         restore_rng(torch.load(info.path / "rng.pt", weights_only=True))
+        if self.parallel.compression is not None:
+            from ..parallel.compression import restore_residuals
+
+            restore_residuals(
+                self.parallel.compression,
+                self._compressed_params(),
+                state.manager.load_extra(info, "compression.safetensors"),
+            )
 
     def finish(self, optimizer: torch.optim.Optimizer) -> None:
         """The outputs (student/, the INT8 artifact, evaluation) are written by rank 0 from its
@@ -227,6 +246,10 @@ class ModelParallelFlow:
         return reduced_precision_autocast(self.device)
 
     # ---- internals -----------------------------------------------------------------------------
+    def _compressed_params(self) -> list[nn.Parameter]:
+        """The parameters the top-k hook sees (DDP's: this rank's trainable shards), in order."""
+        return [p for p in self.split_student.named_params.values() if p.requires_grad]
+
     def _token_loss(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """ParallelStudent's TokenLoss: runs on the ranks that hold the LM head (the last
         pipeline stage), at the step's temperature; keeps the KD/CE sums for the report."""

@@ -6,7 +6,8 @@ only those: values and indices are all-gathered (one int32 message: the float32 
 followed by the indices), every rank scatters all contributions into a zero tensor and divides by
 the world size. What a rank did not send stays in its residual for the next step, so over many
 steps every gradient entry is eventually applied: the sum of applied updates plus the mean
-residual equals the sum of the true mean gradients exactly (the test checks this identity).
+residual equals the sum of the true mean gradients exactly (the test checks this identity;
+local clipping, below, scales a rank's gradient before it counts).
 
 Why per tensor, not per bucket: the loop's optimizer is AdamW, whose update size does not depend
 on a gradient's scale. A bucket-wide top-k picks almost only the largest-gradient tensors (the
@@ -15,9 +16,19 @@ without any update; under Adam those tensors matter as much as the big ones. Per
 gives every tensor its share each step (Deep Gradient Compression selects per layer too).
 
 Warm-up: the first ``warmup_steps`` steps run plain all-reduce (early gradients are large and
-dense). Then the kept fraction decays exponentially from dense to ``fraction`` over ``ramp_steps``
-steps (default: as many as the warm-up), as in DGC's sparsity warm-up, instead of dropping from
-100% to 1% at once: residuals then build up gradually rather than all at the same step.
+dense). Then, optionally, the kept fraction decays exponentially from dense to ``fraction`` over
+``ramp_steps`` steps (DGC's sparsity warm-up; the spec's default is no ramp), then ``fraction``.
+
+Local clipping (DGC): on compressed steps each rank clips its own gradient before it enters the
+residual (``clip_norm``, the job's maxGradNorm, times the bucket's share of the entries); the loop
+then does not clip the reduced gradient, which is sparse and whose entries carry many steps of
+residual, so its norm is no measure of the step. ``last_compressed`` tells the loop which kind of
+step just ran. The optimizer side (AdamW's variance frozen when compression starts) is
+``trainer/optim.FrozenVarianceAdamW``.
+
+In a tensor-parallel student the hook sits on the DDP of the mesh's data axis: each rank
+compresses its own shard's gradient over its data peers only (the API refuses compression with
+pipeline stages).
 
 Residuals are part of a checkpoint (``residual_vector`` / ``load_residual_vector``): a resumed run
 continues with the unsent gradient mass it had, so its trajectory equals the uninterrupted one.
@@ -72,6 +83,12 @@ class TopKState:
     log_every: int = 0  # log the byte counters every this many steps (0: never)
     dense_small: bool = True  # send 1-D tensors (biases, norms) whole: values only, no indices
     half_values: bool = True  # send values as bfloat16; the rounding error stays in the residual
+    # Local gradient clipping (DGC): on compressed steps each rank clips its own gradient before
+    # it enters the residual, to clip_norm times the bucket's share sqrt(n_bucket / total_numel)
+    # (one bucket: exactly the local gradient's norm); 0 turns it off.
+    clip_norm: float = 0.0
+    total_numel: int = 0
+    last_compressed: bool = False  # whether the last finished step sent top-k (not all-reduce)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
@@ -132,6 +149,7 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     step = state.step
     if bucket.is_last():
         state.step += 1
+        state.last_compressed = step >= state.warmup_steps
     if step < state.warmup_steps:
         state.bytes_sent += dense_bytes
         state.wire_sent += 2 * (world - 1) / world * dense_bytes
@@ -141,6 +159,11 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         return fut.then(lambda f: f.value()[0])
 
     acc = buffer.to(torch.float32)
+    if state.clip_norm > 0 and state.total_numel > 0:
+        limit = state.clip_norm * math.sqrt(n / state.total_numel)
+        norm = float(acc.norm())
+        if norm > limit:
+            acc = acc * (limit / norm)
     if state.error_feedback:
         acc = acc + _flat_residual(state, params, n)
     small = [state.dense_small and p.dim() <= 1 for p in params]
@@ -246,19 +269,26 @@ def load_residual_vector(state: TopKState, params: list[torch.Tensor], flat: tor
 
 
 def gather_residuals(state: TopKState, params: list[torch.Tensor], group: Any = None) -> dict[str, torch.Tensor] | None:
-    """Collective over the data ranks: every rank's residual vector, gathered to rank 0 for its
-    checkpoint as {"rank<R>": vector, "hook_step": [step]}; None on the other ranks."""
+    """Collective over ``group`` (default: the world): every rank's residual vector, gathered to
+    its rank 0 for the checkpoint as {"rank<R>": vector, "hook_step": [step], "world": [size]};
+    None on the other ranks. Ranks of a split student hold residuals of different lengths (their
+    own shards and stages): vectors are padded to the longest for the gather and cut back."""
     from .distributed import peer_guard
 
     mine = residual_vector(state, params)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    parts = [torch.empty_like(mine) for _ in range(world)] if rank == 0 else None
     with peer_guard("the compression-residual gather"):
-        dist.gather(mine, parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([mine.numel()], dtype=torch.int64), group=group)
+        longest = max(int(s[0]) for s in sizes)
+        padded = torch.cat([mine, mine.new_zeros(longest - mine.numel())])
+        parts = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+        dist.gather(padded, parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     if parts is None:
         return None
-    out = {f"rank{r}": t for r, t in enumerate(parts)}
+    out = {f"rank{r}": t[: int(sizes[r][0])].clone() for r, t in enumerate(parts)}
     out["hook_step"] = torch.tensor([state.step], dtype=torch.int64)
+    out["world"] = torch.tensor([world], dtype=torch.int64)
     return out
 
 
@@ -266,10 +296,24 @@ def restore_residuals(
     state: TopKState, params: list[torch.Tensor], saved: dict[str, torch.Tensor] | None, group: Any = None
 ) -> bool:
     """Load this rank's residuals from a checkpoint's gathered file; False (residuals start at
-    zero) when the checkpoint has none for this rank, e.g. one written without compression."""
+    zero, with a warning) when the checkpoint has none for this rank: one written without
+    compression, at another world size, or by another layout (the lengths differ)."""
     key = f"rank{dist.get_rank(group)}"
+    world = dist.get_world_size(group)
     if saved is None or key not in saved or "hook_step" not in saved:
         log.warning("checkpoint holds no compression residuals for %s: they start from zero", key)
+        return False
+    if "world" in saved and int(saved["world"][0]) != world:
+        log.warning(
+            "checkpoint's compression residuals are from a world of %d ranks, this one has %d: they start from zero",
+            int(saved["world"][0]),
+            world,
+        )
+        state.step = int(saved["hook_step"][0])
+        return False
+    if saved[key].numel() != sum(p.numel() for p in params):
+        log.warning("checkpoint's compression residuals for %s belong to another layout: they start from zero", key)
+        state.step = int(saved["hook_step"][0])
         return False
     load_residual_vector(state, params, saved[key], int(saved["hook_step"][0]))
     return True
@@ -304,9 +348,23 @@ def _add_totals(state: TopKState, params: list[torch.Tensor], buffer: torch.Tens
 
 
 def register_topk(
-    ddp_module: Any, fraction: float, warmup_steps: int = 0, process_group: Any = None, ramp_steps: int | None = None
+    ddp_module: Any,
+    fraction: float,
+    warmup_steps: int = 0,
+    process_group: Any = None,
+    ramp_steps: int | None = None,
+    clip_norm: float = 0.0,
 ) -> TopKState:
-    """Install the hook on a DDP module and return its state (byte counters, residuals)."""
-    state = TopKState(fraction=fraction, warmup_steps=warmup_steps, process_group=process_group, ramp_steps=ramp_steps)
+    """Install the hook on a DDP module and return its state (byte counters, residuals). With
+    ``clip_norm`` the hook clips each rank's gradient locally on compressed steps; the caller then
+    skips its own clipping of the reduced gradient on those steps (``last_compressed``)."""
+    state = TopKState(
+        fraction=fraction,
+        warmup_steps=warmup_steps,
+        process_group=process_group,
+        ramp_steps=ramp_steps,
+        clip_norm=clip_norm,
+        total_numel=sum(p.numel() for p in ddp_module.parameters() if p.requires_grad),
+    )
     ddp_module.register_comm_hook(state, topk_hook)
     return state

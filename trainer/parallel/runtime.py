@@ -17,7 +17,8 @@ With ``student.tensor > 1`` or ``student.pipeline > 1`` the loop runs a model-pa
 (KD + hard-label CE) and the hidden/attention objectives of causal LMs (and of tensor-split
 classifiers), with QAT (``student_qat.py``), the teacher cache and entropy weighting;
 ``check_supported`` rejects at start, with BAD_SPEC, what it does not cover (the API's
-SPLIT_STUDENT_RULES).
+SPLIT_STUDENT_RULES). Top-k gradient
+compression runs on the data axis of a tensor-parallel mesh only.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class ParallelRuntime:
     top_k: float = 0.0
     compression_warmup: int = 0
     compression_ramp: int | None = None  # None: as long as the warm-up
+    compression_clip: float = 0.0  # local clipping on compressed steps (distillation.maxGradNorm)
     teacher: Any = None  # SplitTeacher when the teacher is split
     teacher_group: Any = None  # process group of this rank's teacher stages
     compression: Any = None  # TopKState once the hook is installed
@@ -96,6 +98,7 @@ class ParallelRuntime:
             top_k=gc.top_k,
             compression_warmup=gc.warmup_steps,
             compression_ramp=gc.ramp_steps,
+            compression_clip=spec.distillation.max_grad_norm,
         )
         if env.distributed and layout.teacher_stages > 1:
             # new_group is collective: every rank creates every teacher group in the same order.
@@ -128,11 +131,27 @@ class ParallelRuntime:
         # assert at the next step; find_unused_parameters=True switches that rebuild off.
         ddp_kwargs = {"find_unused_parameters": True} if self.layout.pipeline > 1 else None
         try:
-            return parallelize_student(
+            split = parallelize_student(
                 student, self.layout, self.env.rank, self.mesh, token_loss, device=self.device, ddp_kwargs=ddp_kwargs
             )
         except ValueError as exc:
             raise TrainerError(ExitCode.BAD_SPEC, f"parallelism.student: {exc}") from None
+        if self.top_k > 0 and self.layout.data > 1:
+            # Top-k over the data axis only: DDP reduces each rank's own shard over its data
+            # peers; tensor-parallel traffic is not compressed. (Pipeline stages are refused by
+            # SPLIT_STUDENT_RULES: pipelining's per-micro-batch backward would drive the hook.)
+            from .compression import register_topk
+
+            self.compression = register_topk(
+                split.module,
+                self.top_k,
+                warmup_steps=self.compression_warmup,
+                ramp_steps=self.compression_ramp,
+                process_group=self.mesh["data"].get_group(),
+                clip_norm=self.compression_clip,
+            )
+            self.compression.log_every = 10
+        return split
 
     @property
     def distributed(self) -> bool:
@@ -194,7 +213,11 @@ class ParallelRuntime:
             from .compression import register_topk
 
             self.compression = register_topk(
-                ddp, self.top_k, warmup_steps=self.compression_warmup, ramp_steps=self.compression_ramp
+                ddp,
+                self.top_k,
+                warmup_steps=self.compression_warmup,
+                ramp_steps=self.compression_ramp,
+                clip_norm=self.compression_clip,
             )
             self.compression.log_every = 10
         return ddp
