@@ -107,8 +107,13 @@ def api_calls(text: str) -> dict[str, int]:
     return out
 
 
-# Targets: all pods and NotReady replacement at 100 jobs, RSS at 500.
-TARGETS = {"allPodsWithinSeconds": (100, 30), "notReadyReplacementSeconds": (100, 60), "peakRssMB": (500, 250)}
+# Targets: (jobs, limit, the median it applies to): all pods and NotReady replacement at 100
+# jobs, the operator's RSS at 500.
+TARGETS = {
+    "allPodsWithinSeconds": (100, 30, "allPodsWithinSeconds"),
+    "notReadyReplacementSeconds": (100, 60, "notReadyReplacementSecondsMax"),
+    "peakRssMB": (500, 250, "operatorPeakRssMB"),
+}
 # The figures whose median over the runs of one size is reported.
 MEDIAN_KEYS = (
     "applySeconds",
@@ -290,6 +295,15 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def targets_met(medians: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each target against the median of its size (a target of a size not run is not met)."""
+    met = {}
+    for key, (size, limit, figure) in TARGETS.items():
+        value = medians.get(str(size), {}).get(figure)
+        met[key] = {"jobs": size, "target": limit, "median": value, "met": value is not None and value <= limit}
+    return met
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in args.sizes}
     for repeat in range(args.repeats):
@@ -297,11 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"run {repeat + 1}/{args.repeats}: {n} jobs", flush=True)
             runs[n].append(measure(args, n))
     medians = {str(n): summarize(r) for n, r in runs.items()}
-    met = {}
-    for key, (size, limit) in TARGETS.items():
-        figure_key = "notReadyReplacementSecondsMax" if key == "notReadyReplacementSeconds" else key
-        value = medians.get(str(size), {}).get(figure_key)
-        met[key] = {"jobs": size, "target": limit, "median": value, "met": value is not None and value <= limit}
+    met = targets_met(medians)
     return {
         "command": command_line(),
         "podsPerJob": args.nodes_per_job,
