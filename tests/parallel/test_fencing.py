@@ -4,6 +4,7 @@ write a checkpoint or a result once the next attempt started on the same checkpo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -50,6 +51,30 @@ def _wait_for(what: str, check: object, proc: subprocess.Popen[bytes], timeout: 
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _lock_is_free(root: Path) -> bool:
+    with open(root / ".fence.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return True
+
+
+def _stop_outside_the_lock(proc: subprocess.Popen[bytes], root: Path, timeout: float = 120) -> None:
+    """SIGSTOP ``proc`` at a moment it does not hold the fence's flock. A process frozen inside a
+    commit would hold a local flock for ever; on a partitioned node the NFS server's lease frees it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.send_signal(signal.SIGSTOP)
+        if _lock_is_free(root):
+            return
+        proc.send_signal(signal.SIGCONT)
+        while not _lock_is_free(root) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    raise AssertionError("attempt 1 never left the fence's lock")
+
+
 def _attempt_of(checkpoint: Path) -> int | None:
     return json.loads((checkpoint / "trainer.json").read_text()).get("attempt")
 
@@ -65,7 +90,7 @@ def test_an_older_attempt_left_running_cannot_write_a_checkpoint_or_a_result(tmp
     try:
         # Attempt 1 writes its first checkpoint, then its node is cut off: the process stops but lives.
         _wait_for("attempt 1's first checkpoint", lambda: ckpt.latest() is not None, first)
-        first.send_signal(signal.SIGSTOP)
+        _stop_outside_the_lock(first, out / "checkpoints")
         resumed_at = ckpt.latest()
         assert resumed_at is not None and _attempt_of(resumed_at.path) == 1
         # Attempt 2 starts on the same checkpoint directory and raises the fence before it reads.
