@@ -61,12 +61,20 @@ def _lock_is_free(root: Path) -> bool:
         return True
 
 
+def _state(pid: int) -> str:
+    """The process's state letter from /proc (``T``: stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def _stop_outside_the_lock(proc: subprocess.Popen[bytes], root: Path, timeout: float = 120) -> None:
     """SIGSTOP ``proc`` at a moment it does not hold the fence's flock. A process frozen inside a
     commit would hold a local flock for ever; on a partitioned node the NFS server's lease frees it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc.send_signal(signal.SIGSTOP)
+        # SIGSTOP takes effect asynchronously: look at the lock only once the process has stopped.
+        while _state(proc.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.001)
         if _lock_is_free(root):
             return
         proc.send_signal(signal.SIGCONT)
