@@ -238,6 +238,23 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
                                     and x.status.phase == "Running"]) and len(p) == 2 and p,
                      f"2 running pods of gang attempt {attempt}", timeout, op, fail_fast)  # fmt: skip
 
+    def finish_gang(pods: list[Any]) -> None:
+        """Rank 0 succeeds with the metrics summary, the others exit 0. Under load kwok 0.7 can
+        delete a fresh pod that reuses an old pod's name (a stale delete by name), which restarts
+        the gang once more: then the next attempt's gang is finished instead."""
+        attempt = int(pods[0].metadata.labels[LABEL_ATTEMPT])
+        while True:
+            try:
+                for pod in pods:
+                    rank0_pod = pod.metadata.labels.get("kdistill.io/replica-index") == "0"
+                    cluster.succeed_pod(ns, pod.metadata.name, SUCCESS if rank0_pod else None)
+                return
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+            attempt += 1
+            pods = gang(attempt)
+
     try:
         # The operator creates the checkpoint claim (storageClassName + size); a PV waits for it.
         body = job_body(JOB, nodes=2, gpus=2, checkpoint={"volume": {"storageClassName": CKPT_CLASS, "size": "1Gi"}})
@@ -255,9 +272,7 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
         step("restarts-counted", lambda: until(lambda: jobs.status(JOB).get("restarts") == 1, "restarts 1",
                                                timeout, op, fail_fast))  # fmt: skip
         report_progress(rank0, ns, JOB, 100)
-        rank0_pod = next(p for p in pods if p.metadata.labels.get("kdistill.io/replica-index") == "0")
-        for pod in pods:
-            cluster.succeed_pod(ns, pod.metadata.name, SUCCESS if pod is rank0_pod else None)
+        finish_gang(pods)
         status = step("succeeded", lambda: until(
             lambda: (s := jobs.status(JOB)).get("phase") == "Succeeded" and s, "phase Succeeded", timeout * 2,
             op, fail_fast))  # fmt: skip
