@@ -99,12 +99,15 @@ class DistillationJobStatus(ApiModel):
     tokens_per_second: float | None = Field(None, description="Training throughput.")
     restarts: int | None = Field(None, ge=0, description="Gang restarts counted against maxRestarts.")
     evictions: int | None = Field(None, ge=0, description="Restarts caused by evictions/preemptions.")
+    resumes: int | None = Field(
+        None, ge=0, description="Resumes after spec.suspend was cleared; each starts a new gang attempt."
+    )
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
     attempt: int | None = Field(
         None,
         ge=0,
-        description="The current gang attempt (restarts + evictions; KDISTILL_ATTEMPT of its workers): a rank of an "
-        "older attempt cannot write a checkpoint, a status patch or a result.",
+        description="The current gang attempt (restarts + evictions + resumes; KDISTILL_ATTEMPT of its workers): a "
+        "rank of an older attempt cannot write a checkpoint, a status patch or a result.",
     )
     productive_seconds: float | None = Field(
         None,

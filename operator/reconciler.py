@@ -177,7 +177,7 @@ class Reconciler:
         if d.status:
             # Counting a restart or changing phase must be based on what we saw: a stale view
             # (another pass, a restarted operator) gets 409 instead of counting twice.
-            guarded = {"phase", "restarts", "evictions", "attempt"} & d.status.keys()
+            guarded = {"phase", "restarts", "evictions", "resumes", "attempt"} & d.status.keys()
             rv = body["metadata"].get("resourceVersion") if guarded else None
             self.kube.patch_status(namespace, name, d.status, rv)
             self._count(old, d, jlog)

@@ -4,7 +4,7 @@ Phases: Pending → Running → (Restarting → Pending → Running)* → Deploy
 Failed; Suspended while `spec.suspend`; Queued while a job labelled `kueue.x-k8s.io/queue-name`
 waits for Kueue to admit its Workload (first, and again after a preemption). Everything the
 machine needs survives an operator restart because it lives in the API: the phase and counters in status, the gang
-attempt (restarts + evictions) on the pods' labels, the backoff start in the
+attempt (restarts + evictions + resumes) on the pods' labels, the backoff start in the
 `Restarting` condition's lastTransitionTime, and pod creation times for the pending deadline.
 
 The handlers apply a Decision in this order: status patch (with resourceVersion, so a stale
@@ -262,6 +262,9 @@ def _step(obs: Observed, st: _Status, d: Decision, phase: str | None) -> str:
             d.requeue(POLL_SECONDS)
         return "Suspended"
     if phase == "Suspended":
+        # A new gang attempt: a pod of the suspended gang that outlives the suspend (a partitioned
+        # node) is then older than the fence, so it cannot write into the resumed run.
+        st.set("resumes", int(st.get("resumes") or 0) + 1)
         st.condition(COND_SUSPENDED, False, "Resumed", "resuming from the newest checkpoint")
         phase = "Pending"
     if phase is None:
@@ -329,8 +332,9 @@ def _admission(obs: Observed, st: _Status, d: Decision, phase: str) -> str | Non
 
 
 def _attempt(st: _Status) -> int:
-    """The gang attempt: 0 for the first gang, +1 per restart or eviction (the pods' LABEL_ATTEMPT)."""
-    return int(st.get("restarts") or 0) + int(st.get("evictions") or 0)
+    """The gang attempt: 0 for the first gang, +1 per restart, eviction or resume after a suspend
+    (the pods' LABEL_ATTEMPT)."""
+    return int(st.get("restarts") or 0) + int(st.get("evictions") or 0) + int(st.get("resumes") or 0)
 
 
 def _node_lost(obs: Observed, pod: PodView) -> tuple[bool, float | None]:

@@ -8,14 +8,22 @@ final outputs holds the fence's lock, checks that no newer attempt raised it, an
 renames its files into place. A rank whose attempt is older is refused with
 ``ExitCode.FENCED``. The lock is a ``flock`` on ``<checkpoints>/.fence.lock``, which NFSv4 and
 CephFS honour across nodes. Without ``KDISTILL_ATTEMPT`` (local runs) there is no fence.
+
+The lock is held only for a rename and a prune (well under a second), so a wait is bounded:
+``KDISTILL_FENCE_LOCK_TIMEOUT_S`` (default 300 s). A holder that keeps it longer is a stopped or
+hung process of some attempt (a frozen node still mounting the volume); waiting for it forever
+would hang the gang, so the rank fails retryable instead (``ExitCode.RETRYABLE``, naming the lock
+file): the gang restarts from its checkpoint and the restart counts against ``maxRestarts``.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +38,9 @@ log = logging.getLogger(__name__)
 
 FENCE_FILE = ".fence"
 LOCK_FILE = ".fence.lock"
+LOCK_TIMEOUT_ENV = "KDISTILL_FENCE_LOCK_TIMEOUT_S"
+DEFAULT_LOCK_TIMEOUT_S = 300.0
+_LOCK_POLL_S = 0.05
 
 
 def attempt_from_env() -> int | None:
@@ -44,6 +55,39 @@ def attempt_from_env() -> int | None:
     if value < 0:
         raise TrainerError(ExitCode.BAD_SPEC, f"{ATTEMPT_ENV}={raw!r}: expected a whole number >= 0")
     return value
+
+
+def lock_timeout() -> float:
+    """``KDISTILL_FENCE_LOCK_TIMEOUT_S`` seconds, or the default."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise TrainerError(ExitCode.BAD_SPEC, f"{LOCK_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0")
+    return value
+
+
+def _acquire(fd: int, path: Path, timeout: float) -> None:
+    """Take the exclusive flock within ``timeout`` seconds, else fail retryable (see the module doc)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            raise TrainerError(
+                ExitCode.RETRYABLE,
+                f"the checkpoint fence lock {path} was held by another process for over {timeout:g} s "
+                f"(a stopped or hung rank still mounting the volume?); see {LOCK_TIMEOUT_ENV}",
+            )
+        time.sleep(_LOCK_POLL_S)
 
 
 def fenced_error(attempt: int, newer: int, what: str) -> TrainerError:
@@ -75,7 +119,7 @@ class Fence:
     def _locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / LOCK_FILE, "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            _acquire(fh.fileno(), self.root / LOCK_FILE, lock_timeout())
             try:
                 yield
             finally:

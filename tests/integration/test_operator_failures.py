@@ -174,9 +174,11 @@ def test_suspend_and_resume(cluster: Cluster, env: Env) -> None:
     assert jobs.core.read_namespaced_persistent_volume_claim("ckpt", jobs.ns).status.phase == "Bound"
     assert jobs.core.read_namespaced_config_map(f"{name}-config", jobs.ns)
     jobs.patch_spec(name, {"suspend": False})
-    jobs.wait_running_gang(name, 2, attempt=0, timeout=60)
+    # A resume is a new gang attempt (the suspended gang's ranks are fenced out), not a restart.
+    jobs.wait_running_gang(name, 2, attempt=1, timeout=60)
     status = jobs.wait_phase(name, "Running")
     assert status["restarts"] == 0 and status["evictions"] == 0
+    assert status["resumes"] == 1 and status["attempt"] == 1
     assert jobs.condition(name, "Suspended")["status"] == "False"
 
 

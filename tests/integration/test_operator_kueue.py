@@ -236,10 +236,10 @@ def test_suspend_withdraws_the_workload_and_resume_queues_again(
     eventually(lambda: not jobs.live_pods("pause"), "the suspended gang gone", 60)
     assert jobs.condition("pause", "Admitted")["reason"] == "Suspended"
     jobs.patch_spec("pause", {"suspend": False})
-    jobs.wait_running_gang("pause", 2, attempt=0, timeout=90)
+    jobs.wait_running_gang("pause", 2, attempt=1, timeout=90)  # a resume is a new gang attempt
     assert workload(kueue, ns, "pause")["metadata"]["uid"] != uid  # queued again with a new Workload
     status = jobs.wait_phase("pause", "Running", 60)
-    assert status["restarts"] == 0 and status["evictions"] == 0
+    assert status["restarts"] == 0 and status["evictions"] == 0 and status["resumes"] == 1
     assert jobs.condition("pause", "Admitted")["status"] == "True"
     assert op.alive()
 

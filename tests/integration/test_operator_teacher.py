@@ -281,7 +281,7 @@ def test_suspend_deletes_the_teacher_and_resume_brings_it_back_first(
     )
     assert teacher_status(jobs, name)["state"] == "Stopped"
     jobs.patch_spec(name, {"suspend": False})
-    pods = jobs.wait_running_gang(name, 2, attempt=0, timeout=60)
+    pods = jobs.wait_running_gang(name, 2, attempt=1, timeout=60)  # a resume is a new gang attempt
     dep = deployment(jobs, f"{name}-teacher")
     assert dep is not None and (dep.status.available_replicas or 0) >= 1
     assert all(p.metadata.creation_timestamp >= dep.metadata.creation_timestamp for p in pods)

@@ -361,13 +361,21 @@ def test_succeeded_job_keeps_its_deployment_in_sync_only_while_it_serves_it() ->
 # -- suspend, TTL ---------------------------------------------------------------------------
 
 
-def test_suspend_deletes_pods_and_resume_recreates_the_same_generation() -> None:
+def test_suspend_deletes_pods_and_resume_starts_a_new_attempt() -> None:
     d = decide(observe(running(), [pod(0), pod(1)], suspend=True))
     assert d.phase == "Suspended" and sorted(d.delete_pods) == ["j-worker-0", "j-worker-1"]
     assert cond(d, "Suspended")["status"] == "True" and not d.delete_training_objects
-    d = decide(observe({"phase": "Suspended", "restarts": 1, "evictions": 0}, []))
-    assert d.phase == "Pending" and d.create_attempt == 1 and "restarts" not in d.status
+    d = decide(observe({"phase": "Suspended", "restarts": 1, "evictions": 0, "attempt": 1}, []))
+    # A new attempt, not counted as a restart: the suspended gang's ranks are fenced out.
+    assert d.phase == "Pending" and d.create_attempt == 2 and "restarts" not in d.status
+    assert d.status["resumes"] == 1 and d.status["attempt"] == 2
     assert cond(d, "Suspended")["reason"] == "Resumed"
+    # A pod of the suspended gang still alive after the resume is stale: deleted, never adopted,
+    # and the new gang waits until it is gone.
+    resumed = {"phase": "Pending", "restarts": 1, "evictions": 0, "resumes": 1, "attempt": 2}
+    d = decide(observe(resumed, [pod(0, attempt=1)]))
+    assert d.delete_pods == ["j-worker-0"] and d.create_attempt is None and d.phase == "Pending"
+    assert decide(observe(resumed, [])).create_attempt == 2
 
 
 def test_suspend_does_not_touch_finished_jobs() -> None:

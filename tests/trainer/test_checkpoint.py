@@ -178,3 +178,53 @@ def test_a_save_of_a_superseded_attempt_is_refused_and_leaves_nothing(tmp_path: 
     assert late.value.code == ExitCode.FENCED and Fence(tmp_path, None).current() == 2
     # Without an attempt (a local run) there is no fence.
     save(CheckpointManager(tmp_path, keep=3), 6, model, aux, opt, sched)
+
+
+def test_a_fence_lock_held_too_long_fails_retryable_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process of another attempt frozen while holding the fence lock must not hang the gang."""
+    import subprocess
+    import sys
+
+    from kdistill.api.failures import ExitCode
+    from kdistill.trainer.errors import TrainerError
+    from kdistill.trainer.fence import LOCK_FILE, LOCK_TIMEOUT_ENV, Fence
+
+    fence = Fence(tmp_path, 3)
+    fence.raise_to_mine()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-P",
+            "-c",
+            "import fcntl, sys, time\n"
+            f"fh = open({str(tmp_path / LOCK_FILE)!r}, 'a+')\n"
+            "fcntl.flock(fh.fileno(), fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv(LOCK_TIMEOUT_ENV, "0.3")
+        mgr = CheckpointManager(tmp_path, keep=3, fence=fence)
+        model, aux, opt, sched = make_state(0)
+        with pytest.raises(TrainerError) as held:
+            save(mgr, 2, model, aux, opt, sched)
+        assert held.value.code == ExitCode.RETRYABLE
+        assert LOCK_FILE in held.value.message and LOCK_TIMEOUT_ENV in held.value.message
+        assert mgr.candidates() == [] and not list(tmp_path.glob(".tmp-*"))
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    # Once the holder is gone the same save commits.
+    assert save(mgr, 2, model, aux, opt, sched).name == "step-000000002"
+    monkeypatch.setenv(LOCK_TIMEOUT_ENV, "soon")
+    with pytest.raises(TrainerError) as bad:
+        save(mgr, 4, model, aux, opt, sched)
+    assert bad.value.code == ExitCode.BAD_SPEC and "expected a number of seconds" in bad.value.message
