@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -102,31 +103,80 @@ async def cleanup(memo: Any, **_: Any) -> None:
         rt.pool.shutdown(wait=True, cancel_futures=True)
 
 
-async def _worker(rt: Runtime) -> None:
-    assert rt.queue is not None
+async def _drain(
+    queue: WorkQueue[Key],
+    known: set[Key],
+    reconcile: Callable[[Key], float | None],
+    forget: Callable[[Key], None],
+    failures: dict[Key, int],
+    *,
+    pool: concurrent.futures.ThreadPoolExecutor | None,
+    what: str,
+    log_field: str,
+    after_pass: Callable[[], None] = lambda: None,
+) -> None:
+    """Take keys off ``queue`` one at a time and run ``reconcile`` in the pool: a pass that asks
+    to look again is requeued after that many seconds, a failed one after an exponential backoff
+    (0.5 s doubling to 60 s). A key no longer in ``known`` (deleted) is forgotten instead."""
     loop = asyncio.get_running_loop()
     while True:
-        key = await rt.queue.get()
-        metrics.QUEUE_DEPTH.set(len(rt.queue))
+        key = await queue.get()
         try:
-            if key not in rt.jobs:
-                rt.reconciler.forget(key)
+            if key not in known:
+                forget(key)
                 continue
-            requeue = await loop.run_in_executor(rt.pool, rt.reconciler.reconcile, key)
-            rt.failures.pop(key, None)
-            if requeue is not None:
-                rt.queue.add_after(key, requeue)
+            again = await loop.run_in_executor(pool, reconcile, key)
+            failures.pop(key, None)
+            if again is not None:
+                queue.add_after(key, again)
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
-            n = rt.failures[key] = rt.failures.get(key, 0) + 1
+            n = failures[key] = failures.get(key, 0) + 1
             delay = min(0.5 * 2 ** (n - 1), 60.0)
             log.exception(
-                "reconcile failed (attempt %d); retrying in %.1fs", n, delay, extra={"job": f"{key[0]}/{key[1]}"}
+                "%s failed (attempt %d); retrying in %.1fs", what, n, delay, extra={log_field: f"{key[0]}/{key[1]}"}
             )
-            rt.queue.add_after(key, delay)
+            queue.add_after(key, delay)
         finally:
-            rt.last_pass = time.monotonic()
-            rt.queue.done(key)
+            after_pass()
+            queue.done(key)
+
+
+async def _worker(rt: Runtime) -> None:
+    """One of the job reconcile workers (they share the queue; a key is never in two at once)."""
+    assert rt.queue is not None
+    queue = rt.queue
+
+    def after_pass() -> None:
+        rt.last_pass = time.monotonic()
+        metrics.QUEUE_DEPTH.set(len(queue))
+
+    await _drain(
+        queue,
+        rt.jobs,
+        rt.reconciler.reconcile,
+        rt.reconciler.forget,
+        rt.failures,
+        pool=rt.pool,
+        what="reconcile",
+        log_field="job",
+        after_pass=after_pass,
+    )
+
+
+async def _schedule_worker(rt: Runtime) -> None:
+    """Schedule passes, one at a time; each asks when to look again (the next run time)."""
+    assert rt.schedule_queue is not None and rt.scheduler is not None
+    await _drain(
+        rt.schedule_queue,
+        rt.schedules,
+        rt.scheduler.reconcile,
+        rt.scheduler.forget,
+        {},
+        pool=rt.pool,
+        what="schedule pass",
+        log_field="schedule",
+    )
 
 
 async def _resync(rt: Runtime) -> None:
@@ -139,36 +189,6 @@ async def _resync(rt: Runtime) -> None:
         if rt.schedule_queue is not None:
             for key in list(rt.schedules):
                 rt.schedule_queue.add(key)
-
-
-async def _schedule_worker(rt: Runtime) -> None:
-    """Schedule passes, one at a time; each asks when to look again (the next run time)."""
-    assert rt.schedule_queue is not None and rt.scheduler is not None
-    loop = asyncio.get_running_loop()
-    failures: dict[Key, int] = {}
-    while True:
-        key = await rt.schedule_queue.get()
-        try:
-            if key not in rt.schedules:
-                rt.scheduler.forget(key)
-                continue
-            again = await loop.run_in_executor(rt.pool, rt.scheduler.reconcile, key)
-            failures.pop(key, None)
-            if again is not None:
-                rt.schedule_queue.add_after(key, again)
-        except Exception:
-            metrics.RECONCILE_ERRORS.inc()
-            n = failures[key] = failures.get(key, 0) + 1
-            delay = min(0.5 * 2 ** (n - 1), 60.0)
-            log.exception(
-                "schedule pass failed (attempt %d); retrying in %.1fs",
-                n,
-                delay,
-                extra={"schedule": f"{key[0]}/{key[1]}"},
-            )
-            rt.schedule_queue.add_after(key, delay)
-        finally:
-            rt.schedule_queue.done(key)
 
 
 def _enqueue_schedule(rt: Runtime, key: Key) -> None:

@@ -160,3 +160,46 @@ def test_kopf_login_uses_the_kubeconfig_our_client_loaded(tmp_path: Path) -> Non
     assert info.server == "https://10.0.0.1:6443"
     assert (info.scheme, info.token) == ("Bearer", "s3cret")
     assert Path(str(info.ca_path)).read_text() == "not checked here" and not info.insecure
+
+
+def test_a_pass_that_fails_is_retried_with_backoff_and_a_deleted_key_is_forgotten(caplog: object) -> None:
+    from kdistill.operator.handlers import _drain
+
+    calls: list[tuple[str, float]] = []
+    forgotten: list[tuple[str, str]] = []
+    failures: dict[tuple[str, str], int] = {}
+    known = {("ns", "flaky"), ("ns", "later")}
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        def reconcile(key: tuple[str, str]) -> float | None:
+            calls.append((key[1], loop.time() - start))
+            if key[1] == "flaky" and sum(1 for name, _ in calls if name == "flaky") <= 2:
+                raise RuntimeError("api server hiccup")
+            if key[1] == "later" and sum(1 for name, _ in calls if name == "later") == 1:
+                return 0.2  # asks to be looked at again
+            return None
+
+        q: WorkQueue[tuple[str, str]] = WorkQueue()
+        for name in ("flaky", "later", "gone"):
+            q.add(("ns", name))
+        task = asyncio.create_task(
+            _drain(q, known, reconcile, forgotten.append, failures, pool=None, what="reconcile", log_field="job")
+        )
+        while len(calls) < 5 and loop.time() - start < 10:
+            await asyncio.sleep(0.05)
+        task.cancel()
+
+    with caplog.at_level(logging.ERROR):  # type: ignore[attr-defined]
+        asyncio.run(run())
+    flaky = [t for name, t in calls if name == "flaky"]
+    later = [t for name, t in calls if name == "later"]
+    # Failed twice: retried after 0.5 s, then after 1 s; the success clears the failure count.
+    assert len(flaky) == 3 and 0.45 <= flaky[1] - flaky[0] and 0.95 <= flaky[2] - flaky[1] < 3
+    assert failures == {}
+    assert len(later) == 2 and later[1] - later[0] >= 0.15
+    assert forgotten == [("ns", "gone")]
+    lines = [r for r in caplog.records if "reconcile failed" in r.getMessage()]  # type: ignore[attr-defined]
+    assert [r.job for r in lines] == ["ns/flaky", "ns/flaky"]
