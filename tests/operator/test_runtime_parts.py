@@ -197,7 +197,7 @@ def test_a_pass_that_fails_is_retried_with_backoff_and_a_deleted_key_is_forgotte
     flaky = [t for name, t in calls if name == "flaky"]
     later = [t for name, t in calls if name == "later"]
     # Failed twice: retried after 0.5 s, then after 1 s; the success clears the failure count.
-    assert len(flaky) == 3 and 0.45 <= flaky[1] - flaky[0] and 0.95 <= flaky[2] - flaky[1] < 3
+    assert len(flaky) == 3 and flaky[1] - flaky[0] >= 0.45 and 0.95 <= flaky[2] - flaky[1] < 3
     assert failures == {}
     assert len(later) == 2 and later[1] - later[0] >= 0.15
     assert forgotten == [("ns", "gone")]
