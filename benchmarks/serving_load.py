@@ -324,13 +324,15 @@ def server_metrics(url: str) -> dict[str, float]:
     }
 
 
-def served_kernel(url: str) -> dict[str, str]:
-    """The INT8 kernel the server runs and how it chose it (its ``kdistill_int8_kernel`` gauge)."""
+def served_kernel(url: str) -> list[dict[str, str]]:
+    """The INT8 kernels the server runs, from which row count each, and how it chose them (its
+    ``kdistill_int8_kernel`` gauge)."""
+    found = []
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith("kdistill_int8_kernel{") and line.endswith(" 1.0"):
             labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].split(","))
-            return {k: v.strip('"') for k, v in labels.items()}
-    return {}
+            found.append({k: v.strip('"') for k, v in labels.items()})
+    return sorted(found, key=lambda labels: int(labels.get("from_rows", "1")))
 
 
 def compare(

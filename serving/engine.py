@@ -80,7 +80,7 @@ class Engine:
         self.model = artifact.model.eval()
         # The fastest INT8 kernel on this machine (measured or cached; see serving/kernel_choice.py).
         self.int8_kernel = kernel_choice.apply(self.model)
-        metrics.set_int8_kernel(self.int8_kernel.kernel, self.int8_kernel.source)
+        metrics.set_int8_kernel(self.int8_kernel.kernel, self.int8_kernel.source, self.int8_kernel.bands)
         # Fused kernels for the same function (both FP32 and INT8 artifacts): see serving/runtime.py.
         self.runtime = prepare_for_inference(self.model)
         self.tokenizer = artifact.tokenizer
@@ -109,6 +109,7 @@ class Engine:
             "quantization": self.artifact.meta.get("quantization", {}).get("mode", "none"),
             "int8_kernel": self.int8_kernel.kernel,
             "int8_kernel_source": self.int8_kernel.source,
+            "int8_kernel_bands": self.int8_kernel.bands,
         }
 
     def attach(self, batcher: DynamicBatcher[Any, Any]) -> None:

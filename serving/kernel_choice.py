@@ -5,14 +5,21 @@ The artifact stores its INT8 layers backend-neutral (``trainer/quantization.py``
 computes the same per-channel int8 weights; they differ in speed, and by CPU: on an AVX2-only CPU
 ``torchao-dynamic`` runs a reference loop far slower than an fp32 GEMM, and on an AVX512-VNNI CPU
 it was slower than ``fbgemm-dynamic`` and ``onednn-dynamic``. Which of fbgemm and oneDNN wins
-depends on the layer shapes and on the number of rows (docs/benchmarks/serving.md).
+depends on the layer shapes and on the number of rows (docs/benchmarks/serving.md): on an AVX2
+CPU fbgemm was fastest at 16-128 rows and oneDNN at 2048 (a batch of 16 128-token texts).
 
 The measurement: every distinct (in, out) shape of the model's INT8 layers, with that layer's own
 weights, under each kernel this torch build offers, at ``PROBE_ROWS`` rows (a decode step or a short
-text, and a 128-token prompt). Kernels take turns, one call each per round, so a burst of load from
-other processes hits all of them alike; a kernel far slower than the best after the warm-up calls
-(``PRUNE_FACTOR``) is dropped without further rounds. Each kernel's score is its model time (layer
-time x layer count) relative to the fastest at each row count, averaged over the row counts.
+text, a 128-token prompt, and a batch of 16 of them). Kernels take turns, one call each per round, so
+a burst of load from other processes hits all of them alike; a kernel far slower than the best after
+the warm-up calls (``PRUNE_FACTOR``) is dropped without further rounds. A kernel's time is its model
+time (layer time x layer count) at each row count.
+
+The choice is a kernel per band of row counts (``plan``): the fastest at the smallest probe runs
+every input up to where another kernel measured more than ``SWITCH_MARGIN`` faster at a larger probe;
+that one runs from the geometric middle between the two probes on. Each INT8 layer picks its band
+by the rows of the input it gets (``Int8Linear.kernel_for``), so batch 1 and batch 16 each run the
+kernel that was fastest at their size, never one chosen for the other.
 
 The choice is cached in ``$KDISTILL_CACHE_DIR/int8-kernels.json`` (default
 ``$XDG_CACHE_HOME/kdistill``, then ``~/.cache/kdistill``), keyed by the CPU's int8 features, torch's
@@ -24,8 +31,10 @@ Without a measurement (``KDISTILL_INT8_PROBE=0``) the table per CPU feature set 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -48,9 +57,12 @@ PROBE_ENV = "KDISTILL_INT8_PROBE"
 CACHE_DIR_ENV = "KDISTILL_CACHE_DIR"
 CACHE_FILE = "int8-kernels.json"
 # Bump when the measurement changes, so older cached choices are measured again.
-PROBE_VERSION = 1
-# Rows of the timed calls: a few decode rows or a short text, and a 128-token prompt.
-PROBE_ROWS = (16, 128)
+PROBE_VERSION = 2
+# Rows of the timed calls: a few decode rows or a short text, a 128-token prompt, 16 such prompts.
+PROBE_ROWS = (16, 128, 2048)
+# A larger row count switches to another kernel only if it was this much faster there: two
+# kernels within the machine's run-to-run noise keep one band.
+SWITCH_MARGIN = 0.05
 # Timed rounds after the warm-up; the median of each kernel's rounds counts.
 PROBE_ROUNDS = 5
 # After the warm-up, a kernel this many times slower than the fastest is not timed further.
@@ -61,13 +73,15 @@ Source = Literal["forced", "cache", "measured", "table", "none"]
 
 @dataclass
 class KernelChoice:
-    """The kernel the server runs, how it was chosen, and (when measured) the model time per kernel
-    in ms at each probe row count."""
+    """The kernel the server runs (``kernel`` from one row; each of ``bands``, ``[rows, kernel]``,
+    from its row count on), how it was chosen, and (when measured) the model time per kernel in ms
+    at each probe row count."""
 
     kernel: str
     source: Source
     ms: dict[str, dict[str, float]] = field(default_factory=dict)
     key: str = ""
+    bands: list[list[Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,19 +182,27 @@ def measure(model: nn.Module, kernels: list[q.Int8Kernel] | None = None) -> dict
     return out
 
 
-def fastest(ms: dict[str, dict[str, float]]) -> str:
-    """The kernel with the least model time relative to the fastest, averaged over the row counts.
-    A kernel pruned at any row count does not qualify while another ran at every one; when each
-    was pruned somewhere (close timings on a busy machine), a pruned row counts PRUNE_FACTOR, the
-    least it lost by."""
-    rows = [str(r) for r in PROBE_ROWS]
-    best_at = {r: min(v[r] for v in ms.values() if r in v) for r in rows}
+def plan(ms: dict[str, dict[str, float]]) -> tuple[str, list[list[Any]]]:
+    """The kernel for the smallest inputs, and the bands ``[from rows, kernel]`` where another one
+    takes over (see the module doc). A kernel pruned at a row count lost there by at least
+    PRUNE_FACTOR, so it never runs that band."""
+    rows = sorted(int(r) for r in {r for v in ms.values() for r in v})
+    if not rows:
+        raise ValueError("no kernel was timed")
 
-    def relative(k: str) -> float:
-        return sum(ms[k][r] / best_at[r] if r in ms[k] else PRUNE_FACTOR for r in rows) / len(rows)
+    def best_at(r: int) -> str:
+        timed = [k for k, v in ms.items() if str(r) in v]  # dict order: the first of equals wins
+        return min(timed, key=lambda k: ms[k][str(r)])
 
-    complete = [k for k, v in ms.items() if all(r in v for r in rows)]
-    return min(complete or list(ms), key=relative)
+    current = first = best_at(rows[0])
+    bands: list[list[Any]] = []
+    for lower, r in itertools.pairwise(rows):
+        best = best_at(r)
+        mine = ms[current].get(str(r), math.inf)
+        if best != current and mine > (1 + SWITCH_MARGIN) * ms[best][str(r)]:
+            bands.append([math.isqrt(lower * r), best])
+            current = best
+    return first, bands
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -218,21 +240,33 @@ def choose(model: nn.Module) -> KernelChoice:
     key = cache_key(model)
     path = cache_dir() / CACHE_FILE
     cached = _read_cache(path).get(key)
-    if isinstance(cached, dict) and cached.get("kernel") in candidates():
-        return KernelChoice(cached["kernel"], "cache", cached.get("ms", {}), key)
+    if isinstance(cached, dict) and _usable(cached):
+        return KernelChoice(cached["kernel"], "cache", cached.get("ms", {}), key, cached.get("bands", []))
     try:
         ms = measure(model)
-        kernel = fastest(ms)
+        kernel, bands = plan(ms)
     except (RuntimeError, ValueError) as exc:  # a kernel this CPU cannot run after all
         log.warning("INT8 kernel measurement failed (%s); using the table per CPU feature set", exc)
         return KernelChoice(q.select_int8_kernel(device), "table")
-    _write_cache(path, key, {"kernel": kernel, "ms": ms, "cpu": q.cpu_int8_features(), "measured": time.time()})
-    return KernelChoice(kernel, "measured", ms, key)
+    entry = {"kernel": kernel, "bands": bands, "ms": ms, "cpu": q.cpu_int8_features(), "measured": time.time()}
+    _write_cache(path, key, entry)
+    return KernelChoice(kernel, "measured", ms, key, bands)
+
+
+def _usable(cached: dict[str, Any]) -> bool:
+    """A cache entry naming kernels this build still offers, in well-formed bands."""
+    if cached.get("kernel") not in candidates():
+        return False
+    bands = cached.get("bands", [])
+    return isinstance(bands, list) and all(
+        isinstance(b, list) and len(b) == 2 and isinstance(b[0], int) and b[1] in candidates() for b in bands
+    )
 
 
 def apply(model: nn.Module) -> KernelChoice:
-    """Choose the kernel for ``model`` and switch its INT8 layers to it, in place."""
+    """Choose the kernels for ``model`` and switch its INT8 layers to them, in place."""
     choice = choose(model)
     if choice.kernel != "none":
-        q.set_int8_kernel(model, cast(q.Int8Kernel, choice.kernel))
+        bands = tuple((int(rows), cast(q.Int8Kernel, kernel)) for rows, kernel in choice.bands)
+        q.set_int8_kernel(model, cast(q.Int8Kernel, choice.kernel), bands)
     return choice

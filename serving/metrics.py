@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .batcher import BatchStats
@@ -53,9 +55,9 @@ class ServerMetrics:
         self.rejected = Counter("kdistill_rejected", "Requests refused because the queue was full.", registry=r)
         self.int8_kernel = Gauge(
             "kdistill_int8_kernel",
-            "1 for the kernel that runs the model's INT8 layers ('none': a float model), and how it was "
-            "chosen (measured, cache, table, forced).",
-            ["kernel", "source"],
+            "1 for each kernel that runs the model's INT8 layers ('none': a float model), from which input "
+            "row count on, and how it was chosen (measured, cache, table, forced).",
+            ["kernel", "source", "from_rows"],
             registry=r,
         )
         # Cascade serving (serving/cascade.py); empty unless the server has a fallback teacher.
@@ -98,9 +100,11 @@ class ServerMetrics:
         self._real = 0
         self._padded = 0
 
-    def set_int8_kernel(self, kernel: str, source: str) -> None:
+    def set_int8_kernel(self, kernel: str, source: str, bands: list[list[Any]] | None = None) -> None:
         self.int8_kernel.clear()
-        self.int8_kernel.labels(kernel, source).set(1)
+        self.int8_kernel.labels(kernel, source, "1").set(1)
+        for rows, band_kernel in bands or []:
+            self.int8_kernel.labels(band_kernel, source, str(rows)).set(1)
 
     def observe_batch(self, stats: BatchStats, tokens: int) -> None:
         self.batch_size.observe(stats.size)

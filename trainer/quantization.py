@@ -304,10 +304,13 @@ class Int8Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.kernel: Int8Kernel = kernel
+        # Larger inputs may run another kernel: (from this many rows, kernel), ascending. Which
+        # kernel is fastest depends on the row count (serving/kernel_choice.py).
+        self.bands: tuple[tuple[int, Int8Kernel], ...] = ()
+        self._impls: dict[str, Any] = {}
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._impl: Any = None
 
     @classmethod
     def from_int8(
@@ -322,13 +325,22 @@ class Int8Linear(nn.Module):
         return layer
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+        bands = "".join(f", from {rows} rows {kernel}" for rows, kernel in self.bands)
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}{bands}"
+
+    def kernel_for(self, rows: int) -> Int8Kernel:
+        """The kernel that runs an input of ``rows`` rows."""
+        kernel = self.kernel
+        for start, band_kernel in self.bands:
+            if rows >= start:
+                kernel = band_kernel
+        return kernel
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
 
-    def _build(self) -> Any:
-        if self.kernel in DYNAMIC_ENGINES:
+    def _build(self, kernel: Int8Kernel) -> Any:
+        if kernel in DYNAMIC_ENGINES:
             zero = torch.zeros(self.out_features, dtype=torch.int64)
             with warnings.catch_warnings():  # torch marks its quantized tensors as moving to torchao
                 warnings.simplefilter("ignore")
@@ -336,7 +348,7 @@ class Int8Linear(nn.Module):
                     self.weight_int8.cpu(), self.weight_scale.cpu().double(), zero, 0
                 )
             # The engine at prepack time decides the packed format, and with it the GEMM that runs.
-            with _quantized_engine(DYNAMIC_ENGINES[self.kernel]):
+            with _quantized_engine(DYNAMIC_ENGINES[kernel]):
                 return torch.ops.quantized.linear_prepack(qweight, None if self.bias is None else self.bias.cpu())
         from torchao.quantization import Int8Tensor
         from torchao.quantization.granularity import PerRow
@@ -344,7 +356,7 @@ class Int8Linear(nn.Module):
         from torchao.quantization.quantize_.workflows.int8.int8_tensor import QuantizeTensorToInt8Kwargs
 
         act = None
-        if self.kernel == "torchao-dynamic":
+        if kernel == "torchao-dynamic":
             act = QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC)
         return Int8Tensor(
             self.weight_int8, self.weight_scale[:, None], [1, self.in_features], torch.float32, act_quant_kwargs=act
@@ -352,21 +364,23 @@ class Int8Linear(nn.Module):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._impl = None  # new weights: rebuild the kernel's packed form on the next call
+        self._impls = {}  # new weights: rebuild the kernels' packed forms on the next call
 
     def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
-        self._impl = None
+        self._impls = {}
         return cast(Int8Linear, super()._apply(fn, recurse))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._impl is None:
-            self._impl = self._build()
-        if self.kernel in DYNAMIC_ENGINES:
+        kernel = self.kernel_for(x.numel() // self.in_features) if self.bands else self.kernel
+        impl = self._impls.get(kernel)
+        if impl is None:
+            impl = self._impls[kernel] = self._build(kernel)
+        if kernel in DYNAMIC_ENGINES:
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).float().contiguous()
-            y = torch.ops.quantized.linear_dynamic(x2, self._impl, True)  # reduce_range: no VNNI
+            y = torch.ops.quantized.linear_dynamic(x2, impl, True)  # reduce_range: no VNNI
             return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x.float(), self._impl, self.bias).to(x.dtype)
+        return F.linear(x.float(), impl, self.bias).to(x.dtype)
 
 
 @contextlib.contextmanager
@@ -379,12 +393,14 @@ def _quantized_engine(engine: str) -> Iterator[None]:
         torch.backends.quantized.engine = before
 
 
-def set_int8_kernel(model: nn.Module, kernel: Int8Kernel) -> nn.Module:
-    """Switch every Int8Linear of ``model`` to ``kernel`` (same weights)."""
+def set_int8_kernel(model: nn.Module, kernel: Int8Kernel, bands: tuple[tuple[int, Int8Kernel], ...] = ()) -> nn.Module:
+    """Switch every Int8Linear of ``model`` to ``kernel`` (same weights), and to each of ``bands``'
+    kernels from its row count on."""
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module.kernel = kernel
-            module._impl = None
+            module.bands = bands
+            module._impls = {}
     return model
 
 

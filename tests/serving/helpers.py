@@ -99,19 +99,35 @@ def load_served(model_dir: Path, server: ServerProcess | None = None) -> Any:
     from kdistill.trainer.quantization import set_int8_kernel
 
     artifact = load_artifact(model_dir)
-    kernel = served_kernel(server)[0] if server is not None else "none"
+    kernel, bands = served_kernels(server) if server is not None else ("none", ())
     if kernel != "none":
-        set_int8_kernel(artifact.model, kernel)  # type: ignore[arg-type]  # checked by the server
+        set_int8_kernel(artifact.model, kernel, bands)  # type: ignore[arg-type]  # checked by the server
     prepare_for_inference(artifact.model)
     return artifact
 
 
+def _kernel_series(server: ServerProcess) -> list[tuple[str, str, int]]:
+    """(kernel, how it was chosen, from which row count) of each ``kdistill_int8_kernel`` series."""
+    pattern = r'^kdistill_int8_kernel\{from_rows="(\d+)",kernel="([^"]+)",source="([^"]+)"\} 1\.0$'
+    found = re.findall(pattern, metrics_text(server), re.M)
+    series = sorted((kernel, source, int(rows)) for rows, kernel, source in found)
+    starts = [rows for _, _, rows in series]
+    if 1 not in starts or len(set(starts)) != len(starts):
+        raise AssertionError(f"expected one kdistill_int8_kernel series from 1 row and one per band, found {found}")
+    return series
+
+
 def served_kernel(server: ServerProcess) -> tuple[str, str]:
-    """(kernel, how it was chosen) from the server's ``kdistill_int8_kernel`` gauge."""
-    found = re.findall(r'^kdistill_int8_kernel\{kernel="([^"]+)",source="([^"]+)"\} 1\.0$', metrics_text(server), re.M)
-    if len(found) != 1:
-        raise AssertionError(f"expected one kdistill_int8_kernel series, found {found}")
-    return found[0]
+    """(kernel of the smallest inputs, how it was chosen) from the server's ``kdistill_int8_kernel`` gauge."""
+    kernel, source, _ = next(s for s in _kernel_series(server) if s[2] == 1)
+    return kernel, source
+
+
+def served_kernels(server: ServerProcess) -> tuple[str, tuple[tuple[int, str], ...]]:
+    """The kernel of the smallest inputs and the bands ``(from rows, kernel)`` the server runs."""
+    series = _kernel_series(server)
+    bands = tuple(sorted((rows, kernel) for kernel, _, rows in series if rows != 1))
+    return served_kernel(server)[0], bands
 
 
 def metrics_text(server: ServerProcess) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from tests.serving.helpers import (
     ServerProcess,
     build_tiny_tokenizer,
     served_kernel,
+    served_kernels,
     tiny_bert_classifier,
     tiny_gpt2,
 )
@@ -95,27 +97,44 @@ def test_every_kernel_answers_like_the_others_within_int8_tolerance(tmp_path: Pa
             assert apart < 0.05, (a, b, apart)
 
 
-def test_fastest_weighs_each_row_count_alike_and_skips_pruned_kernels() -> None:
+def test_plan_runs_each_row_count_on_the_kernel_fastest_there() -> None:
     ms = {
-        "fbgemm-dynamic": {"16": 1.0, "128": 10.0},  # (1/1 + 10/6) / 2 = 1.33
-        "onednn-dynamic": {"16": 2.0, "128": 6.0},  # (2/1 + 6/6) / 2 = 1.5
-        "torchao-dynamic": {"16": 0.5},  # fastest at 16 rows, pruned at 128
+        "fbgemm-dynamic": {"16": 1.0, "128": 6.0, "2048": 100.0},
+        "onednn-dynamic": {"16": 2.0, "128": 6.2, "2048": 80.0},
+        "torchao-dynamic": {"16": 0.5},  # fastest at 16 rows, pruned at 128 and 2048
     }
-    assert kernel_choice.fastest(ms) == "fbgemm-dynamic"
-    ms["onednn-dynamic"]["128"] = 3.0  # (2/1 + 3/3) / 2 = 1.5 against (1 + 10/3) / 2 = 2.17
-    assert kernel_choice.fastest(ms) == "onednn-dynamic"
+    # torchao for small inputs; at 128 rows fbgemm is more than 5% faster than torchao (pruned:
+    # lost by at least PRUNE_FACTOR) from sqrt(16 * 128) = 45 rows; oneDNN from sqrt(128 * 2048) = 512.
+    assert kernel_choice.plan(ms) == ("torchao-dynamic", [[45, "fbgemm-dynamic"], [512, "onednn-dynamic"]])
+    del ms["torchao-dynamic"]
+    assert kernel_choice.plan(ms) == ("fbgemm-dynamic", [[512, "onednn-dynamic"]])
+    # Within SWITCH_MARGIN of the current kernel: no switch (run-to-run noise keeps one band).
+    ms["onednn-dynamic"]["2048"] = 96.0
+    assert kernel_choice.plan(ms) == ("fbgemm-dynamic", [])
+    with pytest.raises(ValueError, match="no kernel was timed"):
+        kernel_choice.plan({"fbgemm-dynamic": {}})
 
 
-def test_fastest_when_every_kernel_was_pruned_at_some_row_count() -> None:
-    # Close timings on a busy machine: each kernel lost one row count (and counts PRUNE_FACTOR there).
-    ms = {
-        "torchao-dynamic": {"16": 1.2},  # (1.2 + F) / 2
-        "fbgemm-dynamic": {"16": 1.0},  # (1 + F) / 2
-        "onednn-dynamic": {"128": 1.0},  # (F + 1) / 2
-    }
-    assert kernel_choice.fastest(ms) == "fbgemm-dynamic"  # the first of the two best
-    ms["onednn-dynamic"]["16"] = 1.4  # onednn ran at every row count: it qualifies alone
-    assert kernel_choice.fastest(ms) == "onednn-dynamic"
+def test_an_int8_layer_runs_the_kernel_of_its_input_rows() -> None:
+    torch.manual_seed(0)
+    layer = q.Int8Linear.from_int8(
+        torch.randint(-127, 128, (8, 16), dtype=torch.int8), torch.rand(8) / 100, torch.randn(8), "fbgemm-dynamic"
+    )
+    bands = ((4, cast(q.Int8Kernel, "weight-only")), (32, cast(q.Int8Kernel, "onednn-dynamic")))
+    q.set_int8_kernel(layer, "fbgemm-dynamic", bands)
+    assert [layer.kernel_for(n) for n in (1, 3, 4, 31, 32, 4096)] == [
+        "fbgemm-dynamic",
+        "fbgemm-dynamic",
+        "weight-only",
+        "weight-only",
+        "onednn-dynamic",
+        "onednn-dynamic",
+    ]
+    reference = q.Int8Linear.from_int8(layer.weight_int8, layer.weight_scale, layer.bias, "weight-only")
+    for rows in (2, 8, 64):  # [batch, seq, in]: rows are batch x seq
+        x = torch.randn(2, rows // 2, 16)
+        torch.testing.assert_close(layer(x), reference(x), rtol=0.05, atol=0.05)
+    assert set(layer._impls) == {"fbgemm-dynamic", "weight-only", "onednn-dynamic"}
 
 
 def quantized_bert(seed: int = 0) -> nn.Module:
@@ -131,15 +150,16 @@ def test_the_kernel_is_measured_at_load_then_taken_from_the_cache(
     model = quantized_bert()
     first = kernel_choice.apply(model)
     assert first.source == "measured"
-    assert first.kernel == kernel_choice.fastest(first.ms)
+    assert (first.kernel, first.bands) == kernel_choice.plan(first.ms)
     for kernel in kernel_choice.candidates():  # every kernel was timed (pruned ones at fewer rows)
         assert kernel in first.ms
-    # Every INT8 layer now runs the chosen kernel.
-    assert {m.kernel for m in model.modules() if isinstance(m, q.Int8Linear)} == {first.kernel}
+    # Every INT8 layer now runs the chosen kernel, and each band's kernel from its row count on.
+    layers = [m for m in model.modules() if isinstance(m, q.Int8Linear)]
+    assert {(m.kernel, m.bands) for m in layers} == {(first.kernel, tuple((r, k) for r, k in first.bands))}
     cached = json.loads((tmp_path / "cache" / kernel_choice.CACHE_FILE).read_text())
-    assert cached[first.key]["kernel"] == first.kernel
+    assert (cached[first.key]["kernel"], cached[first.key]["bands"]) == (first.kernel, first.bands)
     again = kernel_choice.choose(quantized_bert(seed=1))  # same shapes, same CPU: no measurement
-    assert (again.source, again.kernel, again.key) == ("cache", first.kernel, first.key)
+    assert (again.source, again.kernel, again.bands, again.key) == ("cache", first.kernel, first.bands, first.key)
     # Other shapes are another entry.
     wider = q.quantize_ptq_int8(tiny_bert_classifier(300, width=192), "fbgemm-dynamic")
     assert kernel_choice.cache_key(wider) != first.key
@@ -186,6 +206,7 @@ def test_the_server_reports_its_kernel_in_metrics_and_model_info(cls_artifact: P
         try:
             server.wait_ready()
             kernel, source = served_kernel(server)
+            _, bands = served_kernels(server)
             card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]["kdistill"]
             meta = httpx.get(f"{server.url}/v2/models/{card_name(cls_artifact)}", timeout=10).json()
         finally:
@@ -196,6 +217,7 @@ def test_the_server_reports_its_kernel_in_metrics_and_model_info(cls_artifact: P
             "quantization": "ptq-int8",
             "int8_kernel": kernel,
             "int8_kernel_source": source,
+            "int8_kernel_bands": [[rows, band] for rows, band in bands],
         }
         assert meta["parameters"] == card
         seen.append((kernel, source))

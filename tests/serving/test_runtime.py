@@ -41,7 +41,7 @@ def test_engine_serves_the_int8_gpt2_with_fused_gelu_and_the_same_logits(lm_arti
     assert any(isinstance(m, Int8Linear) for m in engine.model.modules())  # still the INT8 student
     # The same INT8 kernel on both sides (the engine takes the fastest on this machine, and kernels
     # quantize activations with their own rounding): what differs is the GELU alone.
-    set_int8_kernel(plain, engine.int8_kernel.kernel)
+    set_int8_kernel(plain, engine.int8_kernel.kernel, tuple((r, k) for r, k in engine.int8_kernel.bands))
     ids = engine.tokenizer("The for statement is used to iterate", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         ref, out = plain(input_ids=ids).logits, engine.model(input_ids=ids).logits
