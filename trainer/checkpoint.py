@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from .dcp_storage import METADATA as SHARDED_METADATA
 from .fence import Fence
 from .fsio import replace_dir, sha256_file
 
@@ -47,6 +48,12 @@ class CheckpointInfo:
     temperature: float
     sampler: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        """Written by ranks that each saved their own part (``sharded_state``); else gathered:
+        the whole student in ``model.safetensors`` and ``optimizer.pt``."""
+        return (self.path / SHARDED_METADATA).is_file()
 
 
 def capture_rng() -> dict[str, Any]:
@@ -101,24 +108,55 @@ class CheckpointManager:
         meta: dict[str, Any] | None = None,
         extra: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
-        """Write a checkpoint atomically, prune old ones, and return its path. ``extra`` maps a
-        file name (``*.safetensors``) to the tensors it holds; they are covered by the manifest."""
+        """Write a gathered checkpoint (one writer holds the whole student) atomically, prune old
+        ones, and return its path. ``extra`` maps a file name (``*.safetensors``) to the tensors
+        it holds; they are covered by the manifest."""
+        tmp = self.begin(self.root / f"{TMP_PREFIX}{self._final_path(step).name}-{os.getpid()}")
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            save_model(aux, str(tmp / "aux.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            for name, tensors in (extra or {}).items():
+                if not name.endswith(".safetensors") or "/" in name or name.startswith("."):
+                    raise ValueError(f"extra checkpoint file {name!r}: expected a plain NAME.safetensors")
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+            self.write_state(
+                tmp, step=step, stage=stage, temperature=temperature, scheduler=scheduler, sampler=sampler, meta=meta
+            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.commit(tmp, step)
+
+    def shared_tmp(self, step: int) -> Path:
+        """The temporary directory every rank of a sharded save writes into: the same name on
+        every rank, one per attempt (a rank of an older attempt never writes into a newer one's)."""
+        return self.root / f"{TMP_PREFIX}{self._final_path(step).name}-attempt{self.fence.attempt or 0}"
+
+    def begin(self, tmp: Path) -> Path:
+        """An empty ``tmp`` (what a writer that died there left is removed first)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self._final_path(step)
-        tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        save_model(aux, str(tmp / "aux.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        return tmp
+
+    def write_state(
+        self,
+        tmp: Path,
+        *,
+        step: int,
+        stage: str,
+        temperature: float,
+        scheduler: Any,
+        sampler: dict[str, Any],
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """What every checkpoint holds besides the student and its optimizer state: the LR
+        schedule, the RNG states, the sampler position and ``trainer.json``."""
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(capture_rng(), tmp / "rng.pt")
         torch.save(sampler, tmp / "sampler.pt")
-        for name, tensors in (extra or {}).items():
-            if not name.endswith(".safetensors") or "/" in name or name.startswith("."):
-                raise ValueError(f"extra checkpoint file {name!r}: expected a plain NAME.safetensors")
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         info = {
             "step": step,
             "stage": stage,
@@ -128,9 +166,16 @@ class CheckpointManager:
             "attempt": self.fence.attempt,
         }
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1))
+
+    def commit(self, tmp: Path, step: int, digests: dict[str, str] | None = None) -> Path:
+        """Checksum every file of the finished ``tmp`` into the manifest (written last; files
+        whose sha256 a writer already computed from the bytes it wrote are not read again), then
+        rename it into place and prune, under the attempt fence. Returns the checkpoint's path."""
+        known = digests or {}
         files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"step": step, "files": {name: sha256_file(tmp / name) for name in files}}
+        manifest = {"step": step, "files": {name: known.get(name) or sha256_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        final = self._final_path(step)
         try:
             with self.fence.holding(f"checkpoint of step {step}"):
                 # Re-saving a step (e.g. SIGTERM right after a periodic save) replaces the old one.
