@@ -1,15 +1,20 @@
 """Atomic, verified training checkpoints.
 
-A checkpoint is a directory ``step-000000123`` holding the student and aux modules (projections)
-as safetensors, the optimizer and LR-scheduler states and every RNG state as ``torch.save``
-files that load with ``weights_only=True``, and ``trainer.json`` (step, stage, temperature,
-sampler position), plus named extra safetensors files a caller adds (the top-k compression
-residuals of every rank, gathered to rank 0). It is written into a temporary directory, every
-file fsync'ed, a manifest of sha256 checksums written last, then renamed into place: a reader never sees a partial one.
-On start, the newest checkpoint whose manifest verifies wins; a corrupt one is skipped with a
-warning. With a gang attempt (``fence.py``) the rename and the pruning happen under the attempt
-fence: a rank of an older attempt has its save refused (``ExitCode.FENCED``), so it never becomes
-the newest complete checkpoint.
+A checkpoint is a directory ``step-000000123``. Gathered (one writer holds the whole student:
+``save``), it holds the student and aux modules (projections) as safetensors and the optimizer
+state as a ``torch.save`` file that loads with ``weights_only=True``, plus named extra
+safetensors files a caller adds (the top-k compression residuals of every rank, gathered to rank
+0). Sharded (a split student, ``parallel/sharded_checkpoint.py``), every rank writes its own part
+into a shared temporary directory (``shared_tmp``, ``begin``) and rank 0 adds the rest. Both hold
+the LR-scheduler state, every RNG state and the sampler position (``write_state``) and
+``trainer.json`` (step, stage, temperature).
+
+``commit`` finishes either: a manifest of sha256 checksums written last, then the directory
+renamed into place: a reader never sees a partial one. On start, the newest checkpoint whose
+manifest verifies wins; a corrupt one is skipped with a warning. With a gang attempt
+(``fence.py``) the rename and the pruning happen under the attempt fence: a rank of an older
+attempt has its save refused (``ExitCode.FENCED``), so it never becomes the newest complete
+checkpoint. Pruning also removes temporary directories a writer that died mid-save left.
 """
 
 from __future__ import annotations

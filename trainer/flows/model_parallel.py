@@ -6,10 +6,11 @@ split by tensor parallelism (class logits scored as a one-position sequence; wha
 ``parallel.runtime.check_model_parallel`` admits), from the live teacher or the teacher cache,
 optionally entropy-weighted, through QAT's reduced-precision and fake-quant phases
 (``parallel/student_qat.py``); the hidden/attention terms are computed on the stage that owns
-each mapped student block (``parallel/split_features.py``). Rank 0 keeps an unsplit copy of the
-student: checkpoints and the final student are gathered into it (``parallel/student_state.py``),
-with the aux modules and their optimizer state in the single-process layout, so a checkpoint is
-the whole run whatever the layout, and any layout can resume it.
+each mapped student block (``parallel/split_features.py``). Checkpoints are sharded: every rank
+writes its own part and reads back only what it holds, under any layout
+(``parallel/sharded_checkpoint.py``); gathered checkpoints (a single process's) still load. Rank
+0 keeps an unsplit copy of the student, into which the final student is gathered
+(``parallel/student_state.py``).
 """
 
 from __future__ import annotations
