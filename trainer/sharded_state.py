@@ -68,6 +68,23 @@ def _one_process_is_intended() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _unwrapped() -> Iterator[None]:
+    """DCP reports any rank's failure as a ``CheckpointException`` (a BaseException, which no
+    ``except Exception`` sees): raise the first rank's own exception instead, so that a lost peer
+    is classified as one (``peer_guard``) and a checkpoint that does not fit as that."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        causes = [failure[0] for _, failure in sorted(exc.failures.items())]
+        cause = next((c for c in causes if isinstance(c, Exception)), None)
+        if cause is None:
+            raise RuntimeError(str(exc)) from None
+        raise cause from None
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -121,7 +138,7 @@ def save(path: Path, state: dict[str, torch.Tensor]) -> dict[str, str]:
     ``state`` into ``path`` (which exists). Returns the data files' sha256 on the coordinator
     (rank 0), {} elsewhere."""
     writer = SafetensorsStorageWriter(path)
-    with _one_process_is_intended():
+    with _one_process_is_intended(), _unwrapped():
         dcp.save(state, storage_writer=writer, planner=DefaultSavePlanner(), no_dist=not _distributed())
     return writer.digests
 
@@ -204,7 +221,7 @@ def load(
         targets.update(moments[i])
     with torch.no_grad():
         reader = SafetensorsStorageReader(path)
-        with _one_process_is_intended():
+        with _one_process_is_intended(), _unwrapped():
             dcp.load(targets, storage_reader=reader, planner=DefaultLoadPlanner(), no_dist=not _distributed())
     for i, found in moments.items():
         if found:

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from kdistill.api.failures import ExitCode
 from kdistill.trainer.checkpoint import MANIFEST, CheckpointManager
 from kdistill.trainer.dcp_storage import METADATA
 from kdistill.trainer.parallel import sharded_checkpoint
@@ -191,7 +192,8 @@ def test_rank_killed_mid_save_leaves_no_checkpoint_that_loads(tmp_path: Path) ->
     os.kill(int(marker.read_text()), signal.SIGKILL)
     results = wait_ranks(procs)
     assert results[1].returncode == -signal.SIGKILL
-    assert results[0].returncode != 0  # rank 0 lost its peer inside the save
+    # Rank 0 lost its peer inside the save and says so (the operator reads the exit code).
+    assert results[0].returncode == ExitCode.PEER_LOST, results[0].stderr[-3000:]
     root = tmp_path / "checkpoints"
     partial = root / ".tmp-step-000000002-attempt0"
     assert (partial / "shard-00001.safetensors").is_file() and not (partial / MANIFEST).exists()

@@ -195,7 +195,7 @@ class ModelParallelFlow:
                 self._restore_sharded(info, state)
             else:
                 self._restore_gathered(info, state)
-        except (KeyError, ValueError, RuntimeError) as exc:
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
             raise TrainerError(
                 ExitCode.CHECKPOINT_INCOMPATIBLE, f"checkpoint {info.path} does not fit this student: {exc}"
             ) from None

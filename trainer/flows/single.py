@@ -130,7 +130,7 @@ class SingleProcessFlow:
         expected = {h.key[len(sharded_checkpoint.STUDENT) :] for h in held}
         try:
             sharded_checkpoint.restore(info.path, state, held, expected, guard=self.parallel.guard)
-        except (KeyError, ValueError, RuntimeError) as exc:
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
             raise TrainerError(
                 ExitCode.CHECKPOINT_INCOMPATIBLE, f"checkpoint {info.path} does not fit this student: {exc}"
             ) from None
