@@ -1,15 +1,20 @@
 """Atomic, verified training checkpoints.
 
-A checkpoint is a directory ``step-000000123`` holding the student and aux modules (projections)
-as safetensors, the optimizer and LR-scheduler states and every RNG state as ``torch.save``
-files that load with ``weights_only=True``, and ``trainer.json`` (step, stage, temperature,
-sampler position), plus named extra safetensors files a caller adds (the top-k compression
-residuals of every rank, gathered to rank 0). It is written into a temporary directory, every
-file fsync'ed, a manifest of sha256 checksums written last, then renamed into place: a reader never sees a partial one.
-On start, the newest checkpoint whose manifest verifies wins; a corrupt one is skipped with a
-warning. With a gang attempt (``fence.py``) the rename and the pruning happen under the attempt
-fence: a rank of an older attempt has its save refused (``ExitCode.FENCED``), so it never becomes
-the newest complete checkpoint.
+A checkpoint is a directory ``step-000000123``. Gathered (one writer holds the whole student:
+``save``), it holds the student and aux modules (projections) as safetensors and the optimizer
+state as a ``torch.save`` file that loads with ``weights_only=True``, plus named extra
+safetensors files a caller adds (the top-k compression residuals of every rank, gathered to rank
+0). Sharded (a split student, ``parallel/sharded_checkpoint.py``), every rank writes its own part
+into a shared temporary directory (``shared_tmp``, ``begin``) and rank 0 adds the rest. Both hold
+the LR-scheduler state, every RNG state and the sampler position (``write_state``) and
+``trainer.json`` (step, stage, temperature).
+
+``commit`` finishes either: a manifest of sha256 checksums written last, then the directory
+renamed into place: a reader never sees a partial one. On start, the newest checkpoint whose
+manifest verifies wins; a corrupt one is skipped with a warning. With a gang attempt
+(``fence.py``) the rename and the pruning happen under the attempt fence: a rank of an older
+attempt has its save refused (``ExitCode.FENCED``), so it never becomes the newest complete
+checkpoint. Pruning also removes temporary directories a writer that died mid-save left.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from .dcp_storage import METADATA as SHARDED_METADATA
 from .fence import Fence
 from .fsio import replace_dir, sha256_file
 
@@ -47,6 +53,12 @@ class CheckpointInfo:
     temperature: float
     sampler: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        """Written by ranks that each saved their own part (``sharded_state``); else gathered:
+        the whole student in ``model.safetensors`` and ``optimizer.pt``."""
+        return (self.path / SHARDED_METADATA).is_file()
 
 
 def capture_rng() -> dict[str, Any]:
@@ -101,24 +113,55 @@ class CheckpointManager:
         meta: dict[str, Any] | None = None,
         extra: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> Path:
-        """Write a checkpoint atomically, prune old ones, and return its path. ``extra`` maps a
-        file name (``*.safetensors``) to the tensors it holds; they are covered by the manifest."""
+        """Write a gathered checkpoint (one writer holds the whole student) atomically, prune old
+        ones, and return its path. ``extra`` maps a file name (``*.safetensors``) to the tensors
+        it holds; they are covered by the manifest."""
+        tmp = self.begin(self.root / f"{TMP_PREFIX}{self._final_path(step).name}-{os.getpid()}")
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            save_model(aux, str(tmp / "aux.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            for name, tensors in (extra or {}).items():
+                if not name.endswith(".safetensors") or "/" in name or name.startswith("."):
+                    raise ValueError(f"extra checkpoint file {name!r}: expected a plain NAME.safetensors")
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+            self.write_state(
+                tmp, step=step, stage=stage, temperature=temperature, scheduler=scheduler, sampler=sampler, meta=meta
+            )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.commit(tmp, step)
+
+    def shared_tmp(self, step: int) -> Path:
+        """The temporary directory every rank of a sharded save writes into: the same name on
+        every rank, one per attempt (a rank of an older attempt never writes into a newer one's)."""
+        return self.root / f"{TMP_PREFIX}{self._final_path(step).name}-attempt{self.fence.attempt or 0}"
+
+    def begin(self, tmp: Path) -> Path:
+        """An empty ``tmp`` (what a writer that died there left is removed first)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self._final_path(step)
-        tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        save_model(aux, str(tmp / "aux.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        return tmp
+
+    def write_state(
+        self,
+        tmp: Path,
+        *,
+        step: int,
+        stage: str,
+        temperature: float,
+        scheduler: Any,
+        sampler: dict[str, Any],
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """What every checkpoint holds besides the student and its optimizer state: the LR
+        schedule, the RNG states, the sampler position and ``trainer.json``."""
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(capture_rng(), tmp / "rng.pt")
         torch.save(sampler, tmp / "sampler.pt")
-        for name, tensors in (extra or {}).items():
-            if not name.endswith(".safetensors") or "/" in name or name.startswith("."):
-                raise ValueError(f"extra checkpoint file {name!r}: expected a plain NAME.safetensors")
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
         info = {
             "step": step,
             "stage": stage,
@@ -128,9 +171,16 @@ class CheckpointManager:
             "attempt": self.fence.attempt,
         }
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1))
+
+    def commit(self, tmp: Path, step: int, digests: dict[str, str] | None = None) -> Path:
+        """Checksum every file of the finished ``tmp`` into the manifest (written last; files
+        whose sha256 a writer already computed from the bytes it wrote are not read again), then
+        rename it into place and prune, under the attempt fence. Returns the checkpoint's path."""
+        known = digests or {}
         files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"step": step, "files": {name: sha256_file(tmp / name) for name in files}}
+        manifest = {"step": step, "files": {name: known.get(name) or sha256_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        final = self._final_path(step)
         try:
             with self.fence.holding(f"checkpoint of step {step}"):
                 # Re-saving a step (e.g. SIGTERM right after a periodic save) replaces the old one.

@@ -57,10 +57,13 @@ def test_tensor2_x_data2_compresses_the_data_axis_and_resumes_with_residuals(roo
     a, d = _weights(out), _weights(dense_out)
     assert max(float((a[k] - d[k]).abs().max()) for k in a) > 1e-4
 
-    # Every rank's residuals (of its own shards) are in the checkpoint.
-    saved = load_file(str(out / "checkpoints" / f"step-{EVERY:09d}" / "compression.safetensors"))
-    assert sorted(saved) == ["hook_step", "rank0", "rank1", "rank2", "rank3", "world"]
-    assert int(saved["hook_step"][0]) == EVERY and int(saved["world"][0]) == 4
+    # Every rank wrote its residuals (of its own shards) into the checkpoint, one file each.
+    saved = {}
+    for r in range(4):
+        mine = load_file(str(out / "checkpoints" / f"step-{EVERY:09d}" / f"compression-rank{r}.safetensors"))
+        assert sorted(mine) == ["hook_step", f"rank{r}", "world"]
+        assert int(mine["hook_step"][0]) == EVERY and int(mine["world"][0]) == 4
+        saved[f"rank{r}"] = mine[f"rank{r}"]
     assert all(float(saved[f"rank{r}"].abs().sum()) > 0 for r in range(4))
     # Each its own: data peers saw other rows, tensor peers hold other shards.
     assert not any(torch.equal(saved[f"rank{i}"], saved[f"rank{j}"]) for i in range(4) for j in range(i + 1, 4))
@@ -79,9 +82,10 @@ def test_tensor2_x_data2_compresses_the_data_axis_and_resumes_with_residuals(roo
     lost = root / "out-lost"
     _resume_from(out, EVERY, lost)
     ckpt = lost / "checkpoints" / f"step-{EVERY:09d}"
-    (ckpt / "compression.safetensors").unlink()
     manifest = json.loads((ckpt / MANIFEST).read_text())
-    del manifest["files"]["compression.safetensors"]
+    for r in range(4):
+        (ckpt / f"compression-rank{r}.safetensors").unlink()
+        del manifest["files"][f"compression-rank{r}.safetensors"]
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     _run(_job(root, "compressed", COMPRESSION), lost, 4)
     c = _weights(lost)

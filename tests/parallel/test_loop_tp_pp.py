@@ -30,6 +30,7 @@ from kdistill.trainer.parallel.runtime import check_supported
 from tests.spec_table import SPLIT_STUDENT_BAD
 from tests.trainer import helpers
 
+from .checkpoints import assert_same_moments, student_weights
 from .harness import REPO
 
 STEPS, EVERY = 6, 3
@@ -166,9 +167,9 @@ def test_tensor2_trains_like_one_process(root: Path, reference: tuple[list[float
     _assert_follows(steps, ref)
     assert ref[-1] < ref[0]  # the loss decreases
     _assert_same_student(out, ref_out)
-    # The checkpoint is the whole student in the single-process layout (same keys, same shapes).
-    ckpt = load_file(str(out / "checkpoints" / f"step-{STEPS:09d}" / "model.safetensors"))
-    whole = load_file(str(ref_out / "checkpoints" / f"step-{STEPS:09d}" / "model.safetensors"))
+    # The sharded checkpoint holds the whole student under the single-process names and shapes.
+    ckpt = student_weights(out / "checkpoints" / f"step-{STEPS:09d}")
+    whole = student_weights(ref_out / "checkpoints" / f"step-{STEPS:09d}")
     assert {k: v.shape for k, v in ckpt.items()} == {k: v.shape for k, v in whole.items()}
 
 
@@ -217,6 +218,44 @@ def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, refere
     assert result2["resumedFrom"] == EVERY
     _assert_follows(steps2, ref, first=EVERY + 1)
     _assert_same_student(again, ref_out)
+    last = f"step-{STEPS:09d}"
+    assert_same_moments(again / "checkpoints" / last, ref_out / "checkpoints" / last)
+    _resumes_in_one_process_and_on_data_ranks(root, out, reference)
+
+
+def _resumes_in_one_process_and_on_data_ranks(root: Path, out: Path, reference: tuple[list[float], Path]) -> None:
+    """The sharded checkpoint of a tensor2 x pipeline2 run resumes in one process (the
+    single-process flow reads every shard) and on two data ranks (DDP of whole students)."""
+    from kdistill.trainer.options import RunOptions, StepReport
+    from kdistill.trainer.outputs import OutputLayout
+    from kdistill.trainer.runner import run_job
+
+    ref, ref_out = reference
+    last = f"step-{STEPS:09d}"
+    one = root / "out-tp2pp2-in-one"
+    _resume_from(out, EVERY, one)
+    reports: list[StepReport] = []
+    job = load_job(_write_job(root, "one-resume"))
+    run_job(job, RunOptions(output=OutputLayout(one), base_dir=root, on_step=reports.append))
+    assert [r.step for r in reports] == list(range(EVERY + 1, STEPS + 1))
+    assert [round(r.loss, 6) for r in reports] == pytest.approx(ref[EVERY:], rel=2e-5, abs=2e-6)
+    _assert_same_student(one, ref_out)
+    assert_same_moments(one / "checkpoints" / last, ref_out / "checkpoints" / last)
+    # Two data ranks average per-rank losses (DDP), so they follow the single process closely,
+    # not to the last digit.
+    data2 = root / "out-tp2pp2-on-data2"
+    _resume_from(out, EVERY, data2)
+    steps, result = _run(_write_job(root, "data2-resume", data=2), data2, 2)
+    assert result["resumedFrom"] == EVERY and [s["step"] for s in steps] == list(range(EVERY + 1, STEPS + 1))
+    assert [s["loss"] for s in steps] == pytest.approx(ref[EVERY:], rel=1e-2)
+    start = student_weights(out / "checkpoints" / f"step-{EVERY:09d}")
+    a = load_file(str(ref_out / "student" / "model.safetensors"))
+    b = load_file(str(data2 / "student" / "model.safetensors"))
+
+    def dist(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> float:
+        return float(torch.sqrt(sum(((x[k] - y[k]) ** 2).sum() for k in x)))
+
+    assert dist(b, a) < 0.1 * dist(start, a)
 
 
 # What the trainer's own message names for each of the API's split-student rows.

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from kdistill.api import load_job
 from tests.trainer import helpers
 
+from .checkpoints import assert_same_moments, aux_weights
 from .test_loop_tp_pp import _resume_from, _run
 
 STEPS, EVERY = 6, 3
@@ -141,27 +142,21 @@ def _assert_follows(steps: list[dict[str, Any]], ref: list[dict[str, float]], fi
 
 
 def _assert_same_outputs(out: Path, ref_out: Path, step: int = STEPS) -> None:
-    """The final student and the aux modules of the last checkpoint equal the single process's."""
-    for a, b in (
-        (out / "student" / "model.safetensors", ref_out / "student" / "model.safetensors"),
+    """The final student, and the aux modules and Adam moments of the last checkpoint, equal the
+    single process's."""
+    ckpt, ref_ckpt = out / "checkpoints" / f"step-{step:09d}", ref_out / "checkpoints" / f"step-{step:09d}"
+    pairs = (
         (
-            out / "checkpoints" / f"step-{step:09d}" / "aux.safetensors",
-            ref_out / "checkpoints" / f"step-{step:09d}" / "aux.safetensors",
+            load_file(str(out / "student" / "model.safetensors")),
+            load_file(str(ref_out / "student" / "model.safetensors")),
         ),
-    ):
-        x, y = load_file(str(a)), load_file(str(b))
-        assert set(x) == set(y), a
+        (aux_weights(ckpt), aux_weights(ref_ckpt)),
+    )
+    for x, y in pairs:
+        assert set(x) == set(y)
         for k in x:
-            torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5, msg=f"{a.name} {k}")
-    # The optimizer state in the single-process layout: the same entries, the same moments.
-    name = f"step-{step:09d}"
-    got = torch.load(out / "checkpoints" / name / "optimizer.pt", weights_only=True)
-    want = torch.load(ref_out / "checkpoints" / name / "optimizer.pt", weights_only=True)
-    assert [g["params"] for g in got["param_groups"]] == [g["params"] for g in want["param_groups"]]
-    assert set(got["state"]) == set(want["state"])
-    for i, moments in want["state"].items():
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(got["state"][i][key], moments[key], rtol=1e-4, atol=1e-6, msg=f"{i} {key}")
+            torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_same_moments(ckpt, ref_ckpt)
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,11 @@ split by tensor parallelism (class logits scored as a one-position sequence; wha
 ``parallel.runtime.check_model_parallel`` admits), from the live teacher or the teacher cache,
 optionally entropy-weighted, through QAT's reduced-precision and fake-quant phases
 (``parallel/student_qat.py``); the hidden/attention terms are computed on the stage that owns
-each mapped student block (``parallel/split_features.py``). Rank 0 keeps an unsplit copy of the
-student: checkpoints and the final student are gathered into it (``parallel/student_state.py``),
-with the aux modules and their optimizer state in the single-process layout, so a checkpoint is
-the whole run whatever the layout, and any layout can resume it.
+each mapped student block (``parallel/split_features.py``). Checkpoints are sharded: every rank
+writes its own part and reads back only what it holds, under any layout
+(``parallel/sharded_checkpoint.py``); gathered checkpoints (a single process's) still load. Rank
+0 keeps an unsplit copy of the student, into which the final student is gathered
+(``parallel/student_state.py``).
 """
 
 from __future__ import annotations
@@ -170,28 +171,45 @@ class ModelParallelFlow:
             clip_grad_norm(self.split_student, self.full_layout, max_norm, extra=aux_grads)
 
     def save(self, step: int, phase: Phase, temperature: float, state: CheckpointState) -> Path | None:
-        # Every rank takes part in the gathers; rank 0 writes the whole student.
-        residuals = None
-        if self.parallel.compression is not None:
-            # Every rank's error-feedback residuals (of its own shard), by world rank.
-            from ..parallel.compression import gather_residuals
+        """Collective: every rank writes its own part (``parallel/sharded_checkpoint.py``)."""
+        from ..parallel import sharded_checkpoint
 
-            residuals = gather_residuals(self.parallel.compression, self._compressed_params())
-        gathered = self._gather(state.optimizer, self._aux_params())
-        if gathered is None:
-            return None
-        assert self.template is not None
-        return state.write(
+        compression = self.parallel.compression
+        return sharded_checkpoint.save(
+            state,
+            sharded_checkpoint.student_held(self.split_student, self.full_layout, for_save=True),
             step=step,
-            phase=phase,
+            stage=phase.name,
             temperature=temperature,
-            model=self.template,
-            optimizer=gathered.optimizer_view(),
-            extra={"compression.safetensors": residuals} if residuals is not None else None,
+            guard=self.parallel.guard,
+            compression=compression,
+            compressed=self._compressed_params() if compression is not None else None,
         )
 
     def restore(self, info: CheckpointInfo, state: CheckpointState) -> None:
-        """Every rank reads the whole-student checkpoint and keeps its own shard of it."""
+        """Every rank reads its own shard: of a sharded checkpoint only the chunks it needs, of a
+        gathered one (the whole student, as a single process or an earlier version wrote it)
+        the whole files."""
+        try:
+            if info.sharded:
+                self._restore_sharded(info, state)
+            else:
+                self._restore_gathered(info, state)
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            raise TrainerError(
+                ExitCode.CHECKPOINT_INCOMPATIBLE, f"checkpoint {info.path} does not fit this student: {exc}"
+            ) from None
+
+    def _restore_sharded(self, info: CheckpointInfo, state: CheckpointState) -> None:
+        from ..parallel import sharded_checkpoint
+
+        held = sharded_checkpoint.student_held(self.split_student, self.full_layout, for_save=False)
+        expected = set(self.full_layout.shapes)
+        sharded_checkpoint.restore(info.path, state, held, expected, guard=self.parallel.guard)
+        if self.parallel.compression is not None:
+            sharded_checkpoint.restore_residuals(info.path, self.parallel.compression, self._compressed_params())
+
+    def _restore_gathered(self, info: CheckpointInfo, state: CheckpointState) -> None:
         from safetensors.torch import load_file, load_model
 
         from ..checkpoint import restore_rng
@@ -199,13 +217,8 @@ class ModelParallelFlow:
 
         weights = load_file(str(info.path / "model.safetensors"))
         opt_state = torch.load(info.path / "optimizer.pt", weights_only=True)
-        try:
-            load_model(state.aux, str(info.path / "aux.safetensors"))
-            load_state(self.split_student, state.optimizer, self.full_layout, weights, opt_state, self._aux_params())
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise TrainerError(
-                ExitCode.CHECKPOINT_INCOMPATIBLE, f"checkpoint {info.path} does not fit this student: {exc}"
-            ) from None
+        load_model(state.aux, str(info.path / "aux.safetensors"))
+        load_state(self.split_student, state.optimizer, self.full_layout, weights, opt_state, self._aux_params())
         state.scheduler.load_state_dict(torch.load(info.path / "scheduler.pt", weights_only=True))
         restore_rng(torch.load(info.path / "rng.pt", weights_only=True))
         if self.parallel.compression is not None:

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from kdistill.api import DistillationJobSpec
+from kdistill.api.failures import ExitCode
 
 from ..checkpoint import CheckpointInfo
+from ..errors import TrainerError
 from ..losses import hard_label_ce
 from ..objective import LogitsSettings, logits_objective, trained_rows
 from ..sequence_objective import completion_ce
@@ -104,6 +106,9 @@ class SingleProcessFlow:
         )
 
     def restore(self, info: CheckpointInfo, state: CheckpointState) -> None:
+        if info.sharded:
+            self._restore_sharded(info, state)
+            return
         state.manager.restore(
             info, model=self.student, aux=state.aux, optimizer=state.optimizer, scheduler=state.scheduler
         )
@@ -115,6 +120,22 @@ class SingleProcessFlow:
                 self._compressed_params(),
                 state.manager.load_extra(info, "compression.safetensors"),
             )
+
+    def _restore_sharded(self, info: CheckpointInfo, state: CheckpointState) -> None:
+        """A checkpoint a split student's ranks wrote (``parallel/sharded_checkpoint.py``): every
+        process reads the whole student out of their shards."""
+        from ..parallel import sharded_checkpoint
+
+        held = sharded_checkpoint.whole_held(self.student)
+        expected = {h.key[len(sharded_checkpoint.STUDENT) :] for h in held}
+        try:
+            sharded_checkpoint.restore(info.path, state, held, expected, guard=self.parallel.guard)
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            raise TrainerError(
+                ExitCode.CHECKPOINT_INCOMPATIBLE, f"checkpoint {info.path} does not fit this student: {exc}"
+            ) from None
+        if self.parallel.compression is not None:
+            sharded_checkpoint.restore_residuals(info.path, self.parallel.compression, self._compressed_params())
 
     def finish(self, optimizer: torch.optim.Optimizer) -> None:
         """Nothing to gather: every process holds the whole student."""

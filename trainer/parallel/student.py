@@ -5,7 +5,7 @@
   down are ``RowwiseParallel`` (one all-reduce per block half). GPT2 (``Conv1D`` layers, weights
   stored [in, out]) through ``ShardedConv1D``: the fused ``c_attn`` is cut per q/k/v section so
   each rank holds its heads' q, k and v columns, ``c_fc`` by columns, both ``c_proj`` by rows;
-  checkpoints keep the unsplit layout (``student_state`` re-joins the sections). Embeddings,
+  checkpoints keep the unsplit layout (each section piece is a chunk of the unsplit tensor). Embeddings,
   norms and the head stay replicated.
 - **data**: ``DistributedDataParallel`` over the mesh's data dimension (with TP, DDP's
   ``device_mesh`` path localises the DTensor parameters). A gradient-compression hook plugs in

@@ -1,11 +1,12 @@
-"""Checkpoint state of a tensor/pipeline-parallel student: gathered to rank 0, resharded on load.
+"""The whole state of a tensor/pipeline-parallel student: gathered to rank 0, and cut out of a
+gathered checkpoint on load.
 
-We checkpoint a model-parallel student the way a single process would: rank 0 writes the whole
-student and an optimizer state in the single-process layout (parameter order of the unsplit
-student, decay group first). The trainer's atomic checkpoint (manifest written last, rename)
-then applies unchanged, nothing pickled is loaded (safetensors plus ``weights_only`` tensors),
-and a checkpoint resumes under any layout: a data-, tensor- or pipeline-parallel run and a
-single process read the same files, each rank cutting out its own shard on load.
+Rank 0 gathers the whole student at the end of training (its outputs are written from the
+unsplit copy). Checkpoints of a split student are sharded (``sharded_checkpoint.py``); a gathered
+one (the whole student and an optimizer state in the single-process layout: parameter order of
+the unsplit student, decay group first, as a single process or data-parallel run writes it)
+still resumes a split student: every rank cuts its own shard out of the whole files
+(``load_state``).
 
 Gathering (``gather_state``, collective on every rank):
 - tensor-parallel shards become full tensors (``DTensor.full_tensor``, or an all-gather over
