@@ -274,7 +274,8 @@ class ModelParallelFlow:
             if pad:
                 ids = torch.nn.functional.pad(ids, (0, pad), value=self.pad_id)
                 mask = torch.nn.functional.pad(mask, (0, pad), value=0)
-                labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
+                if self.task == "causal-lm":  # a classifier's labels are one per sample
+                    labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
         return ids, mask, labels
 
     def _cached_teacher(self, example_ids: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
