@@ -253,7 +253,12 @@ SPLIT_STUDENT_GOOD: list[tuple[str, dict[str, Any]]] = [
         "split-student-classification-pipeline",
         _split_student(
             task="sequence-classification",
-            parallelism={"nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 1, "pipeline": 2}},
+            parallelism={
+                "nodes": 1,
+                "gpusPerNode": 2,
+                "teacherPipelineStages": 2,
+                "student": {"data": 1, "pipeline": 2},
+            },
             quantization={"mode": "qat-int8", "qatSteps": 10},
             **{"data.labelField": "label"},
         ),
