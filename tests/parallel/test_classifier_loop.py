@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 from kdistill.api import load_job
 from tests.trainer import helpers
 
-from .test_loop_tp_pp import _resume_from, _run
+from .test_loop_tp_pp import _assert_same_student, _resume_from, _run
 from .test_split_compose import _assert_steps
 from .test_split_features import EVERY, STEPS, _assert_follows, _assert_same_outputs
 
@@ -42,21 +43,33 @@ def _world(layout: dict[str, int]) -> int:
     return layout.get("pipeline", 1) * layout.get("tensor", 1) * layout.get("data", 1)
 
 
-def _write_job(root: Path, name: str, layout: dict[str, int], *, teacher_stages: int = 2, qat: bool = False) -> Path:
+def _write_job(
+    root: Path,
+    name: str,
+    layout: dict[str, int],
+    *,
+    teacher_stages: int = 2,
+    qat: bool = False,
+    teacher: str = "teacher",
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> Path:
     world = _world(layout)
+    logits_only = qat or extra is not None
     job = helpers.job_dict(
         name,
         "sequence-classification",
-        str(root / "teacher"),
+        str(root / teacher),
         str(root / "data" / "train.jsonl"),
         None,
-        stages=[{"name": "output", "steps": STEPS, "objectives": ["logits"]}] if qat else PLAN,
+        stages=[{"name": "output", "steps": STEPS, "objectives": ["logits"]}] if logits_only else PLAN,
         batch_size=8,
         every_steps=EVERY,
         extra_data={"labelField": "label"},
     )
     if qat:
         job["spec"]["quantization"] = dict(QAT)
+    for key, value in (extra or {}).items():
+        job["spec"][key].update(value)
     # A single process runs the whole teacher; a split run cuts it over its first two ranks' group.
     stages = teacher_stages if world > 1 else 1
     job["spec"]["parallelism"] = {
@@ -85,13 +98,13 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _single_process(root: Path, name: str, qat: bool = False) -> tuple[list[dict[str, float]], Path]:
+def _single_process(root: Path, name: str, qat: bool = False, **kw: Any) -> tuple[list[dict[str, float]], Path]:
     from kdistill.trainer.options import RunOptions, StepReport
     from kdistill.trainer.outputs import OutputLayout
     from kdistill.trainer.runner import run_job
 
     assert os.environ.get("WORLD_SIZE", "1") == "1"
-    path, out = _write_job(root, name, {}, qat=qat), root / f"out-{name}"
+    path, out = _write_job(root, name, {}, qat=qat, **kw), root / f"out-{name}"
     reports: list[StepReport] = []
     run_job(load_job(path), RunOptions(output=OutputLayout(out), base_dir=root, on_step=reports.append))
     return [{"loss": r.loss, **r.parts} for r in reports], out
@@ -191,3 +204,42 @@ def test_qat_split_classifier_trains_and_converts_like_one_process(
     _assert_qat_student(out, ref_out)
     _assert_converted(out)
     _assert_converted(ref_out)
+
+
+# k = 2 of the 3 labels: KD over 2 buckets and the tail; entropy weights per sample.
+CACHE_WEIGHTING = {
+    "distillation": {"teacherCache": {"enabled": True, "topK": 2}},
+    "data": {"uncertaintyWeighting": {"enabled": True, "beta": 0.5}},
+}
+
+
+@pytest.fixture(scope="module")
+def sharp_teacher(root: Path) -> str:
+    """The teacher with its score head scaled up: confident class predictions. Over a nearly
+    uniform teacher every weight 1 - (H/log C)^beta is a difference of nearly equal numbers, as
+    sensitive to the last bits of the teacher's logits as the weights of real data are not."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = root / "teacher-sharp"
+    if not (path / "config.json").exists():
+        model = AutoModelForSequenceClassification.from_pretrained(root / "teacher")
+        with torch.no_grad():
+            model.score.weight.mul_(30.0)
+        helpers.save_model(model, AutoTokenizer.from_pretrained(root / "teacher"), path)
+    return path.name
+
+
+def test_split_classifier_with_teacher_cache_and_entropy_weighting_follows_the_single_process(
+    root: Path, sharp_teacher: str
+) -> None:
+    """The class logits' top-k from the teacher cache (stored from the split teacher's pooled
+    logits) and per-sample entropy weights on a pipeline x tensor classifier: the single-process
+    losses and student."""
+    kw: dict[str, Any] = {"teacher": sharp_teacher, "extra": CACHE_WEIGHTING}
+    ref, ref_out = _single_process(root, "cache-weighting-one", **kw)
+    parts = LAYOUTS["pipeline2xtensor2"]
+    out = root / "out-cache-weighting-pipeline2xtensor2"
+    steps, _ = _run(_write_job(root, "cache-weighting-pipeline2xtensor2", parts, **kw), out, _world(parts))
+    _assert_steps(steps, [round(r["loss"], 6) for r in ref])
+    _assert_same_student(out, ref_out)
+    assert list((out / "teacher-cache").glob("*.kdtc"))

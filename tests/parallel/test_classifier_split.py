@@ -61,6 +61,16 @@ def test_hollowed_classifier_needs_the_pooled_positions_on_a_later_last_stage() 
         stage_forward(model, torch.zeros(1, 4, 32))
 
 
+def test_encoder_classifiers_are_refused_with_the_supported_families() -> None:
+    """A BERT classifier has no decoder stages to cut: the split teacher and the pipeline-split
+    student refuse it by name (the runtime turns this into BAD_SPEC at start)."""
+    from kdistill.trainer.parallel.teacher_pipeline import plan_split
+    from tests.trainer.helpers import bert
+
+    with pytest.raises(ValueError, match="BertForSequenceClassification: only GPT2 and Llama-family decoders"):
+        plan_split(bert(64, layers=2), [0, 1], 0)
+
+
 def reference(family: str, qat: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     model = tiny_model(family, layers=4, num_labels=LABELS)
     if qat:

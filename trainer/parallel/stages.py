@@ -234,17 +234,17 @@ def run_stage_model(
     kwargs: dict[str, object] = {key: x, "attention_mask": attention_mask, "use_cache": False}
     if output_hidden_states:
         kwargs["output_hidden_states"] = True
-    if not is_classifier(model) or not last:
-        if is_classifier(model):
-            out = getattr(model, model.base_model_prefix)(**kwargs)
-            return StageOutput(out.last_hidden_state, out.hidden_states)
+    if not is_classifier(model):
         out = model(**kwargs)
         return StageOutput(out.logits, out.hidden_states)
-    if pool is None:
+    if last and pool is None:
         if not first:
             raise ValueError("the last stage of a split classifier needs the pooled positions of its batch")
         pool = pool_positions(x, model.config.pad_token_id)
     out = getattr(model, model.base_model_prefix)(**kwargs)
+    if not last:
+        return StageOutput(out.last_hidden_state, out.hidden_states)
+    assert pool is not None
     scores = model.score(out.last_hidden_state)
     rows = torch.arange(scores.shape[0], device=scores.device)
     return StageOutput(scores[rows, pool.to(scores.device)], out.hidden_states)

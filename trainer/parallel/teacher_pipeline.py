@@ -117,7 +117,7 @@ class SplitTeacher:
         self.classifier = is_classifier(model)
         self.pad_token_id = getattr(model.config, "pad_token_id", None)
         # Width of the last stage's output: the vocabulary, or a classifier's labels.
-        self.vocab_size = int(model.config.num_labels if self.classifier else model.config.vocab_size)
+        self.out_width = int(model.config.num_labels if self.classifier else model.config.vocab_size)
         self.hidden_size = int(model.config.hidden_size)
         self.dtype = next(self.model.parameters()).dtype
         self.micro_batch_rows = micro_batch_rows
@@ -213,7 +213,7 @@ class SplitTeacher:
         return out.logits, hidden, [cap.qkv[layer] for layer in own_qkv]
 
     def _out_shape(self, rows: int, length: int) -> tuple[int, ...]:
-        return (rows, self.vocab_size) if self.classifier else (rows, length, self.vocab_size)
+        return (rows, self.out_width) if self.classifier else (rows, length, self.out_width)
 
     def _pipelined(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: TeacherRequest
