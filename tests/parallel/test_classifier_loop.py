@@ -169,6 +169,16 @@ def _assert_qat_student(a: Path, b: Path) -> None:
     assert close / total > 0.8
 
 
+def _assert_qat_losses(steps: list[dict[str, Any]], ref: list[float]) -> None:
+    """The fake-quantized steps to 2e-4 relative. A classifier's loss is a mean over the 8 samples
+    of a batch, not over hundreds of tokens, so one activation or weight that the last bits move
+    across an int8 rounding boundary (see test_split_compose.py) shifts it about ten times more
+    than a causal LM's; one fake-quant step on the split classifier equals torchao's unsplit one
+    to 1e-5 (test_classifier_split.py)."""
+    assert [s["step"] for s in steps] == list(range(1, len(ref) + 1))
+    assert [s["loss"] for s in steps] == pytest.approx(ref, rel=2e-4, abs=2e-6)
+
+
 def _assert_converted(out: Path) -> None:
     """The served INT8 artifact is exactly the INT8 conversion of the run's gathered float
     classifier; the score head stays in full precision."""
@@ -199,7 +209,8 @@ def test_qat_split_classifier_trains_and_converts_like_one_process(
     parts = LAYOUTS[layout]
     out = root / f"out-qat-{layout}"
     steps, result = _run(_write_job(root, f"qat-{layout}", parts, qat=True), out, _world(parts))
-    _assert_steps(steps, ref)
+    _assert_steps(steps[:STEPS], ref[:STEPS])  # before fake quantization: the exact comparison
+    _assert_qat_losses(steps, ref)
     assert result["quantization"] == "qat-int8"
     _assert_qat_student(out, ref_out)
     _assert_converted(out)
