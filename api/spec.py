@@ -720,9 +720,9 @@ class Serving(ApiModel):
 
 
 # A split student (tensor or pipeline parallel) runs logits KD and hidden/attention transfer of a
-# causal LM (each mapped layer's term is computed on the stage that holds it), and of a sequence
-# classifier split by tensor only, with QAT, the teacher cache and entropy weighting; the
-# features below need the whole model.
+# causal LM or a decoder sequence classifier (each mapped layer's term is computed on the stage
+# that holds it; a classifier's last stage pools and scores), with QAT, the teacher cache and
+# entropy weighting; the features below need the whole model.
 # SPLIT_STUDENT_RULES is the one table of these rules: the CRD's CEL rules are generated from it,
 # DistillationJobSpec's validator checks it, and the trainer's start-up check
 # (trainer/parallel/runtime.check_model_parallel) refuses what it lists for specs that bypassed the API.
@@ -751,13 +751,6 @@ def _objectives(spec: DistillationJobSpec) -> set[str]:
 
 
 SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
-    SplitStudentRule(
-        "self.task == 'causal-lm' || self.parallelism.student.pipeline == 1",
-        lambda spec: spec.task == "causal-lm" or spec.parallelism.student.pipeline == 1,
-        "splits sequence-classification students by tensor (and data) only, not by pipeline "
-        "(set parallelism.student.pipeline 1)",
-        lambda spec: f"task {spec.task}, pipeline {spec.parallelism.student.pipeline}",
-    ),
     SplitStudentRule(
         "self.distillation.stages.all(s, s.objectives.all(o, o == 'logits' || o == 'hidden' || o == 'attention'))",
         lambda spec: _objectives(spec) <= _SPLIT_OBJECTIVES,
@@ -825,10 +818,6 @@ class DistillationJobSpec(ApiModel):
             "distillation.gradientAccumulationSteps",
         ),
         CelRule(
-            "self.task == 'causal-lm' || self.parallelism.teacherPipelineStages == 1",
-            "parallelism.teacherPipelineStages > 1 splits causal-LM decoders only; use 1 for sequence-classification",
-        ),
-        CelRule(
             "!has(self.student.fromTeacher) || has(self.teacher.model)",
             "student.fromTeacher derives the student from teacher.model: set it, or give student.model",
         ),
@@ -861,13 +850,6 @@ class DistillationJobSpec(ApiModel):
             raise ValueError(
                 f"distillation.batchSize ({self.distillation.batch_size}) must be divisible by "
                 f"parallelism.student.data * distillation.gradientAccumulationSteps ({per_step})"
-            )
-        # The split teacher delivers logits, hidden states and q/k/v of causal-LM decoders (GPT2,
-        # Llama family); a classifier's head cannot be split off by layers.
-        if self.task != "causal-lm" and self.parallelism.teacher_pipeline_stages != 1:
-            raise ValueError(
-                f"parallelism.teacherPipelineStages ({self.parallelism.teacher_pipeline_stages}) > 1 splits "
-                f"causal-LM decoders only; use 1 for {self.task}"
             )
         if self.student.from_teacher is not None and self.teacher.model is None:
             raise ValueError(

@@ -226,20 +226,10 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
         ),
         "spec",
     ),
-    (
-        "split-student-classification-pipeline",
-        _split_student(
-            task="sequence-classification",
-            parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
-            **{"data.labelField": "label"},
-        ),
-        "spec",
-    ),
 ]
 SPLIT_STUDENT_NEEDLES = {
     "split-student-sequence": "no sequence or on-policy",
     "split-student-top-k-pipeline": "gradientCompression.topK with pipeline stages",
-    "split-student-classification-pipeline": "not by pipeline",
 }
 
 # What a tensor/pipeline-split student runs like an unsplit one (tests/parallel/test_split_compose.py
@@ -257,8 +247,47 @@ SPLIT_STUDENT_GOOD: list[tuple[str, dict[str, Any]]] = [
             **{"distillation.teacherCache": {"enabled": True}, "data.uncertaintyWeighting": {"enabled": True}},
         ),
     ),
+    # A decoder sequence classifier split by pipeline (and tensor), its teacher split into stages
+    # (tests/parallel/test_classifier_split.py, test_classifier_loop.py run them).
+    (
+        "split-student-classification-pipeline",
+        _split_student(
+            task="sequence-classification",
+            parallelism={
+                "nodes": 1,
+                "gpusPerNode": 2,
+                "teacherPipelineStages": 2,
+                "student": {"data": 1, "pipeline": 2},
+            },
+            quantization={"mode": "qat-int8", "qatSteps": 10},
+            **{"data.labelField": "label"},
+        ),
+    ),
+    (
+        "split-student-classification-pipeline-tensor",
+        _split_student(
+            task="sequence-classification",
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 2,
+                "teacherPipelineStages": 2,
+                "student": {"data": 1, "pipeline": 2, "tensor": 2},
+            },
+            **{"data.labelField": "label"},
+        ),
+    ),
 ]
 GOOD_SPECS += SPLIT_STUDENT_GOOD
+GOOD_SPECS.append(
+    (
+        "teacher-stages-classification",
+        with_spec(
+            task="sequence-classification",
+            **{"data.labelField": "label"},
+            parallelism={"nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 2}},
+        ),
+    )
+)
 
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("missing-task", with_spec(task=_DELETE), "spec.task"),
@@ -499,13 +528,4 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "spec.serving.fallback.onTeacherError",
     ),
     *SPLIT_STUDENT_BAD,
-    (
-        "teacher-stages-classification",
-        with_spec(
-            task="sequence-classification",
-            **{"data.labelField": "label"},
-            parallelism={"nodes": 1, "gpusPerNode": 2, "teacherPipelineStages": 2, "student": {"data": 2}},
-        ),
-        "spec",
-    ),
 ]

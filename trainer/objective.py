@@ -104,7 +104,9 @@ def _kd_rows(
         settings.divergence,
         temperature,
         chunk_rows=chunk,
-        teacher_logsumexp=rows(lse) if lse is not None else None,
+        # One value per position: a trailing axis lets the selector treat it as it treats the
+        # [B, L, k] tensors (a classifier's cached entry is one position, [B, 1]).
+        teacher_logsumexp=rows(lse.unsqueeze(-1)).squeeze(-1) if lse is not None else None,
     )
     if not weighting:  # only weighting reads the buckets
         return kd, None

@@ -8,8 +8,16 @@ from torch import nn
 VOCAB = 64
 
 
-def tiny_model(family: str, *, layers: int = 8, seed: int = 0) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+def tiny_model(family: str, *, layers: int = 8, seed: int = 0, num_labels: int = 0) -> nn.Module:
+    """A causal LM, or with ``num_labels`` a ``*ForSequenceClassification`` (pad id 0)."""
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
     torch.manual_seed(seed)
     if family == "gpt2":
@@ -24,8 +32,10 @@ def tiny_model(family: str, *, layers: int = 8, seed: int = 0) -> nn.Module:
             attn_pdrop=0.0,
             bos_token_id=0,
             eos_token_id=0,
+            pad_token_id=0,
+            num_labels=max(num_labels, 2),
         )
-        return GPT2LMHeadModel(cfg)
+        return GPT2ForSequenceClassification(cfg) if num_labels else GPT2LMHeadModel(cfg)
     if family == "llama":
         cfg = LlamaConfig(
             vocab_size=VOCAB,
@@ -38,8 +48,9 @@ def tiny_model(family: str, *, layers: int = 8, seed: int = 0) -> nn.Module:
             bos_token_id=0,
             eos_token_id=0,
             pad_token_id=0,
+            num_labels=max(num_labels, 2),
         )
-        return LlamaForCausalLM(cfg)
+        return LlamaForSequenceClassification(cfg) if num_labels else LlamaForCausalLM(cfg)
     raise ValueError(family)
 
 

@@ -262,7 +262,6 @@ def _resumes_in_one_process_and_on_data_ranks(root: Path, out: Path, reference: 
 _TRAINER_NEEDLES = {
     "split-student-sequence": "objectives ['sequence']",
     "split-student-top-k-pipeline": "gradientCompression.topK with pipeline stages",
-    "split-student-classification-pipeline": "task sequence-classification, pipeline 2",
 }
 
 

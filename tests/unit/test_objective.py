@@ -55,6 +55,35 @@ def test_every_target_form_gives_the_same_causal_loss(beta: float | None) -> Non
     torch.testing.assert_close(ce_only, nn.functional.cross_entropy(rows, labels[:, 1:][valid]))
 
 
+@pytest.mark.parametrize("beta", [None, 1.0])
+def test_classifier_cache_entry_gives_the_full_logits_loss(beta: float | None) -> None:
+    """A classifier's cached entry is one position per sample ([B, 1, k] values, [B, 1]
+    log-sum-exp): with k = the label count it gives the loss of the full class logits."""
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(4, 3, generator=gen) * 3
+    student = torch.randn(4, 3, generator=gen, requires_grad=True)
+    labels = torch.tensor([0, 2, 1, 2])
+    settings = LogitsSettings(divergence="forward-kl", alpha=0.7, entropy_beta=beta)
+    values, indices = teacher.unsqueeze(1).topk(3, dim=-1)
+    cached = TeacherTargets(
+        top_values=values, top_indices=indices, logsumexp=torch.logsumexp(teacher, -1, keepdim=True)
+    )
+    full, full_parts = logits_objective(
+        student,
+        labels,
+        TeacherTargets(logits=teacher),
+        task="sequence-classification",
+        temperature=2.0,
+        settings=settings,
+    )
+    got, parts = logits_objective(
+        student, labels, cached, task="sequence-classification", temperature=2.0, settings=settings
+    )
+    assert parts == pytest.approx(full_parts, rel=1e-5)
+    if beta is None:  # weighting reads k+1 buckets from the cache, not the label count
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
 def test_token_objective_matches_the_row_objective_on_valid_tokens() -> None:
     labels, teacher, student = _causal_batch()
     shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)

@@ -1,9 +1,9 @@
 """The model-parallel flow: the student split over ranks by tensor and/or pipeline parallelism
 (``parallel/student.py``), replicated over the data ranks.
 
-It trains the logits, hidden and attention objectives of causal LMs, and of sequence classifiers
-split by tensor parallelism (class logits scored as a one-position sequence; what
-``parallel.runtime.check_model_parallel`` admits), from the live teacher or the teacher cache,
+It trains the logits, hidden and attention objectives of causal LMs and of decoder sequence
+classifiers (class logits, pooled on the last pipeline stage, scored as a one-position sequence;
+what ``parallel.runtime.check_model_parallel`` admits), from the live teacher or the teacher cache,
 optionally entropy-weighted, through QAT's reduced-precision and fake-quant phases
 (``parallel/student_qat.py``); the hidden/attention terms are computed on the stage that owns
 each mapped student block (``parallel/split_features.py``). Checkpoints are sharded: every rank
@@ -287,7 +287,8 @@ class ModelParallelFlow:
             if pad:
                 ids = torch.nn.functional.pad(ids, (0, pad), value=self.pad_id)
                 mask = torch.nn.functional.pad(mask, (0, pad), value=0)
-                labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
+                if self.task == "causal-lm":  # a classifier's labels are one per sample
+                    labels = torch.nn.functional.pad(labels, (0, pad), value=IGNORE_INDEX)
         return ids, mask, labels
 
     def _cached_teacher(self, example_ids: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:

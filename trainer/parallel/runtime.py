@@ -14,8 +14,8 @@ A world of one makes every method a pass-through, so the single-process loop is 
 With ``student.tensor > 1`` or ``student.pipeline > 1`` the loop runs a model-parallel student
 (``parallelize_student``: ``student.py`` cuts, shards and wraps it over the device mesh, and
 ``student_state.py`` gathers and reshards its checkpoints). That path trains the logits objective
-(KD + hard-label CE) and the hidden/attention objectives of causal LMs (and of tensor-split
-classifiers), with QAT (``student_qat.py``), the teacher cache and entropy weighting;
+(KD + hard-label CE) and the hidden/attention objectives of causal LMs and of decoder sequence
+classifiers, with QAT (``student_qat.py``), the teacher cache and entropy weighting;
 ``check_supported`` rejects at start, with BAD_SPEC, what it does not cover (the API's
 SPLIT_STUDENT_RULES). Top-k gradient
 compression runs on the data axis of a tensor-parallel mesh only.
@@ -44,19 +44,15 @@ log = logging.getLogger(__name__)
 
 def check_supported(spec: DistillationJobSpec, layout: MeshLayout) -> None:
     """Reject, before any model is loaded, what the loop cannot run in parallel."""
+    # The split teacher (teacher_pipeline.py) cuts GPT2 and Llama-family decoders, causal LMs and
+    # sequence classifiers alike; another architecture is refused when the teacher is loaded.
     if layout.tensor > 1 or layout.pipeline > 1:
         check_model_parallel(spec, layout)
-    # The split teacher delivers logits, hidden states and q/k/v (teacher_pipeline.py); it cuts
-    # causal-LM decoders only. The API rejects the same (DistillationJobSpec's CEL rule).
-    if layout.teacher_stages > 1 and spec.task != "causal-lm":
-        raise TrainerError(
-            ExitCode.BAD_SPEC, "teacherPipelineStages > 1 splits causal-LM decoders (GPT2, Llama family) only"
-        )
 
 
 def check_model_parallel(spec: DistillationJobSpec, layout: MeshLayout) -> None:
-    """What a tensor/pipeline-parallel student supports in the loop: logits KD of a causal LM. The
-    rules are the API's (api/spec.SPLIT_STUDENT_RULES); this refuses specs that bypassed the API."""
+    """What a tensor/pipeline-parallel student supports in the loop. The rules are the API's
+    (api/spec.SPLIT_STUDENT_RULES); this refuses specs that bypassed the API."""
     where = f"parallelism.student tensor={layout.tensor} pipeline={layout.pipeline}"
     problems = [p for rule in SPLIT_STUDENT_RULES if (p := rule.problem(spec)) is not None]
     if problems:

@@ -195,14 +195,25 @@ class StageFeatures:
         return _GatherColumns.apply(x, self.tensor_group, self.tensor_size, self.tensor_rank)
 
     def run(
-        self, model: nn.Module, key: str, x: Tensor, targets: dict[str, Tensor], **kwargs: Any
+        self,
+        model: nn.Module,
+        key: str,
+        x: Tensor,
+        targets: dict[str, Tensor],
+        pool: Tensor | None = None,
+        **kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
         """One forward of the (hollowed) model with this stage's terms: the outgoing activation
-        (or logits on the last stage), with the term attached or queued for the loss."""
+        (or logits on the last stage), with the term attached or queued for the loss. ``pool``:
+        a split classifier's scored positions (``stages.run_stage_model``)."""
         from ..qkv_capture import QKVCapture
+        from .stages import run_stage_model
 
         with QKVCapture(model, self.student_layers()) as cap:
-            out = model(**{key: x}, use_cache=False, output_hidden_states=True, **kwargs)
+            if getattr(model, "kdistill_stage", None) is not None:
+                out = run_stage_model(model, x, pool=pool, output_hidden_states=True, **kwargs)
+            else:
+                out = model(**{key: x}, use_cache=False, output_hidden_states=True, **kwargs)
         states = tuple(out.hidden_states)
         if len(states) != self.hi - self.lo + 1:
             raise RuntimeError(

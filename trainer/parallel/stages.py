@@ -10,7 +10,13 @@ first, and the final norm and LM head leave every stage but the last. Two things
   checkpoints written by any pipeline degree line up key for key.
 
 Supported: GPT2 (``transformer.h``) and the Llama family (``model.layers``: Llama, Qwen2,
-Mistral), causal LM heads. Anything else is a clear error.
+Mistral), with a causal-LM head (``lm_head``) or a sequence-classification head (``score``).
+Anything else (BERT-style encoders among them) is a clear error.
+
+A classifier's last stage pools as Hugging Face's ``*ForSequenceClassification`` does: the class
+logits of the last token that is not ``config.pad_token_id`` (``pool_positions``). Only the first
+stage sees the token ids, so the positions travel with the activation to the last stage (the
+split teacher sends them along; every rank of a split student holds the ids and computes them).
 """
 
 from __future__ import annotations
@@ -47,23 +53,43 @@ class DecoderParts:
     layers: nn.ModuleList
     embedding_names: tuple[str, ...]  # attributes of base used only by the first stage
     norm_name: str  # attribute of base: the final norm
-    head: nn.Module  # the LM head (attribute lm_head of the top model)
+    head: nn.Module  # the output layer: lm_head, or score of a sequence classifier
     tied: bool  # head weight is the input embedding weight
+    head_name: str = "lm_head"  # attribute of the top model holding ``head``
+
+    @property
+    def classifier(self) -> bool:
+        return self.head_name == "score"
+
+
+def head_name(model: nn.Module) -> str | None:
+    """``lm_head`` for a causal LM, ``score`` for a decoder sequence classifier, else None."""
+    for name in ("lm_head", "score"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    return None
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """A decoder ``*ForSequenceClassification`` (cut or whole): its output layer is ``score``."""
+    return head_name(model) == "score"
 
 
 def decoder_parts(model: nn.Module) -> DecoderParts:
-    head = getattr(model, "lm_head", None)
-    if head is None:
+    name = head_name(model)
+    if name is None:
         raise ValueError(
-            f"{type(model).__name__}: only causal-LM decoders (GPT2, Llama, Qwen2, Mistral) can be split "
-            "into pipeline stages"
+            f"{type(model).__name__}: only GPT2 and Llama-family decoders (Llama, Qwen2, Mistral) with a "
+            "causal-LM or sequence-classification head can be split into pipeline stages"
         )
+    head = getattr(model, name)
     if hasattr(model, "transformer") and hasattr(model.transformer, "h"):
         base = model.transformer
-        return DecoderParts("gpt2", base, base.h, ("wte", "wpe"), "ln_f", head, _tied(head, base.wte))
+        return DecoderParts("gpt2", base, base.h, ("wte", "wpe"), "ln_f", head, _tied(head, base.wte), name)
     if hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model.model, "norm"):
         base = model.model
-        return DecoderParts("llama", base, base.layers, ("embed_tokens",), "norm", head, _tied(head, base.embed_tokens))
+        tied = _tied(head, base.embed_tokens)
+        return DecoderParts("llama", base, base.layers, ("embed_tokens",), "norm", head, tied, name)
     raise ValueError(
         f"{type(model).__name__}: unsupported architecture for pipeline splitting; supported are GPT2 and "
         "the Llama family (Llama, Qwen2, Mistral)"
@@ -105,7 +131,7 @@ def stage_costs(model: nn.Module) -> StageCosts:
     first = sum(_numel(getattr(parts.base, n)) for n in parts.embedding_names)
     # A tied head still has to live on the last stage: it is a second copy there.
     last = _numel(getattr(parts.base, parts.norm_name)) + parts.head.weight.numel()
-    if parts.head.bias is not None:
+    if getattr(parts.head, "bias", None) is not None:
         last += parts.head.bias.numel()
     return StageCosts(first, tuple(_numel(layer) for layer in parts.layers), last)
 
@@ -164,19 +190,72 @@ def hollow_to_stage(model: nn.Module, layers: range, *, first: bool, last: bool)
             parts.base.drop = nn.Identity()
     if not last:
         setattr(parts.base, parts.norm_name, nn.Identity())
-        model.lm_head = nn.Identity()
+        setattr(model, parts.head_name, nn.Identity())
     model.kdistill_stage = (layers, first, last)  # type: ignore[assignment]
     return model
 
 
-def stage_forward(model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Run a hollowed stage: token ids into the first stage, activations into later ones.
-    Returns the outgoing activation, or the logits on the last stage."""
-    _, first, _ = model.kdistill_stage
-    kwargs: dict[str, object] = {"attention_mask": attention_mask, "use_cache": False}
-    if first:
-        return model(input_ids=x, **kwargs).logits
-    return model(inputs_embeds=x, **kwargs).logits
+def pool_positions(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Per row, the position a decoder classifier scores: Hugging Face's rule, the rightmost token
+    that is not ``pad_token_id`` (right or left padding alike; 0 for a row of padding only). Without
+    a pad id only a single row is defined, and its last position is scored."""
+    rows, length = input_ids.shape
+    if pad_token_id is None:
+        if rows != 1:
+            raise ValueError("a sequence classifier without config.pad_token_id cannot score batches of more than 1")
+        return torch.full((1,), length - 1, dtype=torch.int64, device=input_ids.device)
+    non_pad = (input_ids != pad_token_id).to(torch.int32)
+    positions = torch.arange(length, device=input_ids.device, dtype=torch.int32)
+    return (positions * non_pad).argmax(-1).to(torch.int64)
+
+
+@dataclass
+class StageOutput:
+    logits: torch.Tensor  # outgoing activation [b, L, H]; on the last stage [b, L, V] or [b, C]
+    hidden_states: tuple[torch.Tensor, ...] | None
+
+
+def run_stage_model(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
+    output_hidden_states: bool = False,
+) -> StageOutput:
+    """One forward of a hollowed stage (token ids into the first, activations into later ones).
+
+    A causal LM runs its own ``forward``. A classifier runs its base model and, on the last stage,
+    ``score`` at the positions ``pool`` (``pool_positions`` of the batch's token ids; the first
+    stage computes them itself): the model's own ``forward`` would pool at the last position
+    whenever it is given activations instead of ids."""
+    _, first, last = model.kdistill_stage
+    key = "input_ids" if first else "inputs_embeds"
+    kwargs: dict[str, object] = {key: x, "attention_mask": attention_mask, "use_cache": False}
+    if output_hidden_states:
+        kwargs["output_hidden_states"] = True
+    if not is_classifier(model):
+        out = model(**kwargs)
+        return StageOutput(out.logits, out.hidden_states)
+    if last and pool is None:
+        if not first:
+            raise ValueError("the last stage of a split classifier needs the pooled positions of its batch")
+        pool = pool_positions(x, model.config.pad_token_id)
+    out = getattr(model, model.base_model_prefix)(**kwargs)
+    if not last:
+        return StageOutput(out.last_hidden_state, out.hidden_states)
+    assert pool is not None
+    scores = model.score(out.last_hidden_state)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    return StageOutput(scores[rows, pool.to(scores.device)], out.hidden_states)
+
+
+def stage_forward(
+    model: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None, pool: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run a hollowed stage: the outgoing activation, or the logits on the last stage (a
+    classifier's [b, C] at the ``pool`` positions)."""
+    return run_stage_model(model, x, attention_mask=attention_mask, pool=pool).logits
 
 
 def unique_param_bytes(module: nn.Module) -> int:

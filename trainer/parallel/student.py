@@ -14,7 +14,10 @@
   stages cut by ``stages.py``; parameter names stay the full model's, so checkpoints of any
   pipeline degree share keys. Stages get no attention mask: with right padding (what
   ``collate`` builds) causal attention already keeps padding out of every valid token, and the
-  loss masks padded rows, so the result on valid tokens is exact.
+  loss masks padded rows, so the result on valid tokens is exact. A sequence classifier's last
+  stage scores each row's pooled position (``stages.pool_positions``, Hugging Face's last non-pad
+  token, which right padding leaves with only real tokens before it), handed to it as a
+  micro-batched keyword tensor; its class logits [b, C] are scored as a one-position sequence.
 
 Loss normalisation is global: every rank divides its token-loss sum by the number of valid
 tokens in the whole global micro-batch (all data ranks), times the data degree because DDP
@@ -37,7 +40,16 @@ from kdistill.api.failures import ExitCode
 from ..errors import TrainerError
 from .distributed import peer_guard
 from .mesh import MeshLayout
-from .stages import balance_layers, decoder_blocks, decoder_parts, hollow_to_stage, stage_costs, stage_forward
+from .stages import (
+    balance_layers,
+    decoder_blocks,
+    decoder_parts,
+    hollow_to_stage,
+    is_classifier,
+    pool_positions,
+    stage_costs,
+    stage_forward,
+)
 
 # token_loss(student_logits [b,L,V], teacher_logits [b,L,V], labels [b,L]) -> per-token loss [b,L]
 # (positions whose label is -100 are masked afterwards, whatever the function returns there).
@@ -364,6 +376,9 @@ class ParallelStudent:
             # channel (exact in float32 for any vocabulary below 2**24).
             parts = [teacher.to(self.device).float()] if active and teacher is not None else []
             packed = torch.cat([*parts, labels.unsqueeze(-1).float()], dim=-1)
+            if is_classifier(self.model):
+                # The positions the classifier scores, from the ids this stage holds too.
+                targets["pool"] = pool_positions(input_ids, self.model.config.pad_token_id)
             schedule.step(target=packed, losses=losses, **targets)
         else:
             schedule.step(**targets)
@@ -439,23 +454,28 @@ class _Stage(nn.Module):
         self.features: list[Any] = []
         self.autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
 
-    def forward(self, x: torch.Tensor, **targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pool: torch.Tensor | None = None, **targets: torch.Tensor) -> torch.Tensor:
         # One dtype between stages whatever the precision: a schedule keeps the shapes and dtypes
-        # of its first step.
+        # of its first step. ``pool``: a classifier's scored positions (its last stage only).
         if not targets or not self.features:
             with self.autocast():
-                return stage_forward(self.model, x).float()
+                return _as_sequence(stage_forward(self.model, x, pool=pool).float())
         features = self.features[0]
         _, first, last = self.model.kdistill_stage
         with self.autocast():
             out, term = features.run(
-                self.model, "input_ids" if first else "inputs_embeds", x, targets, attention_mask=None
+                self.model, "input_ids" if first else "inputs_embeds", x, targets, attention_mask=None, pool=pool
             )
-        out = out.float()
+        out = _as_sequence(out.float())
         if last:
             features.pending.append(term)  # the loss function adds it
             return out
         return features.attach(out, term)
+
+
+def _as_sequence(out: torch.Tensor) -> torch.Tensor:
+    """A classifier's class logits [b, C] as a one-position sequence [b, 1, C], as the loss reads them."""
+    return out.unsqueeze(1) if out.dim() == 2 else out
 
 
 def parallelize_student(

@@ -12,6 +12,11 @@ would only add constraints):
    (tag ACT: a header ``[member, rows, length, more]``, the activation, the attention mask); while
    stage 1 works on micro-batch m, stage 0 already computes m+1;
 3. the last stage sends each micro-batch's logits to the member that owns it (tag LOGITS).
+A sequence classifier (GPT2 or Llama family, ``*ForSequenceClassification``) is cut the same way;
+stage 0 computes each row's pooled position from the token ids (Hugging Face's rule, the last
+token that is not ``config.pad_token_id``: ``stages.pool_positions``) and sends it along with the
+activation (tag ACT), and the last stage scores those positions only: the member receives class
+logits [B, C], as from the whole model.
 ``SplitTeacher.forward`` also delivers teacher hidden states (``output_hidden_states`` indices) and
 the q/k/v projections of chosen layers, for hidden-state and attention transfer: every stage sends
 the member the pieces its own blocks produce (tags HIDDEN, QKV), so nothing is recomputed and no
@@ -32,7 +37,15 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import peer_guard
-from .stages import balance_layers, hollow_to_stage, stage_costs, stage_forward, unique_param_bytes
+from .stages import (
+    balance_layers,
+    hollow_to_stage,
+    is_classifier,
+    pool_positions,
+    run_stage_model,
+    stage_costs,
+    unique_param_bytes,
+)
 
 TAG_INPUT = 11
 TAG_ACT = 12
@@ -52,7 +65,7 @@ class TeacherRequest:
 
 @dataclass
 class TeacherOutputs:
-    logits: torch.Tensor | None = None  # [B, L, V] float32
+    logits: torch.Tensor | None = None  # [B, L, V] float32; a classifier's [B, C]
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # index -> [B, L, H], teacher dtype
     qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -101,7 +114,10 @@ class SplitTeacher:
         self.model = hollow_to_stage(model, self.split.layers, first=s == 0, last=s == self.num_stages - 1)
         self.model.eval()
         self.device = device or torch.device("cpu")
-        self.vocab_size = int(model.config.vocab_size)
+        self.classifier = is_classifier(model)
+        self.pad_token_id = getattr(model.config, "pad_token_id", None)
+        # Width of the last stage's output: the vocabulary, or a classifier's labels.
+        self.out_width = int(model.config.num_labels if self.classifier else model.config.vocab_size)
         self.hidden_size = int(model.config.hidden_size)
         self.dtype = next(self.model.parameters()).dtype
         self.micro_batch_rows = micro_batch_rows
@@ -122,9 +138,8 @@ class SplitTeacher:
                 x = torch.zeros((1, 4), dtype=torch.int64, device=self.device)
             else:
                 x = torch.zeros((1, 4, self.hidden_size), dtype=self.dtype, device=self.device)
-            _, _, qkv = self._run_stage(
-                x, torch.ones((1, 4), dtype=torch.int64, device=self.device), TeacherRequest(logits=False, qkv=(lo,))
-            )
+            ones = torch.ones((1, 4), dtype=torch.int64, device=self.device)
+            _, _, qkv = self._run_stage(x, ones, TeacherRequest(logits=False, qkv=(lo,)), ones[:, 0] * 3)
             q, k, v = qkv[0]
             self._qkv_dims = (int(q.shape[-1]), int(k.shape[-1]), int(v.shape[-1]))
         return self._qkv_dims
@@ -137,7 +152,8 @@ class SplitTeacher:
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher logits [B, L, V] (float32) for this rank's batch; collective over the group."""
+        """Teacher logits [B, L, V] (a classifier's [B, C]; float32) for this rank's batch;
+        collective over the group."""
         out = self.forward(input_ids, attention_mask, TeacherRequest())
         assert out.logits is not None
         return out.logits
@@ -173,19 +189,17 @@ class SplitTeacher:
             raise ValueError(f"q/k/v layers {bad} are outside 0..{self.num_layers - 1} of this teacher")
 
     def _run_stage(
-        self, x: torch.Tensor, mask: torch.Tensor, request: TeacherRequest
+        self, x: torch.Tensor, mask: torch.Tensor, request: TeacherRequest, pool: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-        """This stage on one micro-batch: (outgoing activation or logits, its hidden pieces, its q/k/v)."""
+        """This stage on one micro-batch: (outgoing activation or logits, its hidden pieces, its
+        q/k/v). ``pool``: a classifier's pooled positions (stage 0 derives them from the ids)."""
         stage = self.split.stage
         own_hidden = self.split.owned_hidden(stage, request.hidden)
         own_qkv = self.split.owned_qkv(stage, request.qkv)
-        if not own_hidden and not own_qkv:
-            return stage_forward(self.model, x, mask), [], []
         from ..qkv_capture import QKVCapture
 
-        key = "input_ids" if stage == 0 else "inputs_embeds"
         with QKVCapture(self.model, own_qkv) as cap:
-            out = self.model(**{key: x}, attention_mask=mask, use_cache=False, output_hidden_states=bool(own_hidden))
+            out = run_stage_model(self.model, x, attention_mask=mask, pool=pool, output_hidden_states=bool(own_hidden))
         lo, hi = self.split.layers.start, self.split.layers.stop
         hidden: list[torch.Tensor] = []
         if own_hidden:
@@ -197,6 +211,9 @@ class SplitTeacher:
                 )
             hidden = [states[i - lo] for i in own_hidden]
         return out.logits, hidden, [cap.qkv[layer] for layer in own_qkv]
+
+    def _out_shape(self, rows: int, length: int) -> tuple[int, ...]:
+        return (rows, self.out_width) if self.classifier else (rows, length, self.out_width)
 
     def _pipelined(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, request: TeacherRequest
@@ -231,7 +248,7 @@ class SplitTeacher:
                         tuple(box.recv((b, length, d), self.dtype, src, TAG_QKV) for d in dims)
                     )
             if request.logits:
-                logits.append(box.recv((b, length, self.vocab_size), torch.float32, group[-1], TAG_LOGITS))
+                logits.append(box.recv(self._out_shape(b, length), torch.float32, group[-1], TAG_LOGITS))
         box.drain()
         return TeacherOutputs(
             logits=torch.cat(logits, 0) if request.logits else None,
@@ -242,9 +259,19 @@ class SplitTeacher:
             },
         )
 
-    def _emit(self, box: _Mailbox, member: int, x: torch.Tensor, mask: torch.Tensor, request: TeacherRequest) -> None:
+    def _emit(
+        self,
+        box: _Mailbox,
+        member: int,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        request: TeacherRequest,
+        pool: torch.Tensor | None = None,
+    ) -> None:
         group, stage = self.split.group, self.split.stage
-        h, hidden, qkv = self._run_stage(x, mask, request)
+        if self.classifier and stage == 0:
+            pool = pool_positions(x, self.pad_token_id)
+        h, hidden, qkv = self._run_stage(x, mask, request, pool)
         for piece in hidden:
             box.send(piece.to(self.dtype), group[member], TAG_HIDDEN)
         for triple in qkv:
@@ -259,6 +286,8 @@ class SplitTeacher:
         box.send(torch.tensor([member, rows, length, 1], dtype=torch.int64), nxt, TAG_ACT)
         box.send(h, nxt, TAG_ACT)
         box.send(mask, nxt, TAG_ACT)
+        if pool is not None:
+            box.send(pool, nxt, TAG_ACT)
 
     def _run_first_stage(self, box: _Mailbox, request: TeacherRequest) -> None:
         group = self.split.group
@@ -282,7 +311,8 @@ class SplitTeacher:
                 return
             h = box.recv((rows, length, self.hidden_size), self.dtype, prev, TAG_ACT)
             mask = box.recv((rows, length), torch.int64, prev, TAG_ACT)
-            self._emit(box, member, h, mask, request)
+            pool = box.recv((rows,), torch.int64, prev, TAG_ACT) if self.classifier else None
+            self._emit(box, member, h, mask, request, pool)
 
 
 class _Mailbox:
