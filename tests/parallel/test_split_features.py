@@ -142,17 +142,14 @@ def _assert_follows(steps: list[dict[str, Any]], ref: list[dict[str, float]], fi
 
 def _assert_same_outputs(out: Path, ref_out: Path, step: int = STEPS) -> None:
     """The final student and the aux modules of the last checkpoint equal the single process's."""
-    for a, b in (
-        (out / "student" / "model.safetensors", ref_out / "student" / "model.safetensors"),
-        (
-            out / "checkpoints" / f"step-{step:09d}" / "aux.safetensors",
-            ref_out / "checkpoints" / f"step-{step:09d}" / "aux.safetensors",
-        ),
+    aux = f"checkpoints/step-{step:09d}/aux.safetensors"
+    for what, x, y in (
+        ("student", helpers.load_student(out / "student"), helpers.load_student(ref_out / "student")),
+        ("aux", load_file(str(out / aux)), load_file(str(ref_out / aux))),
     ):
-        x, y = load_file(str(a)), load_file(str(b))
-        assert set(x) == set(y), a
+        assert set(x) == set(y), what
         for k in x:
-            torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5, msg=f"{a.name} {k}")
+            torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5, msg=f"{what} {k}")
     # The optimizer state in the single-process layout: the same entries, the same moments.
     name = f"step-{step:09d}"
     got = torch.load(out / "checkpoints" / name / "optimizer.pt", weights_only=True)
