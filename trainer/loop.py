@@ -610,7 +610,8 @@ class Trainer:
     def full_precision_student(self) -> nn.Module:
         """The trained student with any fake-quant wrappers removed (float weights)."""
         student = self.flow.final_student()
-        if not self.qat_prepared:
+        # The split flow's final student is read back from its folder: plain float layers already.
+        if not self.qat_prepared or getattr(self.flow, "streamed", None) is not None:
             return student
         from .quantization import strip_fake_quant
 
