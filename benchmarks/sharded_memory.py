@@ -237,7 +237,7 @@ def run_once(tree: Path, job: Path, out: Path, world: int, cap: int) -> dict[str
     return result
 
 
-def wait_for_memory(need: int, patience_s: float = 600.0) -> int:
+def wait_for_memory(need: int, patience_s: float = 120.0) -> int:
     """Available memory (``free``'s figure) once it reaches ``need``, or what it was at the end."""
     deadline = time.monotonic() + patience_s
     while True:
