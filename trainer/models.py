@@ -343,14 +343,15 @@ def load_models(
             student, source = _copied_on_meta(cfg, teacher_dir, task, copied, trust)
             log.info("student: %d layers to read from teacher layers %s, each rank its slices", len(copied), copied)
         else:
-            # A fresh student (another width) draws its initial weights from the RNG over the
-            # whole model in one order: a rank cannot draw its slices alone and get the same
-            # values, so it is built whole here, as a single process builds it, and cut afterwards.
+            # Whole: an unsplit student, or a fresh one (another width), whose initial weights are
+            # drawn from the RNG over the whole model in one order; a rank cannot draw its slices
+            # alone and get the same values, so a split run builds it as one process does and
+            # cuts it afterwards.
             student = auto_model_class(task).from_config(cfg, dtype=torch.float32, trust_remote_code=trust)
         if copied and source is None:
             copy_teacher_layers(student, teacher, copied)
             log.info("student: %d layers copied from teacher layers %s", len(copied), copied)
-        else:
+        elif not copied:
             log.info(
                 "student: fresh %s (width %s, %s layers)",
                 type(student).__name__,
