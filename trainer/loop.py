@@ -19,6 +19,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -127,7 +128,14 @@ class Trainer:
         # A served teacher (remote_targets.py): no teacher weights in this process.
         self.teacher_url = teacher_url(spec)
         check_remote_layout(self.teacher_url, self.parallel)
-        models = load_models(spec, self.opts.base_dir, remote=self.teacher_url is not None)
+        # A split student with weights on disk stays on the meta device until each rank has cut
+        # its piece and read only that (parallel/meta_load.py).
+        models = load_models(
+            spec,
+            self.opts.base_dir,
+            remote=self.teacher_url is not None,
+            meta_student=self.parallel.model_parallel,
+        )
         # Fused kernels for Python-composed activations (same function, rounding-level
         # differences; nothing saved changes): see fused_ops.
         for model in (models.teacher, models.student):
@@ -137,14 +145,14 @@ class Trainer:
         self.teacher = (
             self.parallel.prepare_teacher(models.teacher).to(self.device) if models.teacher is not None else None
         )
-        self.student = models.student.to(self.device)
+        self.student = models.student if models.student_source is not None else models.student.to(self.device)
         self.tokenizer = models.tokenizer  # the teacher's
         # The student's tokenizer: the teacher's, unless the student brought its own.
         self.student_tokenizer = models.student_tokenizer or models.tokenizer
         self.pad_id = int(self.student_tokenizer.pad_token_id)
         split_flow = None
         if self.parallel.model_parallel:
-            # Splits the student in place (rank 0 keeps an unsplit copy to gather into).
+            # Splits the student in place (and fills a meta-device one with this rank's slices).
             split_flow = ModelParallelFlow(
                 spec,
                 self.student,
@@ -153,6 +161,8 @@ class Trainer:
                 pad_id=self.pad_id,
                 device=self.device,
                 is_writer=self.opts.is_writer,
+                source=models.student_source,
+                student_dir=self.opts.output.student,
             )
         self._load_data()
         self.plan = build_plan(spec, self._qat_split() if spec.quantization.mode == "qat-int8" else None)
@@ -587,10 +597,21 @@ class Trainer:
         """Perplexities of different tokenizers do not compare: such runs are scored in bits per byte."""
         return result.by_bits_per_byte() if self.models.cross_tokenizer else result
 
+    def save_student(self, out_dir: Path) -> Path:
+        """The full-precision student at ``out_dir`` with the student's tokenizer: the split
+        flow's streamed folder published there, or the whole student written by save_pretrained."""
+        from .outputs import publish_student, save_student
+
+        streamed = getattr(self.flow, "streamed", None)
+        if streamed is not None:
+            return publish_student(streamed, self.student_tokenizer, out_dir)
+        return save_student(self.full_precision_student(), self.student_tokenizer, out_dir)
+
     def full_precision_student(self) -> nn.Module:
         """The trained student with any fake-quant wrappers removed (float weights)."""
         student = self.flow.final_student()
-        if not self.qat_prepared:
+        # The split flow's final student is read back from its folder: plain float layers already.
+        if not self.qat_prepared or getattr(self.flow, "streamed", None) is not None:
             return student
         from .quantization import strip_fake_quant
 

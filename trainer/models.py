@@ -5,6 +5,11 @@ the spec sets ``teacher.trustRemoteCode``. ``student.fromTeacher`` either keeps 
 teacher layers with their weights (DistilBERT-style; GPT2, Llama-family and BERT-family layer
 names are recognised) or, with a smaller width or head count, starts a fresh model of the same
 architecture.
+
+With ``meta_student`` (a student split by tensor or pipeline parallelism) a student whose weights
+are on disk (``student.model``, or teacher layers copied by ``student.fromTeacher``) is built on
+the meta device instead, with a ``WeightSource`` naming its safetensors: each rank then reads only
+its own slices (``parallel/meta_load.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class Models:
     # The student's own tokenizer when it differs from the teacher's (cross-tokenizer
     # distillation); None when the student reads the teacher's tokens.
     student_tokenizer: Any = None
+    # Where a meta-device student's weights are read from (parallel/meta_load.py); None when the
+    # student holds real weights.
+    student_source: Any = None
 
     @property
     def cross_tokenizer(self) -> bool:
@@ -270,11 +278,42 @@ def check_same_labels(teacher: nn.Module, student: nn.Module) -> None:
         raise TrainerError(ExitCode.BAD_SPEC, f"the student has {s_labels} labels but the teacher has {t_labels}")
 
 
-def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = None, *, remote: bool = False) -> Models:
+def _student_on_meta(student_dir: Path, task: str) -> tuple[nn.Module, Any]:
+    """The student of ``student_dir`` on the meta device, and the source of its weights."""
+    from transformers import AutoConfig
+
+    from .parallel.meta_load import WeightSource, build_on_meta
+
+    try:
+        config = AutoConfig.from_pretrained(str(student_dir), trust_remote_code=False)
+        student = build_on_meta(config, task)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrainerError(ExitCode.MODEL_NOT_FOUND, f"student at {student_dir} cannot be loaded: {exc}") from None
+    return student, WeightSource.of(student_dir, prefix=student.base_model_prefix)
+
+
+def _copied_on_meta(cfg: Any, teacher_dir: Path, task: str, copied: list[int], trust: bool) -> tuple[nn.Module, Any]:
+    """A ``fromTeacher`` student that copies teacher layers, on the meta device: its block ``i``
+    is read from the teacher's block ``copied[i]`` in the teacher's safetensors."""
+    from .parallel.meta_load import WeightSource, build_on_meta
+
+    student = build_on_meta(cfg, task, trust)
+    return student, WeightSource.of(teacher_dir, layer_map=copied, prefix=student.base_model_prefix)
+
+
+def load_models(
+    spec: DistillationJobSpec,
+    base_dir: Path,
+    seed: int | None = None,
+    *,
+    remote: bool = False,
+    meta_student: bool = False,
+) -> Models:
     """Teacher (eval mode, frozen, in ``teacher.dtype``), tokenizer, and the student in float32;
-    with ``remote`` (a served teacher) no teacher weights stay loaded (``load_for_served_teacher``)."""
+    with ``remote`` (a served teacher) no teacher weights stay loaded (``load_for_served_teacher``);
+    with ``meta_student`` a student read from disk stays on the meta device (module docstring)."""
     if remote:
-        return load_for_served_teacher(spec, base_dir, seed)
+        return load_for_served_teacher(spec, base_dir, seed, meta_student=meta_student)
     task = spec.task
     assert spec.teacher.model is not None  # the API requires it unless the teacher is served
     trust = spec.teacher.trust_remote_code
@@ -285,10 +324,14 @@ def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = No
     teacher.requires_grad_(False)
     copied: list[int] = []
     student_tok = None
+    source = None
     if spec.student.model is not None:
         student_dir = _existing_dir(spec.student.model, base_dir, "student")
         # Student code is never trusted: trustRemoteCode speaks for the teacher only.
-        student = _load_pretrained(student_dir, task, torch.float32, False, "student")
+        if meta_student:
+            student, source = _student_on_meta(student_dir, task)
+        else:
+            student = _load_pretrained(student_dir, task, torch.float32, False, "student")
         student_tok = student_tokenizer_if_different(teacher, tokenizer, student, student_dir)
         if student_tok is not None:
             check_cross_tokenizer(spec, student_dir)
@@ -296,11 +339,19 @@ def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = No
         assert spec.student.from_teacher is not None
         cfg, copied = derive_student_config(teacher.config, spec.student.from_teacher)
         torch.manual_seed(spec.distillation.seed if seed is None else seed)
-        student = auto_model_class(task).from_config(cfg, dtype=torch.float32, trust_remote_code=trust)
-        if copied:
+        if meta_student and copied:
+            student, source = _copied_on_meta(cfg, teacher_dir, task, copied, trust)
+            log.info("student: %d layers to read from teacher layers %s, each rank its slices", len(copied), copied)
+        else:
+            # Whole: an unsplit student, or a fresh one (another width), whose initial weights are
+            # drawn from the RNG over the whole model in one order; a rank cannot draw its slices
+            # alone and get the same values, so a split run builds it as one process does and
+            # cuts it afterwards.
+            student = auto_model_class(task).from_config(cfg, dtype=torch.float32, trust_remote_code=trust)
+        if copied and source is None:
             copy_teacher_layers(student, teacher, copied)
             log.info("student: %d layers copied from teacher layers %s", len(copied), copied)
-        else:
+        elif not copied:
             log.info(
                 "student: fresh %s (width %s, %s layers)",
                 type(student).__name__,
@@ -316,10 +367,13 @@ def load_models(spec: DistillationJobSpec, base_dir: Path, seed: int | None = No
         teacher_dir=teacher_dir,
         copied_layers=copied,
         student_tokenizer=student_tok,
+        student_source=source,
     )
 
 
-def load_for_served_teacher(spec: DistillationJobSpec, base_dir: Path, seed: int | None = None) -> Models:
+def load_for_served_teacher(
+    spec: DistillationJobSpec, base_dir: Path, seed: int | None = None, *, meta_student: bool = False
+) -> Models:
     """The student and the tokenizer when the teacher is served: the teacher's weights are read
     only to copy layers into a ``student.fromTeacher`` student, and dropped afterwards. The
     tokenizer is teacher.model's when it is given, else the student's (checked against the
@@ -329,11 +383,15 @@ def load_for_served_teacher(spec: DistillationJobSpec, base_dir: Path, seed: int
     teacher_dir = _existing_dir(spec.teacher.model, base_dir, "teacher") if spec.teacher.model else None
     copied: list[int] = []
     student_tok = None
+    source = None
     if spec.student.model is not None:
         student_dir = _existing_dir(spec.student.model, base_dir, "student")
-        student = _load_pretrained(student_dir, task, torch.float32, False, "student")
+        if meta_student:
+            student, source = _student_on_meta(student_dir, task)
+        else:
+            student = _load_pretrained(student_dir, task, torch.float32, False, "student")
         if teacher_dir is None:
-            return Models(None, student, load_tokenizer(student_dir, False), None)
+            return Models(None, student, load_tokenizer(student_dir, False), None, student_source=source)
         tokenizer = load_tokenizer(teacher_dir, trust)
         from types import SimpleNamespace
 
@@ -342,11 +400,16 @@ def load_for_served_teacher(spec: DistillationJobSpec, base_dir: Path, seed: int
         student_tok = student_tokenizer_if_different(config_only, tokenizer, student, student_dir)  # type: ignore[arg-type]
         if student_tok is not None:
             check_cross_tokenizer(spec, student_dir)
-        return Models(None, student, tokenizer, teacher_dir, student_tokenizer=student_tok)
+        return Models(None, student, tokenizer, teacher_dir, student_tokenizer=student_tok, student_source=source)
     assert spec.student.from_teacher is not None and teacher_dir is not None  # the API's rule
     tokenizer = load_tokenizer(teacher_dir, trust)
     cfg, copied = derive_student_config(_teacher_config(teacher_dir, trust), spec.student.from_teacher)
     torch.manual_seed(spec.distillation.seed if seed is None else seed)
+    if meta_student and copied:
+        # No teacher weights are loaded at all: each rank reads its slices of the teacher's files.
+        student, source = _copied_on_meta(cfg, teacher_dir, task, copied, trust)
+        return Models(None, student, tokenizer, teacher_dir, copied_layers=copied, student_source=source)
+    # A fresh student is drawn whole from the RNG (see load_models).
     student = auto_model_class(task).from_config(cfg, dtype=torch.float32, trust_remote_code=trust)
     if copied:
         teacher = _load_pretrained(teacher_dir, task, torch.float32, trust, "teacher")

@@ -68,6 +68,18 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:
     return out_dir
 
 
+def publish_student(staged: Path, tokenizer: Any, out_dir: Path) -> Path:
+    """A student folder streamed shard by shard (``parallel/student_save.py``) put in place at
+    ``out_dir`` with the student's tokenizer; staging folders of other processes are removed."""
+    if not (staged / "config.json").is_file() or not list(staged.glob("model-*.safetensors")):
+        raise RuntimeError(f"the streamed student at {staged} is incomplete")
+    tokenizer.save_pretrained(str(staged))
+    replace_dir(staged, out_dir)
+    for stale in out_dir.parent.glob(f"{out_dir.name}.streaming-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return out_dir
+
+
 def write_served_artifact(
     model: nn.Module, tokenizer: Any, layout: OutputLayout, *, task: str, quantization: str, metrics: dict[str, Any]
 ) -> Path:

@@ -26,7 +26,7 @@ from .evaluate import score
 from .fence import fenced_error
 from .loop import Trainer
 from .options import RunOptions, StepReport
-from .outputs import OutputLayout, save_student, write_json_atomic, write_served_artifact, write_termination
+from .outputs import OutputLayout, write_json_atomic, write_served_artifact, write_termination
 from .progress import ProgressReporter, status_body
 from .run_data import RunFiles, ensure_run_data, plan_summary
 
@@ -131,9 +131,10 @@ def finish(
     # A rank of a superseded gang attempt publishes nothing: each output is written under the fence.
     fence = trainer.fence
     fence.check("the final student")
-    student_fp = trainer.full_precision_student()
     with fence.holding("the final student"):
-        save_student(student_fp, trainer.student_tokenizer, out.student)
+        trainer.save_student(out.student)
+    # A split student is read back from that folder: conversion and evaluation need it whole.
+    student_fp = trainer.full_precision_student()
     result["student"] = str(out.student)
     metrics: dict[str, Any] = {}
     evaluating = opts.evaluate and bool(trainer.eval_examples)

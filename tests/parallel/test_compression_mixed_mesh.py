@@ -39,7 +39,7 @@ def _job(root: Path, name: str, compression: dict | None) -> Path:
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "student" / "model.safetensors"))
+    return helpers.load_student(out / "student")
 
 
 def test_tensor2_x_data2_compresses_the_data_axis_and_resumes_with_residuals(root: Path) -> None:

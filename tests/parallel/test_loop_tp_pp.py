@@ -148,7 +148,7 @@ def _assert_follows(steps: list[dict[str, Any]], ref: list[float], first: int = 
 
 
 def _assert_same_student(a: Path, b: Path) -> None:
-    x, y = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
+    x, y = helpers.load_student(a / "student"), helpers.load_student(b / "student")
     assert set(x) == set(y)
     for k in x:
         torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5, msg=k)

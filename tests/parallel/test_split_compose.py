@@ -73,7 +73,7 @@ def _assert_steps(steps: list[dict[str, Any]], ref: list[float], first: int = 1)
 def _assert_qat_student(a: Path, b: Path) -> None:
     """The QAT student of a split run against the unsplit one: every weight within a step of the
     peak learning rate (see the module docstring), most of them far closer."""
-    x, y = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
+    x, y = helpers.load_student(a / "student"), helpers.load_student(b / "student")
     assert set(x) == set(y)
     close = total = 0
     for k in x:

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from kdistill.api import load_job
 from tests.trainer import helpers
@@ -146,10 +145,7 @@ def _assert_same_outputs(out: Path, ref_out: Path, step: int = STEPS) -> None:
     single process's."""
     ckpt, ref_ckpt = out / "checkpoints" / f"step-{step:09d}", ref_out / "checkpoints" / f"step-{step:09d}"
     pairs = (
-        (
-            load_file(str(out / "student" / "model.safetensors")),
-            load_file(str(ref_out / "student" / "model.safetensors")),
-        ),
+        (helpers.load_student(out / "student"), helpers.load_student(ref_out / "student")),
         (aux_weights(ckpt), aux_weights(ref_ckpt)),
     )
     for x, y in pairs:

@@ -192,3 +192,19 @@ def job_dict(
 def write_job(path: Path, job: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
+
+
+def load_student(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a student folder: one ``model.safetensors`` (``save_pretrained`` of a
+    whole student) or the shards listed by ``model.safetensors.index.json`` (a split student,
+    streamed)."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        out.update(load_file(str(folder / name)))
+    assert set(out) == set(index["weight_map"]), "the shards do not hold what the index lists"
+    return out

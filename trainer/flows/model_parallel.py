@@ -6,17 +6,20 @@ classifiers (class logits, pooled on the last pipeline stage, scored as a one-po
 what ``parallel.runtime.check_model_parallel`` admits), from the live teacher or the teacher cache,
 optionally entropy-weighted, through QAT's reduced-precision and fake-quant phases
 (``parallel/student_qat.py``); the hidden/attention terms are computed on the stage that owns
-each mapped student block (``parallel/split_features.py``). Checkpoints are sharded: every rank
-writes its own part and reads back only what it holds, under any layout
-(``parallel/sharded_checkpoint.py``); gathered checkpoints (a single process's) still load. Rank
-0 keeps an unsplit copy of the student, into which the final student is gathered
-(``parallel/student_state.py``).
+each mapped student block (``parallel/split_features.py``).
+
+A student with weights on disk arrives on the meta device (``models.load_models`` with
+``meta_student``) and each rank reads only its own slices (``parallel/meta_load.py``).
+Checkpoints are sharded: every rank writes its own part and reads back only what it holds, under
+any layout (``parallel/sharded_checkpoint.py``); gathered checkpoints (a single process's) still
+load. The final student is streamed to rank 0's output folder tensor by tensor
+(``parallel/student_save.py``); the writer reads it back from there for INT8 conversion and
+evaluation. No rank holds an unsplit copy of the student while it trains.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +66,16 @@ class ModelParallelFlow:
         pad_id: int,
         device: torch.device,
         is_writer: bool,
+        source: Any = None,  # parallel.meta_load.WeightSource of a meta-device student
+        student_dir: Path | None = None,  # the writer's final student folder (outputs.OutputLayout.student)
     ) -> None:
-        """Records the unsplit parameter layout, keeps rank 0's unsplit copy, then splits
-        ``student`` in place."""
+        """Records the unsplit parameter layout, then splits ``student`` in place (a meta-device
+        student is filled with this rank's slices of ``source`` once cut)."""
+        from ..parallel.meta_load import is_meta_model
         from ..parallel.student_state import FullLayout
+
+        if is_meta_model(student) and source is None:
+            raise ValueError("a meta-device student needs the weight source it is read from")
 
         check_split_qat(spec, student, parallel.layout.tensor)
         self.settings = logits_settings(spec)
@@ -77,14 +86,24 @@ class ModelParallelFlow:
         self.device = device
         self.is_writer = is_writer
         self.full_layout = FullLayout.of(student)
+        self.config = student.config
+        # Student code is never trusted, except a fromTeacher student of the teacher's architecture.
+        self.trust = spec.teacher.trust_remote_code and spec.student.from_teacher is not None
+        self.source = source
+        self.student_dir = student_dir if is_writer else None
+        self._final: nn.Module | None = None
         # Attention transfer sizes its student projections by the q/k/v widths of a block, which
         # only the unsplit student can be probed for (a stage may not own the mapped blocks).
         self.student_qkv_dims: tuple[int, int, int] | None = None
         if any("attention" in stage.objectives for stage in spec.distillation.stages):
-            from ..aux_modules import probe_qkv_dims
+            if source is not None:
+                from ..parallel.meta_load import meta_qkv_dims
 
-            self.student_qkv_dims = probe_qkv_dims(student, [0], pad_id, device)
-        self.template: nn.Module | None = copy.deepcopy(student) if is_writer else None
+                self.student_qkv_dims = meta_qkv_dims(student)
+            else:
+                from ..aux_modules import probe_qkv_dims
+
+                self.student_qkv_dims = probe_qkv_dims(student, [0], pad_id, device)
         self.aux: nn.ModuleDict = nn.ModuleDict()
         self.pairs: list[tuple[int, int]] = []
         self.features: Any = None
@@ -93,7 +112,19 @@ class ModelParallelFlow:
         self.loss_sums: list[torch.Tensor] = []  # per loss call: [KD sum, CE sum, valid tokens]
         # The teacher cache (targets.CacheStore), set by the loop once it exists; None: off.
         self.cache: Any = None
-        self.split_student = parallel.parallelize_student(student, self._token_loss)
+        materialize = None
+        if source is not None:
+            from ..parallel.meta_load import StudentMaterializer
+
+            materialize = StudentMaterializer(
+                source,
+                device=device,
+                tensor=parallel.layout.tensor,
+                tensor_rank=parallel.layout.coords(parallel.env.rank)["tensor"],
+                aliases=self.full_layout.aliases,
+            )
+        self.split_student = parallel.parallelize_student(student, self._token_loss, materialize)
+        self.reads = materialize.reads if materialize is not None else []
 
     def use_aux(self, aux: nn.ModuleDict, pairs: list[tuple[int, int]]) -> None:
         """The run's aux modules (hidden projections, attention factors), replicated on every rank."""
@@ -231,15 +262,39 @@ class ModelParallelFlow:
             )
 
     def finish(self, optimizer: torch.optim.Optimizer) -> None:
-        """The outputs (student/, the INT8 artifact, evaluation) are written by rank 0 from its
-        unsplit copy; the gather is collective, so every rank does it."""
-        self._gather(optimizer)
+        """Streams the trained student into the writer's staging folder (``streamed``), tensor by
+        tensor; collective, so every rank does it."""
+        from ..parallel.student_save import stream_student
+
+        staging = self.streamed
+        if staging is not None:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+        with self.parallel.guard("streaming the student"):
+            stream_student(self.split_student, self.full_layout, staging, self.config)
+
+    @property
+    def streamed(self) -> Path | None:
+        """The writer's staging folder of the streamed student (published by ``outputs.publish_student``):
+        one per process, so that a superseded attempt still streaming cannot mix its files in."""
+        if self.student_dir is None:
+            return None
+        import os
+
+        return self.student_dir.with_name(f"{self.student_dir.name}.streaming-{os.getpid()}")
 
     def final_student(self) -> nn.Module:
-        """The writer's unsplit copy: plain float layers (the fake quantizers live in the split
-        student only), which INT8 conversion quantizes as it does the unsplit QAT student."""
-        assert self.template is not None, "only the writer holds the whole student"
-        return self.template
+        """The writer's whole student, read back from the published folder: plain float layers
+        (the fake quantizers live in the split student only), which INT8 conversion quantizes as
+        it does the unsplit QAT student. Conversion and evaluation need it whole on the writer."""
+        assert self.student_dir is not None, "only the writer holds the whole student"
+        if self._final is None:
+            from ..models import _load_pretrained
+
+            self._final = _load_pretrained(self.student_dir, self.task, torch.float32, self.trust, "final student")
+            self._final.to(self.device)
+        return self._final
 
     # ---- QAT -----------------------------------------------------------------------------------
     def enter_fake_quant(self) -> None:
@@ -455,13 +510,3 @@ class ModelParallelFlow:
 
     def _aux_params(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.aux.named_parameters() if p.requires_grad]
-
-    def _gather(self, optimizer: torch.optim.Optimizer, aux: list[tuple[str, nn.Parameter]] | None = None) -> Any:
-        """Collective: the whole student's state on rank 0 (GatheredState), None elsewhere."""
-        from ..parallel.student_state import gather_state, load_into_template
-
-        with self.parallel.guard("gathering the student"):
-            state = gather_state(self.split_student, optimizer, self.full_layout, aux or [])
-        if state is not None:
-            load_into_template(self.template, state.weights)
-        return state

@@ -118,8 +118,9 @@ class ParallelRuntime:
         """This rank's coordinate on the data dimension: which share of each global batch it reads."""
         return self.layout.coords(self.env.rank)["data"]
 
-    def parallelize_student(self, student: nn.Module, token_loss: Any) -> Any:
-        """Cut (pipeline), shard (tensor) and wrap (data) the student in place: a ParallelStudent."""
+    def parallelize_student(self, student: nn.Module, token_loss: Any, materialize: Any = None) -> Any:
+        """Cut (pipeline), shard (tensor) and wrap (data) the student in place: a ParallelStudent.
+        ``materialize``: fills a meta-device student's pieces once cut (``meta_load.py``)."""
         from .student import parallelize_student
 
         # With pipeline stages DDP sees one backward per micro-batch in the first step and its
@@ -128,7 +129,14 @@ class ParallelRuntime:
         ddp_kwargs = {"find_unused_parameters": True} if self.layout.pipeline > 1 else None
         try:
             split = parallelize_student(
-                student, self.layout, self.env.rank, self.mesh, token_loss, device=self.device, ddp_kwargs=ddp_kwargs
+                student,
+                self.layout,
+                self.env.rank,
+                self.mesh,
+                token_loss,
+                device=self.device,
+                ddp_kwargs=ddp_kwargs,
+                materialize=materialize,
             )
         except ValueError as exc:
             raise TrainerError(ExitCode.BAD_SPEC, f"parallelism.student: {exc}") from None

@@ -488,10 +488,16 @@ def parallelize_student(
     device: torch.device,
     micro_batches: int | None = None,
     ddp_kwargs: dict[str, Any] | None = None,
+    materialize: Callable[[nn.Module], None] | None = None,
 ) -> ParallelStudent:
-    """Cut (pipeline), shard (tensor) and wrap (data) ``model`` for this rank, in that order."""
+    """Cut (pipeline), shard (tensor) and wrap (data) ``model`` for this rank, in that order.
+
+    A ``model`` whose parameters are on the meta device (``meta_load.py``) is cut and sharded
+    there; ``materialize`` then fills this rank's pieces, before DDP (which needs real values)."""
     coords = layout.coords(rank)
-    model.to(device)
+    on_meta = materialize is not None
+    if not on_meta:
+        model.to(device)
     module: nn.Module = model
     tied_group = tied_weight = None
     stage: _Stage | None = None
@@ -516,6 +522,11 @@ def parallelize_student(
         module = stage = _Stage(model)
     if layout.tensor > 1:
         apply_tensor_parallel(model, mesh["tensor"])
+    if materialize is not None:
+        materialize(model)
+        if tied_weight is not None:  # the meta Parameter was replaced by this rank's real one
+            last = coords["pipeline"] == layout.pipeline - 1
+            tied_weight = model.lm_head.weight if last else model.get_input_embeddings().weight
     if layout.data > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
