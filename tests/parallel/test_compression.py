@@ -89,8 +89,9 @@ def test_per_tensor_topk_gives_every_tensor_its_share() -> None:
     # A large-gradient tensor next to a tiny-gradient one: a bucket-wide top-k would take only
     # the first; per tensor, each keeps ceil(p * n) of its own entries.
     acc = torch.cat([torch.linspace(100, 200, 1000), torch.linspace(1e-6, 2e-6, 300), torch.tensor([5e-7])])
-    idx = _per_tensor_topk(acc, [1000, 300, 1], 0.01)
+    idx, bases = _per_tensor_topk(acc, [1000, 300, 1], 0.01)
     assert sorted(idx.tolist()) == [*range(990, 1000), *range(1297, 1300), 1300]
+    assert sorted(bases.tolist()) == [0] * 10 + [1000] * 3 + [1300]
 
 
 def test_one_dimensional_tensors_go_whole_and_the_rest_by_top_k() -> None:
@@ -101,9 +102,10 @@ def test_one_dimensional_tensors_go_whole_and_the_rest_by_top_k() -> None:
     # [weight 1000 | bias 30 | weight 300]: the bias is sent whole (no indices on the wire), the
     # weights keep ceil(p * n) entries each.
     acc = torch.cat([torch.linspace(1, 2, 1000), torch.full((30,), 1e-9), torch.linspace(-3, -1, 300)])
-    dense, sparse = _split_indices(acc, [1000, 30, 300], [False, True, False], 0.01)
+    dense, sparse, bases = _split_indices(acc, [1000, 30, 300], [False, True, False], 0.01)
     assert dense.tolist() == list(range(1000, 1030))
     assert sorted(sparse.tolist()) == [*range(990, 1000), 1030, 1031, 1032]
+    assert bases.tolist() == [0] * 10 + [1030] * 3
 
 
 def test_spec_defaults_are_the_measured_ones() -> None:
@@ -138,3 +140,29 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     assert rt.compression_clip == spec.distillation.max_grad_norm > 0  # local clipping, the job's norm
     state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)
     assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps
+
+
+def test_large_tensors_are_cut_into_spans_whose_offsets_fit_16_bits() -> None:
+    import torch
+
+    from kdistill.trainer.parallel.compression import INDEX_SPAN, _decode, _encode, _per_tensor_topk
+
+    # 2.5 spans: each span keeps ceil(p * m) of its own entries, the extremes of a span included.
+    n = 2 * INDEX_SPAN + INDEX_SPAN // 2
+    acc = torch.zeros(n)
+    hot = [0, INDEX_SPAN - 1, INDEX_SPAN, 2 * INDEX_SPAN - 1, 2 * INDEX_SPAN, n - 1]
+    acc[hot] = torch.arange(1.0, 7.0)
+    idx, bases = _per_tensor_topk(acc, [n], 1e-5)  # k = 1 per span
+    assert idx.tolist() == [INDEX_SPAN - 1, 2 * INDEX_SPAN - 1, n - 1]
+    assert bases.tolist() == [0, INDEX_SPAN, 2 * INDEX_SPAN]
+    # Round trip: 16-bit offsets (0 and 65535 included) and bfloat16 / float32 values.
+    offsets = torch.tensor([0, INDEX_SPAN - 1, 12345, 40000])
+    values = torch.tensor([1.5, -2.25, 3.0e-3, 7.0])
+    for half in (True, False):
+        payload = _encode(values, offsets, half)
+        assert payload.dtype == torch.int32
+        assert payload.numel() * 4 == (2 if half else 4) * 4 + 2 * 4  # 2-byte indices
+        got_values, got_offsets = _decode(payload, 4, 4, half)
+        assert got_offsets.tolist() == offsets.tolist()
+        expect = values.to(torch.bfloat16).float() if half else values
+        assert torch.equal(got_values, expect)

@@ -167,80 +167,97 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     if state.error_feedback:
         acc = acc + _flat_residual(state, params, n)
     small = [state.dense_small and p.dim() <= 1 for p in params]
-    dense_idx, idx = _split_indices(acc, [p.numel() for p in params], small, state.density(step))
+    dense_idx, idx, bases = _split_indices(acc, [p.numel() for p in params], small, state.density(step))
     n_dense, k = dense_idx.numel(), idx.numel()
-    values = acc[torch.cat([dense_idx, idx])]
-    if state.half_values:
-        values = values.to(torch.bfloat16)
-        sent = values.to(torch.float32)
-        value_bits = values.view(torch.int16)
-        if (n_dense + k) % 2:  # keep the int32 indices after it 4-byte aligned
-            value_bits = torch.cat([value_bits, value_bits.new_zeros(1)])
-        index_bits = idx.to(torch.int32).view(torch.int16)
-    else:
-        sent = values
-        value_bits = values.view(torch.int32)
-        index_bits = idx.to(torch.int32)
+    picked = torch.cat([dense_idx, idx])
+    values = acc[picked]
+    sent = values.to(torch.bfloat16).to(torch.float32) if state.half_values else values
     if state.error_feedback:
         # What went out (after rounding) leaves the residual; the rest stays for later steps.
-        acc[torch.cat([dense_idx, idx])] -= sent
+        acc[picked] -= sent
         _store_residual(state, params, acc)
-    # One message: value bits (dense part first), then the sparse part's indices.
-    # gloo has no 16-bit integers: bfloat16 payloads travel as int32 (their length is even).
-    payload = torch.cat([value_bits, index_bits]).view(torch.int32)
+    payload = _encode(values, idx - bases, state.half_values)
     state.bytes_sent += payload.numel() * payload.element_size()
     state.wire_sent += (world - 1) * payload.numel() * payload.element_size()
     _maybe_log(state, bucket)
     gathered = [torch.empty_like(payload) for _ in range(world)]
     work = dist.all_gather(gathered, payload, group=state.process_group, async_op=True)
-    vdtype = torch.bfloat16 if state.half_values else torch.float32
 
     def combine(_: torch.futures.Future[Any]) -> torch.Tensor:
         out = torch.zeros(n, dtype=torch.float32, device=buffer.device)
         for part in gathered:
-            part = part.view(torch.int16) if state.half_values else part
-            vals = part[: n_dense + k].view(vdtype).to(torch.float32)
-            ids = part[part.numel() - (2 * k if state.half_values else k) :].view(torch.int32).long()
+            vals, offsets = _decode(part, n_dense + k, k, state.half_values)
             out.index_add_(0, dense_idx, vals[:n_dense])
-            out.index_add_(0, ids, vals[n_dense:])
+            out.index_add_(0, bases + offsets, vals[n_dense:])
         return out.div_(world).to(buffer.dtype)
 
     return work.get_future().then(combine)
 
 
+# Sparse positions travel as 16-bit offsets: a tensor is cut into spans of 2**16 entries, each
+# keeps its own top share, and an index is sent as its offset within its span (every rank knows
+# the spans' starts from the shapes alone). 2 bytes instead of an int32's 4.
+INDEX_SPAN = 1 << 16
+
+
 def _split_indices(
     acc: torch.Tensor, sizes: list[int], small: list[bool], density: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions of the tensors sent whole, top-k positions of the others) in the flat bucket."""
-    dense, sparse_sizes, offsets, offset = [], [], [], 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions of the tensors sent whole, top-k positions of the others, the start of each
+    top-k position's span) in the flat bucket."""
+    dense, picks, bases, offset = [], [], [], 0
     for n, whole in zip(sizes, small, strict=True):
         if whole:
             dense.append(torch.arange(offset, offset + n, device=acc.device))
         else:
-            sparse_sizes.append(n)
-            offsets.append(offset)
+            idx, base = _per_tensor_topk(acc[offset : offset + n], [n], density)
+            picks.append(idx + offset)
+            bases.append(base + offset)
         offset += n
-    picks = []
-    for n, off in zip(sparse_sizes, offsets, strict=True):
-        picks.append(_per_tensor_topk(acc[off : off + n], [n], density) + off)
     empty = torch.zeros(0, dtype=torch.long, device=acc.device)
-    return (torch.cat(dense) if dense else empty), (torch.cat(picks) if picks else empty)
+    return (
+        torch.cat(dense) if dense else empty,
+        torch.cat(picks) if picks else empty,
+        torch.cat(bases) if bases else empty,
+    )
 
 
-def _per_tensor_topk(acc: torch.Tensor, sizes: list[int], density: float) -> torch.Tensor:
-    """Indices into the flat bucket: the top ceil(density * n_t) entries of each parameter's slice.
-    The count depends only on the shapes, so every rank sends equally long messages."""
-    picks, offset = [], 0
+def _per_tensor_topk(acc: torch.Tensor, sizes: list[int], density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices into ``acc``, the start of each index's span): the top ceil(density * m) entries
+    of every span of m <= INDEX_SPAN entries of each tensor. The counts depend only on the shapes,
+    so every rank sends equally long messages and the i-th index of each lies in the same span."""
+    picks, bases, offset = [], [], 0
     for n in sizes:
-        k = max(1, math.ceil(density * n))
-        piece = acc[offset : offset + n]
-        picks.append(
-            piece.abs().topk(k, sorted=False).indices + offset
-            if k < n
-            else torch.arange(offset, offset + n, device=acc.device)
-        )
+        for start in range(offset, offset + n, INDEX_SPAN):
+            m = min(INDEX_SPAN, offset + n - start)
+            k = max(1, math.ceil(density * m))
+            piece = acc[start : start + m]
+            chosen = piece.abs().topk(k, sorted=False).indices if k < m else torch.arange(m, device=acc.device)
+            picks.append(chosen + start)
+            bases.append(torch.full((chosen.numel(),), start, dtype=torch.long, device=acc.device))
         offset += n
-    return torch.cat(picks)
+    empty = torch.zeros(0, dtype=torch.long, device=acc.device)
+    return (torch.cat(picks), torch.cat(bases)) if picks else (empty, empty)
+
+
+def _encode(values: torch.Tensor, offsets: torch.Tensor, half: bool) -> torch.Tensor:
+    """One int32 message: the values' bits (bfloat16 or float32), then the 16-bit span offsets.
+    gloo has no 16-bit integers: the int16 stream travels as int32, padded to an even length."""
+    value_bits = (values.to(torch.bfloat16) if half else values.to(torch.float32)).view(torch.int16)
+    offset_bits = (offsets - 32768).to(torch.int16)  # 0..65535 shifted into int16's range
+    bits = torch.cat([value_bits, offset_bits])
+    if bits.numel() % 2:
+        bits = torch.cat([bits, bits.new_zeros(1)])
+    return bits.view(torch.int32)
+
+
+def _decode(payload: torch.Tensor, n_values: int, k: int, half: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``_encode``: (float32 values, int64 span offsets)."""
+    bits = payload.view(torch.int16)
+    width = 1 if half else 2
+    values = bits[: n_values * width].view(torch.bfloat16 if half else torch.float32).to(torch.float32)
+    offsets = bits[n_values * width : n_values * width + k].to(torch.int64) + 32768
+    return values, offsets
 
 
 def residual_vector(state: TopKState, params: list[torch.Tensor]) -> torch.Tensor:
