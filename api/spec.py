@@ -491,6 +491,12 @@ class GradientCompression(ApiModel):
         description="Freeze AdamW's second moment of matrices when compression starts (1-bit Adam): "
         "compressed, error-fed gradients arrive as spikes that would otherwise shrink every update.",
     )
+    selection: Literal["update", "magnitude"] = Field(
+        "update",
+        description="Which entries top-k keeps: 'update' ranks them by the step AdamW would take for "
+        "them (gradient plus residual over the root of AdamW's second moment), 'magnitude' by the "
+        "gradient plus residual alone.",
+    )
 
 
 _CEL_WORLD = "(self.nodes * (self.gpusPerNode == 0 ? 1 : self.gpusPerNode))"

@@ -39,6 +39,58 @@ def test_topk_one_percent_sends_20x_fewer_bytes_and_error_feedback_is_unbiased(t
     assert ranks[0]["params"] == ranks[1]["params"]
 
 
+def test_error_feedback_identity_holds_when_top_k_ranks_by_a_selection_scale(tmp_path: Path) -> None:
+    run_ranks(
+        2,
+        "tests.parallel.compression_workers:topk_run",
+        tmp_path,
+        {"fraction": 0.01, "warmup": 1, "steps": 6, "selection_scale": True},
+        timeout=180,
+    )
+    ranks = _results(tmp_path, 2)
+    for r in ranks:
+        assert r["gap"] < 1e-5 * max(1.0, r["scale"])
+        assert r["gap_without_residual"] > 100 * r["gap"] + 1e-4
+    assert ranks[0]["params"] == ranks[1]["params"]
+
+
+def test_selection_scale_ranks_entries_by_the_step_they_would_take() -> None:
+    import torch
+    from torch import nn
+
+    from kdistill.trainer.optim import FROZEN_VARIANCE_FLOOR, update_scale
+    from kdistill.trainer.parallel.compression import _selection_score, _split_indices
+
+    weight, bias = nn.Parameter(torch.zeros(200)), nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([weight, bias], lr=0.1)
+    scale = update_scale(opt)
+    assert scale(weight) is None  # no second moment before the first step
+    # Entry 0 has a 100x larger gradient than the rest, so a 10^4x larger second moment.
+    weight.grad = torch.cat([torch.tensor([1.0]), torch.full((199,), 0.01)])
+    bias.grad = torch.ones(3)
+    opt.step()
+    s = scale(weight)
+    assert s is not None and s.shape == (200,)
+    torch.testing.assert_close(s[1] / s[0], torch.tensor(100.0))
+    # The floor: an entry whose variance is (near) zero gets a bounded weight, not 1/sqrt(0).
+    opt.state[weight]["exp_avg_sq"][5] = 0.0
+    v = opt.state[weight]["exp_avg_sq"]
+    assert float(scale(weight)[5]) == pytest.approx(float(v.mean() * FROZEN_VARIANCE_FLOOR) ** -0.5, rel=1e-5)
+    v[5] = v[6]
+
+    state = TopKState(fraction=0.01)
+    acc = torch.cat([torch.tensor([5.0]), torch.full((199,), 0.1), torch.tensor([0.2, 0.3]), torch.tensor([7.0])])
+    acc[1 + 57] = 0.2  # the largest of the small-variance entries
+    params, small = [weight, nn.Parameter(torch.zeros(2)), bias[:1]], [False, True, True]
+    # By magnitude entry 0 wins (5 > 0.2); by the step it would take (5 / 1 < 0.2 * 100) entry 58.
+    _, by_magnitude, _ = _split_indices(acc, [200, 2, 1], small, 0.005)
+    state.selection_scale = scale
+    score = _selection_score(state, params, acc, small)
+    _, by_update, _ = _split_indices(score, [200, 2, 1], small, 0.005)
+    assert by_magnitude.tolist() == [0] and by_update.tolist() == [58]
+    assert torch.equal(score[200:], acc[200:])  # tensors sent whole are not scaled
+
+
 def test_without_error_feedback_the_update_is_biased(tmp_path: Path) -> None:
     run_ranks(
         2,
@@ -112,7 +164,7 @@ def test_spec_defaults_are_the_measured_ones() -> None:
     from kdistill.api.spec import GradientCompression
 
     gc = GradientCompression(top_k=0.01)
-    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance) == (10, 0, True)
+    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance, gc.selection) == (10, 0, True, "update")
 
 
 def test_state_rejects_bad_fraction() -> None:

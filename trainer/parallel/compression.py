@@ -53,6 +53,7 @@ its edge as the data-parallel degree grows past ~1/(4p).
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,10 @@ class TopKState:
     clip_norm: float = 0.0
     total_numel: int = 0
     last_compressed: bool = False  # whether the last finished step sent top-k (not all-reduce)
+    # Per parameter, a per-entry weight to rank entries by (|gradient + residual| times it) instead
+    # of by magnitude; None (or None for a parameter) ranks by magnitude. The loop installs AdamW's
+    # 1/sqrt(v) (optim.update_scale): entries rank by the step they would take.
+    selection_scale: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
@@ -167,7 +172,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     if state.error_feedback:
         acc = acc + _flat_residual(state, params, n)
     small = [state.dense_small and p.dim() <= 1 for p in params]
-    dense_idx, idx, bases = _split_indices(acc, [p.numel() for p in params], small, state.density(step))
+    score = _selection_score(state, params, acc, small)
+    dense_idx, idx, bases = _split_indices(score, [p.numel() for p in params], small, state.density(step))
     n_dense, k = dense_idx.numel(), idx.numel()
     picked = torch.cat([dense_idx, idx])
     values = acc[picked]
@@ -198,6 +204,20 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 # keeps its own top share, and an index is sent as its offset within its span (every rank knows
 # the spans' starts from the shapes alone). 2 bytes instead of an int32's 4.
 INDEX_SPAN = 1 << 16
+
+
+def _selection_score(state: TopKState, params: list[torch.Tensor], acc: torch.Tensor, small: list[bool]) -> torch.Tensor:
+    """What top-k ranks: ``acc`` itself, or each entry times its parameter's selection scale."""
+    if state.selection_scale is None:
+        return acc
+    pieces, offset = [], 0
+    for p, whole in zip(params, small, strict=True):
+        piece = acc[offset : offset + p.numel()]
+        scale = None if whole else state.selection_scale(p)
+        usable = scale is not None and scale.numel() == piece.numel()
+        pieces.append(piece * scale.to(piece.device) if usable else piece)
+        offset += p.numel()
+    return torch.cat(pieces)
 
 
 def _split_indices(
