@@ -1,10 +1,10 @@
 """Top-k gradient compression as a DDP communication hook, with error feedback.
 
 Per DDP bucket and step, each rank adds its residual (what it did not send before) to its
-gradient, keeps the ``fraction`` largest entries by magnitude *of each parameter tensor* and sends
-only those: values and indices are all-gathered (one int32 message: the float32 values' bits
-followed by the indices), every rank scatters all contributions into a zero tensor and divides by
-the world size. What a rank did not send stays in its residual for the next step, so over many
+gradient, keeps the ``fraction`` largest entries *of each parameter tensor* and sends only those:
+values and positions are all-gathered (one int32 message: the values' bits followed by 16-bit
+positions), every rank scatters all contributions into a zero tensor and divides by the world
+size. What a rank did not send stays in its residual for the next step, so over many
 steps every gradient entry is eventually applied: the sum of applied updates plus the mean
 residual equals the sum of the true mean gradients exactly (the test checks this identity;
 local clipping, below, scales a rank's gradient before it counts).
@@ -33,6 +33,19 @@ pipeline stages).
 Residuals are part of a checkpoint (``residual_vector`` / ``load_residual_vector``): a resumed run
 continues with the unsent gradient mass it had, so its trajectory equals the uninterrupted one.
 
+Which entries are largest: by default (``selection_scale``, installed by the loop from the
+optimizer, ``optim.update_scale``) an entry ranks by the step AdamW would take for it, its
+gradient plus residual times 1/sqrt(v) of AdamW's second moment, not by the raw value. The same
+reason as per tensor, one level down: Adam moves every entry by about the learning rate whatever
+its gradient's scale, but by magnitude an entry of small typical gradient waited behind the
+large-gradient entries of its tensor until its residual had grown to their size, tens of steps
+of its update. Ranked by the step it would take, each entry is sent once its pending update is
+among the largest. The selection decides only what is sent when; error feedback keeps the rest.
+
+Positions: each tensor is cut into spans of 2**16 entries, each span keeps its own top share, and
+a position travels as its 16-bit offset within its span (every rank knows the spans from the
+shapes alone), 2 bytes instead of an int32's 4.
+
 Tiny tensors (1-D: biases, norms; about 0.5% of a small GPT2's entries) are sent whole, values
 only (every rank knows their positions), instead of 1% of them with indices: each gets its full
 gradient every step for a negligible share of the bytes, counted like the rest.
@@ -42,8 +55,8 @@ lost but stays in the residual (what is subtracted from the residual is the roun
 the "applied + residual = true" identity still holds; measured at p = 0.01 it left the loss
 unchanged (docs/parallel.md).
 
-Bytes: the hook counts its own payload per rank (k values at 2 bytes + k int32 indices = 6k bytes,
-plus 2 bytes per entry of the whole-sent tensors, against 4n bytes of an all-reduce);
+Bytes: the hook counts its own payload per rank (k values at 2 bytes + k 16-bit offsets = 4k
+bytes, plus 2 bytes per entry of the whole-sent tensors, against 4n bytes of an all-reduce);
 ``wire_bytes`` also estimates ring traffic, where an
 all-gather sends (W-1) payloads but a ring all-reduce only 2(W-1)/W of the buffer: top-k loses
 its edge as the data-parallel degree grows past ~1/(4p).
