@@ -90,6 +90,17 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "data-parallel-top-k-by-magnitude",
+        with_spec(
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 0,
+                "student": {"data": 2},
+                "gradientCompression": {"topK": 0.01, "selection": "magnitude"},
+            }
+        ),
+    ),
+    (
         "split-student-classification-tensor",
         with_spec(
             task="sequence-classification",
@@ -349,6 +360,11 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "ramp-negative",
         with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "rampSteps": -1}}),
         "spec.parallelism.gradientCompression.rampSteps",
+    ),
+    (
+        "topk-selection-unknown",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "selection": "random"}}),
+        "spec.parallelism.gradientCompression.selection",
     ),
     (
         "topk-negative",
