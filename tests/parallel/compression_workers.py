@@ -31,8 +31,10 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
     if args.get("selection_scale"):
         # A fixed per-entry weight (the same on both ranks), far from uniform: top-k then ranks by
         # |gradient + residual| * weight, which must not disturb the error-feedback identity.
-        weights = {id(p): torch.rand(p.numel(), generator=torch.Generator().manual_seed(i)) ** 4 for i, p in
-                   enumerate(model.parameters())}
+        weights = {
+            id(p): torch.rand(p.numel(), generator=torch.Generator().manual_seed(i)) ** 4
+            for i, p in enumerate(model.parameters())
+        }
         state.selection_scale = lambda p: weights[id(p)]
     opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
     gen = torch.Generator().manual_seed(100 + env.rank)

@@ -219,7 +219,9 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 INDEX_SPAN = 1 << 16
 
 
-def _selection_score(state: TopKState, params: list[torch.Tensor], acc: torch.Tensor, small: list[bool]) -> torch.Tensor:
+def _selection_score(
+    state: TopKState, params: list[torch.Tensor], acc: torch.Tensor, small: list[bool]
+) -> torch.Tensor:
     """What top-k ranks: ``acc`` itself, or each entry times its parameter's selection scale."""
     if state.selection_scale is None:
         return acc
