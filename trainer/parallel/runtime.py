@@ -139,7 +139,8 @@ class ParallelRuntime:
         if self.top_k > 0 and self.layout.data > 1:
             # Top-k over the data axis only: DDP reduces each rank's own shard over its data
             # peers; tensor-parallel traffic is not compressed. (Pipeline stages are refused by
-            # SPLIT_STUDENT_RULES: pipelining's per-micro-batch backward would drive the hook.)
+            # SPLIT_STUDENT_RULES: each end stage would compress its own part of the tied
+            # embedding/head gradient before the parts are added, and clip by its stage alone.)
             from .compression import register_topk
 
             self.compression = register_topk(
