@@ -770,11 +770,6 @@ SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
         "distills with the logits, hidden and attention objectives only (no sequence or on-policy)",
         lambda spec: f"objectives {sorted(_objectives(spec) - _SPLIT_OBJECTIVES)}",
     ),
-    SplitStudentRule(
-        "self.parallelism.student.pipeline == 1 || self.parallelism.gradientCompression.topK == 0.0",
-        lambda spec: spec.parallelism.student.pipeline == 1 or spec.parallelism.gradient_compression.top_k == 0,
-        "cannot use parallelism.gradientCompression.topK with pipeline stages (tensor x data only; set 0)",
-    ),
 )
 
 

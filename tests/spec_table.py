@@ -126,6 +126,18 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "split-student-top-k-pipeline-x-data",
+        with_spec(
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 2,
+                "student": {"data": 2, "pipeline": 2},
+                "gradientCompression": {"topK": 0.01},
+            },
+            quantization={"mode": "ptq-int8"},
+        ),
+    ),
+    (
         "split-student-top-k-on-the-data-axis",
         with_spec(
             parallelism={
@@ -226,18 +238,6 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
         "spec",
     ),
     (
-        "split-student-top-k-pipeline",
-        _split_student(
-            parallelism={
-                "nodes": 1,
-                "gpusPerNode": 2,
-                "student": {"data": 1, "pipeline": 2},
-                "gradientCompression": {"topK": 0.01},
-            }
-        ),
-        "spec",
-    ),
-    (
         "split-student-classification-pipeline",
         _split_student(
             task="sequence-classification",
@@ -249,7 +249,6 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
 ]
 SPLIT_STUDENT_NEEDLES = {
     "split-student-sequence": "no sequence or on-policy",
-    "split-student-top-k-pipeline": "gradientCompression.topK with pipeline stages",
     "split-student-classification-pipeline": "not by pipeline",
 }
 

@@ -222,7 +222,6 @@ def test_tensor2_x_pipeline2_trains_and_reshards_to_two_ranks(root: Path, refere
 # What the trainer's own message names for each of the API's split-student rows.
 _TRAINER_NEEDLES = {
     "split-student-sequence": "objectives ['sequence']",
-    "split-student-top-k-pipeline": "gradientCompression.topK with pipeline stages",
     "split-student-classification-pipeline": "task sequence-classification, pipeline 2",
 }
 

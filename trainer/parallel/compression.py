@@ -178,10 +178,22 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 
     acc = buffer.to(torch.float32)
     if state.clip_norm > 0 and state.total_numel > 0:
-        limit = state.clip_norm * math.sqrt(n / state.total_numel)
-        norm = float(acc.norm())
-        if norm > limit:
-            acc = acc * (limit / norm)
+        acc = _clip(acc, float(acc.norm()), state.clip_norm * math.sqrt(n / state.total_numel))
+    work, combine = _exchange(state, params, acc, step, world)
+    _maybe_log(state, bucket)
+    return work.get_future().then(lambda _: combine().to(buffer.dtype))
+
+
+def _clip(acc: torch.Tensor, norm: float, limit: float) -> torch.Tensor:
+    return acc * (limit / norm) if norm > limit else acc
+
+
+def _exchange(
+    state: TopKState, params: list[torch.Tensor], acc: torch.Tensor, step: int, world: int
+) -> tuple[Any, Callable[[], torch.Tensor]]:
+    """Error feedback, top-k and the all-gather of one flat float32 gradient ``acc`` of ``params``:
+    (the gather's work, a function giving the mean of every rank's sent entries once it is done)."""
+    n = acc.numel()
     if state.error_feedback:
         acc = acc + _flat_residual(state, params, n)
     small = [state.dense_small and p.dim() <= 1 for p in params]
@@ -198,19 +210,73 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     payload = _encode(values, idx - bases, state.half_values)
     state.bytes_sent += payload.numel() * payload.element_size()
     state.wire_sent += (world - 1) * payload.numel() * payload.element_size()
-    _maybe_log(state, bucket)
     gathered = [torch.empty_like(payload) for _ in range(world)]
     work = dist.all_gather(gathered, payload, group=state.process_group, async_op=True)
 
-    def combine(_: torch.futures.Future[Any]) -> torch.Tensor:
-        out = torch.zeros(n, dtype=torch.float32, device=buffer.device)
+    def combine() -> torch.Tensor:
+        out = torch.zeros(n, dtype=torch.float32, device=acc.device)
         for part in gathered:
             vals, offsets = _decode(part, n_dense + k, k, state.half_values)
             out.index_add_(0, dense_idx, vals[:n_dense])
             out.index_add_(0, bases + offsets, vals[n_dense:])
-        return out.div_(world).to(buffer.dtype)
+        return out.div_(world)
 
-    return work.get_future().then(combine)
+    return work, combine
+
+
+def reduce_gradients(
+    state: TopKState, params: list[torch.Tensor], norm_group: Any = None, counted: list[bool] | None = None
+) -> None:
+    """The hook's reduction run by hand on ``params``' gradients (in place), for a student whose
+    DDP does not reduce (pipeline stages: ``local_only_hook``). The caller first adds the tied
+    embedding/head parts, so the tied weight is compressed whole, as in the unsplit student.
+    Local clipping uses the rank's whole gradient: the norm of its ``counted`` entries (a tied
+    copy is counted on one stage only) over ``norm_group`` (the pipeline stages), against
+    ``clip_norm``, as the hook does for a student whose gradient fits one DDP bucket."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.detach().reshape(-1).to(torch.float32) for g in grads])
+    n, world = flat.numel(), _world(state.process_group)
+    state.bytes_dense += 4 * n
+    state.wire_dense += 2 * (world - 1) / world * 4 * n
+    step = state.step
+    state.step += 1
+    state.last_compressed = step >= state.warmup_steps
+    if step < state.warmup_steps:
+        state.bytes_sent += 4 * n
+        state.wire_sent += 2 * (world - 1) / world * 4 * n
+        dist.all_reduce(flat, group=state.process_group)
+        out = flat.div_(world)
+    else:
+        if state.clip_norm > 0:
+            flat = _clip(flat, _rank_norm(grads, norm_group, counted), state.clip_norm)
+        work, combine = _exchange(state, params, flat, step, world)
+        work.wait()
+        out = combine()
+    if state.log_every and state.step % state.log_every == 0:
+        log.info("gradient compression %s", json.dumps(state.summary()))
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = out[offset : offset + p.numel()].view_as(p).to(g.dtype).clone()
+        offset += p.numel()
+
+
+def _rank_norm(grads: list[torch.Tensor], group: Any, counted: list[bool] | None) -> float:
+    keep = counted or [True] * len(grads)
+    total = torch.zeros(1, dtype=torch.float64)
+    for g, c in zip(grads, keep, strict=True):
+        if c:
+            total += g.detach().double().pow(2).sum()
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return float(total.sqrt())
+
+
+def local_only_hook(_: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A DDP hook that reduces nothing: the bucket keeps this rank's own gradient, for
+    ``reduce_gradients`` to reduce after the step's backward."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
 
 
 # Sparse positions travel as 16-bit offsets: a tensor is cut into spans of 2**16 entries, each
