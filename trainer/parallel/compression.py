@@ -27,8 +27,11 @@ step just ran. The optimizer side (AdamW's variance frozen when compression star
 ``trainer/optim.FrozenVarianceAdamW``.
 
 In a tensor-parallel student the hook sits on the DDP of the mesh's data axis: each rank
-compresses its own shard's gradient over its data peers only (the API refuses compression with
-pipeline stages).
+compresses its own shard's gradient over its data peers only. With pipeline stages the same
+compression runs after the step's backward instead (``reduce_gradients``; DDP gets
+``local_only_hook``): the first and last stage each hold a copy of a tied embedding/LM head,
+and its two gradient parts must be added before top-k picks from their sum, as in the unsplit
+student; local clipping then takes the norm over all stages.
 
 Residuals are part of a checkpoint (``residual_vector`` / ``load_residual_vector``): a resumed run
 continues with the unsent gradient mass it had, so its trajectory equals the uninterrupted one.
@@ -37,10 +40,10 @@ Which entries are largest: by default (``selection_scale``, installed by the loo
 optimizer, ``optim.update_scale``) an entry ranks by the step AdamW would take for it, its
 gradient plus residual times 1/sqrt(v) of AdamW's second moment, not by the raw value. The same
 reason as per tensor, one level down: Adam moves every entry by about the learning rate whatever
-its gradient's scale, but by magnitude an entry of small typical gradient waited behind the
-large-gradient entries of its tensor until its residual had grown to their size, tens of steps
-of its update. Ranked by the step it would take, each entry is sent once its pending update is
-among the largest. The selection decides only what is sent when; error feedback keeps the rest.
+its gradient's scale, but by magnitude an entry of small typical gradient waits behind the
+large-gradient entries of its tensor until its residual has grown to their size. Ranked by the
+step it would take, each entry is sent once its pending update is among the largest. The
+selection decides only what is sent when; error feedback keeps the rest.
 
 Positions: each tensor is cut into spans of 2**16 entries, each span keeps its own top share, and
 a position travels as its 16-bit offset within its span (every rank knows the spans from the
