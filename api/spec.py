@@ -491,6 +491,12 @@ class GradientCompression(ApiModel):
         description="Freeze AdamW's second moment of matrices when compression starts (1-bit Adam): "
         "compressed, error-fed gradients arrive as spikes that would otherwise shrink every update.",
     )
+    selection: Literal["update", "magnitude"] = Field(
+        "update",
+        description="Which entries top-k keeps: 'update' ranks them by the step AdamW would take for "
+        "them (gradient plus residual over the root of AdamW's second moment), 'magnitude' by the "
+        "gradient plus residual alone.",
+    )
 
 
 _CEL_WORLD = "(self.nodes * (self.gpusPerNode == 0 ? 1 : self.gpusPerNode))"
@@ -756,11 +762,6 @@ SPLIT_STUDENT_RULES: tuple[SplitStudentRule, ...] = (
         lambda spec: _objectives(spec) <= _SPLIT_OBJECTIVES,
         "distills with the logits, hidden and attention objectives only (no sequence or on-policy)",
         lambda spec: f"objectives {sorted(_objectives(spec) - _SPLIT_OBJECTIVES)}",
-    ),
-    SplitStudentRule(
-        "self.parallelism.student.pipeline == 1 || self.parallelism.gradientCompression.topK == 0.0",
-        lambda spec: spec.parallelism.student.pipeline == 1 or spec.parallelism.gradient_compression.top_k == 0,
-        "cannot use parallelism.gradientCompression.topK with pipeline stages (tensor x data only; set 0)",
     ),
 )
 

@@ -8,9 +8,11 @@ library's docstrings (``trainer/corpus.build_docstring_corpus``, its own held-ou
 configuration runs once per seed (the seed sets the student's init, data order and dropout); seeds,
 corpora and configurations are interleaved, so load drifts hit every configuration alike.
 
-A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE``: top-k fraction P (0: plain all-reduce), WARMUP
-dense steps, a RAMP of steps from dense down to P, and FREEZE (1/0) AdamW's variance of matrices
-when compression starts. ``default`` rows use the spec's defaults (``topK`` only). Reported per
+A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION]``: top-k fraction P (0: plain
+all-reduce), WARMUP dense steps, a RAMP of steps from dense down to P, FREEZE (1/0) AdamW's variance
+of matrices when compression starts, and SELECTION (``update`` or ``magnitude``, what top-k ranks
+entries by; the spec's default when left out). ``default`` rows use the spec's defaults (``topK``
+only). Reported per
 corpus and configuration (medians over seeds), against the same seed's uncompressed run:
 - loss gap: mean training loss over the last 20 steps;
 - held-out perplexity gap: the student's perplexity on the corpus's eval split at the end;
@@ -61,13 +63,18 @@ def corpora(pvc: Path, work: Path) -> dict[str, tuple[Path, Path]]:
 
 
 def parse_config(text: str) -> dict:
-    label, p, warmup, ramp, freeze = text.split(":")
+    fields = text.split(":")
+    if len(fields) not in (5, 6):
+        raise SystemExit(f"a configuration is LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION], got {text!r}")
+    label, p, warmup, ramp, freeze = fields[:5]
+    selection = fields[5] if len(fields) == 6 else "-"
     return {
         "label": label,
         "top_k": float(p),
         "warmup": None if warmup == "-" else int(warmup),
         "ramp": None if ramp == "-" else int(ramp),
         "freeze": None if freeze == "-" else freeze == "1",
+        "selection": None if selection == "-" else selection,
     }
 
 
@@ -88,6 +95,7 @@ def one_run(
             eval_data=data[1],
             **{k: v for k, v in (("warmup", config["warmup"]), ("ramp", config["ramp"])) if v is not None},
             **({"freeze_variance": config["freeze"]} if config["freeze"] is not None else {}),
+            **({"selection": config["selection"]} if config["selection"] is not None else {}),
             spec_defaults=config["warmup"] is None,
         )
         started = time.time()
@@ -151,7 +159,9 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--corpora", nargs="+", default=["pydoc", "docstrings"])
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="LABEL:P:WARMUP:RAMP:FREEZE, '-' = default")
+    ap.add_argument(
+        "--configs", nargs="+", default=DEFAULT_CONFIGS, help="LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION], '-' = default"
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     ensure_teacher(args.pvc)

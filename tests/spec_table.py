@@ -90,6 +90,17 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "data-parallel-top-k-by-magnitude",
+        with_spec(
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 0,
+                "student": {"data": 2},
+                "gradientCompression": {"topK": 0.01, "selection": "magnitude"},
+            }
+        ),
+    ),
+    (
         "split-student-classification-tensor",
         with_spec(
             task="sequence-classification",
@@ -112,6 +123,18 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
             parallelism={"nodes": 1, "gpusPerNode": 2, "student": {"data": 1, "pipeline": 2}},
             quantization={"mode": "none"},
             **{"distillation.stages": [{"name": "a", "steps": 5, "objectives": ["attention"]}]},
+        ),
+    ),
+    (
+        "split-student-top-k-pipeline-x-data",
+        with_spec(
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 2,
+                "student": {"data": 2, "pipeline": 2},
+                "gradientCompression": {"topK": 0.01},
+            },
+            quantization={"mode": "ptq-int8"},
         ),
     ),
     (
@@ -214,22 +237,9 @@ SPLIT_STUDENT_BAD: list[tuple[str, dict[str, Any], str]] = [
         _split_student(**{"distillation.stages": [{"name": "seq", "steps": 5, "objectives": ["sequence"]}]}),
         "spec",
     ),
-    (
-        "split-student-top-k-pipeline",
-        _split_student(
-            parallelism={
-                "nodes": 1,
-                "gpusPerNode": 2,
-                "student": {"data": 1, "pipeline": 2},
-                "gradientCompression": {"topK": 0.01},
-            }
-        ),
-        "spec",
-    ),
 ]
 SPLIT_STUDENT_NEEDLES = {
     "split-student-sequence": "no sequence or on-policy",
-    "split-student-top-k-pipeline": "gradientCompression.topK with pipeline stages",
 }
 
 # What a tensor/pipeline-split student runs like an unsplit one (tests/parallel/test_split_compose.py
@@ -378,6 +388,11 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "ramp-negative",
         with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "rampSteps": -1}}),
         "spec.parallelism.gradientCompression.rampSteps",
+    ),
+    (
+        "topk-selection-unknown",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "selection": "random"}}),
+        "spec.parallelism.gradientCompression.selection",
     ),
     (
         "topk-negative",

@@ -43,7 +43,7 @@ from .metrics import TrainerMetrics
 from .models import load_models
 from .on_policy import OnPolicyBatches, has_on_policy_stage
 from .on_policy_cross import TokenBridge
-from .optim import build_optimizer, freeze_variance_step, in_group_order
+from .optim import build_optimizer, freeze_variance_step, in_group_order, update_scale
 from .options import RunOptions, StepReport
 from .remote_targets import RemoteTargetSource, check_remote_layout, peek_next, teacher_url
 from .schedules import temperature_at
@@ -362,13 +362,18 @@ class Trainer:
         return named
 
     def _build_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        return build_optimizer(
+        optimizer, scheduler = build_optimizer(
             self._named_trainables(),
             self.spec.distillation,
             self.total,
             foreach=self.flow.foreach_optimizer,
             freeze_variance_at=self._freeze_variance_at(),
         )
+        hook = self.parallel.compression
+        if hook is not None and self.spec.parallelism.gradient_compression.selection == "update":
+            # Top-k ranks entries by the step AdamW would take for them (optim.update_scale).
+            hook.selection_scale = update_scale(optimizer)
+        return optimizer, scheduler
 
     def _freeze_variance_at(self) -> int | None:
         """With top-k compression (and freezeVariance), the optimizer step from which the hook

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,6 +74,26 @@ class FrozenVarianceAdamW(AdamW):
                 denom = v_hat.sqrt().add_(eps)
                 p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
         return loss
+
+
+def update_scale(optimizer: Optimizer) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """For the compression hook's selection: per entry of a parameter, how far one unit of its
+    gradient moves it under the optimizer's second moment, ``1 / sqrt(v)`` (``v`` floored as the
+    frozen variance is); None before the parameter's first step. Entries rank by this times their
+    gradient plus residual: the step each would take, which AdamW equalises across entries."""
+
+    def scale(param: torch.Tensor) -> torch.Tensor | None:
+        state = optimizer.state.get(param)
+        if not state or "exp_avg_sq" not in state:
+            return None
+        v = state["exp_avg_sq"].detach()
+        v = (v.to_local() if hasattr(v, "to_local") else v).reshape(-1).to(torch.float32)  # a TP shard's own
+        mean = float(v.mean())
+        if not mean > 0:
+            return None
+        return v.clamp_min(mean * FROZEN_VARIANCE_FLOOR).rsqrt_()
+
+    return scale
 
 
 def in_group_order(named: NamedParams) -> NamedParams:

@@ -28,6 +28,14 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
     state.error_feedback = args.get("error_feedback", True)
     state.clip_norm = args.get("clip", 0.0)
     state.track_totals = True
+    if args.get("selection_scale"):
+        # A fixed per-entry weight (the same on both ranks), far from uniform: top-k then ranks by
+        # |gradient + residual| * weight, which must not disturb the error-feedback identity.
+        weights = {
+            id(p): torch.rand(p.numel(), generator=torch.Generator().manual_seed(i)) ** 4
+            for i, p in enumerate(model.parameters())
+        }
+        state.selection_scale = lambda p: weights[id(p)]
     opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
     gen = torch.Generator().manual_seed(100 + env.rank)
     step_ratios, update_norms, compressed = [], [], []

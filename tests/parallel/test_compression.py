@@ -39,6 +39,58 @@ def test_topk_one_percent_sends_20x_fewer_bytes_and_error_feedback_is_unbiased(t
     assert ranks[0]["params"] == ranks[1]["params"]
 
 
+def test_error_feedback_identity_holds_when_top_k_ranks_by_a_selection_scale(tmp_path: Path) -> None:
+    run_ranks(
+        2,
+        "tests.parallel.compression_workers:topk_run",
+        tmp_path,
+        {"fraction": 0.01, "warmup": 1, "steps": 6, "selection_scale": True},
+        timeout=180,
+    )
+    ranks = _results(tmp_path, 2)
+    for r in ranks:
+        assert r["gap"] < 1e-5 * max(1.0, r["scale"])
+        assert r["gap_without_residual"] > 100 * r["gap"] + 1e-4
+    assert ranks[0]["params"] == ranks[1]["params"]
+
+
+def test_selection_scale_ranks_entries_by_the_step_they_would_take() -> None:
+    import torch
+    from torch import nn
+
+    from kdistill.trainer.optim import FROZEN_VARIANCE_FLOOR, update_scale
+    from kdistill.trainer.parallel.compression import _selection_score, _split_indices
+
+    weight, bias = nn.Parameter(torch.zeros(200)), nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([weight, bias], lr=0.1)
+    scale = update_scale(opt)
+    assert scale(weight) is None  # no second moment before the first step
+    # Entry 0 has a 100x larger gradient than the rest, so a 10^4x larger second moment.
+    weight.grad = torch.cat([torch.tensor([1.0]), torch.full((199,), 0.01)])
+    bias.grad = torch.ones(3)
+    opt.step()
+    s = scale(weight)
+    assert s is not None and s.shape == (200,)
+    torch.testing.assert_close(s[1] / s[0], torch.tensor(100.0))
+    # The floor: an entry whose variance is (near) zero gets a bounded weight, not 1/sqrt(0).
+    opt.state[weight]["exp_avg_sq"][5] = 0.0
+    v = opt.state[weight]["exp_avg_sq"]
+    assert float(scale(weight)[5]) == pytest.approx(float(v.mean() * FROZEN_VARIANCE_FLOOR) ** -0.5, rel=1e-5)
+    v[5] = v[6]
+
+    state = TopKState(fraction=0.01)
+    acc = torch.cat([torch.tensor([5.0]), torch.full((199,), 0.1), torch.tensor([0.2, 0.3]), torch.tensor([7.0])])
+    acc[1 + 57] = 0.2  # the largest of the small-variance entries
+    params, small = [weight, nn.Parameter(torch.zeros(2)), bias[:1]], [False, True, True]
+    # By magnitude entry 0 wins (5 > 0.2); by the step it would take (5 / 1 < 0.2 * 100) entry 58.
+    _, by_magnitude, _ = _split_indices(acc, [200, 2, 1], small, 0.005)
+    state.selection_scale = scale
+    score = _selection_score(state, params, acc, small)
+    _, by_update, _ = _split_indices(score, [200, 2, 1], small, 0.005)
+    assert by_magnitude.tolist() == [0] and by_update.tolist() == [58]
+    assert torch.equal(score[200:], acc[200:])  # tensors sent whole are not scaled
+
+
 def test_without_error_feedback_the_update_is_biased(tmp_path: Path) -> None:
     run_ranks(
         2,
@@ -89,8 +141,9 @@ def test_per_tensor_topk_gives_every_tensor_its_share() -> None:
     # A large-gradient tensor next to a tiny-gradient one: a bucket-wide top-k would take only
     # the first; per tensor, each keeps ceil(p * n) of its own entries.
     acc = torch.cat([torch.linspace(100, 200, 1000), torch.linspace(1e-6, 2e-6, 300), torch.tensor([5e-7])])
-    idx = _per_tensor_topk(acc, [1000, 300, 1], 0.01)
+    idx, bases = _per_tensor_topk(acc, [1000, 300, 1], 0.01)
     assert sorted(idx.tolist()) == [*range(990, 1000), *range(1297, 1300), 1300]
+    assert sorted(bases.tolist()) == [0] * 10 + [1000] * 3 + [1300]
 
 
 def test_one_dimensional_tensors_go_whole_and_the_rest_by_top_k() -> None:
@@ -101,16 +154,17 @@ def test_one_dimensional_tensors_go_whole_and_the_rest_by_top_k() -> None:
     # [weight 1000 | bias 30 | weight 300]: the bias is sent whole (no indices on the wire), the
     # weights keep ceil(p * n) entries each.
     acc = torch.cat([torch.linspace(1, 2, 1000), torch.full((30,), 1e-9), torch.linspace(-3, -1, 300)])
-    dense, sparse = _split_indices(acc, [1000, 30, 300], [False, True, False], 0.01)
+    dense, sparse, bases = _split_indices(acc, [1000, 30, 300], [False, True, False], 0.01)
     assert dense.tolist() == list(range(1000, 1030))
     assert sorted(sparse.tolist()) == [*range(990, 1000), 1030, 1031, 1032]
+    assert bases.tolist() == [0] * 10 + [1030] * 3
 
 
 def test_spec_defaults_are_the_measured_ones() -> None:
     from kdistill.api.spec import GradientCompression
 
     gc = GradientCompression(top_k=0.01)
-    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance) == (10, 0, True)
+    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance, gc.selection) == (10, 0, True, "update")
 
 
 def test_state_rejects_bad_fraction() -> None:
@@ -138,3 +192,29 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     assert rt.compression_clip == spec.distillation.max_grad_norm > 0  # local clipping, the job's norm
     state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)
     assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps
+
+
+def test_large_tensors_are_cut_into_spans_whose_offsets_fit_16_bits() -> None:
+    import torch
+
+    from kdistill.trainer.parallel.compression import INDEX_SPAN, _decode, _encode, _per_tensor_topk
+
+    # 2.5 spans: each span keeps ceil(p * m) of its own entries, the extremes of a span included.
+    n = 2 * INDEX_SPAN + INDEX_SPAN // 2
+    acc = torch.zeros(n)
+    hot = [0, INDEX_SPAN - 1, INDEX_SPAN, 2 * INDEX_SPAN - 1, 2 * INDEX_SPAN, n - 1]
+    acc[hot] = torch.arange(1.0, 7.0)
+    idx, bases = _per_tensor_topk(acc, [n], 1e-5)  # k = 1 per span
+    assert idx.tolist() == [INDEX_SPAN - 1, 2 * INDEX_SPAN - 1, n - 1]
+    assert bases.tolist() == [0, INDEX_SPAN, 2 * INDEX_SPAN]
+    # Round trip: 16-bit offsets (0 and 65535 included) and bfloat16 / float32 values.
+    offsets = torch.tensor([0, INDEX_SPAN - 1, 12345, 40000])
+    values = torch.tensor([1.5, -2.25, 3.0e-3, 7.0])
+    for half in (True, False):
+        payload = _encode(values, offsets, half)
+        assert payload.dtype == torch.int32
+        assert payload.numel() * 4 == (2 if half else 4) * 4 + 2 * 4  # 2-byte indices
+        got_values, got_offsets = _decode(payload, 4, 4, half)
+        assert got_offsets.tolist() == offsets.tolist()
+        expect = values.to(torch.bfloat16).float() if half else values
+        assert torch.equal(got_values, expect)

@@ -261,7 +261,6 @@ def _resumes_in_one_process_and_on_data_ranks(root: Path, out: Path, reference: 
 # What the trainer's own message names for each of the API's split-student rows.
 _TRAINER_NEEDLES = {
     "split-student-sequence": "objectives ['sequence']",
-    "split-student-top-k-pipeline": "gradientCompression.topK with pipeline stages",
 }
 
 

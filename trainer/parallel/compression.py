@@ -1,10 +1,10 @@
 """Top-k gradient compression as a DDP communication hook, with error feedback.
 
 Per DDP bucket and step, each rank adds its residual (what it did not send before) to its
-gradient, keeps the ``fraction`` largest entries by magnitude *of each parameter tensor* and sends
-only those: values and indices are all-gathered (one int32 message: the float32 values' bits
-followed by the indices), every rank scatters all contributions into a zero tensor and divides by
-the world size. What a rank did not send stays in its residual for the next step, so over many
+gradient, keeps the ``fraction`` largest entries *of each parameter tensor* and sends only those:
+values and positions are all-gathered (one int32 message: the values' bits followed by 16-bit
+positions), every rank scatters all contributions into a zero tensor and divides by the world
+size. What a rank did not send stays in its residual for the next step, so over many
 steps every gradient entry is eventually applied: the sum of applied updates plus the mean
 residual equals the sum of the true mean gradients exactly (the test checks this identity;
 local clipping, below, scales a rank's gradient before it counts).
@@ -27,11 +27,27 @@ step just ran. The optimizer side (AdamW's variance frozen when compression star
 ``trainer/optim.FrozenVarianceAdamW``.
 
 In a tensor-parallel student the hook sits on the DDP of the mesh's data axis: each rank
-compresses its own shard's gradient over its data peers only (the API refuses compression with
-pipeline stages).
+compresses its own shard's gradient over its data peers only. With pipeline stages the same
+compression runs after the step's backward instead (``reduce_gradients``; DDP gets
+``local_only_hook``): the first and last stage each hold a copy of a tied embedding/LM head,
+and its two gradient parts must be added before top-k picks from their sum, as in the unsplit
+student; local clipping then takes the norm over all stages.
 
 Residuals are part of a checkpoint (``residual_vector`` / ``load_residual_vector``): a resumed run
 continues with the unsent gradient mass it had, so its trajectory equals the uninterrupted one.
+
+Which entries are largest: by default (``selection_scale``, installed by the loop from the
+optimizer, ``optim.update_scale``) an entry ranks by the step AdamW would take for it, its
+gradient plus residual times 1/sqrt(v) of AdamW's second moment, not by the raw value. The same
+reason as per tensor, one level down: Adam moves every entry by about the learning rate whatever
+its gradient's scale, but by magnitude an entry of small typical gradient waits behind the
+large-gradient entries of its tensor until its residual has grown to their size. Ranked by the
+step it would take, each entry is sent once its pending update is among the largest. The
+selection decides only what is sent when; error feedback keeps the rest.
+
+Positions: each tensor is cut into spans of 2**16 entries, each span keeps its own top share, and
+a position travels as its 16-bit offset within its span (every rank knows the spans from the
+shapes alone), 2 bytes instead of an int32's 4.
 
 Tiny tensors (1-D: biases, norms; about 0.5% of a small GPT2's entries) are sent whole, values
 only (every rank knows their positions), instead of 1% of them with indices: each gets its full
@@ -42,8 +58,8 @@ lost but stays in the residual (what is subtracted from the residual is the roun
 the "applied + residual = true" identity still holds; measured at p = 0.01 it left the loss
 unchanged (docs/parallel.md).
 
-Bytes: the hook counts its own payload per rank (k values at 2 bytes + k int32 indices = 6k bytes,
-plus 2 bytes per entry of the whole-sent tensors, against 4n bytes of an all-reduce);
+Bytes: the hook counts its own payload per rank (k values at 2 bytes + k 16-bit offsets = 4k
+bytes, plus 2 bytes per entry of the whole-sent tensors, against 4n bytes of an all-reduce);
 ``wire_bytes`` also estimates ring traffic, where an
 all-gather sends (W-1) payloads but a ring all-reduce only 2(W-1)/W of the buffer: top-k loses
 its edge as the data-parallel degree grows past ~1/(4p).
@@ -53,6 +69,7 @@ its edge as the data-parallel degree grows past ~1/(4p).
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +106,10 @@ class TopKState:
     clip_norm: float = 0.0
     total_numel: int = 0
     last_compressed: bool = False  # whether the last finished step sent top-k (not all-reduce)
+    # Per parameter, a per-entry weight to rank entries by (|gradient + residual| times it) instead
+    # of by magnitude; None (or None for a parameter) ranks by magnitude. The loop installs AdamW's
+    # 1/sqrt(v) (optim.update_scale): entries rank by the step they would take.
+    selection_scale: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
@@ -160,87 +181,187 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
 
     acc = buffer.to(torch.float32)
     if state.clip_norm > 0 and state.total_numel > 0:
-        limit = state.clip_norm * math.sqrt(n / state.total_numel)
-        norm = float(acc.norm())
-        if norm > limit:
-            acc = acc * (limit / norm)
+        acc = _clip(acc, float(acc.norm()), state.clip_norm * math.sqrt(n / state.total_numel))
+    work, combine = _exchange(state, params, acc, step, world)
+    _maybe_log(state, bucket)
+    return work.get_future().then(lambda _: combine().to(buffer.dtype))
+
+
+def _clip(acc: torch.Tensor, norm: float, limit: float) -> torch.Tensor:
+    return acc * (limit / norm) if norm > limit else acc
+
+
+def _exchange(
+    state: TopKState, params: list[torch.Tensor], acc: torch.Tensor, step: int, world: int
+) -> tuple[Any, Callable[[], torch.Tensor]]:
+    """Error feedback, top-k and the all-gather of one flat float32 gradient ``acc`` of ``params``:
+    (the gather's work, a function giving the mean of every rank's sent entries once it is done)."""
+    n = acc.numel()
     if state.error_feedback:
         acc = acc + _flat_residual(state, params, n)
     small = [state.dense_small and p.dim() <= 1 for p in params]
-    dense_idx, idx = _split_indices(acc, [p.numel() for p in params], small, state.density(step))
+    score = _selection_score(state, params, acc, small)
+    dense_idx, idx, bases = _split_indices(score, [p.numel() for p in params], small, state.density(step))
     n_dense, k = dense_idx.numel(), idx.numel()
-    values = acc[torch.cat([dense_idx, idx])]
-    if state.half_values:
-        values = values.to(torch.bfloat16)
-        sent = values.to(torch.float32)
-        value_bits = values.view(torch.int16)
-        if (n_dense + k) % 2:  # keep the int32 indices after it 4-byte aligned
-            value_bits = torch.cat([value_bits, value_bits.new_zeros(1)])
-        index_bits = idx.to(torch.int32).view(torch.int16)
-    else:
-        sent = values
-        value_bits = values.view(torch.int32)
-        index_bits = idx.to(torch.int32)
+    picked = torch.cat([dense_idx, idx])
+    values = acc[picked]
+    sent = values.to(torch.bfloat16).to(torch.float32) if state.half_values else values
     if state.error_feedback:
         # What went out (after rounding) leaves the residual; the rest stays for later steps.
-        acc[torch.cat([dense_idx, idx])] -= sent
+        acc[picked] -= sent
         _store_residual(state, params, acc)
-    # One message: value bits (dense part first), then the sparse part's indices.
-    # gloo has no 16-bit integers: bfloat16 payloads travel as int32 (their length is even).
-    payload = torch.cat([value_bits, index_bits]).view(torch.int32)
+    payload = _encode(values, idx - bases, state.half_values)
     state.bytes_sent += payload.numel() * payload.element_size()
     state.wire_sent += (world - 1) * payload.numel() * payload.element_size()
-    _maybe_log(state, bucket)
     gathered = [torch.empty_like(payload) for _ in range(world)]
     work = dist.all_gather(gathered, payload, group=state.process_group, async_op=True)
-    vdtype = torch.bfloat16 if state.half_values else torch.float32
 
-    def combine(_: torch.futures.Future[Any]) -> torch.Tensor:
-        out = torch.zeros(n, dtype=torch.float32, device=buffer.device)
+    def combine() -> torch.Tensor:
+        out = torch.zeros(n, dtype=torch.float32, device=acc.device)
         for part in gathered:
-            part = part.view(torch.int16) if state.half_values else part
-            vals = part[: n_dense + k].view(vdtype).to(torch.float32)
-            ids = part[part.numel() - (2 * k if state.half_values else k) :].view(torch.int32).long()
+            vals, offsets = _decode(part, n_dense + k, k, state.half_values)
             out.index_add_(0, dense_idx, vals[:n_dense])
-            out.index_add_(0, ids, vals[n_dense:])
-        return out.div_(world).to(buffer.dtype)
+            out.index_add_(0, bases + offsets, vals[n_dense:])
+        return out.div_(world)
 
-    return work.get_future().then(combine)
+    return work, combine
+
+
+def reduce_gradients(
+    state: TopKState, params: list[torch.Tensor], norm_group: Any = None, counted: list[bool] | None = None
+) -> None:
+    """The hook's reduction run by hand on ``params``' gradients (in place), for a student whose
+    DDP does not reduce (pipeline stages: ``local_only_hook``). The caller first adds the tied
+    embedding/head parts, so the tied weight is compressed whole, as in the unsplit student.
+    Local clipping uses the rank's whole gradient: the norm of its ``counted`` entries (a tied
+    copy is counted on one stage only) over ``norm_group`` (the pipeline stages), against
+    ``clip_norm``, as the hook does for a student whose gradient fits one DDP bucket."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.detach().reshape(-1).to(torch.float32) for g in grads])
+    n, world = flat.numel(), _world(state.process_group)
+    state.bytes_dense += 4 * n
+    state.wire_dense += 2 * (world - 1) / world * 4 * n
+    step = state.step
+    state.step += 1
+    state.last_compressed = step >= state.warmup_steps
+    if step < state.warmup_steps:
+        state.bytes_sent += 4 * n
+        state.wire_sent += 2 * (world - 1) / world * 4 * n
+        dist.all_reduce(flat, group=state.process_group)
+        out = flat.div_(world)
+    else:
+        if state.clip_norm > 0:
+            flat = _clip(flat, _rank_norm(grads, norm_group, counted), state.clip_norm)
+        work, combine = _exchange(state, params, flat, step, world)
+        work.wait()
+        out = combine()
+    if state.log_every and state.step % state.log_every == 0:
+        log.info("gradient compression %s", json.dumps(state.summary()))
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = out[offset : offset + p.numel()].view_as(p).to(g.dtype).clone()
+        offset += p.numel()
+
+
+def _rank_norm(grads: list[torch.Tensor], group: Any, counted: list[bool] | None) -> float:
+    keep = counted or [True] * len(grads)
+    total = torch.zeros(1, dtype=torch.float64)
+    for g, c in zip(grads, keep, strict=True):
+        if c:
+            total += g.detach().double().pow(2).sum()
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return float(total.sqrt())
+
+
+def local_only_hook(_: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A DDP hook that reduces nothing: the bucket keeps this rank's own gradient, for
+    ``reduce_gradients`` to reduce after the step's backward."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+# Sparse positions travel as 16-bit offsets: a tensor is cut into spans of 2**16 entries, each
+# keeps its own top share, and an index is sent as its offset within its span (every rank knows
+# the spans' starts from the shapes alone). 2 bytes instead of an int32's 4.
+INDEX_SPAN = 1 << 16
+
+
+def _selection_score(
+    state: TopKState, params: list[torch.Tensor], acc: torch.Tensor, small: list[bool]
+) -> torch.Tensor:
+    """What top-k ranks: ``acc`` itself, or each entry times its parameter's selection scale."""
+    if state.selection_scale is None:
+        return acc
+    pieces, offset = [], 0
+    for p, whole in zip(params, small, strict=True):
+        piece = acc[offset : offset + p.numel()]
+        scale = None if whole else state.selection_scale(p)
+        usable = scale is not None and scale.numel() == piece.numel()
+        pieces.append(piece * scale.to(piece.device) if usable else piece)
+        offset += p.numel()
+    return torch.cat(pieces)
 
 
 def _split_indices(
     acc: torch.Tensor, sizes: list[int], small: list[bool], density: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions of the tensors sent whole, top-k positions of the others) in the flat bucket."""
-    dense, sparse_sizes, offsets, offset = [], [], [], 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions of the tensors sent whole, top-k positions of the others, the start of each
+    top-k position's span) in the flat bucket."""
+    dense, picks, bases, offset = [], [], [], 0
     for n, whole in zip(sizes, small, strict=True):
         if whole:
             dense.append(torch.arange(offset, offset + n, device=acc.device))
         else:
-            sparse_sizes.append(n)
-            offsets.append(offset)
+            idx, base = _per_tensor_topk(acc[offset : offset + n], [n], density)
+            picks.append(idx + offset)
+            bases.append(base + offset)
         offset += n
-    picks = []
-    for n, off in zip(sparse_sizes, offsets, strict=True):
-        picks.append(_per_tensor_topk(acc[off : off + n], [n], density) + off)
     empty = torch.zeros(0, dtype=torch.long, device=acc.device)
-    return (torch.cat(dense) if dense else empty), (torch.cat(picks) if picks else empty)
+    return (
+        torch.cat(dense) if dense else empty,
+        torch.cat(picks) if picks else empty,
+        torch.cat(bases) if bases else empty,
+    )
 
 
-def _per_tensor_topk(acc: torch.Tensor, sizes: list[int], density: float) -> torch.Tensor:
-    """Indices into the flat bucket: the top ceil(density * n_t) entries of each parameter's slice.
-    The count depends only on the shapes, so every rank sends equally long messages."""
-    picks, offset = [], 0
+def _per_tensor_topk(acc: torch.Tensor, sizes: list[int], density: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices into ``acc``, the start of each index's span): the top ceil(density * m) entries
+    of every span of m <= INDEX_SPAN entries of each tensor. The counts depend only on the shapes,
+    so every rank sends equally long messages and the i-th index of each lies in the same span."""
+    picks, bases, offset = [], [], 0
     for n in sizes:
-        k = max(1, math.ceil(density * n))
-        piece = acc[offset : offset + n]
-        picks.append(
-            piece.abs().topk(k, sorted=False).indices + offset
-            if k < n
-            else torch.arange(offset, offset + n, device=acc.device)
-        )
+        for start in range(offset, offset + n, INDEX_SPAN):
+            m = min(INDEX_SPAN, offset + n - start)
+            k = max(1, math.ceil(density * m))
+            piece = acc[start : start + m]
+            chosen = piece.abs().topk(k, sorted=False).indices if k < m else torch.arange(m, device=acc.device)
+            picks.append(chosen + start)
+            bases.append(torch.full((chosen.numel(),), start, dtype=torch.long, device=acc.device))
         offset += n
-    return torch.cat(picks)
+    empty = torch.zeros(0, dtype=torch.long, device=acc.device)
+    return (torch.cat(picks), torch.cat(bases)) if picks else (empty, empty)
+
+
+def _encode(values: torch.Tensor, offsets: torch.Tensor, half: bool) -> torch.Tensor:
+    """One int32 message: the values' bits (bfloat16 or float32), then the 16-bit span offsets.
+    gloo has no 16-bit integers: the int16 stream travels as int32, padded to an even length."""
+    value_bits = (values.to(torch.bfloat16) if half else values.to(torch.float32)).view(torch.int16)
+    offset_bits = (offsets - 32768).to(torch.int16)  # 0..65535 shifted into int16's range
+    bits = torch.cat([value_bits, offset_bits])
+    if bits.numel() % 2:
+        bits = torch.cat([bits, bits.new_zeros(1)])
+    return bits.view(torch.int32)
+
+
+def _decode(payload: torch.Tensor, n_values: int, k: int, half: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``_encode``: (float32 values, int64 span offsets)."""
+    bits = payload.view(torch.int16)
+    width = 1 if half else 2
+    values = bits[: n_values * width].view(torch.bfloat16 if half else torch.float32).to(torch.float32)
+    offsets = bits[n_values * width : n_values * width + k].to(torch.int64) + 32768
+    return values, offsets
 
 
 def residual_vector(state: TopKState, params: list[torch.Tensor]) -> torch.Tensor:

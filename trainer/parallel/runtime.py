@@ -18,7 +18,8 @@ With ``student.tensor > 1`` or ``student.pipeline > 1`` the loop runs a model-pa
 classifiers, with QAT (``student_qat.py``), the teacher cache and entropy weighting;
 ``check_supported`` rejects at start, with BAD_SPEC, what it does not cover (the API's
 SPLIT_STUDENT_RULES). Top-k gradient
-compression runs on the data axis of a tensor-parallel mesh only.
+compression runs on the data axis: as DDP's hook, or with pipeline stages after the step's
+backward (``_compress_pipelined``), once the tied embedding/head parts are added.
 """
 
 from __future__ import annotations
@@ -140,10 +141,11 @@ class ParallelRuntime:
             )
         except ValueError as exc:
             raise TrainerError(ExitCode.BAD_SPEC, f"parallelism.student: {exc}") from None
-        if self.top_k > 0 and self.layout.data > 1:
+        if self.top_k > 0 and self.layout.data > 1 and self.layout.pipeline > 1:
+            self.compression = self._compress_pipelined(split)
+        elif self.top_k > 0 and self.layout.data > 1:
             # Top-k over the data axis only: DDP reduces each rank's own shard over its data
-            # peers; tensor-parallel traffic is not compressed. (Pipeline stages are refused by
-            # SPLIT_STUDENT_RULES: pipelining's per-micro-batch backward would drive the hook.)
+            # peers; tensor-parallel traffic is not compressed.
             from .compression import register_topk
 
             self.compression = register_topk(
@@ -156,6 +158,24 @@ class ParallelRuntime:
             )
             self.compression.log_every = 10
         return split
+
+    def _compress_pipelined(self, split: Any) -> Any:
+        """Top-k for a pipelined student: DDP keeps each rank's own gradient (its reduction would
+        run before the tied embedding/head parts are added) and ``ParallelStudent`` compresses the
+        step's gradients over the data peers once its backward is done."""
+        from .compression import TopKState, local_only_hook
+
+        state = TopKState(
+            fraction=self.top_k,
+            warmup_steps=self.compression_warmup,
+            ramp_steps=self.compression_ramp,
+            process_group=self.mesh["data"].get_group(),
+            clip_norm=self.compression_clip,
+        )
+        state.log_every = 10
+        split.module.register_comm_hook(None, local_only_hook)
+        split.compression = state
+        return state
 
     @property
     def distributed(self) -> bool:

@@ -235,6 +235,9 @@ class ParallelStudent:
     # Hidden/attention terms of this rank's blocks (split_features.py); None: logits only.
     features: Any = None
     stage: Any = None  # the pipeline stage module (_Stage), None without pipelining
+    # Top-k compression of a pipelined student (compression.TopKState): its DDP reduces nothing
+    # and the step's gradients are compressed here, after the tied parts are added.
+    compression: Any = None
     # The logits objective's weight in the phase's loss (1 / number of objectives; 0: not trained).
     logits_weight: float = 1.0
 
@@ -334,6 +337,8 @@ class ParallelStudent:
                 self.stage.autocast = autocast
                 local = self._pipeline_step(input_ids, labels, teacher_logits, scale, targets)
                 self._sum_tied_grads()
+                if self.compression is not None:
+                    self._compressed_reduce()
             return self._global_loss(local) / grad_scale
 
     def _sum_tied_grads(self) -> None:
@@ -343,6 +348,14 @@ class ParallelStudent:
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         dist.all_reduce(weight.grad, group=self.tied_group)
+
+    def _compressed_reduce(self) -> None:
+        from .compression import reduce_gradients
+
+        params = self.parameters()
+        # The last stage's copy of the tied weight is the first stage's: its norm counts once.
+        counted = [not (self.is_last_stage and p is self.tied_weight) for p in params]
+        reduce_gradients(self.compression, params, norm_group=self.mesh["pipeline"].get_group(), counted=counted)
 
     def _masked_sum(self, logits: torch.Tensor, teacher: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
         if teacher is None:
