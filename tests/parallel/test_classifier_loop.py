@@ -158,7 +158,7 @@ def qat_reference(root: Path) -> tuple[list[float], Path]:
 
 def _assert_qat_student(a: Path, b: Path) -> None:
     """Every weight within a step of the peak learning rate of the unsplit QAT run's, most far closer."""
-    x, y = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
+    x, y = helpers.load_student(a / "student"), helpers.load_student(b / "student")
     assert set(x) == set(y)
     close = total = 0
     for k in x:
