@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .student import ParallelStudent
-from .student_state import FullLayout, _canonical, _full
+from .student_state import FullLayout, _canonical, _full, receive_index, send_index
 
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_BYTES = 512 * 2**20  # bounds rank 0's buffer; save_pretrained's own default is larger
@@ -91,8 +91,7 @@ def _send_stage(ps: ParallelStudent, full: FullLayout, leader: bool) -> None:
     owned = _owned(ps, full)
     index = full.index()
     if leader:
-        dist.send(torch.tensor([len(owned)], dtype=torch.int64, device=ps.device), 0)
-        dist.send(torch.tensor([index[c] for _, c, _ in owned], dtype=torch.int64, device=ps.device), 0)
+        send_index([index[c] for _, c, _ in owned], ps.device)
     for name, _, p in owned:
         value = _full(ps, name, p)  # collective over the tensor group
         if leader:
@@ -100,11 +99,7 @@ def _send_stage(ps: ParallelStudent, full: FullLayout, leader: bool) -> None:
 
 
 def _receive_stage(src: int, full: FullLayout, device: torch.device, writer: ShardWriter, seen: set[str]) -> None:
-    count = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.recv(count, src)
-    idx = torch.zeros(int(count.item()), dtype=torch.int64, device=device)
-    dist.recv(idx, src)
-    for i in idx.tolist():
+    for i in receive_index(src, device):
         name = full.order[i]
         value = torch.empty(full.shapes[name], dtype=full.dtypes[name], device=device)
         dist.recv(value, src)

@@ -1,12 +1,14 @@
-"""The whole state of a tensor/pipeline-parallel student: gathered to rank 0, and cut out of a
-gathered checkpoint on load.
+"""The whole state of a tensor/pipeline-parallel student in the gathered layout, cut out of a
+gathered checkpoint on load; the split student's gradient clipping.
 
-Rank 0 gathers the whole student at the end of training (its outputs are written from the
-unsplit copy). Checkpoints of a split student are sharded (``sharded_checkpoint.py``); a gathered
-one (the whole student and an optimizer state in the single-process layout: parameter order of
-the unsplit student, decay group first, as a single process or data-parallel run writes it)
-still resumes a split student: every rank cuts its own shard out of the whole files
-(``load_state``).
+The trainer checkpoints a split student sharded (``sharded_checkpoint.py``) and streams its final
+weights to rank 0 (``student_save.py``); no rank holds the whole student. The gathered layout (the
+whole student and an optimizer state in the single-process layout: parameter order of the unsplit
+student, decay group first, as a single process or data-parallel run writes it) still resumes a
+split student: every rank cuts its own shard out of the whole files (``load_state``). Writing that
+layout (``gather_state``, ``load_into_template``) is what checkpoints of earlier versions did; the
+trainer no longer calls it, and it stays for the tests of that loader and for the comparison of
+the two layouts in ``benchmarks/sharded_checkpoint.py``.
 
 Gathering (``gather_state``, collective on every rank):
 - tensor-parallel shards become full tensors (``DTensor.full_tensor``, or an all-gather over
@@ -185,11 +187,25 @@ def _local_pieces(ps: ParallelStudent, optimizer: torch.optim.Optimizer, full: F
     return mine
 
 
+def send_index(indices: list[int], device: torch.device) -> None:
+    """To rank 0: which parameters follow, as their count and then their full-order indices."""
+    dist.send(torch.tensor([len(indices)], dtype=torch.int64, device=device), 0)
+    dist.send(torch.tensor(indices, dtype=torch.int64, device=device), 0)
+
+
+def receive_index(src: int, device: torch.device) -> list[int]:
+    """What ``send_index`` sent from ``src``."""
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.recv(count, src)
+    idx = torch.zeros(int(count.item()), dtype=torch.int64, device=device)
+    dist.recv(idx, src)
+    return [int(i) for i in idx.tolist()]
+
+
 def _send_pieces(mine: dict[str, _Piece], index: dict[str, int], device: torch.device) -> None:
     """To rank 0: the count, the full-order indices, then per parameter [w, m, v] and the step."""
     names = sorted(mine, key=index.__getitem__)
-    dist.send(torch.tensor([len(names)], dtype=torch.int64, device=device), 0)
-    dist.send(torch.tensor([index[n] for n in names], dtype=torch.int64, device=device), 0)
+    send_index([index[n] for n in names], device)
     for n in names:
         w, a, b, step = mine[n]
         stacked = torch.stack(
@@ -202,11 +218,7 @@ def _send_pieces(mine: dict[str, _Piece], index: dict[str, int], device: torch.d
 def _receive_pieces(src: int, full: FullLayout, device: torch.device) -> dict[str, _Piece]:
     """What ``_send_pieces`` sent from ``src``; shapes and dtypes come from the full layout."""
     got: dict[str, _Piece] = {}
-    count = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.recv(count, src)
-    idx = torch.zeros(int(count.item()), dtype=torch.int64, device=device)
-    dist.recv(idx, src)
-    for i in idx.tolist():
+    for i in receive_index(src, device):
         n = full.order[i]
         stacked = torch.zeros((3, *full.shapes[n]), dtype=torch.float32, device=device)
         dist.recv(stacked, src)
@@ -294,7 +306,7 @@ def gather_state(
 
 
 def load_into_template(template: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """Copy gathered weights into rank 0's unsplit copy of the student."""
+    """Copy gathered weights into an unsplit student built whole (``template``), strictly."""
     missing, unexpected = template.load_state_dict(weights, strict=False)
     params = {n for n, _ in template.named_parameters()}
     lost = [n for n in missing if n in params]
