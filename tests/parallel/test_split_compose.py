@@ -84,16 +84,17 @@ def _assert_qat_student(a: Path, b: Path, lr: float = LR) -> None:
     assert close / total > 0.8
 
 
-def _assert_converted(out: Path) -> None:
+def _assert_converted(out: Path, int8_layers: int = 2 * 7) -> None:
     """The served INT8 artifact is exactly the INT8 conversion of the run's float student (the
-    gathered, consolidated weights), as the unsplit run converts its own."""
+    gathered, consolidated weights), as the unsplit run converts its own. ``int8_layers``: every
+    projection of the student's two layers, not the head (7 a Llama block, 4 a GPT2 one)."""
     from transformers import AutoModelForCausalLM
 
     from kdistill.trainer.quantization import int8_modules, quantize_ptq_int8
 
     served = load_file(str(out / "student-int8" / "model.safetensors"))
     model = quantize_ptq_int8(AutoModelForCausalLM.from_pretrained(out / "student"), "weight-only")
-    assert len(int8_modules(model)) == 2 * 7  # every projection of both layers, not the head
+    assert len(int8_modules(model)) == int8_layers
     mine = model.state_dict()
     assert {k for k in served if k.endswith("weight_int8")} == {k for k in mine if k.endswith("weight_int8")}
     for k, v in served.items():
@@ -274,21 +275,27 @@ def test_teacher_cache_with_entropy_weighting_split_student_trains_like_one_proc
     _assert_same_student(out, ref_out)
 
 
-@pytest.mark.parametrize("family,refused", [("gpt2", True), ("llama", False)])
-def test_qat_on_a_tensor_split_gpt2_is_refused_before_the_first_step(family: str, refused: bool) -> None:
-    from kdistill.api import parse_job
-    from kdistill.api.failures import ExitCode
-    from kdistill.trainer.errors import TrainerError
-    from kdistill.trainer.flows.model_parallel import check_split_qat
-    from tests.parallel.models import tiny_model
-    from tests.spec_table import _split_student
+@pytest.fixture(scope="module")
+def gpt2_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("compose-gpt2")
+    texts = [p for _, p in helpers.pydoc_paragraphs(300)]
+    tok = helpers.make_tokenizer(root / "tok", texts)
+    model = helpers.gpt2(len(tok), layers=4, width=32, heads=4)
+    # No dropout: its random masks would differ between one process and the split ranks.
+    model.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    helpers.save_model(model, tok, root / "teacher")
+    helpers.causal_data(root / "data", n_train=96, n_eval=16)
+    return root
 
-    spec = parse_job(_split_student(quantization={"mode": "qat-int8", "qatSteps": 10})).spec
-    student = tiny_model(family, layers=2)
-    if not refused:
-        check_split_qat(spec, student, tensor=2)
-        return
-    with pytest.raises(TrainerError) as err:
-        check_split_qat(spec, student, tensor=2)
-    assert err.value.code == ExitCode.BAD_SPEC and "Conv1D" in str(err.value)
-    check_split_qat(spec, student, tensor=1)  # a pipeline split fake-quantizes Conv1D layers
+
+def test_qat_on_a_tensor_split_gpt2_trains_and_converts_like_one_process(gpt2_root: Path) -> None:
+    """GPT2's Conv1D layers fake-quantized as tensor shards (c_attn cut per q/k/v and c_fc by
+    columns, both c_proj by rows, row shards with the whole layer's scales) follow the unsplit
+    QAT run, and the INT8 conversion of the gathered student is the artifact."""
+    ref, ref_out = _reference(gpt2_root, "qat-one-gpt2", QAT)
+    out = gpt2_root / "out-qat-gpt2-tensor2"
+    steps, result = _run(_write_job(gpt2_root, "qat-gpt2-tensor2", tensor=2, spec=QAT), out, 2)
+    _assert_steps(steps, ref)
+    assert result["quantization"] == "qat-int8"
+    _assert_qat_student(out, ref_out)
+    _assert_converted(out, int8_layers=2 * 4)

@@ -79,15 +79,22 @@ def test_parallel_step_equals_single_process(
 
 @pytest.mark.parametrize(
     ("family", "pipeline", "data", "tensor"),
-    [("llama", 1, 1, 2), ("gpt2", 2, 1, 1), ("llama", 1, 2, 2), ("llama", 2, 1, 2)],
-    ids=["tensor2", "pipeline2-gpt2", "data2xtensor2", "pipeline2xtensor2"],
+    [
+        ("llama", 1, 1, 2),
+        ("gpt2", 2, 1, 1),
+        ("llama", 1, 2, 2),
+        ("llama", 2, 1, 2),
+        ("gpt2", 1, 1, 2),
+        ("gpt2", 2, 1, 2),
+    ],
+    ids=["tensor2", "pipeline2-gpt2", "data2xtensor2", "pipeline2xtensor2", "tensor2-gpt2", "pipeline2xtensor2-gpt2"],
 )
 def test_fake_quant_step_equals_single_process_qat(
     tmp_path: Path, family: str, pipeline: int, data: int, tensor: int
 ) -> None:
     """INT8 fake quantization of the split student (row-parallel shards with the whole layer's
-    scales; GPT2's Conv1D layers in pipeline stages) gives torchao's unsplit QAT step: the same
-    loss and gradients."""
+    scales; GPT2's Conv1D layers whole in pipeline stages and sharded by tensor) gives torchao's
+    unsplit QAT step: the same loss and gradients."""
     world = pipeline * data * tensor
     args = {"family": family, "pipeline": pipeline, "data": data, "tensor": tensor, "rows": ROWS, "length": LENGTH}
     run_ranks(world, "tests.parallel.workers:student_step", tmp_path, {**args, "qat": True})

@@ -40,21 +40,6 @@ from .single import logits_settings
 PIPELINE_LENGTH_MULTIPLE = 16
 
 
-def check_split_qat(spec: DistillationJobSpec, student: nn.Module, tensor: int) -> None:
-    """Refuses, before the first step, QAT on a tensor-split student with GPT2's Conv1D layers:
-    they have no tensor-parallel fake quantizer (``parallel/student_qat.py``), and the run would
-    otherwise fail only when its fake-quant phase starts."""
-    from ..quantization import _named_conv1d
-
-    if spec.quantization.mode == "qat-int8" and tensor > 1 and next(iter(_named_conv1d(student)), None):
-        raise TrainerError(
-            ExitCode.BAD_SPEC,
-            f"quantization.mode qat-int8 with parallelism.student.tensor={tensor} needs a Llama-family "
-            "student: GPT2's Conv1D layers have no tensor-parallel fake quantizer (use ptq-int8 or none, "
-            "or split the student by pipeline)",
-        )
-
-
 class ModelParallelFlow:
     def __init__(
         self,
@@ -77,7 +62,6 @@ class ModelParallelFlow:
         if is_meta_model(student) and source is None:
             raise ValueError("a meta-device student needs the weight source it is read from")
 
-        check_split_qat(spec, student, parallel.layout.tensor)
         self.settings = logits_settings(spec)
         self.task = spec.task
         self.teacher = teacher

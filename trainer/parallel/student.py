@@ -136,6 +136,16 @@ class _FromTensorRegion(torch.autograd.Function):
         return grad, None
 
 
+def to_tensor_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """Enter a column-parallel layer: identity forward, the input's gradient summed over ``group``."""
+    return _ToTensorRegion.apply(x, group)  # type: ignore[no-any-return]
+
+
+def from_tensor_region(partial: torch.Tensor, group: Any) -> torch.Tensor:
+    """Leave a row-parallel layer: the partial outputs summed over ``group``."""
+    return _FromTensorRegion.apply(partial, group)  # type: ignore[no-any-return]
+
+
 class ShardedConv1D(nn.Module):
     """One rank's shard of a GPT2 ``Conv1D``: column-parallel (its output columns; the input's
     gradient is summed over the group) or row-parallel (its input rows; outputs summed over the
@@ -157,10 +167,10 @@ class ShardedConv1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (*x.shape[:-1], self.weight.shape[1])
         if self.kind == "column":
-            x = _ToTensorRegion.apply(x, self.group)
+            x = to_tensor_region(x, self.group)
             return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
         partial = torch.mm(x.reshape(-1, x.shape[-1]), self.weight)
-        return (_FromTensorRegion.apply(partial, self.group) + self.bias).view(shape)
+        return (from_tensor_region(partial, self.group) + self.bias).view(shape)
 
 
 def _gpt2_tensor_parallel(model: nn.Module, layers: nn.ModuleList, tp_mesh: Any) -> None:

@@ -13,7 +13,11 @@ once it knows those extrema:
   the tensor group (MIN/MAX: exact) before the scales are chosen; each rank then fake-quantizes
   its own slice with the whole layer's scales and zero points;
 - **pipeline only**: a stage holds whole layers; the quantizers run locally (GPT2's Conv1D
-  layers too, on ``W.T`` as ``quantization.FakeQuantizedConv1D`` does).
+  layers too, on ``W.T`` as ``quantization.FakeQuantizedConv1D`` does);
+- **GPT2 under tensor parallelism** (``student.ShardedConv1D``, weight [in, out]): the same two
+  cases on ``W.T``. A column shard (``c_attn`` cut per q/k/v, ``c_fc``) holds whole output
+  channels and the whole input; a row shard (both ``c_proj``) holds a slice of every token's
+  features and of every output channel, whose extrema are all-reduced.
 
 Scales and zero points come from torchao's own functions (``choose_qparams_affine`` through
 the same entry points ``IntxFakeQuantizer`` uses) applied to a ``[..., 2]`` tensor of the
@@ -38,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..quantization import is_quantizable, qat_configs
-from .student import LLAMA_TP_PLAN
+from .student import LLAMA_TP_PLAN, ShardedConv1D, from_tensor_region, to_tensor_region
 
 
 def _extrema(x: torch.Tensor, group: Any) -> torch.Tensor:
@@ -141,20 +145,39 @@ def _fake_quant_conv1d_class() -> type[nn.Module]:
     return _CONV1D_CLASS["class"]
 
 
+class SplitFakeQuantShardedConv1D(ShardedConv1D):
+    """A tensor-parallel shard of GPT2's Conv1D with INT8 fake quantization, weights per output
+    channel on ``W.T`` as ``quantization.FakeQuantizedConv1D`` does for the whole layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.weight.shape[1])
+        if self.kind == "column":
+            x = to_tensor_region(x, self.group)
+            rows = fake_quant_activation(x.reshape(-1, x.shape[-1]))
+            return F.linear(rows, fake_quant_weight(self.weight.t()), self.bias).view(shape)
+        rows = fake_quant_activation(x.reshape(-1, x.shape[-1]), self.group)
+        partial = F.linear(rows, fake_quant_weight(self.weight.t(), self.group))
+        return (from_tensor_region(partial, self.group) + self.bias).view(shape)
+
+
 def prepare_split_qat(model: nn.Module, tensor_parallel: bool) -> list[str]:
     """Switch the (hollowed, possibly TP-sharded) student's backbone Linear layers (and GPT2's
-    Conv1D ones) to their fake-quantized forms in place: the layers torchao's QAT swaps in the
+    Conv1D ones, whole or sharded) to their fake-quantized forms in place: the layers torchao's QAT swaps in the
     unsplit student (``quantization.prepare_qat``). Returns their names."""
     from ..quantization import _named_conv1d
 
     names = []
     for name, _ in list(_named_conv1d(model)):
         if tensor_parallel:
-            raise ValueError(f"{name}: a Conv1D layer cannot be fake-quantized under tensor parallelism")
+            raise ValueError(f"{name}: a whole Conv1D layer in a tensor-parallel student (it should be sharded)")
         module = model.get_submodule(name)
         module.__class__ = _fake_quant_conv1d_class()
         names.append(name)
     keep = is_quantizable(model)
+    for name, module in model.named_modules():
+        if type(module) is ShardedConv1D:  # only in GPT2 blocks under tensor parallelism
+            module.__class__ = SplitFakeQuantShardedConv1D
+            names.append(name)
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or not keep(module, name):
             continue
