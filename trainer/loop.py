@@ -628,7 +628,9 @@ class Trainer:
             return None
         from . import quantization
 
-        cpu_copy = copy.deepcopy(self.flow.final_student()).cpu().eval()
+        # Converted in place, not copied: the float student is already written and scored, and a
+        # copy would hold the whole student twice on the writer.
+        model = self.flow.final_student().cpu().eval()
         if mode == "qat-int8":
-            return quantization.convert_qat_to_int8(cpu_copy)
-        return quantization.quantize_ptq_int8(cpu_copy)
+            return quantization.convert_qat_to_int8(model)
+        return quantization.quantize_ptq_int8(model)

@@ -247,8 +247,12 @@ class ModelParallelFlow:
 
     def finish(self, optimizer: torch.optim.Optimizer) -> None:
         """Streams the trained student into the writer's staging folder (``streamed``), tensor by
-        tensor; collective, so every rank does it."""
+        tensor; collective, so every rank does it. AdamW's moments (half of a rank's training
+        state) are dropped first: the run is over, and the writer next reads the whole student
+        back for conversion and evaluation."""
         from ..parallel.student_save import stream_student
+
+        optimizer.state.clear()
 
         staging = self.streamed
         if staging is not None:
