@@ -497,6 +497,12 @@ class GradientCompression(ApiModel):
         "them (gradient plus residual over the root of AdamW's second moment), 'magnitude' by the "
         "gradient plus residual alone.",
     )
+    compress: Literal["momentum", "gradient"] = Field(
+        "gradient",
+        description="What top-k sends for matrices: 'momentum' (0/1 Adam with top-k; needs freezeVariance) has "
+        "each rank fold its gradient into its own momentum (AdamW's beta1) and send top-k of momentum plus "
+        "residual, applied as AdamW's first moment; 'gradient' sends top-k of gradient plus residual.",
+    )
 
 
 _CEL_WORLD = "(self.nodes * (self.gpusPerNode == 0 ? 1 : self.gpusPerNode))"

@@ -64,10 +64,11 @@ def corpora(pvc: Path, work: Path) -> dict[str, tuple[Path, Path]]:
 
 def parse_config(text: str) -> dict:
     fields = text.split(":")
-    if len(fields) not in (5, 6):
-        raise SystemExit(f"a configuration is LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION], got {text!r}")
+    if len(fields) not in (5, 6, 7):
+        raise SystemExit(f"a configuration is LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS]], got {text!r}")
     label, p, warmup, ramp, freeze = fields[:5]
-    selection = fields[5] if len(fields) == 6 else "-"
+    selection = fields[5] if len(fields) >= 6 else "-"
+    compress = fields[6] if len(fields) == 7 else "-"
     return {
         "label": label,
         "top_k": float(p),
@@ -75,6 +76,7 @@ def parse_config(text: str) -> dict:
         "ramp": None if ramp == "-" else int(ramp),
         "freeze": None if freeze == "-" else freeze == "1",
         "selection": None if selection == "-" else selection,
+        "compress": None if compress == "-" else compress,
     }
 
 
@@ -96,6 +98,7 @@ def one_run(
             **{k: v for k, v in (("warmup", config["warmup"]), ("ramp", config["ramp"])) if v is not None},
             **({"freeze_variance": config["freeze"]} if config["freeze"] is not None else {}),
             **({"selection": config["selection"]} if config["selection"] is not None else {}),
+            **({"compress": config["compress"]} if config["compress"] is not None else {}),
             spec_defaults=config["warmup"] is None,
         )
         started = time.time()

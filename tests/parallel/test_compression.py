@@ -54,6 +54,57 @@ def test_error_feedback_identity_holds_when_top_k_ranks_by_a_selection_scale(tmp
     assert ranks[0]["params"] == ranks[1]["params"]
 
 
+def test_momentum_compression_sends_each_ranks_momentum_and_loses_none_of_it(tmp_path: Path) -> None:
+    """Momentum compression: on compressed steps every matrix's rank-local momentum
+    m = 0.9 m + 0.1 g (recomputed in the worker from the rank's own gradients) is what top-k
+    sends; applied updates + mean residual = dense steps' mean gradients + every compressed step's
+    mean momentum, exactly. 1-D tensors keep going as gradients."""
+    run_ranks(
+        2,
+        "tests.parallel.compression_workers:topk_run",
+        tmp_path,
+        {"fraction": 0.01, "warmup": 2, "steps": 8, "momentum": 0.9, "selection_scale": True},
+        timeout=180,
+    )
+    ranks = _results(tmp_path, 2)
+    for r in ranks:
+        assert r["compressed"] == [False] * 2 + [True] * 6
+        assert r["momenta"] == 3  # the three weight matrices, not the biases
+        assert r["momentum_gap"] < 1e-6
+        assert r["gap"] < 1e-5 * max(1.0, r["scale"])
+        assert r["gap_without_residual"] > 100 * r["gap"] + 1e-4
+    assert ranks[0]["params"] == ranks[1]["params"]
+
+
+def test_momentum_compression_with_accumulation_sends_once_per_step(tmp_path: Path) -> None:
+    """Under momentum compression a step's first micro-batches keep their gradient local (no
+    bytes) and the last sends the step's whole gradient through the momentum: two micro-batches
+    of 8 rows end where one batch of the same 16 rows ends, at the same bytes."""
+    for name, accumulation in (("one", 1), ("two", 2)):
+        run_ranks(
+            2,
+            "tests.parallel.compression_workers:topk_run",
+            tmp_path / name,
+            # warmupSteps counts micro-batches (the hook runs per micro-batch): two optimizer steps each.
+            {
+                "fraction": 0.05,
+                "warmup": 2 * accumulation,
+                "steps": 6,
+                "ramp": 0,
+                "momentum": 0.9,
+                "accumulation": accumulation,
+            },
+            timeout=180,
+        )
+    one, two = _results(tmp_path / "one", 2)[0], _results(tmp_path / "two", 2)[0]
+    assert two["compressed"] == one["compressed"] == [False] * 2 + [True] * 4
+    # The dense warm-up all-reduces each micro-batch; a compressed step sends one message.
+    assert two["step_ratios"][:2] == [1.0, 1.0]
+    assert two["step_ratios"][2:] == pytest.approx([2 * r for r in one["step_ratios"][2:]])
+    for a, b in zip(one["params"], two["params"], strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
 def test_selection_scale_ranks_entries_by_the_step_they_would_take() -> None:
     import torch
     from torch import nn
