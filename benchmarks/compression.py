@@ -8,11 +8,11 @@ library's docstrings (``trainer/corpus.build_docstring_corpus``, its own held-ou
 configuration runs once per seed (the seed sets the student's init, data order and dropout); seeds,
 corpora and configurations are interleaved, so load drifts hit every configuration alike.
 
-A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION]``: top-k fraction P (0: plain
-all-reduce), WARMUP dense steps, a RAMP of steps from dense down to P, FREEZE (1/0) AdamW's variance
-of matrices when compression starts, and SELECTION (``update`` or ``magnitude``, what top-k ranks
-entries by; the spec's default when left out). ``default`` rows use the spec's defaults (``topK``
-only). Reported per
+A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS]]``: top-k fraction P (0:
+plain all-reduce), WARMUP dense steps, a RAMP of steps from dense down to P, FREEZE (1/0) AdamW's
+variance of matrices when compression starts, SELECTION (``update`` or ``magnitude``, what top-k
+ranks entries by) and COMPRESS (``momentum`` or ``gradient``, what top-k sends); the spec's default
+where left out or ``-``. ``default`` rows use the spec's defaults (``topK`` only). Reported per
 corpus and configuration (medians over seeds), against the same seed's uncompressed run:
 - loss gap: mean training loss over the last 20 steps;
 - held-out perplexity gap: the student's perplexity on the corpus's eval split at the end;
@@ -42,7 +42,12 @@ from parallel_common import ROOT, ensure_teacher, run_job, write_job
 WORLD = 2
 OUT = ROOT / "benchmarks" / "results" / "compression.json"
 LAST = 20  # training-loss window at the end of a run
-DEFAULT_CONFIGS = ["dense:0:0:0:0", "default-p0.01:0.01:-:-:-", "default-p0.1:0.1:-:-:-"]
+DEFAULT_CONFIGS = [
+    "dense:0:0:0:0",
+    "default-p0.01:0.01:-:-:-",
+    "gradient-p0.01:0.01:10:0:1:update:gradient",
+    "default-p0.1:0.1:-:-:-",
+]
 
 
 def corpora(pvc: Path, work: Path) -> dict[str, tuple[Path, Path]]:
@@ -163,7 +168,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--corpora", nargs="+", default=["pydoc", "docstrings"])
     ap.add_argument(
-        "--configs", nargs="+", default=DEFAULT_CONFIGS, help="LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION], '-' = default"
+        "--configs",
+        nargs="+",
+        default=DEFAULT_CONFIGS,
+        help="LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS]], '-' = default",
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -189,9 +197,10 @@ def main() -> None:
                                 "max_seq_length": args.max_len,
                                 "batch_size": args.batch_size,
                                 "configs": args.configs,
-                                "method": "per-tensor top-k with error feedback; 1-D tensors sent whole; bfloat16 "
-                                "values; dense warm-up (optional density ramp); AdamW's variance of matrices frozen "
-                                "when compression starts (freezeVariance)",
+                                "method": "per-tensor top-k with error feedback of each rank's momentum (compress: "
+                                "momentum) or gradient; 1-D tensors sent whole; bfloat16 values; dense warm-up "
+                                "(optional density ramp); AdamW's variance of matrices frozen when compression "
+                                "starts (freezeVariance)",
                                 "rows": summarize(runs),
                                 "runs": runs,
                                 "load_average_before": load_before,
