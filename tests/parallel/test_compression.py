@@ -215,7 +215,13 @@ def test_spec_defaults_are_the_measured_ones() -> None:
     from kdistill.api.spec import GradientCompression
 
     gc = GradientCompression(top_k=0.01)
-    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance, gc.selection) == (10, 0, True, "update")
+    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance, gc.selection, gc.compress) == (
+        10,
+        0,
+        True,
+        "update",
+        "momentum",
+    )
 
 
 def test_state_rejects_bad_fraction() -> None:
@@ -225,6 +231,17 @@ def test_state_rejects_bad_fraction() -> None:
         TopKState(fraction=0.1, warmup_steps=-1)
     with pytest.raises(ValueError, match="ramp_steps"):
         TopKState(fraction=0.1, ramp_steps=-1)
+    with pytest.raises(ValueError, match="momentum"):
+        TopKState(fraction=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="accumulation"):
+        TopKState(fraction=0.1, accumulation=0)
+
+
+def test_momentum_compression_warms_up_whole_steps_and_keeps_all_but_their_last_micro_batch_local() -> None:
+    state = TopKState(fraction=0.01, warmup_steps=5, momentum=0.9, accumulation=4)
+    assert state.warmup_steps == 8  # rounded up to whole optimizer steps of 4 micro-batches
+    assert [state.keeps_local(s) for s in range(12)] == [False] * 8 + [True, True, True, False]
+    assert not any(TopKState(fraction=0.01, warmup_steps=5, accumulation=4).keeps_local(s) for s in range(12))
 
 
 def test_spec_ramp_steps_reach_the_runtime() -> None:
@@ -240,6 +257,7 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     ).spec
     rt = ParallelRuntime.create(spec, torch.device("cpu"), env=DistEnv(0, 1, 0, "127.0.0.1", 29500))
     assert (rt.top_k, rt.compression_warmup, rt.compression_ramp) == (0.01, 3, 40)
+    assert (rt.compression_momentum, rt.accumulation) == (0.9, 1)  # compress: momentum, AdamW's beta1
     assert rt.compression_clip == spec.distillation.max_grad_norm > 0  # local clipping, the job's norm
     state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)
     assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps
