@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -107,7 +108,16 @@ def one_run(
             spec_defaults=config["warmup"] is None,
         )
         started = time.time()
-        records, comp = run_job(job, Path(tmp) / "out", WORLD, 1)
+        retried = None
+        try:
+            records, comp = run_job(job, Path(tmp) / "out", WORLD, 1)
+        except RuntimeError as exc:
+            # A failed run is repeated once from scratch (runs are deterministic per seed) and the
+            # failure is recorded with it: gloo's teardown can abort a rank after a finished run
+            # ("terminate called without an active exception", trainer/parallel/distributed.shutdown).
+            retried = [line for line in str(exc).splitlines() if line.strip()][:12]
+            shutil.rmtree(Path(tmp) / "out", ignore_errors=True)
+            records, comp = run_job(job, Path(tmp) / "out", WORLD, 1)
         metrics = json.loads((Path(tmp) / "out" / "result.json").read_text())["fullPrecision"]
     if metrics["metric"] != "perplexity":
         raise RuntimeError(f"expected a perplexity evaluation, got {metrics['metric']}")
@@ -121,6 +131,8 @@ def one_run(
         "seconds": round(time.time() - started, 1),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
+    if retried is not None:
+        run["retried_after_failure"] = retried
     if comp:
         run.update({"hook_bytes_ratio": comp[-1]["ratio"], "bytes_sent": comp[-1]["bytes_sent"]})
     return run

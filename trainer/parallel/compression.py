@@ -33,8 +33,22 @@ compression runs after the step's backward instead (``reduce_gradients``; DDP ge
 and its two gradient parts must be added before top-k picks from their sum, as in the unsplit
 student; local clipping then takes the norm over all stages.
 
-Residuals are part of a checkpoint (``residual_vector`` / ``load_residual_vector``): a resumed run
-continues with the unsent gradient mass it had, so its trajectory equals the uninterrupted one.
+Momentum compression (``momentum`` > 0; the spec's default ``compress: momentum``, 0/1 Adam's
+recipe with top-k): on compressed steps each rank folds its (locally clipped) gradient of every
+matrix into its own momentum, m = b1 m + (1 - b1) g, started from AdamW's first moment after the
+dense warm-up, and top-k picks from m + residual instead of g + residual. The mean of what the
+ranks sent is AdamW's first moment for the step (``optim.FrozenVarianceAdamW``, frozen variance):
+the optimizer does not smooth it again. Why: with gradients, an entry that waited D steps
+arrives as one spike that AdamW's momentum then spreads over another ~b1/(1 - b1) = 9 steps, so
+its gradient reaches the weights about D + 9 steps late; with momenta the smoothing happens while
+the entry waits, and the mass sent is the same (the identity below holds
+with momenta in place of gradients: applied + mean residual = the sum of the ranks' mean
+momenta). 1-D tensors stay gradients (sent whole, plain AdamW). With gradient accumulation a
+compressed step's micro-batches but the last keep their gradient local (``keeps_local``), so
+the momentum takes each step's gradient once.
+
+Residuals (and momenta) are part of a checkpoint (``rank_vectors`` / ``restore_residuals``): a
+resumed run continues with the unsent mass it had, so its trajectory equals the uninterrupted one.
 
 Which entries are largest: by default (``selection_scale``, installed by the loop from the
 optimizer, ``optim.update_scale``) an entry ranks by the step AdamW would take for it, its
