@@ -115,7 +115,8 @@ def one_run(
             # A failed run is repeated once from scratch (runs are deterministic per seed) and the
             # failure is recorded with it: gloo's teardown can abort a rank after a finished run
             # ("terminate called without an active exception", trainer/parallel/distributed.shutdown).
-            retried = [line for line in str(exc).splitlines() if line.strip()][:12]
+            signs = ("terminate called", "exitcode", "Error", "error")
+            retried = [line.strip() for line in str(exc).splitlines() if any(s in line for s in signs)][-12:]
             shutil.rmtree(Path(tmp) / "out", ignore_errors=True)
             records, comp = run_job(job, Path(tmp) / "out", WORLD, 1)
         metrics = json.loads((Path(tmp) / "out" / "result.json").read_text())["fullPrecision"]
