@@ -108,3 +108,46 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
             }
         )
     )
+
+
+def reduce_accumulation_run(env: DistEnv, workdir: Path, args: dict) -> None:
+    """``reduce_gradients`` (the pipelined student's path) called once per micro-batch, as
+    ParallelStudent does, with two micro-batches per step, beside one call per step on the whole
+    batch: under momentum compression both must apply the same updates and send the same bytes."""
+    from kdistill.trainer.parallel.compression import TopKState, reduce_gradients
+
+    models = {"two": mlp(), "one": mlp()}
+    states = {
+        "two": TopKState(fraction=0.05, warmup_steps=4, ramp_steps=0, momentum=0.9, accumulation=2),
+        "one": TopKState(fraction=0.05, warmup_steps=2, ramp_steps=0, momentum=0.9),
+    }
+    for state in states.values():
+        # float32 values: a bfloat16 rounding near a boundary can flip with the summation order.
+        state.half_values = False
+    gen = torch.Generator().manual_seed(200 + env.rank)
+    for _ in range(args["steps"]):
+        x, y = torch.randn(16, 64, generator=gen), torch.randn(16, 8, generator=gen)
+        for name, model in models.items():
+            params = list(model.parameters())
+            for p in params:
+                p.grad = None
+            micro = 2 if name == "two" else 1
+            for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+                (((model(xs) - ys) ** 2).mean() / micro).backward()
+                reduce_gradients(states[name], params)
+            with torch.no_grad():
+                for p in params:
+                    p -= 0.5 * p.grad
+    (workdir / f"rank{env.rank}.json").write_text(
+        json.dumps(
+            {
+                name: {
+                    "params": [p.detach().flatten().tolist() for p in model.parameters()],
+                    "bytes_sent": states[name].bytes_sent,
+                    "compressed": states[name].last_compressed,
+                    "momenta": len(states[name].momenta),
+                }
+                for name, model in models.items()
+            }
+        )
+    )

@@ -105,6 +105,21 @@ def test_momentum_compression_with_accumulation_sends_once_per_step(tmp_path: Pa
         assert a == pytest.approx(b, abs=1e-6)
 
 
+def test_momentum_compression_with_accumulation_after_the_backward(tmp_path: Path) -> None:
+    """The pipelined student's path (reduce_gradients after each micro-batch's backward) keeps a
+    compressed step's first micro-batch local too: two micro-batches end where one batch does."""
+    run_ranks(2, "tests.parallel.compression_workers:reduce_accumulation_run", tmp_path, {"steps": 6}, timeout=180)
+    for r in _results(tmp_path, 2):
+        two, one = r["two"], r["one"]
+        assert two["compressed"] and one["compressed"] and two["momenta"] == one["momenta"] == 3
+        # The dense warm-up all-reduces both micro-batches of its 2 steps: 2 extra buffers; the
+        # compressed steps send one message each either way.
+        dense = 4 * sum(len(p) for p in one["params"])
+        assert two["bytes_sent"] == one["bytes_sent"] + 2 * dense
+        for a, b in zip(one["params"], two["params"], strict=True):
+            assert a == pytest.approx(b, abs=1e-6)
+
+
 def test_selection_scale_ranks_entries_by_the_step_they_would_take() -> None:
     import torch
     from torch import nn
