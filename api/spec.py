@@ -497,6 +497,28 @@ class GradientCompression(ApiModel):
         "them (gradient plus residual over the root of AdamW's second moment), 'magnitude' by the "
         "gradient plus residual alone.",
     )
+    compress: Literal["momentum", "gradient"] = Field(
+        "momentum",
+        description="What top-k sends for matrices: 'momentum' has each rank fold its gradient into its own "
+        "momentum (AdamW's beta1) and send top-k of momentum plus residual, which AdamW applies as its first "
+        "moment with the frozen variance (needs freezeVariance); 'gradient' sends top-k of gradient plus "
+        "residual into AdamW's momentum.",
+    )
+
+    cel_rules: ClassVar = (
+        CelRule(
+            "self.topK == 0.0 || self.compress != 'momentum' || self.freezeVariance",
+            "compress: momentum needs freezeVariance: true (set compress: gradient for a moving variance)",
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _momentum_needs_frozen_variance(self) -> GradientCompression:
+        if self.top_k > 0 and self.compress == "momentum" and not self.freeze_variance:
+            raise ValueError(
+                "compress: momentum needs freezeVariance: true (set compress: gradient for a moving variance)"
+            )
+        return self
 
 
 _CEL_WORLD = "(self.nodes * (self.gpusPerNode == 0 ? 1 : self.gpusPerNode))"

@@ -8,11 +8,11 @@ library's docstrings (``trainer/corpus.build_docstring_corpus``, its own held-ou
 configuration runs once per seed (the seed sets the student's init, data order and dropout); seeds,
 corpora and configurations are interleaved, so load drifts hit every configuration alike.
 
-A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION]``: top-k fraction P (0: plain
-all-reduce), WARMUP dense steps, a RAMP of steps from dense down to P, FREEZE (1/0) AdamW's variance
-of matrices when compression starts, and SELECTION (``update`` or ``magnitude``, what top-k ranks
-entries by; the spec's default when left out). ``default`` rows use the spec's defaults (``topK``
-only). Reported per
+A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS]]``: top-k fraction P (0:
+plain all-reduce), WARMUP dense steps, a RAMP of steps from dense down to P, FREEZE (1/0) AdamW's
+variance of matrices when compression starts, SELECTION (``update`` or ``magnitude``, what top-k
+ranks entries by) and COMPRESS (``momentum`` or ``gradient``, what top-k sends); the spec's default
+where left out or ``-``. ``default`` rows use the spec's defaults (``topK`` only). Reported per
 corpus and configuration (medians over seeds), against the same seed's uncompressed run:
 - loss gap: mean training loss over the last 20 steps;
 - held-out perplexity gap: the student's perplexity on the corpus's eval split at the end;
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,7 +43,12 @@ from parallel_common import ROOT, ensure_teacher, run_job, write_job
 WORLD = 2
 OUT = ROOT / "benchmarks" / "results" / "compression.json"
 LAST = 20  # training-loss window at the end of a run
-DEFAULT_CONFIGS = ["dense:0:0:0:0", "default-p0.01:0.01:-:-:-", "default-p0.1:0.1:-:-:-"]
+DEFAULT_CONFIGS = [
+    "dense:0:0:0:0",
+    "default-p0.01:0.01:-:-:-",
+    "gradient-p0.01:0.01:10:0:1:update:gradient",
+    "default-p0.1:0.1:-:-:-",
+]
 
 
 def corpora(pvc: Path, work: Path) -> dict[str, tuple[Path, Path]]:
@@ -64,10 +70,11 @@ def corpora(pvc: Path, work: Path) -> dict[str, tuple[Path, Path]]:
 
 def parse_config(text: str) -> dict:
     fields = text.split(":")
-    if len(fields) not in (5, 6):
-        raise SystemExit(f"a configuration is LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION], got {text!r}")
+    if len(fields) not in (5, 6, 7):
+        raise SystemExit(f"a configuration is LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS]], got {text!r}")
     label, p, warmup, ramp, freeze = fields[:5]
-    selection = fields[5] if len(fields) == 6 else "-"
+    selection = fields[5] if len(fields) >= 6 else "-"
+    compress = fields[6] if len(fields) == 7 else "-"
     return {
         "label": label,
         "top_k": float(p),
@@ -75,6 +82,7 @@ def parse_config(text: str) -> dict:
         "ramp": None if ramp == "-" else int(ramp),
         "freeze": None if freeze == "-" else freeze == "1",
         "selection": None if selection == "-" else selection,
+        "compress": None if compress == "-" else compress,
     }
 
 
@@ -96,10 +104,21 @@ def one_run(
             **{k: v for k, v in (("warmup", config["warmup"]), ("ramp", config["ramp"])) if v is not None},
             **({"freeze_variance": config["freeze"]} if config["freeze"] is not None else {}),
             **({"selection": config["selection"]} if config["selection"] is not None else {}),
+            **({"compress": config["compress"]} if config["compress"] is not None else {}),
             spec_defaults=config["warmup"] is None,
         )
         started = time.time()
-        records, comp = run_job(job, Path(tmp) / "out", WORLD, 1)
+        retried = None
+        try:
+            records, comp = run_job(job, Path(tmp) / "out", WORLD, 1)
+        except RuntimeError as exc:
+            # A failed run is repeated once from scratch (runs are deterministic per seed) and the
+            # failure is recorded with it: gloo's teardown can abort a rank after a finished run
+            # ("terminate called without an active exception", trainer/parallel/distributed.shutdown).
+            signs = ("terminate called", "exitcode", "Error", "error")
+            retried = [line.strip() for line in str(exc).splitlines() if any(s in line for s in signs)][-12:]
+            shutil.rmtree(Path(tmp) / "out", ignore_errors=True)
+            records, comp = run_job(job, Path(tmp) / "out", WORLD, 1)
         metrics = json.loads((Path(tmp) / "out" / "result.json").read_text())["fullPrecision"]
     if metrics["metric"] != "perplexity":
         raise RuntimeError(f"expected a perplexity evaluation, got {metrics['metric']}")
@@ -113,6 +132,8 @@ def one_run(
         "seconds": round(time.time() - started, 1),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
+    if retried is not None:
+        run["retried_after_failure"] = retried
     if comp:
         run.update({"hook_bytes_ratio": comp[-1]["ratio"], "bytes_sent": comp[-1]["bytes_sent"]})
     return run
@@ -160,7 +181,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--corpora", nargs="+", default=["pydoc", "docstrings"])
     ap.add_argument(
-        "--configs", nargs="+", default=DEFAULT_CONFIGS, help="LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION], '-' = default"
+        "--configs",
+        nargs="+",
+        default=DEFAULT_CONFIGS,
+        help="LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS]], '-' = default",
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -186,9 +210,10 @@ def main() -> None:
                                 "max_seq_length": args.max_len,
                                 "batch_size": args.batch_size,
                                 "configs": args.configs,
-                                "method": "per-tensor top-k with error feedback; 1-D tensors sent whole; bfloat16 "
-                                "values; dense warm-up (optional density ramp); AdamW's variance of matrices frozen "
-                                "when compression starts (freezeVariance)",
+                                "method": "per-tensor top-k with error feedback of each rank's momentum (compress: "
+                                "momentum) or gradient; 1-D tensors sent whole; bfloat16 values; dense warm-up "
+                                "(optional density ramp); AdamW's variance of matrices frozen when compression "
+                                "starts (freezeVariance)",
                                 "rows": summarize(runs),
                                 "runs": runs,
                                 "load_average_before": load_before,

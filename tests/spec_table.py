@@ -101,6 +101,17 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
         ),
     ),
     (
+        "data-parallel-top-k-of-gradients-moving-variance",
+        with_spec(
+            parallelism={
+                "nodes": 2,
+                "gpusPerNode": 0,
+                "student": {"data": 2},
+                "gradientCompression": {"topK": 0.01, "compress": "gradient", "freezeVariance": False},
+            }
+        ),
+    ),
+    (
         "split-student-classification-tensor",
         with_spec(
             task="sequence-classification",
@@ -393,6 +404,16 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "topk-selection-unknown",
         with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "selection": "random"}}),
         "spec.parallelism.gradientCompression.selection",
+    ),
+    (
+        "topk-momentum-moving-variance",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "freezeVariance": False}}),
+        "spec.parallelism.gradientCompression",
+    ),
+    (
+        "topk-compress-unknown",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "compress": "weights"}}),
+        "spec.parallelism.gradientCompression.compress",
     ),
     (
         "topk-negative",

@@ -18,7 +18,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from .metrics import TrainerMetrics
 from .models import load_models
 from .on_policy import OnPolicyBatches, has_on_policy_stage
 from .on_policy_cross import TokenBridge
-from .optim import build_optimizer, freeze_variance_step, in_group_order, update_scale
+from .optim import build_optimizer, first_moment, freeze_variance_step, in_group_order, update_scale
 from .options import RunOptions, StepReport
 from .remote_targets import RemoteTargetSource, check_remote_layout, peek_next, teacher_url
 from .schedules import temperature_at
@@ -368,12 +368,24 @@ class Trainer:
             self.total,
             foreach=self.flow.foreach_optimizer,
             freeze_variance_at=self._freeze_variance_at(),
+            grad_is_momentum=self._grad_is_momentum(),
         )
         hook = self.parallel.compression
         if hook is not None and self.spec.parallelism.gradient_compression.selection == "update":
             # Top-k ranks entries by the step AdamW would take for them (optim.update_scale).
             hook.selection_scale = update_scale(optimizer)
+        if hook is not None and hook.momentum > 0:
+            # Each rank's momentum continues AdamW's first moment of the dense warm-up.
+            hook.momentum_source = first_moment(optimizer)
         return optimizer, scheduler
+
+    def _grad_is_momentum(self) -> Callable[[torch.Tensor], bool] | None:
+        """Under momentum compression: whether a parameter's reduced gradient of the step just
+        run is the mean of the ranks' sent momenta (the hook compressed it as a momentum)."""
+        hook = self.parallel.compression
+        if hook is None or hook.momentum == 0:
+            return None
+        return lambda p: hook.last_compressed and id(p) in hook.momenta
 
     def _freeze_variance_at(self) -> int | None:
         """With top-k compression (and freezeVariance), the optimizer step from which the hook

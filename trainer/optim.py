@@ -19,6 +19,7 @@ NamedParams = list[tuple[str, nn.Parameter]]
 # Frozen second moments are floored at this share of their tensor's mean: an entry whose gradient
 # was (nearly) zero through the dense warm-up would otherwise divide its later updates by eps.
 FROZEN_VARIANCE_FLOOR = 1e-4
+ADAM_BETA1, ADAM_BETA2 = 0.9, 0.999
 
 
 class FrozenVarianceAdamW(AdamW):
@@ -36,13 +37,25 @@ class FrozenVarianceAdamW(AdamW):
     ``p -= lr (m / (1-b1^t)) / (sqrt(max(v / (1-b2^freeze_at), floor)) + eps)`` with the weight
     decay applied as AdamW does; ``v`` is the state's ``exp_avg_sq``, left as it was at the
     freeze, so checkpoints keep AdamW's layout and any resume continues exactly.
+
+    With ``grad_is_momentum`` (momentum compression, ``parallel/compression.py``): after the freeze
+    a matrix for which it answers True holds in ``grad`` the mean of the momenta the ranks sent,
+    already a first moment; it replaces ``m`` (``m = grad``, not blended in) and the step is as above.
     """
 
-    def __init__(self, params: Any, *, freeze_at: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Any,
+        *,
+        freeze_at: int,
+        grad_is_momentum: Callable[[torch.Tensor], bool] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if freeze_at < 1:
             raise ValueError(f"freeze_at must be >= 1 (a dense step estimates the variance), got {freeze_at}")
         super().__init__(params, **kwargs)
         self.freeze_at = freeze_at
+        self.grad_is_momentum = grad_is_momentum
 
     def step(self, closure: Any = None) -> Any:
         with torch.no_grad():
@@ -64,7 +77,10 @@ class FrozenVarianceAdamW(AdamW):
                 t = float(st["step"])
                 p.mul_(1 - lr * wd)
                 exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1 - beta1)
+                if p.ndim >= 2 and self.grad_is_momentum is not None and self.grad_is_momentum(p):
+                    exp_avg.copy_(grad)
+                else:
+                    exp_avg.lerp_(grad, 1 - beta1)
                 if p.ndim < 2:
                     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                     v_hat = exp_avg_sq / (1 - beta2**t)
@@ -96,6 +112,20 @@ def update_scale(optimizer: Optimizer) -> Callable[[torch.Tensor], torch.Tensor 
     return scale
 
 
+def first_moment(optimizer: Optimizer) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """For momentum compression: a parameter's first moment (AdamW's ``exp_avg``, a TP shard's own
+    part), where each rank's momentum starts when compression starts; None before its first step."""
+
+    def moment(param: torch.Tensor) -> torch.Tensor | None:
+        state = optimizer.state.get(param)
+        if not state or "exp_avg" not in state:
+            return None
+        m = state["exp_avg"].detach()
+        return (m.to_local() if hasattr(m, "to_local") else m).reshape(-1).to(torch.float32)
+
+    return moment
+
+
 def in_group_order(named: NamedParams) -> NamedParams:
     """``named`` in the optimizer's parameter order: the decayed group (matrices) first, then the
     undecayed one (biases and norms, 1-D). Optimizer state is indexed by this order."""
@@ -109,6 +139,7 @@ def build_optimizer(
     *,
     foreach: bool | None = None,
     freeze_variance_at: int | None = None,
+    grad_is_momentum: Callable[[torch.Tensor], bool] | None = None,
 ) -> tuple[Optimizer, LambdaLR]:
     """AdamW with no weight decay on biases and norms (as usual for transformers), and the
     warm-up/decay schedule over ``total_steps``. With ``freeze_variance_at`` (top-k gradient
@@ -116,10 +147,12 @@ def build_optimizer(
     decay = [p for _, p in named if p.ndim >= 2]
     no_decay = [p for _, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": distillation.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    settings: dict[str, Any] = {"lr": distillation.learning_rate, "betas": (0.9, 0.999), "eps": 1e-8}
+    settings: dict[str, Any] = {"lr": distillation.learning_rate, "betas": (ADAM_BETA1, ADAM_BETA2), "eps": 1e-8}
     optimizer: Optimizer
     if freeze_variance_at is not None:
-        optimizer = FrozenVarianceAdamW(groups, freeze_at=freeze_variance_at, foreach=False, **settings)
+        optimizer = FrozenVarianceAdamW(
+            groups, freeze_at=freeze_variance_at, grad_is_momentum=grad_is_momentum, foreach=False, **settings
+        )
     else:
         optimizer = AdamW(groups, foreach=foreach, **settings)
     warmup = distillation.warmup_steps

@@ -24,7 +24,15 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
     model = mlp()
     start = [p.detach().clone() for p in model.parameters()]
     ddp = DDP(model, bucket_cap_mb=0.02)  # several buckets, so the per-parameter residuals are exercised
-    state = register_topk(ddp, args["fraction"], warmup_steps=args["warmup"])
+    accumulation = args.get("accumulation", 1)
+    state = register_topk(
+        ddp,
+        args["fraction"],
+        warmup_steps=args["warmup"],
+        ramp_steps=args.get("ramp"),
+        momentum=args.get("momentum", 0.0),
+        accumulation=accumulation,
+    )
     state.error_feedback = args.get("error_feedback", True)
     state.clip_norm = args.get("clip", 0.0)
     state.track_totals = True
@@ -39,13 +47,20 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
     opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
     gen = torch.Generator().manual_seed(100 + env.rank)
     step_ratios, update_norms, compressed = [], [], []
+    # Under momentum compression, this rank's momentum recomputed here from its own gradients
+    # (differences of the hook's running gradient sums), and the running sum of what a matrix
+    # should have contributed: its mean gradient on dense steps, its momentum on compressed ones.
+    mine = {id(p): torch.zeros(p.numel()) for p in model.parameters()}
+    due = {id(p): torch.zeros(p.numel()) for p in model.parameters()}
+    seen = {id(p): torch.zeros(p.numel()) for p in model.parameters()}
     for _ in range(args["steps"]):
         before = (state.bytes_sent, state.bytes_dense)
         x = torch.randn(16, 64, generator=gen)
         y = torch.randn(16, 8, generator=gen)
         opt.zero_grad()
-        loss = ((ddp(x) - y) ** 2).mean() * 0.01  # small steps keep SGD(lr=1) stable
-        loss.backward()
+        for xs, ys in zip(x.chunk(accumulation), y.chunk(accumulation), strict=True):
+            loss = ((ddp(xs) - ys) ** 2).mean() * 0.01 / accumulation  # small steps keep SGD(lr=1) stable
+            loss.backward()
         before_step = [p.detach().clone() for p in model.parameters()]
         opt.step()
         update_norms.append(
@@ -56,10 +71,18 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
             )
         )
         compressed.append(state.last_compressed)
+        for p in model.parameters():
+            grad = state.grad_totals[id(p)] - seen[id(p)]
+            seen[id(p)] = state.grad_totals[id(p)].clone()
+            if state.last_compressed and p.dim() >= 2 and state.momentum > 0:
+                mine[id(p)] = state.momentum * mine[id(p)] + (1 - state.momentum) * grad
+                due[id(p)] += mine[id(p)]
+            else:
+                due[id(p)] += grad
         step_ratios.append((state.bytes_dense - before[1]) / (state.bytes_sent - before[0]))
     # Identity under error feedback: applied updates + mean residual == sum of true mean grads.
     applied = [s - p.detach() for s, p in zip(start, model.parameters(), strict=True)]
-    true_sum = [state.grad_totals[id(p)].clone() for p in model.parameters()]
+    true_sum = [due[id(p)].clone() for p in model.parameters()]
     resid = [state.residual_for(p).clone() for p in model.parameters()]
     for t in (*true_sum, *resid):
         dist.all_reduce(t)
@@ -77,7 +100,54 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
                 "gap": gap,
                 "gap_without_residual": gap_without_residual,
                 "scale": scale,
+                "momentum_gap": max(
+                    (float((m - mine[key]).abs().max()) for key, m in state.momenta.items()), default=0.0
+                ),
+                "momenta": len(state.momenta),
                 "params": [p.detach().flatten().tolist()[:50] for p in model.parameters()],
+            }
+        )
+    )
+
+
+def reduce_accumulation_run(env: DistEnv, workdir: Path, args: dict) -> None:
+    """``reduce_gradients`` (the pipelined student's path) called once per micro-batch, as
+    ParallelStudent does, with two micro-batches per step, beside one call per step on the whole
+    batch: under momentum compression both must apply the same updates and send the same bytes."""
+    from kdistill.trainer.parallel.compression import TopKState, reduce_gradients
+
+    models = {"two": mlp(), "one": mlp()}
+    states = {
+        "two": TopKState(fraction=0.05, warmup_steps=4, ramp_steps=0, momentum=0.9, accumulation=2),
+        "one": TopKState(fraction=0.05, warmup_steps=2, ramp_steps=0, momentum=0.9),
+    }
+    for state in states.values():
+        # float32 values: a bfloat16 rounding near a boundary can flip with the summation order.
+        state.half_values = False
+    gen = torch.Generator().manual_seed(200 + env.rank)
+    for _ in range(args["steps"]):
+        x, y = torch.randn(16, 64, generator=gen), torch.randn(16, 8, generator=gen)
+        for name, model in models.items():
+            params = list(model.parameters())
+            for p in params:
+                p.grad = None
+            micro = 2 if name == "two" else 1
+            for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+                (((model(xs) - ys) ** 2).mean() / micro).backward()
+                reduce_gradients(states[name], params)
+            with torch.no_grad():
+                for p in params:
+                    p -= 0.5 * p.grad
+    (workdir / f"rank{env.rank}.json").write_text(
+        json.dumps(
+            {
+                name: {
+                    "params": [p.detach().flatten().tolist() for p in model.parameters()],
+                    "bytes_sent": states[name].bytes_sent,
+                    "compressed": states[name].last_compressed,
+                    "momenta": len(states[name].momenta),
+                }
+                for name, model in models.items()
             }
         )
     )

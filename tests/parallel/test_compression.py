@@ -54,6 +54,72 @@ def test_error_feedback_identity_holds_when_top_k_ranks_by_a_selection_scale(tmp
     assert ranks[0]["params"] == ranks[1]["params"]
 
 
+def test_momentum_compression_sends_each_ranks_momentum_and_loses_none_of_it(tmp_path: Path) -> None:
+    """Momentum compression: on compressed steps every matrix's rank-local momentum
+    m = 0.9 m + 0.1 g (recomputed in the worker from the rank's own gradients) is what top-k
+    sends; applied updates + mean residual = dense steps' mean gradients + every compressed step's
+    mean momentum, exactly. 1-D tensors keep going as gradients."""
+    run_ranks(
+        2,
+        "tests.parallel.compression_workers:topk_run",
+        tmp_path,
+        {"fraction": 0.01, "warmup": 2, "steps": 8, "momentum": 0.9, "selection_scale": True},
+        timeout=180,
+    )
+    ranks = _results(tmp_path, 2)
+    for r in ranks:
+        assert r["compressed"] == [False] * 2 + [True] * 6
+        assert r["momenta"] == 3  # the three weight matrices, not the biases
+        assert r["momentum_gap"] < 1e-6
+        assert r["gap"] < 1e-5 * max(1.0, r["scale"])
+        assert r["gap_without_residual"] > 100 * r["gap"] + 1e-4
+    assert ranks[0]["params"] == ranks[1]["params"]
+
+
+def test_momentum_compression_with_accumulation_sends_once_per_step(tmp_path: Path) -> None:
+    """Under momentum compression a step's first micro-batches keep their gradient local (no
+    bytes) and the last sends the step's whole gradient through the momentum: two micro-batches
+    of 8 rows end where one batch of the same 16 rows ends, at the same bytes."""
+    for name, accumulation in (("one", 1), ("two", 2)):
+        run_ranks(
+            2,
+            "tests.parallel.compression_workers:topk_run",
+            tmp_path / name,
+            # warmupSteps counts micro-batches (the hook runs per micro-batch): two optimizer steps each.
+            {
+                "fraction": 0.05,
+                "warmup": 2 * accumulation,
+                "steps": 6,
+                "ramp": 0,
+                "momentum": 0.9,
+                "accumulation": accumulation,
+            },
+            timeout=180,
+        )
+    one, two = _results(tmp_path / "one", 2)[0], _results(tmp_path / "two", 2)[0]
+    assert two["compressed"] == one["compressed"] == [False] * 2 + [True] * 4
+    # The dense warm-up all-reduces each micro-batch; a compressed step sends one message.
+    assert two["step_ratios"][:2] == [1.0, 1.0]
+    assert two["step_ratios"][2:] == pytest.approx([2 * r for r in one["step_ratios"][2:]])
+    for a, b in zip(one["params"], two["params"], strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_momentum_compression_with_accumulation_after_the_backward(tmp_path: Path) -> None:
+    """The pipelined student's path (reduce_gradients after each micro-batch's backward) keeps a
+    compressed step's first micro-batch local too: two micro-batches end where one batch does."""
+    run_ranks(2, "tests.parallel.compression_workers:reduce_accumulation_run", tmp_path, {"steps": 6}, timeout=180)
+    for r in _results(tmp_path, 2):
+        two, one = r["two"], r["one"]
+        assert two["compressed"] and one["compressed"] and two["momenta"] == one["momenta"] == 3
+        # The dense warm-up all-reduces both micro-batches of its 2 steps: 2 extra buffers; the
+        # compressed steps send one message each either way.
+        dense = 4 * sum(len(p) for p in one["params"])
+        assert two["bytes_sent"] == one["bytes_sent"] + 2 * dense
+        for a, b in zip(one["params"], two["params"], strict=True):
+            assert a == pytest.approx(b, abs=1e-6)
+
+
 def test_selection_scale_ranks_entries_by_the_step_they_would_take() -> None:
     import torch
     from torch import nn
@@ -164,7 +230,13 @@ def test_spec_defaults_are_the_measured_ones() -> None:
     from kdistill.api.spec import GradientCompression
 
     gc = GradientCompression(top_k=0.01)
-    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance, gc.selection) == (10, 0, True, "update")
+    assert (gc.warmup_steps, gc.ramp_steps, gc.freeze_variance, gc.selection, gc.compress) == (
+        10,
+        0,
+        True,
+        "update",
+        "momentum",
+    )
 
 
 def test_state_rejects_bad_fraction() -> None:
@@ -174,6 +246,17 @@ def test_state_rejects_bad_fraction() -> None:
         TopKState(fraction=0.1, warmup_steps=-1)
     with pytest.raises(ValueError, match="ramp_steps"):
         TopKState(fraction=0.1, ramp_steps=-1)
+    with pytest.raises(ValueError, match="momentum"):
+        TopKState(fraction=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="accumulation"):
+        TopKState(fraction=0.1, accumulation=0)
+
+
+def test_momentum_compression_warms_up_whole_steps_and_keeps_all_but_their_last_micro_batch_local() -> None:
+    state = TopKState(fraction=0.01, warmup_steps=5, momentum=0.9, accumulation=4)
+    assert state.warmup_steps == 8  # rounded up to whole optimizer steps of 4 micro-batches
+    assert [state.keeps_local(s) for s in range(12)] == [False] * 8 + [True, True, True, False]
+    assert not any(TopKState(fraction=0.01, warmup_steps=5, accumulation=4).keeps_local(s) for s in range(12))
 
 
 def test_spec_ramp_steps_reach_the_runtime() -> None:
@@ -189,6 +272,7 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     ).spec
     rt = ParallelRuntime.create(spec, torch.device("cpu"), env=DistEnv(0, 1, 0, "127.0.0.1", 29500))
     assert (rt.top_k, rt.compression_warmup, rt.compression_ramp) == (0.01, 3, 40)
+    assert (rt.compression_momentum, rt.accumulation) == (0.9, 1)  # compress: momentum, AdamW's beta1
     assert rt.compression_clip == spec.distillation.max_grad_norm > 0  # local clipping, the job's norm
     state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)
     assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps

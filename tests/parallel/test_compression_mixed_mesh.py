@@ -61,9 +61,10 @@ def test_tensor2_x_data2_compresses_the_data_axis_and_resumes_with_residuals(roo
     saved = {}
     for r in range(4):
         mine = load_file(str(out / "checkpoints" / f"step-{EVERY:09d}" / f"compression-rank{r}.safetensors"))
-        assert sorted(mine) == ["hook_step", f"rank{r}", "world"]
+        assert sorted(mine) == ["hook_step", f"momentum_rank{r}", f"rank{r}", "world"]
         assert int(mine["hook_step"][0]) == EVERY and int(mine["world"][0]) == 4
         saved[f"rank{r}"] = mine[f"rank{r}"]
+        assert float(mine[f"momentum_rank{r}"].abs().sum()) > 0  # compress: momentum, each rank's own
     assert all(float(saved[f"rank{r}"].abs().sum()) > 0 for r in range(4))
     # Each its own: data peers saw other rows, tensor peers hold other shards.
     assert not any(torch.equal(saved[f"rank{i}"], saved[f"rank{j}"]) for i in range(4) for j in range(i + 1, 4))

@@ -95,7 +95,7 @@ def test_pipeline2_x_data2_compresses_like_data2_and_resumes(root: Path) -> None
     ckpt = piped_out / "checkpoints" / f"step-{EVERY:09d}"
     for r in range(4):  # the sharded checkpoint: each rank's own residual file
         saved = load_file(str(ckpt / f"compression-rank{r}.safetensors"))
-        assert sorted(saved) == ["hook_step", f"rank{r}", "world"]
+        assert sorted(saved) == ["hook_step", f"momentum_rank{r}", f"rank{r}", "world"]
         assert float(saved[f"rank{r}"].abs().sum()) > 0
     resumed = root / "out-resumed"
     _resume_from(piped_out, EVERY, resumed)

@@ -1,5 +1,6 @@
-"""Error-feedback residuals travel with the checkpoint: a 2-rank top-k run resumed from its
-step-4 checkpoint ends with the uninterrupted run's weights; without the residuals it does not."""
+"""Error-feedback residuals and each rank's momentum (compress: momentum, the default) travel
+with the checkpoint: a 2-rank top-k run resumed from its step-4 checkpoint ends with the
+uninterrupted run's weights; without the residuals, or without the momenta, it does not."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from kdistill.trainer.checkpoint import MANIFEST
+from kdistill.trainer.fsio import sha256_file
 from kdistill.trainer.parallel.launch import launch_env, torchrun_command
 
 from .jobs import make_job
@@ -27,16 +29,23 @@ def _run(job: Path, out: Path, tmp: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _resume_from_step4(ref: Path, out: Path, *, drop_residuals: bool) -> None:
+def _resume_from_step4(ref: Path, out: Path, *, drop_residuals: bool = False, drop_momenta: bool = False) -> None:
     src = ref / "checkpoints" / f"step-{EVERY:09d}"
     dst = out / "checkpoints" / src.name
     shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
     if drop_residuals:
         # A checkpoint as written before residuals were saved: no file, and a manifest without it.
         (dst / "compression.safetensors").unlink()
-        manifest = json.loads((dst / MANIFEST).read_text())
         del manifest["files"]["compression.safetensors"]
-        (dst / MANIFEST).write_text(json.dumps(manifest))
+    if drop_momenta:
+        # The residuals alone, as a gradient-compression run writes them (a valid manifest).
+        saved = load_file(str(dst / "compression.safetensors"))
+        save_file(
+            {k: v for k, v in saved.items() if not k.startswith("momentum_")}, str(dst / "compression.safetensors")
+        )
+        manifest["files"]["compression.safetensors"] = sha256_file(dst / "compression.safetensors")
+    (dst / MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_resumed_compressed_run_equals_uninterrupted(tmp_path: Path) -> None:
@@ -49,13 +58,15 @@ def test_resumed_compressed_run_equals_uninterrupted(tmp_path: Path) -> None:
     ref = tmp_path / "ref"
     _run(job, ref, tmp_path)
     saved = load_file(str(ref / "checkpoints" / f"step-{EVERY:09d}" / "compression.safetensors"))
-    assert sorted(saved) == ["hook_step", "rank0", "rank1", "world"]
+    assert sorted(saved) == ["hook_step", "momentum_rank0", "momentum_rank1", "rank0", "rank1", "world"]
     assert int(saved["hook_step"][0]) == EVERY
-    # Each rank kept its own, non-trivial residual (99% of its accumulated gradient is unsent).
-    assert float(saved["rank0"].abs().sum()) > 0 and not torch.equal(saved["rank0"], saved["rank1"])
+    # Each rank kept its own, non-trivial residual (99% of its accumulated momentum is unsent) and
+    # its own momentum.
+    for key in ("rank", "momentum_rank"):
+        assert float(saved[f"{key}0"].abs().sum()) > 0 and not torch.equal(saved[f"{key}0"], saved[f"{key}1"])
 
     resumed = tmp_path / "resumed"
-    _resume_from_step4(ref, resumed, drop_residuals=False)
+    _resume_from_step4(ref, resumed)
     _run(job, resumed, tmp_path)
     assert json.loads((resumed / "result.json").read_text())["resumedFrom"] == EVERY
     a = load_file(str(ref / "student" / "model.safetensors"))
@@ -70,3 +81,11 @@ def test_resumed_compressed_run_equals_uninterrupted(tmp_path: Path) -> None:
     _run(job, lost, tmp_path)
     c = load_file(str(lost / "student" / "model.safetensors"))
     assert max(float((c[k] - a[k]).abs().max()) for k in a) > 1e-4
+
+    # Control: with the residuals but without the momenta (each restarts from the optimizer's
+    # first moment, the mean momentum last applied) the trajectory differs too.
+    restarted = tmp_path / "restarted"
+    _resume_from_step4(ref, restarted, drop_momenta=True)
+    _run(job, restarted, tmp_path)
+    m = load_file(str(restarted / "student" / "model.safetensors"))
+    assert max(float((m[k] - a[k]).abs().max()) for k in a) > 1e-4

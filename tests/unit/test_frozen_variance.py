@@ -95,3 +95,30 @@ def test_freeze_step_counts_optimizer_steps() -> None:
     assert freeze_variance_step(0, 1) == 1
     with pytest.raises(ValueError, match="freeze_at"):
         FrozenVarianceAdamW([nn.Parameter(torch.zeros(2, 2))], freeze_at=0)
+
+
+def test_a_sent_momentum_replaces_the_first_moment() -> None:
+    """Momentum compression: after the freeze a matrix's ``grad`` is already the momentum (the
+    ranks' mean sent m = 0.9 m + 0.1 g). Fed the momentum of the same gradients, the optimizer
+    takes the steps it takes when it forms that momentum itself; 1-D tensors keep their gradient."""
+    _, b, _, frozen = _pair(freeze_at=3)
+    c = [nn.Parameter(p.detach().clone()) for p in b]
+    d = [nn.Parameter(p.detach().clone()) for p in b]
+    sent = FrozenVarianceAdamW(c, freeze_at=3, grad_is_momentum=lambda p: True, lr=0.01, weight_decay=0.1)
+    raw = FrozenVarianceAdamW(d, freeze_at=3, grad_is_momentum=lambda p: True, lr=0.01, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):  # the dense warm-up: plain AdamW on all
+        grads = [torch.randn(p.shape, generator=gen) for p in b]
+        for params, opt in ((b, frozen), (c, sent), (d, raw)):
+            _step(params, opt, grads)
+    m = frozen.state[b[0]]["exp_avg"].clone()
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in b]
+        m = 0.9 * m + 0.1 * grads[0]
+        _step(b, frozen, grads)
+        _step(c, sent, [m, grads[1]])
+        _step(d, raw, grads)  # the control: gradients taken for momenta
+        torch.testing.assert_close(sent.state[c[0]]["exp_avg"], m, rtol=0, atol=0)
+    for pb, pc in zip(b, c, strict=True):
+        torch.testing.assert_close(pc, pb, rtol=1e-6, atol=1e-7)
+    assert float((d[0] - b[0]).detach().abs().max()) > 1e-3

@@ -33,8 +33,22 @@ compression runs after the step's backward instead (``reduce_gradients``; DDP ge
 and its two gradient parts must be added before top-k picks from their sum, as in the unsplit
 student; local clipping then takes the norm over all stages.
 
-Residuals are part of a checkpoint (``residual_vector`` / ``load_residual_vector``): a resumed run
-continues with the unsent gradient mass it had, so its trajectory equals the uninterrupted one.
+Momentum compression (``momentum`` > 0; the spec's default ``compress: momentum``, 0/1 Adam's
+recipe with top-k): on compressed steps each rank folds its (locally clipped) gradient of every
+matrix into its own momentum, m = b1 m + (1 - b1) g, started from AdamW's first moment after the
+dense warm-up, and top-k picks from m + residual instead of g + residual. The mean of what the
+ranks sent is AdamW's first moment for the step (``optim.FrozenVarianceAdamW``, frozen variance):
+the optimizer does not smooth it again. Why: with gradients, an entry that waited D steps
+arrives as one spike that AdamW's momentum then spreads over another ~b1/(1 - b1) = 9 steps, so
+its gradient reaches the weights about D + 9 steps late; with momenta the smoothing happens while
+the entry waits, and the mass sent is the same (the identity below holds
+with momenta in place of gradients: applied + mean residual = the sum of the ranks' mean
+momenta). 1-D tensors stay gradients (sent whole, plain AdamW). With gradient accumulation a
+compressed step's micro-batches but the last keep their gradient local (``keeps_local``), so
+the momentum takes each step's gradient once.
+
+Residuals (and momenta) are part of a checkpoint (``rank_vectors`` / ``restore_residuals``): a
+resumed run continues with the unsent mass it had, so its trajectory equals the uninterrupted one.
 
 Which entries are largest: by default (``selection_scale``, installed by the loop from the
 optimizer, ``optim.update_scale``) an entry ranks by the step AdamW would take for it, its
@@ -110,6 +124,22 @@ class TopKState:
     # of by magnitude; None (or None for a parameter) ranks by magnitude. The loop installs AdamW's
     # 1/sqrt(v) (optim.update_scale): entries rank by the step they would take.
     selection_scale: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    # Momentum compression (0/1 Adam's recipe with top-k), 0 turns it off: on compressed steps each
+    # rank folds its (clipped) gradient of every matrix into its own momentum,
+    # m = momentum * m + (1 - momentum) * g, and top-k sends m + residual instead of g + residual;
+    # the optimizer applies the mean of what was sent as its first moment
+    # (optim.FrozenVarianceAdamW's ``grad_is_momentum``). 1-D tensors stay gradients.
+    momentum: float = 0.0
+    momenta: dict[int, torch.Tensor] = field(default_factory=dict)  # per matrix, by identity
+    # Where a matrix's momentum starts at the first compressed step: the loop installs the
+    # optimizer's first moment after the dense warm-up (optim.first_moment); None: zeros.
+    momentum_source: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    momentum_totals: dict[int, torch.Tensor] = field(default_factory=dict)  # with track_totals
+    # Micro-batches per optimizer step (the hook runs once per micro-batch). Under momentum
+    # compression a compressed step's micro-batches but the last keep their gradient local, as
+    # DDP's no_sync would, so each rank's momentum takes the step's whole gradient once; the
+    # warm-up is then rounded up to whole steps.
+    accumulation: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
@@ -120,6 +150,17 @@ class TopKState:
             self.ramp_steps = self.warmup_steps
         if self.ramp_steps < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1, got {self.accumulation}")
+        if self.momentum > 0:
+            self.warmup_steps = -(-self.warmup_steps // self.accumulation) * self.accumulation
+
+    def keeps_local(self, step: int) -> bool:
+        """Whether micro-batch ``step`` (0-based) keeps its gradient local instead of sending:
+        under momentum compression, every micro-batch of a compressed step but its last."""
+        return self.momentum > 0 and step >= self.warmup_steps and (step + 1) % self.accumulation != 0
 
     def density(self, step: int) -> float:
         """The fraction kept at ``step`` (0-based): 1 during warm-up, then fraction**(i/(R+1)) for
@@ -171,6 +212,9 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     if bucket.is_last():
         state.step += 1
         state.last_compressed = step >= state.warmup_steps
+    if state.keeps_local(step):
+        _maybe_log(state, bucket)
+        return local_only_hook(None, bucket)
     if step < state.warmup_steps:
         state.bytes_sent += dense_bytes
         state.wire_sent += 2 * (world - 1) / world * dense_bytes
@@ -197,6 +241,8 @@ def _exchange(
     """Error feedback, top-k and the all-gather of one flat float32 gradient ``acc`` of ``params``:
     (the gather's work, a function giving the mean of every rank's sent entries once it is done)."""
     n = acc.numel()
+    if state.momentum > 0:
+        acc = _local_momentum(state, params, acc)
     if state.error_feedback:
         acc = acc + _flat_residual(state, params, n)
     small = [state.dense_small and p.dim() <= 1 for p in params]
@@ -227,6 +273,41 @@ def _exchange(
     return work, combine
 
 
+def sends_momentum(state: TopKState, param: torch.Tensor) -> bool:
+    """Whether the hook sends ``param``'s momentum rather than its gradient: matrices, under
+    momentum compression."""
+    return state.momentum > 0 and param.dim() >= 2
+
+
+def _local_momentum(state: TopKState, params: list[torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` (flat, of ``params``) with every matrix's slice replaced by this rank's momentum,
+    updated with that slice: m = momentum * m + (1 - momentum) * g."""
+    out, offset = grad.clone(), 0
+    for p in params:
+        n = p.numel()
+        if sends_momentum(state, p):
+            m = state.momenta.get(id(p))
+            if m is None:
+                m = _initial_momentum(state, p)
+            m = m * state.momentum + grad[offset : offset + n] * (1 - state.momentum)
+            state.momenta[id(p)] = m
+            out[offset : offset + n] = m
+            if state.track_totals:
+                total = state.momentum_totals.get(id(p))
+                state.momentum_totals[id(p)] = m.clone() if total is None else total + m
+        offset += n
+    return out
+
+
+def _initial_momentum(state: TopKState, param: torch.Tensor) -> torch.Tensor:
+    start = state.momentum_source(param) if state.momentum_source is not None else None
+    if start is None:
+        return torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+    if start.numel() != param.numel():
+        raise RuntimeError(f"momentum source of {start.numel()} entries for a parameter of {param.numel()}")
+    return start.detach().reshape(-1).to(device=param.device, dtype=torch.float32).clone()
+
+
 def reduce_gradients(
     state: TopKState, params: list[torch.Tensor], norm_group: Any = None, counted: list[bool] | None = None
 ) -> None:
@@ -237,13 +318,15 @@ def reduce_gradients(
     copy is counted on one stage only) over ``norm_group`` (the pipeline stages), against
     ``clip_norm``, as the hook does for a student whose gradient fits one DDP bucket."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.detach().reshape(-1).to(torch.float32) for g in grads])
-    n, world = flat.numel(), _world(state.process_group)
+    n, world = sum(p.numel() for p in params), _world(state.process_group)
     state.bytes_dense += 4 * n
     state.wire_dense += 2 * (world - 1) / world * 4 * n
     step = state.step
     state.step += 1
     state.last_compressed = step >= state.warmup_steps
+    if state.keeps_local(step):
+        return
+    flat = torch.cat([g.detach().reshape(-1).to(torch.float32) for g in grads])
     if step < state.warmup_steps:
         state.bytes_sent += 4 * n
         state.wire_sent += 2 * (world - 1) / world * 4 * n
@@ -374,6 +457,23 @@ def residual_vector(state: TopKState, params: list[torch.Tensor]) -> torch.Tenso
     )
 
 
+def momentum_vector(state: TopKState, params: list[torch.Tensor]) -> torch.Tensor:
+    """This rank's momenta for ``params`` (momentum compression) as one float32 vector laid out like
+    ``residual_vector``, zeros for the tensors sent as gradients."""
+    return torch.cat(
+        [state.momenta.get(id(p), torch.zeros(p.numel())).detach().reshape(-1).float().cpu() for p in params]
+    )
+
+
+def rank_vectors(state: TopKState, params: list[torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """What the hook carries between steps for one rank, as checkpoint tensors: ``rank<R>`` its
+    residuals and, under momentum compression once it has started, ``momentum_rank<R>`` its momenta."""
+    out = {f"rank{rank}": residual_vector(state, params)}
+    if state.momenta:
+        out[f"momentum_rank{rank}"] = momentum_vector(state, params)
+    return out
+
+
 def load_residual_vector(state: TopKState, params: list[torch.Tensor], flat: torch.Tensor, step: int) -> None:
     """Inverse of ``residual_vector``; also sets the step counter (warm-up and ramp position)."""
     total = sum(p.numel() for p in params)
@@ -396,8 +496,9 @@ def gather_residuals(state: TopKState, params: list[torch.Tensor], group: Any = 
     own shards and stages): vectors are padded to the longest for the gather and cut back."""
     from .distributed import peer_guard
 
-    mine = residual_vector(state, params)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    # Residuals, then momenta when there are any (every rank has them from the same step on).
+    mine = torch.cat(list(rank_vectors(state, params, rank).values()))
     with peer_guard("the compression-residual gather"):
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
         dist.all_gather(sizes, torch.tensor([mine.numel()], dtype=torch.int64), group=group)
@@ -407,7 +508,13 @@ def gather_residuals(state: TopKState, params: list[torch.Tensor], group: Any = 
         dist.gather(padded, parts, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     if parts is None:
         return None
-    out = {f"rank{r}": t[: int(sizes[r][0])].clone() for r, t in enumerate(parts)}
+    out: dict[str, torch.Tensor] = {}
+    for r, t in enumerate(parts):
+        vec = t[: int(sizes[r][0])]
+        half = vec.numel() // 2 if state.momenta else vec.numel()
+        out[f"rank{r}"] = vec[:half].clone()
+        if state.momenta:
+            out[f"momentum_rank{r}"] = vec[half:].clone()
     out["hook_step"] = torch.tensor([state.step], dtype=torch.int64)
     out["world"] = torch.tensor([world], dtype=torch.int64)
     return out
@@ -437,7 +544,31 @@ def restore_residuals(
         state.step = int(saved["hook_step"][0])
         return False
     load_residual_vector(state, params, saved[key], int(saved["hook_step"][0]))
+    _restore_momenta(state, params, saved.get(f"momentum_{key}"))
     return True
+
+
+def _restore_momenta(state: TopKState, params: list[torch.Tensor], flat: torch.Tensor | None) -> None:
+    """Under momentum compression, this rank's momenta from the checkpoint; without them (a
+    checkpoint of the dense warm-up, or one written with gradient compression) each matrix's
+    momentum starts again from the optimizer's first moment at the next compressed step."""
+    state.momenta.clear()
+    if state.momentum == 0:
+        return
+    if flat is None:
+        if state.step > state.warmup_steps:
+            log.warning("checkpoint holds no compression momenta: they restart from the optimizer's first moment")
+        return
+    if flat.numel() != sum(p.numel() for p in params):
+        raise ValueError(
+            f"checkpointed compression momenta hold {flat.numel()} entries but its residuals "
+            f"{sum(p.numel() for p in params)}: the file is not one the trainer wrote"
+        )
+    offset = 0
+    for p in params:
+        if sends_momentum(state, p):
+            state.momenta[id(p)] = flat[offset : offset + p.numel()].to(device=p.device, dtype=torch.float32).clone()
+        offset += p.numel()
 
 
 def _maybe_log(state: TopKState, bucket: dist.GradBucket) -> None:
@@ -475,6 +606,8 @@ def register_topk(
     process_group: Any = None,
     ramp_steps: int | None = None,
     clip_norm: float = 0.0,
+    momentum: float = 0.0,
+    accumulation: int = 1,
 ) -> TopKState:
     """Install the hook on a DDP module and return its state (byte counters, residuals). With
     ``clip_norm`` the hook clips each rank's gradient locally on compressed steps; the caller then
@@ -485,6 +618,8 @@ def register_topk(
         process_group=process_group,
         ramp_steps=ramp_steps,
         clip_norm=clip_norm,
+        momentum=momentum,
+        accumulation=accumulation,
         total_numel=sum(p.numel() for p in ddp_module.parameters() if p.requires_grad),
     )
     ddp_module.register_comm_hook(state, topk_hook)

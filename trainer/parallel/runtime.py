@@ -37,6 +37,7 @@ from kdistill.api.failures import ExitCode
 from kdistill.api.spec import SPLIT_STUDENT_RULES
 
 from ..errors import TrainerError
+from ..optim import ADAM_BETA1
 from .distributed import DistEnv, env_from, init_distributed, peer_guard
 from .mesh import MeshLayout, layout_from_spec
 
@@ -69,6 +70,8 @@ class ParallelRuntime:
     compression_warmup: int = 0
     compression_ramp: int | None = None  # None: as long as the warm-up
     compression_clip: float = 0.0  # local clipping on compressed steps (distillation.maxGradNorm)
+    compression_momentum: float = 0.0  # AdamW's beta1 when top-k sends momentum (compress: momentum)
+    accumulation: int = 1  # micro-batches per optimizer step
     teacher: Any = None  # SplitTeacher when the teacher is split
     teacher_group: Any = None  # process group of this rank's teacher stages
     compression: Any = None  # TopKState once the hook is installed
@@ -96,6 +99,8 @@ class ParallelRuntime:
             compression_warmup=gc.warmup_steps,
             compression_ramp=gc.ramp_steps,
             compression_clip=spec.distillation.max_grad_norm,
+            compression_momentum=ADAM_BETA1 if gc.compress == "momentum" else 0.0,
+            accumulation=spec.distillation.gradient_accumulation_steps,
         )
         if env.distributed and layout.teacher_stages > 1:
             # new_group is collective: every rank creates every teacher group in the same order.
@@ -155,6 +160,8 @@ class ParallelRuntime:
                 ramp_steps=self.compression_ramp,
                 process_group=self.mesh["data"].get_group(),
                 clip_norm=self.compression_clip,
+                momentum=self.compression_momentum,
+                accumulation=self.accumulation,
             )
             self.compression.log_every = 10
         return split
@@ -171,6 +178,8 @@ class ParallelRuntime:
             ramp_steps=self.compression_ramp,
             process_group=self.mesh["data"].get_group(),
             clip_norm=self.compression_clip,
+            momentum=self.compression_momentum,
+            accumulation=self.accumulation,
         )
         state.log_every = 10
         split.module.register_comm_hook(None, local_only_hook)
@@ -242,6 +251,8 @@ class ParallelRuntime:
                 warmup_steps=self.compression_warmup,
                 ramp_steps=self.compression_ramp,
                 clip_norm=self.compression_clip,
+                momentum=self.compression_momentum,
+                accumulation=self.accumulation,
             )
             self.compression.log_every = 10
         return ddp

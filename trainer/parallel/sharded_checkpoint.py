@@ -81,11 +81,11 @@ def residual_file(rank: int) -> str:
 
 
 def _write_residuals(tmp: Path, compression: Any, params: list[nn.Parameter]) -> None:
-    from .compression import residual_vector
+    from .compression import rank_vectors
 
     rank, world = dist.get_rank(), dist.get_world_size()
     tensors = {
-        f"rank{rank}": residual_vector(compression, params),
+        **rank_vectors(compression, params, rank),
         "hook_step": torch.tensor([compression.step], dtype=torch.int64),
         "world": torch.tensor([world], dtype=torch.int64),
     }

@@ -346,7 +346,10 @@ class ParallelStudent:
                 assert self.stage is not None
                 self.stage.autocast = autocast
                 local = self._pipeline_step(input_ids, labels, teacher_logits, scale, targets)
-                self._sum_tied_grads()
+                # Under momentum compression a step's micro-batches but the last keep their gradients
+                # local (compression.keeps_local): the tied parts are added once, at the last.
+                if self.compression is None or not self.compression.keeps_local(self.compression.step):
+                    self._sum_tied_grads()
                 if self.compression is not None:
                     self._compressed_reduce()
             return self._global_loss(local) / grad_scale
