@@ -40,6 +40,16 @@ from .single import logits_settings
 PIPELINE_LENGTH_MULTIPLE = 16
 
 
+def _release_shards(ps: Any) -> None:
+    """Frees the storage of the split student's plain parameters, each left an empty tensor of
+    its dtype (DTensor shards keep theirs: their local tensor cannot be swapped this way)."""
+    from torch.distributed.tensor import DTensor
+
+    for p in ps.named_params.values():
+        if not isinstance(p, DTensor):
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
 class ModelParallelFlow:
     def __init__(
         self,
@@ -247,9 +257,9 @@ class ModelParallelFlow:
 
     def finish(self, optimizer: torch.optim.Optimizer) -> None:
         """Streams the trained student into the writer's staging folder (``streamed``), tensor by
-        tensor; collective, so every rank does it. AdamW's moments (half of a rank's training
-        state) are dropped first: the run is over, and the writer next reads the whole student
-        back for conversion and evaluation."""
+        tensor; collective, so every rank does it. The run is over and the writer next reads the
+        whole student back for conversion and evaluation, so AdamW's moments are dropped first
+        and the shards' storage once they are streamed: nothing runs the split student after."""
         from ..parallel.student_save import stream_student
 
         optimizer.state.clear()
@@ -261,6 +271,7 @@ class ModelParallelFlow:
             shutil.rmtree(staging, ignore_errors=True)
         with self.parallel.guard("streaming the student"):
             stream_student(self.split_student, self.full_layout, staging, self.config)
+        _release_shards(self.split_student)
 
     @property
     def streamed(self) -> Path | None:
