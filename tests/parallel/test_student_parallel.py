@@ -30,6 +30,37 @@ def reference(family: str, qat: bool = False) -> tuple[float, dict[str, torch.Te
     return float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}
 
 
+def reference_accumulated(family: str, accum: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """The single-process step over the rows in ``accum`` micro-batches, each loss / accum."""
+    model = tiny_model(family, layers=4)
+    ids, mask, labels, teacher = student_batch(ROWS, LENGTH)
+    size, total = ROWS // accum, 0.0
+    for i in range(accum):
+        part = slice(i * size, (i + 1) * size)
+        logits = model(input_ids=ids[part], attention_mask=mask[part]).logits
+        per_token = token_loss(logits, teacher[part], labels[part]).masked_fill(labels[part] == -100, 0.0)
+        loss = per_token.sum() / (labels[part] != -100).sum() / accum
+        loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_accumulated_pipeline_steps_add_the_tied_gradient_once(tmp_path: Path) -> None:
+    """GPT2's embedding and head are one tied weight with a copy on the first and the last stage:
+    over two accumulated micro-batches the stages add only what each micro-batch contributes, so
+    the tied gradient equals the single-process one (summing the accumulated gradient again after
+    the second micro-batch would count the first one twice)."""
+    args = {"family": "gpt2", "pipeline": 2, "data": 1, "tensor": 1, "rows": ROWS, "length": LENGTH}
+    run_ranks(2, "tests.parallel.workers:student_step", tmp_path, {**args, "accum": 2})
+    ref_loss, ref_grads = reference_accumulated("gpt2", 2)
+    for rank in range(2):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert float(got.pop("__loss__")) == pytest.approx(ref_loss, rel=1e-5)
+        for name, grad in got.items():
+            name = "transformer.wte.weight" if name == "lm_head.weight" else name
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+
+
 @pytest.mark.parametrize(
     ("family", "pipeline", "data", "tensor"),
     [

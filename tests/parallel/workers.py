@@ -96,7 +96,15 @@ def student_step(env: DistEnv, workdir: Path, args: dict) -> None:
         weights = sample_weights(args["rows"], args["length"])
         teacher = torch.cat([teacher, weights.unsqueeze(-1)], dim=-1)
         weights = weights[rows]
-    loss = student.forward_backward(ids[rows], labels[rows], teacher[rows], mask[rows], token_weights=weights)
+    accum = int(args.get("accum", 1))
+    if accum == 1:
+        loss = student.forward_backward(ids[rows], labels[rows], teacher[rows], mask[rows], token_weights=weights)
+    else:  # gradient accumulation: the rows in ``accum`` micro-batches, each scaled by 1/accum
+        size, loss = per // accum, 0.0
+        for i in range(accum):
+            part = slice(rows.start + i * size, rows.start + (i + 1) * size)
+            loss += student.forward_backward(ids[part], labels[part], teacher[part], mask[part], grad_scale=1 / accum)
+        loss /= accum
     grads = full_grads(student)
     grads["__loss__"] = torch.tensor([loss], dtype=torch.float64)
     save_file(grads, str(workdir / f"rank{env.rank}.safetensors"))

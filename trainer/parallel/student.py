@@ -233,6 +233,9 @@ class ParallelStudent:
     # hold a copy and add their gradients (Megatron's embedding group).
     tied_group: Any = None
     tied_weight: nn.Parameter | None = None
+    # Whether the tied gradient on the parameter is this rank's part only (not yet summed over the
+    # tied group): true after a micro-batch that kept its gradients local.
+    _tied_grad_local: bool = False
     # Parameters by full-model name, captured once wrapped: DDP's TP path swaps the module's
     # attributes around every forward, but these objects are the ones DDP reduces and the
     # optimizer must update.
@@ -345,22 +348,41 @@ class ParallelStudent:
             else:
                 assert self.stage is not None
                 self.stage.autocast = autocast
+                summed = self._summed_tied_grad()
                 local = self._pipeline_step(input_ids, labels, teacher_logits, scale, targets)
                 # Under momentum compression a step's micro-batches but the last keep their gradients
                 # local (compression.keeps_local): the tied parts are added once, at the last.
-                if self.compression is None or not self.compression.keeps_local(self.compression.step):
-                    self._sum_tied_grads()
+                keep = self.compression is not None and self.compression.keeps_local(self.compression.step)
+                if not keep:
+                    self._sum_tied_grads(summed)
+                self._tied_grad_local = keep
                 if self.compression is not None:
                     self._compressed_reduce()
             return self._global_loss(local) / grad_scale
 
-    def _sum_tied_grads(self) -> None:
+    def _summed_tied_grad(self) -> torch.Tensor | None:
+        """A copy of the tied gradient that earlier micro-batches of this step already summed over
+        the tied group (the same on both stages), or None."""
+        weight = self.tied_weight
+        if self.tied_group is None or weight is None or weight.grad is None or self._tied_grad_local:
+            return None
+        return weight.grad.clone()
+
+    def _sum_tied_grads(self, summed: torch.Tensor | None) -> None:
+        """Adds the first and last stage's parts of the tied gradient. With gradient accumulation
+        the parameter also holds what earlier micro-batches summed (``summed``): only the part this
+        micro-batch added is summed, or that earlier part would be counted once per stage."""
         weight = self.tied_weight
         if self.tied_group is None or weight is None:
             return
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        dist.all_reduce(weight.grad, group=self.tied_group)
+        if summed is None:
+            dist.all_reduce(weight.grad, group=self.tied_group)
+            return
+        added = weight.grad - summed
+        dist.all_reduce(added, group=self.tied_group)
+        weight.grad.copy_(summed.add_(added))
 
     def _compressed_reduce(self) -> None:
         from .compression import reduce_gradients
