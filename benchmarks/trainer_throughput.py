@@ -397,8 +397,9 @@ def measure(args: argparse.Namespace, data: str) -> dict[str, Any]:
         # The cache for "seen": the same job run once, untimed (its warm-up is the cold compile).
         prefill = run_variant("prefill", work, args)
         rounds: list[dict[str, dict[str, Any]]] = []
+        variants = tuple(v for v in VARIANTS if v in args.variants)
         for r in range(args.rounds):
-            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
             results = {v: run_variant(v, work, args) for v in order}
             # Against the stronger baseline of the round (eager or compiled).
             base = max(results[b]["tokens_per_second"] for b in BASELINES)
@@ -415,7 +416,7 @@ def measure(args: argparse.Namespace, data: str) -> dict[str, Any]:
                 flush=True,
             )
     median = {}
-    for v in VARIANTS:
+    for v in variants:
         runs = [rd["results"][v] for rd in rounds]  # type: ignore[index]
         median[v] = {
             "tokens_per_second": statistics.median(x["tokens_per_second"] for x in runs),
@@ -433,7 +434,7 @@ def measure(args: argparse.Namespace, data: str) -> dict[str, Any]:
     # Speedups are against the stronger of the two baselines (higher median tokens/s).
     reference = max(BASELINES, key=lambda b: median[b]["tokens_per_second"])
     base = median[reference]["tokens_per_second"]
-    for v in VARIANTS:
+    for v in variants:
         median[v]["speedup"] = median[v]["tokens_per_second"] / base
         median[v]["speedup_vs"] = {
             b: median[v]["tokens_per_second"] / median[b]["tokens_per_second"] for b in BASELINES
@@ -453,6 +454,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", choices=("packed", "natural"), default=["packed", "natural"])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="which variants the rounds run (both baselines always run)",
+    )
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=16)
@@ -469,40 +477,46 @@ def main() -> None:
     if args.variant:
         variant_main(args)
         return
-    targets = {"kdistill": 1.3, "kdistill-cache-seen": 2.5}
+    args.variants = sorted(set(args.variants) | set(BASELINES), key=VARIANTS.index)
+    targets = {v: t for v, t in {"kdistill": 1.3, "kdistill-cache-seen": 2.5}.items() if v in args.variants}
     # One inductor cache for the whole invocation, empty at its start: the first compile is cold.
     cache_dir = Path(tempfile.mkdtemp(prefix="kdistill-inductor-"))
     args.inductor_cache = cache_dir
     before = machine_state()
-    rows = [measure(args, data) for data in args.data]
-    for row in rows:
+    rows: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+    for data in args.data:
+        row = measure(args, data)
         row["meets_targets"] = {v: row["median"][v]["speedup"] >= t for v, t in targets.items()}
-    report = {
-        "benchmark": "trainer_throughput",
-        "command": command_line(),
-        "config": {
-            "max_len": MAX_LEN,
-            "vocab": VOCAB,
-            "teacher": TEACHER,
-            "student_layers_copied": STUDENT_LAYERS,
-            "batch": args.batch,
-            "steps_timed": args.steps,
-            "warmup_steps": args.warmup,
-            "rounds": args.rounds,
-            "threads": args.threads,
-            "temperature": TEMPERATURE,
-            "alpha": ALPHA,
-            "cache_top_k": args.top_k,
-            "kdistill_compile": bool(args.compile),
-            "batches": "the same examples at every step on both sides (kdistill's length-grouped sampler, seed 0)",
-        },
-        "machine_before": before,
-        "machine_after": machine_state(),
-        "targets": targets,
-        "rows": rows,
-    }
+        rows.append(row)
+        report = {
+            "benchmark": "trainer_throughput",
+            "command": command_line(),
+            "config": {
+                "max_len": MAX_LEN,
+                "vocab": VOCAB,
+                "teacher": TEACHER,
+                "student_layers_copied": STUDENT_LAYERS,
+                "batch": args.batch,
+                "steps_timed": args.steps,
+                "warmup_steps": args.warmup,
+                "rounds": args.rounds,
+                "threads": args.threads,
+                "temperature": TEMPERATURE,
+                "alpha": ALPHA,
+                "cache_top_k": args.top_k,
+                "kdistill_compile": bool(args.compile),
+                "variants": list(args.variants),
+                "batches": "the same examples at every step on both sides (kdistill's length-grouped sampler, seed 0)",
+            },
+            "machine_before": before,
+            "machine_after": machine_state(),
+            "targets": targets,
+            "data_measured": [r["data"] for r in rows],
+            "rows": rows,
+        }
+        write_report(report, args.out)  # after each data set: a long run keeps what it measured
     shutil.rmtree(cache_dir, ignore_errors=True)
-    write_report(report, args.out)
     print(f"{'data':<9}{'variant':<22}{'tokens/s':>10}{'speedup':>9}{'per round':>24}{'load 1m':>20}{'warmup s':>10}")
     for row in rows:
         for v, m in row["median"].items():
