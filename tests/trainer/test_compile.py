@@ -56,13 +56,15 @@ def _gpt2(layers: int, seed: int, vocab: int, max_len: int) -> GPT2LMHeadModel:
 
 
 def test_compiled_backbones_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The packed step's loss and student gradients with compiled teacher and student backbones,
-    on rows shared by several examples (block-diagonal mask) and on one example a row (causal)."""
+    """The packed step's loss and student gradients with compiled teacher and student backbones on
+    rows shared by several examples: under compilation transformers always builds the packed
+    (block-diagonal) mask. One example a row runs the plain causal kernel, as eagerly
+    (tests/unit/test_packing.py); it is left out here to keep the compile time down."""
     vocab, max_len = 48, 16
     teacher, student = _gpt2(2, 1, vocab, max_len).eval(), _gpt2(1, 2, vocab, max_len).train()
     spec = SimpleNamespace(distillation=SimpleNamespace(alpha=0.7))
     g = torch.Generator().manual_seed(4)
-    layouts = [[7, 16, 3, 1, 9, 5, 12, 2], [16, 10, 15, 12]]
+    layouts = [[7, 16, 3, 1, 9, 5, 12, 2]]
     batches = [
         pack_examples(
             [TokenizedExample(i, torch.randint(1, vocab, (n,), generator=g).tolist(), None) for i, n in enumerate(ns)],
@@ -71,7 +73,7 @@ def test_compiled_backbones_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None
         )
         for ns in layouts
     ]
-    assert [b["input_ids"].shape[0] < len(ns) for b, ns in zip(batches, layouts, strict=True)] == [True, False]
+    assert batches[0]["input_ids"].shape[0] < len(layouts[0])  # rows shared by several examples
 
     def run() -> tuple[list[list[torch.Tensor]], PackedLogitsStep]:
         step = PackedLogitsStep(spec, student, teacher, None)  # type: ignore[arg-type]
