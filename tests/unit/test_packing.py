@@ -21,13 +21,15 @@ from kdistill.trainer.teacher_cache import TeacherCache
 
 V, L = 40, 16
 LENGTHS = [7, 16, 3, 1, 9, 5, 12, 2]
+# Long examples: first-fit decreasing gives each a row of its own (the plain causal path).
+ONE_PER_ROW = [16, 10, 15, 12]
 
 
-def _examples(seed: int = 0) -> list[TokenizedExample]:
+def _examples(seed: int = 0, lengths: list[int] = LENGTHS) -> list[TokenizedExample]:
     g = torch.Generator().manual_seed(seed)
     return [
         TokenizedExample(index=10 + i, input_ids=torch.randint(1, V, (n,), generator=g).tolist(), label=None)
-        for i, n in enumerate(LENGTHS)
+        for i, n in enumerate(lengths)
     ]
 
 
@@ -117,14 +119,17 @@ def _padded_loss(student, teacher, examples, temperature, alpha, cached=None):
     return kd_objective(kd, hard_label_ce(s, y), alpha)
 
 
+@pytest.mark.parametrize("lengths", [LENGTHS, ONE_PER_ROW], ids=["shared-rows", "one-per-row"])
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_packed_step_equals_padded_loss_and_gradient(use_cache: bool, tmp_path: Path) -> None:
+def test_packed_step_equals_padded_loss_and_gradient(use_cache: bool, lengths: list[int], tmp_path: Path) -> None:
     teacher, student = _gpt2(3, 1), _gpt2(2, 2)
     spec = SimpleNamespace(distillation=SimpleNamespace(alpha=0.6))
     store = CacheStore(TeacherCache(tmp_path, 8, V), 8) if use_cache else None
     step = PackedLogitsStep(spec, student, teacher, store)  # type: ignore[arg-type]
-    examples = _examples(2)
+    examples = _examples(2, lengths)
     packed = pack_examples(examples, pad_id=0, max_len=L)
+    one_per_row = packed["input_ids"].shape[0] == len(examples)
+    assert one_per_row == (lengths is ONE_PER_ROW)
     loss, parts = step.micro_loss(packed, temperature=2.0)
     got = torch.autograd.grad(loss, list(student.parameters()))
     cached = store.lookup([ex.index for ex in examples]) if store is not None else None
