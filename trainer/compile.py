@@ -54,14 +54,17 @@ def _with_fallback(fn: Callable[..., Any]) -> Callable[..., Any]:
 def maybe_compiled_module(module: nn.Module) -> Callable[..., Any]:
     """What calls ``module``: compiled when compilation is on, else the module itself.
 
-    Shapes are specialised on the first call and made dynamic on the first recompile (the
-    default of ``torch.compile``): packed micro-batches of full rows keep one static graph, rows
-    of varying count get one dynamic graph. The module's parameters are shared, not copied."""
+    Compiled with dynamic shapes from the first call: a packed micro-batch's row count changes
+    from step to step, and with the default (static first, dynamic on the first recompile) every
+    mix of grad mode (teacher or student) and attention form first met after the warm-up would
+    compile again inside training, two graphs each, near dynamo's limit of eight per function
+    (the teacher's and the student's backbones share transformers' ``forward``). The module's
+    parameters are shared, not copied."""
     if not compile_enabled():
         return module
     import torch
 
-    return _fallback_call(module, torch.compile(module), type(module).__name__)
+    return _fallback_call(module, torch.compile(module, dynamic=True), type(module).__name__)
 
 
 def _fallback_call(eager: Callable[..., Any], compiled: Callable[..., Any], name: str) -> CompiledCall:
