@@ -18,15 +18,16 @@ Variants, each in its own process (so peak RSS and compiled code are its own):
 - ``baseline-compiled``: the same loop with ``torch.compile`` of the teacher, the student and the
   loss function (default settings), the comparison for kdistill's compiled models;
 - ``kdistill``: ``Trainer.train()`` with the live teacher;
+- ``kdistill-compiled``: the same with ``KDISTILL_COMPILE=1`` whatever ``--compile`` says;
 - ``kdistill-cache-fill``: the teacher cache enabled and empty (every batch: teacher forward,
   top-k, store);
 - ``kdistill-cache-seen``: the cache filled beforehand by the same job (not timed), so every
   batch is read from it and the teacher never runs.
-kdistill runs with ``KDISTILL_COMPILE=1`` (``--compile 0`` for eager), which compiles the fused
-loss's chunk function and the teacher's and student's backbones (trainer/compile.py); one inductor
-cache serves the whole invocation and is empty at its start, so the first run that compiles a
-graph pays the cold compile (in its ``warmup_seconds``; the untimed cache-filling run before the
-rounds compiles the top-k graph and the backbones).
+The kdistill variants run with the trainer's default, eager (``--compile 1`` sets
+``KDISTILL_COMPILE=1`` for all of them); ``kdistill-compiled`` compiles the fused loss's chunk
+function and the teacher's and student's backbones (trainer/compile.py). One inductor cache serves
+the whole invocation and is empty at its start, so the first run that compiles a graph pays the
+cold compile (in its ``warmup_seconds``).
 ``step_ms`` times each part of a step (teacher, student forward, head + loss, backward, clip,
 optimizer, data; ``other``: the rest of the loop) with timers around the calls.
 
@@ -77,7 +78,14 @@ SEED = 0
 TEACHER = {"layers": 8, "width": 128, "heads": 4}
 STUDENT_LAYERS = 2  # copied from the teacher
 VOCAB = 2048
-VARIANTS = ("baseline", "baseline-compiled", "kdistill", "kdistill-cache-fill", "kdistill-cache-seen")
+VARIANTS = (
+    "baseline",
+    "baseline-compiled",
+    "kdistill",
+    "kdistill-compiled",
+    "kdistill-cache-fill",
+    "kdistill-cache-seen",
+)
 BASELINES = ("baseline", "baseline-compiled")
 
 
@@ -340,9 +348,9 @@ def variant_main(args: argparse.Namespace) -> None:
     if args.variant in BASELINES:
         r = run_baseline(work, args.steps, args.warmup, args.batch, compiled=args.variant == "baseline-compiled")
     else:
-        cache = args.variant != "kdistill"
+        cache = args.variant not in ("kdistill", "kdistill-compiled")
         out = work / ("kd-seen" if args.variant in ("kdistill-cache-seen", "prefill") else "kd-out")
-        if args.variant in ("kdistill", "kdistill-cache-fill"):
+        if args.variant in ("kdistill", "kdistill-compiled", "kdistill-cache-fill"):
             shutil.rmtree(out, ignore_errors=True)
         r = run_kdistill(work, out, args.steps, args.warmup, args.batch, cache, args.top_k)
     r["tokens_per_second"] = r["tokens"] / r["seconds"]
@@ -374,7 +382,7 @@ def run_variant(variant: str, work: Path, args: argparse.Namespace) -> dict[str,
     env = dict(
         os.environ,
         OMP_NUM_THREADS=str(args.threads),
-        KDISTILL_COMPILE="1" if args.compile else "0",
+        KDISTILL_COMPILE="1" if args.compile or variant == "kdistill-compiled" else "0",
         TORCHINDUCTOR_CACHE_DIR=str(args.inductor_cache),
     )
     load = os.getloadavg()
@@ -467,7 +475,11 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=1024, help="teacherCache.topK of the cache variants")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and torch threads of every variant")
     p.add_argument(
-        "--compile", type=int, choices=(0, 1), default=1, help="KDISTILL_COMPILE of the kdistill variants (default 1)"
+        "--compile",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="KDISTILL_COMPILE of every kdistill variant (default 0, the trainer's default)",
     )
     p.add_argument("--out", type=Path, default=RESULTS / "trainer_throughput.json")
     p.add_argument("--inductor-cache", type=Path, default=None, help=argparse.SUPPRESS)
