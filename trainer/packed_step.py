@@ -1,8 +1,9 @@
 """The logits objective on packed micro-batches, through the fused chunked head and loss.
 
 When a job only distils logits (forward KL) of a causal LM whose logits are ``head(backbone(x))``
-in one process, a micro-batch is packed (``packing.py``: several examples a row, no attention
-across them, so no padding inside rows) and:
+in one process, a micro-batch is packed (``packing.pack_or_pad``: several examples a row, no
+attention across them, so no padding inside rows; or, where the examples' lengths are close, as
+the length-grouped sampler makes them, one example a row in rows as wide as the longest) and:
 - the live teacher runs its backbone in inference mode on the packed rows; its logits at the
   trained rows are computed chunk by chunk inside the fused loss (``TeacherHead``), never as a
   whole [N, V] tensor;
@@ -11,7 +12,7 @@ across them, so no padding inside rows) and:
   does for padded batches;
 - the student runs its backbone on the packed rows; its head and the loss run fused and chunked
   (``fused_head_loss.py``).
-Where every packed row holds a single example (long examples, one a row), the backbones run without
+Where every row holds a single example (close or long lengths, one a row), the backbones run without
 ``position_ids``: the example's positions are then the default ``0..n-1`` and plain causal
 attention (no block-diagonal mask) gives its tokens the same outputs; only the trailing padding,
 which is never trained, differs. With ``KDISTILL_COMPILE=1`` both backbones run compiled
