@@ -15,15 +15,19 @@ The baseline loop (``run_baseline``):
 
 Variants, each in its own process (so peak RSS and compiled code are its own):
 - ``baseline``: the loop above;
+- ``baseline-compiled``: the same loop with ``torch.compile`` of the teacher, the student and the
+  loss function (default settings), the comparison for kdistill's compiled models;
 - ``kdistill``: ``Trainer.train()`` with the live teacher;
+- ``kdistill-compiled``: the same with ``KDISTILL_COMPILE=1`` whatever ``--compile`` says;
 - ``kdistill-cache-fill``: the teacher cache enabled and empty (every batch: teacher forward,
   top-k, store);
 - ``kdistill-cache-seen``: the cache filled beforehand by the same job (not timed), so every
   batch is read from it and the teacher never runs.
-kdistill runs with ``KDISTILL_COMPILE=1`` (``--compile 0`` for eager), which compiles the fused
-loss's chunk function (trainer/compile.py); one inductor cache serves the whole invocation and is
-empty at its start, so the first run that compiles a graph pays the cold compile (in its
-``warmup_seconds``; the untimed cache-filling run before the rounds compiles the top-k graph).
+The kdistill variants run with the trainer's default, eager (``--compile 1`` sets
+``KDISTILL_COMPILE=1`` for all of them); ``kdistill-compiled`` compiles the fused loss's chunk
+function and the teacher's and student's backbones (trainer/compile.py). One inductor cache serves
+the whole invocation and is empty at its start, so the first run that compiles a graph pays the
+cold compile (in its ``warmup_seconds``).
 ``step_ms`` times each part of a step (teacher, student forward, head + loss, backward, clip,
 optimizer, data; ``other``: the rest of the loop) with timers around the calls.
 
@@ -33,7 +37,9 @@ last step. The warm-up's seconds are reported beside it (``warmup_seconds``).
 
 Rounds: every round runs every variant once, in an order rotated by one each round; the load
 average (1, 5, 15 min) is recorded before each variant. Reported: per-variant medians over the
-rounds and speedup = median tokens/s / median baseline tokens/s.
+rounds and speedup = median tokens/s / median tokens/s of the stronger baseline (eager or
+compiled, whichever is faster; ``reference_baseline``), with the speedup against each in
+``speedup_vs``.
 
     .venv/bin/python -P benchmarks/trainer_throughput.py [--data packed natural] [--rounds 3]
         [--steps 30] [--warmup 5] [--batch 16] [--top-k 1024] [--threads 1]
@@ -72,7 +78,15 @@ SEED = 0
 TEACHER = {"layers": 8, "width": 128, "heads": 4}
 STUDENT_LAYERS = 2  # copied from the teacher
 VOCAB = 2048
-VARIANTS = ("baseline", "kdistill", "kdistill-cache-fill", "kdistill-cache-seen")
+VARIANTS = (
+    "baseline",
+    "baseline-compiled",
+    "kdistill",
+    "kdistill-compiled",
+    "kdistill-cache-fill",
+    "kdistill-cache-seen",
+)
+BASELINES = ("baseline", "baseline-compiled")
 
 
 def peak_rss_mib() -> float:
@@ -175,7 +189,7 @@ def time_kdistill_sections(trainer: Any, sections: Sections) -> None:
     step = getattr(trainer.flow, "packed", None)
     if step is not None:
         step._teacher = sections.wrap("teacher", step._teacher)
-        step.s_backbone.forward = sections.wrap("student forward", step.s_backbone.forward)
+        step.student_forward = sections.wrap("student forward", step.student_forward)
         packed_step.fused_head_kd_loss = sections.wrap("head + loss", packed_step.fused_head_kd_loss)
     torch.Tensor.backward = sections.wrap("backward", torch.Tensor.backward)  # type: ignore[method-assign]
     trainer.flow.clip_grad_norm = sections.wrap("clip", trainer.flow.clip_grad_norm)
@@ -219,9 +233,27 @@ def run_kdistill(work: Path, out: Path, steps: int, warmup: int, batch: int, cac
 
 
 # ---- the competent hand-written loop -------------------------------------------------------------
-def run_baseline(work: Path, steps: int, warmup: int, batch: int) -> dict[str, Any]:
-    import torch
+def baseline_loss(s_logits: Any, t_logits: Any, b_ids: Any, b_mask: Any) -> Any:
+    """KL(T)·T² + CE over every valid position, mixed with alpha."""
     import torch.nn.functional as F
+
+    s, t = s_logits[:, :-1], t_logits[:, :-1]
+    valid = b_mask[:, 1:].float()
+    kl = (
+        F.kl_div(
+            F.log_softmax(s / TEMPERATURE, -1),
+            F.log_softmax(t / TEMPERATURE, -1),
+            log_target=True,
+            reduction="none",
+        ).sum(-1)
+        * TEMPERATURE**2
+    )
+    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), b_ids[:, 1:].reshape(-1), reduction="none").view_as(kl)
+    return ((ALPHA * kl + (1 - ALPHA) * ce) * valid).sum() / valid.sum()
+
+
+def run_baseline(work: Path, steps: int, warmup: int, batch: int, compiled: bool) -> dict[str, Any]:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdistill.api import parse_job
@@ -253,6 +285,11 @@ def run_baseline(work: Path, steps: int, warmup: int, batch: int) -> dict[str, A
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}], lr=LEARNING_RATE
     )
+    # "baseline-compiled": what the engineer writes to compile it, torch.compile of both models
+    # and of the loss (default settings: static shapes first, dynamic from the first recompile).
+    t_model = torch.compile(teacher) if compiled else teacher
+    s_model = torch.compile(student) if compiled else student
+    loss_fn = torch.compile(baseline_loss) if compiled else baseline_loss
     tokens = slots = 0
     ms: dict[str, float] = defaultdict(float)
     started = time.perf_counter()
@@ -270,24 +307,12 @@ def run_baseline(work: Path, steps: int, warmup: int, batch: int) -> dict[str, A
             ms.clear()
         mark = time.perf_counter()
         with torch.inference_mode():
-            t_logits = teacher(input_ids=b_ids, attention_mask=b_mask).logits
+            t_logits = t_model(input_ids=b_ids, attention_mask=b_mask).logits
         t_logits = t_logits.clone()  # inference tensors cannot enter the loss's graph
         mark = lap("teacher", mark)
-        s_logits = student(input_ids=b_ids, attention_mask=b_mask).logits
+        s_logits = s_model(input_ids=b_ids, attention_mask=b_mask).logits
         mark = lap("student forward (with head)", mark)
-        s, t = s_logits[:, :-1], t_logits[:, :-1]
-        valid = b_mask[:, 1:].float()
-        kl = (
-            F.kl_div(
-                F.log_softmax(s / TEMPERATURE, -1),
-                F.log_softmax(t / TEMPERATURE, -1),
-                log_target=True,
-                reduction="none",
-            ).sum(-1)
-            * TEMPERATURE**2
-        )
-        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), b_ids[:, 1:].reshape(-1), reduction="none").view_as(kl)
-        loss = ((ALPHA * kl + (1 - ALPHA) * ce) * valid).sum() / valid.sum()
+        loss = loss_fn(s_logits, t_logits, b_ids, b_mask)
         mark = lap("loss", mark)
         loss.backward()
         mark = lap("backward", mark)
@@ -320,12 +345,12 @@ def variant_main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     work = Path(args.work)
-    if args.variant == "baseline":
-        r = run_baseline(work, args.steps, args.warmup, args.batch)
+    if args.variant in BASELINES:
+        r = run_baseline(work, args.steps, args.warmup, args.batch, compiled=args.variant == "baseline-compiled")
     else:
-        cache = args.variant != "kdistill"
+        cache = args.variant not in ("kdistill", "kdistill-compiled")
         out = work / ("kd-seen" if args.variant in ("kdistill-cache-seen", "prefill") else "kd-out")
-        if args.variant in ("kdistill", "kdistill-cache-fill"):
+        if args.variant in ("kdistill", "kdistill-compiled", "kdistill-cache-fill"):
             shutil.rmtree(out, ignore_errors=True)
         r = run_kdistill(work, out, args.steps, args.warmup, args.batch, cache, args.top_k)
     r["tokens_per_second"] = r["tokens"] / r["seconds"]
@@ -357,7 +382,7 @@ def run_variant(variant: str, work: Path, args: argparse.Namespace) -> dict[str,
     env = dict(
         os.environ,
         OMP_NUM_THREADS=str(args.threads),
-        KDISTILL_COMPILE="1" if args.compile else "0",
+        KDISTILL_COMPILE="1" if args.compile or variant == "kdistill-compiled" else "0",
         TORCHINDUCTOR_CACHE_DIR=str(args.inductor_cache),
     )
     load = os.getloadavg()
@@ -380,10 +405,12 @@ def measure(args: argparse.Namespace, data: str) -> dict[str, Any]:
         # The cache for "seen": the same job run once, untimed (its warm-up is the cold compile).
         prefill = run_variant("prefill", work, args)
         rounds: list[dict[str, dict[str, Any]]] = []
+        variants = tuple(v for v in VARIANTS if v in args.variants)
         for r in range(args.rounds):
-            order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
             results = {v: run_variant(v, work, args) for v in order}
-            base = results["baseline"]["tokens_per_second"]
+            # Against the stronger baseline of the round (eager or compiled).
+            base = max(results[b]["tokens_per_second"] for b in BASELINES)
             for res in results.values():
                 res["speedup_in_round"] = res["tokens_per_second"] / base
             rounds.append({"order": list(order), "results": results})  # type: ignore[dict-item]
@@ -397,7 +424,7 @@ def measure(args: argparse.Namespace, data: str) -> dict[str, Any]:
                 flush=True,
             )
     median = {}
-    for v in VARIANTS:
+    for v in variants:
         runs = [rd["results"][v] for rd in rounds]  # type: ignore[index]
         median[v] = {
             "tokens_per_second": statistics.median(x["tokens_per_second"] for x in runs),
@@ -412,10 +439,16 @@ def measure(args: argparse.Namespace, data: str) -> dict[str, Any]:
         }
         if "padding_fraction" in runs[0]:
             median[v]["padding_fraction"] = statistics.median(x["padding_fraction"] for x in runs)
-    base = median["baseline"]["tokens_per_second"]
-    for v in VARIANTS:
+    # Speedups are against the stronger of the two baselines (higher median tokens/s).
+    reference = max(BASELINES, key=lambda b: median[b]["tokens_per_second"])
+    base = median[reference]["tokens_per_second"]
+    for v in variants:
         median[v]["speedup"] = median[v]["tokens_per_second"] / base
+        median[v]["speedup_vs"] = {
+            b: median[v]["tokens_per_second"] / median[b]["tokens_per_second"] for b in BASELINES
+        }
     return {
+        "reference_baseline": reference,
         "data": data,
         "started_utc": started,
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -429,13 +462,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", choices=("packed", "natural"), default=["packed", "natural"])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="which variants the rounds run (both baselines always run)",
+    )
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--top-k", type=int, default=1024, help="teacherCache.topK of the cache variants")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and torch threads of every variant")
     p.add_argument(
-        "--compile", type=int, choices=(0, 1), default=1, help="KDISTILL_COMPILE of the kdistill variants (default 1)"
+        "--compile",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="KDISTILL_COMPILE of every kdistill variant (default 0, the trainer's default)",
     )
     p.add_argument("--out", type=Path, default=RESULTS / "trainer_throughput.json")
     p.add_argument("--inductor-cache", type=Path, default=None, help=argparse.SUPPRESS)
@@ -445,40 +489,46 @@ def main() -> None:
     if args.variant:
         variant_main(args)
         return
-    targets = {"kdistill": 1.3, "kdistill-cache-seen": 2.5}
+    args.variants = sorted(set(args.variants) | set(BASELINES), key=VARIANTS.index)
+    targets = {v: t for v, t in {"kdistill": 1.3, "kdistill-cache-seen": 2.5}.items() if v in args.variants}
     # One inductor cache for the whole invocation, empty at its start: the first compile is cold.
     cache_dir = Path(tempfile.mkdtemp(prefix="kdistill-inductor-"))
     args.inductor_cache = cache_dir
     before = machine_state()
-    rows = [measure(args, data) for data in args.data]
-    for row in rows:
+    rows: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+    for data in args.data:
+        row = measure(args, data)
         row["meets_targets"] = {v: row["median"][v]["speedup"] >= t for v, t in targets.items()}
-    report = {
-        "benchmark": "trainer_throughput",
-        "command": command_line(),
-        "config": {
-            "max_len": MAX_LEN,
-            "vocab": VOCAB,
-            "teacher": TEACHER,
-            "student_layers_copied": STUDENT_LAYERS,
-            "batch": args.batch,
-            "steps_timed": args.steps,
-            "warmup_steps": args.warmup,
-            "rounds": args.rounds,
-            "threads": args.threads,
-            "temperature": TEMPERATURE,
-            "alpha": ALPHA,
-            "cache_top_k": args.top_k,
-            "kdistill_compile": bool(args.compile),
-            "batches": "the same examples at every step on both sides (kdistill's length-grouped sampler, seed 0)",
-        },
-        "machine_before": before,
-        "machine_after": machine_state(),
-        "targets": targets,
-        "rows": rows,
-    }
+        rows.append(row)
+        report = {
+            "benchmark": "trainer_throughput",
+            "command": command_line(),
+            "config": {
+                "max_len": MAX_LEN,
+                "vocab": VOCAB,
+                "teacher": TEACHER,
+                "student_layers_copied": STUDENT_LAYERS,
+                "batch": args.batch,
+                "steps_timed": args.steps,
+                "warmup_steps": args.warmup,
+                "rounds": args.rounds,
+                "threads": args.threads,
+                "temperature": TEMPERATURE,
+                "alpha": ALPHA,
+                "cache_top_k": args.top_k,
+                "kdistill_compile": bool(args.compile),
+                "variants": list(args.variants),
+                "batches": "the same examples at every step on both sides (kdistill's length-grouped sampler, seed 0)",
+            },
+            "machine_before": before,
+            "machine_after": machine_state(),
+            "targets": targets,
+            "data_measured": [r["data"] for r in rows],
+            "rows": rows,
+        }
+        write_report(report, args.out)  # after each data set: a long run keeps what it measured
     shutil.rmtree(cache_dir, ignore_errors=True)
-    write_report(report, args.out)
     print(f"{'data':<9}{'variant':<22}{'tokens/s':>10}{'speedup':>9}{'per round':>24}{'load 1m':>20}{'warmup s':>10}")
     for row in rows:
         for v, m in row["median"].items():
@@ -487,7 +537,7 @@ def main() -> None:
                 f"{m['speedup_per_round']!s:>24}{m['load_average_1min_per_round']!s:>20}"
                 f"{m['warmup_seconds_first_run']:>10.1f}"
             )
-        print(f"{row['data']}: meets {row['meets_targets']}")
+        print(f"{row['data']}: speedups against {row['reference_baseline']}; meets {row['meets_targets']}")
     print(f"\nwrote {args.out}")
 
 

@@ -213,10 +213,10 @@ class Trainer:
             return None
         from functools import partial
 
-        from .packing import pack_examples
+        from .packing import pack_or_pad
 
         flow.packed = PackedLogitsStep(self.spec, self.student, self.teacher, self.cache)
-        return partial(pack_examples, max_len=self.spec.data.max_seq_length)
+        return partial(pack_or_pad, max_len=self.spec.data.max_seq_length)
 
     def _sequence_batches(self) -> SequenceBatches:
         """The sequence stages' data: the teacher's completions, generated in ``train()``."""

@@ -28,12 +28,22 @@ from .data import TokenizedExample
 IGNORE_INDEX = -100
 
 
-def plan_rows(lengths: Sequence[int], max_len: int) -> list[tuple[int, int]]:
-    """(row, start) of each example: first-fit decreasing into rows of ``max_len`` tokens."""
+# A micro-batch whose examples, one a row padded to the longest, leave at most this share of the
+# slots as padding is laid out one a row (``pack_or_pad``): the model then runs plain causal
+# attention, whose fused kernel costs less than the few percent of tokens that packing would save
+# with a block-diagonal mask (docs/benchmarks/trainer.md). Length-grouped batches mostly qualify.
+MAX_PADDING_ONE_A_ROW = 0.10
+
+
+def plan_rows(lengths: Sequence[int], max_len: int, one_a_row: bool = False) -> list[tuple[int, int]]:
+    """(row, start) of each example: first-fit decreasing into rows of ``max_len`` tokens, or
+    each example at the start of its own row (``one_a_row``)."""
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     if any(n < 1 or n > max_len for n in lengths):
         raise ValueError(f"every example needs 1..{max_len} tokens, got lengths {sorted(set(lengths))[:5]}...")
+    if one_a_row:
+        return [(i, 0) for i in range(len(lengths))]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     free: list[int] = []  # tokens left in each row
     place: list[tuple[int, int]] = [(0, 0)] * len(lengths)
@@ -48,18 +58,37 @@ def plan_rows(lengths: Sequence[int], max_len: int) -> list[tuple[int, int]]:
     return place
 
 
-def pack_examples(
+def pack_or_pad(
     batch: Sequence[TokenizedExample], pad_id: int, task: str = "causal-lm", *, max_len: int
+) -> dict[str, torch.Tensor]:
+    """``pack_examples`` into rows of ``max_len``, or one example a row in rows as wide as the
+    longest where that leaves at most ``MAX_PADDING_ONE_A_ROW`` of padding; the same fields."""
+    if not batch:
+        raise ValueError("pack_or_pad: empty batch")
+    lengths = [len(ex.input_ids) for ex in batch]
+    longest = max(lengths)
+    if 1 - sum(lengths) / (len(lengths) * longest) <= MAX_PADDING_ONE_A_ROW:
+        return pack_examples(batch, pad_id, task, max_len=longest, one_a_row=True)
+    return pack_examples(batch, pad_id, task, max_len=max_len)
+
+
+def pack_examples(
+    batch: Sequence[TokenizedExample],
+    pad_id: int,
+    task: str = "causal-lm",
+    *,
+    max_len: int,
+    one_a_row: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``input_ids``, ``position_ids``, ``attention_mask`` (1 on real tokens: what the loop
     counts; the model is called without it), ``labels`` [R, max_len]; ``example_ids`` and
-    ``lengths`` [B]; ``pack_index`` [R, max_len]."""
+    ``lengths`` [B]; ``pack_index`` [R, max_len]. ``one_a_row``: each example alone in its row."""
     if task != "causal-lm":
         raise ValueError(f"packing is for causal-lm batches, not {task!r}")
     if not batch:
         raise ValueError("pack_examples: empty batch")
     lengths = [len(ex.input_ids) for ex in batch]
-    place = plan_rows(lengths, max_len)
+    place = plan_rows(lengths, max_len, one_a_row)
     rows = 1 + max(r for r, _ in place)
     longest = max(lengths)
     input_ids = torch.full((rows, max_len), pad_id, dtype=torch.long)

@@ -49,7 +49,7 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,11 +102,32 @@ def _unpack_indices(raw: bytes, width: int, count: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<i4", count=count).astype(np.int64)
 
 
+def _check_spans(n: int, starts: Sequence[int], counts: Sequence[int], rows: int) -> None:
+    """The (start, count) spans of ``n`` examples tile ``0 .. rows - 1`` exactly."""
+    if len(starts) != n or len(counts) != n:
+        raise ValueError(f"need a start and a count per example id, got {len(starts)} and {len(counts)}")
+    spans = sorted((int(a), int(c)) for a, c in zip(starts, counts, strict=True) if int(c) != 0)
+    edge = 0
+    for start, count in spans:
+        if count < 0 or start != edge:
+            raise ValueError(f"the spans (starts {list(starts)}, counts {list(counts)}) do not tile 0..{rows - 1}")
+        edge += count
+    if edge != rows:
+        raise ValueError(f"the spans cover {edge} rows, not {rows}")
+
+
 @dataclass
 class CachedLogits:
     values: torch.Tensor  # [B, L, k] float32 teacher logits (T=1), zero on padding
     indices: torch.Tensor  # [B, L, k] int64 vocabulary ids, zero on padding
     logsumexp: torch.Tensor  # [B, L] float32 log Σ_vocab exp(logit), zero on padding
+
+
+@dataclass
+class CachedRows:
+    values: torch.Tensor  # [N, k] float32 teacher logits (T=1), one row a trained token
+    indices: torch.Tensor  # [N, k] int64 vocabulary ids
+    logsumexp: torch.Tensor  # [N] float32 log Σ_vocab exp(logit)
 
 
 @dataclass(frozen=True)
@@ -222,12 +243,8 @@ class TeacherCache:
         ids = [int(i) for i in example_ids]
         if not ids:
             raise ValueError("lookup: no example ids")
-        if any(i not in self._entries for i in ids):
-            if time.monotonic() - self._last_scan >= self.rescan_seconds:
-                self.refresh()  # another rank may have written them
-            if any(i not in self._entries for i in ids):
-                self.misses += 1
-                return None
+        if not self._has_all(ids):
+            return None
         entries = [self._entries[i] for i in ids]
         length = max(e.tokens for e in entries)
         if pad_to is not None:
@@ -238,6 +255,77 @@ class TeacherCache:
         values = np.zeros((len(ids), length, k), dtype=np.float32)
         indices = np.zeros((len(ids), length, k), dtype=np.int64)
         lse = np.zeros((len(ids), length), dtype=np.float32)
+
+        def place(row: int, raw: bytes, tokens: int) -> None:
+            v, ix, off = self._decode(raw, tokens)
+            values[row, :tokens] = v
+            indices[row, :tokens] = ix
+            lse[row, :tokens] = off + v.max(axis=1)
+
+        if not self._read(entries, place):
+            return None
+        return CachedLogits(torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse))
+
+    def lookup_rows(
+        self, example_ids: Sequence[int], starts: Sequence[int], counts: Sequence[int], rows: int
+    ) -> CachedRows | None:
+        """The first ``counts[b]`` cached tokens of example ``b`` decoded straight into rows
+        ``starts[b] .. starts[b] + counts[b] - 1`` of [rows, k] arrays (the trained rows of a
+        packed micro-batch), with no per-example layout in between; None unless all hit. The
+        spans must tile ``0 .. rows - 1`` exactly."""
+        ids = [int(i) for i in example_ids]
+        if not ids:
+            raise ValueError("lookup_rows: no example ids")
+        _check_spans(len(ids), starts, counts, rows)
+        if not self._has_all(ids):
+            return None
+        entries = [self._entries[i] for i in ids]
+        short = [(i, e.tokens) for i, e, c in zip(ids, entries, counts, strict=True) if c > e.tokens]
+        if short:
+            raise ValueError(f"asked for more tokens than cached (example id, cached tokens): {short}")
+        k = self.top_k
+        values = np.empty((rows, k), dtype=np.float32)
+        indices = np.empty((rows, k), dtype=np.int64)
+        lse = np.empty(rows, dtype=np.float32)
+        where = dict(enumerate(zip(starts, counts, strict=True)))
+
+        def place(row: int, raw: bytes, tokens: int) -> None:
+            start, count = (int(x) for x in where[row])
+            if count == 0:
+                return
+            n = count * k
+            stop = start + count
+            top = np.frombuffer(raw, dtype="<f2", count=n).reshape(count, k)
+            values[start:stop] = top  # float16 -> float32 in the copy
+            i_begin = 2 * tokens * k
+            if self.index_bytes == 2:
+                indices[start:stop] = np.frombuffer(raw, dtype="<u2", count=n, offset=i_begin).reshape(count, k)
+            else:
+                width = self.index_bytes * n
+                indices[start:stop] = _unpack_indices(raw[i_begin : i_begin + width], self.index_bytes, n).reshape(
+                    count, k
+                )
+            off = np.frombuffer(raw, dtype="<f2", count=count, offset=i_begin + self.index_bytes * tokens * k)
+            lse[start:stop] = off.astype(np.float32) + values[start:stop].max(axis=1)
+
+        if not self._read(entries, place):
+            return None
+        return CachedRows(torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse))
+
+    def _has_all(self, ids: list[int]) -> bool:
+        """Whether every id is cached, rescanning the directory (at most every ``rescan_seconds``)
+        for shards another rank wrote; counts a miss otherwise."""
+        if any(i not in self._entries for i in ids):
+            if time.monotonic() - self._last_scan >= self.rescan_seconds:
+                self.refresh()
+            if any(i not in self._entries for i in ids):
+                self.misses += 1
+                return False
+        return True
+
+    def _read(self, entries: list[_Entry], place: Callable[[int, bytes, int], None]) -> bool:
+        """Read and check every entry's record, handing ``place(row, raw, tokens)`` each one; on
+        a bad checksum or a failed read the shard is dropped and the lookup is a miss (False)."""
         handles: dict[str, Any] = {}
         try:
             for row, e in enumerate(entries):
@@ -252,22 +340,19 @@ class TeacherCache:
                     )
                     self._forget_shard(e.shard)
                     self.misses += 1
-                    return None
-                v, ix, off = self._decode(raw, e.tokens)
-                values[row, : e.tokens] = v
-                indices[row, : e.tokens] = ix
-                lse[row, : e.tokens] = off + v.max(axis=1)
+                    return False
+                place(row, raw, e.tokens)
         except OSError as exc:
             log.warning("teacher cache: read failed (%s); treating as a miss", exc)
             for name in handles:
                 self._forget_shard(name)
             self.misses += 1
-            return None
+            return False
         finally:
             for f in handles.values():
                 f.close()
         self.hits += 1
-        return CachedLogits(torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse))
+        return True
 
     def _decode(self, raw: bytes, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = tokens * self.top_k

@@ -15,19 +15,30 @@ from kdistill.trainer.data import TokenizedExample
 from kdistill.trainer.losses import hard_label_ce, kd_divergence, kd_objective, topk_kd_divergence
 from kdistill.trainer.objective import trained_rows
 from kdistill.trainer.packed_step import PackedLogitsStep
-from kdistill.trainer.packing import pack_examples, plan_rows, to_examples, to_packed
+from kdistill.trainer.packing import (
+    MAX_PADDING_ONE_A_ROW,
+    pack_examples,
+    pack_or_pad,
+    plan_rows,
+    to_examples,
+    to_packed,
+)
 from kdistill.trainer.targets import CacheStore
 from kdistill.trainer.teacher_cache import TeacherCache
 
 V, L = 40, 16
 LENGTHS = [7, 16, 3, 1, 9, 5, 12, 2]
+# Long examples: first-fit decreasing gives each a row of its own (the plain causal path).
+ONE_PER_ROW = [16, 10, 15, 12]
+# Near-equal lengths, as a length-grouped sampler makes them: one a row, rows as wide as the longest.
+GROUPED = [10, 11, 12, 12]
 
 
-def _examples(seed: int = 0) -> list[TokenizedExample]:
+def _examples(seed: int = 0, lengths: list[int] = LENGTHS) -> list[TokenizedExample]:
     g = torch.Generator().manual_seed(seed)
     return [
         TokenizedExample(index=10 + i, input_ids=torch.randint(1, V, (n,), generator=g).tolist(), label=None)
-        for i, n in enumerate(LENGTHS)
+        for i, n in enumerate(lengths)
     ]
 
 
@@ -71,6 +82,23 @@ def test_layout_rows_positions_labels_and_index() -> None:
     assert batch["example_ids"].tolist() == [ex.index for ex in examples]
     with pytest.raises(ValueError):
         plan_rows([L + 1], L)
+
+
+def test_pack_or_pad_lays_near_equal_lengths_one_a_row_and_packs_the_rest() -> None:
+    grouped = pack_or_pad(_examples(3, GROUPED), pad_id=0, max_len=L)
+    assert 1 - sum(GROUPED) / (len(GROUPED) * max(GROUPED)) <= MAX_PADDING_ONE_A_ROW
+    assert grouped["input_ids"].shape == (len(GROUPED), max(GROUPED))  # narrower than max_len
+    for b, n in enumerate(GROUPED):
+        assert grouped["position_ids"][b, :n].tolist() == list(range(n))
+        assert grouped["attention_mask"][b].tolist() == [1] * n + [0] * (max(GROUPED) - n)
+        assert grouped["pack_index"][b, :n].tolist() == [b * max(GROUPED) + t for t in range(n)]
+    assert int(trained_rows(grouped["labels"]).sum()) == sum(n - 1 for n in GROUPED)
+    # Mixed lengths would waste over half the slots one a row: they are packed into max_len rows.
+    mixed = pack_or_pad(_examples(), pad_id=0, max_len=L)
+    plain = pack_examples(_examples(), pad_id=0, max_len=L)
+    assert set(mixed) == set(plain) and all(torch.equal(mixed[k], plain[k]) for k in plain)
+    with pytest.raises(ValueError, match="empty batch"):
+        pack_or_pad([], pad_id=0, max_len=L)
 
 
 def test_to_packed_and_back_round_trip() -> None:
@@ -117,14 +145,19 @@ def _padded_loss(student, teacher, examples, temperature, alpha, cached=None):
     return kd_objective(kd, hard_label_ce(s, y), alpha)
 
 
+@pytest.mark.parametrize(
+    "lengths", [LENGTHS, ONE_PER_ROW, GROUPED], ids=["shared-rows", "one-per-row", "one-a-row-narrow"]
+)
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_packed_step_equals_padded_loss_and_gradient(use_cache: bool, tmp_path: Path) -> None:
+def test_packed_step_equals_padded_loss_and_gradient(use_cache: bool, lengths: list[int], tmp_path: Path) -> None:
     teacher, student = _gpt2(3, 1), _gpt2(2, 2)
     spec = SimpleNamespace(distillation=SimpleNamespace(alpha=0.6))
     store = CacheStore(TeacherCache(tmp_path, 8, V), 8) if use_cache else None
     step = PackedLogitsStep(spec, student, teacher, store)  # type: ignore[arg-type]
-    examples = _examples(2)
-    packed = pack_examples(examples, pad_id=0, max_len=L)
+    examples = _examples(2, lengths)
+    packed = pack_or_pad(examples, pad_id=0, max_len=L)  # what the trainer collates
+    one_per_row = packed["input_ids"].shape[0] == len(examples)
+    assert one_per_row == (lengths is not LENGTHS)
     loss, parts = step.micro_loss(packed, temperature=2.0)
     got = torch.autograd.grad(loss, list(student.parameters()))
     cached = store.lookup([ex.index for ex in examples]) if store is not None else None

@@ -220,3 +220,44 @@ def test_repeated_ids_in_one_batch(tmp_path: Path) -> None:
     got = cache.lookup([7, 8, 7])
     assert got is not None and len(cache) == 2
     assert torch.equal(got.values[0], got.values[2]) and torch.equal(got.indices[2], indices[0])
+
+
+@pytest.mark.parametrize(("vocab", "width"), [(1000, 2), (70_000, 3)])
+def test_lookup_rows_decodes_the_spans_lookup_gives(tmp_path: Path, vocab: int, width: int) -> None:
+    """Rows decoded straight into [N, k] equal the per-example lookup's, at both index widths."""
+    k = 6
+    assert index_bytes_for(vocab) == width
+    _, values, indices, lse = teacher_batch(4, 9, vocab, k, seed=3)
+    lengths = [9, 1, 5, 7]
+    cache = TeacherCache(tmp_path, k, vocab)
+    cache.store([7, 8, 9, 10], values, indices, lengths, lse)
+    ids, counts = [10, 8, 7, 9], [6, 0, 8, 2]  # example 8 (one token) trains no row
+    starts = [0, 0, 8, 6]
+    got = cache.lookup_rows(ids, starts, counts, 16)
+    want = cache.lookup(ids)
+    assert got is not None and want is not None
+    for b, (start, count) in enumerate(zip(starts, counts, strict=True)):
+        span = slice(start, start + count)
+        assert torch.equal(got.values[span], want.values[b, :count])
+        assert torch.equal(got.indices[span], want.indices[b, :count])
+        assert torch.equal(got.logsumexp[span], want.logsumexp[b, :count])
+    assert got.values.dtype == torch.float32 and got.indices.dtype == torch.int64
+
+
+def test_lookup_rows_misses_and_bad_spans(tmp_path: Path) -> None:
+    _, values, indices, lse = teacher_batch(2, 4, 100, 5)
+    cache = TeacherCache(tmp_path, 5, 100)
+    shard = cache.store([1, 2], values, indices, [4, 3], lse)
+    assert cache.lookup_rows([1, 3], [0, 3], [3, 1], 4) is None  # 3 is not cached
+    with pytest.raises(ValueError, match="do not tile"):
+        cache.lookup_rows([1, 2], [0, 2], [3, 2], 5)  # overlapping
+    with pytest.raises(ValueError, match="cover 5 rows, not 6"):
+        cache.lookup_rows([1, 2], [0, 3], [3, 2], 6)
+    with pytest.raises(ValueError, match="more tokens than cached"):
+        cache.lookup_rows([1, 2], [0, 3], [3, 4], 7)
+    with pytest.raises(ValueError, match="a start and a count per example"):
+        cache.lookup_rows([1, 2], [0], [3, 2], 5)
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert cache.lookup_rows([1, 2], [0, 3], [3, 2], 5) is None  # a bad checksum is a miss
