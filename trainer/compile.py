@@ -48,7 +48,7 @@ def maybe_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _with_fallback(fn: Callable[..., Any]) -> Callable[..., Any]:
     import torch
 
-    return _fallback_call(fn, torch.compile(fn, dynamic=True), fn.__name__)
+    return CompiledCall(fn, torch.compile(fn, dynamic=True), fn.__name__)
 
 
 def maybe_compiled_module(module: nn.Module) -> Callable[..., Any]:
@@ -64,11 +64,7 @@ def maybe_compiled_module(module: nn.Module) -> Callable[..., Any]:
         return module
     import torch
 
-    return _fallback_call(module, torch.compile(module, dynamic=True), type(module).__name__)
-
-
-def _fallback_call(eager: Callable[..., Any], compiled: Callable[..., Any], name: str) -> CompiledCall:
-    return CompiledCall(eager, compiled, name)
+    return CompiledCall(module, torch.compile(module, dynamic=True), type(module).__name__)
 
 
 class CompiledCall:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tests.trainer import helpers
 
-from .test_loop_tp_pp import EVERY, STEPS, _resume_from, _run, _write_job
+from .test_loop_tp_pp import EVERY, STEPS, _resume_from, _run, _write_job, write_gpt2_root
 
 # Two dense steps, then top-k at 10% with the spec's other defaults (local clipping, frozen
 # variance, update-ranked selection): steps 3-6 are compressed, the step-3 checkpoint holds residuals.
@@ -24,16 +24,7 @@ LR = 5e-3  # test_loop_tp_pp's jobs
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pp-topk")
-    texts = [p for _, p in helpers.pydoc_paragraphs(300)]
-    tok = helpers.make_tokenizer(root / "tok", texts)
-    # GPT2 ties its embedding and LM head: the pipeline's first and last stage each hold a copy.
-    # No dropout: the two layouts number their ranks differently, so their dropout masks differ.
-    model = helpers.gpt2(len(tok), layers=4, width=32, heads=4)
-    model.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
-    helpers.save_model(model, tok, root / "teacher")
-    helpers.causal_data(root / "data", n_train=96, n_eval=16)
-    return root
+    return write_gpt2_root(tmp_path_factory.mktemp("pp-topk"))
 
 
 def _job(root: Path, name: str, pipeline: int, top_k: bool = True) -> Path:

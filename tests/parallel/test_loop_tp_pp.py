@@ -83,6 +83,19 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def write_gpt2_root(root: Path) -> Path:
+    """A tokenizer, a 4-layer GPT2 teacher and causal data under ``root``. GPT2 ties its embedding
+    and LM head (a pipeline's first and last stage each hold a copy). No dropout: its random masks
+    differ between one process and split ranks, or between layouts that number ranks otherwise."""
+    texts = [p for _, p in helpers.pydoc_paragraphs(300)]
+    tok = helpers.make_tokenizer(root / "tok", texts)
+    model = helpers.gpt2(len(tok), layers=4, width=32, heads=4)
+    model.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    helpers.save_model(model, tok, root / "teacher")
+    helpers.causal_data(root / "data", n_train=96, n_eval=16)
+    return root
+
+
 def _env(world: int) -> dict[str, str]:
     return launch_env(
         world,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from kdistill.api import load_job
 from tests.trainer import helpers
 
-from .test_loop_tp_pp import STEPS, _assert_same_student, _resume_from, _run, _write_job
+from .test_loop_tp_pp import STEPS, _assert_same_student, _resume_from, _run, _write_job, write_gpt2_root
 
 # QAT: 4 more steps after the 6 distillation steps, all of them fake-quantized (the bf16 part of
 # the phase rounds differently when a matmul is cut, so it is left out of the exact comparison).
@@ -277,15 +277,7 @@ def test_teacher_cache_with_entropy_weighting_split_student_trains_like_one_proc
 
 @pytest.fixture(scope="module")
 def gpt2_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("compose-gpt2")
-    texts = [p for _, p in helpers.pydoc_paragraphs(300)]
-    tok = helpers.make_tokenizer(root / "tok", texts)
-    model = helpers.gpt2(len(tok), layers=4, width=32, heads=4)
-    # No dropout: its random masks would differ between one process and the split ranks.
-    model.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
-    helpers.save_model(model, tok, root / "teacher")
-    helpers.causal_data(root / "data", n_train=96, n_eval=16)
-    return root
+    return write_gpt2_root(tmp_path_factory.mktemp("compose-gpt2"))
 
 
 def test_qat_on_a_tensor_split_gpt2_trains_and_converts_like_one_process(gpt2_root: Path) -> None:

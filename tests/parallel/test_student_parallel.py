@@ -16,23 +16,14 @@ from .workers import sample_weights, student_batch, token_loss
 ROWS, LENGTH = 4, 12
 
 
-def reference(family: str, qat: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+def reference(family: str, qat: bool = False, accum: int = 1) -> tuple[float, dict[str, torch.Tensor]]:
+    """The single-process step; with ``accum`` > 1 over the rows in that many micro-batches, each
+    loss divided by ``accum`` (gradient accumulation)."""
     model = tiny_model(family, layers=4)
     if qat:
         from kdistill.trainer.quantization import prepare_qat
 
         prepare_qat(model)
-    ids, mask, labels, teacher = student_batch(ROWS, LENGTH)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    per_token = token_loss(logits, teacher, labels).masked_fill(labels == -100, 0.0)
-    loss = per_token.sum() / (labels != -100).sum()
-    loss.backward()
-    return float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}
-
-
-def reference_accumulated(family: str, accum: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """The single-process step over the rows in ``accum`` micro-batches, each loss / accum."""
-    model = tiny_model(family, layers=4)
     ids, mask, labels, teacher = student_batch(ROWS, LENGTH)
     size, total = ROWS // accum, 0.0
     for i in range(accum):
@@ -45,6 +36,20 @@ def reference_accumulated(family: str, accum: int) -> tuple[float, dict[str, tor
     return total, {n: p.grad for n, p in model.named_parameters()}
 
 
+def _assert_ranks_match(tmp_path: Path, world: int, ref_loss: float, ref_grads: dict[str, torch.Tensor]) -> set[str]:
+    """Every rank's loss and gradients against the reference; the names of the gradients seen."""
+    seen: set[str] = set()
+    for rank in range(world):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert float(got.pop("__loss__")) == pytest.approx(ref_loss, rel=1e-5)
+        for name, grad in got.items():
+            if name == "lm_head.weight" and name not in ref_grads:
+                name = "transformer.wte.weight"  # GPT2's head is tied to the input embedding
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+            seen.add(name)
+    return seen
+
+
 def test_accumulated_pipeline_steps_add_the_tied_gradient_once(tmp_path: Path) -> None:
     """GPT2's embedding and head are one tied weight with a copy on the first and the last stage:
     over two accumulated micro-batches the stages add only what each micro-batch contributes, so
@@ -52,13 +57,8 @@ def test_accumulated_pipeline_steps_add_the_tied_gradient_once(tmp_path: Path) -
     the second micro-batch would count the first one twice)."""
     args = {"family": "gpt2", "pipeline": 2, "data": 1, "tensor": 1, "rows": ROWS, "length": LENGTH}
     run_ranks(2, "tests.parallel.workers:student_step", tmp_path, {**args, "accum": 2})
-    ref_loss, ref_grads = reference_accumulated("gpt2", 2)
-    for rank in range(2):
-        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
-        assert float(got.pop("__loss__")) == pytest.approx(ref_loss, rel=1e-5)
-        for name, grad in got.items():
-            name = "transformer.wte.weight" if name == "lm_head.weight" else name
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
+    ref_loss, ref_grads = reference("gpt2", accum=2)
+    assert _assert_ranks_match(tmp_path, 2, ref_loss, ref_grads) == set(ref_grads)
 
 
 @pytest.mark.parametrize(
@@ -95,17 +95,8 @@ def test_parallel_step_equals_single_process(
         {"family": family, "pipeline": pipeline, "data": data, "tensor": tensor, "rows": ROWS, "length": LENGTH},
     )
     ref_loss, ref_grads = reference(family)
-    seen: set[str] = set()
-    for rank in range(world):
-        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
-        assert float(got.pop("__loss__")) == pytest.approx(ref_loss, rel=1e-5)
-        for name, grad in got.items():
-            if name == "lm_head.weight" and name not in ref_grads:
-                name = "transformer.wte.weight"  # GPT2's head is tied to the input embedding
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
-            seen.add(name)
     # Together the ranks hold a gradient for every parameter (tied weights appear once by name).
-    assert seen == set(ref_grads)
+    assert _assert_ranks_match(tmp_path, world, ref_loss, ref_grads) == set(ref_grads)
 
 
 @pytest.mark.parametrize(
@@ -132,16 +123,7 @@ def test_fake_quant_step_equals_single_process_qat(
     ref_loss, ref_grads = reference(family, qat=True)
     plain_loss, _ = reference(family)
     assert abs(ref_loss - plain_loss) > 1e-6  # fake quantization changes the numbers
-    seen: set[str] = set()
-    for rank in range(world):
-        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
-        assert float(got.pop("__loss__")) == pytest.approx(ref_loss, rel=1e-5)
-        for name, grad in got.items():
-            if name == "lm_head.weight" and name not in ref_grads:
-                name = "transformer.wte.weight"  # GPT2's head is tied to the input embedding
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"rank {rank} {name}")
-            seen.add(name)
-    assert seen == set(ref_grads)
+    assert _assert_ranks_match(tmp_path, world, ref_loss, ref_grads) == set(ref_grads)
 
 
 @pytest.mark.parametrize(
