@@ -86,6 +86,19 @@ def parse_config(text: str) -> dict:
     }
 
 
+def spec_fields(config: dict) -> dict:
+    """The compression fields a configuration names, by their spec names; a field left out (``-``)
+    keeps the spec's default."""
+    names = {
+        "warmup": "warmupSteps",
+        "ramp": "rampSteps",
+        "freeze": "freezeVariance",
+        "selection": "selection",
+        "compress": "compress",
+    }
+    return {spec: config[key] for key, spec in names.items() if config[key] is not None}
+
+
 def one_run(
     pvc: Path, data: tuple[Path, Path], config: dict, steps: int, seed: int, max_len: int, batch_size: int
 ) -> dict:
@@ -101,11 +114,8 @@ def one_run(
             seed=seed,
             train=data[0],
             eval_data=data[1],
-            **{k: v for k, v in (("warmup", config["warmup"]), ("ramp", config["ramp"])) if v is not None},
-            **({"freeze_variance": config["freeze"]} if config["freeze"] is not None else {}),
-            **({"selection": config["selection"]} if config["selection"] is not None else {}),
-            **({"compress": config["compress"]} if config["compress"] is not None else {}),
-            spec_defaults=config["warmup"] is None,
+            spec_defaults=True,
+            spec_fields=spec_fields(config),
         )
         started = time.time()
         retried = None

@@ -59,8 +59,10 @@ def write_job(
     train: Path | None = None,
     eval_data: Path | None = None,
     spec_defaults: bool = False,
+    spec_fields: dict[str, Any] | None = None,
 ) -> Path:
-    """A job file; with ``spec_defaults`` the compression block names only topK (the spec's defaults)."""
+    """A job file; with ``spec_defaults`` the compression block names only topK and ``spec_fields``
+    (spec names, e.g. ``{"selection": "magnitude"}``): the spec's defaults for everything else."""
     job: dict[str, Any] = {
         "apiVersion": "kdistill.io/v1alpha1",
         "kind": "DistillationJob",
@@ -101,7 +103,7 @@ def write_job(
         },
     }
     if spec_defaults:
-        job["spec"]["parallelism"]["gradientCompression"] = {"topK": top_k}
+        job["spec"]["parallelism"]["gradientCompression"] = {"topK": top_k, **(spec_fields or {})}
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
 
