@@ -290,7 +290,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for variant, tree in trees.items():  # interleaved: today, new, today, new, ...
                 avail = wait_for_memory(cap + 2 * GIB)
                 loads.append(list(os.getloadavg()))
-                result = run_once(tree, job, work / f"out-{variant}-{world}", world, cap)
+                out = work / f"out-{variant}-{world}"
+                result = run_once(tree, job, out, world, cap)
+                # A run's checkpoints and student take 5-7 GB at 0.92B: keep one run's at a time.
+                shutil.rmtree(out, ignore_errors=True)
                 result["available_gib_before"] = round(avail / GIB, 2)
                 result["load_average"] = loads[-1]
                 raw[variant][world].append(result)
