@@ -70,7 +70,7 @@ class SlicedAdamW(AdamW):
         exp_avg_sqs: list[torch.Tensor] = []
         steps: list[torch.Tensor] = []
         self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, [], steps)
-        locals_ = [[_local(t[i]) for t in (params, grads, exp_avgs, exp_avg_sqs)] for i in range(len(params))]
+        locals_ = [[local_shard(t[i]) for t in (params, grads, exp_avgs, exp_avg_sqs)] for i in range(len(params))]
         sliced = [local[0].numel() > self.slice_elements and all(t.is_contiguous() for t in local) for local in locals_]
         whole = [i for i, s in enumerate(sliced) if not s]
         # Parameters within one slice take torch's own loop in one call, as AdamW would.
@@ -116,7 +116,7 @@ class SlicedAdamW(AdamW):
         )
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_shard(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's own shard (an alias under no_grad), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -202,7 +202,7 @@ def update_scale(optimizer: Optimizer) -> Callable[[torch.Tensor], torch.Tensor 
         if not state or "exp_avg_sq" not in state:
             return None
         v = state["exp_avg_sq"].detach()
-        v = (v.to_local() if hasattr(v, "to_local") else v).reshape(-1).to(torch.float32)  # a TP shard's own
+        v = local_shard(v).reshape(-1).to(torch.float32)  # a TP shard's own
         mean = float(v.mean())
         if not mean > 0:
             return None
@@ -220,7 +220,7 @@ def first_moment(optimizer: Optimizer) -> Callable[[torch.Tensor], torch.Tensor 
         if not state or "exp_avg" not in state:
             return None
         m = state["exp_avg"].detach()
-        return (m.to_local() if hasattr(m, "to_local") else m).reshape(-1).to(torch.float32)
+        return local_shard(m).reshape(-1).to(torch.float32)
 
     return moment
 

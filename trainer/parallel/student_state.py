@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..optim import local_shard
 from .stages import decoder_parts
 from .student import ParallelStudent, join_pieces, shard_piece, tp_shard_of
 
@@ -354,8 +355,7 @@ def load_state(
             raise ValueError(f"checkpoint has no weights for {source}")
         with torch.no_grad():
             local = _local(ps, name, p, value)
-            target = p.to_local() if hasattr(p, "to_local") else p
-            target.copy_(local.to_local() if hasattr(local, "to_local") else local)
+            local_shard(p).copy_(local_shard(local))
         moments = state_by_name.get(source)
         if moments is not None:
             optimizer.state[p] = {
