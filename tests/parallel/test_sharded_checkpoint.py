@@ -29,6 +29,7 @@ from .models import tiny_model
 from .workers import student_batch, token_loss
 
 STEP1 = "step-000000001"
+STEP_LR = 1e-2  # checkpoint_workers' learning rate
 
 
 def single_process(family: str, root: Path, steps: int) -> tuple[torch.nn.Module, object]:
@@ -62,6 +63,20 @@ def assert_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], 
         # GPT2's last stage holds a copy of the tied embedding as its head.
         name = key if key in want else key.replace("lm_head.weight", "transformer.wte.weight")
         torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-5, msg=f"{what} {key}")
+
+
+def assert_stepped_matches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    """After a step taken by a split student: its cut matmuls sum in another order than one
+    process's, and on some CPUs the last bits differ; AdamW turns such a difference in a near-zero
+    gradient into a different step for that entry, up to the learning rate (checkpoint_workers'
+    1e-2). So every entry is within a learning-rate step, and all but 0.5% of each tensor's
+    entries within 1e-5 (a restore that mixed up shards would miss both)."""
+    for key, value in got.items():
+        name = key if key in want else key.replace("lm_head.weight", "transformer.wte.weight")
+        diff = (value - want[name]).abs()
+        assert float(diff.max()) <= STEP_LR, f"{what} {key}: {float(diff.max())}"
+        off = int((diff > 1e-5 + 1e-5 * want[name].abs()).sum())
+        assert off <= max(1, diff.numel() // 200), f"{what} {key}: {off} of {diff.numel()} entries off"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +123,7 @@ def test_tp2pp2_checkpoint_resumes_under_another_layout(
     model2, state2 = single_process("llama", tmp_path / "ref2", 2)
     for rank in range(world):
         assert_matches(load_file(str(tmp_path / f"loaded{rank}.safetensors")), expected(model1, state1), f"rank {rank}")
-        assert_matches(
+        assert_stepped_matches(
             load_file(str(tmp_path / f"stepped{rank}.safetensors")), expected(model2, state2), f"rank {rank}"
         )
 
@@ -152,8 +167,11 @@ def test_gpt2_sections_and_tied_head_reshard(tmp_path: Path) -> None:
     model1, state1 = single_process("gpt2", tmp_path / "ref1", 1)
     model2, state2 = single_process("gpt2", tmp_path / "ref2", 2)
     for rank in range(2):
-        assert_matches(load_file(str(tmp_path / f"loaded{rank}.safetensors")), expected(model1, state1), f"rank {rank}")
-        assert_matches(
+        # The checkpoint's step too was taken at tensor 2 x pipeline 2.
+        assert_stepped_matches(
+            load_file(str(tmp_path / f"loaded{rank}.safetensors")), expected(model1, state1), f"rank {rank}"
+        )
+        assert_stepped_matches(
             load_file(str(tmp_path / f"stepped{rank}.safetensors")), expected(model2, state2), f"rank {rank}"
         )
 

@@ -70,15 +70,17 @@ def _assert_steps(steps: list[dict[str, Any]], ref: list[float], first: int = 1)
     assert [s["loss"] for s in steps] == pytest.approx(ref[first - 1 :], rel=2e-5, abs=2e-6)
 
 
-def _assert_qat_student(a: Path, b: Path, lr: float = LR) -> None:
-    """The QAT student of a split run against the unsplit one: every weight within a step of the
-    peak learning rate ``lr`` (see the module docstring), most of them far closer."""
+def _assert_qat_student(a: Path, b: Path, lr: float = LR, qat_steps: int = QAT_STEPS) -> None:
+    """The QAT student of a split run against the unsplit one: every weight within one step of
+    the peak learning rate ``lr`` per fake-quantized step (see the module docstring; which
+    elements cross a rounding boundary depends on the CPU's summation order, and a crossing at
+    the first of them moves on through the next), most of them far closer."""
     x, y = helpers.load_student(a / "student"), helpers.load_student(b / "student")
     assert set(x) == set(y)
     close = total = 0
     for k in x:
         diff = (x[k] - y[k]).abs()
-        assert float(diff.max()) <= lr, k
+        assert float(diff.max()) <= qat_steps * lr, k
         close += int((diff <= 1e-5).sum())
         total += diff.numel()
     assert close / total > 0.8
