@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kdistill.trainer.parallel.compression import register_topk
+from kdistill.trainer.parallel.compression import TopKState, register_topk, rehook
 from kdistill.trainer.parallel.distributed import DistEnv
 
 
@@ -53,7 +53,9 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
     mine = {id(p): torch.zeros(p.numel()) for p in model.parameters()}
     due = {id(p): torch.zeros(p.numel()) for p in model.parameters()}
     seen = {id(p): torch.zeros(p.numel()) for p in model.parameters()}
-    for _ in range(args["steps"]):
+    for step in range(args["steps"]):
+        if step == args.get("rewrap_at"):
+            ddp, opt = _rewrap(model, ddp, state, (mine, due, seen))
         before = (state.bytes_sent, state.bytes_dense)
         x = torch.randn(16, 64, generator=gen)
         y = torch.randn(16, 8, generator=gen)
@@ -110,11 +112,31 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
     )
 
 
+def _rewrap(
+    model: nn.Module, ddp: DDP, state: TopKState, tables: tuple[dict[int, torch.Tensor], ...]
+) -> tuple[DDP, torch.optim.Optimizer]:
+    """What QAT's fake-quant wrappers may do: every Parameter becomes a new object (same values),
+    DDP wraps the model again and the hook's state moves over (``rehook``); the worker's own
+    bookkeeping, keyed by identity too, moves the same way."""
+    old = dict(model.named_parameters())
+    for module in model.modules():
+        for attr, p in list(module.named_parameters(recurse=False)):
+            setattr(module, attr, nn.Parameter(p.detach().clone()))
+    new = dict(model.named_parameters())
+    for table in tables:
+        moved = {id(new[name]): table[id(p)] for name, p in old.items()}
+        table.clear()
+        table.update(moved)
+    wrapped = DDP(model, bucket_cap_mb=0.02)
+    rehook(state, wrapped, old, new)
+    return wrapped, torch.optim.SGD(wrapped.parameters(), lr=1.0)
+
+
 def reduce_accumulation_run(env: DistEnv, workdir: Path, args: dict) -> None:
     """``reduce_gradients`` (the pipelined student's path) called once per micro-batch, as
     ParallelStudent does, with two micro-batches per step, beside one call per step on the whole
     batch: under momentum compression both must apply the same updates and send the same bytes."""
-    from kdistill.trainer.parallel.compression import TopKState, reduce_gradients
+    from kdistill.trainer.parallel.compression import reduce_gradients
 
     models = {"two": mlp(), "one": mlp()}
     states = {
@@ -148,6 +170,47 @@ def reduce_accumulation_run(env: DistEnv, workdir: Path, args: dict) -> None:
                     "momenta": len(states[name].momenta),
                 }
                 for name, model in models.items()
+            }
+        )
+    )
+
+
+def runtime_rewrap_run(env: DistEnv, workdir: Path, args: dict) -> None:
+    """``ParallelRuntime.wrap_student`` called a second time on the same student, as the single-process
+    flow does when QAT starts: the second wrap must keep the first one's hook state."""
+    from kdistill.trainer.parallel.mesh import MeshLayout
+    from kdistill.trainer.parallel.runtime import ParallelRuntime
+
+    layout = MeshLayout(world_size=2, pipeline=1, data=2, tensor=1, teacher_stages=1)
+    runtime = ParallelRuntime(env, layout, torch.device("cpu"), top_k=0.01, compression_warmup=1, compression_ramp=0)
+    model = mlp()
+    gen = torch.Generator().manual_seed(300 + env.rank)
+
+    def steps(wrapped: nn.Module, n: int) -> None:
+        for _ in range(n):
+            x, y = torch.randn(16, 64, generator=gen), torch.randn(16, 8, generator=gen)
+            ((wrapped(x) - y) ** 2).mean().backward()
+            for p in model.parameters():
+                p.grad = None
+
+    steps(runtime.wrap_student(model), 3)
+    first = runtime.compression
+    sent, residuals = first.bytes_sent, {n: first.residual_for(p).clone() for n, p in model.named_parameters()}
+    for module in model.modules():
+        for attr, p in list(module.named_parameters(recurse=False)):
+            setattr(module, attr, nn.Parameter(p.detach().clone()))
+    wrapped = runtime.wrap_student(model)
+    state = runtime.compression
+    carried = all(torch.equal(state.residuals[id(p)], residuals[n]) for n, p in model.named_parameters())
+    steps(wrapped, 2)
+    (workdir / f"rank{env.rank}.json").write_text(
+        json.dumps(
+            {
+                "same_state": state is first,
+                "step": state.step,
+                "residuals_carried": carried,
+                "residual_keys_are_the_new_parameters": set(state.residuals) == {id(p) for p in model.parameters()},
+                "bytes_grew": state.bytes_sent > sent > 0,
             }
         )
     )

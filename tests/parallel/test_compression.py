@@ -76,6 +76,43 @@ def test_momentum_compression_sends_each_ranks_momentum_and_loses_none_of_it(tmp
     assert ranks[0]["params"] == ranks[1]["params"]
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["gradient", "momentum"])
+def test_a_student_wrapped_again_keeps_the_hooks_schedule_residuals_and_momenta(
+    tmp_path: Path, momentum: float
+) -> None:
+    """QAT's fake quantizers may give the student new Parameter objects mid-run, and DDP then wraps
+    it again: the hook carries on where it was (no second warm-up), and what it had not sent yet
+    (residuals, each rank's momentum) still reaches the weights."""
+    run_ranks(
+        2,
+        "tests.parallel.compression_workers:topk_run",
+        tmp_path,
+        {"fraction": 0.01, "warmup": 2, "ramp": 0, "steps": 8, "momentum": momentum, "rewrap_at": 5},
+        timeout=180,
+    )
+    ranks = _results(tmp_path, 2)
+    for r in ranks:
+        assert r["compressed"] == [False] * 2 + [True] * 6
+        assert min(r["step_ratios"][2:]) >= 20
+        assert r["momenta"] == (3 if momentum else 0)
+        assert r["momentum_gap"] < 1e-6
+        assert r["gap"] < 1e-5 * max(1.0, r["scale"])
+        assert r["gap_without_residual"] > 100 * r["gap"] + 1e-4
+    assert ranks[0]["params"] == ranks[1]["params"]
+
+
+def test_the_runtime_wrapping_the_student_again_keeps_its_hook_state(tmp_path: Path) -> None:
+    run_ranks(2, "tests.parallel.compression_workers:runtime_rewrap_run", tmp_path, {}, timeout=180)
+    for r in _results(tmp_path, 2):
+        assert r == {
+            "same_state": True,
+            "step": 5,
+            "residuals_carried": True,
+            "residual_keys_are_the_new_parameters": True,
+            "bytes_grew": True,
+        }
+
+
 def test_momentum_compression_with_accumulation_sends_once_per_step(tmp_path: Path) -> None:
     """Under momentum compression a step's first micro-batches keep their gradient local (no
     bytes) and the last sends the step's whole gradient through the momentum: two micro-batches

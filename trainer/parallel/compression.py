@@ -83,7 +83,7 @@ its edge as the data-parallel degree grows past ~1/(4p).
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +185,17 @@ class TopKState:
     def ratio(self) -> float:
         """How many times fewer bytes the hook sent than plain all-reduce would have."""
         return self.bytes_dense / self.bytes_sent if self.bytes_sent else 1.0
+
+    def rekey(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> None:
+        """Move the per-parameter state (residuals, momenta, running totals), which is keyed by
+        identity, from ``old``'s Parameters to ``new``'s of the same name."""
+        if set(old) != set(new):
+            raise ValueError(f"rekey: the parameters differ in name: {sorted(set(old) ^ set(new))[:5]}")
+        moves = {id(old[name]): id(new[name]) for name in old}
+        for table in (self.residuals, self.momenta, self.momentum_totals, self.grad_totals):
+            moved = {moves[key]: value for key, value in table.items() if key in moves}
+            table.clear()
+            table.update(moved)
 
     def residual_for(self, param: torch.Tensor) -> torch.Tensor:
         r = self.residuals.get(id(param))
@@ -597,6 +608,15 @@ def _add_totals(state: TopKState, params: list[torch.Tensor], buffer: torch.Tens
         total = state.grad_totals.get(id(p))
         state.grad_totals[id(p)] = piece.clone() if total is None else total + piece
         offset += p.numel()
+
+
+def rehook(state: TopKState, ddp_module: Any, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> None:
+    """Install ``state``'s hook on a new DDP wrapper of the same student, whose Parameters may be
+    new objects (QAT's fake-quant wrappers): the schedule's step, the residuals, momenta and byte
+    counts carry on, moved by name from ``old``'s Parameters to ``new``'s. A fresh state would start
+    the warm-up again, drop the unsent gradient mass and restart the byte counts."""
+    state.rekey(old, new)
+    ddp_module.register_comm_hook(state, topk_hook)
 
 
 def register_topk(

@@ -75,6 +75,8 @@ class ParallelRuntime:
     teacher: Any = None  # SplitTeacher when the teacher is split
     teacher_group: Any = None  # process group of this rank's teacher stages
     compression: Any = None  # TopKState once the hook is installed
+    # The student's trainable Parameters by name, as the top-k hook was last installed over them.
+    compressed: dict[str, nn.Parameter] | None = None
     mesh: Any = None  # the student's (pipeline, data, tensor) DeviceMesh, model-parallel runs only
 
     @classmethod
@@ -243,8 +245,15 @@ class ParallelRuntime:
             student, device_ids=[self.device.index] if self.device.type == "cuda" else None, find_unused_parameters=True
         )
         if self.top_k > 0:
-            from .compression import register_topk
+            from .compression import register_topk, rehook
 
+            trainables = {name: p for name, p in student.named_parameters() if p.requires_grad}
+            if self.compression is not None and self.compressed is not None:
+                # Wrapped again (QAT's fake quantizers): the hook's state carries on.
+                rehook(self.compression, ddp, self.compressed, trainables)
+                self.compressed = trainables
+                return ddp
+            self.compressed = trainables
             self.compression = register_topk(
                 ddp,
                 self.top_k,
