@@ -180,15 +180,32 @@ class FrozenVarianceAdamW(SlicedAdamW):
                     exp_avg.copy_(grad)
                 else:
                     exp_avg.lerp_(grad, 1 - beta1)
+                step_size = lr / (1 - beta1**t)
                 if p.ndim < 2:
                     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    v_hat = exp_avg_sq / (1 - beta2**t)
+                    p.addcdiv_(exp_avg, (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(eps), value=-step_size)
                 else:
-                    v_hat = exp_avg_sq / (1 - beta2**self.freeze_at)
-                    v_hat = v_hat.clamp_min(float(v_hat.mean()) * FROZEN_VARIANCE_FLOOR)
-                denom = v_hat.sqrt().add_(eps)
-                p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**t))
+                    self._frozen_matrix_update(p, exp_avg, exp_avg_sq, 1 - beta2**self.freeze_at, step_size, eps)
         return loss
+
+    def _frozen_matrix_update(
+        self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, correction: float, step_size: float, eps: float
+    ) -> None:
+        """``p -= step_size · m / (sqrt(max(v / correction, floor)) + eps)``, over flat slices of at
+        most ``slice_elements`` (a DTensor's local shard): the temporaries stay within one slice, as
+        in ``SlicedAdamW``, instead of three the size of the parameter. The floor is a share of the
+        whole tensor's mean (a DTensor's mean is global)."""
+        floor = float(v.mean()) / correction * FROZEN_VARIANCE_FLOOR
+        local = [local_shard(x) for x in (p, m, v)]
+        if not all(x.is_contiguous() for x in local):  # no flat views: the whole tensor at once
+            p_l, m_l, v_l = local
+            p_l.addcdiv_(m_l, (v_l / correction).clamp_min_(floor).sqrt_().add_(eps), value=-step_size)
+            return
+        p_f, m_f, v_f = (x.view(-1) for x in local)
+        for start in range(0, p_f.numel(), self.slice_elements):
+            end = start + self.slice_elements
+            denom = (v_f[start:end] / correction).clamp_min_(floor).sqrt_().add_(eps)
+            p_f[start:end].addcdiv_(m_f[start:end], denom, value=-step_size)
 
 
 def update_scale(optimizer: Optimizer) -> Callable[[torch.Tensor], torch.Tensor | None]:

@@ -122,3 +122,23 @@ def test_a_sent_momentum_replaces_the_first_moment() -> None:
     for pb, pc in zip(b, c, strict=True):
         torch.testing.assert_close(pc, pb, rtol=1e-6, atol=1e-7)
     assert float((d[0] - b[0]).detach().abs().max()) > 1e-3
+
+
+def test_the_frozen_update_runs_in_slices_and_equals_the_whole_tensor_update() -> None:
+    """After the freeze a matrix's update runs over flat slices (temporaries of one slice, not of the
+    parameter): the weights are those of the update over the whole tensor, bit for bit."""
+    torch.manual_seed(0)
+    start = [torch.randn(6, 50), torch.randn(50), torch.randn(3, 7).t()]  # the last one not contiguous
+    runs = {}
+    for slice_elements in (1 << 22, 7):
+        params = [nn.Parameter(t.clone()) for t in start]
+        opt = FrozenVarianceAdamW(
+            params, freeze_at=2, lr=0.01, weight_decay=0.1, foreach=False, slice_elements=slice_elements
+        )
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            _step(params, opt, [torch.randn(p.shape, generator=gen) for p in params])
+        runs[slice_elements] = params
+    for whole, sliced in zip(runs[1 << 22], runs[7], strict=True):
+        assert torch.equal(whole, sliced)
+    assert not torch.equal(runs[7][0], start[0])
