@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,14 +210,19 @@ class CheckpointManager:
         return [p for _, p in sorted(found, reverse=True)]
 
     @staticmethod
-    def verify(path: Path) -> str | None:
-        """None when every file matches the manifest, else why not."""
+    def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+        """None when every file of ``share`` matches the manifest, else why not. ``share`` is
+        (index, count): the files at index, index + count, ... of the manifest's sorted names, so
+        that the ranks of a group hash one part each; (0, 1) is every file."""
         try:
             manifest = json.loads((path / MANIFEST).read_text())
             files: dict[str, str] = manifest["files"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            names = sorted(files)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             return f"unreadable manifest ({exc})"
-        for name, digest in files.items():
+        index, count = share
+        for name in names[index::count]:
+            digest = files[name]
             target = path / name
             if not target.is_file():
                 return f"{name} is missing"
@@ -224,11 +230,18 @@ class CheckpointManager:
                 return f"{name} does not match its checksum"
         return None
 
-    def latest(self) -> CheckpointInfo | None:
+    def latest(
+        self, share: tuple[int, int] = (0, 1), agree: Callable[[bool], bool] | None = None
+    ) -> CheckpointInfo | None:
+        """The newest checkpoint whose files all match its manifest. In a group of processes each
+        hashes its ``share`` of the files (``verify``) and ``agree`` (a collective: True on every
+        rank only when every rank's share is sound) makes them all skip the same checkpoints: the
+        group reads each file once instead of once per rank."""
         for path in self.candidates():
-            problem = self.verify(path)
-            if problem:
-                log.warning("skipping corrupt checkpoint %s: %s", path, problem)
+            problem = self.verify(path, share)
+            sound = problem is None if agree is None else agree(problem is None)
+            if not sound:
+                log.warning("skipping corrupt checkpoint %s: %s", path, problem or "another rank found a bad file")
                 continue
             info = json.loads((path / "trainer.json").read_text())
             sampler = torch.load(path / "sampler.pt", weights_only=True)

@@ -429,7 +429,8 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _resume(self) -> int:
-        info: CheckpointInfo | None = self.ckpt.latest()
+        env = self.parallel.env
+        info: CheckpointInfo | None = self.ckpt.latest((env.rank, env.world_size), self.parallel.agree_sound)
         if info is None:
             return 0
         if info.step > self.total:

@@ -336,6 +336,16 @@ class ParallelRuntime:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def agree_sound(self, local: bool) -> bool:
+        """True on every rank when every rank found its share of a checkpoint's files sound
+        (``CheckpointManager.latest``): the ranks split the hashing and skip the same checkpoints."""
+        if not self.distributed:
+            return local
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.device)
+        with peer_guard("the checkpoint-verification all-reduce"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def guard(self, what: str) -> Any:
         return peer_guard(what)
 
