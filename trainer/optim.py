@@ -197,15 +197,14 @@ class FrozenVarianceAdamW(SlicedAdamW):
         whole tensor's mean (a DTensor's mean is global)."""
         floor = float(v.mean()) / correction * FROZEN_VARIANCE_FLOOR
         local = [local_shard(x) for x in (p, m, v)]
-        if not all(x.is_contiguous() for x in local):  # no flat views: the whole tensor at once
-            p_l, m_l, v_l = local
-            p_l.addcdiv_(m_l, (v_l / correction).clamp_min_(floor).sqrt_().add_(eps), value=-step_size)
-            return
-        p_f, m_f, v_f = (x.view(-1) for x in local)
-        for start in range(0, p_f.numel(), self.slice_elements):
-            end = start + self.slice_elements
-            denom = (v_f[start:end] / correction).clamp_min_(floor).sqrt_().add_(eps)
-            p_f[start:end].addcdiv_(m_f[start:end], denom, value=-step_size)
+        if all(x.is_contiguous() for x in local):
+            flat = [x.view(-1) for x in local]
+            step = self.slice_elements
+            pieces = [[x[i : i + step] for x in flat] for i in range(0, flat[0].numel(), step)]
+        else:  # no flat views: the whole tensor at once
+            pieces = [local]
+        for w, m_part, v_part in pieces:
+            w.addcdiv_(m_part, (v_part / correction).clamp_min_(floor).sqrt_().add_(eps), value=-step_size)
 
 
 def update_scale(optimizer: Optimizer) -> Callable[[torch.Tensor], torch.Tensor | None]:

@@ -329,21 +329,20 @@ class ParallelRuntime:
         training, until the collective timeout. One MAX all-reduce of a flag per step makes the
         decision shared, so every rank checkpoints at the same step and exits PREEMPTED. It costs
         a 4-byte collective per step, small next to the gradient all-reduce of the same step."""
-        if not self.distributed:
-            return local
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.device)
-        with peer_guard("the stop-flag all-reduce"):
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self._reduce_flag(local, dist.ReduceOp.MAX, "the stop-flag all-reduce")
 
     def agree_sound(self, local: bool) -> bool:
         """True on every rank when every rank found its share of a checkpoint's files sound
         (``CheckpointManager.latest``): the ranks split the hashing and skip the same checkpoints."""
+        return self._reduce_flag(local, dist.ReduceOp.MIN, "the checkpoint-verification all-reduce")
+
+    def _reduce_flag(self, local: bool, op: Any, what: str) -> bool:
+        """``local`` reduced over the world with ``op`` (MAX: any rank, MIN: every rank)."""
         if not self.distributed:
             return local
         flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.device)
-        with peer_guard("the checkpoint-verification all-reduce"):
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        with peer_guard(what):
+            dist.all_reduce(flag, op=op)
         return bool(flag.item())
 
     def guard(self, what: str) -> Any:
