@@ -18,6 +18,7 @@ from kubernetes import client
 
 from .cluster.cluster import E2ECluster, shared_root
 from .conftest import NAMESPACE, wait
+from .diagnose import explained
 from .support import REPO, RESULTS, StatusLog, volumes_manifest, write_transcript
 
 JOB = "e2e-student"
@@ -181,9 +182,11 @@ def test_two_node_job_survives_node_loss_and_serves(
         step_at_kill = before["step"]
         wait(lambda: (watch.status().get("restarts") or 0) >= 1, "the gang restart", 300)
 
+        # The rest of the run takes seconds: a resumed gang may have finished by the next poll, so
+        # finished pods count too (they keep their logs until the job is deleted).
         def resumed_events() -> list[dict[str, Any]]:
             logs = "".join(cluster.kubectl("logs", "-n", NAMESPACE, p.metadata.name, check=False).stdout
-                           for p in _worker_pods(core) if p.status.phase == "Running")  # fmt: skip
+                           for p in _worker_pods(core) if p.status.phase != "Pending")  # fmt: skip
             return [json.loads(line) for line in logs.splitlines() if line.startswith('{"event": "resumed"')]
 
         wait(lambda: bool(resumed_events()), "a worker to resume from the checkpoint", 900, interval=5)
@@ -222,6 +225,8 @@ def test_two_node_job_survives_node_loss_and_serves(
         wait(nothing_left, "the job's objects to go", 300)
         print(f"node lost -> training past the checkpoint again in {recovered_in:.0f}s")
         passed = True
+    except Exception as exc:
+        raise explained(exc, cluster, NAMESPACE, f"kdistill.io/job={JOB}", operator) from exc
     finally:
         watch.stop()
         if passed:

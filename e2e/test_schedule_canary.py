@@ -24,6 +24,7 @@ from kdistill.trainer.drift_corpus import build_drift_partitions
 
 from .cluster.cluster import E2ECluster, shared_root
 from .conftest import NAMESPACE, wait
+from .diagnose import explained
 from .support import RESULTS, volumes_manifest
 
 SCHEDULE = "e2e-nightly"
@@ -208,6 +209,8 @@ def test_two_rounds_the_second_promoted_through_a_canary_under_load(
         (RESULTS / "schedule-canary-load.json").write_text(json.dumps(counts) + "\n")
         assert counts["ok"] > 100 and counts["failed"] == 0, counts
         passed = True
+    except Exception as exc:
+        raise explained(exc, cluster, NAMESPACE, "kdistill.io/job", operator) from exc
     finally:
         (RESULTS / "schedule-canary-status.json").write_text(json.dumps(status(), indent=1) + "\n")
         if not passed:

@@ -19,6 +19,7 @@ from kubernetes import client
 
 from .cluster.cluster import E2ECluster, shared_root
 from .conftest import NAMESPACE, wait
+from .diagnose import explained
 from .support import REPO, RESULTS, volumes_manifest
 
 JOB = "e2e-served"
@@ -113,6 +114,8 @@ def test_served_teacher_job_survives_teacher_loss_and_serves(
             TEACHER).stdout.strip(), "the teacher's objects to go", 300)  # fmt: skip
         cluster.kubectl("delete", "dj", JOB, "-n", NAMESPACE, "--wait=true", timeout=300)
         passed = True
+    except Exception as exc:
+        raise explained(exc, cluster, NAMESPACE, f"kdistill.io/job={JOB}", operator) from exc
     finally:
         (RESULTS / "served-teacher-samples.json").write_text(json.dumps(samples[-50:], indent=1) + "\n")
         if not passed:

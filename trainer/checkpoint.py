@@ -25,10 +25,9 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -89,6 +88,18 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeGroup(Protocol):
+    """The ranks that resume together (``ParallelRuntime``): collectives over all of them."""
+
+    def steps_of_first(self, steps: list[int]) -> list[int]:
+        """The first rank's ``steps``, on every rank."""
+        ...
+
+    def agree_sound(self, local: bool) -> bool:
+        """True on every rank when ``local`` is True on every rank."""
+        ...
 
 
 class CheckpointManager:
@@ -230,16 +241,22 @@ class CheckpointManager:
                 return f"{name} does not match its checksum"
         return None
 
-    def latest(
-        self, share: tuple[int, int] = (0, 1), agree: Callable[[bool], bool] | None = None
-    ) -> CheckpointInfo | None:
+    def latest(self, share: tuple[int, int] = (0, 1), group: ResumeGroup | None = None) -> CheckpointInfo | None:
         """The newest checkpoint whose files all match its manifest. In a group of processes each
-        hashes its ``share`` of the files (``verify``) and ``agree`` (a collective: True on every
-        rank only when every rank's share is sound) makes them all skip the same checkpoints: the
-        group reads each file once instead of once per rank."""
-        for path in self.candidates():
+        hashes its ``share`` of the files (``verify``) and the group agrees on each verdict (True
+        only when every rank's share is sound), so they all skip the same checkpoints and the
+        group reads each file once instead of once per rank. The ranks walk the first rank's
+        listing: a listing taken while an older gang still commits or prunes may differ between
+        ranks, and one verdict per checkpoint per rank keeps the collectives matched (a rank that
+        lacks a listed checkpoint finds it unsound)."""
+        if group is None:
+            paths = self.candidates()
+        else:
+            mine = [int(p.name[len(PREFIX) :]) for p in self.candidates()]
+            paths = [self._final_path(step) for step in group.steps_of_first(mine)]
+        for path in paths:
             problem = self.verify(path, share)
-            sound = problem is None if agree is None else agree(problem is None)
+            sound = problem is None if group is None else group.agree_sound(problem is None)
             if not sound:
                 log.warning("skipping corrupt checkpoint %s: %s", path, problem or "another rank found a bad file")
                 continue

@@ -430,7 +430,7 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
     def _resume(self) -> int:
         env = self.parallel.env
-        info: CheckpointInfo | None = self.ckpt.latest((env.rank, env.world_size), self.parallel.agree_sound)
+        info: CheckpointInfo | None = self.ckpt.latest((env.rank, env.world_size), self.parallel)
         if info is None:
             return 0
         if info.step > self.total:

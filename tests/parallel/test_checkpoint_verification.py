@@ -5,7 +5,10 @@ that any rank found corrupt. Two real gloo processes."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+import pytest
 
 from kdistill.trainer.checkpoint import MANIFEST, CheckpointManager
 from tests.trainer.test_checkpoint import make_state, save, train_a_bit
@@ -41,6 +44,27 @@ def test_each_rank_hashes_its_share_and_all_skip_what_one_found_corrupt(tmp_path
     # The older checkpoint: every file hashed once, by one rank or the other.
     of_older = [h for r in ranks for h in r["hashed"] if h.startswith(older.name)]
     assert sorted(of_older) == [f"{older.name}/{n}" for n in _files(older)]
+
+
+@pytest.mark.parametrize(
+    "skew",
+    [
+        {"hide": {"1": 6}},  # rank 1 alone lists a checkpoint that landed after rank 0 listed
+        {"hide": {"0": 6}},  # rank 0 alone lists it
+        {"phantom": {"0": 8}},  # rank 0 lists a checkpoint pruned before rank 1 listed
+    ],
+    ids=["newer-on-rank-1", "newer-on-rank-0", "pruned-on-rank-1"],
+)
+def test_ranks_whose_listings_differ_resume_from_one_checkpoint(tmp_path: Path, skew: dict) -> None:
+    """The ranks walk rank 0's listing: a checkpoint that rank 1 lacks is unsound for all, one that
+    rank 0 lacks is not tried, and every rank makes the same collectives (none waits alone)."""
+    root = tmp_path / "ckpt"
+    _, newer = _two_checkpoints(root)
+    shutil.copytree(newer, root / "step-000000006")  # a sound copy under a newer step
+    run_ranks(2, "tests.parallel.verification_workers:latest_run", tmp_path, {"root": str(root), **skew})
+    chosen = [json.loads((tmp_path / f"rank{r}.json").read_text())["path"] for r in range(2)]
+    expected = newer.name if "0" in skew.get("hide", {}) else "step-000000006"
+    assert chosen == [expected, expected]
 
 
 def test_one_process_hashes_every_file(tmp_path: Path) -> None:

@@ -6,15 +6,15 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from kdistill.trainer import checkpoint
 from kdistill.trainer.parallel.distributed import DistEnv
+from kdistill.trainer.parallel.runtime import ParallelRuntime
 
 
 def latest_run(env: DistEnv, workdir: Path, args: dict) -> None:
-    """``CheckpointManager.latest`` with this rank's share of the files and a MIN all-reduce as the
-    agreement (what ``ParallelRuntime.agree_sound`` does); records which files this rank hashed."""
+    """``CheckpointManager.latest`` with this rank's share of the files and the runtime's collectives;
+    records which files this rank hashed. ``hide``/``phantom`` ({rank: step}) skew a rank's listing."""
     hashed: list[str] = []
     real = checkpoint.sha256_file
 
@@ -24,12 +24,19 @@ def latest_run(env: DistEnv, workdir: Path, args: dict) -> None:
 
     checkpoint.sha256_file = counting  # type: ignore[assignment]
 
-    def agree(local: bool) -> bool:
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+    manager = checkpoint.CheckpointManager(Path(args["root"]), keep=3)
+    listing = manager.candidates
+    hidden = args.get("hide", {}).get(str(env.rank))
+    phantom = args.get("phantom", {}).get(str(env.rank))
 
-    info = checkpoint.CheckpointManager(Path(args["root"]), keep=3).latest((env.rank, env.world_size), agree)
+    def candidates() -> list[Path]:
+        """This rank's listing, as if taken before ``hide`` landed or before ``phantom`` was pruned."""
+        found = [p for p in listing() if hidden is None or p != manager.root / f"step-{hidden:09d}"]
+        return ([manager.root / f"step-{phantom:09d}"] if phantom is not None else []) + found
+
+    manager.candidates = candidates  # type: ignore[method-assign]
+    info = group = ParallelRuntime(env=env, layout=None, device=torch.device("cpu"))  # type: ignore[arg-type]
+    info = manager.latest((env.rank, env.world_size), group)
     (workdir / f"rank{env.rank}.json").write_text(
-        json.dumps({"step": None if info is None else info.step, "hashed": hashed})
+        json.dumps({"step": None if info is None else info.step, "path": info and info.path.name, "hashed": hashed})
     )

@@ -336,6 +336,21 @@ class ParallelRuntime:
         (``CheckpointManager.latest``): the ranks split the hashing and skip the same checkpoints."""
         return self._reduce_flag(local, dist.ReduceOp.MIN, "the checkpoint-verification all-reduce")
 
+    def steps_of_first(self, steps: list[int]) -> list[int]:
+        """Rank 0's ``steps`` on every rank: the checkpoint listing the group walks on resume
+        (``CheckpointManager.latest``). Two broadcasts: the count, then the steps."""
+        if not self.distributed:
+            return steps
+        count = torch.tensor([len(steps)], dtype=torch.int64, device=self.device)
+        with peer_guard("the checkpoint-listing broadcast"):
+            dist.broadcast(count, src=0)
+            if not count.item():
+                return []
+            values = torch.tensor(steps if self.env.rank == 0 else [0] * int(count.item()), dtype=torch.int64)
+            values = values.to(self.device)
+            dist.broadcast(values, src=0)
+        return [int(v) for v in values.tolist()]
+
     def _reduce_flag(self, local: bool, op: Any, what: str) -> bool:
         """``local`` reduced over the world with ``op`` (MAX: any rank, MIN: every rank)."""
         if not self.distributed:
