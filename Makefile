@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 	$(PY) -P -m pip install -q -e '.[operator,trainer,serving,dev]'
 	@rm -f $(VENV)/.stamp-* && touch $@
 
-test: setup system-deps cluster-bins images ## the whole suite (rungs 1-3 and the images), images built first
-	$(PY) -P -m pytest --durations=30
+test: setup system-deps cluster-bins images ## the whole suite (rungs 1-3 and the images), images built first; two lanes side by side
+	bash scripts/test.sh
 
 fast: setup ## the pure tests only: no cluster, no docker, no multi-process (under 2 minutes)
 	$(PY) -P -m pytest -q -m 'not cluster' $(FAST_PATHS)

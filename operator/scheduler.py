@@ -3,16 +3,20 @@
 Like reconciler.py for jobs: synchronous, every fact read fresh from the API server (the
 schedule, then its jobs by label), the decisions made by pure functions
 (schedule_logic.decide, schedule_logic.gate_decision, schedule_logic.jobs_to_delete,
-schedule_jobs.run_job). A pass:
+schedule_jobs.run_job). A pass (``_reconcile``, one method a step):
 
-1. judges each finished run not yet in status.history, oldest first: a Succeeded run goes
-   through the promotion gate on its metrics; a promoted run rolls out as the schedule's serving
-   Deployment; a Failed run is recorded as refused. Each decision is an entry in
-   status.history, an Event on the schedule and a count in kdistill_schedule_decisions_total;
-2. starts the run that is due, if any (deleting the active ones first under Replace);
-3. writes the status;
-4. deletes finished runs beyond the history limits (never the promoted one), and asks to look
-   again at the next run time.
+1. advances a canary in progress (``_advance_canary``): judged on its servers, then promoted or
+   rolled back;
+2. judges each finished run not yet in status.history, oldest first (``_judge_finished``): a
+   Succeeded run goes through the promotion gate on its metrics; a promoted run rolls out as the
+   schedule's serving Deployment (or as a canary beside it); a Failed run is recorded as refused.
+   Each decision is an entry in status.history, an Event on the schedule and a count in
+   kdistill_schedule_decisions_total;
+3. starts the run that is due, if any (``_start_due``; deleting the active ones first under
+   Replace);
+4. writes the status (``_write_status``);
+5. deletes finished runs beyond the history limits, never the promoted one
+   (``_apply_history_limits``), and asks to look again at the next run time.
 
 A run's job name comes from its run time, so an operator that restarts between creating a job
 and writing lastScheduleTime finds the job (AlreadyExists) instead of starting a second one.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +49,7 @@ from .observe import parse_time
 from .schedule_canary import CANARY_RECHECK_SECONDS, CanaryRunner
 from .schedule_jobs import ScheduleBuildError, adopt_by_schedule, check_runnable, run_job, serving_job
 from .schedule_logic import (
+    Decision,
     FinishedJob,
     decide,
     gate_decision,
@@ -91,6 +96,32 @@ class RunView:
         )
 
 
+@dataclass
+class _Pass:
+    """What one pass reads of a schedule and changes: its runs, the status it found and the
+    status patch it builds (history, promoted, canary and active as they stand so far)."""
+
+    status: dict[str, Any]
+    runs: list[RunView]
+    history: list[dict[str, Any]]
+    promoted: dict[str, Any] | None
+    canary: dict[str, Any] | None
+    active: list[str]
+    patch: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: dict[str, Any], runs: list[RunView]) -> _Pass:
+        status = dict(body.get("status") or {})
+        return cls(
+            status=status,
+            runs=runs,
+            history=list(status.get("history") or []),
+            promoted=status.get("promoted"),
+            canary=status.get("canary"),
+            active=sorted(r.name for r in runs if r.phase not in FINISHED),
+        )
+
+
 class ScheduleReconciler:
     def __init__(self, kube: Kube, settings: Settings) -> None:
         self.kube = kube
@@ -126,53 +157,70 @@ class ScheduleReconciler:
             slog.error("schedule cannot run: %s", exc)
             self._event(body, "Warning", "InvalidSpec", str(exc), slog)
             return None
-        status = dict(body.get("status") or {})
         uid = body["metadata"]["uid"]
         runs = [
             RunView.from_dict(j)
             for j in self.kube.list(*JOB, namespace, names.schedule_selector(name))
             if any(ref.get("uid") == uid for ref in j["metadata"].get("ownerReferences") or [])
         ]
-        patch: dict[str, Any] = {}
-        history = list(status.get("history") or [])
-        promoted = status.get("promoted")
-        canary = status.get("canary")
+        p = _Pass.of(body, runs)
+        if p.canary is not None:
+            self._advance_canary(key, schedule, body, p, now, slog)
+        self._judge_finished(schedule, body, p, now, slog)
+        decision = self._start_due(key, schedule, body, p, now, slog)
+        self._write_status(key, body, p)
+        self._apply_history_limits(key, schedule, p, now, slog)
+        wait = (decision.next_time - now).total_seconds()
+        if p.active:
+            wait = min(wait, ACTIVE_RECHECK_SECONDS)
+        if p.canary is not None:
+            wait = min(wait, CANARY_RECHECK_SECONDS)
+        return max(0.5, min(wait + 0.5, IDLE_RECHECK_SECONDS))
 
-        # 1. A canary in progress goes on: judged on its servers, then promoted or rolled back.
-        if canary is not None:
-            outcome = self.canaries.advance(key, schedule, body, canary, promoted, now, slog)
-            if outcome.entry is not None:
-                history.append(outcome.entry.to_wire())
-            if outcome.promoted != promoted:
-                promoted = patch["promoted"] = outcome.promoted
-            if outcome.canary != canary:
-                patch["canary"] = outcome.canary  # None (JSON null) removes it
-            canary = outcome.canary
+    def _advance_canary(
+        self, key: Key, schedule: DistillationSchedule, body: dict[str, Any], p: _Pass, now: datetime, slog: ObjectLog
+    ) -> None:
+        """A canary in progress goes on: judged on its servers, then promoted or rolled back."""
+        assert p.canary is not None
+        outcome = self.canaries.advance(key, schedule, body, p.canary, p.promoted, now, slog)
+        if outcome.entry is not None:
+            p.history.append(outcome.entry.to_wire())
+        if outcome.promoted != p.promoted:
+            p.promoted = p.patch["promoted"] = outcome.promoted
+        if outcome.canary != p.canary:
+            p.patch["canary"] = outcome.canary  # None (JSON null) removes it
+        p.canary = outcome.canary
 
-        # 2. Judge the runs that finished since the last pass, oldest first; one canary at a time,
-        #    so a run finishing while a canary runs waits for it.
-        judged = {entry.get("job") for entry in history} | ({canary["job"]} if canary else set())
-        for run in sorted((r for r in runs if r.phase in FINISHED and r.name not in judged), key=_finish_order):
-            if canary is not None and run.phase == "Succeeded":
+    def _judge_finished(
+        self, schedule: DistillationSchedule, body: dict[str, Any], p: _Pass, now: datetime, slog: ObjectLog
+    ) -> None:
+        """Judge the runs that finished since the last pass, oldest first; one canary at a time,
+        so a run finishing while a canary runs waits for it."""
+        judged = {entry.get("job") for entry in p.history} | ({p.canary["job"]} if p.canary else set())
+        for run in sorted((r for r in p.runs if r.phase in FINISHED and r.name not in judged), key=_finish_order):
+            if p.canary is not None and run.phase == "Succeeded":
                 break
-            judgement = self._judge(schedule, body, run, promoted, now, slog)
+            judgement = self._judge(schedule, body, run, p.promoted, now, slog)
             if run.phase == "Succeeded":
-                patch["lastSuccessfulTime"] = fmt_time(run.finished or now)
+                p.patch["lastSuccessfulTime"] = fmt_time(run.finished or now)
             if isinstance(judgement, dict):  # a canary started
-                canary = patch["canary"] = judgement
+                p.canary = p.patch["canary"] = judgement
                 continue
-            history.append(judgement.to_wire())
+            p.history.append(judgement.to_wire())
             if judgement.promoted:
-                promoted = PromotedRef(
+                p.promoted = PromotedRef(
                     job=run.name, version=judgement.version or 1, retention=judgement.retention
                 ).to_wire()
-                patch["promoted"] = promoted
-        if len(history) != len(status.get("history") or []):
-            patch["history"] = history[-HISTORY_LIMIT:]
+                p.patch["promoted"] = p.promoted
+        if len(p.history) != len(p.status.get("history") or []):
+            p.patch["history"] = p.history[-HISTORY_LIMIT:]
 
-        # 3. Start the run that is due.
-        active = sorted(r.name for r in runs if r.phase not in FINISHED)
-        since = parse_time(status.get("lastScheduleTime")) or parse_time(body["metadata"]["creationTimestamp"])
+    def _start_due(
+        self, key: Key, schedule: DistillationSchedule, body: dict[str, Any], p: _Pass, now: datetime, slog: ObjectLog
+    ) -> Decision:
+        """Start the run that is due (deleting the active ones first under Replace), or say why not."""
+        namespace, name = key
+        since = parse_time(p.status.get("lastScheduleTime")) or parse_time(body["metadata"]["creationTimestamp"])
         assert since is not None
         spec = schedule.spec
         decision = decide(
@@ -181,7 +229,7 @@ class ScheduleReconciler:
             time_zone=spec.time_zone,
             now=now,
             since=since,
-            active=active,
+            active=p.active,
             concurrency_policy=spec.concurrency_policy,
             suspend=spec.suspend,
             starting_deadline_seconds=spec.starting_deadline_seconds,
@@ -190,8 +238,8 @@ class ScheduleReconciler:
             for job in decision.delete:
                 slog.info("concurrencyPolicy Replace: deleting the active run %s", job)
                 self.kube.delete(*JOB, namespace, job)
-                active.remove(job)
-            champion = (promoted or {}).get("job")
+                p.active.remove(job)
+            champion = (p.promoted or {}).get("job")
             created = self.kube.create(run_job(schedule, body, decision.run_time, champion))
             if created:
                 missed = f" ({decision.missed} earlier run time(s) missed, not started)" if decision.missed else ""
@@ -201,8 +249,8 @@ class ScheduleReconciler:
             else:
                 slog.info("run %s exists already (an earlier pass created it)", decision.job)
             if decision.job is not None:
-                active.append(decision.job)
-            patch["lastScheduleTime"] = fmt_time(decision.run_time)
+                p.active.append(decision.job)
+            p.patch["lastScheduleTime"] = fmt_time(decision.run_time)
         elif decision.action == "too-late" and decision.run_time is not None:
             if self._reported_late.get(key) != decision.run_time:
                 self._reported_late[key] = decision.run_time
@@ -215,28 +263,30 @@ class ScheduleReconciler:
         ):
             self._reported_late[key] = decision.run_time
             slog.info("run of %s waits: %s", decision.run_time.isoformat(), decision.reason)
-        if sorted(active) != sorted(status.get("active") or []):
-            patch["active"] = sorted(active)
+        if sorted(p.active) != sorted(p.status.get("active") or []):
+            p.patch["active"] = sorted(p.active)
+        return decision
 
-        # 4. Status, before any deletion: a decision is recorded before its run can go.
+    def _write_status(self, key: Key, body: dict[str, Any], p: _Pass) -> None:
+        """The pass's status patch, before any deletion: a decision is recorded before its run can go."""
         generation = body["metadata"].get("generation")
-        if status.get("observedGeneration") != generation:
-            patch["observedGeneration"] = generation
-        if patch:
-            self.kube.patch_status(namespace, name, patch, resource=SCHEDULE)
+        if p.status.get("observedGeneration") != generation:
+            p.patch["observedGeneration"] = generation
+        if p.patch:
+            self.kube.patch_status(*key, p.patch, resource=SCHEDULE)
 
-        # 5. History limits: the promoted run and the canary's stay.
-        finished = [FinishedJob(r.name, r.finished or now, r.phase == "Succeeded") for r in runs if r.phase in FINISHED]
-        keep = ([promoted["job"]] if promoted else []) + ([canary["job"]] if canary else [])
+    def _apply_history_limits(
+        self, key: Key, schedule: DistillationSchedule, p: _Pass, now: datetime, slog: ObjectLog
+    ) -> None:
+        """Delete finished runs beyond the history limits; the promoted run and the canary's stay."""
+        spec = schedule.spec
+        finished = [
+            FinishedJob(r.name, r.finished or now, r.phase == "Succeeded") for r in p.runs if r.phase in FINISHED
+        ]
+        keep = ([p.promoted["job"]] if p.promoted else []) + ([p.canary["job"]] if p.canary else [])
         for job in jobs_to_delete(finished, spec.successful_jobs_history_limit, spec.failed_jobs_history_limit, keep):
             slog.info("history limit: deleting %s", job)
-            self.kube.delete(*JOB, namespace, job)
-        wait = (decision.next_time - now).total_seconds()
-        if active:
-            wait = min(wait, ACTIVE_RECHECK_SECONDS)
-        if canary is not None:
-            wait = min(wait, CANARY_RECHECK_SECONDS)
-        return max(0.5, min(wait + 0.5, IDLE_RECHECK_SECONDS))
+            self.kube.delete(*JOB, key[0], job)
 
     # -- judging a finished run ------------------------------------------------------------
 

@@ -128,10 +128,24 @@ class Trainer:
         # A served teacher (remote_targets.py): no teacher weights in this process.
         self.teacher_url = teacher_url(spec)
         check_remote_layout(self.teacher_url, self.parallel)
+        self._place_models()
+        # Splits the student in place (and fills a meta-device one with this rank's slices).
+        split_flow = self._split_flow() if self.parallel.model_parallel else None
+        self._load_data()
+        self.plan = build_plan(spec, self._qat_split() if spec.quantization.mode == "qat-int8" else None)
+        self.total = total_steps(self.plan)
+        self.flow: TrainingFlow = self._build_flow(split_flow)
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self._train_collate = self._packed_collate() or self._cross_tokenizer_collate()
+        self.sequence = self._sequence_batches() if has_sequence_stage(self.plan) else None
+        self.on_policy = self._on_policy_batches() if has_on_policy_stage(self.plan) else None
+
+    def _place_models(self) -> None:
+        """The teacher (this rank's stages of it) and the student on the device, and the tokenizers."""
         # A split student with weights on disk stays on the meta device until each rank has cut
         # its piece and read only that (parallel/meta_load.py).
         models = load_models(
-            spec,
+            self.spec,
             self.opts.base_dir,
             remote=self.teacher_url is not None,
             meta_student=self.parallel.model_parallel,
@@ -150,23 +164,24 @@ class Trainer:
         # The student's tokenizer: the teacher's, unless the student brought its own.
         self.student_tokenizer = models.student_tokenizer or models.tokenizer
         self.pad_id = int(self.student_tokenizer.pad_token_id)
-        split_flow = None
-        if self.parallel.model_parallel:
-            # Splits the student in place (and fills a meta-device one with this rank's slices).
-            split_flow = ModelParallelFlow(
-                spec,
-                self.student,
-                self.teacher,
-                self.parallel,
-                pad_id=self.pad_id,
-                device=self.device,
-                is_writer=self.opts.is_writer,
-                source=models.student_source,
-                student_dir=self.opts.output.student,
-            )
-        self._load_data()
-        self.plan = build_plan(spec, self._qat_split() if spec.quantization.mode == "qat-int8" else None)
-        self.total = total_steps(self.plan)
+
+    def _split_flow(self) -> ModelParallelFlow:
+        return ModelParallelFlow(
+            self.spec,
+            self.student,
+            self.teacher,
+            self.parallel,
+            pad_id=self.pad_id,
+            device=self.device,
+            is_writer=self.opts.is_writer,
+            source=self.models.student_source,
+            student_dir=self.opts.output.student,
+        )
+
+    def _build_flow(self, split_flow: ModelParallelFlow | None) -> TrainingFlow:
+        """The aux modules (projections) of the plan's objectives, the teacher cache, and the flow
+        that trains with them: the split one, or the single-process one."""
+        spec = self.spec
         self.aux, self.pairs = build_aux(
             spec,
             self.plan,
@@ -177,14 +192,14 @@ class Trainer:
             self.device,
             student_qkv_dims=split_flow.student_qkv_dims if split_flow is not None else None,
         )
-        if split_flow is not None:
-            split_flow.use_aux(self.aux, self.pairs)
         # A served teacher shares the student's vocabulary (checked at start): its size sizes the cache.
         vocab_model = self.teacher if self.teacher is not None else self.student
         self.cache = CacheStore.from_spec(spec, vocab_model, self.opts.output.teacher_cache)
         if split_flow is not None:
+            split_flow.use_aux(self.aux, self.pairs)
             split_flow.cache = self.cache
-        self.flow: TrainingFlow = split_flow or SingleProcessFlow(
+            return split_flow
+        return SingleProcessFlow(
             spec,
             self.student,
             self.aux,
@@ -194,10 +209,6 @@ class Trainer:
             device=self.device,
             is_writer=self.opts.is_writer,
         )
-        self.optimizer, self.scheduler = self._build_optimizer()
-        self._train_collate = self._packed_collate() or self._cross_tokenizer_collate()
-        self.sequence = self._sequence_batches() if has_sequence_stage(self.plan) else None
-        self.on_policy = self._on_policy_batches() if has_on_policy_stage(self.plan) else None
 
     def _packed_collate(self) -> Any:
         """Packed training batches through the fused head and loss where the job allows it

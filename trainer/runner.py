@@ -111,21 +111,11 @@ def run_job(job: DistillationJob, opts: RunOptions) -> dict[str, Any]:
 def finish(
     job: DistillationJob, trainer: Trainer, opts: RunOptions, wall_start: float, run_files: RunFiles | None = None
 ) -> dict[str, Any]:
+    """The run's result (``run_summary``); the writer also publishes the student, scores it and
+    its INT8 conversion against the teacher, and writes the served artifact and result.json."""
     spec = job.spec
     out = opts.output
-    result: dict[str, Any] = {
-        "job": job.metadata.name,
-        "task": spec.task,
-        "steps": trainer.total,
-        "stages": [
-            {"name": p.name, "kind": p.kind, "steps": p.steps, "objectives": list(p.objectives)} for p in trainer.plan
-        ],
-        "resumedFrom": trainer.resumed_from,
-        "tokensSeen": trainer.tokens_seen,
-        "trainSeconds": round(trainer.train_seconds, 3),
-        "tokensPerSecond": round(trainer.tokens_seen / trainer.train_seconds, 1) if trainer.train_seconds else 0.0,
-        "quantization": spec.quantization.mode,
-    }
+    result = run_summary(job, trainer)
     if not opts.is_writer:
         return result
     # A rank of a superseded gang attempt publishes nothing: each output is written under the fence.
@@ -136,20 +126,7 @@ def finish(
     # A split student is read back from that folder: conversion and evaluation need it whole.
     student_fp = trainer.full_precision_student()
     result["student"] = str(out.student)
-    metrics: dict[str, Any] = {}
-    evaluating = opts.evaluate and bool(trainer.eval_examples)
-    # The teacher is evaluated once; the float and the INT8 student are both scored against it.
-    teacher_eval = trainer.evaluate_teacher() if evaluating else None
-    if evaluating:
-        metrics = score(teacher_eval, trainer.evaluate_model(student_fp))
-        result["fullPrecision"] = dict(metrics)
-        trainer.event("evaluated", **metrics)
-    int8 = trainer.quantized_student()
-    if int8 is not None and evaluating:
-        int8_eval = trainer.evaluate_model(int8, torch.device("cpu"))
-        int8_metrics = score(teacher_eval, int8_eval) if int8_eval else {}
-        result["int8"] = dict(int8_metrics)
-        metrics = int8_metrics  # the quality gate judges the artifact that will be served
+    int8, metrics = _convert_and_score(trainer, opts, student_fp, result)
     if run_files is not None:
         result["runData"] = plan_summary(run_files.plan)
         if metrics:
@@ -177,6 +154,46 @@ def finish(
     with fence.holding("the result"):
         write_json_atomic(out.result, result)
     return result
+
+
+def run_summary(job: DistillationJob, trainer: Trainer) -> dict[str, Any]:
+    """What every rank reports of the run: its plan, progress and speed."""
+    spec = job.spec
+    return {
+        "job": job.metadata.name,
+        "task": spec.task,
+        "steps": trainer.total,
+        "stages": [
+            {"name": p.name, "kind": p.kind, "steps": p.steps, "objectives": list(p.objectives)} for p in trainer.plan
+        ],
+        "resumedFrom": trainer.resumed_from,
+        "tokensSeen": trainer.tokens_seen,
+        "trainSeconds": round(trainer.train_seconds, 3),
+        "tokensPerSecond": round(trainer.tokens_seen / trainer.train_seconds, 1) if trainer.train_seconds else 0.0,
+        "quantization": spec.quantization.mode,
+    }
+
+
+def _convert_and_score(
+    trainer: Trainer, opts: RunOptions, student_fp: Any, result: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """The INT8 student (None without quantization) and the metrics the quality gate judges: the
+    INT8 student's when there is one, the float one's otherwise (both recorded in ``result``)."""
+    metrics: dict[str, Any] = {}
+    evaluating = opts.evaluate and bool(trainer.eval_examples)
+    # The teacher is evaluated once; the float and the INT8 student are both scored against it.
+    teacher_eval = trainer.evaluate_teacher() if evaluating else None
+    if evaluating:
+        metrics = score(teacher_eval, trainer.evaluate_model(student_fp))
+        result["fullPrecision"] = dict(metrics)
+        trainer.event("evaluated", **metrics)
+    int8 = trainer.quantized_student()
+    if int8 is not None and evaluating:
+        int8_eval = trainer.evaluate_model(int8, torch.device("cpu"))
+        int8_metrics = score(teacher_eval, int8_eval) if int8_eval else {}
+        result["int8"] = dict(int8_metrics)
+        metrics = int8_metrics  # the quality gate judges the artifact that will be served
+    return int8, metrics
 
 
 def classify(exc: BaseException) -> tuple[ExitCode, str]:
