@@ -99,7 +99,7 @@ def test_docs_do_not_narrate_their_own_history() -> None:
     assert not found, "\n".join(found)
 
 
-# Paths the docs name that a run creates, not the repository.
+# Paths the docs name that a run creates, not the repository (a folder: everything under it too).
 _WRITTEN_AT_RUN_TIME = {"e2e/results/", "benchmarks/results/e2e.json", "kdistill/attempt-N/"}
 _REPO_PATH = re.compile(
     r"`((?:api|operator|trainer|serving|cli|kdistill|tests|e2e|benchmarks|scripts|docs|charts|crds|manifests|docker"
@@ -108,7 +108,8 @@ _REPO_PATH = re.compile(
 
 
 def _cited_path_exists(token: str) -> bool:
-    if token in _WRITTEN_AT_RUN_TIME or any(c in token for c in "<*{$[") or ":" in token.split("::")[0]:
+    written = any(token == w or (w.endswith("/") and token.startswith(w)) for w in _WRITTEN_AT_RUN_TIME)
+    if written or any(c in token for c in "<*{$[") or ":" in token.split("::")[0]:
         return True  # a pattern, a placeholder or an image name (kdistill/trainer:TAG)
     path = token.split("::")[0].rstrip(".,;)").removesuffix("()")
     if (ROOT / path).exists():
