@@ -175,16 +175,12 @@ def test_two_node_job_survives_node_loss_and_serves(
         victim_pod = next(p for p in _worker_pods(core) if p.metadata.name.endswith("-worker-1"))
         victim = cluster.node(victim_pod.spec.node_name)
         victim.kill()
-        killed_at = time.monotonic()
+        killed_at = time.time()
 
         # 4. The operator restarts the gang; training resumes from the checkpoint, not from 0.
         # (Until the new rank 0 reports, status.step still shows the step before the kill.)
         step_at_kill = before["step"]
         wait(lambda: (watch.status().get("restarts") or 0) >= 1, "the gang restart", 300)
-        wait(lambda: (watch.status().get("step") or 0) > step_at_kill, "training past the step of the kill", 900)
-        recovered_in = time.monotonic() - killed_at
-        after = watch.log.steps_after_restart(1)
-        assert min(after) >= ckpt_at_kill, f"step went back: {after[:10]} after a checkpoint at {ckpt_at_kill}"
 
         # 5. Success, then the INT8 student serves behind its Service.
         wait(lambda: watch.status().get("phase") == "Succeeded", "the job to succeed", 1800)
@@ -194,6 +190,17 @@ def test_two_node_job_survives_node_loss_and_serves(
         # seconds and its pods go once the job succeeds, so their logs may be gone by now.
         result = json.loads((ckpt_root / NAMESPACE / JOB / "result.json").read_text())
         assert result["attempt"] >= 1 and result["resumedFrom"] >= ckpt_at_kill, (result, ckpt_at_kill)
+        # The status history, complete by now (the watch records every change, once a second):
+        # after the restart no step below the checkpoint, and training got past the step of the kill.
+        after = watch.log.steps_after_restart(1)
+        assert after and min(after) >= ckpt_at_kill, (
+            f"step went back: {after[:10]} after a checkpoint at {ckpt_at_kill}"
+        )
+        reported = [r["step"] for r in watch.log.rows if r["restarts"] == 0 and r["step"] is not None]
+        high = max([step_at_kill, *reported])
+        past = [r["t"] for r in watch.log.rows if r["restarts"] >= 1 and (r["step"] or 0) > high]
+        assert past, f"training never passed step {high} after the restart: {after[:10]}"
+        recovered_in = past[0] - killed_at
         apps = client.AppsV1Api(cluster.api_client())
         dep = apps.read_namespaced_deployment(f"{JOB}-serving", NAMESPACE)
         assert (dep.status.available_replicas or 0) >= 1
