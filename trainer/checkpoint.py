@@ -108,7 +108,8 @@ class CheckpointManager:
         self.keep = keep
         self.fence = fence or Fence(root, None)
 
-    def _final_path(self, step: int) -> Path:
+    def path_of(self, step: int) -> Path:
+        """Where the checkpoint of ``step`` lives once committed."""
         return self.root / f"{PREFIX}{step:09d}"
 
     def save(
@@ -128,7 +129,7 @@ class CheckpointManager:
         """Write a gathered checkpoint (one writer holds the whole student) atomically, prune old
         ones, and return its path. ``extra`` maps a file name (``*.safetensors``) to the tensors
         it holds; they are covered by the manifest."""
-        tmp = self.begin(self.root / f"{TMP_PREFIX}{self._final_path(step).name}-{os.getpid()}")
+        tmp = self.begin(self.root / f"{TMP_PREFIX}{self.path_of(step).name}-{os.getpid()}")
         try:
             save_model(model, str(tmp / "model.safetensors"))
             save_model(aux, str(tmp / "aux.safetensors"))
@@ -148,7 +149,7 @@ class CheckpointManager:
     def shared_tmp(self, step: int) -> Path:
         """The temporary directory every rank of a sharded save writes into: the same name on
         every rank, one per attempt (a rank of an older attempt never writes into a newer one's)."""
-        return self.root / f"{TMP_PREFIX}{self._final_path(step).name}-attempt{self.fence.attempt or 0}"
+        return self.root / f"{TMP_PREFIX}{self.path_of(step).name}-attempt{self.fence.attempt or 0}"
 
     def begin(self, tmp: Path) -> Path:
         """An empty ``tmp`` (what a writer that died there left is removed first)."""
@@ -192,7 +193,7 @@ class CheckpointManager:
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"step": step, "files": {name: known.get(name) or sha256_file(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        final = self._final_path(step)
+        final = self.path_of(step)
         try:
             with self.fence.holding(f"checkpoint of step {step}"):
                 # Re-saving a step (e.g. SIGTERM right after a periodic save) replaces the old one.
@@ -210,15 +211,19 @@ class CheckpointManager:
             # Left by a writer that died mid-save or mid-replace; never the newest checkpoint.
             shutil.rmtree(stale, ignore_errors=True)
 
-    def candidates(self) -> list[Path]:
-        """Checkpoint directories, newest first."""
+    def listed_steps(self) -> list[int]:
+        """Steps of the committed checkpoint directories, newest first."""
         if not self.root.is_dir():
             return []
-        found = []
+        steps = []
         for p in self.root.iterdir():
             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit():
-                found.append((int(p.name[len(PREFIX) :]), p))
-        return [p for _, p in sorted(found, reverse=True)]
+                steps.append(int(p.name[len(PREFIX) :]))
+        return sorted(steps, reverse=True)
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint directories, newest first."""
+        return [self.path_of(step) for step in self.listed_steps()]
 
     @staticmethod
     def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
@@ -249,11 +254,10 @@ class CheckpointManager:
         listing: a listing taken while an older gang still commits or prunes may differ between
         ranks, and one verdict per checkpoint per rank keeps the collectives matched (a rank that
         lacks a listed checkpoint finds it unsound)."""
-        if group is None:
-            paths = self.candidates()
-        else:
-            mine = [int(p.name[len(PREFIX) :]) for p in self.candidates()]
-            paths = [self._final_path(step) for step in group.steps_of_first(mine)]
+        steps = self.listed_steps()
+        if group is not None:
+            steps = group.steps_of_first(steps)
+        paths = [self.path_of(step) for step in steps]
         for path in paths:
             problem = self.verify(path, share)
             sound = problem is None if group is None else group.agree_sound(problem is None)

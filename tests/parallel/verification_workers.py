@@ -25,17 +25,17 @@ def latest_run(env: DistEnv, workdir: Path, args: dict) -> None:
     checkpoint.sha256_file = counting  # type: ignore[assignment]
 
     manager = checkpoint.CheckpointManager(Path(args["root"]), keep=3)
-    listing = manager.candidates
+    listing = manager.listed_steps
     hidden = args.get("hide", {}).get(str(env.rank))
     phantom = args.get("phantom", {}).get(str(env.rank))
 
-    def candidates() -> list[Path]:
+    def listed_steps() -> list[int]:
         """This rank's listing, as if taken before ``hide`` landed or before ``phantom`` was pruned."""
-        found = [p for p in listing() if hidden is None or p != manager.root / f"step-{hidden:09d}"]
-        return ([manager.root / f"step-{phantom:09d}"] if phantom is not None else []) + found
+        found = [step for step in listing() if step != hidden]
+        return ([phantom] if phantom is not None else []) + found
 
-    manager.candidates = candidates  # type: ignore[method-assign]
-    info = group = ParallelRuntime(env=env, layout=None, device=torch.device("cpu"))  # type: ignore[arg-type]
+    manager.listed_steps = listed_steps  # type: ignore[method-assign]
+    group = ParallelRuntime(env=env, layout=None, device=torch.device("cpu"))  # type: ignore[arg-type]
     info = manager.latest((env.rank, env.world_size), group)
     (workdir / f"rank{env.rank}.json").write_text(
         json.dumps({"step": None if info is None else info.step, "path": info and info.path.name, "hashed": hashed})
