@@ -45,7 +45,7 @@ step() {
 
 step format "${venv}/bin/ruff" format --check .
 step ruff "${venv}/bin/ruff" check .
-step mypy "${venv}/bin/mypy" -p kdistill.api -p kdistill.operator -p kdistill.serving -p kdistill.cli
+step mypy "${venv}/bin/mypy" -p kdistill.api -p kdistill.operator -p kdistill.trainer -p kdistill.serving -p kdistill.cli
 # From inside the tree: lint-imports puts the working directory first on sys.path, and the
 # repository root holds the one-file kdistill/ folder.
 step imports bash -c "cd '${tree}' && '${venv}/bin/lint-imports' --config '${root}/pyproject.toml' --no-cache"

@@ -114,7 +114,7 @@ class LowRankAttentionTransfer(nn.Module):
                     raise ValueError(
                         f"q/k/v {tuple(s.shape[:2])} / {tuple(t.shape[:2])} do not match mask {tuple(mask.shape)}"
                     )
-                s_low = self.student_proj[p][x](upcast(s))  # type: ignore[index]
+                s_low = self.student_proj[p][x](upcast(s))
                 t_in = upcast(t).detach()
                 t_low = t_in @ self.teacher_projection(p, x).to(t_in.dtype)
                 rows = relation_kl(s_low, t_low, s_scale, 1.0 / math.sqrt(self.teacher_dims[x]), mask)

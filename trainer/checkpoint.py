@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -63,7 +63,9 @@ class CheckpointInfo:
 
 def capture_rng() -> dict[str, Any]:
     """Every RNG state as tensors and plain values, so that ``weights_only`` loading accepts it."""
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    # The legacy tuple form (numpy's stubs also allow a dict, which legacy=True never returns).
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {

@@ -31,7 +31,7 @@ tests/unit/test_fused_head_loss.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ class TopKTeacher:
     logsumexp: Tensor | None = None  # [N]; None: no tail bucket (renormalised over the top-k)
 
 
-Teacher = Tensor | TeacherHead | TopKTeacher
+Teacher: TypeAlias = "Tensor | TeacherHead | TopKTeacher"
 
 
 def _teacher_chunk(
@@ -77,10 +77,10 @@ def _teacher_chunk(
             logits = logits + teacher.bias.to(dtype)
         return "dense", (logits,)
     # k == V leaves no tail: the buckets are the whole vocabulary (as in topk_kd_divergence).
-    with_tail = teacher.logsumexp is not None and teacher.values.shape[-1] < vocab
-    lse = teacher.logsumexp[lo:hi].to(dtype) if with_tail else None
+    tail = teacher.logsumexp if teacher.values.shape[-1] < vocab else None
+    lse = tail[lo:hi].to(dtype) if tail is not None else None
     parts = (teacher.values[lo:hi].to(dtype), teacher.indices[lo:hi])
-    return ("topk-tail", (*parts, lse)) if lse is not None else ("topk", parts)  # type: ignore[return-value]
+    return ("topk-tail", (*parts, lse)) if lse is not None else ("topk", parts)
 
 
 def _kd_and_grad(z_t: Tensor, log_s: Tensor, kind: str, args: tuple[Tensor, ...], t: float) -> tuple[Tensor, Tensor]:
@@ -139,7 +139,7 @@ def _chunk_fn() -> Any:
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: Tensor,
         weight: Tensor,
@@ -182,7 +182,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (c_kd * kd_all).sum() + (c_ce * ce_all).sum()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         grad_h = (saved[0] * grad).to(h_dtype)

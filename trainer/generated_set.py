@@ -235,7 +235,7 @@ def prepare(root: Path, plan: GenerationPlan) -> dict[str, Any]:
 
 def finalize(root: Path, plan: GenerationPlan) -> dict[str, Any]:
     """Rank 0, once every shard is written: checksum them and mark the manifest complete."""
-    shards = []
+    shards: list[dict[str, Any]] = []
     for i in range(plan.num_shards):
         path = root / shard_name(i)
         if not shard_is_complete(path, plan, i):

@@ -320,6 +320,8 @@ class Trainer:
         from .cross_tokenizer import CrossTokenizerKD, VocabularyProjection, collate_with_teacher
 
         assert isinstance(self.flow, SingleProcessFlow)  # models.check_cross_tokenizer refuses a split student
+        # models.cross_tokenizer_problems refuses crossTokenizer logits with a served teacher.
+        assert self.teacher is not None
         projection = None
         if setting.method == "byte-span":
             projection = VocabularyProjection.from_tokenizers(
@@ -602,7 +604,9 @@ class Trainer:
         if not self.parallel.split_teacher:
             return self.teacher
         if self._full_teacher is None:
-            self._full_teacher = load_models(self.spec, self.opts.base_dir).teacher.to(self.device)
+            teacher = load_models(self.spec, self.opts.base_dir).teacher
+            assert teacher is not None  # a split teacher is a local one
+            self._full_teacher = teacher.to(self.device)
         return self._full_teacher
 
     def evaluate_model(self, model: nn.Module, device: torch.device | None = None) -> EvalResult | None:

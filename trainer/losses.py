@@ -99,7 +99,7 @@ class _ForwardKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, s: Tensor, t: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, s: Tensor, t: Tensor, temperature: float) -> Tensor:
         log_s = F.log_softmax(s / temperature, dim=-1)
         log_t = F.log_softmax(t / temperature, dim=-1)
         p_t = log_t.exp()
@@ -109,7 +109,7 @@ class _ForwardKL(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         log_s, p_t = ctx.saved_tensors
         grad_s = log_s.exp().sub_(p_t).mul_(grad.unsqueeze(-1) * ctx.temperature)
         return grad_s, None, None
@@ -175,7 +175,7 @@ class _TopKForwardKL(torch.autograd.Function):
         s: Tensor,
         log_t: Tensor,
         idx: Tensor,
-        temperature: float,  # type: ignore[override]
+        temperature: float,
         with_tail: bool,
     ) -> Tensor:
         z = s / temperature
@@ -195,7 +195,7 @@ class _TopKForwardKL(torch.autograd.Function):
         return (log_t.exp() * (log_t - log_s)).sum(dim=-1) * (temperature * temperature)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         scale = grad.unsqueeze(-1) * ctx.temperature
         if ctx.with_tail:
             log_pi, log_t, log_tail, idx = ctx.saved_tensors

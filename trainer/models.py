@@ -397,7 +397,7 @@ def load_for_served_teacher(
 
         # Only the teacher's config is compared (its vocabulary): no weights.
         config_only = SimpleNamespace(config=_teacher_config(teacher_dir, trust))
-        student_tok = student_tokenizer_if_different(config_only, tokenizer, student, student_dir)  # type: ignore[arg-type]
+        student_tok = student_tokenizer_if_different(config_only, tokenizer, student, student_dir)
         if student_tok is not None:
             check_cross_tokenizer(spec, student_dir)
         return Models(None, student, tokenizer, teacher_dir, student_tokenizer=student_tok, student_source=source)

@@ -157,6 +157,8 @@ class ProgressReporter:
         except Exception as exc:
             log.warning("cannot read the attempt of %s/%s: %s", self.namespace, self.name, exc)
             return False
+        if not isinstance(job, dict):
+            return False
         current = (job.get("status") or {}).get("attempt")
         if isinstance(current, int) and self.attempt is not None and current > self.attempt:
             self.fenced = current

@@ -85,7 +85,7 @@ class QKVCapture:
         for q, k, v in _SEPARATE:
             mods = (_get(block, q), _get(block, k), _get(block, v))
             if all(m is not None for m in mods):
-                return mods  # type: ignore[return-value]
+                return mods
         for path in _FUSED:
             fused = _get(block, path)
             if fused is not None:

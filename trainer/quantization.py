@@ -255,7 +255,10 @@ def conv1d_to_linear(model: nn.Module) -> list[str]:
 def cpu_int8_features() -> dict[str, Any]:
     """What the CPU offers for int8 GEMMs, and what torch was built with."""
     cpu = torch.cpu
-    flag = lambda name: bool(getattr(cpu, name, lambda: False)())  # noqa: E731
+
+    def flag(name: str) -> bool:
+        return bool(getattr(cpu, name, lambda: False)())
+
     return {
         "machine": platform.machine(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),

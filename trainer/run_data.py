@@ -22,10 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdistill.api.failures import ExitCode
 from kdistill.api.replay import Partition, RunDataPlan, plan_run_data
 from kdistill.api.spec import DistillationJobSpec, RunData
 
-from .errors import ExitCode, TrainerError
+from .errors import TrainerError
 from .sources import resolve_source
 
 TRAIN, EVAL = "train.jsonl", "eval.jsonl"

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from kdistill.api.failures import ExitCode
 from kdistill.api.metadata import STUDENT_INT8_DIR
 
-from .errors import ExitCode, TrainerError
+from .errors import TrainerError
 from .run_data import RunFiles
 from .sources import resolve_source
 from .training_data import eval_examples_from

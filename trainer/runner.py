@@ -257,6 +257,8 @@ def main_entry(
         write_termination(termination_for(code, message))
         return int(code)
     if rank == 0:
-        summary = {k: result[k] for k in ("metrics", "steps", "tokensPerSecond", "wallSeconds") if k in result}
+        summary: dict[str, Any] = {
+            k: result[k] for k in ("metrics", "steps", "tokensPerSecond", "wallSeconds") if k in result
+        }
         write_termination(Termination(reason="Succeeded", retryable=False, result=summary))
     return 0

@@ -92,12 +92,12 @@ def assign_tiers(examples: Sequence[TokenizedExample], task: Task, shares: Seque
     if n == 0:
         return []
     if task == "sequence-classification":
-        labels = [e.label for e in examples]
-        if any(lab is None for lab in labels):
+        labels = [e.label for e in examples if e.label is not None]
+        if len(labels) != len(examples):
             raise ValueError("assign_tiers: sequence-classification needs a label on every example")
         counts: dict[int, int] = {}
         for lab in labels:
-            counts[lab] = counts.get(lab, 0) + 1  # type: ignore[index]
+            counts[lab] = counts.get(lab, 0) + 1
         tier_of: dict[int, int] = {}
         before = 0
         for lab, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -108,7 +108,7 @@ def assign_tiers(examples: Sequence[TokenizedExample], task: Task, shares: Seque
             else:
                 tier_of[lab] = TAIL
             before += c
-        return [tier_of[lab] for lab in labels]  # type: ignore[index]
+        return [tier_of[lab] for lab in labels]
     if task == "causal-lm":
         order = np.argsort(token_rarity(examples), kind="stable")
         b1, b2 = round(head * n), round((head + torso) * n)

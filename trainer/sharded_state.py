@@ -106,10 +106,10 @@ def checkpointable(local: torch.Tensor, shape: tuple[int, ...], shard: Shard | N
         raise ValueError(f"shard of shape {tuple(t.shape)} does not match {shard} of {tuple(shape)}")
     sizes = tuple(n if d == shard.dim else s for d, s in enumerate(t.shape))
     starts = [s * section + start for s in range(shard.sections)]
-    t.global_shape = tuple(shape)  # type: ignore[attr-defined]
-    t.global_offsets = tuple(_at(len(shape), shard.dim, g) for g in starts)  # type: ignore[attr-defined]
-    t.local_offsets = tuple(_at(len(shape), shard.dim, s * n) for s in range(shard.sections))  # type: ignore[attr-defined]
-    t.local_sizes = (sizes,) * shard.sections  # type: ignore[attr-defined]
+    t.global_shape = tuple(shape)
+    t.global_offsets = tuple(_at(len(shape), shard.dim, g) for g in starts)
+    t.local_offsets = tuple(_at(len(shape), shard.dim, s * n) for s in range(shard.sections))
+    t.local_sizes = (sizes,) * shard.sections
     return t
 
 
@@ -184,7 +184,7 @@ def _moment_targets(md: Metadata, h: Held) -> dict[str, torch.Tensor]:
         if size == tuple(h.shape) and size:
             out[key] = checkpointable(torch.zeros_like(local), h.shape, h.shard)
         elif not size:
-            out[key] = torch.zeros((), dtype=md.state_dict_metadata[key].properties.dtype)  # type: ignore[union-attr]
+            out[key] = torch.zeros((), dtype=md.state_dict_metadata[key].properties.dtype)
         else:
             raise ValueError(f"{key} has shape {size}, its parameter {tuple(h.shape)}")
     return out

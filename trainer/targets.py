@@ -166,12 +166,9 @@ class TeacherTargetSource:
         )
         if needs.hidden:
             # Only the mapped layers travel; HiddenStateTransfer reads index t + 1 of the tuple.
-            out.hidden = tuple(
-                got.hidden[i].float() if i in got.hidden else None  # type: ignore[misc]
-                for i in range(split.num_layers + 1)
-            )
+            out.hidden = tuple(got.hidden[i].float() if i in got.hidden else None for i in range(split.num_layers + 1))
         if needs.attention:
-            out.qkv = {layer: tuple(x.float() for x in qkv) for layer, qkv in got.qkv.items()}  # type: ignore[misc]
+            out.qkv = {layer: tuple(x.float() for x in qkv) for layer, qkv in got.qkv.items()}
         return got.logits
 
     def _local_forward(self, batch: Batch, needs: Needs, out: TeacherTargets, autocast: Any) -> torch.Tensor | None:
@@ -200,6 +197,7 @@ class TeacherTargetSource:
         if needs.hidden:
             out.hidden = tuple(h.float().clone() for h in t_out.hidden_states)
         if needs.attention:
+            assert cap is not None  # needs.attention installed the capture
             out.qkv = {layer: tuple(x.float().clone() for x in qkv) for layer, qkv in cap.qkv.items()}
         if needs.logits and out.logit_rows is None:
             return t_out.logits.float().clone()

@@ -34,7 +34,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -137,7 +137,7 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
-class _Gather:
+class _Gather(Generic[T]):
     """One Future over several: results in order, or the first exception."""
 
     def __init__(self, parts: list[Future[Any]], combine: Callable[[list[Any]], T]) -> None:

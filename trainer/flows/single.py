@@ -220,7 +220,7 @@ class SingleProcessFlow:
                 rows = head(out.last_hidden_state[:, :-1][trained_rows(batch["labels"])])
             else:
                 out = self.forward_module(**inputs)
-        return _StudentOutputs(out, rows, cap.qkv if need_qkv else {})
+        return _StudentOutputs(out, rows, cap.qkv if cap is not None else {})
 
     def _logits_loss(
         self, batch: Batch, student: _StudentOutputs, targets: TeacherTargets, temperature: float

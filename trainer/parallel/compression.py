@@ -392,8 +392,9 @@ def _selection_score(
     for p, whole in zip(params, small, strict=True):
         piece = acc[offset : offset + p.numel()]
         scale = None if whole else state.selection_scale(p)
-        usable = scale is not None and scale.numel() == piece.numel()
-        pieces.append(piece * scale.to(piece.device) if usable else piece)
+        if scale is not None and scale.numel() == piece.numel():
+            piece = piece * scale.to(piece.device)
+        pieces.append(piece)
         offset += p.numel()
     return torch.cat(pieces)
 

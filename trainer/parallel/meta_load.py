@@ -52,11 +52,11 @@ def params_on_meta() -> Iterator[None]:
         if value is not None and not value.is_meta:
             module._parameters[name] = type(value)(value.to("meta"), requires_grad=value.requires_grad)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        nn.Module.register_parameter = original
 
 
 def is_meta_model(model: nn.Module) -> bool:

@@ -214,7 +214,7 @@ class StageFeatures:
                 out = run_stage_model(model, x, pool=pool, output_hidden_states=True, **kwargs)
             else:
                 out = model(**{key: x}, use_cache=False, output_hidden_states=True, **kwargs)
-        states = tuple(out.hidden_states)
+        states = tuple(out.hidden_states or ())
         if len(states) != self.hi - self.lo + 1:
             raise RuntimeError(
                 f"student stage reported {len(states)} hidden states for blocks [{self.lo}, {self.hi}); "

@@ -191,7 +191,7 @@ def hollow_to_stage(model: nn.Module, layers: range, *, first: bool, last: bool)
     if not last:
         setattr(parts.base, parts.norm_name, nn.Identity())
         setattr(model, parts.head_name, nn.Identity())
-    model.kdistill_stage = (layers, first, last)  # type: ignore[assignment]
+    model.kdistill_stage = (layers, first, last)
     return model
 
 

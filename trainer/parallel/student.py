@@ -138,12 +138,12 @@ class _FromTensorRegion(torch.autograd.Function):
 
 def to_tensor_region(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Enter a column-parallel layer: identity forward, the input's gradient summed over ``group``."""
-    return _ToTensorRegion.apply(x, group)  # type: ignore[no-any-return]
+    return _ToTensorRegion.apply(x, group)
 
 
 def from_tensor_region(partial: torch.Tensor, group: Any) -> torch.Tensor:
     """Leave a row-parallel layer: the partial outputs summed over ``group``."""
-    return _FromTensorRegion.apply(partial, group)  # type: ignore[no-any-return]
+    return _FromTensorRegion.apply(partial, group)
 
 
 class ShardedConv1D(nn.Module):

@@ -97,7 +97,7 @@ def fake_quant_weight(w: torch.Tensor, group: Any = None) -> torch.Tensor:
     return _fake_quantize_per_channel_group(w, scale, zero_point, qmin, qmax, w.shape[-1], config.zero_point_domain)
 
 
-class SplitFakeQuantLinear(nn.Linear):  # type: ignore[misc]
+class SplitFakeQuantLinear(nn.Linear):
     """A backbone Linear of the split student with INT8 fake quantization. ``tp_style`` is
     "colwise", "rowwise" (tensor-parallel shards) or None (a whole layer)."""
 
@@ -137,7 +137,7 @@ def _fake_quant_conv1d_class() -> type[nn.Module]:
     if "class" not in _CONV1D_CLASS:
         from transformers.pytorch_utils import Conv1D
 
-        class SplitFakeQuantConv1D(Conv1D):  # type: ignore[misc]
+        class SplitFakeQuantConv1D(Conv1D):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 return F.linear(fake_quant_activation(x), fake_quant_weight(self.weight.t()), self.bias)
 

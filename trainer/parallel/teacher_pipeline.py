@@ -203,7 +203,7 @@ class SplitTeacher:
         lo, hi = self.split.layers.start, self.split.layers.stop
         hidden: list[torch.Tensor] = []
         if own_hidden:
-            states = out.hidden_states
+            states = out.hidden_states or ()
             if len(states) != hi - lo + 1:
                 raise RuntimeError(
                     f"teacher stage {stage} reported {len(states)} hidden states for blocks "
@@ -253,10 +253,7 @@ class SplitTeacher:
         return TeacherOutputs(
             logits=torch.cat(logits, 0) if request.logits else None,
             hidden={i: torch.cat(parts, 0) for i, parts in hidden.items()},
-            qkv={
-                layer: tuple(torch.cat([p[j] for p in parts], 0) for j in range(3))  # type: ignore[misc]
-                for layer, parts in qkv.items()
-            },
+            qkv={layer: tuple(torch.cat([p[j] for p in parts], 0) for j in range(3)) for layer, parts in qkv.items()},
         )
 
     def _emit(
