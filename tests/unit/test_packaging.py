@@ -93,6 +93,10 @@ def test_plain_wheel_maps_every_folder(tmp_path: Path) -> None:
     missing = sorted(expected - names)
     assert not missing, f"modules missing from the wheel (add their package to pyproject.toml): {missing}"
     assert not any(n.startswith("operator/") for n in names), "operator/ must not install as a top-level package"
+    # The licence travels as an SPDX expression with its text (PEP 639), as LICENSE states it.
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    assert "License-Expression: Apache-2.0" in zipfile.ZipFile(wheel).read(metadata).decode()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
 
 
 # A Python interpreter at the start of a shell command: `$(PY)`, `"${PY}"`, `python3`, `.venv/bin/python`...
