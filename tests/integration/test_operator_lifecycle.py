@@ -18,7 +18,6 @@ from tests.operator.cluster_helpers import (
     OperatorProcess,
     eventually,
     job_body,
-    success_message,
 )
 
 pytestmark = pytest.mark.cluster
@@ -99,10 +98,7 @@ def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
 
     # 6. success, with metrics in the termination message (full float precision, as the trainer writes them)
     retention = 0.9721786549256195
-    for pod in new:
-        cluster.succeed_pod(
-            ns, pod.metadata.name, message=success_message(retention) if pod.metadata.name.endswith("-0") else None
-        )
+    h.succeed_gang(cluster, ns, new, retention)
 
     # 7. the serving Deployment becomes available and status.endpoint is set
     status = jobs.wait_phase(name, "Succeeded", 90)

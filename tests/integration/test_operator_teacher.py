@@ -22,7 +22,7 @@ from kubernetes import client
 
 from tests.cluster import Cluster, kwok
 from tests.operator import cluster_helpers as h
-from tests.operator.cluster_helpers import Jobs, OperatorProcess, eventually, job_body, success_message
+from tests.operator.cluster_helpers import Jobs, OperatorProcess, eventually, job_body
 
 pytestmark = pytest.mark.cluster
 lease_namespace, claims, env = h.lease_namespace, h.claims, h.env
@@ -184,10 +184,7 @@ def test_teacher_first_workers_gated_on_readiness_teacher_loss_without_gang_rest
         assert "GangRestart" not in [e.reason for e in jobs.events(name)]
 
         # 5. Training succeeds: the teacher's Deployment and Service are deleted, the job stays.
-        for pod in pods:
-            cluster.succeed_pod(
-                ns, pod.metadata.name, success_message(0.95) if pod.metadata.name.endswith("-0") else None
-            )
+        h.succeed_gang(cluster, ns, pods, 0.95)
         jobs.wait_phase(name, "Succeeded", 60)
         eventually(
             lambda: (

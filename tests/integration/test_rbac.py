@@ -239,13 +239,14 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
                      f"2 running pods of gang attempt {attempt}", timeout, op, fail_fast)  # fmt: skip
 
     def finish_gang(pods: list[Any]) -> None:
-        """Rank 0 succeeds with the metrics summary, the others exit 0. Under load kwok 0.7 can
-        delete a fresh pod that reuses an old pod's name (a stale delete by name), which restarts
-        the gang once more: then the next attempt's gang is finished instead."""
+        """The others exit 0, then rank 0 succeeds with the metrics summary (the operator deletes
+        the workers once rank 0 has succeeded). Under load kwok 0.7 can delete a fresh pod that
+        reuses an old pod's name (a stale delete by name), which restarts the gang once more: then
+        the next attempt's gang is finished instead."""
         attempt = int(pods[0].metadata.labels[LABEL_ATTEMPT])
         while True:
             try:
-                for pod in pods:
+                for pod in sorted(pods, key=lambda p: p.metadata.labels.get("kdistill.io/replica-index") == "0"):
                     rank0_pod = pod.metadata.labels.get("kdistill.io/replica-index") == "0"
                     cluster.succeed_pod(ns, pod.metadata.name, SUCCESS if rank0_pod else None)
                 return

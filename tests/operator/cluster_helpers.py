@@ -347,6 +347,15 @@ def success_message(retention: float) -> dict[str, Any]:
     }
 
 
+def succeed_gang(cluster: Cluster, namespace: str, pods: list[Any], retention: float) -> None:
+    """Every worker exits 0, rank 0 last with its result. The operator counts the job done when
+    rank 0 has succeeded and then deletes the workers, so a rank still to be succeeded after it
+    may already be gone."""
+    for pod in sorted(pods, key=lambda p: p.metadata.name.endswith("-0")):
+        last = pod.metadata.name.endswith("-0")
+        cluster.succeed_pod(namespace, pod.metadata.name, message=success_message(retention) if last else None)
+
+
 @pytest.fixture(scope="module")
 def lease_namespace(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
     install_crd(cluster, tmp_path_factory.mktemp("crd"))

@@ -93,8 +93,8 @@ def test_residuals_follow_the_learning_rate_so_no_displacement_is_lost(tmp_path:
     for r in _results(tmp_path, 2):
         exact = r["gap"] < 1e-5 * max(1.0, r["scale"])
         assert exact == follow, r["gap"]
-        if follow:
-            assert r["gap_without_residual"] > 100 * r["gap"] + 1e-4
+        if follow:  # the residual carried something (its term is lr_next = 0.17 times it)
+            assert r["gap_without_residual"] > 100 * r["gap"] + 1e-5
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["gradient", "momentum"])
