@@ -28,7 +28,7 @@ from tests.integration.test_rbac import (
     without,
 )
 from tests.operator import cluster_helpers as h
-from tests.operator.cluster_helpers import Jobs, OperatorProcess, eventually, job_body
+from tests.operator.cluster_helpers import Jobs, OperatorProcess, eventually, job_body, success_message
 
 pytestmark = pytest.mark.cluster
 lease_namespace, claims = h.lease_namespace, h.claims
@@ -88,7 +88,8 @@ def wl_condition(body: dict[str, Any], type_: str) -> dict[str, Any] | None:
 
 
 def finish(cluster: Cluster, jobs: Jobs, name: str, attempt: int) -> None:
-    h.succeed_gang(cluster, jobs.ns, jobs.wait_running_gang(name, 2, attempt=attempt, timeout=90), 0.95)
+    pods = jobs.wait_running_gang(name, 2, attempt=attempt, timeout=90)
+    h.succeed_gang(cluster, jobs.ns, pods, success_message(0.95))
 
 
 def test_gang_admission_quota_conditions_and_kubectl_wait(

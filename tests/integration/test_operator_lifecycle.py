@@ -98,7 +98,7 @@ def test_full_life(cluster: Cluster, env: tuple[Jobs, OperatorProcess]) -> None:
 
     # 6. success, with metrics in the termination message (full float precision, as the trainer writes them)
     retention = 0.9721786549256195
-    h.succeed_gang(cluster, ns, new, retention)
+    h.succeed_gang(cluster, ns, new, h.success_message(retention))
 
     # 7. the serving Deployment becomes available and status.endpoint is set
     status = jobs.wait_phase(name, "Succeeded", 90)

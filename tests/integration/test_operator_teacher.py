@@ -184,7 +184,7 @@ def test_teacher_first_workers_gated_on_readiness_teacher_loss_without_gang_rest
         assert "GangRestart" not in [e.reason for e in jobs.events(name)]
 
         # 5. Training succeeds: the teacher's Deployment and Service are deleted, the job stays.
-        h.succeed_gang(cluster, ns, pods, 0.95)
+        h.succeed_gang(cluster, ns, pods, h.success_message(0.95))
         jobs.wait_phase(name, "Succeeded", 60)
         eventually(
             lambda: (

@@ -50,6 +50,7 @@ from tests.operator.cluster_helpers import (
     install_crd,
     job_body,
     make_claims,
+    succeed_gang,
 )
 
 pytestmark = pytest.mark.cluster
@@ -246,9 +247,7 @@ def job_life(cluster: Cluster, ns: str, op: Operator, *, timeout: float, fail_fa
         attempt = int(pods[0].metadata.labels[LABEL_ATTEMPT])
         while True:
             try:
-                for pod in sorted(pods, key=lambda p: p.metadata.labels.get("kdistill.io/replica-index") == "0"):
-                    rank0_pod = pod.metadata.labels.get("kdistill.io/replica-index") == "0"
-                    cluster.succeed_pod(ns, pod.metadata.name, SUCCESS if rank0_pod else None)
+                succeed_gang(cluster, ns, pods, SUCCESS)
                 return
             except client.ApiException as exc:
                 if exc.status != 404:

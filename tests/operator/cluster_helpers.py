@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client
 
-from kdistill.api.metadata import LABEL_ATTEMPT
+from kdistill.api.metadata import LABEL_ATTEMPT, LABEL_INDEX
 from tests.cluster import Cluster, start_cluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -347,13 +347,16 @@ def success_message(retention: float) -> dict[str, Any]:
     }
 
 
-def succeed_gang(cluster: Cluster, namespace: str, pods: list[Any], retention: float) -> None:
-    """Every worker exits 0, rank 0 last with its result. The operator counts the job done when
-    rank 0 has succeeded and then deletes the workers, so a rank still to be succeeded after it
-    may already be gone."""
-    for pod in sorted(pods, key=lambda p: p.metadata.name.endswith("-0")):
-        last = pod.metadata.name.endswith("-0")
-        cluster.succeed_pod(namespace, pod.metadata.name, message=success_message(retention) if last else None)
+def succeed_gang(cluster: Cluster, namespace: str, pods: list[Any], message: dict[str, Any]) -> None:
+    """Every worker exits 0, rank 0 last with ``message`` (its termination message). The operator
+    counts the job done when rank 0 has succeeded and then deletes the workers, so a rank still to
+    be succeeded after it may already be gone."""
+
+    def rank0(pod: Any) -> bool:
+        return bool(pod.metadata.labels.get(LABEL_INDEX) == "0")
+
+    for pod in sorted(pods, key=rank0):
+        cluster.succeed_pod(namespace, pod.metadata.name, message=message if rank0(pod) else None)
 
 
 @pytest.fixture(scope="module")
