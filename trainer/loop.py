@@ -520,8 +520,12 @@ class Trainer:
         # gradient before compressing it instead (DGC's local clipping).
         if max_norm > 0 and not (hook is not None and hook.last_compressed):
             self.flow.clip_grad_norm(params, max_norm)
+        lr_before = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
+        if hook is not None and self.spec.parallelism.gradient_compression.freeze_variance:
+            # What a residual owes is lr * mass: keep it whole across the schedule's change.
+            hook.follow_learning_rate(lr_before, float(self.scheduler.get_last_lr()[0]))
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         self.train_seconds += seconds

@@ -45,6 +45,9 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
         }
         state.selection_scale = lambda p: weights[id(p)]
     opt = torch.optim.SGD(ddp.parameters(), lr=1.0)
+    # Per-step learning rates (``lrs``, one more than steps: the last is the next step's); with
+    # ``follow_lr`` the residuals follow each change, as the trainer's loop makes them.
+    lrs = args.get("lrs") or [1.0] * (args["steps"] + 1)
     gen = torch.Generator().manual_seed(100 + env.rank)
     step_ratios, update_norms, compressed = [], [], []
     # Under momentum compression, this rank's momentum recomputed here from its own gradients
@@ -57,6 +60,8 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
         if step == args.get("rewrap_at"):
             ddp, opt = _rewrap(model, ddp, state, (mine, due, seen))
         before = (state.bytes_sent, state.bytes_dense)
+        for group in opt.param_groups:
+            group["lr"] = lrs[step]
         x = torch.randn(16, 64, generator=gen)
         y = torch.randn(16, 8, generator=gen)
         opt.zero_grad()
@@ -72,20 +77,23 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
                 ).norm()
             )
         )
+        if args.get("follow_lr"):
+            state.follow_learning_rate(lrs[step], lrs[step + 1])
         compressed.append(state.last_compressed)
         for p in model.parameters():
             grad = state.grad_totals[id(p)] - seen[id(p)]
             seen[id(p)] = state.grad_totals[id(p)].clone()
             if state.last_compressed and p.dim() >= 2 and state.momentum > 0:
                 mine[id(p)] = state.momentum * mine[id(p)] + (1 - state.momentum) * grad
-                due[id(p)] += mine[id(p)]
+                due[id(p)] += lrs[step] * mine[id(p)]
             else:
-                due[id(p)] += grad
+                due[id(p)] += lrs[step] * grad
         step_ratios.append((state.bytes_dense - before[1]) / (state.bytes_sent - before[0]))
-    # Identity under error feedback: applied updates + mean residual == sum of true mean grads.
+    # Identity under error feedback: applied updates + mean residual == sum of true mean grads
+    # (each times its step's learning rate; the residual at the next step's).
     applied = [s - p.detach() for s, p in zip(start, model.parameters(), strict=True)]
     true_sum = [due[id(p)].clone() for p in model.parameters()]
-    resid = [state.residual_for(p).clone() for p in model.parameters()]
+    resid = [lrs[args["steps"]] * state.residual_for(p).clone() for p in model.parameters()]
     for t in (*true_sum, *resid):
         dist.all_reduce(t)
         t.div_(env.world_size)

@@ -76,6 +76,27 @@ def test_momentum_compression_sends_each_ranks_momentum_and_loses_none_of_it(tmp
     assert ranks[0]["params"] == ranks[1]["params"]
 
 
+@pytest.mark.parametrize("follow", [True, False], ids=["residuals-follow", "residuals-fixed"])
+def test_residuals_follow_the_learning_rate_so_no_displacement_is_lost(tmp_path: Path, follow: bool) -> None:
+    """Under a decaying learning rate, a residual applied later moves the weights by its value
+    times that later, smaller rate. Rescaled by before/after at every change, it keeps what it
+    owes in weight displacement: applied updates + lr_next * mean residual = the sum over steps of
+    lr_t * (mean gradient or momentum), exactly. Left as it was, the identity breaks."""
+    lrs = [1.0 * 0.8**i for i in range(9)]
+    run_ranks(
+        2,
+        "tests.parallel.compression_workers:topk_run",
+        tmp_path,
+        {"fraction": 0.01, "warmup": 2, "steps": 8, "momentum": 0.9, "lrs": lrs, "follow_lr": follow},
+        timeout=180,
+    )
+    for r in _results(tmp_path, 2):
+        exact = r["gap"] < 1e-5 * max(1.0, r["scale"])
+        assert exact == follow, r["gap"]
+        if follow:
+            assert r["gap_without_residual"] > 100 * r["gap"] + 1e-4
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["gradient", "momentum"])
 def test_a_student_wrapped_again_keeps_the_hooks_schedule_residuals_and_momenta(
     tmp_path: Path, momentum: float

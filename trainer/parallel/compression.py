@@ -47,6 +47,15 @@ momenta). 1-D tensors stay gradients (sent whole, plain AdamW). With gradient ac
 compressed step's micro-batches but the last keep their gradient local (``keeps_local``), so
 the momentum takes each step's gradient once.
 
+Learning-rate changes: with AdamW's variance frozen the weights move by the learning rate times
+what was sent, so what a residual owes is a displacement, the learning rate of the steps its mass
+came from times that mass (error feedback as compress(lr * g + e)). An entry that waits D steps
+under a decaying schedule would otherwise arrive scaled by the later, smaller rate and be partly
+lost. The loop therefore calls ``follow_learning_rate(before, after)`` after every scheduler step,
+so the residuals are always expressed at the rate of the step that sends them; a checkpoint taken
+after the call holds them at the rate the restored scheduler gives next, so a resume continues
+exactly. Measured at p = 0.01 over 2000 steps (docs/benchmarks/parallel.md).
+
 Residuals (and momenta) are part of a checkpoint (``rank_vectors`` / ``restore_residuals``): a
 resumed run continues with the unsent mass it had, so its trajectory equals the uninterrupted one.
 
@@ -196,6 +205,15 @@ class TopKState:
             moved = {moves[key]: value for key, value in table.items() if key in moves}
             table.clear()
             table.update(moved)
+
+    def follow_learning_rate(self, before: float, after: float) -> None:
+        """Rescale every residual by ``before / after`` when the learning rate changes between two
+        steps (see "Learning-rate changes" above). A next rate of 0 leaves them as they are."""
+        if after <= 0 or before == after:
+            return
+        factor = before / after
+        for residual in self.residuals.values():
+            residual.mul_(factor)
 
     def residual_for(self, param: torch.Tensor) -> torch.Tensor:
         r = self.residuals.get(id(param))
