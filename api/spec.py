@@ -8,6 +8,7 @@ beside it in ``cel_rules``; tests/spec_table.py holds the table that keeps them 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
@@ -465,6 +466,9 @@ class StudentParallelism(ApiModel):
     pipeline: int = Field(1, ge=1, le=64, description="Pipeline stages (torch.distributed.pipelining).")
 
 
+DEFAULT_RAMP_SHARE = 0.15  # of the job's steps, when rampSteps is unset
+
+
 class GradientCompression(ApiModel):
     top_k: float = Field(
         0.0,
@@ -479,12 +483,19 @@ class GradientCompression(ApiModel):
         le=10_000_000,
         description="Uncompressed steps first; with freezeVariance they estimate AdamW's second moment.",
     )
-    ramp_steps: int = Field(
-        0,
+    ramp_steps: int | None = Field(
+        None,
         ge=0,
         le=10_000_000,
         description="Steps after the warm-up over which the kept fraction decays exponentially from "
-        "all entries to topK.",
+        "rampFrom to topK; unset: 15% of the job's steps.",
+    )
+    ramp_from: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of gradient entries sent at the ramp's start (1 = all of them); a topK "
+        "above it is sent throughout.",
     )
     freeze_variance: bool = Field(
         True,
@@ -511,6 +522,18 @@ class GradientCompression(ApiModel):
             "compress: momentum needs freezeVariance: true (set compress: gradient for a moving variance)",
         ),
     )
+
+    def ramp_for(self, total_steps: int) -> int:
+        """The ramp's length in steps: rampSteps, or 15% of the job's steps when unset, so that the
+        ramp's share of the bytes stays the same whatever the run's length."""
+        if self.ramp_steps is not None:
+            return self.ramp_steps
+        return math.ceil(DEFAULT_RAMP_SHARE * total_steps)
+
+    @property
+    def ramp_start(self) -> float:
+        """The fraction sent at the ramp's start: rampFrom, or topK when that is larger."""
+        return max(self.ramp_from, self.top_k)
 
     @model_validator(mode="after")
     def _momentum_needs_frozen_variance(self) -> GradientCompression:

@@ -8,12 +8,13 @@ library's docstrings (``trainer/corpus.build_docstring_corpus``, its own held-ou
 configuration runs once per seed (the seed sets the student's init, data order and dropout); seeds,
 corpora and configurations are interleaved, so load drifts hit every configuration alike.
 
-A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS]]``: top-k fraction P (0:
-plain all-reduce), WARMUP dense steps, a RAMP of steps from dense down to P, FREEZE (1/0) AdamW's
-variance of matrices when compression starts, SELECTION (``update`` or ``magnitude``, what top-k
-ranks entries by) and COMPRESS (``momentum`` or ``gradient``, what top-k sends); the spec's default
-where left out or ``-``. ``default`` rows use the spec's defaults (``topK`` only). Reported per
-corpus and configuration (medians over seeds), against the same seed's uncompressed run:
+A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS[:FROM]]]``: top-k fraction P
+(0: plain all-reduce), WARMUP dense steps, a RAMP of steps from FROM down to P, FREEZE (1/0)
+AdamW's variance of matrices when compression starts, SELECTION (``update`` or ``magnitude``, what
+top-k ranks entries by), COMPRESS (``momentum`` or ``gradient``, what top-k sends) and FROM (the
+fraction sent at the ramp's start, 1 for dense); the spec's default where left out or ``-``.
+``default`` rows use the spec's defaults (``topK`` only). Reported per corpus and configuration
+(medians over seeds), against the same seed's uncompressed run:
 - loss gap: mean training loss over the last 20 steps;
 - held-out perplexity gap: the student's perplexity on the corpus's eval split at the end;
 - bytes the hook sent against plain all-reduce, counted by the hook over the whole run (warm-up
@@ -46,7 +47,8 @@ LAST = 20  # training-loss window at the end of a run
 DEFAULT_CONFIGS = [
     "dense:0:0:0:0",
     "default-p0.01:0.01:-:-:-",
-    "gradient-p0.01:0.01:10:0:1:update:gradient",
+    # Tuned for quality over bytes: the default ramp starts dense instead of at rampFrom 0.2.
+    "ramp-dense-p0.01:0.01:-:-:-:-:-:1",
     "default-p0.1:0.1:-:-:-",
 ]
 
@@ -70,11 +72,10 @@ def corpora(pvc: Path, work: Path) -> dict[str, tuple[Path, Path]]:
 
 def parse_config(text: str) -> dict:
     fields = text.split(":")
-    if len(fields) not in (5, 6, 7):
-        raise SystemExit(f"a configuration is LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS]], got {text!r}")
+    if len(fields) not in (5, 6, 7, 8):
+        raise SystemExit(f"a configuration is LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS[:FROM]]], got {text!r}")
     label, p, warmup, ramp, freeze = fields[:5]
-    selection = fields[5] if len(fields) >= 6 else "-"
-    compress = fields[6] if len(fields) == 7 else "-"
+    selection, compress, ramp_from = [*fields[5:], "-", "-", "-"][:3]
     return {
         "label": label,
         "top_k": float(p),
@@ -83,6 +84,7 @@ def parse_config(text: str) -> dict:
         "freeze": None if freeze == "-" else freeze == "1",
         "selection": None if selection == "-" else selection,
         "compress": None if compress == "-" else compress,
+        "ramp_from": None if ramp_from == "-" else float(ramp_from),
     }
 
 
@@ -92,6 +94,7 @@ def spec_fields(config: dict) -> dict:
     names = {
         "warmup": "warmupSteps",
         "ramp": "rampSteps",
+        "ramp_from": "rampFrom",
         "freeze": "freezeVariance",
         "selection": "selection",
         "compress": "compress",
@@ -194,7 +197,7 @@ def main() -> None:
         "--configs",
         nargs="+",
         default=DEFAULT_CONFIGS,
-        help="LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS]], '-' = default",
+        help="LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS[:FROM]]], '-' = default",
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -222,8 +225,8 @@ def main() -> None:
                                 "configs": args.configs,
                                 "method": "per-tensor top-k with error feedback of each rank's momentum (compress: "
                                 "momentum) or gradient; 1-D tensors sent whole; bfloat16 values; dense warm-up "
-                                "(optional density ramp); AdamW's variance of matrices frozen when compression "
-                                "starts (freezeVariance)",
+                                "then a density ramp (15% of the steps by default); AdamW's variance of "
+                                "matrices frozen when compression starts (freezeVariance)",
                                 "rows": summarize(runs),
                                 "runs": runs,
                                 "load_average_before": load_before,

@@ -85,7 +85,7 @@ GOOD_SPECS: list[tuple[str, dict[str, Any]]] = [
                 "nodes": 2,
                 "gpusPerNode": 0,
                 "student": {"data": 2},
-                "gradientCompression": {"topK": 0.01, "warmupSteps": 5, "rampSteps": 40},
+                "gradientCompression": {"topK": 0.01, "warmupSteps": 5, "rampSteps": 40, "rampFrom": 1.0},
             }
         ),
     ),
@@ -399,6 +399,16 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "ramp-negative",
         with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "rampSteps": -1}}),
         "spec.parallelism.gradientCompression.rampSteps",
+    ),
+    (
+        "ramp-from-zero",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "rampFrom": 0.0}}),
+        "spec.parallelism.gradientCompression.rampFrom",
+    ),
+    (
+        "ramp-from-above-one",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "rampFrom": 1.5}}),
+        "spec.parallelism.gradientCompression.rampFrom",
     ),
     (
         "topk-selection-unknown",

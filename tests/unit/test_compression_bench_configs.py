@@ -63,6 +63,11 @@ def test_every_named_field_reaches_the_job(bench, tmp_path: Path) -> None:  # ty
         "compress": "gradient",
     }
     assert _compression_block(bench, "default:0.01:-:-:-", tmp_path) == {"topK": 0.01}
+    assert _compression_block(bench, "f:0.01:-:300:-:-:-:1", tmp_path) == {
+        "topK": 0.01,
+        "rampSteps": 300,
+        "rampFrom": 1.0,
+    }
 
 
 def test_a_malformed_configuration_is_refused(bench) -> None:  # type: ignore[no-untyped-def]

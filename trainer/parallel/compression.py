@@ -16,8 +16,10 @@ without any update; under Adam those tensors matter as much as the big ones. Per
 gives every tensor its share each step (Deep Gradient Compression selects per layer too).
 
 Warm-up: the first ``warmup_steps`` steps run plain all-reduce (early gradients are large and
-dense). Then, optionally, the kept fraction decays exponentially from dense to ``fraction`` over
-``ramp_steps`` steps (DGC's sparsity warm-up; the spec's default is no ramp), then ``fraction``.
+dense). Then the kept fraction decays exponentially from ``ramp_from`` to ``fraction`` over
+``ramp_steps`` steps (DGC's sparsity warm-up), then stays at ``fraction``. The spec's default ramp
+is 15% of the job's steps from 20% of the entries: the first compressed steps, while the loss still
+falls fast, then lose little to delay, and the ramp's bytes grow with the run like the rest.
 
 Local clipping (DGC): on compressed steps each rank clips its own gradient before it enters the
 residual (``clip_norm``, the job's maxGradNorm, times the bucket's share of the entries); the loop
@@ -108,7 +110,8 @@ class TopKState:
     warmup_steps: int = 0
     process_group: Any = None
     error_feedback: bool = True
-    ramp_steps: int | None = None  # steps from dense down to ``fraction`` after warm-up (None: warmup_steps)
+    ramp_steps: int | None = None  # steps from ``ramp_from`` down to ``fraction`` after warm-up (None: warmup_steps)
+    ramp_from: float = 1.0  # the fraction kept at the ramp's start (1: dense)
     step: int = 0
     # Residuals per parameter (by identity): DDP rebuilds its buckets after the first step, so a
     # per-bucket residual would not line up with the new buckets.
@@ -159,6 +162,8 @@ class TopKState:
             self.ramp_steps = self.warmup_steps
         if self.ramp_steps < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
+        if not self.fraction <= self.ramp_from <= 1.0:
+            raise ValueError(f"ramp_from must be in [fraction, 1] = [{self.fraction}, 1], got {self.ramp_from}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.accumulation < 1:
@@ -172,13 +177,15 @@ class TopKState:
         return self.momentum > 0 and step >= self.warmup_steps and (step + 1) % self.accumulation != 0
 
     def density(self, step: int) -> float:
-        """The fraction kept at ``step`` (0-based): 1 during warm-up, then fraction**(i/(R+1)) for
-        the i-th ramp step, then ``fraction``."""
+        """The fraction kept at ``step`` (0-based): 1 during warm-up, then
+        ramp_from * (fraction / ramp_from)**(i/(R+1)) for the i-th ramp step, then ``fraction``."""
         if step < self.warmup_steps:
             return 1.0
         i = step - self.warmup_steps + 1
         ramp = int(self.ramp_steps or 0)
-        return self.fraction ** (i / (ramp + 1)) if i <= ramp else self.fraction
+        if i > ramp:
+            return self.fraction
+        return self.ramp_from * (self.fraction / self.ramp_from) ** (i / (ramp + 1))
 
     def summary(self) -> dict[str, float]:
         return {
@@ -647,6 +654,7 @@ def register_topk(
     clip_norm: float = 0.0,
     momentum: float = 0.0,
     accumulation: int = 1,
+    ramp_from: float = 1.0,
 ) -> TopKState:
     """Install the hook on a DDP module and return its state (byte counters, residuals). With
     ``clip_norm`` the hook clips each rank's gradient locally on compressed steps; the caller then
@@ -656,6 +664,7 @@ def register_topk(
         warmup_steps=warmup_steps,
         process_group=process_group,
         ramp_steps=ramp_steps,
+        ramp_from=ramp_from,
         clip_norm=clip_norm,
         momentum=momentum,
         accumulation=accumulation,

@@ -69,6 +69,7 @@ class ParallelRuntime:
     top_k: float = 0.0
     compression_warmup: int = 0
     compression_ramp: int | None = None  # None: as long as the warm-up
+    compression_ramp_from: float = 1.0  # fraction sent at the ramp's start
     compression_clip: float = 0.0  # local clipping on compressed steps (distillation.maxGradNorm)
     compression_momentum: float = 0.0  # AdamW's beta1 when top-k sends momentum (compress: momentum)
     accumulation: int = 1  # micro-batches per optimizer step
@@ -99,7 +100,8 @@ class ParallelRuntime:
             device=device,
             top_k=gc.top_k,
             compression_warmup=gc.warmup_steps,
-            compression_ramp=gc.ramp_steps,
+            compression_ramp=gc.ramp_for(spec.total_steps),
+            compression_ramp_from=gc.ramp_start,
             compression_clip=spec.distillation.max_grad_norm,
             compression_momentum=ADAM_BETA1 if gc.compress == "momentum" else 0.0,
             accumulation=spec.distillation.gradient_accumulation_steps,
@@ -160,6 +162,7 @@ class ParallelRuntime:
                 self.top_k,
                 warmup_steps=self.compression_warmup,
                 ramp_steps=self.compression_ramp,
+                ramp_from=self.compression_ramp_from,
                 process_group=self.mesh["data"].get_group(),
                 clip_norm=self.compression_clip,
                 momentum=self.compression_momentum,
@@ -178,6 +181,7 @@ class ParallelRuntime:
             fraction=self.top_k,
             warmup_steps=self.compression_warmup,
             ramp_steps=self.compression_ramp,
+            ramp_from=self.compression_ramp_from,
             process_group=self.mesh["data"].get_group(),
             clip_norm=self.compression_clip,
             momentum=self.compression_momentum,
@@ -259,6 +263,7 @@ class ParallelRuntime:
                 self.top_k,
                 warmup_steps=self.compression_warmup,
                 ramp_steps=self.compression_ramp,
+                ramp_from=self.compression_ramp_from,
                 clip_norm=self.compression_clip,
                 momentum=self.compression_momentum,
                 accumulation=self.accumulation,
