@@ -109,7 +109,7 @@ def _reference(
         for i, j in zip(s_pos, t_pos, strict=True):
             if i + 1 < p_len:
                 continue
-            top = t_logp[j].topk(k)
+            top = t_logp[j].detach().topk(k)
             pairs = [
                 (s_vocab[t_name[int(t)]], float(v))
                 for t, v in zip(top.indices, top.values, strict=True)
