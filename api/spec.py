@@ -466,7 +466,7 @@ class StudentParallelism(ApiModel):
     pipeline: int = Field(1, ge=1, le=64, description="Pipeline stages (torch.distributed.pipelining).")
 
 
-DEFAULT_RAMP_SHARE = 0.15  # of the job's steps, when rampSteps is unset
+DEFAULT_RAMP_SHARE = 0.25  # of the job's steps, when rampSteps is unset
 
 
 class GradientCompression(ApiModel):
@@ -488,10 +488,10 @@ class GradientCompression(ApiModel):
         ge=0,
         le=10_000_000,
         description="Steps after the warm-up over which the kept fraction decays exponentially from "
-        "rampFrom to topK; unset: 15% of the job's steps.",
+        "rampFrom to topK; unset: 25% of the job's steps.",
     )
     ramp_from: float = Field(
-        0.2,
+        0.1,
         gt=0.0,
         le=1.0,
         description="Fraction of gradient entries sent at the ramp's start (1 = all of them); a topK "
@@ -524,7 +524,7 @@ class GradientCompression(ApiModel):
     )
 
     def ramp_for(self, total_steps: int) -> int:
-        """The ramp's length in steps: rampSteps, or 15% of the job's steps when unset, so that the
+        """The ramp's length in steps: rampSteps, or 25% of the job's steps when unset, so that the
         ramp's share of the bytes stays the same whatever the run's length."""
         if self.ramp_steps is not None:
             return self.ramp_steps

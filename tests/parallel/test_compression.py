@@ -298,16 +298,16 @@ def test_spec_defaults_are_the_measured_ones() -> None:
     assert (gc.warmup_steps, gc.ramp_steps, gc.ramp_from, gc.freeze_variance, gc.selection, gc.compress) == (
         10,
         None,
-        0.2,
+        0.1,
         True,
         "update",
         "momentum",
     )
-    # The ramp scales with the run: 15% of its steps, rounded up, unless rampSteps is set.
-    assert (gc.ramp_for(400), gc.ramp_for(2000), gc.ramp_for(1)) == (60, 300, 1)
+    # The ramp scales with the run: 25% of its steps, rounded up, unless rampSteps is set.
+    assert (gc.ramp_for(400), gc.ramp_for(2000), gc.ramp_for(1)) == (100, 500, 1)
     assert GradientCompression(top_k=0.01, ramp_steps=0).ramp_for(2000) == 0
     # A topK above rampFrom is sent throughout: the ramp starts at topK.
-    assert (gc.ramp_start, GradientCompression(top_k=0.5).ramp_start) == (0.2, 0.5)
+    assert (gc.ramp_start, GradientCompression(top_k=0.5).ramp_start) == (0.1, 0.5)
 
 
 def test_state_rejects_bad_fraction() -> None:
@@ -351,9 +351,9 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     assert rt.compression_clip == spec.distillation.max_grad_norm > 0  # local clipping, the job's norm
     state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)
     assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps
-    assert rt.compression_ramp_from == 0.2
+    assert rt.compression_ramp_from == 0.1
 
-    # Unset, the ramp is 15% of the job's steps (all stages and the QAT phase) from rampFrom.
+    # Unset, the ramp is 25% of the job's steps (all stages and the QAT phase) from rampFrom.
     spec = parse_job(
         with_spec(
             **{
@@ -364,7 +364,7 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
         )
     ).spec
     rt = ParallelRuntime.create(spec, torch.device("cpu"), env=DistEnv(0, 1, 0, "127.0.0.1", 29500))
-    assert (spec.total_steps, rt.compression_ramp, rt.compression_ramp_from) == (800, 120, 0.3)
+    assert (spec.total_steps, rt.compression_ramp, rt.compression_ramp_from) == (800, 200, 0.3)
 
 
 def test_large_tensors_are_cut_into_spans_whose_offsets_fit_16_bits() -> None:

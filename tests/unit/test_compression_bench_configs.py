@@ -40,7 +40,7 @@ def _compression_block(bench, text: str, tmp_path: Path) -> dict:  # type: ignor
         batch_size=8,
         top_k=config["top_k"],
         spec_defaults=True,
-        spec_fields=bench.spec_fields(config),
+        spec_fields=bench.spec_fields(config, 400),
     )
     spec = yaml.safe_load(job.read_text())
     parse_job(spec)  # the API accepts what the benchmark writes
@@ -63,9 +63,9 @@ def test_every_named_field_reaches_the_job(bench, tmp_path: Path) -> None:  # ty
         "compress": "gradient",
     }
     assert _compression_block(bench, "default:0.01:-:-:-", tmp_path) == {"topK": 0.01}
-    assert _compression_block(bench, "f:0.01:-:300:-:-:-:1", tmp_path) == {
+    assert _compression_block(bench, "f:0.01:-:15%:-:-:-:1", tmp_path) == {
         "topK": 0.01,
-        "rampSteps": 300,
+        "rampSteps": 60,  # 15% of the 400 steps
         "rampFrom": 1.0,
     }
 
