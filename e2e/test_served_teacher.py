@@ -2,7 +2,9 @@
 
 The operator starts `<job>-teacher` (kdistill serve of the quickstart teacher) first and the two
 worker pods only once it is ready; the workers load no teacher weights and distil on-policy and
-then from the served teacher's log-probs. Mid-run the teacher's pod is killed: its Deployment
+then from the served teacher's log-probs, exchanging top-k compressed momenta between the two
+data-parallel ranks (the checkpoints hold each rank's residuals past the warm-up and ramp). Mid-run
+the teacher's pod is killed: its Deployment
 replaces it, the trainer's client waits for it, and the gang is not restarted. At the end the
 student serves and the teacher's objects are gone.
 """
@@ -10,6 +12,7 @@ student serves and the teacher's objects are gone.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,19 @@ def _status(api: client.CustomObjectsApi) -> dict[str, Any]:
     if status.get("phase") == "Failed":
         raise AssertionError(f"the job failed: {status.get('conditions')}")
     return status
+
+
+def _assert_compressed(job_root: Path, total_steps: int) -> None:
+    """The last checkpoint holds both ranks' top-k residuals and a hook step past the dense
+    warm-up and the density ramp (10 + 25% of the steps), so compressed steps ran."""
+    from safetensors.torch import load_file
+
+    files = sorted(job_root.rglob("compression.safetensors"), key=lambda f: f.stat().st_mtime)
+    assert files, f"no compression.safetensors under {job_root}"
+    saved = load_file(str(files[-1]))
+    assert {"rank0", "rank1"} <= set(saved), sorted(saved)
+    assert int(saved["hook_step"][0]) > 10 + math.ceil(0.25 * total_steps), int(saved["hook_step"][0])
+    assert float(saved["rank0"].abs().sum()) > 0  # unsent mass: the exchange was sparse
 
 
 def _pods(core: client.CoreV1Api, selector: str) -> list[client.V1Pod]:
@@ -109,6 +125,7 @@ def test_served_teacher_job_survives_teacher_loss_and_serves(
         assert (final.get("restarts") or 0) == 0, f"the gang restarted: {final}"
         dep = apps.read_namespaced_deployment(f"{JOB}-serving", NAMESPACE)
         assert (dep.status.available_replicas or 0) >= 1
+        _assert_compressed(folders["e2e-ckpt"] / NAMESPACE / JOB, final["totalSteps"])
         wait(lambda: not _teacher_ready(apps) and not cluster.kubectl(
             "get", "deployments,services", "-n", NAMESPACE, "-o", "name", "--ignore-not-found",
             TEACHER).stdout.strip(), "the teacher's objects to go", 300)  # fmt: skip
