@@ -488,7 +488,8 @@ class GradientCompression(ApiModel):
         ge=0,
         le=10_000_000,
         description="Steps after the warm-up over which the kept fraction decays exponentially from "
-        "rampFrom to topK; unset: 25% of the job's steps.",
+        "rampFrom to topK, counted like warmupSteps in micro-batches; unset: 25% of the job's "
+        "micro-batches (its steps times gradientAccumulationSteps).",
     )
     ramp_from: float = Field(
         0.1,
@@ -523,12 +524,13 @@ class GradientCompression(ApiModel):
         ),
     )
 
-    def ramp_for(self, total_steps: int) -> int:
-        """The ramp's length in steps: rampSteps, or 25% of the job's steps when unset, so that the
-        ramp's share of the bytes stays the same whatever the run's length."""
+    def ramp_for(self, micro_batches: int) -> int:
+        """The ramp's length in the hook's steps (micro-batches, as warmupSteps counts them):
+        rampSteps, or 25% of the job's ``micro_batches`` when unset, so that the ramp's share of
+        the bytes stays the same whatever the run's length."""
         if self.ramp_steps is not None:
             return self.ramp_steps
-        return math.ceil(DEFAULT_RAMP_SHARE * total_steps)
+        return math.ceil(DEFAULT_RAMP_SHARE * micro_batches)
 
     @property
     def ramp_start(self) -> float:
@@ -938,3 +940,9 @@ class DistillationJobSpec(ApiModel):
     @property
     def total_steps(self) -> int:
         return self.distillation.distill_steps + self.quantization.phase_steps
+
+    @property
+    def compression_ramp_steps(self) -> int:
+        """The top-k density ramp's length in the hook's steps (micro-batches) for this job."""
+        micro_batches = self.total_steps * self.distillation.gradient_accumulation_steps
+        return self.parallelism.gradient_compression.ramp_for(micro_batches)

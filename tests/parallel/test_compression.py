@@ -353,18 +353,20 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps
     assert rt.compression_ramp_from == 0.1
 
-    # Unset, the ramp is 25% of the job's steps (all stages and the QAT phase) from rampFrom.
+    # Unset, the ramp is 25% of the job's micro-batches (all stages and the QAT phase, times the
+    # accumulation: the hook counts micro-batches) from rampFrom.
     spec = parse_job(
         with_spec(
             **{
                 "distillation.stages": [{"name": "output", "steps": 700, "objectives": ["logits"]}],
+                "distillation.gradientAccumulationSteps": 2,
                 "quantization": {"mode": "qat-int8", "qatSteps": 100},
                 "parallelism.gradientCompression": {"topK": 0.01, "rampFrom": 0.3},
             }
         )
     ).spec
     rt = ParallelRuntime.create(spec, torch.device("cpu"), env=DistEnv(0, 1, 0, "127.0.0.1", 29500))
-    assert (spec.total_steps, rt.compression_ramp, rt.compression_ramp_from) == (800, 200, 0.3)
+    assert (spec.total_steps, rt.compression_ramp, rt.compression_ramp_from) == (800, 400, 0.3)
 
 
 def test_large_tensors_are_cut_into_spans_whose_offsets_fit_16_bits() -> None:

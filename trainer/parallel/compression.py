@@ -56,7 +56,7 @@ under a decaying schedule would otherwise arrive scaled by the later, smaller ra
 lost. The loop therefore calls ``follow_learning_rate(before, after)`` after every scheduler step,
 so the residuals are always expressed at the rate of the step that sends them; a checkpoint taken
 after the call holds them at the rate the restored scheduler gives next, so a resume continues
-exactly. Measured at p = 0.01 over 2000 steps (docs/benchmarks/parallel.md).
+exactly.
 
 Residuals (and momenta) are part of a checkpoint (``rank_vectors`` / ``restore_residuals``): a
 resumed run continues with the unsent mass it had, so its trajectory equals the uninterrupted one.

@@ -100,7 +100,7 @@ class ParallelRuntime:
             device=device,
             top_k=gc.top_k,
             compression_warmup=gc.warmup_steps,
-            compression_ramp=gc.ramp_for(spec.total_steps),
+            compression_ramp=spec.compression_ramp_steps,
             compression_ramp_from=gc.ramp_start,
             compression_clip=spec.distillation.max_grad_norm,
             compression_momentum=ADAM_BETA1 if gc.compress == "momentum" else 0.0,
