@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .jsonlog import json_event_printer, json_step_printer
+from .parallel.distributed import exit_rank
 from .parallel.launch import LOG_LEVEL_ENV
 from .runner import main_entry
 
@@ -28,18 +29,5 @@ def main(argv: list[str] | None = None) -> int:
     return main_entry(args.config, args.output, on_step=json_step_printer(), on_event=json_event_printer())
 
 
-def _exit(code: int) -> None:
-    """Exit with ``code``. A rank of a multi-process run has left its process group by now
-    (``parallel.distributed.shutdown``), yet gloo's threads can still abort the interpreter's
-    teardown after a successful run ("terminate called without an active exception", exit -6);
-    such a rank flushes its output and leaves without that teardown."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        sys.exit(code)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit(main())
+    exit_rank(main())

@@ -11,7 +11,7 @@ import torch
 
 from kdistill.api.failures import ExitCode
 from kdistill.trainer.errors import TrainerError
-from kdistill.trainer.parallel.distributed import env_from, init_distributed, shutdown
+from kdistill.trainer.parallel.distributed import env_from, exit_rank, init_distributed, shutdown
 
 
 def main() -> int:
@@ -32,4 +32,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As the trainer's entry point: a rank that lost a peer must not let gloo's teardown abort
+    # the interpreter and replace its exit code with -6.
+    exit_rank(main())
