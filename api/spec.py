@@ -491,12 +491,22 @@ class GradientCompression(ApiModel):
         "rampFrom to topK, counted like warmupSteps in micro-batches; unset: 25% of the job's "
         "micro-batches (its steps times gradientAccumulationSteps).",
     )
-    ramp_from: float = Field(
-        0.1,
+    ramp_from: float | None = Field(
+        None,
         gt=0.0,
         le=1.0,
         description="Fraction of gradient entries sent at the ramp's start (1 = all of them); a topK "
-        "above it is sent throughout.",
+        "above it is sent throughout. Unset: the densest start that keeps the whole run within "
+        "byteBudget.",
+    )
+    byte_budget: float = Field(
+        0.05,
+        gt=0.0,
+        le=1.0,
+        description="Share of plain all-reduce's bytes the whole run may send (0.05: 20x fewer), "
+        "spent on the ramp when rampFrom is unset: the ramp starts at the densest fraction that fits. "
+        "It does not shorten the warm-up or lower topK; a run whose warm-up and topK alone exceed "
+        "it ramps from topK and logs a warning.",
     )
     freeze_variance: bool = Field(
         True,
@@ -531,11 +541,6 @@ class GradientCompression(ApiModel):
         if self.ramp_steps is not None:
             return self.ramp_steps
         return math.ceil(DEFAULT_RAMP_SHARE * micro_batches)
-
-    @property
-    def ramp_start(self) -> float:
-        """The fraction sent at the ramp's start: rampFrom, or topK when that is larger."""
-        return max(self.ramp_from, self.top_k)
 
     @model_validator(mode="after")
     def _momentum_needs_frozen_variance(self) -> GradientCompression:

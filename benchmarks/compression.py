@@ -8,11 +8,13 @@ library's docstrings (``trainer/corpus.build_docstring_corpus``, its own held-ou
 configuration runs once per seed (the seed sets the student's init, data order and dropout); seeds,
 corpora and configurations are interleaved, so load drifts hit every configuration alike.
 
-A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS[:FROM]]]``: top-k fraction P
+A configuration is ``LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS[:FROM[:BUDGET]]]]``: top-k fraction P
 (0: plain all-reduce), WARMUP dense steps, a RAMP of steps (or ``N%`` of the run's) from FROM down to P, FREEZE (1/0)
 AdamW's variance of matrices when compression starts, SELECTION (``update`` or ``magnitude``, what
-top-k ranks entries by), COMPRESS (``momentum`` or ``gradient``, what top-k sends) and FROM (the
-fraction sent at the ramp's start, 1 for dense); the spec's default where left out or ``-``.
+top-k ranks entries by), COMPRESS (``momentum`` or ``gradient``, what top-k sends), FROM (the
+fraction sent at the ramp's start, 1 for dense) and BUDGET (``byteBudget``: the share of plain
+all-reduce's bytes the run may send, which sets the ramp's start when FROM is left to the
+default); the spec's default where left out or ``-``.
 ``default`` rows use the spec's defaults (``topK`` only). Reported per corpus and configuration
 (medians over seeds), against the same seed's uncompressed run:
 - loss gap: mean training loss over the last 20 steps;
@@ -45,11 +47,18 @@ from parallel_common import ROOT, ensure_teacher, run_job, write_job
 WORLD = 2
 OUT = ROOT / "benchmarks" / "results" / "compression.json"
 LAST = 20  # training-loss window at the end of a run
+METHOD = (
+    "per-tensor top-k with error feedback of each rank's momentum (compress: momentum) or gradient; "
+    "1-D tensors sent whole; bfloat16 values; dense warm-up then a density ramp (25% of the steps by "
+    "default) whose start is the densest that keeps the run within byteBudget (1/20 of plain "
+    "all-reduce's bytes by default); AdamW's variance of matrices frozen when compression starts "
+    "(freezeVariance)"
+)
 DEFAULT_CONFIGS = [
     "dense:0:0:0:0",
     "default-p0.01:0.01:-:-:-",
-    # Tuned for quality over bytes: a ramp over 15% of the steps from dense instead of the default.
-    "ramp-dense-p0.01:0.01:-:15%:-:-:-:1",
+    # Tuned for quality over bytes: twice the default byte budget (10x fewer bytes), spent on the ramp.
+    "budget0.1-p0.01:0.01:-:-:-:-:-:-:0.1",
     "default-p0.1:0.1:-:-:-",
 ]
 
@@ -73,10 +82,12 @@ def corpora(pvc: Path, work: Path) -> dict[str, tuple[Path, Path]]:
 
 def parse_config(text: str) -> dict:
     fields = text.split(":")
-    if len(fields) not in (5, 6, 7, 8):
-        raise SystemExit(f"a configuration is LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS[:FROM]]], got {text!r}")
+    if len(fields) not in (5, 6, 7, 8, 9):
+        raise SystemExit(
+            f"a configuration is LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS[:FROM[:BUDGET]]]], got {text!r}"
+        )
     label, p, warmup, ramp, freeze = fields[:5]
-    selection, compress, ramp_from = [*fields[5:], "-", "-", "-"][:3]
+    selection, compress, ramp_from, budget = [*fields[5:], "-", "-", "-", "-"][:4]
     return {
         "label": label,
         "top_k": float(p),
@@ -87,6 +98,7 @@ def parse_config(text: str) -> dict:
         "selection": None if selection == "-" else selection,
         "compress": None if compress == "-" else compress,
         "ramp_from": None if ramp_from == "-" else float(ramp_from),
+        "budget": None if budget == "-" else float(budget),
     }
 
 
@@ -99,6 +111,7 @@ def spec_fields(config: dict, steps: int) -> dict:
         "warmup": "warmupSteps",
         "ramp": "rampSteps",
         "ramp_from": "rampFrom",
+        "budget": "byteBudget",
         "freeze": "freezeVariance",
         "selection": "selection",
         "compress": "compress",
@@ -201,7 +214,7 @@ def main() -> None:
         "--configs",
         nargs="+",
         default=DEFAULT_CONFIGS,
-        help="LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS[:FROM]]], '-' = default",
+        help="LABEL:P:WARMUP:RAMP:FREEZE[:SELECTION[:COMPRESS[:FROM[:BUDGET]]]], '-' = default",
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -227,10 +240,7 @@ def main() -> None:
                                 "max_seq_length": args.max_len,
                                 "batch_size": args.batch_size,
                                 "configs": args.configs,
-                                "method": "per-tensor top-k with error feedback of each rank's momentum (compress: "
-                                "momentum) or gradient; 1-D tensors sent whole; bfloat16 values; dense warm-up "
-                                "then a density ramp (25% of the steps by default); AdamW's variance of "
-                                "matrices frozen when compression starts (freezeVariance)",
+                                "method": METHOD,
                                 "rows": summarize(runs),
                                 "runs": runs,
                                 "load_average_before": load_before,

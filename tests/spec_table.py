@@ -411,6 +411,16 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "spec.parallelism.gradientCompression.rampFrom",
     ),
     (
+        "byte-budget-zero",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "byteBudget": 0.0}}),
+        "spec.parallelism.gradientCompression.byteBudget",
+    ),
+    (
+        "byte-budget-above-one",
+        with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "byteBudget": 1.5}}),
+        "spec.parallelism.gradientCompression.byteBudget",
+    ),
+    (
         "topk-selection-unknown",
         with_spec(**{"parallelism.gradientCompression": {"topK": 0.01, "selection": "random"}}),
         "spec.parallelism.gradientCompression.selection",

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kdistill.trainer.parallel.compression import TopKState, register_topk, rehook
+from kdistill.trainer.parallel.compression_budget import plan_ramp_from, shapes_of
 from kdistill.trainer.parallel.distributed import DistEnv
 
 
@@ -25,14 +26,19 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
     start = [p.detach().clone() for p in model.parameters()]
     ddp = DDP(model, bucket_cap_mb=0.02)  # several buckets, so the per-parameter residuals are exercised
     accumulation = args.get("accumulation", 1)
-    state = register_topk(
-        ddp,
-        args["fraction"],
-        warmup_steps=args["warmup"],
-        ramp_steps=args.get("ramp"),
-        momentum=args.get("momentum", 0.0),
-        accumulation=accumulation,
-    )
+    schedule = {
+        "warmup_steps": args["warmup"],
+        "ramp_steps": args.get("ramp"),
+        "momentum": args.get("momentum", 0.0),
+        "accumulation": accumulation,
+    }
+    plan = None
+    if "budget" in args:  # the ramp's start from a byte budget, as the runtime plans it
+        shapes = shapes_of((p.numel() for p in model.parameters()), (p.dim() <= 1 for p in model.parameters()))
+        plan = plan_ramp_from(
+            TopKState(args["fraction"], **schedule), shapes, args["steps"] * accumulation, args["budget"]
+        )
+    state = register_topk(ddp, args["fraction"], ramp_from=plan.ramp_from if plan else 1.0, **schedule)
     state.error_feedback = args.get("error_feedback", True)
     state.clip_norm = args.get("clip", 0.0)
     state.track_totals = True
@@ -115,6 +121,8 @@ def topk_run(env: DistEnv, workdir: Path, args: dict) -> None:
                 ),
                 "momenta": len(state.momenta),
                 "params": [p.detach().flatten().tolist()[:50] for p in model.parameters()],
+                "bytes": [state.bytes_sent, state.bytes_dense],
+                "plan": None if plan is None else [plan.ramp_from, plan.sent, plan.dense, plan.within_budget],
             }
         )
     )

@@ -295,19 +295,43 @@ def test_spec_defaults_are_the_measured_ones() -> None:
     from kdistill.api.spec import GradientCompression
 
     gc = GradientCompression(top_k=0.01)
-    assert (gc.warmup_steps, gc.ramp_steps, gc.ramp_from, gc.freeze_variance, gc.selection, gc.compress) == (
-        10,
-        None,
-        0.1,
-        True,
-        "update",
-        "momentum",
-    )
+    assert (
+        gc.warmup_steps,
+        gc.ramp_steps,
+        gc.ramp_from,
+        gc.byte_budget,
+        gc.freeze_variance,
+        gc.selection,
+        gc.compress,
+    ) == (10, None, None, 0.05, True, "update", "momentum")
     # The ramp scales with the run: 25% of its steps, rounded up, unless rampSteps is set.
     assert (gc.ramp_for(400), gc.ramp_for(2000), gc.ramp_for(1)) == (100, 500, 1)
     assert GradientCompression(top_k=0.01, ramp_steps=0).ramp_for(2000) == 0
-    # A topK above rampFrom is sent throughout: the ramp starts at topK.
-    assert (gc.ramp_start, GradientCompression(top_k=0.5).ramp_start) == (0.1, 0.5)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"fraction": 0.05, "warmup": 2, "ramp": 6, "steps": 12, "budget": 0.3},
+        # Momentum compression with accumulation: a step's first micro-batch sends nothing.
+        {"fraction": 0.05, "warmup": 2, "ramp": 6, "steps": 8, "budget": 0.17, "momentum": 0.9, "accumulation": 2},
+    ],
+    ids=["plain", "momentum-accumulation"],
+)
+def test_a_byte_budget_plans_the_ramps_start_and_the_run_keeps_within_it(tmp_path: Path, schedule: dict) -> None:
+    """The planned start is what the hook then counts: the run's bytes stay within the budget and
+    exceed it by the plan's padding bound at most below the plan."""
+    run_ranks(2, "tests.parallel.compression_workers:topk_run", tmp_path, schedule, timeout=180)
+    for r in _results(tmp_path, 2):
+        ramp_from, planned, planned_dense, within = r["plan"]
+        sent, dense = r["bytes"]
+        assert within and schedule["fraction"] < ramp_from < 1.0  # the budget binds: neither end
+        assert dense == planned_dense
+        # The plan bounds the padding by 2 bytes per tensor (6 here) and step; the hook pads per bucket.
+        assert planned - 2 * 6 * schedule["steps"] * schedule.get("accumulation", 1) <= sent <= planned
+        assert sent <= schedule["budget"] * dense
+    ranks = _results(tmp_path, 2)
+    assert ranks[0]["plan"] == ranks[1]["plan"] and ranks[0]["params"] == ranks[1]["params"]
 
 
 def test_state_rejects_bad_fraction() -> None:
@@ -351,10 +375,15 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     assert rt.compression_clip == spec.distillation.max_grad_norm > 0  # local clipping, the job's norm
     state = TopKState(fraction=rt.top_k, warmup_steps=rt.compression_warmup, ramp_steps=rt.compression_ramp)
     assert state.density(3 + 39) > 0.01 and state.density(3 + 40) == 0.01  # 0-based steps
-    assert rt.compression_ramp_from == 0.1
+    # rampFrom unset: the start comes from byteBudget's plan over the job's micro-batches.
+    assert (rt.compression_ramp_from, rt.compression_budget, rt.compression_micro_batches) == (
+        None,
+        0.05,
+        spec.total_steps,
+    )
 
     # Unset, the ramp is 25% of the job's micro-batches (all stages and the QAT phase, times the
-    # accumulation: the hook counts micro-batches) from rampFrom.
+    # accumulation: the hook counts micro-batches) from rampFrom, or from topK when that is larger.
     spec = parse_job(
         with_spec(
             **{
@@ -367,6 +396,9 @@ def test_spec_ramp_steps_reach_the_runtime() -> None:
     ).spec
     rt = ParallelRuntime.create(spec, torch.device("cpu"), env=DistEnv(0, 1, 0, "127.0.0.1", 29500))
     assert (spec.total_steps, rt.compression_ramp, rt.compression_ramp_from) == (800, 400, 0.3)
+    assert (rt.compression_micro_batches, rt.ramp_start([])) == (1600, 0.3)
+    rt.top_k = 0.5
+    assert rt.ramp_start([]) == 0.5
 
 
 def test_large_tensors_are_cut_into_spans_whose_offsets_fit_16_bits() -> None:

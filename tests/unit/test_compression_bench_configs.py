@@ -68,6 +68,7 @@ def test_every_named_field_reaches_the_job(bench, tmp_path: Path) -> None:  # ty
         "rampSteps": 60,  # 15% of the 400 steps
         "rampFrom": 1.0,
     }
+    assert _compression_block(bench, "b:0.01:-:-:-:-:-:-:0.1", tmp_path) == {"topK": 0.01, "byteBudget": 0.1}
 
 
 def test_a_malformed_configuration_is_refused(bench) -> None:  # type: ignore[no-untyped-def]

@@ -18,8 +18,9 @@ gives every tensor its share each step (Deep Gradient Compression selects per la
 Warm-up: the first ``warmup_steps`` steps run plain all-reduce (early gradients are large and
 dense). Then the kept fraction decays exponentially from ``ramp_from`` to ``fraction`` over
 ``ramp_steps`` steps (DGC's sparsity warm-up), then stays at ``fraction``. The spec's default ramp
-is 25% of the job's steps from 10% of the entries: the first compressed steps, while the loss still
-falls fast, then lose little to delay, and the ramp's bytes grow with the run like the rest.
+is 25% of the job's steps, from the densest start that keeps the whole run within its byte budget
+(``compression_budget``): the first compressed steps, while the loss still falls fast, then lose
+little to delay.
 
 Local clipping (DGC): on compressed steps each rank clips its own gradient before it enters the
 residual (``clip_norm``, the job's maxGradNorm, times the bucket's share of the entries); the loop

@@ -69,7 +69,9 @@ class ParallelRuntime:
     top_k: float = 0.0
     compression_warmup: int = 0
     compression_ramp: int | None = None  # None: as long as the warm-up
-    compression_ramp_from: float = 1.0  # fraction sent at the ramp's start
+    compression_ramp_from: float | None = 1.0  # fraction sent at the ramp's start; None: from the budget
+    compression_budget: float = 1.0  # share of plain all-reduce's bytes the run may send (rampFrom unset)
+    compression_micro_batches: int = 0  # the job's hook steps, for the budget's plan
     compression_clip: float = 0.0  # local clipping on compressed steps (distillation.maxGradNorm)
     compression_momentum: float = 0.0  # AdamW's beta1 when top-k sends momentum (compress: momentum)
     accumulation: int = 1  # micro-batches per optimizer step
@@ -101,7 +103,9 @@ class ParallelRuntime:
             top_k=gc.top_k,
             compression_warmup=gc.warmup_steps,
             compression_ramp=spec.compression_ramp_steps,
-            compression_ramp_from=gc.ramp_start,
+            compression_ramp_from=gc.ramp_from,
+            compression_budget=gc.byte_budget,
+            compression_micro_batches=spec.total_steps * spec.distillation.gradient_accumulation_steps,
             compression_clip=spec.distillation.max_grad_norm,
             compression_momentum=ADAM_BETA1 if gc.compress == "momentum" else 0.0,
             accumulation=spec.distillation.gradient_accumulation_steps,
@@ -162,7 +166,7 @@ class ParallelRuntime:
                 self.top_k,
                 warmup_steps=self.compression_warmup,
                 ramp_steps=self.compression_ramp,
-                ramp_from=self.compression_ramp_from,
+                ramp_from=self.ramp_start(split.module.parameters()),
                 process_group=self.mesh["data"].get_group(),
                 clip_norm=self.compression_clip,
                 momentum=self.compression_momentum,
@@ -170,6 +174,50 @@ class ParallelRuntime:
             )
             self.compression.log_every = 10
         return split
+
+    def ramp_start(self, params: Any) -> float:
+        """The fraction top-k sends at the ramp's first step for the gradients of ``params``:
+        rampFrom (or topK when that is larger), else the densest start whose planned bytes over the
+        whole job stay within byteBudget (``compression_budget``). The plan depends on the shapes
+        alone, which every rank of a data group shares, so the ranks agree without a message."""
+        if self.compression_ramp_from is not None:
+            return max(self.compression_ramp_from, self.top_k)
+        from .compression import TopKState
+        from .compression_budget import plan_ramp_from, shapes_of
+
+        trainables = [p for p in params if p.requires_grad]
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in trainables]
+        schedule = TopKState(
+            fraction=self.top_k,
+            warmup_steps=self.compression_warmup,
+            ramp_steps=self.compression_ramp,
+            momentum=self.compression_momentum,
+            accumulation=self.accumulation,
+        )
+        plan = plan_ramp_from(
+            schedule,
+            shapes_of((t.numel() for t in local), (t.dim() <= 1 for t in local)),
+            self.compression_micro_batches,
+            self.compression_budget,
+            element_size=local[0].element_size() if local else 4,
+        )
+        if not plan.within_budget:
+            log.warning(
+                "top-k compression: the warm-up and topK %s alone send 1/%.1f of plain all-reduce's "
+                "bytes, more than byteBudget %s allows; the ramp starts at topK",
+                self.top_k,
+                plan.ratio,
+                self.compression_budget,
+            )
+        log.info(
+            "top-k compression: the ramp starts at %.4f over %s steps, planned 1/%.1f of plain "
+            "all-reduce's bytes over the run (byteBudget %s)",
+            plan.ramp_from,
+            self.compression_ramp,
+            plan.ratio,
+            self.compression_budget,
+        )
+        return plan.ramp_from
 
     def _compress_pipelined(self, split: Any) -> Any:
         """Top-k for a pipelined student: DDP keeps each rank's own gradient (its reduction would
@@ -181,7 +229,7 @@ class ParallelRuntime:
             fraction=self.top_k,
             warmup_steps=self.compression_warmup,
             ramp_steps=self.compression_ramp,
-            ramp_from=self.compression_ramp_from,
+            ramp_from=self.ramp_start(split.module.parameters()),
             process_group=self.mesh["data"].get_group(),
             clip_norm=self.compression_clip,
             momentum=self.compression_momentum,
@@ -263,7 +311,7 @@ class ParallelRuntime:
                 self.top_k,
                 warmup_steps=self.compression_warmup,
                 ramp_steps=self.compression_ramp,
-                ramp_from=self.compression_ramp_from,
+                ramp_from=self.ramp_start(ddp.parameters()),
                 clip_norm=self.compression_clip,
                 momentum=self.compression_momentum,
                 accumulation=self.accumulation,
