@@ -41,7 +41,7 @@ class BytePlan:
 
 
 @dataclass(frozen=True)
-class _Shapes:
+class SpanShapes:
     spans: Counter[int]  # span length -> how many spans of that length the top-k tensors have
     whole: int  # entries of the tensors sent whole (1-D)
     total: int  # all entries
@@ -57,7 +57,7 @@ class _Shapes:
         return (self.whole + kept) * value_bytes + 2 * kept + 2 * self.tensors
 
 
-def shapes_of(numels: Iterable[int], whole: Iterable[bool]) -> _Shapes:
+def shapes_of(numels: Iterable[int], whole: Iterable[bool]) -> SpanShapes:
     spans: Counter[int] = Counter()
     n_whole = total = tensors = 0
     for n, sent_whole in zip(numels, whole, strict=True):
@@ -71,10 +71,10 @@ def shapes_of(numels: Iterable[int], whole: Iterable[bool]) -> _Shapes:
             spans[INDEX_SPAN] += full
         if rest:
             spans[rest] += 1
-    return _Shapes(spans, n_whole, total, tensors)
+    return SpanShapes(spans, n_whole, total, tensors)
 
 
-def plan_bytes(state: TopKState, shapes: _Shapes, micro_batches: int, element_size: int = 4) -> tuple[int, int]:
+def plan_bytes(state: TopKState, shapes: SpanShapes, micro_batches: int, element_size: int = 4) -> tuple[int, int]:
     """(planned bytes sent, bytes of plain all-reduce) of ``state``'s schedule over a run of
     ``micro_batches`` hook steps: dense warm-up, the ramp step by step, then ``fraction``."""
     dense_step = shapes.total * element_size
@@ -95,7 +95,7 @@ def plan_bytes(state: TopKState, shapes: _Shapes, micro_batches: int, element_si
 
 
 def plan_ramp_from(
-    state: TopKState, shapes: _Shapes, micro_batches: int, budget: float, element_size: int = 4
+    state: TopKState, shapes: SpanShapes, micro_batches: int, budget: float, element_size: int = 4
 ) -> BytePlan:
     """The densest ramp start in [fraction, 1] whose whole run stays within ``budget`` of plain
     all-reduce's bytes (bisection: the planned bytes grow with the start). ``state`` gives the
